@@ -1,0 +1,415 @@
+"""The agent side of the CNI plugin: ADD / DEL / CHECK / STATUS / GC over a unix socket.
+
+felixpy-cni forwards kubelet's request here, so the work happens in a process that already has a
+warm datastore connection and knows its node: IPAM (handle `<network>.<containerID>`), the pod's
+veth pair, and the WorkloadEndpoint. ADD answers only once the dataplane has programmed the pod's
+route, so a pod has connectivity when kubelet starts its containers.
+
+Failure: anything that fails after IPAM releases what ADD allocated and removes the veth, so a
+failed ADD leaves nothing behind. DEL is idempotent and releases by handle even when the pod's
+network namespace is already gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from felixpy import names
+from felixpy.datastore import keys
+from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreError, NotFound
+from felixpy.ipam.allocator import IPAM, IPAMError
+from felixpy.kernel import veth
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+PROGRAMMED_TIMEOUT = 10.0
+CAS_RETRIES = 10
+
+# CNI spec error codes
+INCOMPATIBLE_VERSION = 1
+CONTAINER_UNKNOWN = 3
+INVALID_ENV = 4
+IO_FAILURE = 5
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50  # CNI 1.1 STATUS: plugin not available
+
+
+class CNIError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+def wep_name(node: str, pod: str, iface: str, orchestrator: str = "k8s") -> str:
+    """Calico's WorkloadEndpoint name: `<node>-k8s-<pod>-<iface>`, '-' inside each part doubled."""
+    return "-".join(part.replace("-", "--") for part in (node, orchestrator, pod, iface))
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    args = {}
+    for item in text.split(";"):
+        if "=" in item:
+            k, _, v = item.partition("=")
+            args[k.strip()] = v.strip()
+    return args
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    container_id: str
+    netns: str
+    ifname: str
+    namespace: str
+    pod: str
+    network: str
+    version: str
+    config: dict[str, Any]
+
+    @property
+    def handle(self) -> str:
+        return names.ipam_handle(self.container_id, self.network)
+
+
+def parse_request(raw: dict[str, Any]) -> Request:
+    env = raw.get("env") or {}
+    config = raw.get("config")
+    if not isinstance(config, dict):
+        raise CNIError(DECODE_FAILURE, "network configuration must be a JSON object")
+    version = str(config.get("cniVersion", "1.0.0"))
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(INCOMPATIBLE_VERSION, f"unsupported cniVersion {version}")
+    command = env.get("CNI_COMMAND", "")
+    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    needed = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+              "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+              "DEL": ("CNI_CONTAINERID", "CNI_IFNAME")}.get(command, ())
+    missing = [name for name in needed if not env.get(name)]
+    if missing:
+        raise CNIError(INVALID_ENV, f"required environment variable {missing[0]} is not set",
+                       f"CNI_COMMAND={command} needs {', '.join(needed)}")
+    namespace = args.get("K8S_POD_NAMESPACE", "")
+    pod = args.get("K8S_POD_NAME", "")
+    if command in ("ADD", "CHECK") and not (namespace and pod):
+        raise CNIError(INVALID_ENV, "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME",
+                       f"CNI_ARGS={env.get('CNI_ARGS', '')!r}")
+    mtu = config.get("mtu", 0)
+    if not isinstance(mtu, int) or mtu < 0 or mtu > 65535:
+        raise CNIError(INVALID_CONFIG, f"mtu must be an integer 0..65535 (0 = auto), got {mtu!r}")
+    return Request(
+        command=command,
+        container_id=env.get("CNI_CONTAINERID", ""),
+        netns=env.get("CNI_NETNS", ""),
+        ifname=env.get("CNI_IFNAME", "eth0"),
+        namespace=namespace,
+        pod=pod,
+        network=str(config.get("name") or names.DEFAULT_NETWORK_NAME),
+        version=version,
+        config=config,
+    )
+
+
+class CNIHandler:
+    """Does the work of each CNI command; called from the server's threads."""
+
+    def __init__(
+        self,
+        *,
+        store: Datastore,
+        node_name: str,
+        mtu: int,
+        node_labels: Callable[[], dict[str, str]],
+        wait_programmed: Callable[[str, int, float], bool],
+        ready: Callable[[], tuple[bool, str]],
+        iface_prefix: str = names.WORKLOAD_IFACE_PREFIX,
+    ) -> None:
+        self.store = store
+        self.node_name = node_name
+        self.mtu = mtu
+        self.ipam = IPAM(store)
+        self._node_labels = node_labels
+        self._wait_programmed = wait_programmed
+        self._ready = ready
+        self._iface_prefix = iface_prefix
+        # Like Calico's host-wide IPAM lock: pods on one node allocate one at a time, which keeps
+        # compare-and-swap conflicts on the node's own blocks away from the hot path.
+        self._ipam_lock = threading.Lock()
+
+    def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            req = parse_request(raw)
+            op = {"ADD": self.add, "DEL": self.delete, "CHECK": self.check,
+                  "STATUS": self.status, "GC": self.gc}.get(req.command)
+            if op is None:
+                raise CNIError(INVALID_ENV, f"unsupported CNI_COMMAND {req.command!r}")
+            result = op(req)
+            log.info("cni %s ok container=%s pod=%s/%s seconds=%.4f", req.command,
+                     req.container_id[:12], req.namespace, req.pod, time.monotonic() - started)
+            return {"result": result}
+        except CNIError as err:
+            log.warning("cni request failed code=%d msg=%s details=%s", err.code, err.msg, err.details)
+            return {"error": {"code": err.code, "msg": err.msg, "details": err.details}}
+        except IPAMError as err:
+            log.warning("cni ipam failed: %s", err)
+            return {"error": {"code": IO_FAILURE, "msg": "IPAM failed", "details": str(err)}}
+        except DatastoreError as err:
+            log.warning("cni datastore failed: %s", err)
+            return {"error": {"code": TRY_AGAIN_LATER, "msg": "datastore unavailable", "details": str(err)}}
+
+    # -- ADD -------------------------------------------------------------------------------
+    def add(self, req: Request) -> dict[str, Any]:
+        host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
+        mtu = req.config.get("mtu") or self.mtu
+        with self._ipam_lock:
+            ips = self.ipam.ips_by_handle(req.handle)  # a repeated ADD reuses its address
+            if not ips:
+                attrs = {"node": self.node_name, "namespace": req.namespace, "pod": req.pod,
+                         "timestamp": time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())}
+                ips = self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs,
+                                            node=self.node_name, node_labels=self._node_labels())
+        try:
+            plumbing = veth.setup_workload(
+                netns_path=req.netns, host_iface=host_iface, container_iface=req.ifname,
+                ips=[ipaddress.IPv4Interface(f"{ip}/32") for ip in ips], mtu=mtu)
+            kv = self._write_endpoint(req, host_iface, ips, plumbing.container_mac)
+        except BaseException as err:
+            self._undo_add(req, host_iface)
+            if isinstance(err, veth.PlumbingError):
+                raise CNIError(IO_FAILURE, "failed to set up the pod's network interface", str(err)) from None
+            raise
+        if not self._wait_programmed(kv.key, kv.revision, PROGRAMMED_TIMEOUT):
+            # The pod is plumbed and recorded; the agent keeps trying to program its route.
+            log.warning("cni add: route not programmed within %.0fs pod=%s/%s",
+                        PROGRAMMED_TIMEOUT, req.namespace, req.pod)
+        return self._result(req, host_iface, ips, plumbing.container_mac)
+
+    def _undo_add(self, req: Request, host_iface: str) -> None:
+        try:
+            veth.teardown_workload(host_iface=host_iface, netns_path=req.netns,
+                                   container_iface=req.ifname)
+        except veth.PlumbingError as err:
+            log.warning("cni add cleanup: %s", err)
+        with self._ipam_lock:
+            self.ipam.release_by_handle(req.handle)
+
+    def _write_endpoint(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> Any:
+        name = wep_name(self.node_name, req.pod, req.ifname)
+        key = keys.resource_key("workloadendpoints", name, req.namespace)
+        for _ in range(CAS_RETRIES):
+            try:
+                current = self.store.get(key)
+            except NotFound:
+                current = None
+            old = current.value if current else {}
+            labels = dict((old.get("metadata") or {}).get("labels") or {})
+            labels.setdefault("projectcalico.org/namespace", req.namespace)
+            labels.setdefault("projectcalico.org/orchestrator", "k8s")
+            value = {
+                "apiVersion": "projectcalico.org/v3",
+                "kind": "WorkloadEndpoint",
+                "metadata": {"name": name, "namespace": req.namespace, "labels": labels},
+                "spec": {
+                    "orchestrator": "k8s",
+                    "node": self.node_name,
+                    "containerID": req.container_id,
+                    "pod": req.pod,
+                    "endpoint": req.ifname,
+                    "interfaceName": host_iface,
+                    "ipNetworks": [f"{ip}/32" for ip in ips],
+                    "mac": mac,
+                    "profiles": [f"kns.{req.namespace}"],
+                    "ports": list((old.get("spec") or {}).get("ports") or []),
+                },
+            }
+            try:
+                if current is None:
+                    return self.store.create(key, value)
+                return self.store.update(key, value, current.revision)
+            except (AlreadyExists, Conflict, NotFound):
+                continue
+        raise CNIError(TRY_AGAIN_LATER, "could not write the WorkloadEndpoint", f"{key}: too many conflicts")
+
+    def _result(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> dict[str, Any]:
+        old = req.version.startswith("0.3") or req.version.startswith("0.4")
+        ip_entries = []
+        for ip in ips:
+            entry: dict[str, Any] = {"address": f"{ip}/32", "interface": 1}
+            if old:
+                entry["version"] = "4"
+            ip_entries.append(entry)
+        return {
+            "cniVersion": req.version,
+            "interfaces": [
+                {"name": host_iface, "mac": names.HOST_VETH_MAC},
+                {"name": req.ifname, "mac": mac, "sandbox": req.netns},
+            ],
+            "ips": ip_entries,
+            "routes": [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}],
+            "dns": {},
+        }
+
+    # -- DEL -------------------------------------------------------------------------------
+    def delete(self, req: Request) -> dict[str, Any]:
+        with self._ipam_lock:
+            released = self.ipam.release_by_handle(req.handle)
+            if req.namespace and req.pod:  # Calico's legacy workload-ID handle
+                released += self.ipam.release_by_handle(f"{req.namespace}.{req.pod}")
+        endpoint = self._find_endpoint(req)
+        host_iface = None
+        if req.namespace and req.pod:
+            host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
+        if endpoint is not None:
+            host_iface = endpoint.value["spec"].get("interfaceName") or host_iface
+        if host_iface:
+            try:
+                veth.teardown_workload(host_iface=host_iface, netns_path=req.netns or None,
+                                       container_iface=req.ifname)
+            except veth.PlumbingError as err:
+                raise CNIError(IO_FAILURE, "failed to remove the pod's network interface", str(err)) from None
+        if endpoint is not None:
+            try:
+                self.store.delete(endpoint.key, endpoint.revision)
+            except (NotFound, Conflict):
+                pass  # deleted or re-created by a newer sandbox meanwhile: not ours to remove
+        log.debug("cni del released=%s", released)
+        return {}
+
+    def _find_endpoint(self, req: Request) -> Any:
+        """The WorkloadEndpoint of this sandbox, or None (only ever the one with our containerID)."""
+        if req.namespace and req.pod:
+            key = keys.resource_key("workloadendpoints", wep_name(self.node_name, req.pod, req.ifname),
+                                    req.namespace)
+            try:
+                kv = self.store.get(key)
+            except NotFound:
+                return None
+            return kv if kv.value.get("spec", {}).get("containerID") == req.container_id else None
+        items, _ = self.store.list(keys.resource_prefix("workloadendpoints"))
+        for kv in items:
+            spec = kv.value.get("spec", {})
+            if spec.get("node") == self.node_name and spec.get("containerID") == req.container_id:
+                return kv
+        return None
+
+    # -- CHECK / STATUS / GC ---------------------------------------------------------------
+    def check(self, req: Request) -> dict[str, Any]:
+        ips = self.ipam.ips_by_handle(req.handle)
+        if not ips:
+            raise CNIError(CONTAINER_UNKNOWN, "no IP address is allocated to this container",
+                           f"handle {req.handle}")
+        if self._find_endpoint(req) is None:
+            raise CNIError(CONTAINER_UNKNOWN, "no WorkloadEndpoint for this container",
+                           f"{req.namespace}/{req.pod}")
+        host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
+        problems = veth.check_workload(netns_path=req.netns, host_iface=host_iface,
+                                       container_iface=req.ifname,
+                                       ips=[ipaddress.IPv4Interface(f"{ip}/32") for ip in ips])
+        if problems:
+            raise CNIError(IO_FAILURE, "pod network check failed", "; ".join(problems))
+        return {}
+
+    def status(self, req: Request) -> dict[str, Any]:
+        ok, why = self._ready()
+        if not ok:
+            raise CNIError(NOT_AVAILABLE, "felixpy agent is not ready", why)
+        return {}
+
+    def gc(self, req: Request) -> dict[str, Any]:
+        """CNI 1.1 GC: release what this node holds for sandboxes the runtime no longer knows."""
+        valid = {a.get("containerID") for a in req.config.get("cni.dev/valid-attachments", [])}
+        items, _ = self.store.list(keys.resource_prefix("workloadendpoints"))
+        for kv in items:
+            spec = kv.value.get("spec", {})
+            cid = spec.get("containerID")
+            if spec.get("node") != self.node_name or not cid or cid in valid:
+                continue
+            log.info("cni gc releasing container=%s wep=%s", cid[:12], kv.key)
+            with self._ipam_lock:
+                self.ipam.release_by_handle(names.ipam_handle(cid, req.network))
+            if spec.get("interfaceName"):
+                veth.teardown_workload(host_iface=spec["interfaceName"], netns_path=None)
+            try:
+                self.store.delete(kv.key, kv.revision)
+            except (NotFound, Conflict):
+                pass
+        return {}
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class CNIServer:
+    """Listens on a unix socket (mode 0600); one thread per request."""
+
+    def __init__(self, path: str, handler: CNIHandler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a stale socket from a previous agent
+        handler = self._handler
+
+        class _Conn(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                data = self.rfile.read()
+                try:
+                    raw = json.loads(data)
+                    reply = handler.handle(raw)
+                except ValueError as err:
+                    reply = {"error": {"code": DECODE_FAILURE, "msg": "malformed request", "details": str(err)}}
+                except Exception as err:  # never kill the server thread; the caller gets an answer
+                    log.exception("cni request crashed")
+                    reply = {"error": {"code": IO_FAILURE, "msg": "internal error", "details": str(err)}}
+                self.wfile.write(json.dumps(reply).encode())
+
+        old_umask = os.umask(0o077)
+        try:
+            self._server = _Server(self.path, _Conn)
+        finally:
+            os.umask(old_umask)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="cni-server", daemon=True)
+        self._thread.start()
+        log.info("cni server listening path=%s", self.path)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def probe(path: str, timeout: float = 1.0) -> bool:
+    """True when something accepts connections on the socket (used by the lab and health checks)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()

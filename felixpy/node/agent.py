@@ -1,0 +1,235 @@
+"""The agent: syncer → calc graph → dataplane, on one loop, plus the CNI server.
+
+Thread ownership: the main loop (`Agent.run`) is the only thread that touches the calc graph, the
+managers and the drivers. The syncer thread, the CNI server threads and the clock only put events
+on the queue or read the small thread-safe snapshots the loop publishes (`node_labels`, the
+endpoint waiter).
+
+Ordering of one apply (dependencies first, deletions last):
+    ipsets.apply()  →  routes.apply()  →  nat table.apply()  →  ipsets.apply_deletions()
+
+Failure: nothing is written to the kernel before the first IN_SYNC, so a restarted agent first
+learns the whole desired state and then reconciles; routes and rules that are still right are
+never touched. A failed apply is retried with backoff; a datastore outage leaves the dataplane as
+it is (the syncer just stops delivering updates until it has relisted).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from felixpy.calc.graph import CalcGraph
+from felixpy.dataplane.drivers.ipsets import IPSets
+from felixpy.dataplane.drivers.iptables import Table
+from felixpy.dataplane.drivers.routes import RouteTable
+from felixpy.dataplane.managers.masq import MasqManager
+from felixpy.dataplane.managers.routes import RouteManager
+from felixpy.datastore import keys
+from felixpy.datastore.api import Datastore
+from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN = 0.2
+RETRY_MAX = 10.0
+PENDING_RETRY = 0.5  # routes waiting for an interface are retried this often
+
+
+class EndpointWaiter:
+    """Lets a CNI request wait until the dataplane has programmed its WorkloadEndpoint."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._programmed: dict[str, int] = {}  # WEP key -> datastore revision programmed
+
+    def mark_programmed(self, programmed: dict[str, int]) -> None:
+        with self._cond:
+            self._programmed = programmed
+            self._cond.notify_all()
+
+    def wait(self, key: str, revision: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._programmed.get(key, -1) < revision:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+
+@dataclass
+class AgentStatus:
+    """What the loop publishes for health checks and the CNI server (read-only elsewhere)."""
+
+    in_sync: bool = False
+    ever_in_sync: bool = False
+    last_apply_ok: bool = False
+    last_apply_error: str = ""
+    applies: int = 0
+    resyncs: int = 0
+    node_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Timer:
+    interval: float  # 0 disables
+    due: float = 0.0
+
+    def schedule(self, now: float) -> None:
+        self.due = now + self.interval if self.interval > 0 else float("inf")
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        store: Datastore,
+        node_name: str,
+        networking_backend: str,
+        route_refresh_interval: float,
+        iptables_refresh_interval: float,
+        iptables_backend: str | None = None,
+        route_table: RouteTable | None = None,
+        nat_table: Table | None = None,
+        ipsets: IPSets | None = None,
+        on_first_apply: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.node_name = node_name
+        self.status = AgentStatus()
+        self.waiter = EndpointWaiter()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._syncer = Syncer(store, self._queue.put)
+        # Without BGP ("vxlan" backend) the agent itself routes to other nodes' blocks from the
+        # datastore; with BGP ("bird") those routes come from the BGP speaker instead, and with
+        # "none" (policy-only) nobody routes them.
+        self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan")
+        self._routes = route_table or RouteTable()
+        self._nat = nat_table or Table("nat", backend=iptables_backend)
+        self._ipsets = ipsets or IPSets()
+        self._route_mgr = RouteManager(self._routes)
+        self._masq_mgr = MasqManager(self._nat, self._ipsets)
+        self._wep_revisions: dict[str, int] = {}
+        self._route_timer = _Timer(route_refresh_interval)
+        self._iptables_timer = _Timer(iptables_refresh_interval)
+        self._retry_at = float("inf")
+        self._retry_delay = RETRY_MIN
+        self.on_first_apply = on_first_apply
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+
+    def run(self) -> None:
+        log.info("agent starting node=%s", self.node_name)
+        self._syncer.start()
+        now = time.monotonic()
+        self._route_timer.schedule(now)
+        self._iptables_timer.schedule(now)
+        try:
+            while not self._stop.is_set():
+                self._process(self._next_batch())
+                if self.status.ever_in_sync and self._apply_due():
+                    self._apply()
+        finally:
+            self._syncer.stop()
+            log.info("agent stopped node=%s (dataplane left as it is)", self.node_name)
+
+    # -- event handling --------------------------------------------------------------------
+    def _next_batch(self) -> list[Any]:
+        timeout = max(0.0, min(self._route_timer.due, self._iptables_timer.due, self._retry_at)
+                      - time.monotonic())
+        try:
+            batch = [self._queue.get(timeout=min(timeout, 1.0))]
+        except queue.Empty:
+            return []
+        # Coalesce whatever else is already queued into the same apply.
+        while len(batch) < 10000:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list[Any]) -> None:
+        for event in batch:
+            if event is None:
+                continue
+            if isinstance(event, SyncStatus):
+                self.status.in_sync = event == SyncStatus.IN_SYNC
+                if self.status.in_sync and not self.status.ever_in_sync:
+                    log.info("datastore in sync; first apply of the dataplane")
+                    self.status.ever_in_sync = True
+                continue
+            for update in event:
+                self._on_update(update)
+        self.status.node_labels = self.calc.node_labels()
+
+    def _on_update(self, update: KVUpdate) -> None:
+        if update.key.startswith(keys.resource_prefix("workloadendpoints")):
+            if update.value is None:
+                self._wep_revisions.pop(update.key, None)
+            else:
+                self._wep_revisions[update.key] = update.revision
+        self.calc.on_update(update)
+
+    def _apply_due(self) -> bool:
+        now = time.monotonic()
+        if now >= self._route_timer.due:
+            self._routes.queue_resync()
+            self._route_timer.schedule(now)
+            self.status.resyncs += 1
+            self.calc.dirty = True
+        if now >= self._iptables_timer.due:
+            self._nat.queue_resync()
+            self._ipsets.queue_resync()
+            self._iptables_timer.schedule(now)
+            self.calc.dirty = True
+        return self.calc.dirty or now >= self._retry_at or self.status.applies == 0
+
+    # -- the dataplane ---------------------------------------------------------------------
+    def _apply(self) -> None:
+        started = time.monotonic()
+        self.calc.dirty = False
+        self._route_mgr.on_routes(self.calc.routes())
+        self._masq_mgr.on_nat(self.calc.nat())
+        try:
+            self._route_mgr.complete_deferred_work()
+            self._masq_mgr.complete_deferred_work()
+            self._ipsets.apply()
+            result = self._routes.apply()
+            self._nat.apply()
+            self._ipsets.apply_deletions()
+        except Exception as err:  # every driver error: keep running, retry with backoff
+            self.status.last_apply_ok = False
+            self.status.last_apply_error = str(err)
+            self._retry_at = time.monotonic() + self._retry_delay
+            log.error("dataplane apply failed, retry in %.1fs: %s", self._retry_delay, err)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            self.calc.dirty = True
+            return
+        pending = {r.dst for r in getattr(result, "pending", ())}
+        self._retry_at = time.monotonic() + PENDING_RETRY if pending else float("inf")
+        self._retry_delay = RETRY_MIN
+        self.status.last_apply_ok = True
+        self.status.last_apply_error = ""
+        self.status.applies += 1
+        self._publish_programmed(pending)
+        log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started, len(pending))
+        if self.status.applies == 1 and self.on_first_apply is not None:
+            self.on_first_apply()
+
+    def _publish_programmed(self, pending: set[str]) -> None:
+        programmed = {}
+        for ep in self.calc.local_endpoints():
+            if not any(f"{ip}/32" in pending for ip in ep.ips):
+                programmed[ep.key] = self._wep_revisions.get(ep.key, 0)
+        self.waiter.mark_programmed(programmed)

@@ -1,0 +1,142 @@
+"""felixpy-node: the per-node agent's entry point (what calico-node is in Calico).
+
+Order: configuration from the environment (a bad value stops here with one line) → datastore →
+startup (node name, node IP, default pools and configuration) → the agent loop. The CNI socket
+opens after the first successful dataplane apply, so kubelet's first pod never races the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from felixpy import __version__
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({
+            "time": self.formatTime(record), "level": record.levelname,
+            "logger": record.name, "msg": record.getMessage(),
+        })
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel({"FATAL": "CRITICAL", "WARN": "WARNING"}.get(level.upper(), level.upper()))
+
+
+def fail(message: str) -> int:
+    sys.stderr.write(f"felixpy-node: {message}\n")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-v", "--version", "version"):
+        print(f"felixpy-node {__version__}")
+        return 0
+
+    from felixpy.config import ConfigError, load_config
+
+    try:
+        config = load_config(os.environ)
+    except ConfigError as err:
+        return fail(str(err))
+    setup_logging(config.felix.log_severity_screen, config.agent.log_format)
+    log = logging.getLogger("felixpy.node")
+
+    from felixpy.datastore.api import DatastoreError
+    from felixpy.datastore.factory import DatastoreConfigError, open_datastore
+
+    try:
+        store = open_datastore(os.environ)
+    except DatastoreConfigError as err:
+        return fail(str(err))
+
+    from felixpy.node.startup import StartupError, startup
+
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            result = startup(store, config)
+            break
+        except StartupError as err:
+            return fail(str(err))
+        except DatastoreError as err:
+            # WAIT_FOR_DATASTORE semantics: keep trying while the datastore is unreachable.
+            if not config.datastore.wait_for_datastore and time.monotonic() > deadline:
+                return fail(f"datastore unreachable: {err}")
+            log.warning("datastore not reachable during startup, retrying: %s", err)
+            time.sleep(2)
+
+    return run_agent(config, store, result)
+
+
+def run_agent(config: Any, store: Any, result: Any) -> int:
+    from felixpy.cni.server import CNIHandler, CNIServer
+    from felixpy.kernel import sysctl
+    from felixpy.node.agent import Agent
+
+    log = logging.getLogger("felixpy.node")
+    sysctl.write("net.ipv4.ip_forward", 1)
+    backend = config.node.networking_backend
+    iptables_backend = config.felix.iptables_backend
+    agent = Agent(
+        store=store,
+        node_name=result.node_name,
+        networking_backend=backend,
+        route_refresh_interval=config.felix.route_refresh_interval,
+        iptables_refresh_interval=config.felix.iptables_refresh_interval,
+        iptables_backend=None if iptables_backend == "auto" else iptables_backend,
+    )
+
+    def ready() -> tuple[bool, str]:
+        if not agent.status.in_sync:
+            return False, "not in sync with the datastore"
+        if not agent.status.last_apply_ok:
+            return False, f"last dataplane apply failed: {agent.status.last_apply_error}"
+        return True, ""
+
+    handler = CNIHandler(
+        store=store,
+        node_name=result.node_name,
+        mtu=result.mtu,
+        node_labels=lambda: agent.status.node_labels,
+        wait_programmed=agent.waiter.wait,
+        ready=ready,
+        iface_prefix=config.felix.interface_prefixes[0],
+    )
+    server = CNIServer(config.agent.cni_socket, handler)
+    agent.on_first_apply = server.start
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s received: stopping (dataplane is left as it is)", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("felixpy-node %s node=%s ip=%s backend=%s mtu=%d", __version__, result.node_name,
+             result.ipv4, backend, result.mtu)
+    try:
+        agent.run()
+    finally:
+        server.stop()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
