@@ -12,8 +12,9 @@ class DatastoreConfigError(ValueError):
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
-    # calico-node reads its datastore settings with envconfig prefix CALICO_, so both spellings work.
-    return env.get(name) or env.get(f"CALICO_{name}") or ""
+    # calico-node reads its datastore settings with envconfig prefix CALICO_: that spelling wins,
+    # the bare name is the fallback.
+    return env.get(f"CALICO_{name}") or env.get(name) or ""
 
 
 def datastore_type(env: Mapping[str, str]) -> str:

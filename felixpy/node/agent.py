@@ -193,7 +193,7 @@ class Agent:
             self._ipsets.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
-        return self.calc.dirty or now >= self._retry_at or self.status.applies == 0
+        return self.calc.dirty or now >= self._retry_at
 
     # -- the dataplane ---------------------------------------------------------------------
     def _apply(self) -> None:
@@ -216,11 +216,21 @@ class Agent:
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             self.calc.dirty = True
             return
-        pending = {r.dst for r in getattr(result, "pending", ())}
-        self._retry_at = time.monotonic() + PENDING_RETRY if pending else float("inf")
-        self._retry_delay = RETRY_MIN
-        self.status.last_apply_ok = True
-        self.status.last_apply_error = ""
+        pending = set(result.pending)
+        if result.failed:
+            # Individual routes failed (or the read-back did): retry them with backoff.
+            self.status.last_apply_ok = False
+            self.status.last_apply_error = "; ".join(f"{dst}: {e}" for dst, e in sorted(result.failed.items()))
+            log.error("route programming failed, retry in %.1fs: %s", self._retry_delay,
+                      self.status.last_apply_error)
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            pending |= set(result.failed)
+        else:
+            self._retry_at = time.monotonic() + PENDING_RETRY if pending else float("inf")
+            self._retry_delay = RETRY_MIN
+            self.status.last_apply_ok = True
+            self.status.last_apply_error = ""
         self.status.applies += 1
         self._publish_programmed(pending)
         log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started, len(pending))

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.felix.log_severity_screen, config.agent.log_format)
     log = logging.getLogger("felixpy.node")
 
-    from felixpy.datastore.api import DatastoreError
+    from felixpy.datastore.api import Unavailable
     from felixpy.datastore.factory import DatastoreConfigError, open_datastore
 
     try:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         except StartupError as err:
             return fail(str(err))
-        except DatastoreError as err:
+        except Unavailable as err:
             # WAIT_FOR_DATASTORE semantics: keep trying while the datastore is unreachable.
             if not config.datastore.wait_for_datastore and time.monotonic() > deadline:
                 return fail(f"datastore unreachable: {err}")

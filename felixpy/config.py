@@ -1,0 +1,770 @@
+"""The agent's configuration, read from calico-node's environment variables into typed values.
+
+`load_config(env)` is pure: it reads only the mapping it is given (never the process environment,
+the filesystem or the network) and returns a frozen `Config`, or raises `ConfigError` whose message
+is one line naming the variable and what it accepts. Anything that needs the host (the default pool
+CIDR, the node name from the nodename file, IP autodetection) is decided later, in node/startup.py.
+
+Every variable is described once, in `VARIABLES`; error messages quote its `accepts` text and
+docs/configuration.md is generated from it (`python -m felixpy.config > docs/configuration.md`;
+a unit test checks the file is current).
+
+Names, values and defaults are calico-node's (calico-reference.md §1). Where felixpy differs, the
+description says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value felixpy cannot use; str() is one line for the user."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+# --------------------------------------------------------------------------------------------
+# The variables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable: what it means, its default, and what it accepts (for errors)."""
+
+    name: str
+    group: str
+    default: str
+    accepts: str
+    description: str
+
+
+ENCAP_ACCEPTS = 'accepted values are Always, CrossSubnet, Never (case-insensitive; also "", off, cross-subnet)'
+BOOL_ACCEPTS = "accepted values are true, false (case-insensitive; also 1, 0, yes, no, y, n, t, f)"
+SECONDS_ACCEPTS = "expected a number of seconds >= 0 (0 disables)"
+MTU_ACCEPTS = "expected 0 (auto) or an MTU from 68 to 65535"
+ABS_PATH_ACCEPTS = "expected an absolute path"
+AUTODETECT_ACCEPTS = (
+    "accepted values are first-found, interface=REGEX[,REGEX...], skip-interface=REGEX[,REGEX...], "
+    "cidr=CIDR[,CIDR...], can-reach=IP|HOSTNAME, kubernetes-internal-ip"
+)
+
+# calico-node's default MTUIfacePattern: the names systemd and older kernels give physical NICs.
+DEFAULT_MTU_IFACE_PATTERN = r"^((en|wl|ww|sl|ib)[Pcopsvx].*|(eth|wlan|wwan).*)"
+DEFAULT_NODENAME_FILE = "/var/lib/calico/nodename"
+DEFAULT_STATE_DIR = "/var/lib/calico"
+DEFAULT_CNI_SOCKET = "/var/run/calico/felixpy-cni.sock"
+DEFAULT_IPV4_POOL_CIDR = "192.168.0.0/16"
+
+_VARS: list[Variable] = [
+    # -- node identity and addressing (§1.3, §1.4)
+    Variable("NODENAME", "Node", "(see description)", 'expected a lowercase RFC 1123 name (a-z, 0-9, "-", "."; at most 253 characters)',
+             "Node name. Precedence: `NODENAME`, then the nodename file, then `HOSTNAME` lower-cased, "
+             "then the OS hostname lower-cased. The chosen name is cached into the nodename file."),
+    Variable("CALICO_NODENAME_FILE", "Node", "`$FELIXPY_STATE_DIR/nodename` (`/var/lib/calico/nodename`)", ABS_PATH_ACCEPTS,
+             "Where the node name is cached between restarts."),
+    Variable("HOSTNAME", "Node", "unset", "any value (lower-cased before use)",
+             "Fallback node name when neither `NODENAME` nor the nodename file gives one."),
+    Variable("IP", "Node", "unset", 'expected "", autodetect, none, an IPv4 address or an IPv4 CIDR (e.g. 192.0.2.10 or 192.0.2.10/24)',
+             "Node IPv4 address, stored as a CIDR in `Node.spec.bgp.ipv4Address`. Unset or `\"\"`: keep the "
+             "Node's address, autodetect if it has none. `autodetect`: detect on every start. `none`: no IPv4. "
+             "An address without a prefix gets the prefix of the local interface that carries it."),
+    Variable("IP_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
+             "How the IPv4 address is detected. Regexes are searched (unanchored) in interface names. "
+             "`first-found` and `skip-interface` exclude docker, veth, cali, tunl, vxlan.calico, lo and "
+             "similar interfaces. `kubernetes-internal-ip` needs the Kubernetes API and fails at detection "
+             "time without it."),
+    Variable("IP6", "Node", "unset", 'expected "", autodetect, none, an IPv6 address or an IPv6 CIDR',
+             "Node IPv6 address (`Node.spec.bgp.ipv6Address`). Unlike `IP`, only detected when `autodetect`."),
+    Variable("IP6_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
+             "How the IPv6 address is detected when `IP6=autodetect`."),
+    Variable("AS", "Node", "unset (keep the Node's value, else the global AS)",
+             "expected an AS number from 1 to 4294967295, or asdot A.B with A and B from 0 to 65535",
+             "The node's BGP AS number (`Node.spec.bgp.asNumber`)."),
+    Variable("DISABLE_NODE_IP_CHECK", "Node", "`false`", BOOL_ACCEPTS,
+             "`true` skips the check that no other Node has the same IPv4 address."),
+    Variable("CALICO_NETWORKING_BACKEND", "Node", "`bird`", "accepted values are bird, vxlan, none (case-insensitive; bgp means bird)",
+             "Networking backend. `bird` (BGP), `vxlan`, or `none` (policy only: a missing IPv4 address is "
+             "not fatal). Legacy `CALICO_NETWORKING=false` means `none` when this is unset."),
+    Variable("CLUSTER_TYPE", "Node", '`""`', "any comma-separated list",
+             "Free-form; written to `ClusterInformation.spec.clusterType`."),
+    # -- default IPv4 pool (§1.2)
+    Variable("CALICO_IPV4POOL_CIDR", "IPv4 pool", "`192.168.0.0/16`, or the first of `172.16.0.0/16`..`172.31.0.0/16` not overlapping a host network",
+             'expected an IPv4 CIDR such as 10.244.0.0/16, at least as large as the block size, or "none"',
+             "CIDR of the default pool `default-ipv4-ippool`, created only when no IPv4 pool exists (never "
+             "updated). `none` creates no IPv4 pool."),
+    Variable("CALICO_IPV4POOL_BLOCK_SIZE", "IPv4 pool", "`26`", "expected an integer from 20 to 32",
+             "Prefix length of the IPAM blocks of the default pool."),
+    Variable("CALICO_IPV4POOL_IPIP", "IPv4 pool", "`Never`", ENCAP_ACCEPTS,
+             "`ipipMode` of the default pool (calico-node's code default; its manifest sets `Always`)."),
+    Variable("CALICO_IPV4POOL_VXLAN", "IPv4 pool", "`Never`", ENCAP_ACCEPTS,
+             "`vxlanMode` of the default pool. IPIP and VXLAN cannot both be enabled."),
+    Variable("CALICO_IPV4POOL_NAT_OUTGOING", "IPv4 pool", "`true`", "false, 0, no, n, f (case-insensitive) mean false; any other value means true",
+             "`natOutgoing` of the default pool."),
+    Variable("CALICO_IPV4POOL_NODE_SELECTOR", "IPv4 pool", "`all()`", 'expected a Calico selector such as all() or zone == "a"',
+             "`nodeSelector` of the default pool."),
+    Variable("CALICO_IPV4POOL_DISABLE_BGP_EXPORT", "IPv4 pool", "`false`", BOOL_ACCEPTS,
+             "`disableBGPExport` of the default pool."),
+    Variable("NO_DEFAULT_POOLS", "IPv4 pool", "`false`", BOOL_ACCEPTS,
+             "`true` creates no default pool; an error together with `CALICO_IPV4POOL_CIDR`."),
+    # -- datastore (§1.5)
+    Variable("DATASTORE_TYPE", "Datastore", "`etcdv3` if `ETCD_ENDPOINTS` is set, else `kubernetes`", "accepted values are etcdv3, kubernetes",
+             "Datastore backend. Like every datastore variable also read as `CALICO_DATASTORE_TYPE` "
+             "(the `CALICO_` spelling wins when both are set)."),
+    Variable("ETCD_ENDPOINTS", "Datastore", "unset", "expected a comma-separated list of http(s)://HOST:PORT URLs",
+             "etcd v3 endpoints."),
+    Variable("ETCD_KEY_FILE", "Datastore", "unset", "expected an absolute path, set together with ETCD_CERT_FILE",
+             "Client TLS key for etcd."),
+    Variable("ETCD_CERT_FILE", "Datastore", "unset", "expected an absolute path, set together with ETCD_KEY_FILE",
+             "Client TLS certificate for etcd."),
+    Variable("ETCD_CA_CERT_FILE", "Datastore", "unset", ABS_PATH_ACCEPTS,
+             "CA bundle that verifies the etcd servers."),
+    Variable("KUBECONFIG", "Datastore", "unset", "any path",
+             "kubeconfig for the Kubernetes datastore."),
+    Variable("WAIT_FOR_DATASTORE", "Datastore", "`false`", 'only the literal "true" enables waiting',
+             "`true`: at startup, retry until the datastore answers."),
+    # -- Felix parameters (§1.8, §1.9): FELIX_<NAME>, case-insensitive
+    Variable("FELIX_ROUTEREFRESHINTERVAL", "Felix", "`90`", SECONDS_ACCEPTS,
+             "Seconds between full route table resyncs."),
+    Variable("FELIX_IPTABLESREFRESHINTERVAL", "Felix", "`180`", SECONDS_ACCEPTS,
+             "Seconds between full iptables resyncs."),
+    Variable("FELIX_LOGSEVERITYSCREEN", "Felix", "`INFO`", "accepted values are DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)",
+             "Log level of the agent."),
+    Variable("FELIX_IPV6SUPPORT", "Felix", "`true`", BOOL_ACCEPTS, "Program IPv6 as well as IPv4."),
+    Variable("FELIX_VXLANMTU", "Felix", "`0`", MTU_ACCEPTS,
+             "Pod MTU when VXLAN is in use; 0 = host MTU - 50."),
+    Variable("FELIX_IPINIPMTU", "Felix", "`0`", MTU_ACCEPTS,
+             "Pod MTU when IPIP is in use; 0 = host MTU - 20."),
+    Variable("FELIX_MTUIFACEPATTERN", "Felix", f"`{DEFAULT_MTU_IFACE_PATTERN}`", "expected a regular expression",
+             "Interfaces whose smallest MTU is the host MTU (1460 when none is up)."),
+    Variable("FELIX_IPTABLESBACKEND", "Felix", "`auto`", "accepted values are auto, legacy, nft (case-insensitive)",
+             "Which iptables binaries to use."),
+    Variable("FELIX_DEFAULTENDPOINTTOHOSTACTION", "Felix", "`DROP`", "accepted values are DROP, RETURN, ACCEPT (case-insensitive)",
+             "What happens to traffic from a pod to its own host."),
+    Variable("FELIX_HEALTHENABLED", "Felix", "`false`", BOOL_ACCEPTS, "Serve /liveness and /readiness."),
+    Variable("FELIX_HEALTHPORT", "Felix", "`9099`", "expected a TCP port from 1 to 65535", "Port of the health endpoints."),
+    Variable("FELIX_INTERFACEPREFIX", "Felix", "`cali`",
+             'expected a comma-separated list of interface name prefixes (1-14 of a-z, A-Z, 0-9, ".", "-", "_")',
+             "Host-side names of pod interfaces start with one of these."),
+    Variable("FELIX_*", "Felix", "", "any value",
+             "Every other `FELIX_` variable is kept (case-insensitively) in `Config.felix.params` and "
+             "logged at startup when felixpy does not use it."),
+    # -- felixpy's own
+    Variable("FELIXPY_CNI_SOCKET", "felixpy", f"`{DEFAULT_CNI_SOCKET}`", ABS_PATH_ACCEPTS,
+             "Unix socket the `felixpy-cni` plugin talks to."),
+    Variable("FELIXPY_STATE_DIR", "felixpy", f"`{DEFAULT_STATE_DIR}`", ABS_PATH_ACCEPTS,
+             "Directory of the `nodename` and `mtu` files (the CNI plugin reads `mtu`)."),
+    Variable("FELIXPY_LOG_FORMAT", "felixpy", "`text`", "accepted values are text, json",
+             "`text`: key=value lines; `json`: one JSON object per line."),
+]
+
+VARIABLES: Mapping[str, Variable] = types.MappingProxyType({v.name: v for v in _VARS})
+
+# The FELIX_ parameters felixpy reads (lower-cased, without the prefix); others are kept but unused.
+USED_FELIX_PARAMS = frozenset(
+    v.name[len("FELIX_"):].lower() for v in _VARS if v.name.startswith("FELIX_") and v.name != "FELIX_*"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The typed configuration
+# --------------------------------------------------------------------------------------------
+
+AUTODETECT_KINDS = ("first-found", "interface", "skip-interface", "cidr", "can-reach", "kubernetes-internal-ip")
+
+
+@dataclass(frozen=True, slots=True)
+class AutodetectMethod:
+    """A parsed IP_AUTODETECTION_METHOD: kind is one of AUTODETECT_KINDS, args its comma list."""
+
+    kind: str = "first-found"
+    args: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.kind}={','.join(self.args)}" if self.args else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class AddressSetting:
+    """IP / IP6: mode is unset, autodetect, none or explicit (then address is set)."""
+
+    mode: str = "unset"
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    has_prefix: bool = False  # False: the prefix comes from the local interface carrying the address
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str | None
+    nodename_file: str
+    hostname: str | None
+    ip: AddressSetting
+    ip_autodetection_method: AutodetectMethod
+    ip6: AddressSetting
+    ip6_autodetection_method: AutodetectMethod
+    as_number: int | None
+    disable_node_ip_check: bool
+    networking_backend: str  # bird | vxlan | none
+    cluster_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """The default IPv4 pool; cidr None means "choose at startup" (it depends on host addresses)."""
+
+    create: bool  # False when CALICO_IPV4POOL_CIDR=none or NO_DEFAULT_POOLS=true
+    cidr: ipaddress.IPv4Network | None
+    block_size: int
+    ipip_mode: str  # Always | CrossSubnet | Never
+    vxlan_mode: str
+    nat_outgoing: bool
+    node_selector: str
+    disable_bgp_export: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DatastoreConfig:
+    type: str  # etcdv3 | kubernetes
+    etcd_endpoints: tuple[str, ...]
+    etcd_key_file: str | None
+    etcd_cert_file: str | None
+    etcd_ca_cert_file: str | None
+    kubeconfig: str | None
+    wait_for_datastore: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FelixConfig:
+    # Every FELIX_* variable: lower-cased parameter name (without "felix_") -> raw value.
+    params: Mapping[str, str]
+    route_refresh_interval: float
+    iptables_refresh_interval: float
+    log_severity_screen: str  # DEBUG | INFO | WARNING | ERROR | FATAL
+    ipv6_support: bool
+    vxlan_mtu: int  # 0 = auto
+    ipip_mtu: int  # 0 = auto
+    mtu_iface_pattern: str
+    iptables_backend: str  # auto | legacy | nft
+    default_endpoint_to_host_action: str  # DROP | RETURN | ACCEPT
+    health_enabled: bool
+    health_port: int
+    interface_prefixes: tuple[str, ...]
+
+    def unused_params(self) -> list[str]:
+        """FELIX_* parameters that were set but that felixpy does not read (logged at startup)."""
+        return sorted(p for p in self.params if p not in USED_FELIX_PARAMS)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    cni_socket: str
+    state_dir: str
+    log_format: str  # text | json
+
+    @property
+    def mtu_file(self) -> str:
+        return f"{self.state_dir.rstrip('/')}/mtu"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeConfig
+    ipv4_pool: PoolConfig
+    no_default_pools: bool
+    datastore: DatastoreConfig
+    felix: FelixConfig
+    agent: AgentConfig
+    raw: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers: each returns the typed value or raises ConfigError quoting VARIABLES[name].accepts
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(name: str, value: str, detail: str = "") -> ConfigError:
+    text = VARIABLES[_registry_name(name)].accepts
+    # json.dumps quotes and escapes, so a value with a newline still gives a one-line message.
+    message = f"{name}={json.dumps(value)}: {text}"
+    if detail:
+        message += f" ({detail})"
+    return ConfigError(name, message)
+
+
+def _registry_name(name: str) -> str:
+    upper = name.upper()
+    if upper in VARIABLES:
+        return upper
+    if upper.startswith("CALICO_") and upper[len("CALICO_"):] in VARIABLES:
+        return upper[len("CALICO_"):]
+    return upper
+
+
+_TRUE = frozenset({"true", "1", "yes", "y", "t"})
+_FALSE = frozenset({"false", "0", "no", "n", "f"})
+
+
+def parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _fail(name, value)
+
+
+def parse_encap_mode(name: str, value: str) -> str:
+    """calico-node's IPIP/VXLAN mode parsing: case-insensitive, "" and off mean Never."""
+    lowered = value.strip().lower()
+    if lowered in ("", "off", "never"):
+        return "Never"
+    if lowered in ("crosssubnet", "cross-subnet"):
+        return "CrossSubnet"
+    if lowered == "always":
+        return "Always"
+    raise _fail(name, value)
+
+
+def _parse_int(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value.strip(), 10)
+    except ValueError:
+        raise _fail(name, value) from None
+    if not low <= number <= high:
+        raise _fail(name, value)
+    return number
+
+
+def _parse_seconds(name: str, value: str) -> float:
+    text = value.strip()
+    # Felix takes plain seconds; a trailing "s" is accepted because Go durations are common in docs.
+    if text.endswith("s"):
+        text = text[:-1]
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise _fail(name, value) from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise _fail(name, value)
+    return seconds
+
+
+def _parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Case-insensitive choice; returns the spelling in `choices`."""
+    lowered = value.strip().lower()
+    for choice in choices:
+        if choice.lower() == lowered:
+            return choice
+    raise _fail(name, value)
+
+
+def _parse_abs_path(name: str, value: str) -> str:
+    if not value.startswith("/") or "\n" in value or "\0" in value:
+        raise _fail(name, value)
+    return value
+
+
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def is_valid_node_name(name: str) -> bool:
+    """Kubernetes and Calico node names are lowercase RFC 1123 subdomains."""
+    return len(name) <= 253 and _DNS_NAME.match(name) is not None
+
+
+def parse_address_setting(name: str, value: str, version: int) -> AddressSetting:
+    text = value.strip()
+    lowered = text.lower()
+    if lowered == "":
+        return AddressSetting("unset")
+    if lowered == "autodetect":
+        return AddressSetting("autodetect")
+    if lowered == "none":
+        return AddressSetting("none")
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise _fail(name, value) from None
+    if iface.version != version:
+        raise _fail(name, value, f"not an IPv{version} address")
+    if iface.ip.is_unspecified or iface.ip.is_multicast or iface.ip.is_loopback:
+        raise _fail(name, value, "not a unicast host address")
+    return AddressSetting("explicit", iface, has_prefix="/" in text)
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*\.?$")
+
+
+def parse_autodetection_method(name: str, value: str) -> AutodetectMethod:
+    text = value.strip()
+    if text == "" or text == "first-found":
+        return AutodetectMethod("first-found")
+    if text == "kubernetes-internal-ip":
+        return AutodetectMethod("kubernetes-internal-ip")
+    kind, sep, rest = text.partition("=")
+    if not sep or kind not in ("interface", "skip-interface", "cidr", "can-reach"):
+        raise _fail(name, value)
+    if kind == "can-reach":
+        target = rest.strip()
+        try:
+            ipaddress.ip_address(target)
+        except ValueError:
+            if not target or len(target) > 253 or not _HOSTNAME.match(target):
+                raise _fail(name, value, f"{target!r} is neither an IP address nor a hostname") from None
+        return AutodetectMethod(kind, (target,))
+    items = tuple(item.strip() for item in rest.split(",") if item.strip())
+    if not items:
+        raise _fail(name, value, f"{kind}= needs at least one value")
+    for item in items:
+        if kind == "cidr":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise _fail(name, value, f"invalid CIDR {item!r}") from None
+        else:
+            try:
+                re.compile(item)
+            except re.error as exc:
+                raise _fail(name, value, f"invalid regex {item!r}: {exc}") from None
+    return AutodetectMethod(kind, items)
+
+
+def parse_as_number(name: str, value: str) -> int:
+    text = value.strip()
+    if "." in text:
+        high, sep, low = text.partition(".")
+        if not (high.isdigit() and low.isdigit()):
+            raise _fail(name, value)
+        a, b = int(high), int(low)
+        if a > 0xFFFF or b > 0xFFFF:
+            raise _fail(name, value)
+        number = (a << 16) | b
+    else:
+        if not text.isdigit():
+            raise _fail(name, value)
+        number = int(text)
+    if not 1 <= number <= 0xFFFFFFFF:
+        raise _fail(name, value)
+    return number
+
+
+def parse_pool_cidr(name: str, value: str, block_size: int) -> ipaddress.IPv4Network:
+    try:
+        network = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _fail(name, value) from None
+    if network.version != 4:
+        raise _fail(name, value, "not an IPv4 CIDR")
+    if network.prefixlen > block_size:
+        raise _fail(name, value, f"smaller than the block size /{block_size}")
+    if network.is_multicast or network.is_loopback or network.overlaps(ipaddress.IPv4Network("169.254.0.0/16")):
+        raise _fail(name, value, "multicast, loopback and link-local ranges cannot be pools")
+    assert isinstance(network, ipaddress.IPv4Network)
+    return network
+
+
+def parse_node_selector(name: str, value: str) -> str:
+    text = value.strip()
+    if text == "":
+        return "all()"
+    try:
+        from policy.selectors import parse as parse_selector
+    except ImportError:  # the selector grammar ships with felixpy; only a broken install lacks it
+        return text
+    try:
+        parse_selector(text)
+    except ValueError as exc:
+        raise _fail(name, value, str(exc).splitlines()[0] if str(exc) else "") from None
+    return text
+
+
+def parse_etcd_endpoints(name: str, value: str) -> tuple[str, ...]:
+    endpoints = tuple(item.strip() for item in value.split(",") if item.strip())
+    for endpoint in endpoints:
+        try:
+            parts = urlsplit(endpoint)
+            port = parts.port
+        except ValueError:
+            raise _fail(name, value, f"bad endpoint {endpoint!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None or port == 0:
+            raise _fail(name, value, f"bad endpoint {endpoint!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise _fail(name, value, f"bad endpoint {endpoint!r}")
+    return endpoints
+
+
+_IFACE_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,14}$")
+
+
+def _parse_interface_prefixes(name: str, value: str) -> tuple[str, ...]:
+    prefixes = tuple(p.strip() for p in value.split(","))
+    if not prefixes or not all(_IFACE_PREFIX.match(p) for p in prefixes):
+        raise _fail(name, value)
+    return prefixes
+
+
+def _parse_regex(name: str, value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise _fail(name, value, str(exc)) from None
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# load_config
+# --------------------------------------------------------------------------------------------
+
+
+def _set(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's value, or None when it is unset or blank (both mean "use the default")."""
+    value = env.get(name)
+    return value if value is not None and value.strip() != "" else None
+
+
+def _calico(env: Mapping[str, str], name: str) -> tuple[str, str | None]:
+    """(variable, value) of a datastore setting read with envconfig prefix CALICO_.
+
+    As in calico-node, the prefixed spelling wins and the bare one is the fallback.
+    """
+    prefixed = "CALICO_" + name
+    if _set(env, prefixed) is not None:
+        return prefixed, env[prefixed]
+    return name, _set(env, name)
+
+
+def _felix_params(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """lower-cased param -> (variable name as given, value), for every FELIX_* variable."""
+    params: dict[str, tuple[str, str]] = {}
+    for key in sorted(env):
+        if not key.lower().startswith("felix_") or len(key) == len("felix_"):
+            continue
+        param = key[len("felix_"):].lower()
+        if param in params:
+            other = params[param][0]
+            raise ConfigError(key, f"{other} and {key} are both set: Felix parameters are case-insensitive, set only one")
+        params[param] = (key, env[key])
+    return params
+
+
+def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
+    name = _set(env, "NODENAME")
+    if name is not None and not is_valid_node_name(name.strip()):
+        raise _fail("NODENAME", name)
+    nodename_file = _set(env, "CALICO_NODENAME_FILE")
+    backend_value = _set(env, "CALICO_NETWORKING_BACKEND")
+    if backend_value is None:
+        # rc.local's legacy switch: CALICO_NETWORKING=false meant policy-only.
+        backend = "none" if env.get("CALICO_NETWORKING", "").strip().lower() == "false" else "bird"
+    else:
+        backend = _parse_choice("CALICO_NETWORKING_BACKEND", backend_value, ("bird", "vxlan", "none", "bgp"))
+        backend = "bird" if backend == "bgp" else backend
+    as_value = _set(env, "AS")
+    check_value = _set(env, "DISABLE_NODE_IP_CHECK")
+    return NodeConfig(
+        name=name.strip() if name else None,
+        nodename_file=(
+            _parse_abs_path("CALICO_NODENAME_FILE", nodename_file) if nodename_file else f"{state_dir.rstrip('/')}/nodename"
+        ),
+        hostname=_set(env, "HOSTNAME"),
+        ip=parse_address_setting("IP", env.get("IP", ""), 4),
+        ip_autodetection_method=parse_autodetection_method(
+            "IP_AUTODETECTION_METHOD", env.get("IP_AUTODETECTION_METHOD", "")),
+        ip6=parse_address_setting("IP6", env.get("IP6", ""), 6),
+        ip6_autodetection_method=parse_autodetection_method(
+            "IP6_AUTODETECTION_METHOD", env.get("IP6_AUTODETECTION_METHOD", "")),
+        as_number=parse_as_number("AS", as_value) if as_value else None,
+        disable_node_ip_check=parse_bool("DISABLE_NODE_IP_CHECK", check_value) if check_value else False,
+        networking_backend=backend,
+        cluster_type=env.get("CLUSTER_TYPE", "").strip(),
+    )
+
+
+def _load_pool(env: Mapping[str, str]) -> tuple[PoolConfig, bool]:
+    block_value = _set(env, "CALICO_IPV4POOL_BLOCK_SIZE")
+    block_size = _parse_int("CALICO_IPV4POOL_BLOCK_SIZE", block_value, 20, 32) if block_value else 26
+    ipip = parse_encap_mode("CALICO_IPV4POOL_IPIP", env.get("CALICO_IPV4POOL_IPIP", ""))
+    vxlan = parse_encap_mode("CALICO_IPV4POOL_VXLAN", env.get("CALICO_IPV4POOL_VXLAN", ""))
+    if ipip != "Never" and vxlan != "Never":
+        raise ConfigError(
+            "CALICO_IPV4POOL_IPIP",
+            f"CALICO_IPV4POOL_IPIP={json.dumps(env['CALICO_IPV4POOL_IPIP'])} and "
+            f"CALICO_IPV4POOL_VXLAN={json.dumps(env['CALICO_IPV4POOL_VXLAN'])}: "
+            "ipipMode and vxlanMode cannot both be enabled (set one of them to Never)",
+        )
+    # calico-node: only the "false" spellings disable NAT; any other value, even garbage, enables it.
+    nat_outgoing = env.get("CALICO_IPV4POOL_NAT_OUTGOING", "").strip().lower() not in _FALSE
+    no_pools_value = _set(env, "NO_DEFAULT_POOLS")
+    no_default_pools = parse_bool("NO_DEFAULT_POOLS", no_pools_value) if no_pools_value else False
+    cidr_value = _set(env, "CALICO_IPV4POOL_CIDR")
+    if no_default_pools and cidr_value:
+        raise ConfigError(
+            "NO_DEFAULT_POOLS",
+            f"NO_DEFAULT_POOLS={json.dumps(no_pools_value)}: cannot be combined with "
+            f"CALICO_IPV4POOL_CIDR={json.dumps(cidr_value)} (unset one of them)",
+        )
+    skip = cidr_value is not None and cidr_value.strip().lower() == "none"
+    cidr = None
+    if cidr_value and not skip:
+        cidr = parse_pool_cidr("CALICO_IPV4POOL_CIDR", cidr_value, block_size)
+    export_value = _set(env, "CALICO_IPV4POOL_DISABLE_BGP_EXPORT")
+    pool = PoolConfig(
+        create=not no_default_pools and not skip,
+        cidr=cidr,
+        block_size=block_size,
+        ipip_mode=ipip,
+        vxlan_mode=vxlan,
+        nat_outgoing=nat_outgoing,
+        node_selector=parse_node_selector(
+            "CALICO_IPV4POOL_NODE_SELECTOR", env.get("CALICO_IPV4POOL_NODE_SELECTOR", "")),
+        disable_bgp_export=parse_bool("CALICO_IPV4POOL_DISABLE_BGP_EXPORT", export_value) if export_value else False,
+    )
+    return pool, no_default_pools
+
+
+def _load_datastore(env: Mapping[str, str]) -> DatastoreConfig:
+    endpoints_var, endpoints_value = _calico(env, "ETCD_ENDPOINTS")
+    endpoints = parse_etcd_endpoints(endpoints_var, endpoints_value) if endpoints_value else ()
+    type_var, type_value = _calico(env, "DATASTORE_TYPE")
+    if type_value is None:
+        ds_type = "etcdv3" if endpoints else "kubernetes"
+    else:
+        ds_type = _parse_choice(type_var, type_value, ("etcdv3", "kubernetes"))
+    if ds_type == "etcdv3" and not endpoints:
+        raise ConfigError(
+            endpoints_var,
+            f"{endpoints_var} is not set: DATASTORE_TYPE=etcdv3 needs a comma-separated list of http(s)://HOST:PORT URLs",
+        )
+    files: dict[str, str | None] = {}
+    for name in ("ETCD_KEY_FILE", "ETCD_CERT_FILE", "ETCD_CA_CERT_FILE"):
+        var, value = _calico(env, name)
+        files[name] = _parse_abs_path(var, value) if value else None
+    if bool(files["ETCD_KEY_FILE"]) != bool(files["ETCD_CERT_FILE"]):
+        given, missing = (
+            ("ETCD_KEY_FILE", "ETCD_CERT_FILE") if files["ETCD_KEY_FILE"] else ("ETCD_CERT_FILE", "ETCD_KEY_FILE"))
+        raise _fail(given, files[given] or "", f"{missing} is not set")
+    return DatastoreConfig(
+        type=ds_type,
+        etcd_endpoints=endpoints,
+        etcd_key_file=files["ETCD_KEY_FILE"],
+        etcd_cert_file=files["ETCD_CERT_FILE"],
+        etcd_ca_cert_file=files["ETCD_CA_CERT_FILE"],
+        kubeconfig=_calico(env, "KUBECONFIG")[1],
+        # calico-node compares with the literal "true".
+        wait_for_datastore=env.get("WAIT_FOR_DATASTORE") == "true",
+    )
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    return lambda name, value: _parse_choice(name, value, choices)
+
+
+def _int_range(low: int, high: int) -> Callable[[str, str], int]:
+    return lambda name, value: _parse_int(name, value, low, high)
+
+
+def _load_felix(env: Mapping[str, str]) -> FelixConfig:
+    params = _felix_params(env)
+
+    def get(param: str, parse: Callable[[str, str], T], default: T) -> T:
+        if param not in params or params[param][1].strip() == "":
+            return default
+        var, value = params[param]
+        return parse(var, value)
+
+    return FelixConfig(
+        params=types.MappingProxyType({p: v for p, (_, v) in params.items()}),
+        route_refresh_interval=get("routerefreshinterval", _parse_seconds, 90.0),
+        iptables_refresh_interval=get("iptablesrefreshinterval", _parse_seconds, 180.0),
+        log_severity_screen=get("logseverityscreen", _choice("DEBUG", "INFO", "WARNING", "ERROR", "FATAL"), "INFO"),
+        ipv6_support=get("ipv6support", parse_bool, True),
+        vxlan_mtu=get("vxlanmtu", _parse_mtu, 0),
+        ipip_mtu=get("ipinipmtu", _parse_mtu, 0),
+        mtu_iface_pattern=get("mtuifacepattern", _parse_regex, DEFAULT_MTU_IFACE_PATTERN),
+        iptables_backend=get("iptablesbackend", _choice("auto", "legacy", "nft"), "auto"),
+        default_endpoint_to_host_action=get("defaultendpointtohostaction", _choice("DROP", "RETURN", "ACCEPT"), "DROP"),
+        health_enabled=get("healthenabled", parse_bool, False),
+        health_port=get("healthport", _int_range(1, 65535), 9099),
+        interface_prefixes=get("interfaceprefix", _parse_interface_prefixes, ("cali",)),
+    )
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Parse the agent's configuration from `env`; raises ConfigError (one line) on a bad value."""
+    state_dir_value = _set(env, "FELIXPY_STATE_DIR")
+    state_dir = _parse_abs_path("FELIXPY_STATE_DIR", state_dir_value) if state_dir_value else DEFAULT_STATE_DIR
+    socket_value = _set(env, "FELIXPY_CNI_SOCKET")
+    format_value = _set(env, "FELIXPY_LOG_FORMAT")
+    agent = AgentConfig(
+        cni_socket=_parse_abs_path("FELIXPY_CNI_SOCKET", socket_value) if socket_value else DEFAULT_CNI_SOCKET,
+        state_dir=state_dir,
+        log_format=_parse_choice("FELIXPY_LOG_FORMAT", format_value, ("text", "json")) if format_value else "text",
+    )
+    pool, no_default_pools = _load_pool(env)
+    return Config(
+        node=_load_node(env, state_dir),
+        ipv4_pool=pool,
+        no_default_pools=no_default_pools,
+        datastore=_load_datastore(env),
+        felix=_load_felix(env),
+        agent=agent,
+        raw=types.MappingProxyType(dict(env)),
+    )
+
+
+def _parse_mtu(name: str, value: str) -> int:
+    number = _parse_int(name, value, 0, 65535)
+    if 0 < number < 68:
+        raise _fail(name, value)
+    return number
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation
+# --------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_docs() -> str:
+    """docs/configuration.md, generated from VARIABLES."""
+    lines = [
+        "# Configuration: the agent's environment variables",
+        "",
+        "<!-- Generated by `python -m felixpy.config > docs/configuration.md`; edit felixpy/config.py instead. -->",
+        "",
+        "`felixpy-node` reads calico-node's variables with calico-node's values and defaults",
+        "(see `../shared/docs/calico-reference.md` §1). An invalid value stops the agent at startup with",
+        "one line naming the variable and what it accepts, for example:",
+        "",
+        "```",
+        'CALICO_IPV4POOL_IPIP="sometimes": ' + ENCAP_ACCEPTS,
+        "```",
+        "",
+    ]
+    group = None
+    for var in _VARS:
+        if var.group != group:
+            group = var.group
+            lines += ["", f"## {group}", "", "| Variable | Default | Accepts | Meaning |", "|---|---|---|---|"]
+        lines.append(f"| `{var.name}` | {_cell(var.default)} | {_cell(var.accepts)} | {_cell(var.description)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_docs())

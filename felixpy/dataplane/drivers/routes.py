@@ -1,0 +1,273 @@
+"""The route driver: owns every route carrying names.ROUTE_PROTO in the main routing table.
+
+API model: `set_routes()` declares the whole desired set (no I/O), `apply()` reconciles the
+kernel with it, `queue_resync()` makes the next apply read everything back first.
+
+Design: we remember what we programmed (`_programmed`, dst -> routes of our proto there) and
+trust it between resyncs, so an apply after a small change costs only the netlink requests for
+the destinations that changed. The kernel is read back on the first apply, after a
+`queue_resync()` (periodic drift repair) and after any failed request. Only routes with our proto
+are ever replaced or deleted; a route of another proto at a destination we want makes our add
+fail (EEXIST) and is reported, never overwritten. A route whose interface does not exist yet is
+left pending and retried on every apply.
+
+Thread ownership: the agent's main loop; the netlink object belongs to that thread too.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from felixpy import names
+from felixpy.kernel.netlink import (
+    SCOPE_LINK,
+    SCOPE_UNIVERSE,
+    KernelRoute,
+    NetlinkError,
+    RouteNetlink,
+)
+
+__all__ = ["ApplyResult", "Route", "RouteTable"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A desired route. unicast needs a gateway, an iface, or both; blackhole needs neither."""
+
+    dst: str
+    type: Literal["unicast", "blackhole"] = "unicast"
+    gateway: str | None = None
+    iface: str | None = None
+    onlink: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dst", str(ipaddress.IPv4Network(self.dst, strict=False)))
+        if self.type == "blackhole":
+            if self.gateway or self.iface or self.onlink:
+                raise ValueError(f"blackhole route {self.dst} cannot have a gateway or iface")
+        elif self.type == "unicast":
+            if not self.gateway and not self.iface:
+                raise ValueError(f"route {self.dst} needs a gateway or an iface")
+            if self.gateway:
+                object.__setattr__(self, "gateway", str(ipaddress.IPv4Address(self.gateway)))
+            if self.onlink and not self.iface:
+                raise ValueError(f"onlink route {self.dst} needs an iface")
+        else:
+            raise ValueError(f"route {self.dst}: unknown type {self.type!r}")
+
+    def describe(self) -> str:
+        parts = [self.dst if self.type == "unicast" else f"blackhole {self.dst}"]
+        if self.gateway:
+            parts.append(f"via {self.gateway}")
+        if self.iface:
+            parts.append(f"dev {self.iface}")
+        if self.onlink:
+            parts.append("onlink")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one apply() did. `pending`: dsts waiting for their iface; `failed`: dst -> error."""
+
+    added: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    pending: tuple[str, ...] = ()
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.replaced or self.deleted)
+
+
+class RouteTable:
+    """Reconciles the kernel's main-table routes of one proto with a declared desired set."""
+
+    def __init__(self, *, netlink: RouteNetlink | None = None, proto: int = names.ROUTE_PROTO) -> None:
+        if netlink is None:
+            from felixpy.kernel.netlink import Netlink
+
+            netlink = Netlink()
+        self._nl = netlink
+        self._proto = proto
+        self._desired: dict[str, Route] = {}
+        self._programmed: dict[str, list[KernelRoute]] = {}
+        self._dirty: set[str] = set()  # dsts whose desired state changed since the last apply
+        self._retry: set[str] = set()  # pending (iface missing) or failed dsts
+        self._resync = True  # the first apply reads back (and sweeps what is no longer desired)
+
+    @property
+    def desired(self) -> dict[str, Route]:
+        return dict(self._desired)
+
+    def set_routes(self, routes: Iterable[Route]) -> None:
+        """Declare the complete desired set. Cheap: only records which dsts changed."""
+        new: dict[str, Route] = {}
+        for route in routes:
+            if route.dst in new and new[route.dst] != route:
+                raise ValueError(
+                    f"two desired routes for {route.dst}: {new[route.dst].describe()} and "
+                    f"{route.describe()}"
+                )
+            new[route.dst] = route
+        for dst in new.keys() | self._desired.keys():
+            if new.get(dst) != self._desired.get(dst):
+                self._dirty.add(dst)
+        self._desired = new
+
+    def queue_resync(self) -> None:
+        self._resync = True
+
+    def apply(self) -> ApplyResult:
+        if self._resync:
+            try:
+                self._read_back()
+            except NetlinkError as exc:
+                log.warning("route read-back failed error=%s", exc)
+                return ApplyResult(failed={"*": str(exc)})
+            todo = set(self._desired) | set(self._programmed)
+        else:
+            todo = self._dirty | self._retry
+        self._dirty = set()
+        self._retry = set()
+        plan = _Plan()
+        iface_index: dict[str, int | None] = {}
+        for dst in sorted(todo):
+            self._reconcile(dst, plan, iface_index)
+        result = plan.result()
+        if result.changed or result.failed or result.pending:
+            log.info(
+                "routes applied added=%d replaced=%d deleted=%d pending=%d failed=%d",
+                len(result.added), len(result.replaced), len(result.deleted),
+                len(result.pending), len(result.failed),
+            )
+        return result
+
+    def _read_back(self) -> None:
+        programmed: dict[str, list[KernelRoute]] = {}
+        for route in self._nl.list_routes(proto=self._proto):
+            programmed.setdefault(route.dst, []).append(route)
+        self._programmed = programmed
+        self._resync = False
+        log.debug("routes read back count=%d", sum(len(v) for v in programmed.values()))
+
+    def _reconcile(self, dst: str, plan: _Plan, iface_index: dict[str, int | None]) -> None:
+        want = self._desired.get(dst)
+        have = list(self._programmed.get(dst, []))
+        if want is None:
+            for route in have:
+                if self._delete(route, plan):
+                    have.remove(route)
+            self._store(dst, have)
+            return
+        ifindex: int | None = None
+        if want.iface is not None:
+            if want.iface not in iface_index:
+                try:
+                    iface_index[want.iface] = self._nl.link_index(want.iface)
+                except NetlinkError as exc:
+                    self._fail(dst, plan, exc)
+                    return
+            ifindex = iface_index[want.iface]
+            if ifindex is None:
+                # Left as it is (whatever we had there) until the interface appears.
+                plan.pending.append(dst)
+                self._retry.add(dst)
+                return
+        target = self._to_kernel(want, ifindex)
+        keep = next((r for r in have if _matches(r, target)), None)
+        for route in list(have):
+            if route is keep or (keep is None and route.priority == target.priority):
+                continue  # kept, or about to be replaced in place
+            if self._delete(route, plan):
+                have.remove(route)
+        if keep is not None:
+            self._store(dst, have)
+            return
+        replacing = any(r.priority == target.priority for r in have)
+        try:
+            if replacing:
+                self._nl.replace_route(target)
+            else:
+                self._nl.add_route(target)
+        except NetlinkError as exc:
+            if exc.errno == errno.ENODEV:
+                plan.pending.append(dst)  # the iface vanished since we looked it up
+                self._retry.add(dst)
+                return
+            if exc.errno == errno.EEXIST:
+                # Not ours (we would have replaced it): leave it, report it, retry next time.
+                log.warning("route conflicts with a foreign route dst=%s route=%s", dst,
+                            want.describe())
+                plan.failed[dst] = f"{exc}: a route of another proto exists for {dst}"
+                self._retry.add(dst)  # no read-back needed: our own picture is still right
+                return
+            self._fail(dst, plan, exc)
+            return
+        (plan.replaced if replacing else plan.added).append(dst)
+        self._store(dst, [r for r in have if r.priority != target.priority] + [target])
+
+    def _to_kernel(self, want: Route, ifindex: int | None) -> KernelRoute:
+        scope = SCOPE_LINK if want.type == "unicast" and not want.gateway else SCOPE_UNIVERSE
+        return KernelRoute(
+            dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
+            onlink=want.onlink, scope=scope, proto=self._proto,
+        )
+
+    def _delete(self, route: KernelRoute, plan: _Plan) -> bool:
+        try:
+            self._nl.delete_route(route)
+        except NetlinkError as exc:
+            if exc.errno != errno.ESRCH:
+                self._fail(route.dst, plan, exc)
+                return False
+        plan.deleted.append(route.dst)
+        return True
+
+    def _fail(self, dst: str, plan: _Plan, exc: NetlinkError) -> None:
+        log.warning("route programming failed dst=%s error=%s", dst, exc)
+        plan.failed[dst] = str(exc)
+        self._retry.add(dst)
+        # Our picture of the kernel may be wrong now: read it back on the next apply.
+        self._resync = True
+
+    def _store(self, dst: str, routes: list[KernelRoute]) -> None:
+        if routes:
+            self._programmed[dst] = routes
+        else:
+            self._programmed.pop(dst, None)
+
+
+def _matches(have: KernelRoute, want: KernelRoute) -> bool:
+    return (
+        have.type == want.type
+        and have.gateway == want.gateway
+        # ifindex None: we let the kernel pick the device, whatever it picked is fine.
+        and (want.ifindex is None or have.ifindex == want.ifindex)
+        and have.onlink == want.onlink
+        and have.scope == want.scope
+        and have.priority == want.priority
+        and have.table == want.table
+    )
+
+
+@dataclass
+class _Plan:
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def result(self) -> ApplyResult:
+        return ApplyResult(
+            added=tuple(self.added), replaced=tuple(self.replaced), deleted=tuple(self.deleted),
+            pending=tuple(self.pending), failed=dict(self.failed),
+        )

@@ -1,0 +1,88 @@
+"""Run external commands (iptables-restore, ipset, ...) with errors that carry the evidence.
+
+Every subprocess felixpy starts goes through `run`, so a failure always says what was run, with
+which input, and what the command answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+__all__ = ["CommandFailed", "CompletedRun", "Runner", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    stdout: str
+    stderr: str
+
+
+class CommandFailed(Exception):
+    """A command exited non-zero, timed out or could not be started.
+
+    str() is one line (argv, rc, last stderr line); the attributes keep everything else, including
+    the stdin that was fed to it, for logging.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        rc: int | None,
+        stdout: str,
+        stderr: str,
+        input: str | bytes | None = None,
+    ) -> None:
+        self.argv = tuple(argv)
+        self.rc = rc
+        self.stdout = stdout
+        self.stderr = stderr
+        self.input = input
+        super().__init__(self._one_line())
+
+    def _one_line(self) -> str:
+        lines = [ln.strip() for ln in self.stderr.splitlines() if ln.strip()]
+        last = lines[-1] if lines else "(no stderr)"
+        rc = "timeout" if self.rc is None else str(self.rc)
+        return f"command {' '.join(self.argv)!r} failed (rc={rc}): {last}"
+
+
+class Runner(Protocol):
+    """The seam drivers take instead of calling `run` directly (tests pass a stateful fake)."""
+
+    def __call__(
+        self, argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = 30
+    ) -> CompletedRun: ...
+
+
+def run(
+    argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = 30
+) -> CompletedRun:
+    """Run argv (no shell), feed it input, and return its output; raise CommandFailed on rc != 0."""
+    argv = [str(a) for a in argv]
+    data = input.encode() if isinstance(input, str) else input
+    try:
+        proc = subprocess.run(
+            argv, input=data, capture_output=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(argv, None, _text(exc.stdout), _text(exc.stderr), input) from None
+    except OSError as exc:  # binary missing, not executable, ...
+        raise CommandFailed(argv, 127, "", f"{exc.strerror}: {argv[0]}", input) from None
+    stdout, stderr = _text(proc.stdout), _text(proc.stderr)
+    if proc.returncode != 0:
+        log.debug("command failed argv=%r rc=%d stderr=%r", argv, proc.returncode, stderr)
+        raise CommandFailed(argv, proc.returncode, stdout, stderr, input)
+    return CompletedRun(stdout=stdout, stderr=stderr)
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode(errors="replace")

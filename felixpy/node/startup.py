@@ -1,0 +1,475 @@
+"""Node startup, run once before the agent syncs: name, Node resource, default pool and config.
+
+This is calico-node's `startup.Run` (calico-reference.md §1.1–§1.7) for the etcd datastore:
+
+1. decide the node name (NODENAME > nodename file > HOSTNAME > OS hostname, lower-cased);
+2. optionally wait for the datastore (WAIT_FOR_DATASTORE=true);
+3. decide the node's IPv4/IPv6 address (IP / IP6 semantics: keep, autodetect, none, explicit)
+   and refuse an IPv4 address another Node already has (unless DISABLE_NODE_IP_CHECK=true);
+4. create or compare-and-swap the Node resource, keeping what others wrote into it;
+5. create the default IPv4 pool when no IPv4 pool exists (create-only: never overwritten);
+6. create the default FelixConfiguration, per-node FelixConfiguration, BGPConfiguration,
+   ClusterInformation and IPAM configuration when missing (create-only);
+7. write the nodename file and the pod MTU file the CNI plugin reads.
+
+Every datastore write is create-only (AlreadyExists means someone else did it, which is fine) or
+compare-and-swap with bounded retries, so two agents starting at once, or an agent restarting while
+felixctl edits its Node, never lose each other's writes. Kernel access is injected (`detect`,
+`interfaces`) so the whole sequence runs against the in-memory store in unit tests and inside a
+test namespace in integration tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import felixpy
+from felixpy.config import AutodetectMethod, Config, is_valid_node_name
+from felixpy.datastore import keys
+from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreError, NotFound, Unavailable
+from felixpy.kernel import addresses
+from felixpy.kernel.addresses import AutodetectError, Interface, IPInterface
+from felixpy.model import resources
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "projectcalico.org/v3"
+DEFAULT_IPV4_POOL_NAME = "default-ipv4-ippool"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+CAS_RETRIES = 10
+# calico-node probes readiness with a Get of a Node that need not exist.
+_PROBE_KEY = keys.resource_key("nodes", "foo")
+
+DetectFn = Callable[[AutodetectMethod, int], IPInterface]
+InterfacesFn = Callable[[], list[Interface]]
+
+
+class StartupError(Exception):
+    """Startup cannot continue; str() is one line for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartupResult:
+    node_name: str
+    node: dict[str, Any]  # the Node resource as stored
+    ipv4: ipaddress.IPv4Interface | None
+    mtu: int
+
+
+def startup(
+    store: Datastore,
+    config: Config,
+    *,
+    detect: DetectFn = addresses.autodetect,
+    interfaces: InterfacesFn = addresses.list_interfaces,
+    os_hostname: Callable[[], str] = socket.gethostname,
+    datastore_wait_timeout: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> StartupResult:
+    """Run the startup sequence; raises StartupError with a one-line message.
+
+    A datastore outage (Unavailable) is passed through unchanged, so the caller can retry the
+    whole sequence (every step is idempotent); with WAIT_FOR_DATASTORE=true startup itself waits
+    for the datastore first, as calico-node does.
+    """
+    for param in config.felix.unused_params():
+        log.info("felix parameter not used by felixpy param=%s", param)
+    try:
+        return _startup(store, config, detect, interfaces, os_hostname, datastore_wait_timeout, sleep)
+    except Unavailable:
+        raise
+    except (DatastoreError, AutodetectError, resources.ValidationError) as exc:
+        raise StartupError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except OSError as exc:
+        raise StartupError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from exc
+
+
+def _startup(
+    store: Datastore,
+    config: Config,
+    detect: DetectFn,
+    interfaces: InterfacesFn,
+    os_hostname: Callable[[], str],
+    wait_timeout: float | None,
+    sleep: Callable[[float], None],
+) -> StartupResult:
+    name = determine_node_name(config, os_hostname)
+    log.info("node name name=%s", name)
+    if config.datastore.wait_for_datastore:
+        wait_for_datastore(store, wait_timeout, sleep)
+
+    key = keys.resource_key("nodes", name)
+    existing = _get(store, key)
+    ipv4, ipv6 = _resolve_addresses(config, existing.value if existing else None, detect, interfaces)
+    if ipv4 is not None and not config.node.disable_node_ip_check:
+        _check_duplicate_ip(store, config, name, ipv4, existing)
+    node = _write_node(store, key, name, ipv4, ipv6, config)
+    log.info("node written name=%s ipv4=%s ipv6=%s", name, ipv4, ipv6)
+
+    if config.ipv4_pool.create:
+        ensure_default_ipv4_pool(store, config, interfaces)
+    ensure_default_config(store, config, name)
+
+    _write_file(config.node.nodename_file, name)
+    mtu = _pod_mtu(store, config, interfaces)
+    _write_file(config.agent.mtu_file, str(mtu))
+    log.info("startup complete name=%s mtu=%d mtu_file=%s", name, mtu, config.agent.mtu_file)
+    return StartupResult(node_name=name, node=node, ipv4=ipv4 if isinstance(ipv4, ipaddress.IPv4Interface) else None, mtu=mtu)
+
+
+# --------------------------------------------------------------------------------------------
+# Node name
+# --------------------------------------------------------------------------------------------
+
+
+def determine_node_name(config: Config, os_hostname: Callable[[], str] = socket.gethostname) -> str:
+    """NODENAME, else the cached nodename file, else HOSTNAME, else the OS hostname (lower-cased)."""
+    if config.node.name:
+        return config.node.name
+    try:
+        with open(config.node.nodename_file, encoding="utf-8") as f:
+            cached = f.read().strip()
+    except FileNotFoundError:
+        cached = ""
+    if cached:
+        if not is_valid_node_name(cached):
+            raise StartupError(
+                f'{config.node.nodename_file}: "{cached}" is not a valid node name; delete the file or set NODENAME')
+        return cached
+    source, name = ("HOSTNAME", config.node.hostname) if config.node.hostname else ("the OS hostname", os_hostname())
+    name = name.strip().lower()
+    if not is_valid_node_name(name):
+        raise StartupError(
+            f'{source} "{name}" is not a valid node name (lowercase RFC 1123); set NODENAME')
+    return name
+
+
+def wait_for_datastore(store: Datastore, timeout: float | None, sleep: Callable[[float], None]) -> None:
+    """Retry a read until the datastore answers (forever unless `timeout`), like calico-node."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            store.get(_PROBE_KEY)
+            return
+        except NotFound:
+            return
+        except Unavailable as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StartupError(f"datastore still unavailable after {timeout:g}s: {exc}") from exc
+            log.info("waiting for datastore error=%s", str(exc).splitlines()[0] if str(exc) else "unavailable")
+            sleep(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------------------------
+
+
+def _stored_address(node: dict[str, Any] | None, field: str) -> IPInterface | None:
+    text = ((node or {}).get("spec") or {}).get("bgp", {}).get(field)
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        log.warning("ignoring invalid stored node address field=%s value=%s", field, text)
+        return None
+
+
+def _with_interface_prefix(addr: IPInterface, has_prefix: bool, ifaces: Sequence[Interface], var: str) -> IPInterface:
+    found = addresses.find_interface_address(ifaces, addr.ip)
+    if found is None:
+        # calico-node only warns: the address may be configured later (e.g. a VIP), and the user said so.
+        log.warning("address not found on any local interface variable=%s address=%s", var, addr)
+        return addr
+    iface, local = found
+    if has_prefix:
+        return addr
+    log.info("using interface prefix variable=%s interface=%s address=%s", var, iface.name, local)
+    return local
+
+
+def _resolve_one(
+    version: int, config: Config, node: dict[str, Any] | None, detect: DetectFn, interfaces: InterfacesFn,
+) -> IPInterface | None:
+    if version == 4:
+        setting, method, var, field = config.node.ip, config.node.ip_autodetection_method, "IP", "ipv4Address"
+    else:
+        setting, method, var, field = config.node.ip6, config.node.ip6_autodetection_method, "IP6", "ipv6Address"
+    if setting.mode == "none":
+        return None
+    if setting.mode == "explicit":
+        assert setting.address is not None
+        return _with_interface_prefix(setting.address, setting.has_prefix, interfaces(), var)
+    if setting.mode == "unset":
+        stored = _stored_address(node, field)
+        if stored is not None:
+            if addresses.find_interface_address(interfaces(), stored.ip) is None:
+                log.warning("stored node address is not on any local interface field=%s address=%s", field, stored)
+            return stored
+        if version == 6:
+            return None  # IPv6 is only detected when IP6=autodetect
+    try:
+        found = detect(method, version)
+    except AutodetectError:
+        if version == 4 and config.node.networking_backend == "none":
+            log.warning("no IPv4 address detected; continuing because CALICO_NETWORKING_BACKEND=none")
+            return None
+        raise
+    if found.version != version:
+        raise StartupError(f"{var}: autodetection returned {found}, not an IPv{version} address")
+    return found
+
+
+def _resolve_addresses(
+    config: Config, node: dict[str, Any] | None, detect: DetectFn, interfaces: InterfacesFn,
+) -> tuple[IPInterface | None, IPInterface | None]:
+    ipv4 = _resolve_one(4, config, node, detect, interfaces)
+    ipv6 = _resolve_one(6, config, node, detect, interfaces)
+    if ipv4 is None and ipv6 is None and config.node.networking_backend != "none":
+        raise StartupError(
+            f"no IPv4 or IPv6 address configured or detected (IP={config.raw.get('IP', '')!r}); "
+            "set IP, IP_AUTODETECTION_METHOD or IP6, or CALICO_NETWORKING_BACKEND=none")
+    return ipv4, ipv6
+
+
+def _check_duplicate_ip(
+    store: Datastore, config: Config, name: str, ipv4: IPInterface, existing: Any,
+) -> None:
+    nodes, _ = store.list(keys.resource_prefix("nodes"))
+    for kv in nodes:
+        other = kv.value or {}
+        other_name = (other.get("metadata") or {}).get("name", keys.parse_key(kv.key).name)
+        if other_name == name:
+            continue
+        other_ip = _stored_address(other, "ipv4Address")
+        if other_ip is None or other_ip.ip != ipv4.ip:
+            continue
+        stored = _stored_address(existing.value if existing else None, "ipv4Address")
+        if existing is not None and stored is not None and stored.ip == ipv4.ip and config.node.ip.mode != "explicit":
+            # Clear our stale copy so the next start detects afresh instead of keeping the clash.
+            _clear_ipv4(store, keys.resource_key("nodes", name))
+        raise StartupError(
+            f'IPv4 address {ipv4.ip} is already used by node "{other_name}"; choose another with IP or '
+            "IP_AUTODETECTION_METHOD, or set DISABLE_NODE_IP_CHECK=true")
+
+
+def _clear_ipv4(store: Datastore, key: str) -> None:
+    for _ in range(CAS_RETRIES):
+        kv = _get(store, key)
+        if kv is None:
+            return
+        node = copy.deepcopy(kv.value)
+        bgp = (node.get("spec") or {}).get("bgp") or {}
+        if "ipv4Address" not in bgp:
+            return
+        del bgp["ipv4Address"]
+        try:
+            store.update(key, node, kv.revision)
+            log.warning("cleared conflicting ipv4Address from node key=%s", key)
+            return
+        except (Conflict, NotFound):
+            continue
+
+
+# --------------------------------------------------------------------------------------------
+# Node resource
+# --------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _new_resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": {"name": name, "uid": str(uuid.uuid4()), "creationTimestamp": _now()},
+        "spec": spec,
+    }
+
+
+def build_node(
+    existing: dict[str, Any] | None, name: str, ipv4: IPInterface | None, ipv6: IPInterface | None,
+    as_number: int | None,
+) -> dict[str, Any]:
+    """The Node to store: `existing` with our addresses and AS, everything else kept."""
+    node = copy.deepcopy(existing) if existing else _new_resource("Node", name, {})
+    metadata = node.setdefault("metadata", {})
+    metadata["name"] = name
+    labels = metadata.get("labels") or {}
+    labels.setdefault(HOSTNAME_LABEL, name)
+    metadata["labels"] = labels
+    spec = node.get("spec") or {}
+    node["spec"] = spec
+    bgp = dict(spec.get("bgp") or {})
+    for field, addr in (("ipv4Address", ipv4), ("ipv6Address", ipv6)):
+        if addr is None:
+            bgp.pop(field, None)
+        else:
+            bgp[field] = str(addr)
+    if as_number is not None:
+        bgp["asNumber"] = as_number
+    if bgp:
+        spec["bgp"] = bgp
+    else:
+        spec.pop("bgp", None)
+    return resources.validate(node)
+
+
+def _write_node(
+    store: Datastore, key: str, name: str, ipv4: IPInterface | None, ipv6: IPInterface | None, config: Config,
+) -> dict[str, Any]:
+    for _ in range(CAS_RETRIES):
+        kv = _get(store, key)
+        desired = build_node(kv.value if kv else None, name, ipv4, ipv6, config.node.as_number)
+        try:
+            if kv is None:
+                return dict(store.create(key, desired).value)
+            if desired == kv.value:
+                return dict(kv.value)
+            return dict(store.update(key, desired, kv.revision).value)
+        except (AlreadyExists, Conflict, NotFound):
+            log.info("node write raced, retrying key=%s", key)
+    raise StartupError(f'could not write Node "{name}": it kept changing under {CAS_RETRIES} attempts')
+
+
+def _get(store: Datastore, key: str) -> Any:
+    try:
+        return store.get(key)
+    except NotFound:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Default pool and default configuration
+# --------------------------------------------------------------------------------------------
+
+
+def default_ipv4_cidr(ifaces: Sequence[Interface]) -> ipaddress.IPv4Network:
+    """192.168.0.0/16 unless a host network overlaps it, then the first free 172.16-31.0.0/16."""
+    host_nets = [a.network for i in ifaces for a in i.addresses if a.version == 4]
+    candidates = [ipaddress.IPv4Network("192.168.0.0/16")] + [
+        ipaddress.IPv4Network(f"172.{n}.0.0/16") for n in range(16, 32)
+    ]
+    for candidate in candidates:
+        if not any(candidate.overlaps(net) for net in host_nets):
+            return candidate
+    log.warning("every default pool CIDR overlaps a host network; using 192.168.0.0/16")
+    return candidates[0]
+
+
+def _pool_cidrs(store: Datastore) -> list[tuple[dict[str, Any], ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    pools, _ = store.list(keys.resource_prefix("ippools"))
+    out = []
+    for kv in pools:
+        try:
+            out.append((kv.value, ipaddress.ip_network(kv.value["spec"]["cidr"], strict=False)))
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring malformed IP pool key=%s", kv.key)
+    return out
+
+
+def ensure_default_ipv4_pool(store: Datastore, config: Config, interfaces: InterfacesFn) -> dict[str, Any] | None:
+    """Create `default-ipv4-ippool` when no IPv4 pool exists; returns the pool created, if any."""
+    existing = [pool for pool, net in _pool_cidrs(store) if net.version == 4]
+    if existing:
+        log.info("IPv4 pool exists, not creating the default pool count=%d", len(existing))
+        return None
+    settings = config.ipv4_pool
+    cidr = settings.cidr or default_ipv4_cidr(interfaces())
+    pool = resources.validate(_new_resource("IPPool", DEFAULT_IPV4_POOL_NAME, {
+        "cidr": str(cidr),
+        "blockSize": settings.block_size,
+        "ipipMode": settings.ipip_mode,
+        "vxlanMode": settings.vxlan_mode,
+        "natOutgoing": settings.nat_outgoing,
+        "nodeSelector": settings.node_selector,
+        "disableBGPExport": settings.disable_bgp_export,
+        "allowedUses": ["Workload", "Tunnel"],
+    }))
+    try:
+        store.create(keys.resource_key("ippools", DEFAULT_IPV4_POOL_NAME), pool)
+    except AlreadyExists:
+        log.info("default pool created concurrently name=%s", DEFAULT_IPV4_POOL_NAME)
+        return None
+    log.info("created default pool name=%s cidr=%s ipip=%s vxlan=%s", DEFAULT_IPV4_POOL_NAME, cidr,
+             settings.ipip_mode, settings.vxlan_mode)
+    return pool
+
+
+def _create_if_missing(store: Datastore, key: str, value: dict[str, Any]) -> None:
+    try:
+        store.create(key, value)
+        log.info("created default key=%s", key)
+    except AlreadyExists:
+        pass
+
+
+def ensure_default_config(store: Datastore, config: Config, name: str) -> None:
+    """calico-node's ensureDefaultConfig, create-only: existing objects are never changed."""
+    defaults: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("felixconfigurations", "default", "FelixConfiguration", {"reportingInterval": "0s", "logSeverityScreen": "Info"}),
+        ("bgpconfigurations", "default", "BGPConfiguration", {}),
+        ("clusterinformations", "default", "ClusterInformation", {
+            "clusterGUID": uuid.uuid4().hex,
+            "clusterType": config.node.cluster_type,
+            "calicoVersion": f"felixpy-{felixpy.__version__}",
+            "datastoreReady": True,
+        }),
+    ]
+    if config.datastore.type != "kubernetes":
+        # Felix's per-node override: pods may reach their own host unless a policy says otherwise.
+        defaults.append(("felixconfigurations", f"node.{name}", "FelixConfiguration",
+                         {"defaultEndpointToHostAction": "Return"}))
+    for plural, res_name, kind, spec in defaults:
+        _create_if_missing(store, keys.resource_key(plural, res_name), resources.validate(_new_resource(kind, res_name, spec)))
+    _create_if_missing(store, keys.IPAM_CONFIG, {"strict_affinity": False, "auto_allocate_blocks": True, "maxBlocksPerHost": 0})
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _pod_mtu(store: Datastore, config: Config, interfaces: InterfacesFn) -> int:
+    host = addresses.pick_host_mtu(interfaces(), config.felix.mtu_iface_pattern)
+    ipip = vxlan = False
+    for pool, net in _pool_cidrs(store):
+        spec = pool.get("spec") or {}
+        if net.version != 4 or spec.get("disabled"):
+            continue
+        ipip = ipip or spec.get("ipipMode", "Never") != "Never"
+        vxlan = vxlan or spec.get("vxlanMode", "Never") != "Never"
+    mtu = addresses.pod_mtu(host, ipip=ipip, vxlan=vxlan, ipip_mtu=config.felix.ipip_mtu, vxlan_mtu=config.felix.vxlan_mtu)
+    log.info("pod mtu host_mtu=%d ipip=%s vxlan=%s mtu=%d", host, ipip, vxlan, mtu)
+    return mtu
+
+
+def _write_file(path: str, content: str) -> None:
+    """Atomic replace, so the CNI plugin never reads a half-written file."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

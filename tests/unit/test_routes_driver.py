@@ -1,0 +1,294 @@
+"""RouteTable against a stateful fake netlink: reconciliation, ownership by proto, drift, failures."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from felixpy import names
+from felixpy.dataplane.drivers.routes import Route, RouteTable
+from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute, NetlinkError
+
+PROTO = names.ROUTE_PROTO
+
+
+class FakeNetlink:
+    """Keeps routes the way the kernel does (keyed by table, dst, metric) and fails on demand."""
+
+    def __init__(self, links: dict[str, int] | None = None) -> None:
+        self.links: dict[str, int] = dict(links or {})
+        self.routes: dict[tuple[int, str, int], KernelRoute] = {}
+        self.fail_next: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    # -- test helpers -------------------------------------------------------------------------
+    def add_link(self, name: str, index: int) -> None:
+        self.links[name] = index
+
+    def remove_link(self, name: str) -> None:
+        index = self.links.pop(name)
+        # The kernel drops every route through a deleted device.
+        self.routes = {k: r for k, r in self.routes.items() if r.ifindex != index}
+
+    def ours(self) -> dict[str, KernelRoute]:
+        return {r.dst: r for r in self.routes.values() if r.proto == PROTO}
+
+    def mutating_calls(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] in ("add_route", "replace_route", "delete_route")]
+
+    def _maybe_fail(self, op: str, target: str) -> None:
+        self.calls.append((op, target))
+        if op in self.fail_next:
+            self.fail_next.discard(op)
+            raise NetlinkError(op, target, errno.EIO, "injected failure")
+
+    def _check_dev(self, route: KernelRoute) -> None:
+        if route.ifindex is not None and route.ifindex not in self.links.values():
+            raise NetlinkError("route", route.dst, errno.ENODEV, "no such device")
+
+    # -- RouteNetlink ---------------------------------------------------------------------------
+    def link_index(self, name: str) -> int | None:
+        self._maybe_fail("link_index", name)
+        return self.links.get(name)
+
+    def list_routes(self, *, proto: int, table: int = 254) -> list[KernelRoute]:
+        self._maybe_fail("list_routes", str(proto))
+        return [r for r in self.routes.values() if r.proto == proto and r.table == table]
+
+    def add_route(self, route: KernelRoute) -> None:
+        self._maybe_fail("add_route", route.dst)
+        self._check_dev(route)
+        key = (route.table, route.dst, route.priority)
+        if key in self.routes:
+            raise NetlinkError("route add", route.dst, errno.EEXIST, "file exists")
+        self.routes[key] = route
+
+    def replace_route(self, route: KernelRoute) -> None:
+        self._maybe_fail("replace_route", route.dst)
+        self._check_dev(route)
+        self.routes[(route.table, route.dst, route.priority)] = route
+
+    def delete_route(self, route: KernelRoute) -> None:
+        self._maybe_fail("delete_route", route.dst)
+        key = (route.table, route.dst, route.priority)
+        found = self.routes.get(key)
+        if found is None or found.proto != route.proto:
+            raise NetlinkError("route del", route.dst, errno.ESRCH, "no such process")
+        del self.routes[key]
+
+
+def kernel_view(nl: FakeNetlink) -> dict[str, tuple[str, str | None, int | None, bool]]:
+    return {dst: (r.type, r.gateway, r.ifindex, r.onlink) for dst, r in nl.ours().items()}
+
+
+BLOCK = Route("10.244.1.0/26", type="blackhole")
+REMOTE = Route("10.244.2.0/26", gateway="192.0.2.12", iface="eth0", onlink=True)
+POD = Route("10.244.1.5/32", iface="cali1234567890a")
+
+
+@pytest.fixture
+def nl() -> FakeNetlink:
+    return FakeNetlink({"lo": 1, "eth0": 2, "cali1234567890a": 7})
+
+
+def test_first_apply_programs_everything_and_second_apply_does_no_io(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK, REMOTE, POD])
+    result = table.apply()
+    assert sorted(result.added) == sorted([BLOCK.dst, REMOTE.dst, POD.dst])
+    assert kernel_view(nl) == {
+        BLOCK.dst: ("blackhole", None, None, False),
+        REMOTE.dst: ("unicast", "192.0.2.12", 2, True),
+        POD.dst: ("unicast", None, 7, False),
+    }
+    assert nl.ours()[POD.dst].scope == SCOPE_LINK
+    nl.calls.clear()
+    table.set_routes([POD, REMOTE, BLOCK])  # same set, other order
+    assert not table.apply().changed
+    assert nl.calls == []
+
+
+def test_incremental_change_touches_only_changed_destinations(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK, REMOTE, POD])
+    table.apply()
+    nl.calls.clear()
+    moved = Route(REMOTE.dst, gateway="192.0.2.13", iface="eth0", onlink=True)
+    table.set_routes([BLOCK, moved])
+    result = table.apply()
+    assert result.replaced == (REMOTE.dst,)
+    assert result.deleted == (POD.dst,)
+    assert sorted(nl.mutating_calls()) == [("delete_route", POD.dst), ("replace_route", REMOTE.dst)]
+    assert kernel_view(nl)[REMOTE.dst][1] == "192.0.2.13"
+
+
+def test_foreign_routes_are_never_touched(nl: FakeNetlink) -> None:
+    foreign = KernelRoute(dst="10.9.0.0/24", gateway="192.0.2.1", ifindex=2, proto=12)
+    clash = KernelRoute(dst=BLOCK.dst, gateway="192.0.2.99", ifindex=2, proto=12)
+    nl.routes[(254, foreign.dst, 0)] = foreign
+    nl.routes[(254, clash.dst, 0)] = clash
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    result = table.apply()
+    assert BLOCK.dst in result.failed and "another proto" in result.failed[BLOCK.dst]
+    assert nl.routes[(254, clash.dst, 0)] == clash
+    table.set_routes([])
+    table.queue_resync()
+    table.apply()
+    assert nl.routes[(254, foreign.dst, 0)] == foreign
+    assert nl.routes[(254, clash.dst, 0)] == clash
+
+
+def test_first_apply_sweeps_our_stale_routes(nl: FakeNetlink) -> None:
+    stale = KernelRoute(dst="10.244.9.0/26", type="blackhole", proto=PROTO)
+    nl.routes[(254, stale.dst, 0)] = stale
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    result = table.apply()
+    assert result.deleted == (stale.dst,)
+    assert set(nl.ours()) == {BLOCK.dst}
+
+
+def test_resync_repairs_drift(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK, REMOTE, POD])
+    table.apply()
+    del nl.routes[(254, POD.dst, 0)]  # someone deleted it by hand
+    nl.routes[(254, REMOTE.dst, 0)] = replace(nl.ours()[REMOTE.dst], gateway="192.0.2.66")
+    assert not table.apply().changed  # without a resync the cache is trusted
+    table.queue_resync()
+    result = table.apply()
+    assert result.added == (POD.dst,) and result.replaced == (REMOTE.dst,)
+    assert kernel_view(nl)[REMOTE.dst][1] == "192.0.2.12"
+
+
+def test_route_waits_for_its_interface(nl: FakeNetlink) -> None:
+    later = Route("10.244.1.9/32", iface="calinotyet00000")
+    table = RouteTable(netlink=nl)
+    table.set_routes([later])
+    assert table.apply().pending == (later.dst,)
+    assert table.apply().pending == (later.dst,)
+    nl.add_link("calinotyet00000", 11)
+    result = table.apply()
+    assert result.added == (later.dst,) and result.pending == ()
+    assert kernel_view(nl)[later.dst] == ("unicast", None, 11, False)
+
+
+def test_recreated_interface_gets_its_route_back_after_resync(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([POD])
+    table.apply()
+    nl.remove_link("cali1234567890a")
+    nl.add_link("cali1234567890a", 12)
+    table.queue_resync()
+    assert table.apply().added == (POD.dst,)
+    assert kernel_view(nl)[POD.dst][2] == 12
+
+
+def test_other_metric_copies_of_ours_are_removed(nl: FakeNetlink) -> None:
+    extra = KernelRoute(dst=BLOCK.dst, type="blackhole", proto=PROTO, priority=50)
+    nl.routes[(254, BLOCK.dst, 50)] = extra
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    assert [k for k in nl.routes] == [(254, BLOCK.dst, 0)]
+
+
+@pytest.mark.parametrize(
+    "op", ["add_route", "replace_route", "delete_route", "link_index", "list_routes"]
+)
+def test_failures_are_reported_and_repaired_on_the_next_apply(nl: FakeNetlink, op: str) -> None:
+    stale = KernelRoute(dst="10.244.9.0/26", type="blackhole", proto=PROTO)
+    wrong = KernelRoute(dst=REMOTE.dst, gateway="192.0.2.66", ifindex=2, proto=PROTO)
+    nl.routes[(254, stale.dst, 0)] = stale
+    nl.routes[(254, wrong.dst, 0)] = wrong
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK, REMOTE, POD])
+    nl.fail_next.add(op)
+    first = table.apply()
+    assert first.failed, f"injected {op} failure not reported"
+    assert all("injected failure" in msg for msg in first.failed.values())
+    nl.calls.clear()
+    second = table.apply()
+    assert not second.failed
+    assert ("list_routes", str(PROTO)) in nl.calls  # re-read after an error
+    assert kernel_view(nl) == {
+        BLOCK.dst: ("blackhole", None, None, False),
+        REMOTE.dst: ("unicast", "192.0.2.12", 2, True),
+        POD.dst: ("unicast", None, 7, False),
+    }
+
+
+def test_deleting_an_already_gone_route_is_fine(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([POD])
+    table.apply()
+    nl.remove_link("cali1234567890a")  # the pod went away: the kernel dropped its route
+    table.set_routes([])
+    result = table.apply()
+    assert result.deleted == (POD.dst,) and not result.failed
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dst": "10.0.0.0/24"},
+        {"dst": "10.0.0.0/24", "type": "blackhole", "iface": "eth0"},
+        {"dst": "10.0.0.0/24", "gateway": "192.0.2.1", "onlink": True},
+        {"dst": "10.0.0.0/33", "iface": "eth0"},
+        {"dst": "10.0.0.0/24", "type": "multicast", "iface": "eth0"},
+    ],
+)
+def test_invalid_routes_are_rejected(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Route(**kwargs)  # type: ignore[arg-type]
+
+
+def test_dst_is_normalised_and_conflicting_duplicates_rejected(nl: FakeNetlink) -> None:
+    assert Route("10.0.0.7/24", iface="eth0").dst == "10.0.0.0/24"
+    table = RouteTable(netlink=nl)
+    with pytest.raises(ValueError, match="two desired routes"):
+        table.set_routes([Route("10.0.0.0/24", iface="eth0"), Route("10.0.0.0/24", type="blackhole")])
+
+
+_targets = st.sampled_from(
+    [
+        {"type": "blackhole"},
+        {"gateway": "192.0.2.12", "iface": "eth0", "onlink": True},
+        {"gateway": "192.0.2.13", "iface": "eth0", "onlink": True},
+        {"iface": "cali1234567890a"},
+        {"gateway": "192.0.2.1"},
+    ]
+)
+_desired_sets = st.dictionaries(
+    st.sampled_from([f"10.244.{i}.0/26" for i in range(6)]), _targets, max_size=6
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    states=st.lists(_desired_sets, min_size=1, max_size=5),
+    failures=st.lists(st.sampled_from(["add_route", "replace_route", "delete_route", ""]), max_size=5),
+)
+def test_converges_to_any_sequence_of_desired_sets(
+    states: list[dict[str, dict[str, object]]], failures: list[str]
+) -> None:
+    nl = FakeNetlink({"eth0": 2, "cali1234567890a": 7})
+    table = RouteTable(netlink=nl)
+    for i, state in enumerate(states):
+        routes = [Route(dst, **kw) for dst, kw in state.items()]  # type: ignore[arg-type]
+        table.set_routes(routes)
+        if i < len(failures) and failures[i]:
+            nl.fail_next.add(failures[i])
+        table.apply()
+        table.apply()  # any injected failure is repaired by the next apply
+        assert set(nl.ours()) == set(state)
+        for route in routes:
+            got = nl.ours()[route.dst]
+            assert got.type == route.type and got.gateway == route.gateway
+            if route.iface:
+                assert got.ifindex == nl.links[route.iface]
