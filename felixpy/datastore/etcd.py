@@ -49,7 +49,7 @@ REQUEST_TIMEOUT = 5.0
 
 def parse_endpoint(url: str) -> tuple[str, int, bool]:
     """`http(s)://host:port` → (host, port, tls)."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"etcd endpoint {url!r}: expected http(s)://host:port")
     return parts.hostname, parts.port or 2379, parts.scheme == "https"

@@ -1,0 +1,350 @@
+"""felixctl: calicoctl's resource commands (get, create, apply, replace, delete, patch, label),
+`version` and `ipam`, working directly on the datastore named by DATASTORE_TYPE / ETCD_ENDPOINTS.
+
+Every write command is all-or-nothing: the whole input is parsed and validated, and every
+precondition checked, before the first write (see felixpy.model.store). User errors print one
+line, `felixctl: error: ...`, and exit 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+import felixpy
+from felixpy.ctl import output
+from felixpy.datastore.api import Datastore, DatastoreError
+from felixpy.model import resources as r
+from felixpy.model import store as ms
+from felixpy.model.resources import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints it as one line."""
+
+
+# -- reading -f FILE ---------------------------------------------------------------------------------
+
+
+def read_documents(path: str, namespace: str | None = None) -> list[ms.Document]:
+    """Every resource in a YAML (multi-document) or JSON file, `-` meaning stdin; List kinds are
+    expanded. A namespace given with -n fills in namespaced resources that do not name one."""
+    source = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise UserError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        docs = ms.parse_documents(text, source)
+    except ms.ApplyError as e:
+        raise UserError(str(e)) from None
+    if not docs:
+        raise UserError(f"{source}: no resources found")
+    if namespace:
+        for doc in docs:
+            obj = doc.obj
+            if isinstance(obj, dict) and obj.get("kind") in r.KINDS and r.KINDS[obj["kind"]].namespaced:
+                meta = obj.setdefault("metadata", {})
+                if isinstance(meta, dict) and not meta.get("namespace"):
+                    meta["namespace"] = namespace
+    return docs
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+def _kind(name: str) -> r.Kind:
+    try:
+        return r.lookup_kind(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _namespace_for(kind: r.Kind, args: argparse.Namespace) -> str | None:
+    if not kind.namespaced:
+        return None
+    return args.namespace or r.DEFAULT_NAMESPACE
+
+
+def cmd_get(args: argparse.Namespace, store: Datastore) -> int:
+    kind = _kind(args.kind)
+    default_as = output.DEFAULT_AS_NUMBER
+    if kind.kind == "Node" and args.output == "wide":
+        bgp = ms.read_resource(store, "BGPConfiguration", "default")
+        if bgp is not None and isinstance(bgp.get("spec", {}).get("asNumber"), int):
+            default_as = bgp["spec"]["asNumber"]
+    if args.names:
+        items: list[dict[str, Any]] = []
+        namespace = _namespace_for(kind, args)
+        for name in args.names:
+            res = ms.read_resource(store, kind.kind, name, namespace)
+            if res is None:
+                where = f' in namespace "{namespace}"' if namespace else ""
+                raise UserError(f'{kind.kind} "{name}" does not exist{where}')
+            items.append(res)
+        revision = max(int(i["metadata"]["resourceVersion"]) for i in items)
+    else:
+        namespace = None if args.all_namespaces else _namespace_for(kind, args)
+        items, revision = ms.list_resources(store, kind.kind, namespace)
+    text = output.render(kind.kind, items, args.output, single=len(args.names) == 1,
+                         revision=revision, default_as=default_as)
+    sys.stdout.write(text)
+    return 0
+
+
+_PAST = {"create": "created", "apply": "applied", "replace": "replaced", "delete": "deleted"}
+
+
+def _report(summary: ms.ApplySummary) -> None:
+    done = summary.count("created", "updated", "deleted")
+    skipped = summary.count("skipped")
+    kinds = summary.kinds
+    what = f"'{kinds[0]}' resource(s)" if len(kinds) == 1 else "resource(s)"
+    line = f"Successfully {_PAST[summary.mode]} {done} {what}"
+    if skipped:
+        reason = "already exist" if summary.mode == "create" else "did not exist"
+        line += f" ({skipped} skipped: {reason})"
+    print(line)
+
+
+def cmd_write(args: argparse.Namespace, store: Datastore) -> int:
+    mode = args.command
+    if mode == "delete" and not args.filename:
+        if not args.kind or not args.names:
+            raise UserError("delete needs -f FILE or KIND NAME...")
+        kind = _kind(args.kind)
+        namespace = _namespace_for(kind, args)
+        docs = [
+            ms.Document(f"{kind.kind} {name}", {"kind": kind.kind, "metadata": {"name": name, "namespace": namespace}})
+            for name in args.names
+        ]
+    else:
+        if mode == "delete" and (args.kind or args.names):
+            raise UserError("delete takes either -f FILE or KIND NAME..., not both")
+        docs = read_documents(args.filename, args.namespace)
+    summary = ms.apply_resources(
+        store, docs, mode,
+        skip_exists=getattr(args, "skip_exists", False),
+        skip_not_exists=getattr(args, "skip_not_exists", False),
+    )
+    _report(summary)
+    return 0
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _read_existing(store: Datastore, kind: r.Kind, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    namespace = _namespace_for(kind, args)
+    res = ms.read_resource(store, kind.kind, name, namespace)
+    if res is None:
+        where = f' in namespace "{namespace}"' if namespace else ""
+        raise UserError(f'{kind.kind} "{name}" does not exist{where}')
+    return res
+
+
+def cmd_patch(args: argparse.Namespace, store: Datastore) -> int:
+    kind = _kind(args.kind)
+    try:
+        patch = json.loads(args.patch)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--patch: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(patch, dict):
+        raise UserError("--patch: expected a JSON object")
+    current = _read_existing(store, kind, args.name, args)
+    patched = merge_patch(current, patch)
+    # The identity and the revision read are not the patch's to change: the write is a CAS on it.
+    patched["kind"] = kind.kind
+    patched["metadata"] = dict(patched.get("metadata") or {})
+    for field in ("name", "namespace", "resourceVersion"):
+        if field in current["metadata"]:
+            patched["metadata"][field] = current["metadata"][field]
+    ms.apply_resources(store, [ms.Document("patch", patched)], "replace")
+    print(f"Successfully patched 1 '{kind.kind}' resource")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, store: Datastore) -> int:
+    kind = _kind(args.kind)
+    current = _read_existing(store, kind, args.name, args)
+    labels = dict(current["metadata"].get("labels") or {})
+    if args.remove:
+        if "=" in args.label:
+            raise UserError("--remove takes a label key, not key=value")
+        if args.label not in labels:
+            raise UserError(f'{kind.kind} "{args.name}" has no label "{args.label}"')
+        del labels[args.label]
+        message = f"Successfully removed label {args.label} from {kind.kind} {args.name}"
+    else:
+        key, eq, value = args.label.partition("=")
+        if not eq or not key:
+            raise UserError(f'label "{args.label}": expected key=value')
+        if key in labels and labels[key] != value and not args.overwrite:
+            raise UserError(
+                f'{kind.kind} "{args.name}" already has label {key}={labels[key]}; use --overwrite to change it'
+            )
+        labels[key] = value
+        message = f"Successfully set label {key} on {kind.kind} {args.name}"
+    current["metadata"]["labels"] = labels
+    ms.apply_resources(store, [ms.Document("label", current)], "replace")
+    print(message)
+    return 0
+
+
+def cmd_version(args: argparse.Namespace, store: Datastore | None) -> int:
+    print(f"Client Version:    v{felixpy.__version__}")
+    if store is None:
+        return 0
+    info = ms.read_resource(store, "ClusterInformation", "default")
+    spec = info.get("spec", {}) if info is not None else {}
+    print(f"Cluster Version:   {spec.get('calicoVersion') or 'unknown (no ClusterInformation default)'}")
+    print(f"Cluster Type:      {spec.get('clusterType') or 'unknown'}")
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------------------------------
+
+
+def _add_namespace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", help="namespace for namespaced resources (default: default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="felixctl",
+        description="Manage felixpy (projectcalico.org/v3) resources in the datastore "
+        "named by DATASTORE_TYPE / ETCD_ENDPOINTS.",
+    )
+    parser.add_argument("-l", "--log-level", default="warning",
+                        choices=("debug", "info", "warning", "error"), help="log level (default: warning)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    kinds = ", ".join(sorted(k.aliases[0] for k in r.KINDS.values()))
+
+    get = sub.add_parser("get", help="show resources", description=f"Kinds: {kinds}.")
+    get.add_argument("kind", metavar="KIND")
+    get.add_argument("names", metavar="NAME", nargs="*")
+    get.add_argument("-o", "--output", default="ps", choices=output.FORMATS)
+    _add_namespace(get)
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+
+    for verb, text in (("create", "create resources from a file"), ("apply", "create or update resources"),
+                       ("replace", "update existing resources")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("-f", "--filename", required=True, metavar="FILE", help="YAML or JSON file, - for stdin")
+        _add_namespace(p)
+        if verb == "create":
+            p.add_argument("--skip-exists", action="store_true", help="skip resources that already exist")
+
+    delete = sub.add_parser("delete", help="delete resources (-f FILE or KIND NAME...)")
+    delete.add_argument("kind", metavar="KIND", nargs="?")
+    delete.add_argument("names", metavar="NAME", nargs="*")
+    delete.add_argument("-f", "--filename", metavar="FILE")
+    delete.add_argument("-s", "--skip-not-exists", action="store_true", help="skip resources that do not exist")
+    _add_namespace(delete)
+
+    patch = sub.add_parser("patch", help="merge a JSON patch into a resource")
+    patch.add_argument("kind", metavar="KIND")
+    patch.add_argument("name", metavar="NAME")
+    patch.add_argument("-p", "--patch", required=True, metavar="JSON")
+    _add_namespace(patch)
+
+    label = sub.add_parser("label", help="set or remove a label")
+    label.add_argument("kind", metavar="KIND")
+    label.add_argument("name", metavar="NAME")
+    label.add_argument("label", metavar="KEY=VALUE|KEY")
+    label.add_argument("--remove", action="store_true", help="remove the label KEY")
+    label.add_argument("--overwrite", action="store_true", help="replace an existing value")
+    _add_namespace(label)
+
+    version = sub.add_parser("version", help="show client and cluster versions")
+    version.add_argument("--client", action="store_true", help="client version only (no datastore)")
+
+    from felixpy.ctl import ipam_cmd  # imported here: it pulls in the IPAM allocator
+
+    ipam_cmd.add_parser(sub)
+    return parser
+
+
+_COMMANDS = {
+    "get": cmd_get,
+    "create": cmd_write,
+    "apply": cmd_write,
+    "replace": cmd_write,
+    "delete": cmd_write,
+    "patch": cmd_patch,
+    "label": cmd_label,
+}
+
+
+def _open_store() -> Datastore:
+    from felixpy.datastore.factory import open_datastore
+
+    try:
+        return open_datastore(os.environ)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "version" and args.client:
+        return cmd_version(args, None)
+    store = _open_store()
+    try:
+        if args.command == "version":
+            return cmd_version(args, store)
+        if args.command == "ipam":
+            from felixpy.ctl import ipam_cmd
+
+            return ipam_cmd.run(args, store)
+        return _COMMANDS[args.command](args, store)
+    finally:
+        store.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except (UserError, ms.ApplyError, ValidationError) as e:
+        print(f"felixctl: error: {_first_line(e)}", file=sys.stderr)
+        code = 1
+    except DatastoreError as e:
+        print(f"felixctl: error: datastore: {_first_line(e)}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
