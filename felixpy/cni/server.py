@@ -381,7 +381,10 @@ class CNIServer:
                 except Exception as err:  # never kill the server thread; the caller gets an answer
                     log.exception("cni request crashed")
                     reply = {"error": {"code": IO_FAILURE, "msg": "internal error", "details": str(err)}}
-                self.wfile.write(json.dumps(reply).encode())
+                try:
+                    self.wfile.write(json.dumps(reply).encode())
+                except OSError as err:  # the client went away (a readiness probe, a killed plugin)
+                    log.debug("cni reply not delivered: %s", err)
 
         old_umask = os.umask(0o077)
         try:

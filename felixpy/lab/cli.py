@@ -1,0 +1,605 @@
+"""felixpy-lab: a whole felixpy cluster on one machine (nodes and pods are network namespaces).
+
+See docs/lab.md. The command line and the `status -o json` / `matrix -o json` shapes are a stable
+interface (design.md §3.1); change them only additively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from felixpy.datastore.api import DatastoreError, Unavailable
+from felixpy.lab import pods, procs, state, topology
+from felixpy.lab.state import LabState, NodeState, PodState
+from felixpy.lab.topology import LabUsageError
+
+log = logging.getLogger(__name__)
+
+PROG = "felixpy-lab"
+AGENT_READY_TIMEOUT = 60.0
+ETCD_READY_TIMEOUT = 20.0
+
+# What `up` cannot do yet, and when it will: one line, nothing created.
+NOT_YET = {
+    "bgp": "--mode bgp arrives with BGP support (issue #3)",
+    "vxlan": "--mode vxlan arrives with VXLAN support (issue #3)",
+    "ipip": "--mode ipip arrives with IPIP support (issue #3)",
+}
+
+
+class LabExit(Exception):
+    """Stop with this exit code after printing the message (if any) as one line."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# --- up / down / status -------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    lab = args.name
+    if args.mode in NOT_YET:
+        raise LabExit(2, NOT_YET[args.mode])
+    if args.cross_subnet:
+        raise LabExit(2, "--cross-subnet arrives with VXLAN and IPIP support (issue #3)")
+    if args.route_reflectors > 0:
+        raise LabExit(2, "--route-reflectors arrives with BGP support (issue #3)")
+    if not 1 <= args.nodes <= topology.MAX_NODES:
+        raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
+    pool = topology.check_pool(args.pool, args.block_size)
+    if os.path.isdir(topology.run_dir(lab)) or topology.fabric_netns(lab) in procs.netns_list():
+        raise LabUsageError(f"lab {lab} already exists (felixpy-lab status --name {lab}; "
+                            f"felixpy-lab down --name {lab})")
+    started = time.monotonic()
+    with state.locked(lab, create=True):
+        st = LabState(name=lab, mode=args.mode, pool=pool, block_size=args.block_size)
+        st.remember_netns(topology.fabric_netns(lab))
+        for node_name in topology.node_names(args.nodes):
+            ns = topology.node_netns(lab, node_name)
+            st.nodes.append(NodeState(name=node_name, ip=topology.node_ip(node_name), netns=ns))
+            st.remember_netns(ns)
+        state.save(st)  # before anything exists, so that `down` can always clean up
+        say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}")
+
+        procs.build_fabric(lab)
+        st.etcd_pid = procs.start_etcd(lab)
+        state.save(st)
+        say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
+            f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
+        for node in st.nodes:
+            procs.build_node(lab, node.name)
+        procs.enter_netns(topology.fabric_netns(lab))
+        if not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
+            raise LabExit(1, f"etcd did not answer within {ETCD_READY_TIMEOUT:g} s; see "
+                             f"{topology.run_dir(lab)}/etcd.log (felixpy-lab down --name {lab} cleans up)")
+        for node in st.nodes:
+            node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size)
+            state.save(st)
+            say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}")
+        for node in st.nodes:
+            problem = procs.wait_agent(lab, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+            if problem:
+                tail = procs.log_tail(f"{topology.node_dir(lab, node.name)}/agent.log", 1)
+                raise LabExit(1, f"{problem}{': ' + tail[0].strip() if tail else ''} "
+                                 f"(felixpy-lab down --name {lab} cleans up)")
+            say(f"  {node.name}: agent ready")
+        st.phase = "up"
+        state.save(st)
+    say(f"lab {lab} is up in {time.monotonic() - started:.1f} s. Next: felixpy-lab ns add demo --name {lab}; "
+        f"felixpy-lab pod add demo/a --node n1 --serve tcp:80 --name {lab}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    lab = args.name
+    recorded: list[str] = []
+    if os.path.isdir(topology.run_dir(lab)):
+        try:
+            recorded = state.load(lab).netns
+        except LabUsageError:
+            pass  # half-built or unreadable: the fixed names and the process marks still find it
+    killed, removed = procs.teardown(lab, recorded)
+    existed = os.path.isdir(topology.run_dir(lab))
+    if existed:
+        shutil.rmtree(topology.run_dir(lab), ignore_errors=True)
+    if not existed and not killed and not removed:
+        say(f"lab {lab} is not up; nothing to do")
+    else:
+        say(f"lab {lab} is down ({killed} processes stopped, {removed} namespaces deleted)")
+    return 0
+
+
+def _status_data(st: LabState) -> dict[str, Any]:
+    store = pods.open_datastore(st.name)
+    try:
+        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": False,
+                  "blocks": pods.status_blocks(store, n.name), "bgp": [],
+                  "netns": n.netns, "agent": "running" if procs.alive(n.agent_pid) else "stopped"}
+                 for n in st.nodes]
+    finally:
+        store.close()
+    pod_list = [{"namespace": p.namespace, "name": p.name, "node": p.node, "labels": dict(p.labels),
+                 "ips": list(p.ips), "netns": p.netns, "serve": list(p.serve)}
+                for p in pods.all_pods(st)]
+    return {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
+            "etcd": topology.ETCD_ENDPOINT, "nodes": nodes, "pods": pod_list}
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def _serve_text(serve: list[str]) -> str:
+    """`tcp:80` for ports with their default name, `web=tcp:8080` for named ones."""
+    shown = []
+    for entry in serve:
+        name, _, spec = entry.partition("=")
+        proto, _, port = spec.partition(":")
+        shown.append(spec if name == f"serve-{port}-{proto}" else entry)
+    return ",".join(shown) or "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = state.load(args.name)
+    data = _status_data(st)
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), etcd {data['etcd']}"
+        + ("" if st.phase == "up" else f", {st.phase}"))
+    rows = [["NODE", "IP", "AGENT", "BLOCKS"]]
+    rows += [[n["name"], n["ip"], n["agent"], ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
+    for line in _table(rows):
+        say(line)
+    say("")
+    if not data["pods"]:
+        say("no pods (felixpy-lab pod add NS/POD --node n1)")
+        return 0
+    rows = [["POD", "NODE", "IP", "LABELS", "SERVES"]]
+    rows += [[f"{p['namespace']}/{p['name']}", p["node"], ",".join(p["ips"]) or "-",
+              _labels_text(p["labels"]), _serve_text(p["serve"])] for p in data["pods"]]
+    for line in _table(rows):
+        say(line)
+    return 0
+
+
+# --- namespaces, pods, labels -------------------------------------------------------------------
+
+def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None) -> bool:
+    """Record the namespace and write its profile; True when it was new."""
+    new = namespace not in st.namespaces
+    if labels is None:
+        if not new:
+            return False
+        labels = {}
+    st.namespaces[namespace] = pods.namespace_labels(namespace, labels)
+    store = pods.open_datastore(st.name)
+    try:
+        pods.write_profile(store, namespace, st.namespaces[namespace])
+    finally:
+        store.close()
+    state.save(st)
+    return new
+
+
+def cmd_ns_add(args: argparse.Namespace) -> int:
+    namespace = topology.check_k8s_name("namespace", args.namespace)
+    labels = topology.parse_labels(args.labels)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        new = _ensure_namespace(st, namespace, labels)
+    say(f"namespace {namespace} {'created' if new else 'updated'}: {_labels_text(st.namespaces[namespace])}")
+    return 0
+
+
+def cmd_pod_add(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.pod)
+    labels = topology.parse_labels(args.labels)
+    served = topology.parse_serve(args.serve)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        node = st.node(args.node)
+        if st.find_pod(ref.namespace, ref.name):
+            raise LabUsageError(f"pod {ref} already exists")
+        if _ensure_namespace(st, ref.namespace, None):
+            say(f"namespace {ref.namespace} created")
+        pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
+                       netns=topology.pod_netns(st.name, ref.namespace, ref.name),
+                       container_id=secrets.token_hex(32), labels=labels,
+                       serve=[f"{p.name}={p.spec()}" for p in served])
+        if pod.netns in procs.netns_list():
+            raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
+        st.pods.append(pod)
+        st.remember_netns(pod.netns)
+        state.save(st)
+        try:
+            procs.netns_add(pod.netns)
+            result = pods.run_cni(st.name, "ADD", pod)
+        except Exception:
+            _forget_pod(st, pod)
+            raise
+        pod.ips = pods.result_ips(result)
+        state.save(st)
+        store = pods.open_datastore(st.name)
+        try:
+            pods.sync_workload_endpoint(store, pod)
+        finally:
+            store.close()
+        if served:
+            pod.server_pid = pods.start_server(st.name, pod)
+            state.save(st)
+    say(f"pod {ref} on {node.name}: {', '.join(pod.ips) or 'no IP'}"
+        + (f", serving {','.join(p.spec() for p in served)}" if served else ""))
+    return 0
+
+
+def _forget_pod(st: LabState, pod: PodState) -> None:
+    """Undo a pod add that failed half-way; its IP (if any) is the agent's to release on DEL."""
+    try:
+        pods.run_cni(st.name, "DEL", pod, timeout=20)
+    except Exception as e:  # the ADD already failed; DEL is best effort
+        log.debug("cleanup DEL failed pod=%s err=%s", pod.ref, e)
+    procs.netns_del(pod.netns)
+    st.pods.remove(pod)
+    st.netns.remove(pod.netns)
+    state.save(st)
+
+
+def cmd_pod_del(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.pod)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        pod = st.pod(ref.namespace, ref.name)
+        pods.run_cni(st.name, "DEL", pod)
+        pids = procs.netns_pids(pod.netns) if pod.netns in procs.netns_list() else set()
+        procs.stop_pids(pids)
+        procs.netns_del(pod.netns)
+        st.pods.remove(pod)
+        if pod.netns in st.netns:
+            st.netns.remove(pod.netns)
+        state.save(st)
+    say(f"pod {ref} deleted")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if args.kind == "ns":
+            namespace = topology.check_k8s_name("namespace", args.target)
+            if namespace not in st.namespaces:
+                raise LabUsageError(f"namespace {namespace} is not in lab {st.name} (felixpy-lab ns add)")
+            labels = topology.apply_label_changes(st.namespaces[namespace], args.changes)
+            _ensure_namespace(st, namespace, labels)
+            say(f"namespace {namespace} labelled: {_labels_text(st.namespaces[namespace])}")
+            return 0
+        ref = topology.parse_pod_ref(args.target)
+        pod = st.pod(ref.namespace, ref.name)
+        pod.labels = topology.apply_label_changes(pod.labels, args.changes)
+        store = pods.open_datastore(st.name)
+        try:
+            pods.sync_workload_endpoint(store, pod)
+        finally:
+            store.close()
+        state.save(st)
+    say(f"pod {ref} labelled: {_labels_text(pod.labels)}")
+    return 0
+
+
+# --- apply / delete -----------------------------------------------------------------------------
+
+def cmd_apply(args: argparse.Namespace, delete: bool = False) -> int:
+    """Validate and write (or delete) resources with felixctl's library: all or nothing."""
+    from felixpy.ctl.main import UserError, read_documents
+    from felixpy.model.store import ApplyError, apply_resources
+
+    try:
+        docs = read_documents(args.filename)
+    except UserError as e:
+        raise LabUsageError(str(e)) from None
+    for doc in docs:
+        obj = doc.obj if isinstance(doc.obj, dict) else {}
+        if obj.get("kind") == "NetworkPolicy" and str(obj.get("apiVersion", "")).startswith("networking.k8s.io/"):
+            raise LabUsageError(
+                f"{doc.source}: Kubernetes NetworkPolicy (networking.k8s.io/v1) arrives with "
+                "NetworkPolicy support; this release applies projectcalico.org/v3 resources")
+    st = state.load(args.name)
+    mode = "delete" if delete else "apply"
+    store = pods.open_datastore(st.name)
+    try:
+        summary = apply_resources(store, docs, mode)
+    except ApplyError as e:
+        raise LabUsageError(str(e)) from None
+    finally:
+        store.close()
+    for o in summary.outcomes:
+        where = f"{o.namespace}/" if o.namespace else ""
+        say(f"{o.kind} {where}{o.name} {o.action}")
+    return 0
+
+
+# --- probe / matrix -----------------------------------------------------------------------------
+
+def _targets(proto: str, port: int | None, pod: PodState) -> str | None:
+    if not pod.ips:
+        return None
+    return f"icmp:{pod.ips[0]}" if proto == "icmp" else f"{proto}:{pod.ips[0]}:{port}"
+
+
+def _start_probe(lab: str, src: PodState, targets: list[str], timeout: float) -> subprocess.Popen[str]:
+    argv = ["ip", "netns", "exec", src.netns, sys.executable, "-m", "felixpy.lab.probe",
+            "--lab", lab, "--timeout", f"{timeout:g}", *targets]
+    return subprocess.Popen(argv, env={**procs.base_env(), procs.LAB_ENV: lab},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_probe(proc: subprocess.Popen[str], src: PodState, count: int, timeout: float) -> list[bool]:
+    try:
+        out, err = proc.communicate(timeout=timeout + 15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise LabUsageError(f"probe from {src.ref} did not finish") from None
+    try:
+        result = json.loads(out)
+    except ValueError:
+        raise LabUsageError(f"probe from {src.ref} failed: {(err or out).strip()[-200:]}") from None
+    if not isinstance(result, list) or len(result) != count:
+        raise LabUsageError(f"probe from {src.ref}: unexpected answer {out.strip()[:200]}")
+    return [bool(r) for r in result]
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    src_ref, dst_ref = topology.parse_pod_ref(args.src), topology.parse_pod_ref(args.dst)
+    st = state.load(args.name)
+    src, dst = st.pod(src_ref.namespace, src_ref.name), st.pod(dst_ref.namespace, dst_ref.name)
+    proto = args.proto.lower()
+    target = _targets(proto, args.port, dst)
+    what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
+    if target is None:
+        say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
+        return 1
+    ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
+    say(f"{src.ref} -> {dst.ref} ({dst.ips[0]}) {what}: {'connected' if ok else 'blocked'}")
+    return 0 if ok else 1
+
+
+def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float) -> dict[str, Any]:
+    """Every ordered pair of distinct pods on every proto/port, one prober process per source pod."""
+    all_pods = pods.all_pods(st)
+    keys = [("icmp", None) if proto == "icmp" else (proto, port)
+            for proto in protos for port in ([0] if proto == "icmp" else ports)]
+    results: dict[str, dict[str, dict[str, bool]]] = {
+        ("icmp" if proto == "icmp" else f"{proto}/{port}"): {} for proto, port in keys}
+    running: list[tuple[PodState, list[tuple[str, str]], subprocess.Popen[str]]] = []
+    for src in all_pods:
+        plan: list[tuple[str, str]] = []  # (result key, dst ref) for every target sent
+        targets: list[str] = []
+        for proto, port in keys:
+            key = "icmp" if proto == "icmp" else f"{proto}/{port}"
+            results[key][src.ref] = {}
+            for dst in all_pods:
+                if dst is src:
+                    continue
+                results[key][src.ref][dst.ref] = False
+                target = _targets(proto, port, dst)
+                if target is not None and src.ips:
+                    plan.append((key, dst.ref))
+                    targets.append(target)
+        if targets:
+            running.append((src, plan, _start_probe(st.name, src, targets, timeout)))
+    for src, plan, proc in running:
+        for (key, dst_ref), ok in zip(plan, _finish_probe(proc, src, len(plan), timeout)):
+            results[key][src.ref][dst_ref] = ok
+    return {"pods": [p.ref for p in all_pods], "results": results}
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    st = state.load(args.name)
+    data = matrix(st, topology.parse_csv_ports(args.ports), _protos(args.protos), args.timeout)
+    if args.output == "json":
+        print(json.dumps(data, indent=1))
+        return 0
+    refs = data["pods"]
+    if len(refs) < 2:
+        say("matrix: needs at least two pods")
+        return 0
+    for key, rows in data["results"].items():
+        say(f"{key}  (row = from, column = to; + connected, . blocked)")
+        grid = [["", *refs]]
+        grid += [[src, *("" if src == dst else ("+" if rows[src][dst] else ".") for dst in refs)]
+                 for src in refs]
+        for line in _table(grid):
+            say("  " + line)
+        say("")
+    return 0
+
+
+def _protos(text: str) -> list[str]:
+    protos = [p.strip().lower() for p in text.split(",") if p.strip()]
+    bad = [p for p in protos if p not in ("tcp", "udp", "icmp")]
+    if bad or not protos:
+        raise LabUsageError(f'--protos "{text}": expected a comma list of tcp, udp, icmp')
+    return protos
+
+
+# --- exec / agent -------------------------------------------------------------------------------
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    if not args.command_argv:
+        raise LabUsageError("exec: give a command after --, e.g. felixpy-lab exec n1 -- ip route")
+    st = state.load(args.name)
+    if args.target == "fabric":
+        netns = topology.fabric_netns(st.name)
+    elif "/" in args.target:
+        ref = topology.parse_pod_ref(args.target)
+        netns = st.pod(ref.namespace, ref.name).netns
+    else:
+        netns = st.node(args.target).netns
+    env = {**os.environ, "PATH": f"{procs.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT, "DATASTORE_TYPE": "etcdv3"}
+    sys.stdout.flush()
+    try:
+        return subprocess.run(["ip", "netns", "exec", netns, *args.command_argv], env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Stop, start or restart one node's agent the same way `up` started it."""
+    with state.locked(args.name):
+        st = state.load(args.name)
+        node = st.node(args.node)
+        if args.action in ("stop", "restart"):
+            procs.stop_pids({node.agent_pid} & procs.marked_pids(st.name))
+            say(f"{node.name}: agent stopped")
+        if args.action in ("start", "restart"):
+            if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
+                raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
+            node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size)
+            state.save(st)
+            problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+            if problem:
+                raise LabExit(1, problem)
+            say(f"{node.name}: agent ready (pid {node.agent_pid})")
+    return 0
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a --name after the subcommand overrides the top-level one only when given.
+    common.add_argument("--name", default=argparse.SUPPRESS, help="lab name (default felixpy)")
+
+    parser = argparse.ArgumentParser(prog=PROG, description="A whole felixpy cluster on one machine.")
+    parser.add_argument("--name", default=topology.DEFAULT_LAB, help="lab name (default felixpy)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("up", cmd_up, "create the lab: fabric, etcd, nodes with their agents")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--mode", choices=topology.MODES, default="routes")
+    p.add_argument("--cross-subnet", action="store_true")
+    p.add_argument("--route-reflectors", type=int, default=0)
+    p.add_argument("--pool", default="10.244.0.0/16")
+    p.add_argument("--block-size", type=int, default=26)
+
+    p = add("down", cmd_down, "stop every process of the lab and delete its namespaces")
+
+    p = add("status", cmd_status, "nodes, blocks and pods")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    ns = add("ns", lambda a: 0, "namespaces")
+    ns_sub = ns.add_subparsers(dest="ns_command", metavar="add", required=True)
+    p = ns_sub.add_parser("add", parents=[common], help="add a namespace")
+    p.set_defaults(func=cmd_ns_add)
+    p.add_argument("namespace")
+    p.add_argument("--labels", default="")
+
+    pod = add("pod", lambda a: 0, "pods")
+    pod_sub = pod.add_subparsers(dest="pod_command", metavar="add|del", required=True)
+    p = pod_sub.add_parser("add", parents=[common], help="add a pod (real CNI ADD)")
+    p.set_defaults(func=cmd_pod_add)
+    p.add_argument("pod", metavar="NS/POD")
+    p.add_argument("--node", required=True)
+    p.add_argument("--labels", default="")
+    p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
+    p = pod_sub.add_parser("del", parents=[common], help="delete a pod (real CNI DEL)")
+    p.set_defaults(func=cmd_pod_del)
+    p.add_argument("pod", metavar="NS/POD")
+
+    p = add("label", cmd_label, "set (k=v) or remove (k-) labels of a namespace or pod")
+    p.add_argument("kind", choices=("ns", "pod"))
+    p.add_argument("target", metavar="NS|NS/POD")
+    p.add_argument("changes", nargs="+", metavar="k=v|k-")
+
+    for verb, func in (("apply", cmd_apply), ("delete", lambda a: cmd_apply(a, delete=True))):
+        p = add(verb, func, f"{verb} projectcalico.org/v3 resources from a YAML file")
+        p.add_argument("-f", "--filename", required=True)
+
+    p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")
+    p.add_argument("src", metavar="NS/A")
+    p.add_argument("dst", metavar="NS/B")
+    p.add_argument("--port", type=int, default=80)
+    p.add_argument("--proto", choices=("tcp", "udp", "icmp"), default="tcp")
+    p.add_argument("--timeout", type=float, default=1.0)
+
+    p = add("matrix", cmd_matrix, "probe every ordered pair of pods")
+    p.add_argument("--ports", default="80,81")
+    p.add_argument("--protos", default="tcp,udp")
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    p = add("exec", cmd_exec, "run a command in a node's or pod's netns: exec n1 -- ip route")
+    p.add_argument("target", metavar="NODE|NS/POD")
+
+    p = add("agent", cmd_agent, "stop, start or restart one node's agent")
+    p.add_argument("action", choices=("stop", "start", "restart"))
+    p.add_argument("node")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    if command and args.command != "exec":
+        build_parser().error("-- is only used by exec")
+    args.command_argv = command
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        topology.check_lab_name(args.name)
+        if os.geteuid() != 0:
+            raise LabUsageError("needs root: the lab creates network namespaces")
+        return int(args.func(args))
+    except LabExit as e:
+        if e.message:
+            print(f"{PROG}: {e.message}", file=sys.stderr)
+        return e.code
+    except (LabUsageError, procs.LabCommandError, pods.CNIError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except Unavailable as e:
+        print(f"{PROG}: lab {args.name}: etcd is not answering ({e})", file=sys.stderr)
+        return 1
+    except DatastoreError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The lab's kernel and process work: namespaces, the fabric bridge, etcd, agents, and teardown.
+
+Nothing here touches the root network namespace: every `ip` command names its namespace (`-n`),
+and every process is started with `ip netns exec`. Every process the lab starts carries
+FELIXPY_LAB=<lab> in its environment, which is how `down` finds processes even when the state
+file or a namespace is already gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+from felixpy.lab import topology
+
+log = logging.getLogger(__name__)
+
+LAB_ENV = "FELIXPY_LAB"
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class LabCommandError(Exception):
+    """A command the lab ran failed; carries what was run and what it said."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stderr: str
+
+    def __str__(self) -> str:
+        detail = self.stderr.strip().splitlines()[-1] if self.stderr.strip() else f"exit {self.returncode}"
+        return f"{' '.join(self.argv)}: {detail}"
+
+
+def bin_dir() -> str:
+    """Where this Python's console scripts (felixpy-cni, felixctl) live."""
+    return os.path.dirname(sys.executable)
+
+
+def run(argv: list[str], *, input: str | None = None, env: Mapping[str, str] | None = None,
+        timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+    try:
+        done = subprocess.run(argv, input=input, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LabCommandError(tuple(argv), -1, f"no answer within {timeout:g} s") from None
+    except FileNotFoundError:
+        raise LabCommandError(tuple(argv), 127, f"{argv[0]}: command not found") from None
+    if check and done.returncode != 0:
+        raise LabCommandError(tuple(argv), done.returncode, done.stderr or done.stdout)
+    return done
+
+
+def ip(netns: str, *args: str) -> None:
+    run(["ip", "-n", netns, *args])
+
+
+# --- namespaces ---------------------------------------------------------------------------------
+
+def netns_list() -> set[str]:
+    try:
+        return {n for n in os.listdir("/run/netns")}
+    except FileNotFoundError:
+        return set()
+
+
+def netns_add(name: str) -> None:
+    run(["ip", "netns", "add", name])
+    ip(name, "link", "set", "lo", "up")
+
+
+def netns_del(name: str) -> None:
+    run(["ip", "netns", "del", name], check=False)
+
+
+def netns_pids(name: str) -> set[int]:
+    done = run(["ip", "netns", "pids", name], check=False)
+    return {int(p) for p in done.stdout.split() if p.isdigit()}
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into a named netns; threads it creates afterwards inherit it.
+
+    The lab CLI does this once, before it opens the datastore, because the lab's etcd listens
+    only on the fabric network.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into netns {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def build_fabric(lab: str) -> None:
+    ns = topology.fabric_netns(lab)
+    netns_add(ns)
+    ip(ns, "link", "add", topology.FABRIC_BRIDGE, "type", "bridge")
+    ip(ns, "addr", "add", f"{topology.FABRIC_IP}/{topology.FABRIC_SUBNET.prefixlen}",
+       "dev", topology.FABRIC_BRIDGE)
+    ip(ns, "link", "set", topology.FABRIC_BRIDGE, "up")
+
+
+def build_node(lab: str, node: str) -> None:
+    """A node netns with eth0 on the fabric bridge; the fabric side of the veth is named after the node."""
+    fabric = topology.fabric_netns(lab)
+    ns = topology.node_netns(lab, node)
+    netns_add(ns)
+    ip(fabric, "link", "add", node, "type", "veth", "peer", "name", topology.NODE_IFACE, "netns", ns)
+    ip(fabric, "link", "set", node, "master", topology.FABRIC_BRIDGE, "up")
+    ip(ns, "addr", "add", f"{topology.node_ip(node)}/{topology.FABRIC_SUBNET.prefixlen}",
+       "dev", topology.NODE_IFACE)
+    ip(ns, "link", "set", topology.NODE_IFACE, "up")
+    ip(ns, "route", "add", "default", "via", topology.FABRIC_IP)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+def _spawn(lab: str, netns: str, argv: list[str], env: dict[str, str], log_path: str) -> int:
+    env = {**env, LAB_ENV: lab}
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv], env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # `ip netns exec` execs the command, so this pid is the process itself.
+    return proc.pid
+
+
+def base_env() -> dict[str, str]:
+    env = {"PATH": f"{bin_dir()}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+           "PYTHONUNBUFFERED": "1", "LANG": os.environ.get("LANG", "C.UTF-8")}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def start_etcd(lab: str) -> int:
+    data_dir = f"{topology.run_dir(lab)}/etcd"
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    peer = "http://127.0.0.1:2380"
+    argv = ["etcd", "--name", lab, "--data-dir", data_dir,
+            "--listen-client-urls", topology.ETCD_ENDPOINT,
+            "--advertise-client-urls", topology.ETCD_ENDPOINT,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{lab}={peer}", "--initial-cluster-state", "new",
+            "--logger", "zap", "--log-level", "warn"]
+    if not shutil.which("etcd"):
+        raise LabCommandError(("etcd",), 127, "etcd is not installed (apt-get install etcd-server)")
+    return _spawn(lab, topology.fabric_netns(lab), argv, base_env(), f"{topology.run_dir(lab)}/etcd.log")
+
+
+def wait_tcp(host: str, port: int, timeout: float) -> bool:
+    """Connect from the current netns until it works; the caller must already be in the fabric."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def agent_env(lab: str, node: str, pool: str, block_size: int,
+              outer_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    outer = os.environ if outer_env is None else outer_env
+    nd = topology.node_dir(lab, node)
+    env = base_env()
+    env.update({"FELIX_ROUTEREFRESHINTERVAL": "10", "FELIX_LOGSEVERITYSCREEN": "INFO"})
+    # The lab's own FELIX_* settings reach every agent, e.g. FELIX_ROUTEREFRESHINTERVAL=5 felixpy-lab up.
+    env.update({k: v for k, v in outer.items() if k.upper().startswith("FELIX_")})
+    env.update({
+        "NODENAME": node,
+        "DATASTORE_TYPE": "etcdv3",
+        "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT,
+        "IP": "autodetect",
+        "IP_AUTODETECTION_METHOD": f"interface={topology.NODE_IFACE}",
+        "CALICO_IPV4POOL_CIDR": pool,
+        "CALICO_IPV4POOL_BLOCK_SIZE": str(block_size),
+        "CALICO_IPV4POOL_IPIP": "Never",
+        "CALICO_IPV4POOL_VXLAN": "Never",
+        # "vxlan" is calico-node's "no BGP" backend: the agent programs routes to other nodes'
+        # blocks from the datastore, which is the lab's routes mode while the pool has no encap.
+        "CALICO_NETWORKING_BACKEND": "vxlan",
+        "FELIXPY_CNI_SOCKET": topology.cni_socket(lab, node),
+        "FELIXPY_STATE_DIR": f"{nd}/lib",
+    })
+    return env
+
+
+def start_agent(lab: str, node: str, pool: str, block_size: int) -> int:
+    nd = topology.node_dir(lab, node)
+    os.makedirs(f"{nd}/lib", exist_ok=True)
+    try:
+        os.unlink(topology.cni_socket(lab, node))  # a stale socket would look ready
+    except FileNotFoundError:
+        pass
+    argv = [sys.executable, "-m", "felixpy.node.main"]
+    return _spawn(lab, topology.node_netns(lab, node), argv, agent_env(lab, node, pool, block_size),
+                  f"{nd}/agent.log")
+
+
+def socket_accepts(path: str) -> bool:
+    """True when the agent's CNI socket accepts a connection.
+
+    The agent answers every connection once its peer has finished sending, so the probe sends
+    nothing (half-close) and reads that answer before closing: the agent never writes to a
+    closed socket on our account.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        try:
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        return True
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # A zombie is dead for our purposes.
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_agent(lab: str, node: str, pid: int, timeout: float) -> str | None:
+    """None when the agent's CNI socket accepts connections, else why not."""
+    path = topology.cni_socket(lab, node)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if socket_accepts(path):
+            return None
+        if not alive(pid):
+            return f"agent on {node} exited; see {topology.node_dir(lab, node)}/agent.log"
+        time.sleep(0.1)
+    return f"agent on {node} not ready after {timeout:g} s; see {topology.node_dir(lab, node)}/agent.log"
+
+
+def log_tail(path: str, lines: int = 5) -> list[str]:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().splitlines()[-lines:]
+    except FileNotFoundError:
+        return []
+
+
+def stop_pids(pids: set[int], timeout: float = 5.0) -> None:
+    """SIGTERM, wait (bounded), then SIGKILL whatever is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 2.0)
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.05)
+        pids = {p for p in pids if alive(p)}
+        if not pids:
+            return
+
+
+def _own_lineage() -> set[int]:
+    pids = set()
+    pid = os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def marked_pids(lab: str) -> set[int]:
+    """Every process whose environment carries FELIXPY_LAB=<lab>."""
+    marker = f"{LAB_ENV}={lab}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def lab_netns(lab: str, recorded: list[str]) -> list[str]:
+    """The lab's namespaces that exist: recorded ones plus the fixed names, pods last, fabric very last."""
+    existing = netns_list()
+    names = set(recorded) | {n for n in existing if topology.is_node_netns(lab, n)}
+    names.add(topology.fabric_netns(lab))
+    ordered = sorted(n for n in names if n in existing and n != topology.fabric_netns(lab))
+    if topology.fabric_netns(lab) in existing:
+        ordered.append(topology.fabric_netns(lab))
+    return ordered
+
+
+def teardown(lab: str, recorded_netns: list[str]) -> tuple[int, int]:
+    """Kill every process of the lab, delete its namespaces; returns (processes, namespaces).
+
+    Processes are found by their FELIXPY_LAB mark (which covers every pid the state file records,
+    without trusting a recorded pid that may have been reused) and by living in a lab namespace.
+    """
+    namespaces = lab_netns(lab, recorded_netns)
+    pids = marked_pids(lab)
+    for ns in namespaces:
+        pids |= netns_pids(ns)
+    pids -= _own_lineage()
+    pids = {p for p in pids if alive(p)}
+    stop_pids(pids)
+    for ns in namespaces:
+        netns_del(ns)
+    return len(pids), len(namespaces)

@@ -1,0 +1,136 @@
+"""The lab's own record of what it built: /run/felixpy-lab/<lab>/state.json, written atomically.
+
+Everything is recorded *before* it is created (a namespace, a pod), so that `down` finds it again
+after a crash or a half-built `up`. Commands that change the state hold an flock on the lab's
+lock file, so concurrent `felixpy-lab` invocations do not lose each other's updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from felixpy.lab import topology
+
+
+@dataclass
+class NodeState:
+    name: str
+    ip: str
+    netns: str
+    agent_pid: int = 0
+
+
+@dataclass
+class PodState:
+    namespace: str
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    labels: dict[str, str] = field(default_factory=dict)
+    serve: list[str] = field(default_factory=list)  # "name=proto:port"
+    ips: list[str] = field(default_factory=list)
+    server_pid: int = 0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class LabState:
+    name: str
+    mode: str
+    pool: str
+    block_size: int
+    nodes: list[NodeState] = field(default_factory=list)
+    pods: list[PodState] = field(default_factory=list)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # ns -> labels
+    netns: list[str] = field(default_factory=list)  # every netns the lab may have created
+    etcd_pid: int = 0
+    phase: str = "starting"  # starting | up
+
+    def node(self, name: str) -> NodeState:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise topology.LabUsageError(
+            f'node "{name}" is not in lab {self.name} (nodes: {", ".join(n.name for n in self.nodes)})')
+
+    def find_pod(self, namespace: str, name: str) -> PodState | None:
+        for p in self.pods:
+            if p.namespace == namespace and p.name == name:
+                return p
+        return None
+
+    def pod(self, namespace: str, name: str) -> PodState:
+        pod = self.find_pod(namespace, name)
+        if pod is None:
+            raise topology.LabUsageError(f'pod "{namespace}/{name}" is not in lab {self.name}')
+        return pod
+
+    def remember_netns(self, netns: str) -> None:
+        if netns not in self.netns:
+            self.netns.append(netns)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LabState:
+        data = dict(data)
+        nodes = [NodeState(**n) for n in data.pop("nodes", [])]
+        pods = [PodState(**p) for p in data.pop("pods", [])]
+        return cls(nodes=nodes, pods=pods, **data)
+
+
+class LabNotFound(topology.LabUsageError):
+    pass
+
+
+def exists(lab: str) -> bool:
+    return os.path.exists(topology.state_path(lab))
+
+
+def load(lab: str) -> LabState:
+    try:
+        with open(topology.state_path(lab)) as f:
+            return LabState.from_json(json.load(f))
+    except FileNotFoundError:
+        raise LabNotFound(f"lab {lab} is not up (start it with: felixpy-lab up --name {lab})") from None
+    except (ValueError, TypeError) as e:
+        raise topology.LabUsageError(
+            f"lab {lab}: unreadable {topology.state_path(lab)} ({e}); felixpy-lab down --name {lab}"
+        ) from None
+
+
+def save(state: LabState) -> None:
+    path = topology.state_path(state.name)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state.to_json(), f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def locked(lab: str, create: bool = False) -> Iterator[None]:
+    """Serialise state changes of one lab across processes (`create` only for `up`)."""
+    if create:
+        os.makedirs(topology.run_dir(lab), exist_ok=True)
+    try:
+        fd = os.open(f"{topology.run_dir(lab)}/lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise LabNotFound(f"lab {lab} is not up (start it with: felixpy-lab up --name {lab})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

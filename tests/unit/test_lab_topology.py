@@ -1,0 +1,106 @@
+"""The lab's pure naming, parsing and argument rules (no root, no namespaces)."""
+
+from __future__ import annotations
+
+import pytest
+
+from felixpy.lab import cli, topology
+from felixpy.lab.state import LabState, NodeState, PodState
+from felixpy.lab.topology import LabUsageError
+
+
+def test_names_carry_the_lab_name() -> None:
+    assert topology.fabric_netns("demo") == "demo-fabric"
+    assert topology.node_netns("demo", "n2") == "demo-n2"
+    assert topology.node_ip("n1") == "192.0.2.11"
+    assert topology.node_ip("n3") == "192.0.2.13"
+    assert topology.pod_netns("demo", "x", "a.b") == "demo-x-a-b"
+    assert topology.cni_socket("demo", "n1") == "/run/felixpy-lab/demo/n1/cni.sock"
+    assert topology.is_node_netns("demo", "demo-n12")
+    assert not topology.is_node_netns("demo", "demo-x-n1")
+    assert not topology.is_node_netns("demo", "demo2-n1")
+
+
+def test_workload_endpoint_name_escapes_dashes() -> None:
+    assert topology.workload_endpoint_name("n1", "a") == "n1-k8s-a-eth0"
+    assert topology.workload_endpoint_name("node-1", "my-pod") == "node--1-k8s-my--pod-eth0"
+
+
+@pytest.mark.parametrize("name", ["", "Demo", "-x", "x-", "a" * 25, "a_b"])
+def test_bad_lab_names(name: str) -> None:
+    with pytest.raises(LabUsageError):
+        topology.check_lab_name(name)
+
+
+def test_labels_parse_and_change() -> None:
+    assert topology.parse_labels("") == {}
+    assert topology.parse_labels("app=web, tier=db,k8s.io/x=1") == {"app": "web", "tier": "db", "k8s.io/x": "1"}
+    for bad in ("novalue", "=v", "a=b c", "a=" + "x" * 64):
+        with pytest.raises(LabUsageError):
+            topology.parse_labels(bad)
+    current = {"app": "web", "tier": "db"}
+    assert topology.apply_label_changes(current, ["app=api", "tier-", "new=1"]) == {"app": "api", "new": "1"}
+    assert current == {"app": "web", "tier": "db"}
+    with pytest.raises(LabUsageError):
+        topology.apply_label_changes(current, ["justakey"])
+
+
+def test_serve_specs() -> None:
+    ports = topology.parse_serve("tcp:80,udp:80,web=tcp:8080")
+    assert [p.to_wep_port() for p in ports] == [
+        {"name": "serve-80-tcp", "port": 80, "protocol": "TCP"},
+        {"name": "serve-80-udp", "port": 80, "protocol": "UDP"},
+        {"name": "web", "port": 8080, "protocol": "TCP"},
+    ]
+    assert [p.spec() for p in ports] == ["tcp:80", "udp:80", "tcp:8080"]
+    for bad in ("sctp:80", "tcp:0", "tcp:x", "tcp:80,tcp:80", "Web=tcp:1", "80=tcp:1"):
+        with pytest.raises(LabUsageError):
+            topology.parse_serve(bad)
+
+
+def test_pool_checks() -> None:
+    assert topology.check_pool("10.244.0.0/16", 26) == "10.244.0.0/16"
+    for pool, bs in (("10.244.0.1/16", 26), ("192.0.2.0/25", 26), ("10.0.0.0/24", 20), ("10.0.0.0/16", 33)):
+        with pytest.raises(LabUsageError):
+            topology.check_pool(pool, bs)
+
+
+def test_name_accepted_before_and_after_subcommand_arguments() -> None:
+    args = cli.parse_args(["pod", "add", "x/a", "--node", "n1", "--name", "demo"])
+    assert (args.name, args.pod, args.node) == ("demo", "x/a", "n1")
+    assert cli.parse_args(["--name", "top", "status"]).name == "top"
+    assert cli.parse_args(["status", "-o", "json"]).name == "felixpy"
+    args = cli.parse_args(["exec", "n1", "--name", "demo", "--", "felixctl", "get", "ippools", "--name", "x"])
+    assert args.name == "demo" and args.command_argv == ["felixctl", "get", "ippools", "--name", "x"]
+    args = cli.parse_args(["label", "pod", "x/a", "app=web", "tier-", "--name", "demo"])
+    assert args.changes == ["app=web", "tier-"] and args.name == "demo"
+
+
+def test_unsupported_modes_answer_one_line_and_create_nothing(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    created: list[str] = []
+    monkeypatch.setattr(cli.procs, "netns_add", created.append)
+    assert cli.main(["up", "--mode", "bgp", "--name", "zz"]) == 2
+    assert capsys.readouterr().err == "felixpy-lab: --mode bgp arrives with BGP support (issue #3)\n"
+    for argv in (["up", "--mode", "vxlan"], ["up", "--mode", "ipip"], ["up", "--cross-subnet"],
+                 ["up", "--route-reflectors", "1"]):
+        assert cli.main([*argv, "--name", "zz"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("felixpy-lab: ") and err.count("\n") == 1
+    assert created == []
+
+
+def test_state_round_trips() -> None:
+    st = LabState(name="demo", mode="routes", pool="10.244.0.0/16", block_size=26,
+                  nodes=[NodeState("n1", "192.0.2.11", "demo-n1", 42)],
+                  pods=[PodState("x", "a", "n1", "demo-x-a", "ab" * 32, {"app": "a"}, ["serve-80-tcp=tcp:80"],
+                                 ["10.244.1.1"], 43)],
+                  namespaces={"x": {"kubernetes.io/metadata.name": "x"}}, netns=["demo-fabric"])
+    again = LabState.from_json(st.to_json())
+    assert again == st
+    assert again.pod("x", "a").ref == "x/a"
+    with pytest.raises(LabUsageError):
+        again.pod("x", "b")
+    with pytest.raises(LabUsageError):
+        again.node("n7")
