@@ -90,26 +90,22 @@ def inner(args: argparse.Namespace) -> None:
         ("ptp + host-local (reference)", "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni"),
     ]
     results = {}
+    # The pod namespaces were created by the outer process: `ip netns add` run in here would
+    # mount them only in this private mount namespace (ip netns exec unshares one), invisible to
+    # the agent.
     for label, plugin, conf, cni_path in runs:
         adds, dels = [], []
         for i in range(args.pods):
-            netns = f"{args.prefix}{i}"
-            subprocess.run(["ip", "netns", "add", netns], check=True)
+            netns = f"/run/netns/{args.prefix}{i}"
             cid = secrets.token_hex(32)
-            try:
-                adds.append(run_plugin(plugin, "ADD", cid, f"/run/netns/{netns}", conf, "bench",
-                                       f"p{i}", cni_path))
-                if label.startswith("felixpy (lean") and i == args.pods - 1:
-                    results["rss_with_pods_kb"] = args.rss_probe()
-                dels.append((cid, netns))
-            except BaseException:
-                subprocess.run(["ip", "netns", "del", netns])
-                raise
+            adds.append(run_plugin(plugin, "ADD", cid, netns, conf, "bench", f"p{i}", cni_path))
+            if label.startswith("felixpy (lean") and i == args.pods - 1:
+                results["rss_with_pods_kb"] = args.rss_probe()
+            dels.append(cid)
         del_times = []
-        for i, (cid, netns) in enumerate(dels):
-            del_times.append(run_plugin(plugin, "DEL", cid, f"/run/netns/{netns}", conf, "bench",
-                                        f"p{i}", cni_path))
-            subprocess.run(["ip", "netns", "del", netns], check=True)
+        for i, cid in enumerate(dels):
+            del_times.append(run_plugin(plugin, "DEL", cid, f"/run/netns/{args.prefix}{i}", conf,
+                                        "bench", f"p{i}", cni_path))
         results[label] = (adds, del_times)
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({k: v for k, v in results.items()}))
@@ -136,6 +132,8 @@ def main() -> int:
         time.sleep(2)
         rss_idle = agent_rss_kb(name)
         sock = f"/run/felixpy-lab/{name}/n1/cni.sock"
+        for i in range(args.pods):
+            subprocess.run(["ip", "netns", "add", f"{name}-bp{i}"], check=True)
         out = subprocess.run(
             ["ip", "netns", "exec", f"{name}-n1", sys.executable, os.path.abspath(__file__), "--inner",
              "--pods", str(args.pods), "--socket", sock, "--prefix", f"{name}-bp", "--lab", name],
@@ -144,7 +142,10 @@ def main() -> int:
             raise SystemExit(f"benchmark failed: {out.stderr.strip()}")
         results = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
-        lab("down", "--name", name)
+        lab("down", "--name", name)  # also deletes the lab-named pod namespaces
+        for i in range(args.pods):
+            if os.path.exists(f"/run/netns/{name}-bp{i}"):
+                subprocess.run(["ip", "netns", "del", f"{name}-bp{i}"])
     rss_pods = results.pop("rss_with_pods_kb")
     print(f"\nCNI latency over {args.pods} pods (ms), measured from the node's netns:")
     print(f"{'plugin':32} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}")
