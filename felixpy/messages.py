@@ -6,6 +6,7 @@ calc/ produces them, dataplane/ consumes them; the two packages meet only here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -13,7 +14,7 @@ class RouteSpec:
     """One route felixpy wants in the node's main routing table."""
 
     dst: str  # CIDR
-    type: str = "unicast"  # "unicast" | "blackhole"
+    type: Literal["unicast", "blackhole"] = "unicast"
     gateway: str | None = None
     iface: str | None = None
     onlink: bool = False

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import hashlib
 
+# Re-exported, so that every kernel name is reachable from this one module.
+from policy.names import CHAIN_PREFIX as CHAIN_PREFIX
+from policy.names import IPSET_PREFIX as IPSET_PREFIX
+from policy.names import MAX_CHAIN_NAME as MAX_CHAIN_NAME
+from policy.names import MAX_IPSET_NAME as MAX_IPSET_NAME
+from policy.names import RULE_HASH_PREFIX as RULE_HASH_PREFIX
+from policy.names import check_chain_name as check_chain_name
+from policy.names import check_ipset_name as check_ipset_name
+
 IFNAMSIZ = 15  # usable characters of a Linux interface name (IFNAMSIZ 16 with the NUL)
-MAX_CHAIN_NAME = 28  # iptables allows 28 usable characters
-MAX_IPSET_NAME = 31
 
 # Calico's Felix uses proto 80 for the routes it owns besides workload routes (which use 3, "boot",
 # shared with other software). felixpy uses 80 for every route it programs, workload routes included,
@@ -24,9 +31,6 @@ VXLAN_VNI = 4096
 VXLAN_PORT = 4789
 IPIP_DEVICE = "tunl0"
 
-CHAIN_PREFIX = "cali-"
-IPSET_PREFIX = "cali40"
-RULE_HASH_PREFIX = "cali:"
 
 # The pod's default gateway: never configured anywhere, the host side answers ARP for it (proxy_arp).
 POD_GATEWAY = "169.254.1.1"
@@ -45,18 +49,6 @@ def workload_iface_name(namespace: str, pod: str, prefix: str = WORKLOAD_IFACE_P
 def check_iface_name(name: str) -> str:
     if not name or len(name) > IFNAMSIZ:
         raise ValueError(f"interface name {name!r} must be 1..{IFNAMSIZ} characters")
-    return name
-
-
-def check_chain_name(name: str) -> str:
-    if not name or len(name) > MAX_CHAIN_NAME:
-        raise ValueError(f"chain name {name!r} must be 1..{MAX_CHAIN_NAME} characters")
-    return name
-
-
-def check_ipset_name(name: str) -> str:
-    if not name or len(name) > MAX_IPSET_NAME:
-        raise ValueError(f"ipset name {name!r} must be 1..{MAX_IPSET_NAME} characters")
     return name
 
 

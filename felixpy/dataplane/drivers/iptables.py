@@ -32,8 +32,6 @@ Thread ownership: the agent's main loop.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import os
 import re
@@ -44,6 +42,15 @@ from typing import Callable, Iterable, Literal
 from felixpy import names
 from felixpy.kernel import commands
 from felixpy.kernel.commands import CommandFailed, Runner
+from policy.iptables import (
+    HASH_LENGTH,
+    Chain,
+    Rule,
+    check_our_chain_name,
+    render_chain,
+    render_with_hash as _render_with_hash,
+    rule_hashes,
+)
 
 __all__ = [
     "BUILTIN_CHAINS",
@@ -67,7 +74,6 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "raw": ("PREROUTING", "OUTPUT"),
 }
 
-HASH_LENGTH = 16
 _HASH_RE = re.compile(r'--comment "?' + re.escape(names.RULE_HASH_PREFIX) + r'([A-Za-z0-9_-]+)"?')
 _KUBE_HINTS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 
@@ -78,78 +84,6 @@ class IptablesError(Exception):
     def __init__(self, message: str, cause: CommandFailed | None = None) -> None:
         self.cause = cause
         super().__init__(message)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One rule: iptables match options, the action ("ACCEPT", "MARK --set-mark 0x1", or verbatim
-    when it starts with "-", e.g. "-g cali-x"), and an optional human comment."""
-
-    match: str = ""
-    action: str = ""
-    comment: str = ""
-
-    def __post_init__(self) -> None:
-        for label, text in (("match", self.match), ("action", self.action), ("comment", self.comment)):
-            if "\n" in text:
-                raise ValueError(f"rule {label} must be one line: {text!r}")
-        if '"' in self.comment:
-            raise ValueError(f"rule comment cannot contain a double quote: {self.comment!r}")
-
-    def render_body(self) -> str:
-        """The rule without the chain and without our hash comment."""
-        parts = []
-        if self.match:
-            parts.append(self.match.strip())
-        if self.comment:
-            parts.append(f'-m comment --comment "{self.comment[:200]}"')
-        action = self.action.strip()
-        if action:
-            parts.append(action if action.startswith("-") else f"-j {action}")
-        return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class Chain:
-    name: str
-    rules: tuple[Rule, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_our_chain_name(self.name)
-        object.__setattr__(self, "rules", tuple(self.rules))
-
-
-def check_our_chain_name(name: str) -> str:
-    names.check_chain_name(name)
-    if not name.startswith(names.CHAIN_PREFIX):
-        raise ValueError(f"chain name {name!r} must start with {names.CHAIN_PREFIX!r}")
-    return name
-
-
-def rule_hashes(chain_name: str, rules: Iterable[Rule]) -> list[str]:
-    """Felix's chained rule hashes: each covers the chain, the previous hash and the rule."""
-    hashes = []
-    prev = ""
-    for rule in rules:
-        digest = hashlib.sha224()
-        digest.update(chain_name.encode())
-        digest.update(prev.encode())
-        digest.update(rule.render_body().encode())
-        prev = base64.urlsafe_b64encode(digest.digest()).decode()[:HASH_LENGTH]
-        hashes.append(prev)
-    return hashes
-
-
-def _render_with_hash(rule: Rule, rule_hash: str) -> str:
-    body = rule.render_body()
-    tag = f'-m comment --comment "{names.RULE_HASH_PREFIX}{rule_hash}"'
-    return f"{tag} {body}" if body else tag
-
-
-def render_chain(chain: Chain) -> list[str]:
-    """The `-A` lines of a whole chain (what a fresh chain gets), for logging and tests."""
-    hashes = rule_hashes(chain.name, chain.rules)
-    return [f"-A {chain.name} {_render_with_hash(r, h)}" for r, h in zip(chain.rules, hashes)]
 
 
 @dataclass
