@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from felixpy import names
 from felixpy.datastore import keys
-from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreError, NotFound
+from felixpy.datastore.api import Conflict, Datastore, DatastoreError, NotFound
+from felixpy.datastore.cas import TooManyConflicts, read_modify_write
 from felixpy.ipam.allocator import IPAM, IPAMError
 from felixpy.kernel import veth
 
@@ -210,16 +211,15 @@ class CNIHandler:
     def _write_endpoint(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> Any:
         name = wep_name(self.node_name, req.pod, req.ifname)
         key = keys.resource_key("workloadendpoints", name, req.namespace)
-        for _ in range(CAS_RETRIES):
-            try:
-                current = self.store.get(key)
-            except NotFound:
-                current = None
-            old = current.value if current else {}
+
+        def change(old: Any) -> dict[str, Any]:
+            # Labels and named ports come from the orchestrator side (kube-controllers in etcd
+            # mode, the lab): keep what is there, own the rest.
+            old = old or {}
             labels = dict((old.get("metadata") or {}).get("labels") or {})
             labels.setdefault("projectcalico.org/namespace", req.namespace)
             labels.setdefault("projectcalico.org/orchestrator", "k8s")
-            value = {
+            return {
                 "apiVersion": "projectcalico.org/v3",
                 "kind": "WorkloadEndpoint",
                 "metadata": {"name": name, "namespace": req.namespace, "labels": labels},
@@ -236,13 +236,11 @@ class CNIHandler:
                     "ports": list((old.get("spec") or {}).get("ports") or []),
                 },
             }
-            try:
-                if current is None:
-                    return self.store.create(key, value)
-                return self.store.update(key, value, current.revision)
-            except (AlreadyExists, Conflict, NotFound):
-                continue
-        raise CNIError(TRY_AGAIN_LATER, "could not write the WorkloadEndpoint", f"{key}: too many conflicts")
+
+        try:
+            return read_modify_write(self.store, key, change, retries=CAS_RETRIES)
+        except TooManyConflicts as err:
+            raise CNIError(TRY_AGAIN_LATER, "could not write the WorkloadEndpoint", str(err)) from None
 
     def _result(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> dict[str, Any]:
         old = req.version.startswith("0.3") or req.version.startswith("0.4")

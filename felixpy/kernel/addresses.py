@@ -22,7 +22,6 @@ import ipaddress
 import logging
 import re
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -79,24 +78,9 @@ def is_global_unicast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
 def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     if netns is None:
         return fn()
-    from pyroute2.netns import setns
+    from felixpy.kernel.netns import run_in_netns
 
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            setns(netns)
-            result.append(fn())
-        except BaseException as exc:  # re-raised in the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return run_in_netns(netns if netns.startswith("/") else f"/run/netns/{netns}", fn)
 
 
 def _read_interfaces() -> list[Interface]:
