@@ -144,7 +144,15 @@ class CalcGraph:
         cidr = str(ipaddress.ip_network(spec["cidr"]))
         if ipaddress.ip_network(cidr).version != 4:
             return
-        self._pools[name] = _Pool(cidr, bool(spec.get("natOutgoing")), bool(spec.get("disabled")))
+        pool = _Pool(cidr, bool(spec.get("natOutgoing")), bool(spec.get("disabled")))
+        encap = [f"{field}={spec[field]}" for field in ("ipipMode", "vxlanMode")
+                 if spec.get(field, "Never") != "Never"]
+        if encap and self._pools.get(name) != pool:
+            # Encapsulation (tunl0 / vxlan.calico) is not programmed by this release: say so
+            # once per pool change instead of pretending.
+            log.warning("pool %s %s: encapsulation is not supported yet; its blocks are routed "
+                        "unencapsulated via node IPs", name, " ".join(encap))
+        self._pools[name] = pool
 
     # -- outputs ---------------------------------------------------------------------------
     def node_labels(self) -> dict[str, str]:
