@@ -1,5 +1,6 @@
 """felixctl: calicoctl's resource commands (get, create, apply, replace, delete, patch, label),
-`version` and `ipam`, working directly on the datastore named by DATASTORE_TYPE / ETCD_ENDPOINTS.
+`version`, `ipam` and `policy explain`, working directly on the datastore named by DATASTORE_TYPE /
+ETCD_ENDPOINTS. `apply -f` also takes Kubernetes NetworkPolicy YAML (stored as knp.default.<name>).
 
 Every write command is all-or-nothing: the whole input is parsed and validated, and every
 precondition checked, before the first write (see felixpy.model.store). User errors print one
@@ -211,6 +212,88 @@ def cmd_label(args: argparse.Namespace, store: Datastore) -> int:
     return 0
 
 
+def _load_policy_world(store: Datastore) -> tuple[list[Any], list[Any], list[Any]]:
+    """Endpoints, policies and profiles from the datastore, through the conversions the agent
+    uses. A stored resource that does not convert is skipped with a warning on stderr."""
+    from policy import calico
+
+    def converted(kind: str, convert: Any, items: list[dict[str, Any]]) -> list[Any]:
+        out = []
+        for res in items:
+            try:
+                out.append(convert(res))
+            except (ValueError, KeyError, TypeError) as e:
+                meta = res.get("metadata") or {}
+                where = "/".join(p for p in (meta.get("namespace"), meta.get("name")) if p)
+                print(f"felixctl: warning: skipping {kind} {where}: {_first_line(e)}", file=sys.stderr)
+        return out
+
+    profile_res, _ = ms.list_resources(store, "Profile")
+    namespace_labels = {
+        p["metadata"]["name"][len("kns."):]: calico.namespace_labels_from_profile(p)
+        for p in profile_res
+        if str(p["metadata"].get("name", "")).startswith("kns.")
+    }
+    weps, _ = ms.list_resources(store, "WorkloadEndpoint")
+    endpoints = converted(
+        "WorkloadEndpoint",
+        lambda w: calico.endpoint_from_resources(
+            w, namespace_labels.get((w.get("metadata") or {}).get("namespace") or r.DEFAULT_NAMESPACE, {})),
+        weps,
+    )
+    policy_res = ms.list_resources(store, "NetworkPolicy")[0] + ms.list_resources(store, "GlobalNetworkPolicy")[0]
+    policies = converted("policy", calico.policy_from_resource, policy_res)
+    profiles = converted("Profile", calico.profile_from_resource, profile_res)
+    return endpoints, policies, profiles
+
+
+def _find_peer(ref: str, endpoints: list[Any]) -> Any:
+    """An Endpoint for NS/POD or for a pod's IP; any other IP stays a plain address."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(ref)
+    except ValueError:
+        ns, slash, pod = ref.partition("/")
+        if not slash or not ns or not pod:
+            raise UserError(f'"{ref}": expected NAMESPACE/POD or an IP address') from None
+        for ep in endpoints:
+            if ep.namespace == ns and ep.name == pod:
+                return ep
+        raise UserError(f'pod "{ref}" not found: no WorkloadEndpoint for pod "{pod}" in namespace "{ns}"') from None
+    for ep in endpoints:
+        if any(ipaddress.ip_interface(a).ip == ip for a in ep.ips):
+            return ep
+    return str(ip)
+
+
+def cmd_policy(args: argparse.Namespace, store: Datastore) -> int:
+    from policy.evaluate import explain
+
+    proto = args.proto.lower()
+    if proto == "icmp":
+        port = 0
+    elif args.port is None:
+        raise UserError(f"--port is required for {proto}")
+    else:
+        port = args.port
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: expected 1..65535")
+    endpoints, policies, profiles = _load_policy_world(store)
+    src = _find_peer(args.src, endpoints)
+    dst = _find_peer(args.dst, endpoints)
+    verdict = explain(src, dst, port, proto, policies=policies, profiles=profiles)
+    if args.output == "json":
+        print(json.dumps(verdict.to_dict(), indent=2))
+    else:
+        what = proto if proto == "icmp" else f"{proto}/{port}"
+        print(f"{verdict.src} -> {verdict.dst} {what}: {'ALLOWED' if verdict.allowed else 'DENIED'}")
+        for label, side, dv in (("egress ", verdict.src, verdict.egress), ("ingress", verdict.dst, verdict.ingress)):
+            reason = dv.reason if dv is not None else "not a workload endpoint: not policed here"
+            print(f"  {label} ({side}): {reason}")
+    return 0 if verdict.allowed else 1
+
+
 def cmd_version(args: argparse.Namespace, store: Datastore | None) -> int:
     print(f"Client Version:    v{felixpy.__version__}")
     if store is None:
@@ -280,6 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="show client and cluster versions")
     version.add_argument("--client", action="store_true", help="client version only (no datastore)")
 
+    policy = sub.add_parser("policy", help="explain what policy does to traffic")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    policy_sub.required = True
+    explain = policy_sub.add_parser(
+        "explain", help="is SRC -> DST allowed, and which policy, rule and selector decided it",
+        description="Evaluate the stored policies for one connection, as the agent compiles them. "
+        "Exits 0 when allowed, 1 when denied.")
+    explain.add_argument("src", metavar="SRC", help="NAMESPACE/POD or an IP address")
+    explain.add_argument("dst", metavar="DST", help="NAMESPACE/POD or an IP address")
+    explain.add_argument("--port", type=int, help="destination port (not for icmp)")
+    explain.add_argument("--proto", default="tcp", type=str.lower, choices=("tcp", "udp", "sctp", "icmp"),
+                         help="protocol (default tcp)")
+    explain.add_argument("-o", "--output", default="text", choices=("text", "json"))
+
     from felixpy.ctl import ipam_cmd  # imported here: it pulls in the IPAM allocator
 
     ipam_cmd.add_parser(sub)
@@ -294,6 +391,7 @@ _COMMANDS = {
     "delete": cmd_write,
     "patch": cmd_patch,
     "label": cmd_label,
+    "policy": cmd_policy,
 }
 
 
@@ -307,7 +405,13 @@ def _open_store() -> Datastore:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in ("get", "delete") and not any(e.startswith("-") for e in extra):
+        # argparse stops filling `NAME...` at the first option: `get np -n x NAME` still names NAME.
+        args.names = [*args.names, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "version" and args.client:

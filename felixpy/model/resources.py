@@ -140,6 +140,16 @@ def _icmp_post(icmp: dict[str, Any], path: str) -> None:
         raise FieldError(s.join(path, "code"), "an ICMP code needs an ICMP type")
 
 
+def _unsupported(what: str) -> s.Checker:
+    """A Calico field the policy model cannot express: rejecting it beats silently ignoring it
+    (an ignored match condition would allow more than the user wrote)."""
+
+    def check(value: Any, path: str) -> Any:
+        raise FieldError(path, f"{what} is not supported by felixpy")
+
+    return check
+
+
 _ICMP = s.obj({"type": s.integer(0, 254), "code": s.integer(0, 255)}, post=_icmp_post)
 
 _ENTITY_RULE = s.obj(
@@ -151,8 +161,8 @@ _ENTITY_RULE = s.obj(
         "namespaceSelector": s.selector,
         "ports": s.list_of(s.port),
         "notPorts": s.list_of(s.port),
-        "serviceAccounts": s.obj({"names": s.list_of(s.string()), "selector": s.selector}),
-        "services": s.obj({"name": s.string(), "namespace": s.string()}, required=("name",)),
+        "serviceAccounts": _unsupported("service account matching"),
+        "services": _unsupported("service matching"),
     }
 )
 
@@ -191,6 +201,9 @@ _RULE = s.obj(
 def _ip_version_post(rule: dict[str, Any], path: str) -> None:
     if rule.get("ipVersion") not in (None, 4, 6):
         raise FieldError(s.join(path, "ipVersion"), "must be 4 or 6")
+    if rule.get("ipVersion") == 6:
+        # felixpy polices IPv4 only; an IPv6-only rule has no IPv4 meaning to compile.
+        raise FieldError(s.join(path, "ipVersion"), "IPv6 rules are not supported by felixpy")
 
 
 def _rules(value: Any, path: str) -> list[Any]:
@@ -222,7 +235,7 @@ _POLICY_FIELDS: dict[str, s.Checker] = {
     "tier": s.string(),
     "order": s.number,
     "selector": s.selector,
-    "serviceAccountSelector": s.selector,
+    "serviceAccountSelector": _unsupported("serviceAccountSelector"),
     "types": s.list_of(s.string(enum=("Ingress", "Egress"))),
     "ingress": _rules,
     "egress": _rules,

@@ -1,7 +1,9 @@
 """Reading and writing projectcalico.org/v3 resources in a Datastore, all-or-nothing.
 
 `apply_resources(store, docs, mode)` is what `felixctl create|apply|replace|delete -f` and the lab
-use: it validates every document, reads the current state and checks every precondition
+use: it validates every document (a Kubernetes networking.k8s.io/v1 NetworkPolicy is converted
+first and stored as the Calico NetworkPolicy `knp.default.<name>` kube-controllers would write;
+deleting one deletes that), reads the current state and checks every precondition
 (existence, resourceVersion, immutable fields, IP pool overlap against the stored pools *and* the
 other pools in the same input) before the first write. So a rejected input leaves the datastore
 unchanged. The writes themselves are create-only or compare-and-swap on the revision that was
@@ -27,6 +29,7 @@ from felixpy.datastore.api import KV, AlreadyExists, Conflict, Datastore, NotFou
 from felixpy.model import resources as r
 from felixpy.model.resources import ValidationError
 from felixpy.model.schema import q
+from policy import k8s
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +236,17 @@ def _plan_document(doc: Document | Mapping[str, Any], index: int, mode: str) -> 
     if not isinstance(doc, Document):
         doc = Document(f"document {index}", doc)
     try:
-        if mode == "delete":
-            kind, name, namespace = _identity_only(doc.obj)
-            return _Planned(doc.source, kind, name, namespace, None)
-        resource = r.validate(doc.obj)
-    except ValidationError as e:
+        if k8s.is_k8s_networkpolicy(doc.obj):
+            # Stored as Calico's kube-controllers store it: NetworkPolicy knp.default.<name>.
+            if mode == "delete":
+                knp_name, knp_namespace = k8s.identity(doc.obj)
+                return _Planned(doc.source, "NetworkPolicy", knp_name, knp_namespace, None)
+            resource = r.validate(k8s.convert_k8s_networkpolicy(doc.obj))
+        elif mode == "delete":
+            return _Planned(doc.source, *_identity_only(doc.obj), None)
+        else:
+            resource = r.validate(doc.obj)
+    except ValueError as e:  # ValidationError, or the Kubernetes conversion's ValueError
         raise ApplyError(f"{doc.source}: {e}") from None
     kind, name, namespace = r.identity(resource)
     return _Planned(doc.source, kind, name, namespace, resource)
@@ -349,6 +358,9 @@ def _expand(values: list[Any], source: str) -> Iterator[Document]:
             for i, item in enumerate(items, start=1):
                 if item_kind and isinstance(item, dict):
                     item.setdefault("kind", item_kind)
+                    # `kubectl get networkpolicy -o yaml` items carry no apiVersion of their own.
+                    if isinstance(value.get("apiVersion"), str):
+                        item.setdefault("apiVersion", value["apiVersion"])
                 yield Document(f"{where} item {i}", item)
         else:
             yield Document(where, value)
