@@ -1,5 +1,9 @@
-"""BGP for felixpy: ExaBGP sidecar bridge, RIB and BIRD route-reflector config (arrives with the BGP issue).
+"""BGP building blocks for felixpy: peer selection, ExaBGP/BIRD config, the ExaBGP sidecar and a RIB.
 
-Until then the agent's `vxlan` networking backend routes between nodes from the datastore
-(docs/dataplane.md); this package is deliberately empty.
+Modules (see docs/bgp.md): `peers` (Calico's peer selection), `config` (ExaBGP conf + env),
+`bird` (BIRD 2 route-reflector conf), `protocol` (ExaBGP commands, JSON → events, socket codec),
+`rib` (best path, graceful restart), `sidecar` (ExaBGP's API process, `python -m bgp.sidecar`),
+`client` (the agent side of the sidecar socket).
+
+This package is fed plain values and never imports felixpy; felixpy imports it.
 """

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client iptables ipset iproute2 iputils-ping conntrack
-              containernetworking-plugins procps)
+              containernetworking-plugins procps gcc make libc6-dev bird2 frr gobgpd)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -76,6 +76,8 @@ def run(env, stdin_text):
                       "supported: " + ", ".join(SUPPORTED_VERSIONS)), 1
 
     path = config.get("agent_socket") or DEFAULT_SOCKET
+    if not isinstance(path, str):
+        return _error(version, INVALID_CONFIG, "agent_socket must be a string", "agent_socket=%r" % (path,)), 1
     cni_env = {k: v for k, v in env.items() if k.startswith("CNI_")}
     try:
         reply = _ask_agent(path, {"env": cni_env, "config": config})

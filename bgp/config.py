@@ -1,0 +1,163 @@
+"""Render ExaBGP 5's configuration and env file for one node from plain values.
+
+Pure text rendering (tested as strings). The choices follow the measured spike
+(`../shared/docs/exabgp-notes.md`):
+- `exabgp.daemon.user = 'root'` and `drop = false`: with the default (nobody) the API process cannot
+  program routes and a respawned one cannot even start (gotcha 3).
+- `api.ack = true`: the sidecar relays every `done`/`error` to the agent, which waits for it.
+- `api.cli = false`: the CLI needs pre-created FIFOs and costs a 29 MB relay process.
+- `log.level = WARNING` by default: INFO writes one line per route and halves announce throughput.
+- Every neighbour `listen`s on the node address so a restarted peer reconnects at once instead of
+  waiting for ExaBGP's connect backoff (up to 60 s); a mesh pair's lower IP is `passive`.
+- Graceful restart with `manual-eor true`: the agent sends End-of-RIB after re-announcing, so a
+  restart is hitless (gotcha 6). `maxRestartTime` 0 turns graceful restart off for that peer.
+- `route-refresh` so a respawned API process can ask peers to resend (gotcha 7).
+- `receive { parsed; update; open; }` plus `neighbor-changes`: the OPEN tells the RIB whether the peer
+  negotiated graceful restart.
+- MD5 passwords are written base64-encoded (`md5-base64 true`), so any secret survives ExaBGP's
+  tokeniser unquoted and unescaped.
+
+Neighbours are static in ExaBGP: change them by re-rendering the file and sending SIGUSR1 (never
+SIGHUP, which shuts ExaBGP down). Changing an existing neighbour's stanza tears its session down
+(Cease 6/3), so rendering is deterministic: the same inputs give byte-identical text.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass
+from bgp.peers import Peer
+
+PROCESS_NAME = "felixpy-sidecar"
+DEFAULT_HOLD_TIME = 90
+
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_./:@+=,-]+")
+
+
+@dataclass(frozen=True)
+class SpeakerConfig:
+    """Everything ExaBGP's configuration for one node is rendered from."""
+
+    node_name: str
+    router_id: str
+    local_address: str
+    as_number: int
+    peers: tuple[Peer, ...]
+    sidecar_socket: str  # unix socket the sidecar serves the agent on
+    python: str = sys.executable  # interpreter that runs `-m bgp.sidecar`
+    hold_time: int = DEFAULT_HOLD_TIME
+    listen_port: int = 179
+
+
+def sidecar_command(python: str, socket_path: str) -> str:
+    """The `run` line of the process stanza. ExaBGP splits it on whitespace, so no quoting exists."""
+    for part in (python, socket_path):
+        if not _SAFE_WORD.fullmatch(part):
+            raise ValueError(f"path {part!r} cannot appear in ExaBGP's run line (whitespace or special characters)")
+    return f"{python} -m bgp.sidecar --socket {socket_path}"
+
+
+def _md5_base64(password: str) -> str:
+    raw = password.encode()
+    if not 0 < len(raw) <= 80:
+        # TCP_MD5SIG_MAXKEYLEN in the kernel.
+        raise ValueError("BGP password must be 1 to 80 bytes long")
+    return base64.b64encode(raw).decode()
+
+
+def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
+    ipaddress.ip_address(peer.address)
+    lines = [
+        f"neighbor {peer.address} {{",
+        f'    description "{peer.name} {peer.type.value}";',
+        f"    router-id {cfg.router_id};",
+    ]
+    if peer.source_address is not None:
+        lines.append(f"    local-address {peer.source_address};")
+    lines += [
+        f"    local-as {cfg.as_number};",
+        f"    peer-as {peer.as_number};",
+        f"    hold-time {cfg.hold_time};",
+        f"    listen {cfg.listen_port};",
+    ]
+    if peer.port != 179:
+        lines.append(f"    connect {peer.port};")
+    if peer.passive:
+        lines.append("    passive true;")
+    if peer.password:
+        lines += [f"    md5-password {_md5_base64(peer.password)};", "    md5-base64 true;"]
+    graceful = peer.max_restart_time > 0
+    if graceful:
+        lines.append("    manual-eor true;")
+    lines += [
+        "    family {",
+        "        ipv4 unicast;",
+        "    }",
+        "    capability {",
+        "        route-refresh;",
+    ]
+    if graceful:
+        lines.append(f"        graceful-restart {peer.max_restart_time};")
+    lines += [
+        "    }",
+        "    api {",
+        f"        processes [ {PROCESS_NAME} ];",
+        "        neighbor-changes;",
+        "        receive {",
+        "            parsed;",
+        "            update;",
+        "            open;",
+        "        }",
+        "    }",
+        "}",
+    ]
+    return lines
+
+
+def render_exabgp_conf(cfg: SpeakerConfig) -> str:
+    """The ExaBGP configuration file text for `cfg` (deterministic)."""
+    for value in (cfg.router_id, cfg.local_address):
+        ipaddress.IPv4Address(value)
+    if not 0 < cfg.as_number < 2**32:
+        raise ValueError(f"invalid AS number {cfg.as_number}")
+    lines = [
+        f"# ExaBGP configuration for node {cfg.node_name}, rendered by felixpy (bgp.config). Do not edit.",
+        f"process {PROCESS_NAME} {{",
+        f"    run {sidecar_command(cfg.python, cfg.sidecar_socket)};",
+        "    encoder json;",
+        "}",
+    ]
+    for peer in sorted(cfg.peers, key=lambda p: (ipaddress.ip_address(p.address).version,
+                                                 int(ipaddress.ip_address(p.address)))):
+        lines.append("")
+        lines += _neighbor(cfg, peer)
+    return "\n".join(lines) + "\n"
+
+
+def render_exabgp_env(*, log_destination: str = "stderr", log_level: str = "WARNING") -> str:
+    """ExaBGP's ini env file (pass with `--env-file`)."""
+    if log_level not in ("DEBUG", "INFO", "NOTICE", "WARNING", "ERR", "CRIT"):
+        raise ValueError(f"invalid ExaBGP log level {log_level!r}")
+    if not _SAFE_WORD.fullmatch(log_destination):
+        raise ValueError(f"invalid ExaBGP log destination {log_destination!r}")
+    return (
+        "# ExaBGP environment, rendered by felixpy (bgp.config). Do not edit.\n"
+        "[exabgp.daemon]\n"
+        "user = 'root'\n"
+        "daemonize = false\n"
+        "drop = false\n"
+        "\n"
+        "[exabgp.log]\n"
+        f"destination = '{log_destination}'\n"
+        f"level = {log_level}\n"
+        "\n"
+        "[exabgp.api]\n"
+        "ack = true\n"
+        "encoder = json\n"
+        "cli = false\n"
+        "respawn = true\n"
+    )
+

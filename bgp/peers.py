@@ -1,0 +1,354 @@
+"""Calico's BGP peer selection: which sessions one node opens, computed from plain values.
+
+This is the part of confd's `getBGPConfig` that decides *who* a node peers with (calico-reference
+§3.6 "Mesh generation", §3.7). Inputs are the Nodes, the global BGPConfiguration and the BGPPeers,
+already reduced to small values (`NodeInfo`, `BGPSettings`, `BGPPeerSpec`; the `from_resource`
+helpers read projectcalico.org/v3 objects). The output is this node's sorted list of `Peer`s, which
+`bgp.config` renders for ExaBGP and `bgp.bird` for a BIRD route reflector.
+
+Rules, as confd applies them:
+- Full mesh (`nodeToNodeMeshEnabled`, default true) only on nodes without a route-reflector cluster
+  ID; it pairs with every other node that has an IPv4 address and no cluster ID. The node with the
+  lexically lower IP string is passive for a mesh pair, so only one side initiates.
+- A BGPPeer applies to this node when `node` names it, or `nodeSelector` matches its labels, or
+  neither is set (a "global" peer). It names the remote side by `peerIP` (+ `asNumber`) or by
+  `peerSelector` (the Calico nodes it selects; their AS comes from the Node or the global AS).
+- Reverse peering: a node selected by some BGPPeer's `peerSelector` also peers with the nodes that
+  BGPPeer applies to, so both ends of a selector-based session are configured.
+- A peer is a route-reflector *client* of this node iff this node has a cluster ID, the session is
+  iBGP, and the peer has no cluster ID or a different one. Two reflectors sharing a cluster ID peer
+  as plain iBGP.
+- Never a session to our own address. When several rules name the same address, the most specific
+  wins: node-scoped BGPPeer, then global BGPPeer, then mesh.
+
+Pure: no I/O, imports only the selector language.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from policy.selectors import parse
+
+DEFAULT_AS_NUMBER = 64512
+DEFAULT_PORT = 179
+# Calico's default graceful-restart time (BIRD `graceful restart` without a time).
+DEFAULT_RESTART_TIME = 120
+
+
+class PeerType(str, enum.Enum):
+    """Why a session exists; also what `felixctl node status` prints."""
+
+    MESH = "mesh"
+    GLOBAL = "global"
+    NODE = "node"
+    REFLECTOR = "reflector"  # the remote side is a Calico route reflector (has a cluster ID)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """The BGP-relevant part of a Calico Node."""
+
+    name: str
+    ipv4: str | None  # address only; a CIDR like "192.0.2.11/24" is accepted and trimmed
+    as_number: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    rr_cluster_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ipv4 is not None:
+            object.__setattr__(self, "ipv4", str(ipaddress.ip_interface(self.ipv4).ip))
+
+    @classmethod
+    def from_resource(cls, obj: Mapping[str, Any]) -> "NodeInfo":
+        meta = obj.get("metadata") or {}
+        bgp = (obj.get("spec") or {}).get("bgp") or {}
+        return cls(
+            name=str(meta["name"]),
+            ipv4=bgp.get("ipv4Address") or None,
+            as_number=_as_number(bgp.get("asNumber")),
+            labels=dict(meta.get("labels") or {}),
+            rr_cluster_id=bgp.get("routeReflectorClusterID") or None,
+        )
+
+
+@dataclass(frozen=True)
+class BGPSettings:
+    """The global BGPConfiguration (`default`) fields that shape peering."""
+
+    node_to_node_mesh: bool = True
+    as_number: int = DEFAULT_AS_NUMBER
+    node_mesh_password: str | None = None  # resolved secret value
+    node_mesh_max_restart_time: int | None = None  # seconds; None means the default
+
+    @classmethod
+    def from_resource(cls, obj: Mapping[str, Any] | None, *,
+                      node_mesh_password: str | None = None) -> "BGPSettings":
+        spec = (obj or {}).get("spec") or {}
+        mesh = spec.get("nodeToNodeMeshEnabled")
+        return cls(
+            node_to_node_mesh=True if mesh is None else bool(mesh),
+            as_number=_as_number(spec.get("asNumber")) or DEFAULT_AS_NUMBER,
+            node_mesh_password=node_mesh_password,
+            node_mesh_max_restart_time=parse_duration(spec.get("nodeMeshMaxRestartTime")),
+        )
+
+
+@dataclass(frozen=True)
+class BGPPeerSpec:
+    """One BGPPeer resource. `password` is the already-resolved secret value."""
+
+    name: str
+    node: str | None = None
+    node_selector: str | None = None
+    peer_selector: str | None = None
+    peer_ip: str | None = None  # "ip" or "ip:port"
+    as_number: int | None = None
+    password: str | None = None
+    source_address: str = "UseNodeIP"  # or "None": let the kernel choose the source
+    keep_original_next_hop: bool = False
+    max_restart_time: int | None = None  # seconds
+
+    @classmethod
+    def from_resource(cls, obj: Mapping[str, Any], *, password: str | None = None) -> "BGPPeerSpec":
+        spec = obj.get("spec") or {}
+        return cls(
+            name=str((obj.get("metadata") or {})["name"]),
+            node=spec.get("node") or None,
+            node_selector=spec.get("nodeSelector") or None,
+            peer_selector=spec.get("peerSelector") or None,
+            peer_ip=spec.get("peerIP") or None,
+            as_number=_as_number(spec.get("asNumber")),
+            password=password,
+            source_address=spec.get("sourceAddress") or "UseNodeIP",
+            keep_original_next_hop=bool(spec.get("keepOriginalNextHop", False))
+            or spec.get("nextHopMode") == "Keep",
+            max_restart_time=parse_duration(spec.get("maxRestartTime")),
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One BGP session this node should have."""
+
+    address: str
+    as_number: int
+    type: PeerType
+    name: str  # confd-style protocol name: Mesh_192_0_2_12, Global_..., Node_...
+    port: int = DEFAULT_PORT
+    password: str | None = None
+    source_address: str | None = None  # local address to bind; None lets the kernel choose
+    keep_original_next_hop: bool = False
+    max_restart_time: int = DEFAULT_RESTART_TIME  # 0 disables graceful restart
+    passive: bool = False  # wait for the peer to connect (the lower IP of a mesh pair)
+    rr_client: bool = False  # this node reflects routes to and from this peer
+    node: str | None = None  # the Calico node behind the address, when there is one
+
+
+@dataclass(frozen=True)
+class LocalSpeaker:
+    """This node's own side of every session."""
+
+    name: str
+    address: str
+    as_number: int
+    rr_cluster_id: str | None
+
+
+class PeeringError(ValueError):
+    """Bad peering input; the message is one line naming the resource and field."""
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+
+
+def parse_duration(value: object) -> int | None:
+    """Seconds from a Kubernetes/Go duration ("120s", "2m0s", "1h") or a number; None if unset."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    text = str(value).strip()
+    if not text or _DURATION_RE.sub("", text) != "":
+        raise PeeringError(f"invalid duration {value!r}")
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return int(sum(float(n) * scale[unit] for n, unit in _DURATION_RE.findall(text)))
+
+
+def _as_number(value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        # Calico also accepts AS-dot notation "1.10" = 1*65536 + 10.
+        text = str(value)
+        if "." in text:
+            high, low = text.split(".", 1)
+            number = int(high) * 65536 + int(low)
+        else:
+            number = int(text)
+    except ValueError:
+        raise PeeringError(f"invalid AS number {value!r}") from None
+    if not 0 < number < 2**32:
+        raise PeeringError(f"invalid AS number {value!r}")
+    return number
+
+
+def _split_peer_ip(text: str, resource: str) -> tuple[str, int]:
+    """ "ip", "ip:port" or "[v6]:port" → (address, port)."""
+    try:
+        return str(ipaddress.ip_address(text)), DEFAULT_PORT
+    except ValueError:
+        pass
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:]+):(\d+)", text)
+    try:
+        if not match:
+            raise ValueError
+        address = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 0 < port < 65536:
+            raise ValueError
+        return str(ipaddress.ip_address(address)), port
+    except ValueError:
+        raise PeeringError(f'BGPPeer "{resource}": spec.peerIP: invalid address {text!r}') from None
+
+
+def protocol_name(kind: PeerType, address: str, port: int = DEFAULT_PORT) -> str:
+    """confd's BIRD protocol name for a peer (also a valid BIRD and ExaBGP identifier)."""
+    prefix = {PeerType.MESH: "Mesh", PeerType.GLOBAL: "Global"}.get(kind, "Node")
+    name = f"{prefix}_{address.replace('.', '_').replace(':', '_')}"
+    return name if port == DEFAULT_PORT else f"{name}_port_{port}"
+
+
+def local_speaker(node: NodeInfo, settings: BGPSettings) -> LocalSpeaker:
+    if node.ipv4 is None:
+        raise PeeringError(f'Node "{node.name}": spec.bgp.ipv4Address is not set')
+    return LocalSpeaker(node.name, node.ipv4, node.as_number or settings.as_number, node.rr_cluster_id)
+
+
+def _selects(selector: str, labels: Mapping[str, str]) -> bool:
+    return parse(selector).evaluate(labels)
+
+
+def _applies_to(spec: BGPPeerSpec, node: NodeInfo) -> bool:
+    if spec.node:
+        return spec.node == node.name
+    if spec.node_selector:
+        return _selects(spec.node_selector, node.labels)
+    return True
+
+
+def _check_spec(spec: BGPPeerSpec) -> None:
+    if spec.node and spec.node_selector:
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.node and spec.nodeSelector are mutually exclusive')
+    if bool(spec.peer_ip) == bool(spec.peer_selector):
+        raise PeeringError(f'BGPPeer "{spec.name}": exactly one of spec.peerIP and spec.peerSelector is required')
+    if spec.peer_ip and spec.as_number is None:
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.asNumber is required with spec.peerIP')
+    if spec.source_address not in ("UseNodeIP", "None"):
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.sourceAddress must be UseNodeIP or None')
+    for selector in (spec.node_selector, spec.peer_selector):
+        if selector:
+            try:
+                parse(selector)
+            except ValueError as exc:
+                raise PeeringError(f'BGPPeer "{spec.name}": {exc}') from None
+
+
+def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSettings,
+                 bgp_peers: Iterable[BGPPeerSpec]) -> list[Peer]:
+    """This node's sessions, sorted by address. Raises PeeringError on invalid input."""
+    all_nodes = {n.name: n for n in nodes}
+    me = all_nodes.get(node_name)
+    if me is None:
+        raise PeeringError(f'Node "{node_name}" does not exist')
+    local = local_speaker(me, settings)
+    specs = list(bgp_peers)
+    for spec in specs:
+        _check_spec(spec)
+    others = [n for n in all_nodes.values() if n.name != node_name and n.ipv4 is not None]
+
+    # Rank: lower wins when two rules name the same address (most specific first).
+    found: dict[str, tuple[int, Peer]] = {}
+
+    def add(rank: int, peer: Peer) -> None:
+        if peer.address == local.address:
+            return
+        if peer.address not in found or rank < found[peer.address][0]:
+            found[peer.address] = (rank, peer)
+
+    def node_peer(kind: PeerType, other: NodeInfo, spec: BGPPeerSpec | None) -> Peer:
+        assert other.ipv4 is not None
+        as_number = other.as_number or settings.as_number
+        if kind is not PeerType.MESH and other.rr_cluster_id and other.rr_cluster_id != local.rr_cluster_id:
+            kind = PeerType.REFLECTOR
+        if spec is None:
+            password, restart, keep, source = (settings.node_mesh_password,
+                                               settings.node_mesh_max_restart_time, False, "UseNodeIP")
+        else:
+            password, restart, keep, source = (spec.password, spec.max_restart_time,
+                                               spec.keep_original_next_hop, spec.source_address)
+        return Peer(
+            address=other.ipv4,
+            as_number=as_number,
+            type=kind,
+            name=protocol_name(kind, other.ipv4),
+            password=password,
+            source_address=local.address if source == "UseNodeIP" else None,
+            keep_original_next_hop=keep,
+            max_restart_time=DEFAULT_RESTART_TIME if restart is None else restart,
+            # Both ends are Calico nodes: the higher IP initiates (confd compares the strings).
+            passive=other.ipv4 > local.address,
+            rr_client=_is_rr_client(local, as_number, other.rr_cluster_id),
+            node=other.name,
+        )
+
+    if settings.node_to_node_mesh and not local.rr_cluster_id:
+        for other in others:
+            if not other.rr_cluster_id:
+                add(2, node_peer(PeerType.MESH, other, None))
+
+    for spec in specs:
+        kind = PeerType.NODE if (spec.node or spec.node_selector) else PeerType.GLOBAL
+        rank = 0 if kind is PeerType.NODE else 1
+        if _applies_to(spec, me):
+            if spec.peer_ip:
+                address, port = _split_peer_ip(spec.peer_ip, spec.name)
+                assert spec.as_number is not None
+                add(rank, Peer(
+                    address=address,
+                    as_number=spec.as_number,
+                    type=kind,
+                    name=protocol_name(kind, address, port),
+                    port=port,
+                    password=spec.password,
+                    source_address=local.address if spec.source_address == "UseNodeIP" else None,
+                    keep_original_next_hop=spec.keep_original_next_hop,
+                    max_restart_time=(DEFAULT_RESTART_TIME if spec.max_restart_time is None
+                                      else spec.max_restart_time),
+                    rr_client=_is_rr_client(local, spec.as_number, None),
+                ))
+            else:
+                assert spec.peer_selector
+                for other in others:
+                    if _selects(spec.peer_selector, other.labels):
+                        add(rank, node_peer(kind, other, spec))
+        # Reverse peering: the selected nodes configure their end of the same sessions.
+        if spec.peer_selector and _selects(spec.peer_selector, me.labels):
+            for other in others:
+                if _applies_to(spec, other):
+                    add(rank, node_peer(kind, other, spec))
+
+    return [peer for _, peer in sorted(found.values(), key=lambda item: _address_key(item[1].address))]
+
+
+def _is_rr_client(local: LocalSpeaker, peer_as: int, peer_cluster_id: str | None) -> bool:
+    return bool(local.rr_cluster_id) and peer_as == local.as_number and peer_cluster_id != local.rr_cluster_id
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
