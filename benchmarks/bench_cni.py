@@ -3,8 +3,9 @@
 
 Brings up a one-node felixpy-lab, then from inside the node's network namespace (where kubelet
 would run) times N pod ADDs and DELs with:
-  * felixpy: the lean plugin (`python -IS`, what install-cni ships) talking to the agent, which does
+  * felixpy: the static C plugin (cni-shim/, what install-cni ships) talking to the agent, which does
     IPAM (etcd), the veth pair, the WorkloadEndpoint and waits for the pod's route;
+  * the same through the lean Python plugin (`python -IS`, for hosts that have Python);
   * felixpy-cni: the same through the pip console script (site-packages start-up);
   * baseline: the reference `ptp` + `host-local` plugins from containernetworking-plugins.
 Also prints the agent's RSS idle and with N local pods.
@@ -79,12 +80,16 @@ def inner(args: argparse.Namespace) -> None:
 
     tmp = tempfile.mkdtemp(prefix="fxbench-")
     lean = install_plugin(tmp)
+    shim_dir = os.path.join(tmp, "shim")
+    subprocess.run(["make", "-s", "-C", os.path.join(HERE, "..", "cni-shim"), f"BUILD_DIR={shim_dir}"],
+                   check=True)
     felixpy_conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "felixpy",
                     "agent_socket": args.socket, "mtu": 0}
     ref_conf = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "mtu": 1500,
                 "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": os.path.join(tmp, "hl"),
                          "routes": [{"dst": "0.0.0.0/0"}]}}
     runs = [
+        ("felixpy (static C plugin)", os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),
         ("felixpy (lean -IS plugin)", lean, felixpy_conf, BIN),
         ("felixpy-cni (console script)", os.path.join(BIN, "felixpy-cni"), felixpy_conf, BIN),
         ("ptp + host-local (reference)", "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni"),
@@ -99,7 +104,7 @@ def inner(args: argparse.Namespace) -> None:
             netns = f"/run/netns/{args.prefix}{i}"
             cid = secrets.token_hex(32)
             adds.append(run_plugin(plugin, "ADD", cid, netns, conf, "bench", f"p{i}", cni_path))
-            if label.startswith("felixpy (lean") and i == args.pods - 1:
+            if label.startswith("felixpy (static") and i == args.pods - 1:
                 results["rss_with_pods_kb"] = args.rss_probe()
             dels.append(cid)
         del_times = []
