@@ -30,9 +30,12 @@ def datastore_type(env: Mapping[str, str]) -> str:
 def open_datastore(env: Mapping[str, str]) -> Datastore:
     kind = datastore_type(env)
     if kind == "kubernetes":
-        raise DatastoreConfigError(
-            "DATASTORE_TYPE=kubernetes: the Kubernetes datastore is not available in this release; "
-            "set DATASTORE_TYPE=etcdv3 and ETCD_ENDPOINTS")
+        from felixpy.datastore.kube import KubeConfigError, open_kube_datastore
+
+        try:
+            return open_kube_datastore(env)
+        except KubeConfigError as err:
+            raise DatastoreConfigError(str(err)) from None
     endpoints = [e.strip() for e in _get(env, "ETCD_ENDPOINTS").split(",") if e.strip()]
     if not endpoints:
         raise DatastoreConfigError(

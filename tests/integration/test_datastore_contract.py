@@ -11,49 +11,66 @@ from felixpy.datastore.api import AlreadyExists, Compacted, Conflict, NotFound
 from felixpy.datastore.memory import MemoryDatastore
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture
+def kube_store(tmp_path):
+    from felixpy.datastore.kube import KubeDatastore, load_settings
+    from tests.support.fake_kube_api import FakeKubeAPI
+
+    api = FakeKubeAPI(bookmark_interval=0.2).start()
+    path = tmp_path / "kubeconfig"
+    path.write_text(api.kubeconfig())
+    store = KubeDatastore(load_settings(kubeconfig=str(path)))
+    store.compact = api.compact  # the contract tests compact through the store
+    try:
+        yield store
+    finally:
+        store.close()
+        api.stop()
+
+
+@pytest.fixture(params=["memory", "etcd", "kube"])
 def store(request):
     if request.param == "memory":
         yield MemoryDatastore()
     else:
-        yield request.getfixturevalue("etcd_store")
+        yield request.getfixturevalue(f"{request.param}_store")
 
 
 def test_create_get_update_delete(store):
-    kv = store.create("/calico/t/a", {"x": 1})
-    assert store.get("/calico/t/a").value == {"x": 1}
-    assert store.get("/calico/t/a").revision == kv.revision
+    kv = store.create("/calico/ipam/v2/handle/t-a", {"x": 1})
+    assert store.get("/calico/ipam/v2/handle/t-a").value == {"x": 1}
+    assert store.get("/calico/ipam/v2/handle/t-a").revision == kv.revision
     with pytest.raises(AlreadyExists):
-        store.create("/calico/t/a", {"x": 2})
-    kv2 = store.update("/calico/t/a", {"x": 2}, kv.revision)
+        store.create("/calico/ipam/v2/handle/t-a", {"x": 2})
+    kv2 = store.update("/calico/ipam/v2/handle/t-a", {"x": 2}, kv.revision)
     assert kv2.revision > kv.revision
     with pytest.raises(Conflict):
-        store.update("/calico/t/a", {"x": 3}, kv.revision)
+        store.update("/calico/ipam/v2/handle/t-a", {"x": 3}, kv.revision)
     with pytest.raises(Conflict):
-        store.delete("/calico/t/a", kv.revision)
-    store.delete("/calico/t/a", kv2.revision)
+        store.delete("/calico/ipam/v2/handle/t-a", kv.revision)
+    store.delete("/calico/ipam/v2/handle/t-a", kv2.revision)
     with pytest.raises(NotFound):
-        store.get("/calico/t/a")
+        store.get("/calico/ipam/v2/handle/t-a")
     with pytest.raises(NotFound):
-        store.update("/calico/t/a", {}, kv2.revision)
+        store.update("/calico/ipam/v2/handle/t-a", {}, kv2.revision)
     with pytest.raises(NotFound):
-        store.delete("/calico/t/a")
+        store.delete("/calico/ipam/v2/handle/t-a")
 
 
 def test_list_is_sorted_and_prefix_bounded(store):
     for name in ("b", "a", "c"):
-        store.create(f"/calico/t/{name}", {"n": name})
-    store.create("/calico/u/z", {})
-    items, rev = store.list("/calico/t/")
-    assert [kv.key for kv in items] == ["/calico/t/a", "/calico/t/b", "/calico/t/c"]
+        store.create(f"/calico/ipam/v2/handle/t-{name}", {"n": name})
+    store.create("/calico/ipam/v2/handle/u-z", {})
+    items, rev = store.list("/calico/ipam/v2/handle/t-")
+    assert [kv.key for kv in items] == ["/calico/ipam/v2/handle/t-a", "/calico/ipam/v2/handle/t-b", "/calico/ipam/v2/handle/t-c"]
     assert rev >= max(kv.revision for kv in items)
 
 
 def test_watch_replays_from_revision_in_order(store):
-    kv = store.create("/calico/t/a", {"v": 1})
-    store.update("/calico/t/a", {"v": 2}, kv.revision)
-    store.delete("/calico/t/a")
-    watch = store.watch("/calico/t/", kv.revision)
+    kv = store.create("/calico/ipam/v2/handle/t-a", {"v": 1})
+    store.update("/calico/ipam/v2/handle/t-a", {"v": 2}, kv.revision)
+    store.delete("/calico/ipam/v2/handle/t-a")
+    watch = store.watch("/calico/ipam/v2/handle/t-", kv.revision)
     seen = []
     done = threading.Event()
 
@@ -66,36 +83,36 @@ def test_watch_replays_from_revision_in_order(store):
 
     t = threading.Thread(target=consume, daemon=True)
     t.start()
-    store.create("/calico/t/b", {"v": 9})
+    store.create("/calico/ipam/v2/handle/t-b", {"v": 9})
     assert done.wait(5), seen
     watch.close()
     assert [(e.key, e.value) for e in seen] == [
-        ("/calico/t/a", {"v": 1}),
-        ("/calico/t/a", {"v": 2}),
-        ("/calico/t/a", None),
-        ("/calico/t/b", {"v": 9}),
+        ("/calico/ipam/v2/handle/t-a", {"v": 1}),
+        ("/calico/ipam/v2/handle/t-a", {"v": 2}),
+        ("/calico/ipam/v2/handle/t-a", None),
+        ("/calico/ipam/v2/handle/t-b", {"v": 9}),
     ]
     assert [e.revision for e in seen] == sorted(e.revision for e in seen)
 
 
 def test_watch_from_compacted_revision_raises(store):
-    kv = store.create("/calico/t/a", {"v": 1})
+    kv = store.create("/calico/ipam/v2/handle/t-a", {"v": 1})
     for i in range(3):
-        kv = store.update("/calico/t/a", {"v": i}, kv.revision)
+        kv = store.update("/calico/ipam/v2/handle/t-a", {"v": i}, kv.revision)
     store.compact(kv.revision)
     with pytest.raises(Compacted):
-        watch = store.watch("/calico/t/", kv.revision - 2)
+        watch = store.watch("/calico/ipam/v2/handle/t-", kv.revision - 2)
         for _ in watch:  # memory raises on iteration start, etcd on creation
             break
 
 
 def test_concurrent_cas_increments_lose_nothing(store):
-    store.create("/calico/t/counter", {"n": 0})
+    store.create("/calico/ipam/v2/handle/t-counter", {"n": 0})
 
     def bump(times: int) -> None:
         for _ in range(times):
             while True:
-                kv = store.get("/calico/t/counter")
+                kv = store.get("/calico/ipam/v2/handle/t-counter")
                 try:
                     store.update(kv.key, {"n": kv.value["n"] + 1}, kv.revision)
                     break
@@ -107,4 +124,4 @@ def test_concurrent_cas_increments_lose_nothing(store):
         t.start()
     for t in threads:
         t.join(30)
-    assert store.get("/calico/t/counter").value == {"n": 100}
+    assert store.get("/calico/ipam/v2/handle/t-counter").value == {"n": 100}
