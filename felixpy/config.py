@@ -56,6 +56,11 @@ ENCAP_ACCEPTS = 'accepted values are Always, CrossSubnet, Never (case-insensitiv
 BOOL_ACCEPTS = "accepted values are true, false (case-insensitive; also 1, 0, yes, no, y, n, t, f)"
 SECONDS_ACCEPTS = "expected a number of seconds >= 0 (0 disables)"
 MTU_ACCEPTS = "expected 0 (auto) or an MTU from 68 to 65535"
+FAILSAFE_ACCEPTS = 'expected a comma-separated list of PROTOCOL:PORT (tcp, udp or sctp; e.g. "tcp:22,udp:68") or none'
+DEFAULT_FAILSAFE_INBOUND = (("tcp", 22), ("udp", 68), ("tcp", 179), ("tcp", 2379), ("tcp", 2380),
+                            ("tcp", 5473), ("tcp", 6443), ("tcp", 6666), ("tcp", 6667))
+DEFAULT_FAILSAFE_OUTBOUND = (("udp", 53), ("udp", 67), ("tcp", 179), ("tcp", 2379), ("tcp", 2380),
+                             ("tcp", 5473), ("tcp", 6443), ("tcp", 6666), ("tcp", 6667))
 ABS_PATH_ACCEPTS = "expected an absolute path"
 AUTODETECT_ACCEPTS = (
     "accepted values are first-found, interface=REGEX[,REGEX...], skip-interface=REGEX[,REGEX...], "
@@ -156,6 +161,20 @@ _VARS: list[Variable] = [
              "What happens to traffic from a pod to its own host."),
     Variable("FELIX_HEALTHENABLED", "Felix", "`false`", BOOL_ACCEPTS, "Serve /liveness and /readiness."),
     Variable("FELIX_HEALTHPORT", "Felix", "`9099`", "expected a TCP port from 1 to 65535", "Port of the health endpoints."),
+    Variable("FELIX_HEALTHHOST", "Felix", "`localhost`", "expected a host name or IP address",
+             "Address the health endpoints listen on."),
+    Variable("FELIX_PROMETHEUSMETRICSENABLED", "Felix", "`false`", BOOL_ACCEPTS,
+             "Serve Prometheus metrics (`felixpy_*`, see docs/operations.md)."),
+    Variable("FELIX_PROMETHEUSMETRICSPORT", "Felix", "`9091`", "expected a TCP port from 1 to 65535",
+             "Port of the metrics endpoint."),
+    Variable("FELIX_PROMETHEUSMETRICSHOST", "Felix", "`\"\"` (all addresses)", "expected a host name or IP address",
+             "Address the metrics endpoint listens on."),
+    Variable("FELIX_FAILSAFEINBOUNDHOSTPORTS", "Felix",
+             "`tcp:22,udp:68,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667`", FAILSAFE_ACCEPTS,
+             "Inbound host ports felixpy policy never blocks (`none` for no failsafes)."),
+    Variable("FELIX_FAILSAFEOUTBOUNDHOSTPORTS", "Felix",
+             "`udp:53,udp:67,tcp:179,tcp:2379,tcp:2380,tcp:5473,tcp:6443,tcp:6666,tcp:6667`", FAILSAFE_ACCEPTS,
+             "Outbound host ports felixpy policy never blocks (`none` for no failsafes)."),
     Variable("FELIX_INTERFACEPREFIX", "Felix", "`cali`",
              'expected a comma-separated list of interface name prefixes (1-14 of a-z, A-Z, 0-9, ".", "-", "_")',
              "Host-side names of pod interfaces start with one of these."),
@@ -261,6 +280,12 @@ class FelixConfig:
     default_endpoint_to_host_action: str  # DROP | RETURN | ACCEPT
     health_enabled: bool
     health_port: int
+    health_host: str
+    prometheus_metrics_enabled: bool
+    prometheus_metrics_port: int
+    prometheus_metrics_host: str
+    failsafe_inbound: tuple[tuple[str, int], ...]
+    failsafe_outbound: tuple[tuple[str, int], ...]
     interface_prefixes: tuple[str, ...]
 
     def unused_params(self) -> list[str]:
@@ -516,6 +541,27 @@ def _parse_interface_prefixes(name: str, value: str) -> tuple[str, ...]:
     return prefixes
 
 
+def _parse_host(name: str, value: str) -> str:
+    host = value.strip()
+    if any(c.isspace() for c in host) or "/" in host:
+        raise _fail(name, value)
+    return host
+
+
+def _parse_failsafe_ports(name: str, value: str) -> tuple[tuple[str, int], ...]:
+    text = value.strip()
+    if text.lower() == "none":
+        return ()
+    ports = []
+    for item in text.split(","):
+        proto, sep, port = item.strip().rpartition(":")
+        if not sep or proto.lower() not in ("tcp", "udp", "sctp") or not port.isdigit() \
+                or not 1 <= int(port) <= 65535:
+            raise _fail(name, value, f"bad entry {item.strip()!r}")
+        ports.append((proto.lower(), int(port)))
+    return tuple(ports)
+
+
 def _parse_regex(name: str, value: str) -> str:
     try:
         re.compile(value)
@@ -698,6 +744,12 @@ def _load_felix(env: Mapping[str, str]) -> FelixConfig:
         default_endpoint_to_host_action=get("defaultendpointtohostaction", _choice("DROP", "RETURN", "ACCEPT"), "DROP"),
         health_enabled=get("healthenabled", parse_bool, False),
         health_port=get("healthport", _int_range(1, 65535), 9099),
+        health_host=get("healthhost", _parse_host, "localhost"),
+        prometheus_metrics_enabled=get("prometheusmetricsenabled", parse_bool, False),
+        prometheus_metrics_port=get("prometheusmetricsport", _int_range(1, 65535), 9091),
+        prometheus_metrics_host=get("prometheusmetricshost", _parse_host, ""),
+        failsafe_inbound=get("failsafeinboundhostports", _parse_failsafe_ports, DEFAULT_FAILSAFE_INBOUND),
+        failsafe_outbound=get("failsafeoutboundhostports", _parse_failsafe_ports, DEFAULT_FAILSAFE_OUTBOUND),
         interface_prefixes=get("interfaceprefix", _parse_interface_prefixes, ("cali",)),
     )
 

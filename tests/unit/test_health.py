@@ -1,0 +1,265 @@
+"""Health checks (felixpy/node/health.py) and the metrics exposition (felixpy/node/metrics.py), without sockets.
+
+The exposition is checked by a strict parser of the Prometheus text format 0.0.4 below, not by
+comparing strings: every line must parse, every sample must belong to a declared family, and
+histogram buckets must be cumulative with +Inf equal to _count. HTTP round trips are in
+tests/integration/test_health_metrics.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from felixpy.datastore import keys
+from felixpy.datastore.memory import MemoryDatastore
+from felixpy.ipam.block import Block
+from felixpy.node.health import DatastoreProbe, HealthServer, add_agent_checks, heartbeat_check
+from felixpy.node.metrics import BGP_STATES, Counter, Gauge, Histogram, IPAMUsage, Metrics, Registry
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeStatus:
+    in_sync: bool = False
+    last_apply_ok: bool = False
+    last_apply_error: str = ""
+    last_tick: float = 0.0
+
+
+# -- health ---------------------------------------------------------------------------------------
+def test_starting_agent_is_live_but_not_ready() -> None:
+    server = HealthServer("127.0.0.1", 0)
+    live, ready = server.liveness(), server.readiness()
+    assert (live.status, live.body) == (200, "live (starting)\n")
+    assert (ready.status, ready.body) == (503, "not ready: starting\n")
+
+
+def test_readiness_needs_sync_and_a_good_apply() -> None:
+    server = HealthServer("127.0.0.1", 0)
+    status = FakeStatus()
+    assert add_agent_checks(server, status) is None  # no store: no probe
+    ready = server.readiness()
+    assert ready.status == 503
+    assert ready.body == "not ready: datastore-sync: not in sync with the datastore; dataplane: not applied yet\n"
+    status.in_sync = True
+    status.last_apply_error = "iptables-restore failed (exit 4)"
+    assert server.readiness().body == "not ready: dataplane: last apply failed: iptables-restore failed (exit 4)\n"
+    status.last_apply_ok, status.last_apply_error = True, ""
+    assert (server.readiness().status, server.readiness().body) == (200, "ready\n")
+    status.in_sync = False  # e.g. the syncer is relisting after an outage
+    assert server.readiness().status == 503
+
+
+def test_bgp_is_one_more_readiness_check() -> None:
+    server = HealthServer("127.0.0.1", 0)
+    server.add_readiness("bgp", lambda: (False, "BGP not established with 192.0.2.2"))
+    assert server.readiness().body == "not ready: bgp: BGP not established with 192.0.2.2\n"
+
+
+def test_liveness_follows_the_heartbeat() -> None:
+    clock = FakeClock()
+    status = FakeStatus(last_tick=clock.now)
+    server = HealthServer("127.0.0.1", 0)
+    server.add_liveness("agent-loop", heartbeat_check(lambda: status.last_tick, timeout=90, clock=clock))
+    assert server.liveness().status == 200 and server.liveness().body == "live\n"
+    clock.now += 90
+    assert server.liveness().status == 200
+    clock.now += 1
+    live = server.liveness()
+    assert live.status == 503 and live.body == "not live: agent-loop: agent loop has not run for 91s (limit 90s)\n"
+    status.last_tick = clock.now
+    assert server.liveness().status == 200
+
+
+def test_a_check_that_raises_fails_instead_of_breaking_the_endpoint() -> None:
+    server = HealthServer("127.0.0.1", 0)
+
+    def broken() -> tuple[bool, str]:
+        raise KeyError("x")
+
+    server.add_readiness("broken", broken)
+    assert server.readiness().status == 503
+    assert "broken: check raised KeyError" in server.readiness().body
+
+
+def test_datastore_probe_flips_with_the_datastore() -> None:
+    clock = FakeClock()
+    store = MemoryDatastore()
+    probe = DatastoreProbe(store, interval=5, clock=clock)
+    assert probe.check() == (False, "datastore not reachable: no answer yet")
+    assert probe.probe_once()  # NotFound is an answer
+    assert probe.check() == (True, "")
+    store.available = False
+    assert not probe.probe_once()
+    ok, detail = probe.check()
+    assert not ok and detail.startswith("datastore not reachable: ")
+    store.available = True
+    assert probe.probe_once() and probe.check()[0]
+    clock.now += 16  # the probe thread itself is stuck: stale after 3 intervals
+    assert probe.check() == (False, "datastore has not answered for 16s")
+
+
+# -- the exposition parser ----------------------------------------------------------------------
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
+_SAMPLE = re.compile(rf"^({_NAME})(\{{(?:{_LABEL})(?:,{_LABEL})*\}})? (\S+)$")
+_LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"')
+
+
+def parse_exposition(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """(family -> type, (sample name, labels) -> value); raises AssertionError on any bad line."""
+    assert text.endswith("\n")
+    types: dict[str, str] = {}
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            assert re.match(rf"^# HELP {_NAME} \S", line), line
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            assert name not in types, f"family {name} declared twice"
+            types[name] = kind
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"bad sample line: {line!r}"
+        name, labels_text, value_text = match.groups()
+        labels = frozenset(_LABEL_RE.findall(labels_text or ""))
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert family in types, f"sample {name} has no TYPE"
+        if types[family] == "histogram":
+            assert name != family, f"histogram {family} sample without suffix"
+        value = float(value_text.replace("+Inf", "inf").replace("-Inf", "-inf"))
+        key = (name, labels)
+        assert key not in samples, f"duplicate sample {line}"
+        samples[key] = value
+    # Histograms: cumulative buckets, +Inf == _count.
+    for family, kind in types.items():
+        if kind != "histogram":
+            continue
+        series: dict[frozenset[tuple[str, str]], list[tuple[float, float]]] = {}
+        for (name, labels), value in samples.items():
+            if name == family + "_bucket":
+                le = dict(labels)["le"]
+                rest = frozenset(kv for kv in labels if kv[0] != "le")
+                series.setdefault(rest, []).append((float(le.replace("+Inf", "inf")), value))
+        for rest, buckets in series.items():
+            buckets.sort()
+            assert buckets[-1][0] == math.inf
+            counts = [c for _, c in buckets]
+            assert counts == sorted(counts), f"{family} buckets not cumulative"
+            assert samples[(family + "_count", rest)] == counts[-1]
+            assert (family + "_sum", rest) in samples
+    return types, samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def test_every_documented_metric_is_exported_from_the_start() -> None:
+    types, samples = parse_exposition(Metrics().render())
+    assert types == {
+        "felixpy_dataplane_apply_seconds": "histogram",
+        "felixpy_resyncs_total": "counter",
+        "felixpy_routes_programmed": "gauge",
+        "felixpy_iptables_rules": "gauge",
+        "felixpy_ipam_blocks": "gauge",
+        "felixpy_ipam_ips_in_use": "gauge",
+        "felixpy_ipam_ips_borrowed": "gauge",
+        "felixpy_bgp_sessions": "gauge",
+        "felixpy_cni_request_seconds": "histogram",
+    }
+    assert {value(samples, "felixpy_bgp_sessions", state=s) for s in BGP_STATES} == {0.0}
+    assert value(samples, "felixpy_cni_request_seconds_count", command="ADD") == 0
+
+
+def test_agent_calls_show_up_in_the_exposition() -> None:
+    m = Metrics()
+    for seconds in (0.0005, 0.004, 0.004, 0.3, 20.0):
+        m.observe_apply(seconds)
+    m.resync()
+    m.resync()
+    m.routes_programmed(12)
+    m.iptables_rules(345)
+    m.bgp_sessions({"Established": 2, "Active": 1})
+    m.observe_cni("add", 0.2)
+    m.observe_cni("DEL", 0.02)
+    m.ipam(blocks=2, in_use=70, borrowed=3)
+    _, s = parse_exposition(m.render())
+    assert value(s, "felixpy_dataplane_apply_seconds_count") == 5
+    assert value(s, "felixpy_dataplane_apply_seconds_sum") == pytest.approx(20.3085)
+    assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="0.001") == 1
+    assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="0.005") == 3
+    assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="10") == 4
+    assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="+Inf") == 5
+    assert value(s, "felixpy_resyncs_total") == 2
+    assert value(s, "felixpy_routes_programmed") == 12
+    assert value(s, "felixpy_iptables_rules") == 345
+    assert value(s, "felixpy_bgp_sessions", state="Established") == 2
+    assert value(s, "felixpy_bgp_sessions", state="Idle") == 0
+    assert value(s, "felixpy_cni_request_seconds_count", command="ADD") == 1
+    assert value(s, "felixpy_cni_request_seconds_bucket", command="DEL", le="0.025") == 1
+    assert (value(s, "felixpy_ipam_blocks"), value(s, "felixpy_ipam_ips_in_use"),
+            value(s, "felixpy_ipam_ips_borrowed")) == (2, 70, 3)
+
+
+def test_label_values_are_escaped() -> None:
+    r = Registry()
+    g: Gauge = r.register(Gauge("x_info", "Escaping.", ("v",)))
+    g.set(1, v='a "quoted" back\\slash\nnewline')
+    _, s = parse_exposition(r.render())
+    assert list(s) == [("x_info", frozenset({("v", 'a \\"quoted\\" back\\\\slash\\nnewline')}))]
+
+
+def test_metric_misuse_is_refused() -> None:
+    with pytest.raises(ValueError, match="_total"):
+        Counter("felixpy_resyncs", "no suffix")
+    c = Counter("c_total", "c")
+    with pytest.raises(ValueError, match="only goes up"):
+        c.inc(-1)
+    with pytest.raises(ValueError, match="labels"):
+        c.inc(1, extra="x")
+    with pytest.raises(ValueError, match="increasing"):
+        Histogram("h", "h", (1.0, 0.5))
+    r = Registry()
+    r.register(Gauge("g", "g"))
+    with pytest.raises(ValueError, match="twice"):
+        r.register(Gauge("g", "g"))
+
+
+def _block(cidr: str, owner: str | None, allocations: dict[str, str]) -> dict[str, Any]:
+    block = Block.new(cidr, affinity=f"host:{owner}" if owner else None)
+    for ip, node in allocations.items():
+        block.assign_ip(ip, f"h-{ip}", {"node": node})
+    return block.to_json()
+
+
+def test_ipam_usage_tracks_own_and_borrowed_addresses() -> None:
+    m = Metrics()
+    usage = IPAMUsage("n1", m)
+    k1, k2, k3 = (keys.block_key(c) for c in ("10.0.0.0/26", "10.0.0.64/26", "10.0.0.128/26"))
+    usage.on_update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1", "10.0.0.2": "n1"}))
+    usage.on_update(k2, _block("10.0.0.64/26", "n2", {"10.0.0.65": "n2", "10.0.0.66": "n1"}))
+    usage.on_update(k3, _block("10.0.0.128/26", "n1", {}))
+    usage.on_update(keys.resource_key("nodes", "n1"), {"spec": {}})  # not a block: ignored
+    assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (2, 3, 1)
+    usage.on_update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1"}))
+    usage.on_update(k2, None)
+    assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (2, 1, 0)
+    usage.on_update(k3, None)
+    usage.on_update(k1, None)
+    assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (0, 0, 0)
