@@ -89,14 +89,30 @@ class _Metric(abc.ABC):
         return self.header() + self.samples()
 
 
-class Counter(_Metric):
+class _Scalar(_Metric):
+    """One float per label set: what counters and gauges share."""
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self._values: dict[LabelValues, float] = {} if labelnames else {(): 0.0}
+
+    def get(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_labels(self.labelnames, k)} {format_value(v)}" for k, v in items]
+
+
+class Counter(_Scalar):
     kind = "counter"
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         if not name.endswith("_total"):
             raise ValueError(f"counter {name} must end in _total")
         super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {} if labelnames else {(): 0.0}
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
@@ -105,36 +121,14 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
-    def get(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
 
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {format_value(v)}" for k, v in items]
-
-
-class Gauge(_Metric):
+class Gauge(_Scalar):
     kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {} if labelnames else {(): 0.0}
 
     def set(self, value: float, **labels: str) -> None:
         key = self._key(labels)
         with self._lock:
             self._values[key] = float(value)
-
-    def get(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {format_value(v)}" for k, v in items]
 
 
 class Histogram(_Metric):
