@@ -317,12 +317,8 @@ def cmd_apply(args: argparse.Namespace, delete: bool = False) -> int:
         docs = read_documents(args.filename)
     except UserError as e:
         raise LabUsageError(str(e)) from None
-    for doc in docs:
-        obj = doc.obj if isinstance(doc.obj, dict) else {}
-        if obj.get("kind") == "NetworkPolicy" and str(obj.get("apiVersion", "")).startswith("networking.k8s.io/"):
-            raise LabUsageError(
-                f"{doc.source}: Kubernetes NetworkPolicy (networking.k8s.io/v1) arrives with "
-                "NetworkPolicy support; this release applies projectcalico.org/v3 resources")
+    # Kubernetes NetworkPolicies (networking.k8s.io/v1) are converted and stored the way Calico's
+    # kube-controllers store them (knp.default.<name>) by apply_resources itself.
     st = state.load(args.name)
     mode = "delete" if delete else "apply"
     store = pods.open_datastore(st.name)
@@ -539,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("changes", nargs="+", metavar="k=v|k-")
 
     for verb, func in (("apply", cmd_apply), ("delete", lambda a: cmd_apply(a, delete=True))):
-        p = add(verb, func, f"{verb} projectcalico.org/v3 resources from a YAML file")
+        p = add(verb, func, f"{verb} projectcalico.org/v3 resources and Kubernetes NetworkPolicies "
+                            "from a YAML file")
         p.add_argument("-f", "--filename", required=True)
 
     p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")

@@ -6,7 +6,14 @@ on the queue or read the small thread-safe snapshots the loop publishes (`node_l
 endpoint waiter).
 
 Ordering of one apply (dependencies first, deletions last):
-    ipsets.apply()  →  routes.apply()  →  nat table.apply()  →  ipsets.apply_deletions()
+    ipsets.apply()  →  routes.apply()  →  filter table.apply()  →  nat table.apply()
+    →  ipsets.apply_deletions()
+(a set must exist before a rule references it, and can only be destroyed once no rule does).
+
+Policy: calc/policy.py indexes endpoints, profiles and policies from the same updates as the
+calc graph; the PolicyManager turns its output into filter-table and ipset driver calls. The
+loop applies as soon as its queue is drained, so a policy change reaches the kernel within one
+apply of the datastore write.
 
 Failure: nothing is written to the kernel before the first IN_SYNC, so a restarted agent first
 learns the whole desired state and then reconciles; routes and rules that are still right are
@@ -24,14 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from felixpy.calc.graph import CalcGraph
+from felixpy.calc.policy import PolicyCalc
 from felixpy.dataplane.drivers.ipsets import IPSets
-from felixpy.dataplane.drivers.iptables import Table
+from felixpy.dataplane.drivers.iptables import Backend, Table
 from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers.masq import MasqManager
+from felixpy.dataplane.managers.policy import PolicyManager
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
+from policy.render import RenderConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +104,12 @@ class Agent:
         networking_backend: str,
         route_refresh_interval: float,
         iptables_refresh_interval: float,
-        iptables_backend: str | None = None,
+        iptables_backend: Backend | None = None,
         route_table: RouteTable | None = None,
         nat_table: Table | None = None,
+        filter_table: Table | None = None,
         ipsets: IPSets | None = None,
+        render_config: RenderConfig | None = None,
         on_first_apply: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
@@ -113,9 +125,17 @@ class Agent:
         self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan")
         self._routes = route_table or RouteTable()
         self._nat = nat_table or Table("nat", backend=iptables_backend)
+        # The filter table is real whenever the nat table is: a caller that injects its own
+        # drivers (tests with fakes) and no filter table runs without policy rather than
+        # writing to the host's real filter table behind its back.
+        if filter_table is None and nat_table is None:
+            filter_table = Table("filter", backend=iptables_backend)
+        self._filter = filter_table
         self._ipsets = ipsets or IPSets()
         self._route_mgr = RouteManager(self._routes)
         self._masq_mgr = MasqManager(self._nat, self._ipsets)
+        self.policy_calc = PolicyCalc(node_name, render_config)
+        self._policy_mgr = PolicyManager(self._filter, self._ipsets) if self._filter is not None else None
         self._wep_revisions: dict[str, int] = {}
         self._route_timer = _Timer(route_refresh_interval)
         self._iptables_timer = _Timer(iptables_refresh_interval)
@@ -180,6 +200,7 @@ class Agent:
             else:
                 self._wep_revisions[update.key] = update.revision
         self.calc.on_update(update)
+        self.policy_calc.on_update(update)
 
     def _apply_due(self) -> bool:
         now = time.monotonic()
@@ -190,10 +211,12 @@ class Agent:
             self.calc.dirty = True
         if now >= self._iptables_timer.due:
             self._nat.queue_resync()
+            if self._filter is not None:
+                self._filter.queue_resync()
             self._ipsets.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
-        return self.calc.dirty or now >= self._retry_at
+        return self.calc.dirty or self.policy_calc.dirty or now >= self._retry_at
 
     # -- the dataplane ---------------------------------------------------------------------
     def _apply(self) -> None:
@@ -202,10 +225,18 @@ class Agent:
         self._route_mgr.on_routes(self.calc.routes())
         self._masq_mgr.on_nat(self.calc.nat())
         try:
+            if self._policy_mgr is not None and self.policy_calc.dirty:
+                self.policy_calc.dirty = False
+                state = self.policy_calc.filter_state()
+                self._policy_mgr.on_filter(state.chains, state.jumps, state.ipsets)
             self._route_mgr.complete_deferred_work()
             self._masq_mgr.complete_deferred_work()
+            if self._policy_mgr is not None:
+                self._policy_mgr.complete_deferred_work()
             self._ipsets.apply()
             result = self._routes.apply()
+            if self._filter is not None:
+                self._filter.apply()
             self._nat.apply()
             self._ipsets.apply_deletions()
         except Exception as err:  # every driver error: keep running, retry with backoff
@@ -215,6 +246,7 @@ class Agent:
             log.error("dataplane apply failed, retry in %.1fs: %s", self._retry_delay, err)
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             self.calc.dirty = True
+            self.policy_calc.dirty = True  # memoised: recomputing on retry is cheap
             return
         pending = set(result.pending)
         if result.failed:

@@ -85,6 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_agent(config, store, result)
 
 
+def render_config(config: Any) -> Any:
+    """The policy renderer's settings from the agent configuration.
+
+    Failsafe ports stay at Calico's defaults: felixpy.config does not parse
+    FELIX_FAILSAFEINBOUNDHOSTPORTS / FELIX_FAILSAFEOUTBOUNDHOSTPORTS yet.
+    """
+    from policy.render import RenderConfig
+
+    return RenderConfig(
+        iface_prefix=config.felix.interface_prefixes[0],
+        default_endpoint_to_host_action=config.felix.default_endpoint_to_host_action,
+    )
+
+
 def run_agent(config: Any, store: Any, result: Any) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
     from felixpy.kernel import sysctl
@@ -101,6 +115,7 @@ def run_agent(config: Any, store: Any, result: Any) -> int:
         route_refresh_interval=config.felix.route_refresh_interval,
         iptables_refresh_interval=config.felix.iptables_refresh_interval,
         iptables_backend=None if iptables_backend == "auto" else iptables_backend,
+        render_config=render_config(config),
     )
 
     def ready() -> tuple[bool, str]:

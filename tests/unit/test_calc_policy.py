@@ -1,0 +1,429 @@
+"""The policy calc (calc/policy.py) as datastore state sequences, and the PolicyManager's deltas.
+
+The central property: whatever sequence of updates arrives, the incremental result equals a fresh
+PolicyCalc fed only the final state, and equals render.render_filter_table over that state.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from felixpy.calc.policy import IPSetState, PolicyCalc
+from felixpy.dataplane.managers.policy import PolicyManager
+from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate
+from policy import render
+from policy.iptables import Chain, Rule
+
+NODE = "n1"
+
+
+# -- resources as the lab and felixctl store them ------------------------------------------------
+
+def profile(ns: str, labels: dict[str, str] | None = None) -> KVUpdate:
+    to_apply = {"pcns.projectcalico.org/name": ns, "pcns.kubernetes.io/metadata.name": ns}
+    to_apply.update({f"pcns.{k}": v for k, v in (labels or {}).items()})
+    value = {"apiVersion": "projectcalico.org/v3", "kind": "Profile", "metadata": {"name": f"kns.{ns}"},
+             "spec": {"ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}],
+                      "labelsToApply": to_apply}}
+    return KVUpdate(keys.resource_key("profiles", f"kns.{ns}"), value, 1)
+
+
+def wep(node: str, ns: str, pod: str, ip: str, labels: dict[str, str] | None = None,
+        ports: list[dict[str, Any]] | None = None, iface: str | None = None) -> KVUpdate:
+    name = f"{node}-k8s-{pod}-eth0"
+    value = {
+        "apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {**(labels or {}), "projectcalico.org/namespace": ns,
+                                "projectcalico.org/orchestrator": "k8s"}},
+        "spec": {"node": node, "orchestrator": "k8s", "pod": pod, "endpoint": "eth0",
+                 "interfaceName": iface or f"cali{abs(hash((ns, pod))) % 16**11:011x}",
+                 "ipNetworks": [f"{ip}/32"], "profiles": [f"kns.{ns}"], "ports": ports or []},
+    }
+    return KVUpdate(keys.resource_key("workloadendpoints", name, ns), value, 1)
+
+
+def np(ns: str, name: str, spec: dict[str, Any]) -> KVUpdate:
+    value = {"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+             "metadata": {"name": name, "namespace": ns}, "spec": spec}
+    return KVUpdate(keys.resource_key("networkpolicies", name, ns), value, 1)
+
+
+def gnp(name: str, spec: dict[str, Any]) -> KVUpdate:
+    value = {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+             "metadata": {"name": name}, "spec": spec}
+    return KVUpdate(keys.resource_key("globalnetworkpolicies", name), value, 1)
+
+
+def deleted(update: KVUpdate) -> KVUpdate:
+    return KVUpdate(update.key, None, 2)
+
+
+def feed(calc: PolicyCalc, *updates: KVUpdate) -> PolicyCalc:
+    for u in updates:
+        calc.on_update(u)
+    return calc
+
+
+def fresh(final: dict[str, KVUpdate]) -> PolicyCalc:
+    return feed(PolicyCalc(NODE), *final.values())
+
+
+def from_scratch(calc: PolicyCalc) -> render.FilterTable:
+    return render.render_filter_table(list(calc.endpoint_chains().values()), calc.active_policies(),
+                                      calc.active_profiles(), calc.config)
+
+
+def assert_same(incremental: PolicyCalc, final: dict[str, KVUpdate]) -> None:
+    ref = fresh(final)
+    assert incremental.endpoint_chains() == ref.endpoint_chains()
+    assert incremental.active_policies() == ref.active_policies()
+    assert incremental.ipsets() == ref.ipsets()
+    state = incremental.filter_state()
+    assert dict(state.chains) == dict(ref.filter_state().chains)
+    table = from_scratch(ref)
+    assert dict(state.chains) == dict(table.chains)
+    assert set(state.ipsets) == set(table.ipsets)
+    assert {b: tuple(r) for b, r in state.jumps.items()} == {b: tuple(r) for b, r in table.jumps.items()}
+
+
+WEB_PORTS = [{"name": "http", "port": 80, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+
+
+def small_world() -> list[KVUpdate]:
+    return [
+        profile("a", {"team": "red"}), profile("b", {"team": "blue"}),
+        wep(NODE, "a", "web", "10.244.1.1", {"app": "web"}, WEB_PORTS),
+        wep(NODE, "a", "db", "10.244.1.2", {"app": "db"}),
+        wep(NODE, "b", "web", "10.244.1.3", {"app": "web"}, WEB_PORTS),
+        wep("n2", "a", "client", "10.244.2.1", {"app": "client"}),
+        wep("n2", "b", "client", "10.244.2.2", {"app": "client"}),
+    ]
+
+
+ALLOW_CLIENTS = np("a", "allow-clients", {
+    "selector": "app == 'web'", "types": ["Ingress"],
+    "ingress": [{"action": "Allow", "protocol": "TCP",
+                 "source": {"selector": "app == 'client'"}, "destination": {"ports": ["http"]}}]})
+
+
+# -- behaviour --------------------------------------------------------------------------------
+
+def by_pod(calc: PolicyCalc) -> dict[str, render.EndpointChains]:
+    return {key.rsplit("/", 2)[-2] + "/" + key.rsplit("-k8s-", 1)[1].removesuffix("-eth0"): ec
+            for key, ec in calc.endpoint_chains().items()}
+
+
+def test_only_local_endpoints_get_chains_and_unselected_ones_fall_to_profiles() -> None:
+    calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
+    chains = by_pod(calc)
+    assert set(chains) == {"a/web", "a/db", "b/web"}
+    assert chains["a/web"].ingress == ("a/allow-clients",)
+    assert chains["a/web"].egress == ()
+    assert chains["a/db"].ingress == () and chains["b/web"].ingress == ()
+    assert chains["a/web"].profiles == ("kns.a",)
+    assert set(calc.active_policies()) == {"a/allow-clients"}
+
+
+def test_ipset_members_are_cluster_wide_and_namespace_scoped() -> None:
+    calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
+    sets = calc.ipsets()
+    # The source selector is scoped to the policy's namespace: only a/client (on n2) is in it.
+    selector_sets = {n: s for n, s in sets.items() if s.type == "hash:net"}
+    assert list(selector_sets.values()) == [IPSetState("hash:net", frozenset({"10.244.2.1"}))]
+    assert all(n.startswith("cali40") and len(n) <= 31 for n in sets)
+
+
+def test_namespace_label_change_moves_endpoints_in_and_out_of_namespace_selectors() -> None:
+    policy = gnp("red-only", {"selector": "app == 'web'", "namespaceSelector": "team == 'red'",
+                              "types": ["Ingress"], "ingress": [{"action": "Deny"}]})
+    calc = feed(PolicyCalc(NODE), *small_world(), policy)
+    assert by_pod(calc)["a/web"].ingress == ("red-only",)
+    assert by_pod(calc)["b/web"].ingress == ()
+    calc.on_update(profile("b", {"team": "red"}))
+    assert by_pod(calc)["b/web"].ingress == ("red-only",)
+    calc.on_update(profile("a", {"team": "green"}))
+    assert by_pod(calc)["a/web"].ingress == ()
+
+
+def test_pod_label_change_moves_the_endpoint_and_its_ipset_membership() -> None:
+    calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
+    calc.on_update(wep("n2", "a", "client", "10.244.2.1", {"app": "other"}))
+    assert all(not s.members for s in calc.ipsets().values() if s.type == "hash:net")
+    calc.on_update(wep(NODE, "a", "db", "10.244.1.2", {"app": "web"}))
+    assert by_pod(calc)["a/db"].ingress == ("a/allow-clients",)
+
+
+def test_named_port_sets_hold_ip_proto_port_of_the_pods_declaring_the_name() -> None:
+    calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
+    named = [s for s in calc.ipsets().values() if s.type == "hash:ip,port"]
+    assert named, "a named destination port needs a hash:ip,port set"
+    assert any("10.244.1.1,tcp:80" in s.members for s in named)
+    assert all("10.244.1.2,tcp:80" not in s.members for s in named)
+
+
+def test_policy_order_and_types_order_the_endpoint_chain() -> None:
+    later = gnp("later", {"order": 200, "selector": "all()", "types": ["Ingress", "Egress"],
+                          "ingress": [{"action": "Pass"}], "egress": [{"action": "Allow"}]})
+    earlier = gnp("earlier", {"order": 100, "selector": "app == 'web'", "types": ["Ingress"],
+                              "ingress": [{"action": "Pass"}]})
+    unordered = gnp("unordered", {"selector": "app == 'web'", "types": ["Ingress"],
+                                  "ingress": [{"action": "Allow"}]})
+    calc = feed(PolicyCalc(NODE), *small_world(), unordered, later, earlier)
+    assert by_pod(calc)["a/web"].ingress == ("earlier", "later", "unordered")
+    assert by_pod(calc)["a/web"].egress == ("later",)
+
+
+def test_invalid_policy_is_absent_and_its_fix_applies() -> None:
+    bad = gnp("bad", {"selector": "app == ", "types": ["Ingress"], "ingress": [{"action": "Deny"}]})
+    calc = feed(PolicyCalc(NODE), *small_world(), bad)
+    assert calc.active_policies() == {}
+    calc.on_update(gnp("bad", {"selector": "app == 'db'", "types": ["Ingress"], "ingress": [{"action": "Deny"}]}))
+    assert set(calc.active_policies()) == {"bad"}
+    calc.on_update(bad)
+    assert calc.active_policies() == {}
+    assert by_pod(calc)["a/db"].ingress == ()
+
+
+def test_deleting_a_missing_profile_drops_it_from_endpoint_chains() -> None:
+    calc = feed(PolicyCalc(NODE), *small_world())
+    calc.on_update(deleted(profile("a")))
+    assert by_pod(calc)["a/web"].profiles == ()
+    calc.on_update(profile("a"))
+    assert by_pod(calc)["a/web"].profiles == ("kns.a",)
+
+
+def test_unchanged_chains_are_the_same_objects_after_an_unrelated_update() -> None:
+    calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
+    before = calc.filter_state().chains
+    calc.on_update(np("b", "other", {"selector": "app == 'db'", "ingress": [{"action": "Allow"}]}))
+    after = calc.filter_state().chains
+    shared = set(before) & set(after)
+    assert shared == set(before)  # "other" selects no pod: nothing went away
+    assert all(before[n] is after[n] for n in shared)
+
+
+# -- incremental == from scratch, over random sequences --------------------------------------
+
+def _random_universe(rng: random.Random) -> list[KVUpdate]:
+    choices: list[KVUpdate] = []
+    for ns in ("a", "b", "c"):
+        for labels in ({}, {"team": "red"}, {"team": "blue", "env": "prod"}):
+            choices.append(profile(ns, labels))
+    for i in range(12):
+        ns = "abc"[i % 3]
+        for labels in ({"app": "web"}, {"app": "db", "tier": "back"}, {}):
+            choices.append(wep(NODE if i % 2 else "n2", ns, f"p{i}", f"10.244.{i % 2 + 1}.{i + 1}", labels,
+                               WEB_PORTS if labels.get("app") == "web" else None))
+    selectors = ["app == 'web'", "app == 'db'", "all()", "has(tier)", "app in {'web', 'db'}"]
+    for i in range(6):
+        sel = rng.choice(selectors)
+        src = rng.choice(selectors)
+        spec: dict[str, Any] = {"selector": sel, "order": rng.choice([None, 10, 500]),
+                                "types": rng.choice([["Ingress"], ["Egress"], ["Ingress", "Egress"]]),
+                                "ingress": [{"action": rng.choice(["Allow", "Deny", "Pass"]), "protocol": "TCP",
+                                             "source": {"selector": src}, "destination": {"ports": ["http", 81]}}],
+                                "egress": [{"action": "Allow", "destination": {"namespaceSelector": "team == 'red'"}}]}
+        if spec["order"] is None:
+            del spec["order"]
+        choices.append(np("abc"[i % 3], f"pol{i % 4}", spec))
+        choices.append(gnp(f"g{i % 3}", {**spec, "namespaceSelector": rng.choice(["all()", "team == 'blue'"])}))
+    return choices
+
+
+def test_incremental_equals_from_scratch_over_random_sequences() -> None:
+    rng = random.Random(4)
+    for _round in range(8):
+        universe = _random_universe(rng)
+        calc = PolicyCalc(NODE)
+        final: dict[str, KVUpdate] = {}
+        for step in range(60):
+            update = rng.choice(universe)
+            if update.key in final and rng.random() < 0.25:
+                update = deleted(update)
+                final.pop(update.key)
+            else:
+                final[update.key] = update
+            calc.on_update(update)
+            if step % 10 == 9:
+                assert_same(calc, final)
+        assert_same(calc, final)
+
+
+# -- scale: one update at 1,000 local endpoints and 500 policies ------------------------------
+
+def test_one_policy_update_at_scale_is_cheap() -> None:
+    updates = [profile(f"ns{n}", {"team": f"t{n % 3}"}) for n in range(10)]
+    for i in range(1000):
+        updates.append(wep(NODE, f"ns{i % 10}", f"pod{i}", f"10.244.{i // 250}.{i % 250 + 1}",
+                           {"app": f"app{i % 50}", "role": "web" if i % 2 else "db"}, WEB_PORTS,
+                           iface=f"cali{i:011x}"))
+    for p in range(500):
+        updates.append(np(f"ns{p % 10}", f"pol{p}", {
+            "selector": f"app == 'app{p % 50}'", "types": ["Ingress", "Egress"],
+            "ingress": [{"action": "Allow", "protocol": "TCP", "source": {"selector": f"role == 'web' && app == 'app{(p + 1) % 50}'"},
+                         "destination": {"ports": [80, "http"]}}],
+            "egress": [{"action": "Allow", "destination": {"namespaceSelector": f"team == 't{p % 3}'"}}]}))
+    calc = feed(PolicyCalc(NODE), *updates)
+    calc.filter_state()
+    start = time.perf_counter()
+    calc.on_update(np("ns3", "pol3", {"selector": "app == 'app3'", "types": ["Ingress"],
+                                      "ingress": [{"action": "Allow", "protocol": "UDP", "destination": {"ports": [53]}}]}))
+    state = calc.filter_state()
+    policy_update = time.perf_counter() - start
+    start = time.perf_counter()
+    calc.on_update(wep(NODE, "ns7", "pod7", "10.244.0.8", {"app": "app8", "role": "db"}, WEB_PORTS,
+                       iface=f"cali{7:011x}"))
+    calc.filter_state()
+    endpoint_update = time.perf_counter() - start
+    assert len(state.chains) > 2000
+    assert policy_update < 0.25, f"policy update took {policy_update:.3f} s"
+    assert endpoint_update < 0.25, f"endpoint update took {endpoint_update:.3f} s"
+
+
+# -- the manager --------------------------------------------------------------------------------
+
+class RecordingTable:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def update_chain(self, chain: Chain) -> None:
+        self.calls.append(("update", chain.name))
+
+    def remove_chain(self, name: str) -> None:
+        self.calls.append(("remove", name))
+
+    def set_jump_rules(self, builtin: str, rules: Any) -> None:
+        self.calls.append(("jumps", builtin))
+
+
+class RecordingIPSets:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def set_members(self, name: str, set_type: str, members: Any) -> None:
+        self.calls.append(("set", name))
+
+    def remove_set(self, name: str) -> None:
+        self.calls.append(("remove", name))
+
+
+def test_manager_sends_only_the_delta() -> None:
+    table, sets = RecordingTable(), RecordingIPSets()
+    manager = PolicyManager(table, sets)  # type: ignore[arg-type]
+    chain_a = Chain("cali-a", (Rule(action="ACCEPT"),))
+    chain_b = Chain("cali-b", (Rule(action="DROP"),))
+    jumps = {"FORWARD": (Rule(action="-j cali-a"),)}
+    set_x = IPSetState("hash:net", frozenset({"10.0.0.1"}))
+    manager.on_filter({"cali-a": chain_a, "cali-b": chain_b}, jumps, {"cali40x": set_x})
+    manager.complete_deferred_work()
+    assert sorted(table.calls) == [("jumps", "FORWARD"), ("update", "cali-a"), ("update", "cali-b")]
+    assert sets.calls == [("set", "cali40x")]
+    table.calls.clear()
+    sets.calls.clear()
+    manager.on_filter({"cali-a": chain_a, "cali-b": Chain("cali-b", (Rule(action="DROP"),))}, jumps,
+                      {"cali40x": IPSetState("hash:net", frozenset({"10.0.0.1"}))})
+    manager.complete_deferred_work()
+    assert table.calls == [] and sets.calls == []  # equal values: nothing to do
+    manager.on_filter({"cali-a": Chain("cali-a", (Rule(action="RETURN"),))}, jumps, {})
+    manager.complete_deferred_work()
+    assert table.calls == [("update", "cali-a"), ("remove", "cali-b")]
+    assert sets.calls == [("remove", "cali40x")]
+
+
+# -- the agent loop with fake drivers -----------------------------------------------------------
+
+class FakeFilterTable(RecordingTable):
+    def __init__(self) -> None:
+        super().__init__()
+        self.chains: dict[str, Chain] = {}
+        self.applies = 0
+
+    def update_chain(self, chain: Chain) -> None:
+        super().update_chain(chain)
+        self.chains[chain.name] = chain
+
+    def remove_chain(self, name: str) -> None:
+        super().remove_chain(name)
+        self.chains.pop(name, None)
+
+    def queue_resync(self) -> None:
+        pass
+
+    def apply(self) -> str:
+        self.applies += 1
+        return ""
+
+
+class FakeSets(RecordingIPSets):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets: dict[str, frozenset[str]] = {}
+
+    def set_members(self, name: str, set_type: str, members: Any) -> None:
+        super().set_members(name, set_type, members)
+        self.sets[name] = frozenset(members)
+
+    def remove_set(self, name: str) -> None:
+        super().remove_set(name)
+        self.sets.pop(name, None)
+
+    def queue_resync(self) -> None:
+        pass
+
+    def apply(self) -> str:
+        return ""
+
+    def apply_deletions(self) -> list[str]:
+        return []
+
+
+def test_agent_programs_a_policy_written_to_the_datastore() -> None:
+    import threading
+
+    from felixpy.datastore.memory import MemoryDatastore
+    from felixpy.node.agent import Agent
+
+    class NoRoutes:
+        pending: tuple[str, ...] = ()
+        failed: dict[str, str] = {}
+
+        def set_routes(self, routes: Any) -> None:
+            pass
+
+        def queue_resync(self) -> None:
+            pass
+
+        def apply(self) -> "NoRoutes":
+            return self
+
+    store = MemoryDatastore()
+    for u in small_world():
+        store.create(u.key, u.value)
+    table, sets = FakeFilterTable(), FakeSets()
+    agent = Agent(store=store, node_name=NODE, networking_backend="none", route_refresh_interval=0,
+                  iptables_refresh_interval=0, route_table=NoRoutes(),  # type: ignore[arg-type]
+                  nat_table=FakeFilterTable(), filter_table=table, ipsets=sets)  # type: ignore[arg-type]
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while agent.status.applies < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "cali-FORWARD" in table.chains and not any(n.startswith("cali-pi-") for n in table.chains)
+        store.create(ALLOW_CLIENTS.key, ALLOW_CLIENTS.value)
+        while "cali-pi-a/allow-clients" not in table.chains and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "cali-pi-a/allow-clients" in table.chains
+        assert any("10.244.2.1" in members for members in sets.sets.values())
+        store.delete(ALLOW_CLIENTS.key)
+        while "cali-pi-a/allow-clients" in table.chains and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "cali-pi-a/allow-clients" not in table.chains
+        assert not any("10.244.2.1" in members for members in sets.sets.values())
+    finally:
+        agent.stop()
+        thread.join(5)
