@@ -85,8 +85,9 @@ def run(env, stdin_text):
         return _error(version, TRY_AGAIN_LATER, "felixpy agent is not reachable",
                       "%s: %s (is felixpy-node running on this node?)" % (path, err)), 1
     if "error" in reply:
-        err = reply["error"]
-        return _error(version, err.get("code", IO_FAILURE), err.get("msg", "error"), err.get("details", "")), 1
+        failure = reply["error"]
+        return _error(version, failure.get("code", IO_FAILURE), failure.get("msg", "error"),
+                      failure.get("details", "")), 1
     return reply.get("result", {}), 0
 
 

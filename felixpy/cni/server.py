@@ -137,8 +137,10 @@ class CNIHandler:
         wait_programmed: Callable[[str, int, float], bool],
         ready: Callable[[], tuple[bool, str]],
         iface_prefix: str = names.WORKLOAD_IFACE_PREFIX,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.store = store
+        self._observe = observe  # (CNI command, seconds) for every request, e.g. a metrics histogram
         self.node_name = node_name
         self.mtu = mtu
         self.ipam = IPAM(store)
@@ -171,6 +173,10 @@ class CNIHandler:
         except DatastoreError as err:
             log.warning("cni datastore failed: %s", err)
             return {"error": {"code": TRY_AGAIN_LATER, "msg": "datastore unavailable", "details": str(err)}}
+        finally:
+            if self._observe is not None:
+                command = (raw.get("env") or {}).get("CNI_COMMAND", "") if isinstance(raw, dict) else ""
+                self._observe(str(command) or "unknown", time.monotonic() - started)
 
     # -- ADD -------------------------------------------------------------------------------
     def add(self, req: Request) -> dict[str, Any]:

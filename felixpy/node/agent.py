@@ -41,6 +41,7 @@ from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
+from felixpy.node.metrics import IPAMUsage, Metrics
 from policy.render import RenderConfig
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class AgentStatus:
     applies: int = 0
     resyncs: int = 0
     node_labels: dict[str, str] = field(default_factory=dict)
+    last_tick: float = field(default_factory=time.monotonic)  # liveness heartbeat (health.py)
 
 
 @dataclass
@@ -111,7 +113,9 @@ class Agent:
         ipsets: IPSets | None = None,
         render_config: RenderConfig | None = None,
         on_first_apply: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.node_name = node_name
         self.status = AgentStatus()
@@ -142,6 +146,7 @@ class Agent:
         self._retry_at = float("inf")
         self._retry_delay = RETRY_MIN
         self.on_first_apply = on_first_apply
+        self._ipam_usage = IPAMUsage(node_name, metrics) if metrics is not None else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -156,6 +161,7 @@ class Agent:
         self._iptables_timer.schedule(now)
         try:
             while not self._stop.is_set():
+                self.status.last_tick = time.monotonic()
                 self._process(self._next_batch())
                 if self.status.ever_in_sync and self._apply_due():
                     self._apply()
@@ -201,6 +207,8 @@ class Agent:
                 self._wep_revisions[update.key] = update.revision
         self.calc.on_update(update)
         self.policy_calc.on_update(update)
+        if self._ipam_usage is not None:
+            self._ipam_usage.on_update(update.key, update.value)
 
     def _apply_due(self) -> bool:
         now = time.monotonic()
@@ -208,6 +216,8 @@ class Agent:
             self._routes.queue_resync()
             self._route_timer.schedule(now)
             self.status.resyncs += 1
+            if self.metrics is not None:
+                self.metrics.resync()
             self.calc.dirty = True
         if now >= self._iptables_timer.due:
             self._nat.queue_resync()
@@ -264,6 +274,9 @@ class Agent:
             self.status.last_apply_ok = True
             self.status.last_apply_error = ""
         self.status.applies += 1
+        if self.metrics is not None:
+            self.metrics.observe_apply(time.monotonic() - started)
+            self.metrics.routes_programmed(len(self.calc.routes()) - len(pending))
         self._publish_programmed(pending)
         log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started, len(pending))
         if self.status.applies == 1 and self.on_first_apply is not None:

@@ -58,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.felix.log_severity_screen, config.agent.log_format)
     log = logging.getLogger("felixpy.node")
 
+    from felixpy.node.health import HealthServer
+
+    # Early, so that liveness answers while startup waits for the datastore.
+    health = None
+    if config.felix.health_enabled:
+        health = HealthServer(config.felix.health_host, config.felix.health_port)
+        try:
+            health.start()
+        except OSError as err:
+            return fail(str(err))
+
     from felixpy.datastore.api import Unavailable
     from felixpy.datastore.factory import DatastoreConfigError, open_datastore
 
@@ -82,32 +93,33 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("datastore not reachable during startup, retrying: %s", err)
             time.sleep(2)
 
-    return run_agent(config, store, result)
+    return run_agent(config, store, result, health)
 
 
 def render_config(config: Any) -> Any:
-    """The policy renderer's settings from the agent configuration.
-
-    Failsafe ports stay at Calico's defaults: felixpy.config does not parse
-    FELIX_FAILSAFEINBOUNDHOSTPORTS / FELIX_FAILSAFEOUTBOUNDHOSTPORTS yet.
-    """
+    """The policy renderer's settings from the agent configuration."""
     from policy.render import RenderConfig
 
     return RenderConfig(
         iface_prefix=config.felix.interface_prefixes[0],
         default_endpoint_to_host_action=config.felix.default_endpoint_to_host_action,
+        failsafe_inbound=config.felix.failsafe_inbound,
+        failsafe_outbound=config.felix.failsafe_outbound,
     )
 
 
-def run_agent(config: Any, store: Any, result: Any) -> int:
+def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
     from felixpy.kernel import sysctl
     from felixpy.node.agent import Agent
+    from felixpy.node.health import add_agent_checks
+    from felixpy.node.metrics import Metrics
 
     log = logging.getLogger("felixpy.node")
     sysctl.write("net.ipv4.ip_forward", 1)
     backend = config.node.networking_backend
     iptables_backend = config.felix.iptables_backend
+    metrics = Metrics()
     agent = Agent(
         store=store,
         node_name=result.node_name,
@@ -116,7 +128,16 @@ def run_agent(config: Any, store: Any, result: Any) -> int:
         iptables_refresh_interval=config.felix.iptables_refresh_interval,
         iptables_backend=None if iptables_backend == "auto" else iptables_backend,
         render_config=render_config(config),
+        metrics=metrics,
     )
+    probe = add_agent_checks(health, agent.status, store=store) if health is not None else None
+    metrics_server = None
+    if config.felix.prometheus_metrics_enabled:
+        try:
+            metrics_server = metrics.start_http(config.felix.prometheus_metrics_port,
+                                                config.felix.prometheus_metrics_host)
+        except OSError as err:
+            return fail(f"metrics port {config.felix.prometheus_metrics_port}: {err}")
 
     def ready() -> tuple[bool, str]:
         if not agent.status.in_sync:
@@ -133,6 +154,7 @@ def run_agent(config: Any, store: Any, result: Any) -> int:
         wait_programmed=agent.waiter.wait,
         ready=ready,
         iface_prefix=config.felix.interface_prefixes[0],
+        observe=metrics.observe_cni,
     )
     server = CNIServer(config.agent.cni_socket, handler)
     agent.on_first_apply = server.start
@@ -149,6 +171,12 @@ def run_agent(config: Any, store: Any, result: Any) -> int:
         agent.run()
     finally:
         server.stop()
+        if probe is not None:
+            probe.stop()
+        if health is not None:
+            health.stop()
+        if metrics_server is not None:
+            metrics_server.stop()
         store.close()
     return 0
 
