@@ -12,6 +12,9 @@ addresses are gone before its blocks are looked at). Passes run:
   grace period rather than up to a whole period later.
 
 A pass that fails on the datastore is retried after RETRY_INTERVAL; nothing else stops the loop.
+
+In etcd mode with a Kubernetes API configured, the mirror (mirror.py) runs beside the loop on its
+own threads, resyncing every reconcile period.
 """
 
 from __future__ import annotations
@@ -196,6 +199,22 @@ class Controllers:
             log.info("controllers stopped")
 
 
+def open_mirror_for(store: Datastore, env: Mapping[str, str], resync_period: float) -> Any:
+    """The Kubernetes → etcd mirror (controllers/mirror.py) when the datastore is etcd and a
+    Kubernetes API is configured, else None: with the Kubernetes datastore the agents read
+    Namespaces, Pods and NetworkPolicies straight from the API and there is nothing to mirror."""
+    from felixpy.datastore.factory import datastore_type
+
+    if datastore_type(env) != "etcdv3":
+        return None
+    from felixpy.controllers.mirror import open_mirror
+
+    mirror = open_mirror(store, env, resync_period=resync_period)
+    if mirror is None:
+        log.info("no Kubernetes API configured: not mirroring Kubernetes into etcd")
+    return mirror
+
+
 def fail(message: str) -> int:
     sys.stderr.write(f"felixpy-controllers: {message}\n")
     return 1
@@ -223,17 +242,29 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
     controllers = Controllers(store, grace_period=config.grace_period, reconcile_period=config.reconcile_period,
                               min_pass_interval=config.min_pass_interval)
+    try:
+        mirror = open_mirror_for(store, os.environ, config.reconcile_period)
+    except ValueError as err:  # a named but unusable kubeconfig
+        store.close()
+        return fail(str(err))
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %s received: stopping", signal.Signals(signum).name)
         controllers.stop()
+        if mirror is not None:
+            mirror.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("felixpy-controllers %s", __version__)
+    if mirror is not None:
+        mirror.start()
     try:
         controllers.run()
     finally:
+        if mirror is not None:
+            mirror.stop()
+            mirror.join()
         store.close()
     return 0
 

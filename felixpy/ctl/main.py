@@ -305,6 +305,86 @@ def cmd_version(args: argparse.Namespace, store: Datastore | None) -> int:
     return 0
 
 
+_PEER_TYPES = {"mesh": "node-to-node mesh", "global": "global", "node": "node specific",
+               "reflector": "route reflector"}
+
+
+def _status_file(args: argparse.Namespace) -> str:
+    if args.status_file:
+        return str(args.status_file)
+    if os.environ.get("FELIXPY_BGP_STATUS"):
+        return os.environ["FELIXPY_BGP_STATUS"]
+    from felixpy.config import DEFAULT_STATE_DIR
+    from felixpy.node.bgp import STATUS_FILE_NAME
+
+    state_dir = os.environ.get("FELIXPY_STATE_DIR") or DEFAULT_STATE_DIR
+    return f"{state_dir.rstrip('/')}/{STATUS_FILE_NAME}"
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def cmd_node_status(args: argparse.Namespace) -> int:
+    """calicoctl node status: this node's BGP sessions, from the status file the agent writes."""
+    import time as _time
+
+    from felixpy.node.bgp import read_status
+
+    path = _status_file(args)
+    data = read_status(path)
+    if data is None:
+        raise UserError(f"no BGP status at {path}: is felixpy-node running here with "
+                        "CALICO_NETWORKING_BACKEND=bird? (--status-file PATH)")
+    running = _pid_alive(data.get("pid"))
+    peers = []
+    for p in data.get("peers", []):
+        state = p.get("state", "Idle") if running else "Unknown"
+        received = int(p.get("routesReceived", 0))
+        info = state if state != "Established" else f"Established, {received} routes received"
+        if p.get("info") and state != "Established":
+            info = f"{state}: {p['info']}"
+        since = float(p.get("since", 0))
+        peers.append({**p, "state": state, "info": info, "sinceEpoch": since,
+                      "since": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(since))})
+    if args.output == "json":
+        print(json.dumps({"node": data.get("node"), "running": running, "sidecar": data.get("sidecar"),
+                          "configError": data.get("configError", ""), "peers": peers}, indent=2))
+        return 0
+    if running:
+        print("felixpy-node process is running.")
+    else:
+        print(f"felixpy-node process is not running (status from "
+              f"{_time.strftime('%Y-%m-%d %H:%M:%S', _time.localtime(float(data.get('updated', 0))))}).")
+    if data.get("sidecar") != "connected":
+        print("BGP sidecar (ExaBGP) is not connected.")
+    if data.get("configError"):
+        print(f"BGP configuration error: {data['configError']}")
+    print("\nIPv4 BGP status")
+    if not peers:
+        print("No IPv4 peers found.")
+        return 0
+    rows = [["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]]
+    for p in peers:
+        since_text = _time.strftime("%H:%M:%S", _time.localtime(float(p["sinceEpoch"])))
+        rows.append([p["peer"], _PEER_TYPES.get(p.get("type", ""), str(p.get("type"))),
+                     "up" if p["state"] == "Established" else "start" if p["state"] == "Connect" else "down",
+                     since_text, p["info"]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    print(line)
+    for i, row in enumerate(rows):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if i == 0:
+            print(line)
+    print(line)
+    return 0
+
+
 # -- argument parsing --------------------------------------------------------------------------------
 
 
@@ -377,9 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="protocol (default tcp)")
     explain.add_argument("-o", "--output", default="text", choices=("text", "json"))
 
+    node = sub.add_parser("node", help="this node's BGP status")
+    node_sub = node.add_subparsers(dest="node_command", metavar="SUBCOMMAND")
+    node_sub.required = True
+    status = node_sub.add_parser("status", help="BGP sessions of the felixpy-node on this host",
+                                 description="Reads the status file the agent writes ($FELIXPY_BGP_STATUS, "
+                                 "else $FELIXPY_STATE_DIR/bgp-status.json); needs no datastore.")
+    status.add_argument("-o", "--output", default="table", choices=("table", "json"))
+    status.add_argument("--status-file", metavar="PATH", help="the agent's BGP status JSON")
+
     from felixpy.ctl import ipam_cmd  # imported here: it pulls in the IPAM allocator
 
     ipam_cmd.add_parser(sub)
+    from felixpy.ctl import migrate
+
+    migrate.add_parser(sub)
     return parser
 
 
@@ -416,10 +508,16 @@ def run(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "version" and args.client:
         return cmd_version(args, None)
+    if args.command == "node":
+        return cmd_node_status(args)
     store = _open_store()
     try:
         if args.command == "version":
             return cmd_version(args, store)
+        if args.command == "datastore":
+            from felixpy.ctl import migrate
+
+            return migrate.run(args, store)
         if args.command == "ipam":
             from felixpy.ctl import ipam_cmd
 

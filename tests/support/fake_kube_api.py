@@ -2,7 +2,7 @@
 
 It serves exactly these resources over HTTP/1.1 on 127.0.0.1:
 
-    /api/v1                           nodes, namespaces (cluster), pods (namespaced)
+    /api/v1                           nodes, namespaces (cluster), pods, serviceaccounts (namespaced)
     /apis/networking.k8s.io/v1        networkpolicies (namespaced)
     /apis/crd.projectcalico.org/v1    Calico's KDD custom resources (CRD_RESOURCES)
 
@@ -25,6 +25,9 @@ and follows the API conventions for them (kubernetes.io/docs/reference/using-api
   for watches served from its cache. allowWatchBookmarks=true: a BOOKMARK (an object with only
   kind, apiVersion and metadata.resourceVersion) every `bookmark_interval` seconds of quiet.
   timeoutSeconds ends the stream cleanly.
+* The nodes/status subresource (GET, PUT, PATCH): a write through it changes only `status`; spec
+  and metadata keep their stored values (the node status strategy), metadata.resourceVersion in
+  the body is still a precondition.
 
 Not implemented (the backend does not send them, and the fake answers 400 rather than ignoring
 them): label/field selectors, pagination (limit/continue), JSON patch, generateName, dry-run.
@@ -81,6 +84,7 @@ def _types() -> dict[tuple[str, str], ResourceType]:
         ResourceType("v1", "nodes", "Node", False),
         ResourceType("v1", "namespaces", "Namespace", False),
         ResourceType("v1", "pods", "Pod", True),
+        ResourceType("v1", "serviceaccounts", "ServiceAccount", True),
         ResourceType("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", True),
     ]
     types += [ResourceType(CRD_GROUP_VERSION, p, k, ns) for p, (k, ns) in CRD_RESOURCES.items()]
@@ -127,6 +131,7 @@ class _Target:
     rtype: ResourceType
     namespace: str  # "" for cluster-scoped, or a namespaced collection across all namespaces
     name: str  # "" for a collection
+    subresource: str = ""  # "status" for nodes/<name>/status
 
 
 class FakeKubeAPI:
@@ -235,9 +240,12 @@ class FakeKubeAPI:
         if len(rest) >= 3 and rest[0] == "namespaces":
             ns, rest = rest[1], rest[2:]
         rtype = self._types.get((gv, rest[0])) if rest else None
+        subresource = ""
+        if rtype is not None and len(rest) == 3 and rest[2] == "status" and rtype.plural == "nodes":
+            subresource, rest = "status", rest[:2]
         if rtype is None or len(rest) > 2 or (ns and not rtype.namespaced):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
-        return _Target(rtype, ns, rest[1] if len(rest) == 2 else "")
+        return _Target(rtype, ns, rest[1] if len(rest) == 2 else "", subresource)
 
     @staticmethod
     def _key(rtype: ResourceType, namespace: str, name: str) -> tuple[str, str, str, str]:
@@ -262,7 +270,7 @@ class FakeKubeAPI:
 
     def _create(self, target: _Target, body: Any) -> dict[str, Any]:
         rtype = target.rtype
-        if target.name:
+        if target.name or target.subresource:
             raise ApiError(405, "MethodNotAllowed", "POST goes to the collection")
         if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
             raise ApiError(400, "BadRequest", "the body must be an object with metadata")
@@ -312,6 +320,14 @@ class FakeKubeAPI:
                            "the object has been modified; please apply your changes to the latest version "
                            "and try again")
         obj = self._stamp(target.rtype, new)
+        if target.subresource == "status":
+            # The status strategy: only status is taken from the request.
+            status = obj.get("status")
+            obj = copy.deepcopy(old)
+            if status is None:
+                obj.pop("status", None)
+            else:
+                obj["status"] = status
         meta = obj.setdefault("metadata", {})
         if meta.get("name", target.name) != target.name:
             raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
@@ -350,6 +366,8 @@ class FakeKubeAPI:
         return self._write(target, new, rv)
 
     def _delete(self, target: _Target, body: Any) -> dict[str, Any]:
+        if target.subresource:
+            raise ApiError(405, "MethodNotAllowed", "DELETE goes to the object, not its status")
         old = self._existing(target)
         pre = (body or {}).get("preconditions") or {} if isinstance(body, dict) else {}
         if pre.get("resourceVersion") not in (None, "") and str(pre["resourceVersion"]) != old["metadata"]["resourceVersion"]:
