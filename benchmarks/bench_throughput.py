@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Pod→pod TCP throughput across nodes, against node→node on the same link, with and without policy.
 
-Brings up a 2-node felixpy-lab (routes mode), one pod per node, and runs iperf3 (one stream,
---seconds each, alternating, --rounds times):
-  * node→node: n1's eth0 → n2's eth0, the baseline (same veth/bridge path the pods use);
-  * pod→pod:   pod a on n1 → pod b on n2, no policy;
-  * pod→pod with --policies NetworkPolicies selecting pod b (the last one allows a), so every new
-    connection walks all of them in b's ingress chain.
+Brings up a 2-node felixpy-lab (routes mode), two pods per node, applies --policies Kubernetes
+NetworkPolicies selecting pod b (the last one allows a, so b's ingress chain holds all of them),
+and runs iperf3 (one stream, --seconds each) round-robin, --rounds times, so that all three see the
+same machine load:
+  * node→node: n1's eth0 → n2's eth0, the baseline (the same veth/bridge path the pods use);
+  * pod→pod:   pod c on n1 → pod d on n2, which no policy selects;
+  * pod→pod with policies: pod a on n1 → pod b on n2.
 Prints medians and the ratios the design targets (≥ 0.95 × node→node; ≥ 0.9 × no policy).
 
     sudo .venv/bin/python benchmarks/bench_throughput.py [--seconds 5] [--rounds 3] [--policies 500]
@@ -82,19 +83,14 @@ def main() -> int:
     lab(name, "up", "--nodes", "2", "--mode", "routes")
     try:
         lab(name, "ns", "add", "bench")
-        lab(name, "pod", "add", "bench/a", "--node", "n1", "--labels", "pod=a")
-        lab(name, "pod", "add", "bench/b", "--node", "n2", "--labels", "pod=b")
-        pods = {p["name"]: p for p in json.loads(lab(name, "status", "-o", "json"))["pods"]}
-        nodes = {n["name"]: n for n in json.loads(lab(name, "status", "-o", "json"))["nodes"]}
-        pod_b_ip, node2_ip = pods["b"]["ips"][0], nodes["n2"]["ip"]
-        for ns in (f"{name}-n2", f"{name}-bench-b"):
+        for pod, node in (("a", "n1"), ("b", "n2"), ("c", "n1"), ("d", "n2")):
+            lab(name, "pod", "add", f"bench/{pod}", "--node", node, "--labels", f"pod={pod}")
+        status = json.loads(lab(name, "status", "-o", "json"))
+        ips = {p["name"]: p["ips"][0] for p in status["pods"]}
+        node2_ip = next(n["ip"] for n in status["nodes"] if n["name"] == "n2")
+        for ns in (f"{name}-n2", f"{name}-bench-b", f"{name}-bench-d"):
             servers.append(subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s"],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(1)
-        results: dict[str, list[float]] = {"node→node": [], "pod→pod": [], f"pod→pod, {args.policies} policies": []}
-        for _ in range(args.rounds):
-            results["node→node"].append(iperf(f"{name}-n1", node2_ip, args.seconds))
-            results["pod→pod"].append(iperf(f"{name}-bench-a", pod_b_ip, args.seconds))
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             f.write(policies_yaml(args.policies))
         started = time.monotonic()
@@ -106,9 +102,11 @@ def main() -> int:
               f"n2 has {rules} cali rules", flush=True)
         time.sleep(2)
         key = f"pod→pod, {args.policies} policies"
+        results: dict[str, list[float]] = {"node→node": [], "pod→pod": [], key: []}
         for _ in range(args.rounds):
             results["node→node"].append(iperf(f"{name}-n1", node2_ip, args.seconds))
-            results[key].append(iperf(f"{name}-bench-a", pod_b_ip, args.seconds))
+            results["pod→pod"].append(iperf(f"{name}-bench-c", ips["d"], args.seconds))
+            results[key].append(iperf(f"{name}-bench-a", ips["b"], args.seconds))
     finally:
         for proc in servers:
             proc.terminate()
