@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -116,11 +117,22 @@ def cni_env(command: str, pod: PodState) -> dict[str, str]:
 
 
 def cni_plugin(lab: str) -> str:
-    """The lab's CNI bin dir holds the plugin as install-cni would put it on a node: the lean
-    `python -IS` form of felixpy-cni (felixpy.cni.install), written once per lab."""
-    path = f"{topology.run_dir(lab)}/cni-bin/felixpy"
-    if not os.path.exists(path):
-        install_plugin(os.path.dirname(path))
+    """The lab's CNI bin dir holds the plugin as install-cni puts it on a node: the static C
+    plugin (cni-shim/) when a C compiler is at hand, else the lean `python -IS` form of the same
+    protocol (felixpy.cni.install). Built or written once per lab."""
+    bin_dir = f"{topology.run_dir(lab)}/cni-bin"
+    path = f"{bin_dir}/felixpy"
+    if os.path.exists(path):
+        return path
+    shim_src = os.path.join(os.path.dirname(__file__), "..", "..", "cni-shim")
+    if os.path.exists(os.path.join(shim_src, "Makefile")) and shutil.which("make") and shutil.which("gcc"):
+        built = subprocess.run(["make", "-s", "-C", shim_src, f"BUILD_DIR={bin_dir}/.build"],
+                               capture_output=True, text=True)
+        if built.returncode == 0:
+            os.replace(f"{bin_dir}/.build/felixpy-cni", path)
+            return path
+        log.warning("building the C CNI plugin failed, using the Python one: %s", built.stderr.strip()[-200:])
+    install_plugin(bin_dir)
     return path
 
 
