@@ -18,6 +18,9 @@ Routes on node N:
     lab's "routes" mode, flannel host-gw style) a route to each block affine to another node via
     that node's IP, and a /32 via the hosting node for every remote pod whose address is borrowed
     from a block that is not affine to its node.
+
+With BGP (backend "bird") routes to other nodes come from the BGP controller instead, and
+`bgp_announcements()` says what this node announces: its confirmed blocks and borrowed /32s.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class _Pool:
     cidr: str
     nat_outgoing: bool
     disabled: bool
+    disable_bgp_export: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +148,8 @@ class CalcGraph:
         cidr = str(ipaddress.ip_network(spec["cidr"]))
         if ipaddress.ip_network(cidr).version != 4:
             return
-        pool = _Pool(cidr, bool(spec.get("natOutgoing")), bool(spec.get("disabled")))
+        pool = _Pool(cidr, bool(spec.get("natOutgoing")), bool(spec.get("disabled")),
+                     bool(spec.get("disableBGPExport")))
         encap = [f"{field}={spec[field]}" for field in ("ipipMode", "vxlanMode")
                  if spec.get(field, "Never") != "Never"]
         if encap and self._pools.get(name) != pool:
@@ -193,6 +198,30 @@ class CalcGraph:
                 if not any(addr in block for block in own_blocks.get(ep.node, [])):
                     routes.add(RouteSpec(f"{ip}/32", gateway=self._node_ips[ep.node]))
         return routes
+
+    def bgp_announcements(self) -> frozenset[str]:
+        """What this node announces over BGP (backend "bird").
+
+        Its confirmed affine blocks, and a /32 for each local pod whose address is not inside one
+        of them (borrowed from another node's block); never anything from a pool with
+        `disableBGPExport`. A /32 inside our own blocks is covered by the block's announcement.
+        """
+        no_export = [ipaddress.IPv4Network(p.cidr) for p in self._pools.values() if p.disable_bgp_export]
+
+        def exported(net: ipaddress.IPv4Network) -> bool:
+            return not any(net.subnet_of(pool) for pool in no_export)
+
+        blocks = [ipaddress.IPv4Network(cidr) for cidr, node in self._affinities.items()
+                  if node == self.node_name]
+        prefixes = {str(b) for b in blocks if exported(b)}
+        for ep in self._endpoints.values():
+            if ep.node != self.node_name:
+                continue
+            for ip in ep.ips:
+                host = ipaddress.IPv4Network(f"{ip}/32")
+                if not any(host.subnet_of(b) for b in blocks) and exported(host):
+                    prefixes.add(str(host))
+        return frozenset(prefixes)
 
     def nat(self) -> NatState:
         return NatState(

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 PROG = "felixpy-lab"
 AGENT_READY_TIMEOUT = 60.0
+EXABGP_READY_TIMEOUT = 20.0
 ETCD_READY_TIMEOUT = 20.0
 
 # What `up` cannot do yet, and when it will: one line, nothing created.
 NOT_YET = {
-    "bgp": "--mode bgp arrives with BGP support (issue #3)",
     "vxlan": "--mode vxlan arrives with VXLAN support (issue #3)",
     "ipip": "--mode ipip arrives with IPIP support (issue #3)",
 }
@@ -58,7 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.cross_subnet:
         raise LabExit(2, "--cross-subnet arrives with VXLAN and IPIP support (issue #3)")
     if args.route_reflectors > 0:
-        raise LabExit(2, "--route-reflectors arrives with BGP support (issue #3)")
+        raise LabExit(2, "--route-reflectors arrives with route-reflector support (issue #3)")
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)
@@ -88,9 +88,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise LabExit(1, f"etcd did not answer within {ETCD_READY_TIMEOUT:g} s; see "
                              f"{topology.run_dir(lab)}/etcd.log (felixpy-lab down --name {lab} cleans up)")
         for node in st.nodes:
-            node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size)
+            if args.mode == "bgp":
+                _start_speaker(st, node)
+            node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode)
             state.save(st)
-            say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}")
+            say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}"
+                + (f", exabgp pid {node.exabgp_pid}" if args.mode == "bgp" else ""))
         for node in st.nodes:
             problem = procs.wait_agent(lab, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
@@ -124,12 +127,39 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_speaker(st: LabState, node: NodeState) -> None:
+    """Mode bgp: start the node's ExaBGP (+ sidecar) and wait for the sidecar's socket."""
+    node.exabgp_pid = procs.start_exabgp(st.name, node.name)
+    state.save(st)
+    problem = procs.wait_exabgp(st.name, node.name, node.exabgp_pid, EXABGP_READY_TIMEOUT)
+    if problem:
+        tail = procs.log_tail(f"{topology.exabgp_dir(st.name, node.name)}/exabgp.out", 1)
+        raise LabExit(1, f"{problem}{': ' + tail[0].strip() if tail else ''} "
+                         f"(felixpy-lab down --name {st.name} cleans up)")
+
+
+def _bgp_sessions(st: LabState, node: NodeState) -> list[dict[str, Any]]:
+    """The node's BGP sessions from the status file its agent writes (mode bgp)."""
+    if st.mode != "bgp":
+        return []
+    from felixpy.node.bgp import read_status
+
+    data = read_status(topology.bgp_status_file(st.name, node.name))
+    if data is None:
+        return []
+    running = procs.alive(node.agent_pid)
+    return [{"peer": p["peer"], "state": p["state"] if running else "Unknown", "type": p["type"],
+             "since": p["since"], "routesReceived": p["routesReceived"]} for p in data.get("peers", [])]
+
+
 def _status_data(st: LabState) -> dict[str, Any]:
     store = pods.open_datastore(st.name)
     try:
         nodes = [{"name": n.name, "ip": n.ip, "routeReflector": False,
-                  "blocks": pods.status_blocks(store, n.name), "bgp": [],
-                  "netns": n.netns, "agent": "running" if procs.alive(n.agent_pid) else "stopped"}
+                  "blocks": pods.status_blocks(store, n.name), "bgp": _bgp_sessions(st, n),
+                  "netns": n.netns, "agent": "running" if procs.alive(n.agent_pid) else "stopped",
+                  **({"exabgp": "running" if procs.alive(n.exabgp_pid) else "stopped"}
+                     if st.mode == "bgp" else {})}
                  for n in st.nodes]
     finally:
         store.close()
@@ -167,8 +197,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), etcd {data['etcd']}"
         + ("" if st.phase == "up" else f", {st.phase}"))
-    rows = [["NODE", "IP", "AGENT", "BLOCKS"]]
-    rows += [[n["name"], n["ip"], n["agent"], ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
+    if st.mode == "bgp":
+        rows = [["NODE", "IP", "AGENT", "EXABGP", "BGP", "BLOCKS"]]
+        rows += [[n["name"], n["ip"], n["agent"], n["exabgp"],
+                  f"{sum(s['state'] == 'Established' for s in n['bgp'])}/{len(n['bgp'])} established",
+                  ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
+    else:
+        rows = [["NODE", "IP", "AGENT", "BLOCKS"]]
+        rows += [[n["name"], n["ip"], n["agent"], ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
     for line in _table(rows):
         say(line)
     say("")
@@ -454,6 +490,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
         netns = st.node(args.target).netns
     env = {**os.environ, "PATH": f"{procs.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
            "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT, "DATASTORE_TYPE": "etcdv3"}
+    if args.target != "fabric" and "/" not in args.target:
+        # What the node's agent uses, so that `exec n1 -- felixctl node status` finds its status.
+        env.update({"FELIXPY_STATE_DIR": f"{topology.node_dir(st.name, args.target)}/lib",
+                    "FELIXPY_BGP_STATUS": topology.bgp_status_file(st.name, args.target)})
     sys.stdout.flush()
     try:
         return subprocess.run(["ip", "netns", "exec", netns, *args.command_argv], env=env).returncode
@@ -472,12 +512,30 @@ def cmd_agent(args: argparse.Namespace) -> int:
         if args.action in ("start", "restart"):
             if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
-            node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size)
+            node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode)
             state.save(st)
             problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
                 raise LabExit(1, problem)
             say(f"{node.name}: agent ready (pid {node.agent_pid})")
+    return 0
+
+
+def cmd_speaker(args: argparse.Namespace) -> int:
+    """Mode bgp: stop, start or restart one node's ExaBGP (and with it its sidecar)."""
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if st.mode != "bgp":
+            raise LabUsageError(f"lab {st.name} runs mode {st.mode}: there is no BGP speaker")
+        node = st.node(args.node)
+        if args.action in ("stop", "restart"):
+            procs.stop_pids({node.exabgp_pid} & procs.marked_pids(st.name))
+            say(f"{node.name}: exabgp stopped")
+        if args.action in ("start", "restart"):
+            if procs.alive(node.exabgp_pid) and node.exabgp_pid in procs.marked_pids(st.name):
+                raise LabUsageError(f"{node.name}: exabgp already running (pid {node.exabgp_pid})")
+            _start_speaker(st, node)
+            say(f"{node.name}: exabgp started (pid {node.exabgp_pid})")
     return 0
 
 
@@ -499,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("up", cmd_up, "create the lab: fabric, etcd, nodes with their agents")
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--mode", choices=topology.MODES, default="routes")
+    p.add_argument("--mode", choices=topology.MODES, default="bgp")
     p.add_argument("--cross-subnet", action="store_true")
     p.add_argument("--route-reflectors", type=int, default=0)
     p.add_argument("--pool", default="10.244.0.0/16")
@@ -556,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="NODE|NS/POD")
 
     p = add("agent", cmd_agent, "stop, start or restart one node's agent")
+    p.add_argument("action", choices=("stop", "start", "restart"))
+    p.add_argument("node")
+
+    p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP")
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
     return parser

@@ -171,8 +171,14 @@ def wait_tcp(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def exabgp_paths(lab: str, node: str) -> dict[str, str]:
+    d = topology.exabgp_dir(lab, node)
+    return {"config": f"{d}/exabgp.conf", "env": f"{d}/exabgp.env", "pid": f"{d}/exabgp.pid",
+            "socket": f"{d}/sidecar.sock", "log": f"{d}/exabgp.log"}
+
+
 def agent_env(lab: str, node: str, pool: str, block_size: int,
-              outer_env: Mapping[str, str] | None = None) -> dict[str, str]:
+              outer_env: Mapping[str, str] | None = None, mode: str = "routes") -> dict[str, str]:
     outer = os.environ if outer_env is None else outer_env
     nd = topology.node_dir(lab, node)
     env = base_env()
@@ -195,10 +201,67 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         "FELIXPY_CNI_SOCKET": topology.cni_socket(lab, node),
         "FELIXPY_STATE_DIR": f"{nd}/lib",
     })
+    if mode == "bgp":
+        paths = exabgp_paths(lab, node)
+        env.update({
+            "CALICO_NETWORKING_BACKEND": "bird",
+            "FELIXPY_EXABGP_CONFIG": paths["config"],
+            "FELIXPY_EXABGP_PIDFILE": paths["pid"],
+            "FELIXPY_BGP_SOCKET": paths["socket"],
+            "FELIXPY_BGP_STATUS": topology.bgp_status_file(lab, node),
+        })
     return env
 
 
-def start_agent(lab: str, node: str, pool: str, block_size: int) -> int:
+def start_exabgp(lab: str, node: str) -> int:
+    """Mode bgp: the node's ExaBGP, whose API process is our sidecar (`python -m bgp.sidecar`).
+
+    The agent renders exabgp.conf from the datastore and reloads ExaBGP (SIGUSR1 to the pid in
+    exabgp.pid, which ExaBGP writes itself). Before the agent's first render the file holds the
+    process stanza only (no neighbours), rendered with the very same interpreter and socket, so
+    that the agent's first reload keeps the sidecar running.
+    """
+    from bgp.config import SpeakerConfig, render_exabgp_conf, render_exabgp_env
+
+    paths = exabgp_paths(lab, node)
+    os.makedirs(topology.exabgp_dir(lab, node), exist_ok=True)
+    exabgp = os.path.join(bin_dir(), "exabgp")
+    if not os.path.exists(exabgp):
+        raise LabCommandError((exabgp,), 127, "exabgp is not installed in this Python environment "
+                                              "(pip install exabgp==5.0.15)")
+    with open(paths["env"], "w") as f:
+        f.write(render_exabgp_env(log_destination=paths["log"]))
+    if not os.path.exists(paths["config"]):
+        address = topology.node_ip(node)
+        with open(paths["config"], "w") as f:
+            f.write(render_exabgp_conf(SpeakerConfig(
+                node_name=node, router_id=address, local_address=address, as_number=64512, peers=(),
+                sidecar_socket=paths["socket"], python=sys.executable)))
+    for stale in (paths["socket"], paths["pid"]):
+        try:
+            os.unlink(stale)  # a stale socket would look ready; a stale pid file would get signals
+        except FileNotFoundError:
+            pass
+    env = {**base_env(), "exabgp_daemon_pid": paths["pid"], "FELIXPY_SIDECAR_LOG": "INFO"}
+    return _spawn(lab, topology.node_netns(lab, node),
+                  [exabgp, "--env-file", paths["env"], "server", paths["config"]], env,
+                  f"{topology.exabgp_dir(lab, node)}/exabgp.out")
+
+
+def wait_exabgp(lab: str, node: str, pid: int, timeout: float) -> str | None:
+    """None once the sidecar's socket exists (ExaBGP started its API process), else why not."""
+    path = exabgp_paths(lab, node)["socket"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return None
+        if not alive(pid):
+            return f"ExaBGP on {node} exited; see {topology.exabgp_dir(lab, node)}/exabgp.out"
+        time.sleep(0.05)
+    return f"ExaBGP on {node} not ready after {timeout:g} s; see {topology.exabgp_dir(lab, node)}/exabgp.out"
+
+
+def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "routes") -> int:
     nd = topology.node_dir(lab, node)
     os.makedirs(f"{nd}/lib", exist_ok=True)
     try:
@@ -206,8 +269,8 @@ def start_agent(lab: str, node: str, pool: str, block_size: int) -> int:
     except FileNotFoundError:
         pass
     argv = [sys.executable, "-m", "felixpy.node.main"]
-    return _spawn(lab, topology.node_netns(lab, node), argv, agent_env(lab, node, pool, block_size),
-                  f"{nd}/agent.log")
+    return _spawn(lab, topology.node_netns(lab, node), argv,
+                  agent_env(lab, node, pool, block_size, mode=mode), f"{nd}/agent.log")
 
 
 def socket_accepts(path: str) -> bool:

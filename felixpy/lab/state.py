@@ -24,6 +24,7 @@ class NodeState:
     ip: str
     netns: str
     agent_pid: int = 0
+    exabgp_pid: int = 0  # mode bgp: the node's ExaBGP (its API process is bgp.sidecar)
 
 
 @dataclass

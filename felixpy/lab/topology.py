@@ -6,7 +6,8 @@ runs) on one machine never collide:
     <lab>-fabric             the "physical" network: a bridge joining the nodes, and etcd
     <lab>-n1 .. <lab>-nN     one per node, eth0 = 192.0.2.(10+i)/24
     <lab>-<ns>-<pod>         one per pod, plumbed by the CNI plugin
-    /run/felixpy-lab/<lab>/  state.json, etcd data, per-node agent log, CNI socket and state dir
+    /run/felixpy-lab/<lab>/  state.json, etcd data, per-node agent log, CNI socket and state dir,
+                             and in mode bgp the node's ExaBGP files (<node>/exabgp/)
 
 Links need no lab name: each one lives inside one of the lab's own namespaces.
 """
@@ -74,6 +75,16 @@ def node_dir(lab: str, node: str) -> str:
 
 def cni_socket(lab: str, node: str) -> str:
     return f"{node_dir(lab, node)}/cni.sock"
+
+
+def exabgp_dir(lab: str, node: str) -> str:
+    """Mode bgp: the node's ExaBGP files (exabgp.conf written by the agent, exabgp.env, pid, socket)."""
+    return f"{node_dir(lab, node)}/exabgp"
+
+
+def bgp_status_file(lab: str, node: str) -> str:
+    """The agent's BGP status JSON (in its state dir), read by `status` and `felixctl node status`."""
+    return f"{node_dir(lab, node)}/lib/bgp-status.json"
 
 
 def fabric_netns(lab: str) -> str:

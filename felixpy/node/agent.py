@@ -19,6 +19,12 @@ Failure: nothing is written to the kernel before the first IN_SYNC, so a restart
 learns the whole desired state and then reconciles; routes and rules that are still right are
 never touched. A failed apply is retried with backoff; a datastore outage leaves the dataplane as
 it is (the syncer just stops delivering updates until it has relisted).
+
+BGP (backend "bird"): one BGPController (node/bgp.py) the loop feeds with datastore updates,
+the calc graph's announcements and the sidecar messages its link thread queues; the loop asks it
+for learned routes, which the route manager merges with the calc graph's. The first apply also
+waits until the controller has the sidecar's replay (or gave up waiting), so a restarted agent
+never deletes a BGP route it simply has not heard about yet.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
+from felixpy.node.bgp import BGPController, SidecarMessage
 from felixpy.node.metrics import IPAMUsage, Metrics
 from policy.render import RenderConfig
 
@@ -114,6 +121,7 @@ class Agent:
         render_config: RenderConfig | None = None,
         on_first_apply: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
+        bgp: BGPController | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -147,6 +155,7 @@ class Agent:
         self._retry_delay = RETRY_MIN
         self.on_first_apply = on_first_apply
         self._ipam_usage = IPAMUsage(node_name, metrics) if metrics is not None else None
+        self._bgp = bgp
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -156,6 +165,8 @@ class Agent:
     def run(self) -> None:
         log.info("agent starting node=%s", self.node_name)
         self._syncer.start()
+        if self._bgp is not None:
+            self._bgp.start(self._queue.put)
         now = time.monotonic()
         self._route_timer.schedule(now)
         self._iptables_timer.schedule(now)
@@ -163,16 +174,20 @@ class Agent:
             while not self._stop.is_set():
                 self.status.last_tick = time.monotonic()
                 self._process(self._next_batch())
-                if self.status.ever_in_sync and self._apply_due():
+                if self.status.ever_in_sync and self._dataplane_ready() and self._apply_due():
                     self._apply()
         finally:
             self._syncer.stop()
+            if self._bgp is not None:
+                self._bgp.stop()
             log.info("agent stopped node=%s (dataplane left as it is)", self.node_name)
 
     # -- event handling --------------------------------------------------------------------
     def _next_batch(self) -> list[Any]:
-        timeout = max(0.0, min(self._route_timer.due, self._iptables_timer.due, self._retry_at)
-                      - time.monotonic())
+        due = min(self._route_timer.due, self._iptables_timer.due, self._retry_at)
+        if self._bgp is not None:
+            due = min(due, self._bgp.next_deadline() or due)
+        timeout = max(0.0, due - time.monotonic())
         try:
             batch = [self._queue.get(timeout=min(timeout, 1.0))]
         except queue.Empty:
@@ -189,15 +204,24 @@ class Agent:
         for event in batch:
             if event is None:
                 continue
+            if isinstance(event, SidecarMessage):
+                if self._bgp is not None:
+                    self._bgp.on_message(event)
+                continue
             if isinstance(event, SyncStatus):
                 self.status.in_sync = event == SyncStatus.IN_SYNC
                 if self.status.in_sync and not self.status.ever_in_sync:
                     log.info("datastore in sync; first apply of the dataplane")
                     self.status.ever_in_sync = True
+                    if self._bgp is not None:
+                        self._bgp.datastore_in_sync()
                 continue
             for update in event:
                 self._on_update(update)
         self.status.node_labels = self.calc.node_labels()
+        if self._bgp is not None and self.status.ever_in_sync:
+            self._bgp.set_announcements(self.calc.bgp_announcements())
+            self._bgp.sync()
 
     def _on_update(self, update: KVUpdate) -> None:
         if update.key.startswith(keys.resource_prefix("workloadendpoints")):
@@ -207,11 +231,22 @@ class Agent:
                 self._wep_revisions[update.key] = update.revision
         self.calc.on_update(update)
         self.policy_calc.on_update(update)
+        if self._bgp is not None:
+            self._bgp.on_update(update)
         if self._ipam_usage is not None:
             self._ipam_usage.on_update(update.key, update.value)
 
+    def _dataplane_ready(self) -> bool:
+        return self._bgp is None or self._bgp.ready_for_dataplane()
+
     def _apply_due(self) -> bool:
         now = time.monotonic()
+        if self._bgp is not None:
+            deadline = self._bgp.next_deadline()
+            if deadline is not None and now >= deadline:
+                self._bgp.expire()
+            if self._bgp.routes_dirty:
+                self.calc.dirty = True
         if now >= self._route_timer.due:
             self._routes.queue_resync()
             self._route_timer.schedule(now)
@@ -233,6 +268,8 @@ class Agent:
         started = time.monotonic()
         self.calc.dirty = False
         self._route_mgr.on_routes(self.calc.routes())
+        if self._bgp is not None:
+            self._route_mgr.on_learned(self._bgp.learned_routes(), local_ips=self._bgp.local_addresses())
         self._masq_mgr.on_nat(self.calc.nat())
         try:
             if self._policy_mgr is not None and self.policy_calc.dirty:
@@ -276,7 +313,7 @@ class Agent:
         self.status.applies += 1
         if self.metrics is not None:
             self.metrics.observe_apply(time.monotonic() - started)
-            self.metrics.routes_programmed(len(self.calc.routes()) - len(pending))
+            self.metrics.routes_programmed(len(self._route_mgr.desired) - len(pending))
         self._publish_programmed(pending)
         log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started, len(pending))
         if self.status.applies == 1 and self.on_first_apply is not None:

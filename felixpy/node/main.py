@@ -120,6 +120,15 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     backend = config.node.networking_backend
     iptables_backend = config.felix.iptables_backend
     metrics = Metrics()
+    bgp = None
+    if backend == "bird":
+        from felixpy.node.bgp import BGPController, BGPPaths
+
+        try:
+            paths = BGPPaths.from_env(os.environ, config.agent.state_dir)
+        except ValueError as err:
+            return fail(str(err))
+        bgp = BGPController(result.node_name, paths)
     agent = Agent(
         store=store,
         node_name=result.node_name,
@@ -129,6 +138,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         iptables_backend=None if iptables_backend == "auto" else iptables_backend,
         render_config=render_config(config),
         metrics=metrics,
+        bgp=bgp,
     )
     probe = add_agent_checks(health, agent.status, store=store) if health is not None else None
     metrics_server = None

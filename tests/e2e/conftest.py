@@ -1,7 +1,8 @@
 """End-to-end harness: every test module drives its own felixpy-lab cluster through the real CLI.
 
 The lab is started with a unique name ("e2e" + 4 hex chars) so runs never collide, and torn down
-in a finalizer even when the test fails. Everything is driven the way a user would: subprocesses
+in a finalizer even when the test fails. A module picks its size with LAB_NODES (default 3) and its
+mode with LAB_MODE (default "routes"; test_bgp.py uses "bgp"). Everything is driven the way a user would: subprocesses
 of `python -m felixpy.lab.cli`, never the lab's internals.
 """
 
@@ -23,9 +24,11 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     if reason:
         pytest.skip(reason)
     nodes = getattr(request.module, "LAB_NODES", 3)
+    # The lab's default mode is bgp; modules written for the datastore-routed mode say so.
+    mode = getattr(request.module, "LAB_MODE", "routes")
     the_lab = Lab("e2e" + secrets.token_hex(2))
     try:
-        the_lab.cli("up", "--nodes", str(nodes), timeout=180)
+        the_lab.cli("up", "--nodes", str(nodes), "--mode", mode, timeout=180)
         yield the_lab
     except BaseException:
         for n in range(1, nodes + 1):

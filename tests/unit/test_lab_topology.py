@@ -81,8 +81,8 @@ def test_unsupported_modes_answer_one_line_and_create_nothing(capsys: pytest.Cap
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
     created: list[str] = []
     monkeypatch.setattr(cli.procs, "netns_add", created.append)
-    assert cli.main(["up", "--mode", "bgp", "--name", "zz"]) == 2
-    assert capsys.readouterr().err == "felixpy-lab: --mode bgp arrives with BGP support (issue #3)\n"
+    assert cli.main(["up", "--mode", "vxlan", "--name", "zz"]) == 2
+    assert capsys.readouterr().err == "felixpy-lab: --mode vxlan arrives with VXLAN support (issue #3)\n"
     for argv in (["up", "--mode", "vxlan"], ["up", "--mode", "ipip"], ["up", "--cross-subnet"],
                  ["up", "--route-reflectors", "1"]):
         assert cli.main([*argv, "--name", "zz"]) == 2

@@ -1,0 +1,610 @@
+"""The agent's BGP controller: datastore → ExaBGP config and announcements; sidecar events → learned routes.
+
+One object, owned by the agent's main loop (`CALICO_NETWORKING_BACKEND=bird`). It does no kernel
+I/O: the loop feeds it datastore updates (`on_update`), the prefixes this node should announce
+(`set_announcements`, from the calc graph) and sidecar messages (`on_message`), calls `sync()`
+after every batch, and asks it for the learned routes (`learned_routes()`), which the route
+manager merges with the calc graph's own routes.
+
+    datastore ─► Nodes, BGPConfiguration, BGPPeers ─► bgp.peers.select_peers ─► bgp.config
+                 ─► exabgp.conf (atomic write) ─► SIGUSR1 to ExaBGP (pid file) when it changed
+    calc.bgp_announcements() ─► announce / withdraw (batched, next hop = node IP)
+    link thread: SidecarClient.next_event ─► queue ─► on_message ─► bgp.rib.Rib ─► learned_routes()
+
+Threads: `start(post)` runs one background thread that connects to the sidecar socket (retrying)
+and only puts `SidecarMessage`s on the agent's queue. Commands are pipelined from the loop with
+`SidecarClient.submit` (never waiting for ExaBGP's answer); failures come back as messages.
+
+Restarts lose no traffic:
+- agent restart: the sidecar replays its cache (sessions, OPENs, received routes, End-of-RIBs)
+  and `ReplayDone`; the loop's first dataplane apply waits for it (`ready_for_dataplane`), so
+  the route driver never deletes a BGP route it simply has not heard about yet. ExaBGP's
+  adj-RIB-out is read back (`show adj-rib out`) and anything we no longer want is withdrawn.
+- sidecar/ExaBGP restart: the RIB keeps every path as stale (`Rib.suspend`) until the replay and
+  the peers' End-of-RIBs refresh them; after the replay everything is announced again and each
+  established peer gets our End-of-RIB (neighbours use `manual-eor`, so peers with graceful
+  restart keep our routes until then).
+- a peer coming up (new neighbour after a reload, or a restarted one) gets every announcement
+  addressed to it, then End-of-RIB: ExaBGP only sends API routes to neighbours that existed when
+  they were announced.
+
+Status: every change of the sessions is written as JSON to the status file (`bgp-status.json`
+in the agent's state dir) that `felixctl node status` and `felixpy-lab status` read.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from bgp.client import SidecarClient, SidecarUnavailable
+from bgp.config import SpeakerConfig, render_exabgp_conf
+from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
+from bgp.protocol import (CommandResult, Event, Notification, ReplayDone, StateChange, announce_routes,
+                          end_of_rib, withdraw_routes)
+from bgp.rib import Rib
+from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "/var/run/calico/exabgp"
+STATUS_FILE_NAME = "bgp-status.json"
+# How long the first dataplane apply waits for the sidecar's replay before going ahead without
+# BGP routes (ExaBGP not running at all must not keep pods from starting forever).
+DEFAULT_SYNC_TIMEOUT = 10.0
+# Paths are kept as stale this long after the sidecar connection drops (ExaBGP restarting); the
+# replay and the peers' End-of-RIBs refresh what is still valid long before.
+SUSPEND_HOLD = 120.0
+RECONNECT_MIN = 0.05
+RECONNECT_MAX = 2.0
+
+_PREFIX_RE = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}/\d{1,2})\b")
+
+
+@dataclass(frozen=True)
+class BGPPaths:
+    """Where the controller finds ExaBGP and writes its files (all from the environment)."""
+
+    config: str  # ExaBGP's configuration file, rendered by the controller
+    pid_file: str  # written by ExaBGP (exabgp.daemon.pid); SIGUSR1 goes to this pid
+    socket: str  # the sidecar's unix socket
+    status: str  # JSON status for felixctl node status / felixpy-lab status
+    python: str = sys.executable  # interpreter of the sidecar (`python -m bgp.sidecar`)
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], state_dir: str) -> "BGPPaths":
+        """FELIXPY_EXABGP_CONFIG, FELIXPY_EXABGP_PIDFILE, FELIXPY_BGP_SOCKET, FELIXPY_BGP_STATUS,
+        FELIXPY_BGP_SYNC_TIMEOUT; raises ValueError with one line on a bad value."""
+        run_dir = DEFAULT_RUN_DIR
+        values = {
+            "FELIXPY_EXABGP_CONFIG": env.get("FELIXPY_EXABGP_CONFIG") or f"{run_dir}/exabgp.conf",
+            "FELIXPY_EXABGP_PIDFILE": env.get("FELIXPY_EXABGP_PIDFILE") or f"{run_dir}/exabgp.pid",
+            "FELIXPY_BGP_SOCKET": env.get("FELIXPY_BGP_SOCKET") or f"{run_dir}/sidecar.sock",
+            "FELIXPY_BGP_STATUS": env.get("FELIXPY_BGP_STATUS") or f"{state_dir.rstrip('/')}/{STATUS_FILE_NAME}",
+        }
+        for name, value in values.items():
+            if not os.path.isabs(value):
+                raise ValueError(f"{name}={json.dumps(value)}: expected an absolute path")
+        raw_timeout = env.get("FELIXPY_BGP_SYNC_TIMEOUT", "")
+        try:
+            timeout = float(raw_timeout) if raw_timeout else DEFAULT_SYNC_TIMEOUT
+            if timeout < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"FELIXPY_BGP_SYNC_TIMEOUT={json.dumps(raw_timeout)}: expected seconds >= 0") from None
+        return cls(config=values["FELIXPY_EXABGP_CONFIG"], pid_file=values["FELIXPY_EXABGP_PIDFILE"],
+                   socket=values["FELIXPY_BGP_SOCKET"], status=values["FELIXPY_BGP_STATUS"],
+                   sync_timeout=timeout)
+
+
+# -- messages the link thread puts on the agent's queue --------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarMessage:
+    """Base of everything the controller's thread (or a command callback) queues for the loop."""
+
+
+@dataclass(frozen=True)
+class SidecarConnected(SidecarMessage):
+    generation: int
+
+
+@dataclass(frozen=True)
+class SidecarLost(SidecarMessage):
+    generation: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SidecarEvent(SidecarMessage):
+    generation: int
+    event: Event
+
+
+@dataclass(frozen=True)
+class CommandsFailed(SidecarMessage):
+    """A pipelined command was rejected or lost; the loop re-announces everything."""
+
+    generation: int
+    command: str
+    error: str
+
+
+@dataclass(frozen=True)
+class AdjRibOut(SidecarMessage):
+    """What ExaBGP currently announces (read back after connecting)."""
+
+    generation: int
+    prefixes: frozenset[str]
+
+
+class Link(Protocol):
+    """The part of bgp.client.SidecarClient the controller uses (tests pass a fake)."""
+
+    def connect(self, timeout: float = 10.0) -> None: ...
+    def close(self) -> None: ...
+    def submit(self, command: str) -> "Future[CommandResult]": ...
+    def next_event(self, timeout: float | None = None) -> Event | None: ...
+
+
+@dataclass
+class _Session:
+    peer: str
+    state: str = "Idle"  # Idle | Connect | Established
+    since: float = field(default_factory=time.time)
+    info: str = ""
+
+
+def parse_adj_rib_out(lines: Iterable[str]) -> frozenset[str]:
+    """Prefixes in ExaBGP's `show adj-rib out` text (`neighbor X ipv4 unicast P next-hop N`)."""
+    found = set()
+    for line in lines:
+        for match in _PREFIX_RE.findall(line):
+            try:
+                found.add(str(ipaddress.IPv4Network(match)))
+            except ValueError:
+                continue
+    return frozenset(found)
+
+
+def signal_exabgp(pid_file: str) -> bool:
+    """SIGUSR1 (reload; never SIGHUP, which stops ExaBGP) to the pid in `pid_file`."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().split()[0])
+        os.kill(pid, signal.SIGUSR1)
+        return True
+    except (OSError, ValueError, IndexError) as err:
+        log.warning("cannot signal ExaBGP to reload pid_file=%s error=%s (it reads the new "
+                    "configuration when it starts)", pid_file, err)
+        return False
+
+
+class BGPController:
+    def __init__(
+        self,
+        node_name: str,
+        paths: BGPPaths,
+        *,
+        link: Link | None = None,
+        reload: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_name = node_name
+        self.paths = paths
+        self._link: Link = link if link is not None else SidecarClient(paths.socket)
+        self._reload = reload if reload is not None else (lambda: signal_exabgp(paths.pid_file))
+        self._clock = clock
+        self._wall = wall_clock
+        self._post: Callable[[Any], None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started_at = clock()
+
+        # datastore index
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._bgp_configs: dict[str, dict[str, Any]] = {}
+        self._bgp_peers: dict[str, dict[str, Any]] = {}
+        self._config_dirty = True
+        self._datastore_synced = False
+
+        # configuration state
+        self._peers: dict[str, Peer] = {}
+        self._node_ip: str | None = None
+        self._config_text: str | None = None
+        self._config_error = ""
+
+        # sidecar session state
+        self._generation = 0  # of the connection the loop currently trusts
+        self._connected = False
+        self._replayed = False  # ReplayDone seen on the current connection
+        self._ever_replayed = False
+        self._announced: set[str] = set()
+        self._desired: frozenset[str] = frozenset()
+        self._full_announce_needed = True
+        self._eor_pending: set[str] = set()  # established peers still owed announcements + EoR
+        self._sessions: dict[str, _Session] = {}
+        self._next_hop_announced: str | None = None
+
+        self.rib = Rib()
+        self.routes_dirty = False  # learned routes changed since the loop last asked
+        self._status_text = ""
+
+    # -- lifecycle (thread) --------------------------------------------------------------------
+    def start(self, post: Callable[[Any], None]) -> None:
+        """Start the link thread; it puts SidecarMessages on the loop's queue via `post`."""
+        self._post = post
+        self._started_at = self._clock()
+        self._thread = threading.Thread(target=self._run_link, name="bgp-link", daemon=True)
+        self._thread.start()
+        self.write_status()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._link.close()
+
+    def _run_link(self) -> None:
+        delay = RECONNECT_MIN
+        generation = 0
+        while not self._stop.is_set():
+            try:
+                self._link.connect(timeout=0)
+            except SidecarUnavailable as err:
+                if delay >= RECONNECT_MAX:
+                    log.debug("bgp sidecar not reachable: %s", err)
+                self._stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = RECONNECT_MIN
+            generation += 1
+            assert self._post is not None
+            self._post(SidecarConnected(generation))
+            try:
+                while not self._stop.is_set():
+                    event = self._link.next_event(timeout=1.0)
+                    if event is not None:
+                        self._post(SidecarEvent(generation, event))
+            except SidecarUnavailable as err:
+                self._post(SidecarLost(generation, str(err)))
+
+    # -- datastore input -----------------------------------------------------------------------
+    def on_update(self, update: KVUpdate) -> None:
+        for plural, index in (("nodes", self._nodes), ("bgpconfigurations", self._bgp_configs),
+                              ("bgppeers", self._bgp_peers)):
+            prefix = keys.resource_prefix(plural)
+            if update.key.startswith(prefix):
+                name = update.key[len(prefix):]
+                if update.value is None:
+                    index.pop(name, None)
+                else:
+                    index[name] = update.value
+                self._config_dirty = True
+                return
+
+    def set_announcements(self, prefixes: Iterable[str]) -> None:
+        """The prefixes this node should announce (calc graph output); no I/O."""
+        self._desired = frozenset(prefixes)
+
+    def datastore_in_sync(self) -> None:
+        self._datastore_synced = True
+
+    # -- sidecar input -------------------------------------------------------------------------
+    def on_message(self, message: SidecarMessage) -> None:
+        now = self._clock()
+        if isinstance(message, SidecarConnected):
+            self._generation = message.generation
+            self._connected = True
+            self._replayed = False
+            self._announced = set()
+            self._full_announce_needed = True
+            log.info("bgp sidecar connected generation=%d", message.generation)
+            return
+        if getattr(message, "generation", None) != self._generation:
+            return  # from a connection we already gave up on
+        if isinstance(message, SidecarLost):
+            log.warning("bgp sidecar connection lost, keeping learned routes as stale reason=%s",
+                        message.reason)
+            self._connected = False
+            self._replayed = False
+            self._announced = set()
+            self._eor_pending = set()
+            self._note_delta(self.rib.suspend(now=now, hold=SUSPEND_HOLD))
+            for session in self._sessions.values():
+                self._set_state(session, "Idle", "sidecar not connected")
+        elif isinstance(message, CommandsFailed):
+            log.warning("bgp command failed, re-announcing everything command=%r error=%s",
+                        message.command[:120], message.error)
+            self._full_announce_needed = True
+        elif isinstance(message, AdjRibOut):
+            stale = set(message.prefixes) - set(self._desired) - self._announced
+            if stale:
+                log.info("withdrawing announcements left from before the restart prefixes=%s",
+                         ",".join(sorted(stale)))
+                self._announced |= stale  # so that the next sync withdraws them
+        elif isinstance(message, SidecarEvent):
+            self._on_event(message.event, now)
+
+    def _on_event(self, event: Event, now: float) -> None:
+        if isinstance(event, ReplayDone):
+            self._replayed = True
+            self._ever_replayed = True
+            self._full_announce_needed = True
+            self._eor_pending = {p for p, s in self._sessions.items() if s.state == "Established"}
+            log.info("bgp sidecar replay done established=%d routes=%d",
+                     len(self._eor_pending), len(self.rib.best_routes()))
+            return
+        if isinstance(event, Notification):
+            log.info("exabgp notification text=%s", event.text)
+            return
+        peer_address = getattr(event, "peer", None)
+        peer = self._peers.get(peer_address) if peer_address else None
+        # The replay may arrive before the configuration is known: a peer we do not know (yet)
+        # is assumed to have graceful restart, our default; peers that turn out not to be
+        # configured are removed from the RIB when the configuration is computed.
+        graceful = peer.max_restart_time > 0 if peer is not None else True
+        self._note_delta(self.rib.apply(event, now=now, local_graceful_restart=graceful))
+        if peer_address is None:
+            return
+        session = self._sessions.setdefault(peer_address, _Session(peer_address))
+        if isinstance(event, StateChange):
+            if event.state == "up":
+                self._set_state(session, "Established", "")
+                if self._replayed:
+                    self._eor_pending.add(peer_address)
+            elif event.state == "down":
+                self._set_state(session, "Idle", event.reason or "")
+                self._eor_pending.discard(peer_address)
+            elif event.state == "connected" and session.state != "Established":
+                self._set_state(session, "Connect", "")
+
+    def _set_state(self, session: _Session, state: str, info: str) -> None:
+        if session.state != state:
+            session.since = self._wall()
+        session.state = state
+        session.info = info
+
+    def _note_delta(self, delta: Mapping[str, str | None]) -> None:
+        if delta:
+            self.routes_dirty = True
+
+    # -- outputs --------------------------------------------------------------------------------
+    def learned_routes(self) -> dict[str, str]:
+        """prefix → next hop of every best BGP path (stale ones included)."""
+        self.routes_dirty = False
+        return self.rib.best_routes()
+
+    def ready_for_dataplane(self) -> bool:
+        """True once the learned routes are complete (replay done), or the wait timed out."""
+        return self._ever_replayed or self._clock() - self._started_at >= self.paths.sync_timeout
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which `expire()` has work (graceful-restart timers)."""
+        deadline = self.rib.next_deadline()
+        first = self._started_at + self.paths.sync_timeout
+        if not self._ever_replayed and self._clock() < first:
+            deadline = first if deadline is None else min(deadline, first)
+        return deadline
+
+    def expire(self) -> None:
+        self._note_delta(self.rib.expire(self._clock()))
+
+    def local_addresses(self) -> frozenset[str]:
+        """This node's addresses: a learned route via one of them is never installed."""
+        return frozenset({self._node_ip}) if self._node_ip else frozenset()
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    # -- the work after each batch -------------------------------------------------------------
+    def sync(self) -> None:
+        """Render/reload ExaBGP's configuration and bring announcements up to date."""
+        if not self._datastore_synced:
+            return
+        if self._config_dirty:
+            self._config_dirty = False
+            self._update_config()
+        if self._connected and self._replayed and self._node_ip is not None:
+            self._announce()
+        self.write_status()
+
+    def _update_config(self) -> None:
+        try:
+            nodes = [NodeInfo.from_resource(v) for v in self._nodes.values()]
+            settings = BGPSettings.from_resource(self._bgp_configs.get("default"))
+            specs = []
+            for value in self._bgp_peers.values():
+                if ((value.get("spec") or {}).get("password") or {}):
+                    log.warning("BGPPeer %s: passwords from secrets are not resolved by this "
+                                "datastore; session configured without MD5",
+                                (value.get("metadata") or {}).get("name"))
+                specs.append(BGPPeerSpec.from_resource(value))
+            peers = select_peers(self.node_name, nodes, settings, specs)
+            me = next(n for n in nodes if n.name == self.node_name)
+            assert me.ipv4 is not None  # select_peers checked it
+            text = render_exabgp_conf(SpeakerConfig(
+                node_name=self.node_name, router_id=me.ipv4, local_address=me.ipv4,
+                as_number=me.as_number or settings.as_number, peers=tuple(peers),
+                sidecar_socket=self.paths.socket, python=self.paths.python))
+        except (PeeringError, ValueError, KeyError, TypeError) as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if message != self._config_error:
+                log.error("BGP configuration not changed: %s", message)
+            self._config_error = message
+            return
+        self._config_error = ""
+        old_peers, self._peers = self._peers, {p.address: p for p in peers}
+        if me.ipv4 != self._node_ip and self._node_ip is not None:
+            self._full_announce_needed = True  # next hop changed
+        self._node_ip = me.ipv4
+        for address in (set(old_peers) | set(self._sessions)) - set(self._peers):
+            self._note_delta(self.rib.remove_peer(address))
+            self._sessions.pop(address, None)
+            self._eor_pending.discard(address)
+        for address in self._peers:
+            self._sessions.setdefault(address, _Session(address))
+        if text != self._read_config():
+            self._write_config(text)
+            log.info("ExaBGP configuration written path=%s peers=%s", self.paths.config,
+                     ",".join(self._peers) or "-")
+            self._reload()
+        self._config_text = text
+
+    def _read_config(self) -> str | None:
+        if self._config_text is not None:
+            return self._config_text
+        try:
+            with open(self.paths.config) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _write_config(self, text: str) -> None:
+        os.makedirs(os.path.dirname(self.paths.config), exist_ok=True)
+        tmp = f"{self.paths.config}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.paths.config)
+        self._config_text = text
+
+    def _announce(self) -> None:
+        assert self._node_ip is not None
+        desired = set(self._desired)
+        commands: list[str] = []
+        read_back = False
+        if self._full_announce_needed or self._next_hop_announced != self._node_ip:
+            self._full_announce_needed = False
+            gone = self._announced - desired
+            if gone:
+                commands += withdraw_routes(sorted(gone), self._node_ip)
+            commands += announce_routes(sorted(desired), self._node_ip)
+            self._next_hop_announced = self._node_ip
+            # First announce on this connection: read ExaBGP's adj-RIB-out back, so that routes
+            # announced by a previous agent and no longer wanted get withdrawn.
+            read_back = not self._announced
+        else:
+            added, gone = desired - self._announced, self._announced - desired
+            if gone:
+                commands += withdraw_routes(sorted(gone), self._node_ip)
+            if added:
+                commands += announce_routes(sorted(added), self._node_ip)
+        for peer in sorted(self._eor_pending):
+            if peer in self._peers:
+                if desired:
+                    commands += announce_routes(sorted(desired), self._node_ip, neighbor=peer)
+                commands.append(end_of_rib(neighbor=peer))
+        self._eor_pending = set()
+        if commands:
+            log.debug("bgp commands count=%d announced=%d", len(commands), len(desired))
+        self._announced = desired
+        self._submit(commands)
+        if read_back:
+            self._submit_show_adj_rib_out()
+
+    def _submit(self, commands: list[str]) -> None:
+        generation = self._generation
+        for command in commands:
+            try:
+                future = self._link.submit(command)
+            except SidecarUnavailable as err:
+                # The link thread reports the loss; the replay after reconnecting re-announces.
+                log.info("bgp sidecar unavailable while sending commands: %s", err)
+                return
+            future.add_done_callback(functools.partial(self._check_result, command=command,
+                                                       generation=generation))
+
+    def _check_result(self, future: "Future[CommandResult]", command: str, generation: int) -> None:
+        # Runs on the client's reader thread: only post.
+        try:
+            result = future.result()
+        except Exception as err:  # SidecarUnavailable: the link thread posts SidecarLost
+            log.debug("bgp command lost command=%r error=%s", command[:120], err)
+            return
+        if result.ok or self._post is None:
+            return
+        if command.startswith("neighbor ") and "announce eor" in command:
+            # ExaBGP refuses EoR for a session that just went down again; its next "up" retries.
+            log.info("End-of-RIB not sent command=%r", command)
+            return
+        if not self._peers:
+            return  # nothing to announce to: ExaBGP rejects announces without neighbours
+        self._post(CommandsFailed(generation, command, "ExaBGP answered error"))
+
+    def _submit_show_adj_rib_out(self) -> None:
+        generation = self._generation
+        try:
+            future = self._link.submit("show adj-rib out")
+        except SidecarUnavailable:
+            return
+
+        def done(f: "Future[CommandResult]") -> None:
+            try:
+                result = f.result()
+            except Exception:
+                return
+            if result.ok and self._post is not None:
+                self._post(AdjRibOut(generation, parse_adj_rib_out(result.output)))
+
+        future.add_done_callback(done)
+
+    # -- status -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        received: dict[str, int] = {}
+        for address in self._sessions:
+            received[address] = len(self.rib.adj_rib_in(address))
+        rows = []
+        for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
+            peer = self._peers[address]
+            session = self._sessions.get(address) or _Session(address)
+            rows.append({
+                "peer": address, "type": peer.type.value, "asNumber": peer.as_number,
+                "state": session.state, "since": session.since, "info": session.info,
+                "routesReceived": received.get(address, 0),
+                "node": peer.node,
+            })
+        return {
+            "node": self.node_name, "pid": os.getpid(), "updated": self._wall(),
+            "sidecar": "connected" if self._connected else "disconnected",
+            "configError": self._config_error, "announced": sorted(self._announced),
+            "learned": len(self.rib.best_routes()), "peers": rows,
+        }
+
+    def write_status(self) -> None:
+        data = self.status()
+        comparable = json.dumps({k: v for k, v in data.items() if k != "updated"}, sort_keys=True)
+        if comparable == self._status_text:
+            return
+        self._status_text = comparable
+        try:
+            os.makedirs(os.path.dirname(self.paths.status), exist_ok=True)
+            tmp = f"{self.paths.status}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.paths.status)
+        except OSError as err:
+            log.warning("cannot write BGP status path=%s error=%s", self.paths.status, err)
+
+
+def read_status(path: str) -> dict[str, Any] | None:
+    """The status file the controller writes, or None when there is none (felixctl, the lab)."""
+    try:
+        with open(path) as f:
+            data: dict[str, Any] = json.load(f)
+        return data
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,344 @@
+"""The agent's BGP controller with a fake sidecar link: config rendering and reload, announcements
+(affinities, borrowed /32s, disableBGPExport), learned routes merged into the route manager, and
+the replay after an agent or sidecar restart."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bgp.protocol import (CommandResult, EndOfRib, Event, OpenReceived, ReceivedRoute, ReplayDone,
+                          RoutesReceived, StateChange)
+from felixpy.calc.graph import CalcGraph
+from felixpy.dataplane.managers.routes import RouteManager, merge_learned
+from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate
+from felixpy.messages import RouteSpec
+from felixpy.node.bgp import (AdjRibOut, BGPController, BGPPaths, SidecarConnected, SidecarEvent,
+                              SidecarLost, parse_adj_rib_out)
+
+N1, N2, N3 = "192.0.2.11", "192.0.2.12", "192.0.2.13"
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self.outputs: dict[str, tuple[str, ...]] = {}
+
+    def connect(self, timeout: float = 10.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def submit(self, command: str) -> "Future[CommandResult]":
+        self.commands.append(command)
+        future: Future[CommandResult] = Future()
+        future.set_result(CommandResult(len(self.commands), True, self.outputs.get(command, ())))
+        return future
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        return None
+
+    def take(self) -> list[str]:
+        taken, self.commands = self.commands, []
+        return taken
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def node(name: str, ip: str, **bgp: Any) -> KVUpdate:
+    value = {"kind": "Node", "metadata": {"name": name}, "spec": {"bgp": {"ipv4Address": f"{ip}/24", **bgp}}}
+    return KVUpdate(keys.resource_key("nodes", name), value, 1)
+
+
+def peer(name: str, **spec: Any) -> KVUpdate:
+    return KVUpdate(keys.resource_key("bgppeers", name), {"kind": "BGPPeer", "metadata": {"name": name},
+                                                           "spec": spec}, 1)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[BGPController, FakeLink, Clock, list[int], list[Any]]:
+    link, clock = FakeLink(), Clock()
+    reloads: list[int] = []
+    posted: list[Any] = []
+
+    def reload() -> bool:
+        reloads.append(1)
+        return True
+
+    paths = BGPPaths(config=str(tmp_path / "exabgp.conf"), pid_file=str(tmp_path / "pid"),
+                     socket=str(tmp_path / "s.sock"), status=str(tmp_path / "status.json"),
+                     python="/usr/bin/python3", sync_timeout=10.0)
+    ctl = BGPController("n1", paths, link=link, reload=reload, clock=clock)
+    ctl._post = posted.append  # what start() sets, without the link thread
+    ctl._started_at = clock.now
+    for update in (node("n1", N1), node("n2", N2)):
+        ctl.on_update(update)
+    ctl.datastore_in_sync()
+    return ctl, link, clock, reloads, posted
+
+
+def connect(ctl: BGPController, generation: int, *events: Event) -> None:
+    ctl.on_message(SidecarConnected(generation))
+    for event in (*events, ReplayDone()):
+        ctl.on_message(SidecarEvent(generation, event))
+
+
+def state(peer_ip: str, value: str) -> StateChange:
+    return StateChange(peer_ip, N1, 64512, 64512, value)
+
+
+def test_config_rendered_written_and_reloaded_only_on_change(setup: Any, tmp_path: Path) -> None:
+    ctl, link, _, reloads, _ = setup
+    ctl.sync()
+    text = (tmp_path / "exabgp.conf").read_text()
+    assert f"neighbor {N2} {{" in text and "local-as 64512;" in text and "router-id 192.0.2.11;" in text
+    assert "run /usr/bin/python3 -m bgp.sidecar --socket" in text
+    assert reloads == [1]
+    ctl.sync()
+    assert reloads == [1]  # unchanged: no reload
+    ctl.on_update(node("n3", N3))
+    ctl.sync()
+    assert f"neighbor {N3} {{" in (tmp_path / "exabgp.conf").read_text()
+    assert reloads == [1, 1]
+    assert [p.address for p in ctl.peers] == [N2, N3]
+    assert link.take() == []  # nothing announced before the sidecar's replay
+
+
+def test_invalid_bgppeer_keeps_the_previous_config(setup: Any, tmp_path: Path) -> None:
+    ctl, _, _, reloads, _ = setup
+    ctl.sync()
+    before = (tmp_path / "exabgp.conf").read_text()
+    ctl.on_update(peer("bad", peerIP="300.1.1.1", asNumber=65000))
+    ctl.sync()
+    assert (tmp_path / "exabgp.conf").read_text() == before and reloads == [1]
+    assert "spec.peerIP" in ctl.status()["configError"]
+
+
+def test_announces_after_replay_then_diffs_and_withdraws(setup: Any) -> None:
+    ctl, link, _, _, _ = setup
+    ctl.set_announcements({"10.244.1.0/26"})
+    ctl.sync()
+    assert link.take() == []
+    connect(ctl, 1)
+    ctl.sync()
+    assert link.take() == [
+        f"announce attributes next-hop {N1} nlri 10.244.1.0/26",
+        "show adj-rib out",
+    ]
+    ctl.set_announcements({"10.244.1.0/26", "10.244.2.7/32"})
+    ctl.sync()
+    assert link.take() == [f"announce attributes next-hop {N1} nlri 10.244.2.7/32"]
+    ctl.set_announcements({"10.244.2.7/32"})
+    ctl.sync()
+    assert link.take() == [f"withdraw attributes next-hop {N1} nlri 10.244.1.0/26"]
+    ctl.sync()
+    assert link.take() == []
+
+
+def test_peer_up_gets_announcements_and_end_of_rib(setup: Any) -> None:
+    ctl, link, _, _, _ = setup
+    ctl.set_announcements({"10.244.1.0/26"})
+    ctl.sync()
+    connect(ctl, 1)
+    ctl.sync()
+    link.take()
+    ctl.on_message(SidecarEvent(1, state(N2, "up")))
+    ctl.sync()
+    assert link.take() == [
+        f"neighbor {N2} announce attributes next-hop {N1} nlri 10.244.1.0/26",
+        f"neighbor {N2} announce eor ipv4 unicast",
+    ]
+    assert ctl.status()["peers"][0]["state"] == "Established"
+
+
+def test_learned_routes_and_graceful_restart_flush(setup: Any) -> None:
+    ctl, _, clock, _, _ = setup
+    ctl.sync()
+    connect(ctl, 1, OpenReceived(N2, N2, 64512, 90, None), state(N2, "up"),
+            RoutesReceived(N2, (ReceivedRoute("10.244.2.0/26", N2),)))
+    assert ctl.ready_for_dataplane()
+    assert ctl.routes_dirty
+    assert ctl.learned_routes() == {"10.244.2.0/26": N2}
+    assert not ctl.routes_dirty
+    # No graceful restart offered by the peer: its routes go with the session.
+    ctl.on_message(SidecarEvent(1, state(N2, "down")))
+    assert ctl.learned_routes() == {}
+
+
+def test_sidecar_restart_keeps_routes_and_reannounces(setup: Any) -> None:
+    ctl, link, clock, _, _ = setup
+    ctl.set_announcements({"10.244.1.0/26"})
+    ctl.sync()
+    route = RoutesReceived(N2, (ReceivedRoute("10.244.2.0/26", N2),))
+    connect(ctl, 1, OpenReceived(N2, N2, 64512, 90, 120), state(N2, "up"), route, EndOfRib(N2))
+    ctl.sync()
+    link.take()
+    # ExaBGP (and its sidecar) dies: the RIB keeps everything as stale, the kernel keeps the routes.
+    ctl.on_message(SidecarLost(1, "gone"))
+    assert ctl.learned_routes() == {"10.244.2.0/26": N2}
+    ctl.sync()
+    assert link.take() == []
+    clock.now += 5
+    # The new ExaBGP's sidecar has an empty cache; the peer comes back and re-announces.
+    connect(ctl, 2)
+    ctl.sync()
+    assert link.take() == [f"announce attributes next-hop {N1} nlri 10.244.1.0/26", "show adj-rib out"]
+    assert ctl.learned_routes() == {"10.244.2.0/26": N2}
+    for event in (OpenReceived(N2, N2, 64512, 90, 120), state(N2, "up"), route, EndOfRib(N2)):
+        ctl.on_message(SidecarEvent(2, event))
+    ctl.sync()
+    assert link.take()[-1] == f"neighbor {N2} announce eor ipv4 unicast"
+    assert ctl.learned_routes() == {"10.244.2.0/26": N2}
+    # Messages of the dead connection are ignored.
+    ctl.on_message(SidecarEvent(1, state(N2, "down")))
+    assert ctl.status()["peers"][0]["state"] == "Established"
+
+
+def test_agent_restart_replay_sends_end_of_rib_and_withdraws_leftovers(setup: Any) -> None:
+    ctl, link, _, _, posted = setup
+    link.outputs["show adj-rib out"] = (
+        f"neighbor {N2} ipv4 unicast 10.244.1.0/26 next-hop {N1}",
+        f"neighbor {N2} ipv4 unicast 10.244.9.0/26 next-hop {N1}",
+    )
+    ctl.set_announcements({"10.244.1.0/26"})
+    ctl.sync()
+    connect(ctl, 1, OpenReceived(N2, N2, 64512, 90, 120), state(N2, "up"),
+            RoutesReceived(N2, (ReceivedRoute("10.244.2.0/26", N2),)), EndOfRib(N2))
+    ctl.sync()
+    assert link.take() == [
+        f"announce attributes next-hop {N1} nlri 10.244.1.0/26",
+        f"neighbor {N2} announce attributes next-hop {N1} nlri 10.244.1.0/26",
+        f"neighbor {N2} announce eor ipv4 unicast",
+        "show adj-rib out",
+    ]
+    assert ctl.learned_routes() == {"10.244.2.0/26": N2}
+    # What the previous agent announced and nobody wants any more is withdrawn.
+    ctl.on_message(posted[-1])
+    ctl.sync()
+    assert link.take() == [f"withdraw attributes next-hop {N1} nlri 10.244.9.0/26"]
+
+
+def test_adj_rib_out_leftovers_are_withdrawn(setup: Any) -> None:
+    ctl, link, _, _, posted = setup
+    link.outputs["show adj-rib out"] = (f"neighbor {N2} ipv4 unicast 10.244.9.0/26 next-hop {N1}",)
+    ctl.set_announcements({"10.244.1.0/26"})
+    ctl.sync()
+    connect(ctl, 1)
+    ctl.sync()
+    link.take()
+    assert posted == [AdjRibOut(1, frozenset({"10.244.9.0/26"}))]
+    ctl.on_message(posted[0])
+    ctl.sync()
+    assert link.take() == [f"withdraw attributes next-hop {N1} nlri 10.244.9.0/26"]
+
+
+def test_first_apply_waits_for_replay_or_timeout(setup: Any) -> None:
+    ctl, _, clock, _, _ = setup
+    assert not ctl.ready_for_dataplane()
+    assert ctl.next_deadline() == clock.now + 10.0
+    clock.now += 10.0
+    assert ctl.ready_for_dataplane()
+    assert ctl.next_deadline() is None  # no busy loop once the wait is over
+
+
+def test_removed_peer_is_forgotten(setup: Any) -> None:
+    ctl, _, _, _, _ = setup
+    ctl.sync()
+    connect(ctl, 1, OpenReceived(N2, N2, 64512, 90, 120), state(N2, "up"),
+            RoutesReceived(N2, (ReceivedRoute("10.244.2.0/26", N2),)))
+    assert ctl.learned_routes()
+    ctl.on_update(KVUpdate(keys.resource_key("nodes", "n2"), None, 2))
+    ctl.sync()
+    assert ctl.learned_routes() == {} and ctl.status()["peers"] == []
+
+
+def test_status_file_written(setup: Any, tmp_path: Path) -> None:
+    import json
+
+    ctl, _, _, _, _ = setup
+    ctl.sync()
+    data = json.loads((tmp_path / "status.json").read_text())
+    assert data["node"] == "n1" and data["peers"][0]["peer"] == N2
+    assert data["peers"][0]["state"] == "Idle" and data["sidecar"] == "disconnected"
+
+
+def test_parse_adj_rib_out() -> None:
+    assert parse_adj_rib_out([f"neighbor {N2} ipv4 unicast 10.1.0.0/26 next-hop {N1}", "garbage"]) == \
+        frozenset({"10.1.0.0/26"})
+
+
+# -- what the calc graph announces ------------------------------------------------------------------
+
+def _pool(name: str, cidr: str, **spec: Any) -> KVUpdate:
+    return KVUpdate(keys.resource_key("ippools", name), {"spec": {"cidr": cidr, **spec}}, 1)
+
+
+def _affinity(node_name: str, cidr: str) -> KVUpdate:
+    return KVUpdate(keys.affinity_key(node_name, cidr), {"state": "confirmed"}, 1)
+
+
+def _wep(name: str, node_name: str, ip: str) -> KVUpdate:
+    return KVUpdate(keys.resource_key("workloadendpoints", name, "ns"),
+                    {"metadata": {"namespace": "ns"},
+                     "spec": {"node": node_name, "pod": name, "interfaceName": f"cali{name}",
+                              "ipNetworks": [f"{ip}/32"]}}, 1)
+
+
+def test_announcements_blocks_borrowed_and_disable_bgp_export() -> None:
+    calc = CalcGraph("n1", remote_routes_from_datastore=False)
+    for update in (
+        _pool("p", "10.244.0.0/16"), _pool("quiet", "10.99.0.0/16", disableBGPExport=True),
+        _affinity("n1", "10.244.1.0/26"), _affinity("n2", "10.244.2.0/26"), _affinity("n1", "10.99.0.0/26"),
+        _wep("own", "n1", "10.244.1.5"),  # inside our block: the block covers it
+        _wep("borrowed", "n1", "10.244.2.9"),  # from n2's block: a /32
+        _wep("remote", "n2", "10.244.2.3"),  # not ours
+        _wep("quiet-borrowed", "n1", "10.99.5.5"),  # pool does not export
+    ):
+        calc.on_update(update)
+    assert calc.bgp_announcements() == frozenset({"10.244.1.0/26", "10.244.2.9/32"})
+    # Block released: no longer announced.
+    calc.on_update(KVUpdate(keys.affinity_key("n1", "10.244.1.0/26"), None, 2))
+    assert "10.244.1.0/26" not in calc.bgp_announcements()
+    assert "10.244.1.5/32" in calc.bgp_announcements()  # now a pod outside our blocks
+
+
+# -- merging learned routes -------------------------------------------------------------------------
+
+def test_learned_routes_never_override_own_routes() -> None:
+    own = frozenset({RouteSpec("10.244.1.0/26", type="blackhole"), RouteSpec("10.244.1.5/32", iface="caliA")})
+    learned = {"10.244.1.0/26": N2, "10.244.1.5/32": N2, "10.244.1.9/32": N2, "10.244.3.0/26": N3,
+               "10.244.4.0/26": N1}
+    merged = merge_learned(own, learned, frozenset({N1}))
+    assert merged == own | {RouteSpec("10.244.1.9/32", gateway=N2), RouteSpec("10.244.3.0/26", gateway=N3)}
+
+
+class FakeTable:
+    def __init__(self) -> None:
+        self.routes: list[Any] = []
+
+    def set_routes(self, routes: Any) -> None:
+        self.routes = sorted(r.dst for r in routes)
+
+
+def test_route_manager_merges_and_only_rewrites_on_change() -> None:
+    table = FakeTable()
+    mgr = RouteManager(table)  # type: ignore[arg-type]
+    mgr.on_routes({RouteSpec("10.244.1.0/26", type="blackhole")})
+    mgr.on_learned({"10.244.2.0/26": N2}, local_ips={N1})
+    mgr.complete_deferred_work()
+    assert table.routes == ["10.244.1.0/26", "10.244.2.0/26"]
+    table.routes = []
+    mgr.on_learned({"10.244.2.0/26": N2}, local_ips={N1})
+    mgr.complete_deferred_work()
+    assert table.routes == []  # nothing changed, nothing re-declared
