@@ -188,6 +188,17 @@ _VARS: list[Variable] = [
              "Directory of the `nodename` and `mtu` files (the CNI plugin reads `mtu`)."),
     Variable("FELIXPY_LOG_FORMAT", "felixpy", "`text`", "accepted values are text, json",
              "`text`: key=value lines; `json`: one JSON object per line."),
+    # Read by felixpy/node/bgp.py (backend bird); documented here with everything else.
+    Variable("FELIXPY_EXABGP_CONFIG", "felixpy", "`/var/run/calico/exabgp.conf`", ABS_PATH_ACCEPTS,
+             "Where the agent renders ExaBGP's configuration (the ExaBGP sidecar reads it)."),
+    Variable("FELIXPY_EXABGP_PIDFILE", "felixpy", "`/var/run/calico/exabgp.pid`", ABS_PATH_ACCEPTS,
+             "ExaBGP's pid file: the agent sends SIGUSR1 there after rewriting the configuration."),
+    Variable("FELIXPY_BGP_SOCKET", "felixpy", "`/var/run/calico/sidecar.sock`", ABS_PATH_ACCEPTS,
+             "Unix socket of the ExaBGP sidecar's API process (`python -m bgp.sidecar`)."),
+    Variable("FELIXPY_BGP_STATUS", "felixpy", "`<FELIXPY_STATE_DIR>/bgp-status.json`", ABS_PATH_ACCEPTS,
+             "Where the agent writes its BGP sessions for `felixctl node status` and the lab."),
+    Variable("FELIXPY_BGP_SYNC_TIMEOUT", "felixpy", "`10`", "expected seconds >= 0",
+             "How long the first dataplane apply waits for the sidecar's replay of learned routes."),
 ]
 
 VARIABLES: Mapping[str, Variable] = types.MappingProxyType({v.name: v for v in _VARS})
