@@ -57,8 +57,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise LabExit(2, NOT_YET[args.mode])
     if args.cross_subnet:
         raise LabExit(2, "--cross-subnet arrives with VXLAN and IPIP support (issue #3)")
-    if args.route_reflectors > 0:
-        raise LabExit(2, "--route-reflectors arrives with route-reflector support (issue #3)")
+    if not 0 <= args.route_reflectors <= topology.MAX_REFLECTORS:
+        raise LabUsageError(f"--route-reflectors {args.route_reflectors}: expected 0-{topology.MAX_REFLECTORS}")
+    if args.route_reflectors and args.mode != "bgp":
+        raise LabUsageError("--route-reflectors needs --mode bgp")
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)
@@ -73,8 +75,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             ns = topology.node_netns(lab, node_name)
             st.nodes.append(NodeState(name=node_name, ip=topology.node_ip(node_name), netns=ns))
             st.remember_netns(ns)
+        for rr_name in topology.reflector_names(args.route_reflectors):
+            ns = topology.node_netns(lab, rr_name)
+            st.nodes.append(NodeState(name=rr_name, ip=topology.node_ip(rr_name), netns=ns,
+                                      route_reflector=True))
+            st.remember_netns(ns)
         state.save(st)  # before anything exists, so that `down` can always clean up
-        say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}")
+        say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}"
+            + (f", {args.route_reflectors} route reflectors (mesh off)" if args.route_reflectors else ""))
 
         procs.build_fabric(lab)
         st.etcd_pid = procs.start_etcd(lab)
@@ -87,14 +95,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
             raise LabExit(1, f"etcd did not answer within {ETCD_READY_TIMEOUT:g} s; see "
                              f"{topology.run_dir(lab)}/etcd.log (felixpy-lab down --name {lab} cleans up)")
+        reflectors = [n for n in st.nodes if n.route_reflector]
+        if reflectors:
+            _write_reflector_resources(st, reflectors)
+            for node in reflectors:
+                _start_reflector(st, node)
         for node in st.nodes:
+            if node.route_reflector:
+                continue
             if args.mode == "bgp":
                 _start_speaker(st, node)
             node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode)
             state.save(st)
             say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}"
                 + (f", exabgp pid {node.exabgp_pid}" if args.mode == "bgp" else ""))
+        for node in reflectors:
+            _wait_reflector(st, node)
+            say(f"  {node.name}: route reflector ready")
         for node in st.nodes:
+            if node.route_reflector:
+                continue
             problem = procs.wait_agent(lab, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
                 tail = procs.log_tail(f"{topology.node_dir(lab, node.name)}/agent.log", 1)
@@ -138,6 +158,61 @@ def _start_speaker(st: LabState, node: NodeState) -> None:
                          f"(felixpy-lab down --name {st.name} cleans up)")
 
 
+def _write_reflector_resources(st: LabState, reflectors: list[NodeState]) -> None:
+    """Calico's reflector recipe: mesh off, every node peers with the nodes labelled as reflectors.
+
+    Written before any agent starts, so that no node ever opens mesh sessions.
+    """
+    from felixpy.model.store import apply_resources
+
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "projectcalico.org/v3", "kind": "BGPConfiguration", "metadata": {"name": "default"},
+         "spec": {"nodeToNodeMeshEnabled": False}},
+        {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer",
+         "metadata": {"name": "peer-with-route-reflectors"},
+         "spec": {"nodeSelector": "all()", "peerSelector": f"{topology.RR_LABEL} == 'true'"}},
+    ]
+    for node in reflectors:
+        docs.append({"apiVersion": "projectcalico.org/v3", "kind": "Node",
+                     "metadata": {"name": node.name, "labels": {topology.RR_LABEL: "true"}},
+                     "spec": {"bgp": {"ipv4Address": f"{node.ip}/{topology.FABRIC_SUBNET.prefixlen}",
+                                      "routeReflectorClusterID": topology.RR_CLUSTER_ID}}})
+    store = pods.open_datastore(st.name)
+    try:
+        apply_resources(store, docs, "apply")
+    finally:
+        store.close()
+    say(f"  BGPConfiguration default: nodeToNodeMeshEnabled=false; BGPPeer peer-with-route-reflectors: "
+        f"all() -> {topology.RR_LABEL} == 'true'; cluster ID {topology.RR_CLUSTER_ID}")
+
+
+def _start_bird(st: LabState, node: NodeState) -> None:
+    node.bird_pid = procs.start_bird(st.name, node.name)
+    state.save(st)
+    problem = procs.wait_bird(st.name, node.name, node.bird_pid, EXABGP_READY_TIMEOUT)
+    if problem:
+        tail = procs.log_tail(procs.bird_paths(st.name, node.name)["out"], 1)
+        raise LabExit(1, f"{problem}{': ' + tail[0].strip() if tail else ''} "
+                         f"(felixpy-lab down --name {st.name} cleans up)")
+
+
+def _start_reflector(st: LabState, node: NodeState) -> None:
+    """BIRD 2 first (the lab owns it), then felixpy-node in route-reflector mode to drive it."""
+    _start_bird(st, node)
+    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size)
+    state.save(st)
+    say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, route reflector pid {node.agent_pid}, "
+        f"bird pid {node.bird_pid}")
+
+
+def _wait_reflector(st: LabState, node: NodeState) -> None:
+    problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+    if problem:
+        tail = procs.log_tail(f"{topology.node_dir(st.name, node.name)}/agent.log", 1)
+        raise LabExit(1, f"{problem}{': ' + tail[0].strip() if tail else ''} "
+                         f"(felixpy-lab down --name {st.name} cleans up)")
+
+
 def _bgp_sessions(st: LabState, node: NodeState) -> list[dict[str, Any]]:
     """The node's BGP sessions from the status file its agent writes (mode bgp)."""
     if st.mode != "bgp":
@@ -155,10 +230,11 @@ def _bgp_sessions(st: LabState, node: NodeState) -> list[dict[str, Any]]:
 def _status_data(st: LabState) -> dict[str, Any]:
     store = pods.open_datastore(st.name)
     try:
-        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": False,
+        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": n.route_reflector,
                   "blocks": pods.status_blocks(store, n.name), "bgp": _bgp_sessions(st, n),
                   "netns": n.netns, "agent": "running" if procs.alive(n.agent_pid) else "stopped",
-                  **({"exabgp": "running" if procs.alive(n.exabgp_pid) else "stopped"}
+                  **({"bird": "running" if procs.alive(n.bird_pid) else "stopped"} if n.route_reflector
+                     else {"exabgp": "running" if procs.alive(n.exabgp_pid) else "stopped"}
                      if st.mode == "bgp" else {})}
                  for n in st.nodes]
     finally:
@@ -198,8 +274,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), etcd {data['etcd']}"
         + ("" if st.phase == "up" else f", {st.phase}"))
     if st.mode == "bgp":
-        rows = [["NODE", "IP", "AGENT", "EXABGP", "BGP", "BLOCKS"]]
-        rows += [[n["name"], n["ip"], n["agent"], n["exabgp"],
+        rows = [["NODE", "IP", "AGENT", "SPEAKER", "BGP", "BLOCKS"]]
+        rows += [[n["name"] + (" (RR)" if n["routeReflector"] else ""), n["ip"], n["agent"],
+                  f"bird {n['bird']}" if n["routeReflector"] else f"exabgp {n['exabgp']}",
                   f"{sum(s['state'] == 'Established' for s in n['bgp'])}/{len(n['bgp'])} established",
                   ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
     else:
@@ -255,6 +332,8 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
     with state.locked(args.name):
         st = state.load(args.name)
         node = st.node(args.node)
+        if node.route_reflector:
+            raise LabUsageError(f"{node.name} is a route reflector: it runs no pods")
         if st.find_pod(ref.namespace, ref.name):
             raise LabUsageError(f"pod {ref} already exists")
         if _ensure_namespace(st, ref.namespace, None):
@@ -512,9 +591,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
         if args.action in ("start", "restart"):
             if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
-            node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode)
-            state.save(st)
-            problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+            if node.route_reflector:
+                node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size)
+                state.save(st)
+                problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+            else:
+                node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode)
+                state.save(st)
+                problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
                 raise LabExit(1, problem)
             say(f"{node.name}: agent ready (pid {node.agent_pid})")
@@ -528,6 +612,8 @@ def cmd_speaker(args: argparse.Namespace) -> int:
         if st.mode != "bgp":
             raise LabUsageError(f"lab {st.name} runs mode {st.mode}: there is no BGP speaker")
         node = st.node(args.node)
+        if node.route_reflector:
+            return _reflector_speaker(st, node, args.action)
         if args.action in ("stop", "restart"):
             procs.stop_pids({node.exabgp_pid} & procs.marked_pids(st.name))
             say(f"{node.name}: exabgp stopped")
@@ -536,6 +622,19 @@ def cmd_speaker(args: argparse.Namespace) -> int:
                 raise LabUsageError(f"{node.name}: exabgp already running (pid {node.exabgp_pid})")
             _start_speaker(st, node)
             say(f"{node.name}: exabgp started (pid {node.exabgp_pid})")
+    return 0
+
+
+def _reflector_speaker(st: LabState, node: NodeState, action: str) -> int:
+    """A reflector's speaker is BIRD: felixpy-node reconfigures it again once it answers."""
+    if action in ("stop", "restart"):
+        procs.stop_pids({node.bird_pid} & procs.marked_pids(st.name))
+        say(f"{node.name}: bird stopped")
+    if action in ("start", "restart"):
+        if procs.alive(node.bird_pid) and node.bird_pid in procs.marked_pids(st.name):
+            raise LabUsageError(f"{node.name}: bird already running (pid {node.bird_pid})")
+        _start_bird(st, node)
+        say(f"{node.name}: bird started (pid {node.bird_pid})")
     return 0
 
 
@@ -617,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
 
-    p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP")
+    p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP (a reflector's BIRD)")
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
     return parser

@@ -273,6 +273,92 @@ def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "ro
                   agent_env(lab, node, pool, block_size, mode=mode), f"{nd}/agent.log")
 
 
+def bird_paths(lab: str, node: str) -> dict[str, str]:
+    d = topology.bird_dir(lab, node)
+    return {"config": f"{d}/bird.conf", "socket": f"{d}/bird.ctl", "out": f"{d}/bird.out"}
+
+
+def start_bird(lab: str, node: str) -> int:
+    """A reflector's BIRD 2 in the foreground (so the lab owns its pid), on the config felixpy-node renders.
+
+    Before felixpy-node's first rendering the file holds a peer-less reflector configuration; later
+    starts read whatever felixpy-node wrote last.
+    """
+    from bgp.bird import render_bird_reflector
+
+    paths = bird_paths(lab, node)
+    os.makedirs(topology.bird_dir(lab, node), exist_ok=True)
+    if not shutil.which("bird"):
+        raise LabCommandError(("bird",), 127, "bird is not installed (apt-get install bird2)")
+    if not os.path.exists(paths["config"]):
+        address = topology.node_ip(node)
+        with open(paths["config"], "w") as f:
+            f.write(render_bird_reflector(router_id=address, as_number=64512,
+                                          cluster_id=topology.RR_CLUSTER_ID, peers=()))
+    try:
+        os.unlink(paths["socket"])  # a stale socket would look ready
+    except FileNotFoundError:
+        pass
+    return _spawn(lab, topology.node_netns(lab, node),
+                  ["bird", "-f", "-c", paths["config"], "-s", paths["socket"]], base_env(), paths["out"])
+
+
+def wait_bird(lab: str, node: str, pid: int, timeout: float) -> str | None:
+    """None once BIRD's control socket exists, else why not."""
+    paths = bird_paths(lab, node)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(paths["socket"]):
+            return None
+        if not alive(pid):
+            return f"BIRD on {node} exited; see {paths['out']}"
+        time.sleep(0.05)
+    return f"BIRD on {node} not ready after {timeout:g} s; see {paths['out']}"
+
+
+def reflector_env(lab: str, node: str, pool: str, block_size: int) -> dict[str, str]:
+    """felixpy-node in route-reflector mode: the agent's environment plus BIRD's paths."""
+    paths = bird_paths(lab, node)
+    env = agent_env(lab, node, pool, block_size, mode="routes")
+    env.update({
+        "CALICO_NETWORKING_BACKEND": "bird",
+        "FELIXPY_ROUTE_REFLECTOR": "true",
+        "FELIXPY_BIRD_CONFIG": paths["config"],
+        "FELIXPY_BIRD_SOCKET": paths["socket"],
+        "FELIXPY_BIRD_START": "false",  # the lab owns BIRD (`speaker stop rr1` must stay stopped)
+        "FELIXPY_BGP_STATUS": topology.bgp_status_file(lab, node),
+    })
+    return env
+
+
+def start_reflector(lab: str, node: str, pool: str, block_size: int) -> int:
+    nd = topology.node_dir(lab, node)
+    os.makedirs(f"{nd}/lib", exist_ok=True)
+    argv = [sys.executable, "-m", "felixpy.node.main"]
+    return _spawn(lab, topology.node_netns(lab, node), argv, reflector_env(lab, node, pool, block_size),
+                  f"{nd}/agent.log")
+
+
+def wait_reflector(lab: str, node: str, pid: int, timeout: float) -> str | None:
+    """None once the reflector's status file is its own and says BIRD answers, else why not."""
+    import json
+
+    path = topology.bgp_status_file(lab, node)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("pid") == pid and data.get("sidecar") == "connected":
+                return None
+        except (OSError, ValueError):
+            pass
+        if not alive(pid):
+            return f"reflector on {node} exited; see {topology.node_dir(lab, node)}/agent.log"
+        time.sleep(0.1)
+    return f"reflector on {node} not ready after {timeout:g} s; see {topology.node_dir(lab, node)}/agent.log"
+
+
 def socket_accepts(path: str) -> bool:
     """True when the agent's CNI socket accepts a connection.
 

@@ -25,6 +25,8 @@ class NodeState:
     netns: str
     agent_pid: int = 0
     exabgp_pid: int = 0  # mode bgp: the node's ExaBGP (its API process is bgp.sidecar)
+    route_reflector: bool = False  # rr<i>: BIRD 2 + felixpy-node in route-reflector mode, no pods
+    bird_pid: int = 0  # reflectors: the BIRD daemon
 
 
 @dataclass

@@ -5,6 +5,7 @@ runs) on one machine never collide:
 
     <lab>-fabric             the "physical" network: a bridge joining the nodes, and etcd
     <lab>-n1 .. <lab>-nN     one per node, eth0 = 192.0.2.(10+i)/24
+    <lab>-rr1 .. <lab>-rrN   --route-reflectors: one per reflector, eth0 = 192.0.2.(220+i)/24
     <lab>-<ns>-<pod>         one per pod, plumbed by the CNI plugin
     /run/felixpy-lab/<lab>/  state.json, etcd data, per-node agent log, CNI socket and state dir,
                              and in mode bgp the node's ExaBGP files (<node>/exabgp/)
@@ -30,12 +31,16 @@ NODE_IFACE = "eth0"
 POD_IFACE = "eth0"
 
 MAX_NODES = 200  # node addresses are 192.0.2.11 .. 192.0.2.210, inside the /24
+MAX_REFLECTORS = 20  # reflector addresses are 192.0.2.221 .. 192.0.2.240
+RR_CLUSTER_ID = "244.0.0.1"  # every lab reflector shares it (redundant pair, Calico's usual example)
+RR_LABEL = "route-reflector"
 MODES = ("bgp", "routes", "vxlan", "ipip")
 
 _LAB_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?$")
 # Kubernetes namespaces and pod names are DNS labels / subdomains; the lab accepts DNS labels.
 _K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _NODE_NAME = re.compile(r"^n[1-9][0-9]*$")
+_REFLECTOR_NAME = re.compile(r"^rr[1-9][0-9]*$")
 # Label keys: optional DNS-subdomain prefix, then a name of alphanumerics, '-', '_', '.'.
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
@@ -95,6 +100,14 @@ def node_names(count: int) -> list[str]:
     return [f"n{i}" for i in range(1, count + 1)]
 
 
+def reflector_names(count: int) -> list[str]:
+    return [f"rr{i}" for i in range(1, count + 1)]
+
+
+def is_reflector(node: str) -> bool:
+    return bool(_REFLECTOR_NAME.match(node))
+
+
 def node_index(node: str) -> int:
     if not _NODE_NAME.match(node):
         raise LabUsageError(f'node "{node}": lab nodes are named n1, n2, ...')
@@ -106,13 +119,22 @@ def node_netns(lab: str, node: str) -> str:
 
 
 def node_ip(node: str) -> str:
+    """n<i> → 192.0.2.(10+i); reflector rr<i> → 192.0.2.(220+i)."""
+    if is_reflector(node):
+        return str(FABRIC_SUBNET.network_address + 220 + int(node[2:]))
     return str(FABRIC_SUBNET.network_address + 10 + node_index(node))
 
 
+def bird_dir(lab: str, node: str) -> str:
+    """A reflector's BIRD files (bird.conf written by felixpy-node, bird.ctl, bird.log)."""
+    return f"{node_dir(lab, node)}/bird"
+
+
 def is_node_netns(lab: str, netns: str) -> bool:
-    """True for `<lab>-n<digits>`: found again by `down` even when the state file is gone."""
+    """True for `<lab>-n<digits>` and `<lab>-rr<digits>`: found again by `down` without the state file."""
     prefix = f"{lab}-"
-    return netns.startswith(prefix) and bool(_NODE_NAME.match(netns[len(prefix):]))
+    rest = netns[len(prefix):]
+    return netns.startswith(prefix) and bool(_NODE_NAME.match(rest) or _REFLECTOR_NAME.match(rest))
 
 
 def _sanitise(part: str) -> str:

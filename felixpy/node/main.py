@@ -93,7 +93,40 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("datastore not reachable during startup, retrying: %s", err)
             time.sleep(2)
 
+    from felixpy.node.reflector import reflector_mode
+
+    if reflector_mode(os.environ):
+        return run_route_reflector(config, store, result, health)
     return run_agent(config, store, result, health)
+
+
+def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None) -> int:
+    """Route-reflector mode (FELIXPY_ROUTE_REFLECTOR=true): drive BIRD 2 instead of running the agent."""
+    import threading
+
+    from felixpy.node.reflector import ReflectorPaths, run_reflector
+
+    log = logging.getLogger("felixpy.node")
+    try:
+        paths = ReflectorPaths.from_env(os.environ, config.agent.state_dir)
+    except ValueError as err:
+        return fail(str(err))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s received: stopping (BIRD keeps running)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("felixpy-node %s node=%s ip=%s mode=route-reflector", __version__, result.node_name, result.ipv4)
+    try:
+        run_reflector(store, result.node_name, paths, stop)
+    finally:
+        if health is not None:
+            health.stop()
+        store.close()
+    return 0
 
 
 def render_config(config: Any) -> Any:

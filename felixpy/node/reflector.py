@@ -1,0 +1,398 @@
+"""felixpy-node in route-reflector mode: the datastore drives a BIRD 2 reflector, reconfigured live.
+
+ExaBGP cannot reflect routes (exabgp-notes §6), so a reflector node runs BIRD 2 instead of the
+ExaBGP sidecar, and felixpy-node (with `FELIXPY_ROUTE_REFLECTOR=true`) runs this loop instead of
+the agent: it programs no routes and serves no CNI requests.
+
+    datastore ─► Syncer ─► Nodes, BGPConfiguration default, BGPPeers
+              ─► bgp.peers.select_peers(this node) ─► bgp.bird.render_bird_reflector
+              ─► bird.conf (atomic write) ─► `birdc -s <socket> configure` when the text changed
+    every second: `birdc show protocols all` ─► status file (the agent's format, bgp-status.json)
+
+The reflector's clients are the nodes selected by BGPPeers whose `peerSelector` matches this
+node (reverse peering in `select_peers`); another reflector with the same cluster ID is a plain
+iBGP peer. BIRD is never restarted: `configure` keeps unchanged sessions up and only adds or
+removes the protocols of nodes that came or went. When BIRD is not running the rendering waits
+on disk and is applied when BIRD answers again (it reads the same file when it starts).
+By default (`FELIXPY_BIRD_START=true`) the reflector starts `bird` itself when it does not answer;
+where BIRD is its own process (a second container in the DaemonSet pod sharing the config and
+socket directory, or the lab's process) `FELIXPY_BIRD_START=false` leaves that to the deployment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+from bgp.bird import render_bird_reflector
+from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
+from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "/var/run/calico/bird"
+STATUS_FILE_NAME = "bgp-status.json"
+STATUS_INTERVAL = 1.0  # seconds between `birdc show protocols all`
+BIRDC_TIMEOUT = 5.0
+CONFIGURE_RETRY = 1.0  # seconds between `birdc configure` attempts while BIRD does not take it
+TRUE_VALUES = ("true", "1", "yes", "on")
+
+_WATCHED = ("nodes", "bgpconfigurations", "bgppeers")
+_ROUTES_RE = re.compile(r"^\s+Routes:\s+(\d+) imported")
+
+
+def reflector_mode(env: Mapping[str, str]) -> bool:
+    """True when felixpy-node should run as a route reflector (`FELIXPY_ROUTE_REFLECTOR=true`)."""
+    return env.get("FELIXPY_ROUTE_REFLECTOR", "").strip().lower() in TRUE_VALUES
+
+
+@dataclass(frozen=True)
+class ReflectorPaths:
+    """Where the reflector finds BIRD and writes its files (all from the environment)."""
+
+    config: str  # bird.conf, rendered by the reflector
+    socket: str  # BIRD's control socket (bird -s / birdc -s)
+    status: str  # JSON status for felixctl node status / felixpy-lab status
+    start_bird: bool = False  # start `bird` when it does not answer
+    bird: str = "bird"
+    birdc: str = "birdc"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], state_dir: str) -> "ReflectorPaths":
+        """FELIXPY_BIRD_CONFIG, FELIXPY_BIRD_SOCKET, FELIXPY_BGP_STATUS, FELIXPY_BIRD_START;
+        raises ValueError with one line on a bad value."""
+        values = {
+            "FELIXPY_BIRD_CONFIG": env.get("FELIXPY_BIRD_CONFIG") or f"{DEFAULT_RUN_DIR}/bird.conf",
+            "FELIXPY_BIRD_SOCKET": env.get("FELIXPY_BIRD_SOCKET") or f"{DEFAULT_RUN_DIR}/bird.ctl",
+            "FELIXPY_BGP_STATUS": env.get("FELIXPY_BGP_STATUS") or f"{state_dir.rstrip('/')}/{STATUS_FILE_NAME}",
+        }
+        for name, value in values.items():
+            if not os.path.isabs(value):
+                raise ValueError(f"{name}={json.dumps(value)}: expected an absolute path")
+        start = env.get("FELIXPY_BIRD_START", "true").strip().lower()
+        if start not in TRUE_VALUES + ("false", "0", "no", "off"):
+            raise ValueError(f"FELIXPY_BIRD_START={json.dumps(start)}: expected true or false")
+        return cls(config=values["FELIXPY_BIRD_CONFIG"], socket=values["FELIXPY_BIRD_SOCKET"],
+                   status=values["FELIXPY_BGP_STATUS"], start_bird=start in TRUE_VALUES)
+
+
+@dataclass(frozen=True)
+class ProtocolState:
+    """One `protocol bgp` as `birdc show protocols all` reports it."""
+
+    name: str
+    state: str  # Established | Connect | Idle (the agent's vocabulary)
+    info: str
+    routes_received: int
+
+
+def parse_show_protocols(text: str) -> dict[str, ProtocolState]:
+    """BGP protocols in `birdc show protocols all` output, by protocol name."""
+    found: dict[str, ProtocolState] = {}
+    current: dict[str, Any] | None = None
+
+    def flush() -> None:
+        if current is not None:
+            found[current["name"]] = ProtocolState(current["name"], current["state"], current["info"],
+                                                   current["routes"])
+
+    for line in text.splitlines():
+        if not line.strip() or line.startswith(("BIRD ", "Name ")):
+            continue
+        if not line[0].isspace():
+            flush()
+            parts = line.split(None, 5)
+            current = None
+            if len(parts) >= 4 and parts[1] == "BGP":
+                info = parts[5].strip() if len(parts) > 5 else ""
+                bird_state = parts[3]
+                if bird_state == "up" and info.startswith("Established"):
+                    state = "Established"
+                elif bird_state == "start" and info.split()[:1] in (["Connect"], ["Active"], ["OpenSent"],
+                                                                   ["OpenConfirm"]):
+                    state = "Connect"
+                else:
+                    state = "Idle"
+                current = {"name": parts[0], "state": state, "info": "" if state == "Established" else info,
+                           "routes": 0}
+            continue
+        match = _ROUTES_RE.match(line)
+        if match and current is not None:
+            current["routes"] = int(match.group(1))
+    flush()
+    return found
+
+
+class Bird(Protocol):
+    """What the reflector needs from BIRD (tests pass a fake)."""
+
+    def configure(self) -> tuple[bool, str]: ...
+    def show_protocols(self) -> str | None: ...
+    def start(self) -> None: ...
+
+
+class BirdControl:
+    """BIRD through `birdc -s SOCKET`; `bird` itself only when asked to start it."""
+
+    def __init__(self, paths: ReflectorPaths) -> None:
+        self.paths = paths
+
+    def _birdc(self, *args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run([self.paths.birdc, "-s", self.paths.socket, *args], capture_output=True,
+                                  text=True, timeout=BIRDC_TIMEOUT, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.warning("birdc failed args=%s error=%s", " ".join(args), err)
+            return None
+
+    def configure(self) -> tuple[bool, str]:
+        done = self._birdc("configure")
+        if done is None:
+            return False, "birdc did not answer"
+        text = (done.stdout + done.stderr).strip()
+        # "Reconfigured", "Reconfiguration in progress", "... queueing new config"
+        ok = done.returncode == 0 and ("Reconfigur" in text or "queueing" in text)
+        return ok, text.splitlines()[-1] if text else f"exit {done.returncode}"
+
+    def show_protocols(self) -> str | None:
+        done = self._birdc("show", "protocols", "all")
+        if done is None or done.returncode != 0:
+            return None
+        return done.stdout
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.paths.socket), exist_ok=True)
+        # bird daemonises itself; it reads the configuration we have just written.
+        done = subprocess.run([self.paths.bird, "-c", self.paths.config, "-s", self.paths.socket],
+                              capture_output=True, text=True, timeout=BIRDC_TIMEOUT)
+        if done.returncode != 0:
+            log.error("bird did not start: %s", (done.stderr or done.stdout).strip()[-200:])
+        else:
+            log.info("bird started config=%s socket=%s", self.paths.config, self.paths.socket)
+
+
+@dataclass
+class _Session:
+    state: str = "Idle"
+    since: float = field(default_factory=time.time)
+    info: str = ""
+    routes: int = 0
+
+
+class Reflector:
+    """Datastore → BIRD configuration, and BIRD's sessions → the status file. No threads."""
+
+    def __init__(self, node_name: str, paths: ReflectorPaths, *, bird: Bird | None = None,
+                 wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.node_name = node_name
+        self.paths = paths
+        self.bird: Bird = bird if bird is not None else BirdControl(paths)
+        self._wall = wall_clock
+        self._clock = clock
+        self._retry_at = 0.0
+        self._configure_error = ""
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._bgp_configs: dict[str, dict[str, Any]] = {}
+        self._bgp_peers: dict[str, dict[str, Any]] = {}
+        self._dirty = True
+        self._in_sync = False
+        self._peers: dict[str, Peer] = {}
+        self._cluster_id: str | None = None
+        self._as_number: int | None = None
+        self._text: str | None = None  # last rendering written to disk
+        self._applied: str | None = None  # last rendering BIRD accepted
+        self._config_error = ""
+        self._bird_up = False
+        self._sessions: dict[str, _Session] = {}
+        self._status_text = ""
+        self.configures = 0  # successful `birdc configure` calls (tests, logs)
+
+    # -- datastore input ---------------------------------------------------------------------
+    def on_update(self, update: KVUpdate) -> None:
+        for plural, index in zip(_WATCHED, (self._nodes, self._bgp_configs, self._bgp_peers)):
+            prefix = keys.resource_prefix(plural)
+            if update.key.startswith(prefix):
+                name = update.key[len(prefix):]
+                if update.value is None:
+                    index.pop(name, None)
+                else:
+                    index[name] = update.value
+                self._dirty = True
+                return
+
+    def datastore_in_sync(self) -> None:
+        self._in_sync = True
+
+    @property
+    def peers(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    # -- the work after each batch -----------------------------------------------------------
+    def sync(self) -> None:
+        """Render; write and `birdc configure` when the text changed or BIRD has not taken it yet."""
+        if not self._in_sync:
+            return
+        if self._dirty:
+            self._dirty = False
+            self._render()
+        if self._text is not None and self._text != self._applied and self._clock() >= self._retry_at:
+            ok, message = self.bird.configure()
+            self._retry_at = 0.0 if ok else self._clock() + CONFIGURE_RETRY
+            if ok:
+                self._applied = self._text
+                self.configures += 1
+                self._bird_up = True
+                log.info("bird reconfigured peers=%d clients=%d", len(self._peers),
+                         sum(p.rr_client for p in self._peers.values()))
+            elif self.paths.start_bird and not self._bird_up:
+                log.info("bird not answering (%s); starting it", message)
+                self.bird.start()
+            elif message != self._configure_error:
+                log.warning("bird configure failed (retrying every %g s): %s", CONFIGURE_RETRY, message)
+            self._configure_error = "" if ok else message
+
+    def _render(self) -> None:
+        try:
+            nodes = [NodeInfo.from_resource(v) for v in self._nodes.values()]
+            settings = BGPSettings.from_resource(self._bgp_configs.get("default"))
+            specs = [BGPPeerSpec.from_resource(v) for v in self._bgp_peers.values()]
+            peers = select_peers(self.node_name, nodes, settings, specs)
+            me = next(n for n in nodes if n.name == self.node_name)
+            assert me.ipv4 is not None  # select_peers checked it
+            if me.rr_cluster_id is None:
+                log.warning("Node %s has no spec.bgp.routeReflectorClusterID: it peers but reflects "
+                            "nothing", self.node_name)
+            as_number = me.as_number or settings.as_number
+            text = render_bird_reflector(router_id=me.ipv4, as_number=as_number,
+                                         cluster_id=me.rr_cluster_id, peers=peers)
+        except (PeeringError, ValueError, KeyError, TypeError) as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if message != self._config_error:
+                log.error("BIRD configuration not changed: %s", message)
+            self._config_error = message
+            return
+        self._config_error = ""
+        self._peers = {p.address: p for p in peers}
+        self._cluster_id, self._as_number = me.rr_cluster_id, as_number
+        for address in set(self._sessions) - set(self._peers):
+            del self._sessions[address]
+        if text != self._text:
+            self._write_config(text)
+            log.info("BIRD configuration written path=%s peers=%s", self.paths.config,
+                     ",".join(self._peers) or "-")
+
+    def _write_config(self, text: str) -> None:
+        os.makedirs(os.path.dirname(self.paths.config), exist_ok=True)
+        tmp = f"{self.paths.config}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.paths.config)
+        self._text = text
+
+    # -- status ------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Read BIRD's sessions (`show protocols all`) and rewrite the status file if it changed."""
+        text = self.bird.show_protocols()
+        was_up, self._bird_up = self._bird_up, text is not None
+        if was_up and not self._bird_up:
+            log.warning("bird stopped answering socket=%s", self.paths.socket)
+            self._applied = None  # a restarted BIRD read the file; configure again to be sure
+            self._retry_at = 0.0
+        elif self._bird_up and not was_up:
+            log.info("bird answering socket=%s", self.paths.socket)
+        protocols = parse_show_protocols(text) if text is not None else {}
+        for address, peer in self._peers.items():
+            session = self._sessions.setdefault(address, _Session(since=self._wall()))
+            proto = protocols.get(peer.name)
+            if proto is None:
+                state, info, routes = "Idle", ("BIRD not running" if text is None else "not configured yet"), 0
+            else:
+                state, info, routes = proto.state, proto.info, proto.routes_received
+            if state != session.state:
+                session.since = self._wall()
+            session.state, session.info, session.routes = state, info, routes
+        self.write_status()
+
+    def status(self) -> dict[str, Any]:
+        rows = []
+        for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
+            peer = self._peers[address]
+            session = self._sessions.get(address) or _Session(since=self._wall())
+            rows.append({
+                "peer": address, "type": peer.type.value, "rrClient": peer.rr_client,
+                "asNumber": peer.as_number, "state": session.state, "since": session.since,
+                "info": session.info, "routesReceived": session.routes, "node": peer.node,
+            })
+        return {
+            "node": self.node_name, "pid": os.getpid(), "updated": self._wall(),
+            # The agent's field name; here it says whether BIRD answers on its socket.
+            "sidecar": "connected" if self._bird_up else "disconnected",
+            "speaker": "bird", "routeReflector": True, "clusterID": self._cluster_id,
+            "configError": self._config_error or (self._configure_error if self._bird_up else ""),
+            "announced": [],
+            "learned": sum(s.routes for s in self._sessions.values()), "peers": rows,
+        }
+
+    def write_status(self) -> None:
+        data = self.status()
+        comparable = json.dumps({k: v for k, v in data.items() if k != "updated"}, sort_keys=True)
+        if comparable == self._status_text:
+            return
+        self._status_text = comparable
+        try:
+            os.makedirs(os.path.dirname(self.paths.status), exist_ok=True)
+            tmp = f"{self.paths.status}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.paths.status)
+        except OSError as err:
+            log.warning("cannot write BGP status path=%s error=%s", self.paths.status, err)
+
+
+def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threading.Event,
+                  *, syncer_factory: Callable[..., Any] | None = None) -> None:
+    """The reflector's loop until `stop` is set: syncer batches → sync(); status every second."""
+    from felixpy.datastore.syncer import Syncer
+
+    events: "queue.Queue[SyncEvent]" = queue.Queue()
+    reflector = Reflector(node_name, paths)
+    syncer = (syncer_factory or Syncer)(store, events.put)
+    syncer.start()
+    log.info("route reflector running node=%s config=%s socket=%s", node_name, paths.config, paths.socket)
+    next_poll = 0.0
+    try:
+        while not stop.is_set():
+            timeout = max(0.0, next_poll - time.monotonic())
+            try:
+                event: SyncEvent | None = events.get(timeout=min(timeout, 0.5))
+            except queue.Empty:
+                event = None
+            while event is not None:
+                if isinstance(event, SyncStatus):
+                    if event is SyncStatus.IN_SYNC:
+                        reflector.datastore_in_sync()
+                else:
+                    for update in event:
+                        reflector.on_update(update)
+                try:
+                    event = events.get_nowait()
+                except queue.Empty:
+                    event = None
+            reflector.sync()
+            if time.monotonic() >= next_poll:
+                reflector.poll()
+                reflector.sync()  # BIRD came back: hand it the current rendering
+                next_poll = time.monotonic() + STATUS_INTERVAL
+    finally:
+        syncer.stop()
