@@ -31,7 +31,6 @@ ETCD_READY_TIMEOUT = 20.0
 
 # What `up` cannot do yet, and when it will: one line, nothing created.
 NOT_YET = {
-    "vxlan": "--mode vxlan arrives with VXLAN support (issue #3)",
     "ipip": "--mode ipip arrives with IPIP support (issue #3)",
 }
 

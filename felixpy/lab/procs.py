@@ -201,6 +201,10 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         "FELIXPY_CNI_SOCKET": topology.cni_socket(lab, node),
         "FELIXPY_STATE_DIR": f"{nd}/lib",
     })
+    if mode == "vxlan":
+        # Calico's VXLAN-only setup (calico-vxlan.yaml): no BGP, the pool encapsulates every
+        # node-to-node packet in vxlan.calico; each agent allocates its VTEP address at startup.
+        env["CALICO_IPV4POOL_VXLAN"] = "Always"
     if mode == "bgp":
         paths = exabgp_paths(lab, node)
         env.update({

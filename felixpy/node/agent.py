@@ -6,9 +6,17 @@ on the queue or read the small thread-safe snapshots the loop publishes (`node_l
 endpoint waiter).
 
 Ordering of one apply (dependencies first, deletions last):
-    ipsets.apply()  →  routes.apply()  →  filter table.apply()  →  nat table.apply()
-    →  ipsets.apply_deletions()
-(a set must exist before a rule references it, and can only be destroyed once no rule does).
+    links.apply()  →  ipsets.apply()  →  routes.apply()  →  filter table.apply()
+    →  nat table.apply()  →  ipsets.apply_deletions()
+(a tunnel device must exist before a route goes through it; a set must exist before a rule
+references it, and can only be destroyed once no rule does). Routes through a tunnel device that
+is not usable (no parent interface yet, or tunl0 on a kernel without IPIP) are left out of the
+route driver's desired set rather than retried forever.
+
+Encapsulation: the calc graph's `encap()` (pools' ipipMode / vxlanMode, this node's tunnel
+addresses and VTEP MAC, the other nodes' VTEPs) feeds the TunnelManager, which drives the links
+driver (vxlan.calico, tunl0, FDB and neighbour entries). The periodic route resync also re-reads
+the tunnel devices, so a device, FDB or neighbour entry deleted by hand is repaired.
 
 Policy: calc/policy.py indexes endpoints, profiles and policies from the same updates as the
 calc graph; the PolicyManager turns its output into filter-table and ipset driver calls. The
@@ -40,10 +48,12 @@ from felixpy.calc.graph import CalcGraph
 from felixpy.calc.policy import PolicyCalc
 from felixpy.dataplane.drivers.ipsets import IPSets
 from felixpy.dataplane.drivers.iptables import Backend, Table
+from felixpy.dataplane.drivers.links import TunnelLinks
 from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers.masq import MasqManager
 from felixpy.dataplane.managers.policy import PolicyManager
 from felixpy.dataplane.managers.routes import RouteManager
+from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
@@ -122,6 +132,9 @@ class Agent:
         on_first_apply: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
         bgp: BGPController | None = None,
+        links: TunnelLinks | None = None,
+        vxlan_mtu: int = 0,
+        ipip_mtu: int = 0,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -144,6 +157,12 @@ class Agent:
             filter_table = Table("filter", backend=iptables_backend)
         self._filter = filter_table
         self._ipsets = ipsets or IPSets()
+        # Like the filter table: real tunnel devices whenever the route driver is real, none
+        # when a caller (a test) injects its own route driver but no links driver.
+        if links is None and route_table is None:
+            links = TunnelLinks()
+        self._tunnel_mgr = (TunnelManager(links, vxlan_mtu=vxlan_mtu, ipip_mtu=ipip_mtu)
+                            if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
         self._masq_mgr = MasqManager(self._nat, self._ipsets)
         self.policy_calc = PolicyCalc(node_name, render_config)
@@ -249,6 +268,8 @@ class Agent:
                 self.calc.dirty = True
         if now >= self._route_timer.due:
             self._routes.queue_resync()
+            if self._tunnel_mgr is not None:
+                self._tunnel_mgr.queue_resync()
             self._route_timer.schedule(now)
             self.status.resyncs += 1
             if self.metrics is not None:
@@ -267,11 +288,29 @@ class Agent:
     def _apply(self) -> None:
         started = time.monotonic()
         self.calc.dirty = False
-        self._route_mgr.on_routes(self.calc.routes())
+        routes = self.calc.routes()
+        if self._tunnel_mgr is not None:
+            encap = self.calc.encap()
+            self._tunnel_mgr.on_encap(
+                local_ip=encap.local_ip, vxlan=encap.vxlan, vxlan_address=encap.vxlan_address,
+                vxlan_mac=encap.vxlan_mac,
+                vteps=[(v.tunnel_ip, v.mac, v.node_ip) for v in encap.vteps],
+                ipip=encap.ipip, ipip_address=encap.ipip_address)
         if self._bgp is not None:
             self._route_mgr.on_learned(self._bgp.learned_routes(), local_ips=self._bgp.local_addresses())
         self._masq_mgr.on_nat(self.calc.nat())
+        links_failed: dict[str, str] = {}
         try:
+            if self._tunnel_mgr is not None:
+                # Links first: the devices must exist before routes through them, and which
+                # devices are usable decides which routes are handed to the route driver.
+                self._tunnel_mgr.complete_deferred_work()
+                links = self._tunnel_mgr.apply()
+                links_failed = links.failed
+                if links.devices_changed:
+                    self._routes.queue_resync()
+                routes = self._tunnel_mgr.usable_routes(routes)
+            self._route_mgr.on_routes(routes)
             if self._policy_mgr is not None and self.policy_calc.dirty:
                 self.policy_calc.dirty = False
                 state = self.policy_calc.filter_state()
@@ -296,17 +335,19 @@ class Agent:
             self.policy_calc.dirty = True  # memoised: recomputing on retry is cheap
             return
         pending = set(result.pending)
-        if result.failed:
-            # Individual routes failed (or the read-back did): retry them with backoff.
+        failed = {**links_failed, **result.failed}
+        if failed:
+            # Individual routes or tunnel devices failed (or the read-back did): retry with backoff.
             self.status.last_apply_ok = False
-            self.status.last_apply_error = "; ".join(f"{dst}: {e}" for dst, e in sorted(result.failed.items()))
+            self.status.last_apply_error = "; ".join(f"{dst}: {e}" for dst, e in sorted(failed.items()))
             log.error("route programming failed, retry in %.1fs: %s", self._retry_delay,
                       self.status.last_apply_error)
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             pending |= set(result.failed)
         else:
-            self._retry_at = time.monotonic() + PENDING_RETRY if pending else float("inf")
+            waiting = pending or (self._tunnel_mgr is not None and self._tunnel_mgr.needs_retry)
+            self._retry_at = time.monotonic() + PENDING_RETRY if waiting else float("inf")
             self._retry_delay = RETRY_MIN
             self.status.last_apply_ok = True
             self.status.last_apply_error = ""

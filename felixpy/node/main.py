@@ -200,7 +200,18 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         observe=metrics.observe_cni,
     )
     server = CNIServer(config.agent.cni_socket, handler)
-    agent.on_first_apply = server.start
+    # Like calico-node: once the first dataplane apply is done (with BGP, only after the sidecar's
+    # replay), pods may be plumbed and the Kubernetes Node's NetworkUnavailable condition cleared
+    # (a no-op without a Kubernetes API; retried in the background on failure).
+    from felixpy.node.k8s_node import NetworkUnavailableClearer
+
+    network_ready = NetworkUnavailableClearer(result.node_name, os.environ)
+
+    def on_first_apply() -> None:
+        server.start()
+        network_ready.start()
+
+    agent.on_first_apply = on_first_apply
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %s received: stopping (dataplane is left as it is)", signal.Signals(signum).name)
@@ -214,6 +225,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         agent.run()
     finally:
         server.stop()
+        network_ready.stop()
         if probe is not None:
             probe.stop()
         if health is not None:

@@ -27,7 +27,6 @@ import logging
 import os
 import queue
 import re
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from bgp.bird import render_bird_reflector
 from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
+from felixpy.kernel import commands
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
@@ -147,36 +147,42 @@ class BirdControl:
     def __init__(self, paths: ReflectorPaths) -> None:
         self.paths = paths
 
-    def _birdc(self, *args: str) -> subprocess.CompletedProcess[str] | None:
+    def _birdc(self, *args: str) -> tuple[int, str, str] | None:
+        """(rc, stdout, stderr) of one birdc command, or None when birdc could not run at all."""
+        argv = [self.paths.birdc, "-s", self.paths.socket, *args]
         try:
-            return subprocess.run([self.paths.birdc, "-s", self.paths.socket, *args], capture_output=True,
-                                  text=True, timeout=BIRDC_TIMEOUT, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            log.warning("birdc failed args=%s error=%s", " ".join(args), err)
-            return None
+            done = commands.run(argv, timeout=BIRDC_TIMEOUT)
+            return 0, done.stdout, done.stderr
+        except commands.CommandFailed as err:
+            if err.rc is None or err.rc == 127:  # timed out, or no birdc
+                log.warning("birdc failed args=%s error=%s", " ".join(args), err)
+                return None
+            return err.rc, err.stdout, err.stderr
 
     def configure(self) -> tuple[bool, str]:
         done = self._birdc("configure")
         if done is None:
             return False, "birdc did not answer"
-        text = (done.stdout + done.stderr).strip()
+        rc, stdout, stderr = done
+        text = (stdout + stderr).strip()
         # "Reconfigured", "Reconfiguration in progress", "... queueing new config"
-        ok = done.returncode == 0 and ("Reconfigur" in text or "queueing" in text)
-        return ok, text.splitlines()[-1] if text else f"exit {done.returncode}"
+        ok = rc == 0 and ("Reconfigur" in text or "queueing" in text)
+        return ok, text.splitlines()[-1] if text else f"exit {rc}"
 
     def show_protocols(self) -> str | None:
         done = self._birdc("show", "protocols", "all")
-        if done is None or done.returncode != 0:
+        if done is None or done[0] != 0:
             return None
-        return done.stdout
+        return done[1]
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.paths.socket), exist_ok=True)
         # bird daemonises itself; it reads the configuration we have just written.
-        done = subprocess.run([self.paths.bird, "-c", self.paths.config, "-s", self.paths.socket],
-                              capture_output=True, text=True, timeout=BIRDC_TIMEOUT)
-        if done.returncode != 0:
-            log.error("bird did not start: %s", (done.stderr or done.stdout).strip()[-200:])
+        try:
+            commands.run([self.paths.bird, "-c", self.paths.config, "-s", self.paths.socket],
+                         timeout=BIRDC_TIMEOUT)
+        except commands.CommandFailed as err:
+            log.error("bird did not start: %s", err)
         else:
             log.info("bird started config=%s socket=%s", self.paths.config, self.paths.socket)
 

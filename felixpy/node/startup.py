@@ -10,7 +10,11 @@ This is calico-node's `startup.Run` (calico-reference.md §1.1–§1.7) for the 
 5. create the default IPv4 pool when no IPv4 pool exists (create-only: never overwritten);
 6. create the default FelixConfiguration, per-node FelixConfiguration, BGPConfiguration,
    ClusterInformation and IPAM configuration when missing (create-only);
-7. write the nodename file and the pod MTU file the CNI plugin reads.
+7. allocate the node's tunnel addresses (calico-reference §2.5): for VXLAN when an enabled IPv4
+   pool has vxlanMode Always/CrossSubnet, for IPIP likewise, one address each from IPAM with
+   handle `vxlan-tunnel-addr-<node>` / `ipip-tunnel-addr-<node>`, written to the Node with a
+   VTEP MAC for VXLAN; kept across restarts, released when no pool needs it any more;
+8. write the nodename file and the pod MTU file the CNI plugin reads.
 
 Every datastore write is create-only (AlreadyExists means someone else did it, which is fine) or
 compare-and-swap with bounded retries, so two agents starting at once, or an agent restarting while
@@ -26,6 +30,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import random
 import socket
 import tempfile
 import time
@@ -34,10 +39,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import felixpy
+from felixpy import names
 from felixpy.config import AutodetectMethod, Config, is_valid_node_name
 from felixpy.datastore import keys
 from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreError, NotFound, Unavailable
 from felixpy.kernel import addresses
+from felixpy.ipam.allocator import IPAM, IPAMError, selector_matches
 from felixpy.kernel.addresses import AutodetectError, Interface, IPInterface
 from felixpy.model import resources
 
@@ -119,6 +126,8 @@ def _startup(
     if config.ipv4_pool.create:
         ensure_default_ipv4_pool(store, config, interfaces)
     ensure_default_config(store, config, name)
+    if isinstance(ipv4, ipaddress.IPv4Interface):
+        node = ensure_tunnel_addresses(store, name)
 
     _write_file(config.node.nodename_file, name)
     mtu = _pod_mtu(store, config, interfaces)
@@ -436,6 +445,146 @@ def ensure_default_config(store: Datastore, config: Config, name: str) -> None:
     for plural, res_name, kind, spec in defaults:
         _create_if_missing(store, keys.resource_key(plural, res_name), resources.validate(_new_resource(kind, res_name, spec)))
     _create_if_missing(store, keys.IPAM_CONFIG, {"strict_affinity": False, "auto_allocate_blocks": True, "maxBlocksPerHost": 0})
+
+
+# --------------------------------------------------------------------------------------------
+# Tunnel addresses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Tunnel:
+    kind: str  # names.tunnel_handle's kind
+    pool_mode: str  # the IPPool field that enables it
+    node_field: tuple[str, ...]  # where on the Node its address lives
+    attr_type: str  # IPAM attribute "type" of the allocation, as calico-node sets it
+
+
+_TUNNELS = (
+    _Tunnel("vxlan", "vxlanMode", ("spec", "ipv4VXLANTunnelAddr"), "vxlanTunnelAddress"),
+    _Tunnel("ipip", "ipipMode", ("spec", "bgp", "ipv4IPIPTunnelAddr"), "ipipTunnelAddress"),
+)
+_VXLAN_MAC_FIELD = ("spec", "vxlanTunnelMACAddr")
+
+
+def random_vtep_mac(rng: random.Random | None = None) -> str:
+    """A random unicast, locally administered MAC for this node's VTEP (as calico-node makes one)."""
+    octets = [(rng or random.SystemRandom()).randrange(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def _field(node: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = node
+    for part in path:
+        value = (value or {}).get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _set_field(node: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    parent = node
+    for part in path[:-1]:
+        parent = parent.setdefault(part, {})
+    if value is None:
+        parent.pop(path[-1], None)
+    else:
+        parent[path[-1]] = value
+
+
+def _tunnel_address(ipam: IPAM, node_name: str, tunnel: _Tunnel, current: str | None,
+                    pools: list[tuple[str, ipaddress.IPv4Network]]) -> str | None:
+    """The node's address for `tunnel`: kept if still valid, else (re)allocated; None if unused."""
+    handle = names.tunnel_handle(tunnel.kind, node_name)
+    if not pools:
+        released = ipam.release_by_handle(handle)
+        if released:
+            log.info("released tunnel address kind=%s handle=%s ips=%s", tunnel.kind, handle,
+                     ",".join(map(str, released)))
+        return None
+    nets = [net for _, net in pools]
+
+    def usable(ip: ipaddress.IPv4Address) -> bool:
+        return any(ip in net for net in nets)
+
+    if current:
+        addr = ipaddress.IPv4Address(current)
+        assignment = ipam.get_assignment(addr) if usable(addr) else None
+        if assignment is not None and assignment.handle == handle:
+            return current
+    # An allocation under our handle that never reached the Node (a crash in between) is reused.
+    held = ipam.ips_by_handle(handle)
+    for ip in held:
+        if usable(ip):
+            stale = [other for other in held if other != ip]
+            if stale:
+                ipam.release_ips(stale)
+            return str(ip)
+    if held:
+        ipam.release_by_handle(handle)  # its pool is gone or no longer encapsulated
+    try:
+        ip = ipam.auto_assign(num=1, handle=handle, attrs={"type": tunnel.attr_type, "node": node_name},
+                              node=node_name, pools=[name for name, _ in pools])[0]
+    except IPAMError as exc:
+        raise StartupError(f"cannot allocate the {tunnel.kind} tunnel address: {exc}") from exc
+    log.info("allocated tunnel address kind=%s handle=%s ip=%s", tunnel.kind, handle, ip)
+    return str(ip)
+
+
+def _encap_pools(store: Datastore, mode_field: str, labels: dict[str, str]) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """Enabled IPv4 pools using this encapsulation that allow tunnel addresses and select the node."""
+    out = []
+    for pool, net in _pool_cidrs(store):
+        spec = pool.get("spec") or {}
+        if not isinstance(net, ipaddress.IPv4Network) or spec.get("disabled"):
+            continue
+        if spec.get(mode_field, "Never") == "Never":
+            continue
+        if "Tunnel" not in (spec.get("allowedUses") or ["Workload", "Tunnel"]):
+            continue
+        if not selector_matches(str(spec.get("nodeSelector") or ""), labels):
+            continue
+        out.append(((pool.get("metadata") or {}).get("name", ""), net))
+    return out
+
+
+def ensure_tunnel_addresses(store: Datastore, name: str, *, ipam: IPAM | None = None,
+                            new_mac: Callable[[], str] = random_vtep_mac) -> dict[str, Any]:
+    """calico-node's tunnel address allocator for IPv4 VXLAN and IPIP; returns the stored Node.
+
+    Idempotent: an address already on the Node (and allocated to our handle from a pool that
+    still uses its encapsulation) is kept, and so is the VTEP MAC.
+    """
+    ipam = ipam or IPAM(store, cache_ttl=0)
+    key = keys.resource_key("nodes", name)
+    kv = _get(store, key)
+    if kv is None:
+        raise StartupError(f'Node "{name}" vanished during startup')
+    wanted: dict[tuple[str, ...], str | None] = {}
+    labels = dict(((kv.value or {}).get("metadata") or {}).get("labels") or {})
+    for tunnel in _TUNNELS:
+        current = _field(kv.value, tunnel.node_field)
+        wanted[tunnel.node_field] = _tunnel_address(ipam, name, tunnel, current,
+                                                    _encap_pools(store, tunnel.pool_mode, labels))
+    for _ in range(CAS_RETRIES):
+        node = copy.deepcopy(kv.value)
+        for path, value in wanted.items():
+            _set_field(node, path, value)
+        vxlan = wanted[_TUNNELS[0].node_field] is not None
+        mac = _field(node, _VXLAN_MAC_FIELD) if vxlan else None
+        _set_field(node, _VXLAN_MAC_FIELD, (mac or new_mac()) if vxlan else None)
+        if node == kv.value:
+            return dict(kv.value)
+        try:
+            stored = dict(store.update(key, resources.validate(node), kv.revision).value)
+            log.info("node tunnel addresses written name=%s vxlan=%s vxlan_mac=%s ipip=%s", name,
+                     _field(stored, _TUNNELS[0].node_field), _field(stored, _VXLAN_MAC_FIELD),
+                     _field(stored, _TUNNELS[1].node_field))
+            return stored
+        except (Conflict, NotFound):
+            kv = _get(store, key)
+            if kv is None:
+                raise StartupError(f'Node "{name}" vanished during startup') from None
+    raise StartupError(f'could not write Node "{name}": it kept changing under {CAS_RETRIES} attempts')
 
 
 # --------------------------------------------------------------------------------------------

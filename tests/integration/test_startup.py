@@ -217,7 +217,7 @@ def test_existing_node_keeps_what_others_wrote(store: Datastore, tmp_path: pathl
     put_node(store, "n1", "192.0.2.11/24", labels={"rack": "r1", "kubernetes.io/hostname": "custom"})
     node = value(store, NODE_KEY)
     node["spec"]["bgp"].update(asNumber=65001, routeReflectorClusterID="1.0.0.1")
-    node["spec"]["ipv4VXLANTunnelAddr"] = "10.244.0.1"
+    node["spec"]["orchRefs"] = [{"nodeName": "k8s-n1", "orchestrator": "k8s"}]
     store.update(NODE_KEY, node, store.get(NODE_KEY).revision)
 
     detect = Detector()
@@ -226,7 +226,7 @@ def test_existing_node_keeps_what_others_wrote(store: Datastore, tmp_path: pathl
     stored = value(store, NODE_KEY)
     assert stored["metadata"]["labels"] == {"rack": "r1", "kubernetes.io/hostname": "custom"}
     assert stored["spec"]["bgp"] == {"ipv4Address": "192.0.2.11/24", "asNumber": 65001, "routeReflectorClusterID": "1.0.0.1"}
-    assert stored["spec"]["ipv4VXLANTunnelAddr"] == "10.244.0.1"
+    assert stored["spec"]["orchRefs"] == [{"nodeName": "k8s-n1", "orchestrator": "k8s"}]
     assert result.node == stored
 
     run(store, config(tmp_path, AS="1.5"))
