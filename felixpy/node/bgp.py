@@ -243,7 +243,7 @@ class BGPController:
 
         self.rib = Rib()
         self.routes_dirty = False  # learned routes changed since the loop last asked
-        self._status_text = ""
+        self._status_file = StatusFile(self.paths.status)
 
     # -- lifecycle (thread) --------------------------------------------------------------------
     def start(self, post: Callable[[Any], None]) -> None:
@@ -585,19 +585,30 @@ class BGPController:
         }
 
     def write_status(self) -> None:
-        data = self.status()
+        self._status_file.write(self.status())
+
+
+class StatusFile:
+    """The BGP status JSON felixctl node status and the lab read: written atomically, and only
+    when something other than its timestamp changed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._last = ""
+
+    def write(self, data: dict[str, Any]) -> None:
         comparable = json.dumps({k: v for k, v in data.items() if k != "updated"}, sort_keys=True)
-        if comparable == self._status_text:
+        if comparable == self._last:
             return
-        self._status_text = comparable
+        self._last = comparable
         try:
-            os.makedirs(os.path.dirname(self.paths.status), exist_ok=True)
-            tmp = f"{self.paths.status}.tmp"
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp"
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=1)
-            os.replace(tmp, self.paths.status)
+            os.replace(tmp, self.path)
         except OSError as err:
-            log.warning("cannot write BGP status path=%s error=%s", self.paths.status, err)
+            log.warning("cannot write BGP status path=%s error=%s", self.path, err)
 
 
 def read_status(path: str) -> dict[str, Any] | None:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Protocol
 from bgp.bird import render_bird_reflector
 from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
 from felixpy.kernel import commands
+from felixpy.node.bgp import StatusFile
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
@@ -221,7 +222,7 @@ class Reflector:
         self._config_error = ""
         self._bird_up = False
         self._sessions: dict[str, _Session] = {}
-        self._status_text = ""
+        self._status_file = StatusFile(self.paths.status)
         self.configures = 0  # successful `birdc configure` calls (tests, logs)
 
     # -- datastore input ---------------------------------------------------------------------
@@ -351,19 +352,7 @@ class Reflector:
         }
 
     def write_status(self) -> None:
-        data = self.status()
-        comparable = json.dumps({k: v for k, v in data.items() if k != "updated"}, sort_keys=True)
-        if comparable == self._status_text:
-            return
-        self._status_text = comparable
-        try:
-            os.makedirs(os.path.dirname(self.paths.status), exist_ok=True)
-            tmp = f"{self.paths.status}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.paths.status)
-        except OSError as err:
-            log.warning("cannot write BGP status path=%s error=%s", self.paths.status, err)
+        self._status_file.write(self.status())
 
 
 def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threading.Event,

@@ -43,10 +43,8 @@ from felixpy import names
 from felixpy.kernel import commands
 from felixpy.kernel.commands import CommandFailed, Runner
 from policy.iptables import (
-    HASH_LENGTH,
     Chain,
     Rule,
-    check_our_chain_name,
     render_chain,
     render_with_hash as _render_with_hash,
     rule_hashes,
