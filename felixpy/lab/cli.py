@@ -54,8 +54,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     lab = args.name
     if args.mode in NOT_YET:
         raise LabExit(2, NOT_YET[args.mode])
-    if args.cross_subnet:
-        raise LabExit(2, "--cross-subnet arrives with VXLAN and IPIP support (issue #3)")
+    if args.cross_subnet and args.mode not in ("vxlan", "bgp"):
+        raise LabUsageError("--cross-subnet needs --mode vxlan or --mode bgp (its pool encapsulates "
+                            "across subnets with vxlanMode CrossSubnet)")
     if not 0 <= args.route_reflectors <= topology.MAX_REFLECTORS:
         raise LabUsageError(f"--route-reflectors {args.route_reflectors}: expected 0-{topology.MAX_REFLECTORS}")
     if args.route_reflectors and args.mode != "bgp":
@@ -68,11 +69,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                             f"felixpy-lab down --name {lab})")
     started = time.monotonic()
     with state.locked(lab, create=True):
-        st = LabState(name=lab, mode=args.mode, pool=pool, block_size=args.block_size)
+        st = LabState(name=lab, mode=args.mode, pool=pool, block_size=args.block_size,
+                      cross_subnet=args.cross_subnet)
         st.remember_netns(topology.fabric_netns(lab))
         for node_name in topology.node_names(args.nodes):
             ns = topology.node_netns(lab, node_name)
-            st.nodes.append(NodeState(name=node_name, ip=topology.node_ip(node_name), netns=ns))
+            st.nodes.append(NodeState(name=node_name, ip=topology.node_ip(node_name, args.cross_subnet),
+                                      netns=ns))
             st.remember_netns(ns)
         for rr_name in topology.reflector_names(args.route_reflectors):
             ns = topology.node_netns(lab, rr_name)
@@ -81,15 +84,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             st.remember_netns(ns)
         state.save(st)  # before anything exists, so that `down` can always clean up
         say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}"
-            + (f", {args.route_reflectors} route reflectors (mesh off)" if args.route_reflectors else ""))
+            + (f", {args.route_reflectors} route reflectors (mesh off)" if args.route_reflectors else "")
+            + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else ""))
 
-        procs.build_fabric(lab)
+        procs.build_fabric(lab, args.cross_subnet)
         st.etcd_pid = procs.start_etcd(lab)
         state.save(st)
         say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
-            f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
+            + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
+            + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
         for node in st.nodes:
-            procs.build_node(lab, node.name)
+            procs.build_node(lab, node.name, args.cross_subnet)
         procs.enter_netns(topology.fabric_netns(lab))
         if not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
             raise LabExit(1, f"etcd did not answer within {ETCD_READY_TIMEOUT:g} s; see "
@@ -104,7 +109,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 continue
             if args.mode == "bgp":
                 _start_speaker(st, node)
-            node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode)
+            node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode,
+                                               cross_subnet=args.cross_subnet)
             state.save(st)
             say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}"
                 + (f", exabgp pid {node.exabgp_pid}" if args.mode == "bgp" else ""))
@@ -148,7 +154,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _start_speaker(st: LabState, node: NodeState) -> None:
     """Mode bgp: start the node's ExaBGP (+ sidecar) and wait for the sidecar's socket."""
-    node.exabgp_pid = procs.start_exabgp(st.name, node.name)
+    node.exabgp_pid = procs.start_exabgp(st.name, node.name, node.ip)
     state.save(st)
     problem = procs.wait_exabgp(st.name, node.name, node.exabgp_pid, EXABGP_READY_TIMEOUT)
     if problem:
@@ -595,7 +601,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 state.save(st)
                 problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             else:
-                node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode)
+                node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
+                                                   cross_subnet=st.cross_subnet)
                 state.save(st)
                 problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:

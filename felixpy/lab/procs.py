@@ -28,9 +28,11 @@ LAB_ENV = "FELIXPY_LAB"
 CLONE_NEWNET = 0x40000000
 
 
-@dataclass(frozen=True)
+@dataclass
 class LabCommandError(Exception):
-    """A command the lab ran failed; carries what was run and what it said."""
+    """A command the lab ran failed; carries what was run and what it said.
+
+    Not frozen: raising sets __traceback__ on the exception, which a frozen dataclass refuses."""
 
     argv: tuple[str, ...]
     returncode: int
@@ -103,26 +105,36 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def build_fabric(lab: str) -> None:
+def build_fabric(lab: str, cross_subnet: bool = False) -> None:
+    """The fabric netns: bridge fabric0 on 192.0.2.0/24 (etcd listens there).
+
+    With `cross_subnet` a second bridge, fabric1 on 198.51.100.0/24, and IP forwarding: the
+    namespace is then the router between the two node subnets (and etcd is reached through it).
+    """
     ns = topology.fabric_netns(lab)
     netns_add(ns)
-    ip(ns, "link", "add", topology.FABRIC_BRIDGE, "type", "bridge")
-    ip(ns, "addr", "add", f"{topology.FABRIC_IP}/{topology.FABRIC_SUBNET.prefixlen}",
-       "dev", topology.FABRIC_BRIDGE)
-    ip(ns, "link", "set", topology.FABRIC_BRIDGE, "up")
+    bridges = [(topology.FABRIC_BRIDGE, topology.FABRIC_IP, topology.FABRIC_SUBNET.prefixlen)]
+    if cross_subnet:
+        bridges.append((topology.FABRIC_B_BRIDGE, topology.FABRIC_B_IP, topology.FABRIC_B_SUBNET.prefixlen))
+        # net.ipv4.ip_forward is per network namespace: this affects the lab's fabric only.
+        run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    for bridge, address, prefixlen in bridges:
+        ip(ns, "link", "add", bridge, "type", "bridge")
+        ip(ns, "addr", "add", f"{address}/{prefixlen}", "dev", bridge)
+        ip(ns, "link", "set", bridge, "up")
 
 
-def build_node(lab: str, node: str) -> None:
-    """A node netns with eth0 on the fabric bridge; the fabric side of the veth is named after the node."""
+def build_node(lab: str, node: str, cross_subnet: bool = False) -> None:
+    """A node netns with eth0 on its fabric bridge; the fabric side of the veth is named after the node."""
     fabric = topology.fabric_netns(lab)
     ns = topology.node_netns(lab, node)
+    link = topology.node_link(node, cross_subnet)
     netns_add(ns)
     ip(fabric, "link", "add", node, "type", "veth", "peer", "name", topology.NODE_IFACE, "netns", ns)
-    ip(fabric, "link", "set", node, "master", topology.FABRIC_BRIDGE, "up")
-    ip(ns, "addr", "add", f"{topology.node_ip(node)}/{topology.FABRIC_SUBNET.prefixlen}",
-       "dev", topology.NODE_IFACE)
+    ip(fabric, "link", "set", node, "master", link.bridge, "up")
+    ip(ns, "addr", "add", f"{link.ip}/{link.prefixlen}", "dev", topology.NODE_IFACE)
     ip(ns, "link", "set", topology.NODE_IFACE, "up")
-    ip(ns, "route", "add", "default", "via", topology.FABRIC_IP)
+    ip(ns, "route", "add", "default", "via", link.gateway)
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -178,7 +190,8 @@ def exabgp_paths(lab: str, node: str) -> dict[str, str]:
 
 
 def agent_env(lab: str, node: str, pool: str, block_size: int,
-              outer_env: Mapping[str, str] | None = None, mode: str = "routes") -> dict[str, str]:
+              outer_env: Mapping[str, str] | None = None, mode: str = "routes",
+              cross_subnet: bool = False) -> dict[str, str]:
     outer = os.environ if outer_env is None else outer_env
     nd = topology.node_dir(lab, node)
     env = base_env()
@@ -205,6 +218,11 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         # Calico's VXLAN-only setup (calico-vxlan.yaml): no BGP, the pool encapsulates every
         # node-to-node packet in vxlan.calico; each agent allocates its VTEP address at startup.
         env["CALICO_IPV4POOL_VXLAN"] = "Always"
+    if cross_subnet:
+        # Nodes on two subnets: encapsulate only toward the other subnet. In mode bgp this is
+        # Calico's BGP + VXLAN CrossSubnet: same-subnet routes come from BGP, while the fabric
+        # router knows no pod routes, so other-subnet blocks go through vxlan.calico.
+        env["CALICO_IPV4POOL_VXLAN"] = "CrossSubnet"
     if mode == "bgp":
         paths = exabgp_paths(lab, node)
         env.update({
@@ -217,7 +235,7 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
     return env
 
 
-def start_exabgp(lab: str, node: str) -> int:
+def start_exabgp(lab: str, node: str, address: str | None = None) -> int:
     """Mode bgp: the node's ExaBGP, whose API process is our sidecar (`python -m bgp.sidecar`).
 
     The agent renders exabgp.conf from the datastore and reloads ExaBGP (SIGUSR1 to the pid in
@@ -236,7 +254,7 @@ def start_exabgp(lab: str, node: str) -> int:
     with open(paths["env"], "w") as f:
         f.write(render_exabgp_env(log_destination=paths["log"]))
     if not os.path.exists(paths["config"]):
-        address = topology.node_ip(node)
+        address = address or topology.node_ip(node)
         with open(paths["config"], "w") as f:
             f.write(render_exabgp_conf(SpeakerConfig(
                 node_name=node, router_id=address, local_address=address, as_number=64512, peers=(),
@@ -265,7 +283,8 @@ def wait_exabgp(lab: str, node: str, pid: int, timeout: float) -> str | None:
     return f"ExaBGP on {node} not ready after {timeout:g} s; see {topology.exabgp_dir(lab, node)}/exabgp.out"
 
 
-def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "routes") -> int:
+def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "routes",
+                cross_subnet: bool = False) -> int:
     nd = topology.node_dir(lab, node)
     os.makedirs(f"{nd}/lib", exist_ok=True)
     try:
@@ -274,7 +293,8 @@ def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "ro
         pass
     argv = [sys.executable, "-m", "felixpy.node.main"]
     return _spawn(lab, topology.node_netns(lab, node), argv,
-                  agent_env(lab, node, pool, block_size, mode=mode), f"{nd}/agent.log")
+                  agent_env(lab, node, pool, block_size, mode=mode, cross_subnet=cross_subnet),
+                  f"{nd}/agent.log")
 
 
 def bird_paths(lab: str, node: str) -> dict[str, str]:

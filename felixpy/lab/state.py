@@ -57,6 +57,7 @@ class LabState:
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # ns -> labels
     netns: list[str] = field(default_factory=list)  # every netns the lab may have created
     etcd_pid: int = 0
+    cross_subnet: bool = False  # even nodes on the fabric's second subnet; pools use CrossSubnet
     phase: str = "starting"  # starting | up
 
     def node(self, name: str) -> NodeState:

@@ -3,8 +3,10 @@
 Every namespace, directory and process of a lab carries the lab's name, so two labs (or two test
 runs) on one machine never collide:
 
-    <lab>-fabric             the "physical" network: a bridge joining the nodes, and etcd
-    <lab>-n1 .. <lab>-nN     one per node, eth0 = 192.0.2.(10+i)/24
+    <lab>-fabric             the "physical" network: a bridge joining the nodes, and etcd; with
+                             --cross-subnet a second bridge, and the namespace routes between them
+    <lab>-n1 .. <lab>-nN     one per node, eth0 = 192.0.2.(10+i)/24 (--cross-subnet: even nodes
+                             on the second subnet, 198.51.100.(10+i)/24)
     <lab>-rr1 .. <lab>-rrN   --route-reflectors: one per reflector, eth0 = 192.0.2.(220+i)/24
     <lab>-<ns>-<pod>         one per pod, plumbed by the CNI plugin
     /run/felixpy-lab/<lab>/  state.json, etcd data, per-node agent log, CNI socket and state dir,
@@ -28,6 +30,10 @@ FABRIC_BRIDGE = "fabric0"
 ETCD_CLIENT_PORT = 2379
 ETCD_ENDPOINT = f"http://{FABRIC_IP}:{ETCD_CLIENT_PORT}"
 NODE_IFACE = "eth0"
+# --cross-subnet: the second "physical" subnet, for even nodes; the fabric namespace routes.
+FABRIC_B_SUBNET = ipaddress.IPv4Network("198.51.100.0/24")
+FABRIC_B_IP = "198.51.100.1"
+FABRIC_B_BRIDGE = "fabric1"
 POD_IFACE = "eth0"
 
 MAX_NODES = 200  # node addresses are 192.0.2.11 .. 192.0.2.210, inside the /24
@@ -118,11 +124,36 @@ def node_netns(lab: str, node: str) -> str:
     return f"{lab}-{node}"
 
 
-def node_ip(node: str) -> str:
-    """n<i> → 192.0.2.(10+i); reflector rr<i> → 192.0.2.(220+i)."""
+@dataclass(frozen=True, slots=True)
+class NodeLink:
+    """Where a node's eth0 sits on the fabric: its address, subnet, bridge and default gateway."""
+
+    ip: str
+    prefixlen: int
+    bridge: str
+    gateway: str
+
+
+def node_link(node: str, cross_subnet: bool = False) -> NodeLink:
+    """n<i> → 192.0.2.(10+i) on bridge fabric0; reflector rr<i> → 192.0.2.(220+i).
+
+    With `cross_subnet`, even nodes sit on 198.51.100.(10+i)/24 behind bridge fabric1 instead, so
+    every node has neighbours in its own subnet and in the other one (reflectors stay on the first).
+    """
     if is_reflector(node):
-        return str(FABRIC_SUBNET.network_address + 220 + int(node[2:]))
-    return str(FABRIC_SUBNET.network_address + 10 + node_index(node))
+        return NodeLink(str(FABRIC_SUBNET.network_address + 220 + int(node[2:])), FABRIC_SUBNET.prefixlen,
+                        FABRIC_BRIDGE, FABRIC_IP)
+    index = node_index(node)
+    if cross_subnet and index % 2 == 0:
+        return NodeLink(str(FABRIC_B_SUBNET.network_address + 10 + index), FABRIC_B_SUBNET.prefixlen,
+                        FABRIC_B_BRIDGE, FABRIC_B_IP)
+    return NodeLink(str(FABRIC_SUBNET.network_address + 10 + index), FABRIC_SUBNET.prefixlen,
+                    FABRIC_BRIDGE, FABRIC_IP)
+
+
+def node_ip(node: str, cross_subnet: bool = False) -> str:
+    """The node's eth0 address (see node_link)."""
+    return node_link(node, cross_subnet).ip
 
 
 def bird_dir(lab: str, node: str) -> str:
@@ -288,8 +319,9 @@ def check_pool(cidr: str, block_size: int) -> str:
         net = ipaddress.IPv4Network(cidr, strict=True)
     except ValueError:
         raise LabUsageError(f'--pool "{cidr}": expected an IPv4 CIDR such as 10.244.0.0/16') from None
-    if net.overlaps(FABRIC_SUBNET):
-        raise LabUsageError(f'--pool "{cidr}": overlaps the lab fabric {FABRIC_SUBNET}')
+    for fabric in (FABRIC_SUBNET, FABRIC_B_SUBNET):
+        if net.overlaps(fabric):
+            raise LabUsageError(f'--pool "{cidr}": overlaps the lab fabric {fabric}')
     # Calico accepts IPv4 block sizes 20..32, never larger than the pool itself.
     if not max(20, net.prefixlen) <= block_size <= 32:
         raise LabUsageError(f"--block-size {block_size}: must be between "

@@ -2,7 +2,8 @@
 
 The lab is started with a unique name ("e2e" + 4 hex chars) so runs never collide, and torn down
 in a finalizer even when the test fails. A module picks its size with LAB_NODES (default 3) and its
-mode with LAB_MODE (default "routes"; test_bgp.py uses "bgp"). Everything is driven the way a user would: subprocesses
+mode with LAB_MODE (default "routes"; test_bgp.py uses "bgp"), and any further `up` options with
+LAB_ARGS (test_cross_subnet.py: ["--cross-subnet"]). Everything is driven the way a user would: subprocesses
 of `python -m felixpy.lab.cli`, never the lab's internals.
 """
 
@@ -26,9 +27,10 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     nodes = getattr(request.module, "LAB_NODES", 3)
     # The lab's default mode is bgp; modules written for the datastore-routed mode say so.
     mode = getattr(request.module, "LAB_MODE", "routes")
+    extra = [str(a) for a in getattr(request.module, "LAB_ARGS", ())]  # e.g. ["--cross-subnet"]
     the_lab = Lab("e2e" + secrets.token_hex(2))
     try:
-        the_lab.cli("up", "--nodes", str(nodes), "--mode", mode, timeout=180)
+        the_lab.cli("up", "--nodes", str(nodes), "--mode", mode, *extra, timeout=180)
         yield the_lab
     except BaseException:
         for n in range(1, nodes + 1):

@@ -83,12 +83,14 @@ def test_unsupported_modes_answer_one_line_and_create_nothing(capsys: pytest.Cap
     monkeypatch.setattr(cli.procs, "netns_add", created.append)
     assert cli.main(["up", "--mode", "ipip", "--name", "zz"]) == 2
     assert capsys.readouterr().err == "felixpy-lab: --mode ipip arrives with IPIP support (issue #3)\n"
-    for argv in (["up", "--mode", "ipip"], ["up", "--cross-subnet"]):
+    for argv in (["up", "--mode", "ipip"],):
         assert cli.main([*argv, "--name", "zz"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("felixpy-lab: ") and err.count("\n") == 1
-    # Reflectors exist, but only with BGP and within bounds: user errors, one line, exit 1.
-    for argv in (["up", "--route-reflectors", "1", "--mode", "routes"], ["up", "--route-reflectors", "21"]):
+    # Reflectors and two subnets exist, but only with BGP (or VXLAN) and within bounds: user
+    # errors, one line, exit 1.
+    for argv in (["up", "--route-reflectors", "1", "--mode", "routes"], ["up", "--route-reflectors", "21"],
+                 ["up", "--cross-subnet", "--mode", "routes"]):
         assert cli.main([*argv, "--name", "zz"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("felixpy-lab: ") and err.count("\n") == 1
