@@ -68,6 +68,19 @@ def ip(netns: str, *args: str) -> None:
 
 # --- namespaces ---------------------------------------------------------------------------------
 
+def kernel_has_ipip(lab: str) -> bool:
+    """Whether this kernel has IPIP: once the ipip module is in, every new netns gets a tunl0."""
+    probe = f"{lab}-ipipcheck"
+    try:
+        netns_add(probe)
+    except LabCommandError:
+        return False
+    try:
+        return subprocess.run(["ip", "-n", probe, "link", "show", "tunl0"], capture_output=True).returncode == 0
+    finally:
+        netns_del(probe)
+
+
 def netns_list() -> set[str]:
     try:
         return {n for n in os.listdir("/run/netns")}
@@ -214,6 +227,9 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         "FELIXPY_CNI_SOCKET": topology.cni_socket(lab, node),
         "FELIXPY_STATE_DIR": f"{nd}/lib",
     })
+    if mode == "ipip":
+        # IPIP without BGP: the agents route other nodes' blocks via tunl0 from the datastore.
+        env["CALICO_IPV4POOL_IPIP"] = "Always"
     if mode == "vxlan":
         # Calico's VXLAN-only setup (calico-vxlan.yaml): no BGP, the pool encapsulates every
         # node-to-node packet in vxlan.calico; each agent allocates its VTEP address at startup.

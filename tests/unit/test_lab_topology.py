@@ -81,12 +81,11 @@ def test_unsupported_modes_answer_one_line_and_create_nothing(capsys: pytest.Cap
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
     created: list[str] = []
     monkeypatch.setattr(cli.procs, "netns_add", created.append)
-    assert cli.main(["up", "--mode", "ipip", "--name", "zz"]) == 2
-    assert capsys.readouterr().err == "felixpy-lab: --mode ipip arrives with IPIP support (issue #3)\n"
-    for argv in (["up", "--mode", "ipip"],):
-        assert cli.main([*argv, "--name", "zz"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("felixpy-lab: ") and err.count("\n") == 1
+    monkeypatch.setattr(cli.procs, "kernel_has_ipip", lambda lab: False)
+    assert cli.main(["up", "--mode", "ipip", "--name", "zz"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("felixpy-lab: --mode ipip needs a kernel with IPIP (CONFIG_NET_IPIP")
+    assert err.count("\n") == 1
     # Reflectors and two subnets exist, but only with BGP (or VXLAN) and within bounds: user
     # errors, one line, exit 1.
     for argv in (["up", "--route-reflectors", "1", "--mode", "routes"], ["up", "--route-reflectors", "21"],
