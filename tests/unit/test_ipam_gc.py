@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
