@@ -226,6 +226,7 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         "CALICO_NETWORKING_BACKEND": "vxlan",
         "FELIXPY_CNI_SOCKET": topology.cni_socket(lab, node),
         "FELIXPY_STATE_DIR": f"{nd}/lib",
+        "FELIXPY_SECRETS_DIR": f"{nd}/secrets",  # the lab's stand-in for a mounted secret volume
     })
     if mode == "ipip":
         # IPIP without BGP: the agents route other nodes' blocks via tunl0 from the datastore.

@@ -56,6 +56,7 @@ from bgp.protocol import (CommandResult, Event, Notification, ReplayDone, StateC
 from bgp.rib import Rib
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
+from felixpy.node.secrets import SecretResolver
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,12 @@ class BGPController:
         reload: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        secrets: SecretResolver | None = None,
     ) -> None:
         self.node_name = node_name
         self.paths = paths
+        # BGP passwords: read on every render, so a fixed secret takes effect with the next one.
+        self._secrets = secrets if secrets is not None else SecretResolver.from_env(os.environ)
         self._link: Link = link if link is not None else SidecarClient(paths.socket)
         self._reload = reload if reload is not None else (lambda: signal_exabgp(paths.pid_file))
         self._clock = clock
@@ -426,14 +430,16 @@ class BGPController:
     def _update_config(self) -> None:
         try:
             nodes = [NodeInfo.from_resource(v) for v in self._nodes.values()]
-            settings = BGPSettings.from_resource(self._bgp_configs.get("default"))
+            default = self._bgp_configs.get("default")
+            settings = BGPSettings.from_resource(default, node_mesh_password=self._secrets.resolve_ref(
+                ((default or {}).get("spec") or {}).get("nodeMeshPassword"),
+                what="BGPConfiguration default nodeMeshPassword"))
             specs = []
             for value in self._bgp_peers.values():
-                if ((value.get("spec") or {}).get("password") or {}):
-                    log.warning("BGPPeer %s: passwords from secrets are not resolved by this "
-                                "datastore; session configured without MD5",
-                                (value.get("metadata") or {}).get("name"))
-                specs.append(BGPPeerSpec.from_resource(value))
+                password = self._secrets.resolve_ref(
+                    (value.get("spec") or {}).get("password"),
+                    what=f"BGPPeer {(value.get('metadata') or {}).get('name')} password")
+                specs.append(BGPPeerSpec.from_resource(value, password=password))
             peers = select_peers(self.node_name, nodes, settings, specs)
             me = next(n for n in nodes if n.name == self.node_name)
             assert me.ipv4 is not None  # select_peers checked it
@@ -477,7 +483,8 @@ class BGPController:
     def _write_config(self, text: str) -> None:
         os.makedirs(os.path.dirname(self.paths.config), exist_ok=True)
         tmp = f"{self.paths.config}.tmp"
-        with open(tmp, "w") as f:
+        # 0600: the configuration carries the BGP MD5 passwords.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(text)
         os.replace(tmp, self.paths.config)
         self._config_text = text

@@ -2,7 +2,7 @@
 
 It serves exactly these resources over HTTP/1.1 on 127.0.0.1:
 
-    /api/v1                           nodes, namespaces (cluster), pods, serviceaccounts (namespaced)
+    /api/v1                           nodes, namespaces (cluster), pods, serviceaccounts, secrets (namespaced)
     /apis/networking.k8s.io/v1        networkpolicies (namespaced)
     /apis/crd.projectcalico.org/v1    Calico's KDD custom resources (CRD_RESOURCES)
 
@@ -85,6 +85,7 @@ def _types() -> dict[tuple[str, str], ResourceType]:
         ResourceType("v1", "namespaces", "Namespace", False),
         ResourceType("v1", "pods", "Pod", True),
         ResourceType("v1", "serviceaccounts", "ServiceAccount", True),
+        ResourceType("v1", "secrets", "Secret", True),
         ResourceType("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", True),
     ]
     types += [ResourceType(CRD_GROUP_VERSION, p, k, ns) for p, (k, ns) in CRD_RESOURCES.items()]
