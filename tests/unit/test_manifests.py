@@ -1,10 +1,17 @@
 """deploy/: the manifests against the Kubernetes 1.37 schemas, the RBAC the code needs, the env
-the agent reads, and the Dockerfile against the tree it builds from."""
+the agent reads, the BGP containers' entry points, and the Dockerfile against the tree it builds
+from."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,20 +20,31 @@ from typing import Any
 import pytest
 import yaml
 
+from bgp.config import SpeakerConfig, render_exabgp_conf, render_exabgp_env
+from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, PeerType, select_peers
 from felixpy import config as felixpy_config
 from felixpy.cni import install, plugin
+from felixpy.model import resources
+from felixpy.node import reflector
+from felixpy.node.bgp import BGPPaths
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "deploy/felixpy.yaml"
+RR_MANIFEST = REPO / "deploy/route-reflector.yaml"
+RR_BGP_RESOURCES = REPO / "deploy/route-reflector-bgp.yaml"
 DOCKERFILE = REPO / "deploy/Dockerfile"
+ENTRY_POINTS = REPO / "deploy/bin"
+IMAGE_ENTRY_POINT_DIR = "/opt/felixpy/bin"
 KUBERNETES_VERSION = "1.37.0"
 
 
-def load_docs() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-DOCS = load_docs()
+# Every Kubernetes object of both manifests (route-reflector-bgp.yaml holds projectcalico.org/v3
+# resources for felixctl, checked on their own below).
+DOCS = load_docs(MANIFEST) + load_docs(RR_MANIFEST)
 
 
 def one(kind: str, name: str) -> dict[str, Any]:
@@ -46,8 +64,10 @@ def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 DAEMONSET = one("DaemonSet", "felixpy-node")
+REFLECTORS = one("DaemonSet", "felixpy-route-reflector")
 CONTROLLERS = one("Deployment", "felixpy-controllers")
 CONFIGMAP = one("ConfigMap", "felixpy-config")
+WORKLOADS = (DAEMONSET, REFLECTORS, CONTROLLERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +89,12 @@ def test_the_validator_rejects_what_it_should() -> None:
     broken["spec"]["template"]["spec"]["hostNetwrk"] = True
     with pytest.raises(kv.ValidationError):
         kv.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_route_reflector_manifest_holds_only_the_reflector_daemonset() -> None:
+    # It is applied after felixpy.yaml and reuses its ServiceAccount, RBAC and ConfigMap.
+    assert [(d["kind"], d["metadata"]["name"]) for d in load_docs(RR_MANIFEST)] == [
+        ("DaemonSet", "felixpy-route-reflector")]
 
 
 def test_everything_is_in_kube_system_or_cluster_scoped() -> None:
@@ -308,18 +334,42 @@ def resolved_env(c: dict[str, Any]) -> dict[str, str]:
 
 
 def test_env_values_are_strings() -> None:
-    for workload in (DAEMONSET, CONTROLLERS):
+    for workload in WORKLOADS:
         for c in containers(workload):
             for item in c.get("env", []):
                 assert "valueFrom" in item or isinstance(item["value"], str), item
 
 
-@pytest.mark.parametrize("workload,name", [(DAEMONSET, "felixpy-node"), (CONTROLLERS, "felixpy-controllers")])
-def test_agent_env_vars_are_all_in_felixpy_config(workload: dict[str, Any], name: str) -> None:
-    known = set(felixpy_config.VARIABLES) - {"FELIX_*"}
+# Route-reflector mode's variables, read by felixpy/node/reflector.py (not felixpy.config: they
+# choose and configure another loop, documented in docs/bgp.md).
+REFLECTOR_VARIABLES = {"FELIXPY_ROUTE_REFLECTOR", "FELIXPY_BIRD_CONFIG", "FELIXPY_BIRD_SOCKET", "FELIXPY_BIRD_START"}
+
+
+def test_reflector_variables_are_the_ones_reflector_py_reads() -> None:
+    source = Path(reflector.__file__).read_text()
+    read = set(re.findall(r'env\.get\("(FELIXPY_[A-Z_]+)"', source))
+    assert REFLECTOR_VARIABLES <= read
+    assert read - REFLECTOR_VARIABLES <= set(felixpy_config.VARIABLES)
+
+
+@pytest.mark.parametrize("workload,name,extra", [
+    (DAEMONSET, "felixpy-node", set()),
+    (DAEMONSET, "exabgp", set()),
+    (REFLECTORS, "felixpy-node", REFLECTOR_VARIABLES),
+    (CONTROLLERS, "felixpy-controllers", set()),
+])
+def test_agent_env_vars_are_all_in_felixpy_config(workload: dict[str, Any], name: str, extra: set[str]) -> None:
+    known = set(felixpy_config.VARIABLES) - {"FELIX_*"} | extra
     names = [item["name"] for item in container(workload, name)["env"]]
     assert len(names) == len(set(names)), "duplicate env var"
     assert sorted(set(names) - known) == []
+
+
+def test_bird_container_env_is_the_reflectors_paths() -> None:
+    bird_env = resolved_env(container(REFLECTORS, "bird"))
+    node_env = resolved_env(container(REFLECTORS, "felixpy-node"))
+    assert set(bird_env) == {"FELIXPY_BIRD_CONFIG", "FELIXPY_BIRD_SOCKET"}
+    assert bird_env == {k: node_env[k] for k in bird_env}
 
 
 def test_node_env_parses_to_the_intended_config() -> None:
@@ -327,14 +377,28 @@ def test_node_env_parses_to_the_intended_config() -> None:
     cfg = felixpy_config.load_config(resolved_env(node))
     assert cfg.datastore.type == "kubernetes" and cfg.datastore.wait_for_datastore
     assert cfg.node.name == NODE_NAME
-    assert cfg.node.networking_backend == CONFIGMAP["data"]["calico_backend"]
+    # calico.yaml's configuration: BGP (the ExaBGP sidecar), an IPIP-always default pool
+    assert cfg.node.networking_backend == CONFIGMAP["data"]["calico_backend"] == "bird"
+    assert cfg.node.cluster_type == "k8s,bgp"
+    assert (cfg.ipv4_pool.ipip_mode, cfg.ipv4_pool.vxlan_mode) == ("Always", "Never")
     assert cfg.felix.health_enabled
     assert cfg.felix.unused_params() == []
-    # calico-vxlan.yaml's pool: no IPIP (it needs a BGP speaker), VXLAN always
-    assert (cfg.ipv4_pool.ipip_mode, cfg.ipv4_pool.vxlan_mode) == ("Never", "Always")
+    assert not reflector.reflector_mode(resolved_env(node))
     for probe, path in (("livenessProbe", "/liveness"), ("readinessProbe", "/readiness")):
         get = node[probe]["httpGet"]
         assert (get["path"], get["port"]) == (path, cfg.felix.health_port)
+
+
+def test_reflector_env_parses_to_reflector_mode() -> None:
+    env = resolved_env(container(REFLECTORS, "felixpy-node"))
+    cfg = felixpy_config.load_config(env)
+    assert cfg.node.name == NODE_NAME and cfg.datastore.type == "kubernetes"
+    assert cfg.node.networking_backend == "bird"
+    assert reflector.reflector_mode(env)
+    paths = reflector.ReflectorPaths.from_env(env, cfg.agent.state_dir)
+    # BIRD is the bird container, not felixpy-node's child.
+    assert not paths.start_bird
+    assert (paths.config, paths.socket) == ("/var/run/calico/bird/bird.conf", "/var/run/calico/bird/bird.ctl")
 
 
 def test_install_cni_env_vars_are_the_ones_install_reads() -> None:
@@ -366,20 +430,46 @@ def host_paths(workload: dict[str, Any]) -> dict[str, str]:
             if "hostPath" in v}
 
 
-def test_daemonset_runs_like_calico_node() -> None:
-    spec = DAEMONSET["spec"]["template"]["spec"]
+def mounts(workload: dict[str, Any], name: str) -> dict[str, str]:
+    """mountPath -> volume name of one container."""
+    return {m["mountPath"]: m["name"] for m in container(workload, name).get("volumeMounts", [])}
+
+
+def volume(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    return found
+
+
+def inside(path: str, directory: str) -> bool:
+    return Path(path).parent == Path(directory)
+
+
+@pytest.mark.parametrize("workload", [DAEMONSET, REFLECTORS], ids=["felixpy-node", "felixpy-route-reflector"])
+def test_daemonsets_run_like_calico_node(workload: dict[str, Any]) -> None:
+    spec = workload["spec"]["template"]["spec"]
     assert spec["hostNetwork"] is True
     assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["serviceAccountName"] == "felixpy-node"
     assert {"effect": "NoSchedule", "operator": "Exists"} in spec["tolerations"]
     assert {"effect": "NoExecute", "operator": "Exists"} in spec["tolerations"]
     assert [c["name"] for c in spec["initContainers"]] == ["install-cni"]
-    for c in containers(DAEMONSET):
-        assert c["securityContext"]["privileged"] is True
+    for name in ("install-cni", "felixpy-node"):
+        assert container(workload, name)["securityContext"]["privileged"] is True
+
+
+def test_bgp_speakers_are_root_with_network_capabilities_not_privileged() -> None:
+    for workload, name, needed in ((DAEMONSET, "exabgp", {"NET_BIND_SERVICE"}),
+                                   (REFLECTORS, "bird", {"NET_BIND_SERVICE", "NET_ADMIN"})):
+        security = container(workload, name)["securityContext"]
+        assert "privileged" not in security and "runAsUser" not in security
+        assert needed <= set(security["capabilities"]["add"])
+    assert [c["name"] for c in DAEMONSET["spec"]["template"]["spec"]["containers"]] == ["felixpy-node", "exabgp"]
+    assert [c["name"] for c in REFLECTORS["spec"]["template"]["spec"]["containers"]] == ["felixpy-node", "bird"]
 
 
 def test_mounts_are_calico_nodes() -> None:
     paths = host_paths(DAEMONSET)
-    node_mounts = {m["mountPath"]: paths[m["name"]] for m in container(DAEMONSET, "felixpy-node")["volumeMounts"]}
+    node_mounts = {path: paths[name] for path, name in mounts(DAEMONSET, "felixpy-node").items() if name in paths}
     for path in ("/run/xtables.lock", "/var/run/calico", "/var/lib/calico", "/lib/modules", "/var/run/netns"):
         assert node_mounts[path] == path
     cni_mounts = {m["mountPath"]: paths[m["name"]] for m in container(DAEMONSET, "install-cni")["volumeMounts"]}
@@ -389,8 +479,73 @@ def test_mounts_are_calico_nodes() -> None:
     assert node_mounts["/var/run/calico"] == str(Path(settings.agent_socket).parent)
 
 
+def test_agent_and_exabgp_share_the_bgp_volume() -> None:
+    agent_env = resolved_env(container(DAEMONSET, "felixpy-node"))
+    exabgp_env = resolved_env(container(DAEMONSET, "exabgp"))
+    cfg = felixpy_config.load_config(agent_env)
+    paths = BGPPaths.from_env(agent_env, cfg.agent.state_dir)
+    shared = "/var/run/calico/exabgp"
+    agent_mounts, exabgp_mounts = mounts(DAEMONSET, "felixpy-node"), mounts(DAEMONSET, "exabgp")
+    # One volume at the same path in both containers, holding the config, the pid file and the socket.
+    assert agent_mounts[shared] == exabgp_mounts[shared] == "exabgp"
+    assert list(exabgp_mounts) == [shared]
+    for path in (paths.config, paths.pid_file, paths.socket):
+        assert inside(path, shared), path
+    # The entry point reads the very same values the agent does.
+    assert exabgp_env == {"NODENAME": NODE_NAME, "FELIXPY_EXABGP_CONFIG": paths.config,
+                          "FELIXPY_EXABGP_PIDFILE": paths.pid_file, "FELIXPY_BGP_SOCKET": paths.socket}
+    # Per pod: the pid file names a pid in this pod's namespace, which the agent can signal
+    # only when the containers share it.
+    assert volume(DAEMONSET, "exabgp") == {"name": "exabgp", "emptyDir": {}}
+    assert DAEMONSET["spec"]["template"]["spec"]["shareProcessNamespace"] is True
+    # The status felixctl node status reads is on the host.
+    assert inside(paths.status, "/var/lib/calico") and host_paths(DAEMONSET)[agent_mounts["/var/lib/calico"]]
+
+
+def test_reflector_and_bird_share_the_bird_volume() -> None:
+    env = resolved_env(container(REFLECTORS, "felixpy-node"))
+    paths = reflector.ReflectorPaths.from_env(env, felixpy_config.load_config(env).agent.state_dir)
+    shared = "/var/run/calico/bird"
+    node_mounts, bird_mounts = mounts(REFLECTORS, "felixpy-node"), mounts(REFLECTORS, "bird")
+    assert node_mounts[shared] == bird_mounts[shared] == "bird"
+    assert inside(paths.config, shared) and inside(paths.socket, shared)
+    assert volume(REFLECTORS, "bird") == {"name": "bird", "emptyDir": {}}
+    assert host_paths(REFLECTORS)[node_mounts["/var/lib/calico"]] == "/var/lib/calico"
+    assert inside(paths.status, "/var/lib/calico")
+
+
+def schedules(workload: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether the workload's nodeSelector and required node affinity accept a node with labels."""
+    spec = workload["spec"]["template"]["spec"]
+    if any(labels.get(k) != v for k, v in spec.get("nodeSelector", {}).items()):
+        return False
+    required = spec.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    if not required:
+        return True
+
+    def matches(expr: dict[str, Any]) -> bool:
+        value = labels.get(expr["key"])
+        if expr["operator"] == "In":
+            return value in expr["values"]
+        assert expr["operator"] == "NotIn", expr
+        return value not in expr["values"]
+
+    return any(all(matches(e) for e in term["matchExpressions"]) for term in required["nodeSelectorTerms"])
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ({"kubernetes.io/os": "linux"}, "felixpy-node"),
+    ({"kubernetes.io/os": "linux", "route-reflector": "false"}, "felixpy-node"),
+    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-route-reflector"),
+])
+def test_each_node_runs_exactly_one_bgp_speaker(labels: dict[str, str], expected: str) -> None:
+    # Both listen on the node's port 179 (hostNetwork).
+    running = [w["metadata"]["name"] for w in (DAEMONSET, REFLECTORS) if schedules(w, labels)]
+    assert running == [expected]
+
+
 def test_every_mount_names_a_volume() -> None:
-    for workload in (DAEMONSET, CONTROLLERS):
+    for workload in WORKLOADS:
         volumes = {v["name"] for v in workload["spec"]["template"]["spec"].get("volumes", [])}
         for c in containers(workload):
             for mount in c.get("volumeMounts", []):
@@ -401,18 +556,149 @@ def pyproject() -> dict[str, Any]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def test_commands_are_console_scripts_of_the_image() -> None:
+def test_commands_are_console_scripts_or_entry_points_of_the_image() -> None:
     scripts = pyproject()["project"]["scripts"]
-    for workload in (DAEMONSET, CONTROLLERS):
+    entry_points = {p.name for p in ENTRY_POINTS.iterdir()}
+    used = set()
+    for workload in WORKLOADS:
         for c in containers(workload):
-            assert c["command"][0] in scripts, f"{c['name']}: {c['command'][0]} is not in [project.scripts]"
+            command = c["command"][0]
+            assert command in scripts or command in entry_points, f"{c['name']}: {command} is in neither"
+            used.add(command)
+    assert entry_points <= used, "an entry point in deploy/bin/ that no container runs"
 
 
 def test_image_tag_is_the_project_version() -> None:
     version = pyproject()["project"]["version"]
-    for workload in (DAEMONSET, CONTROLLERS):
+    for workload in WORKLOADS:
         for c in containers(workload):
             assert c["image"] == f"felixpy:{version}"
+
+
+# --------------------------------------------------------------------------------------------
+# Route reflectors: the projectcalico.org/v3 resources applied with felixctl
+# --------------------------------------------------------------------------------------------
+
+
+def test_reflector_bgp_resources_are_valid_calico_resources() -> None:
+    docs = load_docs(RR_BGP_RESOURCES)
+    assert [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in docs] == [
+        ("projectcalico.org/v3", "BGPPeer", "peer-with-route-reflectors"),
+        ("projectcalico.org/v3", "BGPConfiguration", "default"),
+    ]
+    for doc in docs:
+        resources.validate(doc)  # what felixctl apply checks before storing
+    peer, bgp_config = docs
+    assert peer["spec"] == {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}
+    assert bgp_config["spec"] == {"nodeToNodeMeshEnabled": False}
+
+
+def test_reflector_bgp_resources_give_reflector_peering() -> None:
+    """What felixpy does with the file: 3 nodes and 2 reflectors (labelled as docs/deploy.md says)."""
+    peer, bgp_config = (resources.validate(d) for d in load_docs(RR_BGP_RESOURCES))
+    nodes = [NodeInfo(f"n{i}", f"10.0.0.{i}") for i in (1, 2, 3)] + [
+        NodeInfo(f"rr{i}", f"10.0.0.{100 + i}", labels={"route-reflector": "true"}, rr_cluster_id="244.0.0.1")
+        for i in (1, 2)]
+    settings = BGPSettings.from_resource(bgp_config)
+    specs = [BGPPeerSpec.from_resource(peer)]
+    # A node peers with the reflectors only (the mesh is off) ...
+    n1 = select_peers("n1", nodes, settings, specs)
+    assert sorted(p.address for p in n1) == ["10.0.0.101", "10.0.0.102"]
+    assert all(p.type == PeerType.REFLECTOR and not p.rr_client for p in n1)
+    # ... and a reflector with every node as its client, the other reflector as a plain iBGP peer.
+    rr1 = {p.address: p for p in select_peers("rr1", nodes, settings, specs)}
+    assert sorted(rr1) == ["10.0.0.1", "10.0.0.102", "10.0.0.2", "10.0.0.3"]
+    assert [a for a, p in sorted(rr1.items()) if p.rr_client] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+# --------------------------------------------------------------------------------------------
+# The BGP containers' entry points (deploy/bin/), run with a stand-in for the daemon they exec
+# --------------------------------------------------------------------------------------------
+
+
+def fake_daemon(directory: Path, name: str) -> Path:
+    """An executable `name` that records its argv and environment as JSON, then exits 0."""
+    record = directory / f"{name}.json"
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ)}}, open({str(record)!r}, 'w'))\n")
+    path.chmod(0o755)
+    return record
+
+
+def entry_point_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    fakes = tmp_path / "fakebin"
+    fakes.mkdir(exist_ok=True)
+    # As in the image: the venv (felixpy-node, python3, exabgp) first on PATH.
+    venv_bin = Path(sys.executable).parent
+    return {"PATH": f"{fakes}:{venv_bin}:/usr/bin:/bin", **extra}
+
+
+def console_script_interpreter(name: str) -> str:
+    """The interpreter a console script's #! line names: the agent's sys.executable."""
+    script = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert script, f"{name} is not installed next to {sys.executable}"
+    return Path(script).read_text().splitlines()[0].removeprefix("#!").strip()
+
+
+def test_exabgp_entry_point_starts_exabgp_on_a_neighbourless_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exabgp"
+    env = entry_point_env(tmp_path, NODENAME=NODE_NAME, FELIXPY_EXABGP_CONFIG=f"{run_dir}/exabgp.conf",
+                          FELIXPY_EXABGP_PIDFILE=f"{run_dir}/exabgp.pid", FELIXPY_BGP_SOCKET=f"{run_dir}/sidecar.sock")
+    record = fake_daemon(tmp_path / "fakebin", "exabgp")
+    subprocess.run([str(ENTRY_POINTS / "felixpy-exabgp")], env=env, check=True, timeout=30)
+    # What the agent renders before it knows any peer, with the interpreter it runs on: the
+    # agent's first reload then leaves the process stanza, and so the sidecar, alone.
+    python = console_script_interpreter("felixpy-node")
+    assert (run_dir / "exabgp.conf").read_text() == render_exabgp_conf(SpeakerConfig(
+        node_name=NODE_NAME, router_id="192.0.2.1", local_address="192.0.2.1", as_number=64512, peers=(),
+        sidecar_socket=f"{run_dir}/sidecar.sock", python=python))
+    assert (run_dir / "exabgp.env").read_text() == render_exabgp_env(log_destination="stderr")
+    ran = json.loads(record.read_text())
+    assert ran["argv"] == ["--env-file", f"{run_dir}/exabgp.env", "server", f"{run_dir}/exabgp.conf"]
+    assert ran["env"]["exabgp_daemon_pid"] == f"{run_dir}/exabgp.pid"
+
+
+def test_exabgp_entry_point_keeps_the_agents_config_and_clears_stale_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "exabgp"
+    run_dir.mkdir()
+    env = entry_point_env(tmp_path, FELIXPY_EXABGP_CONFIG=f"{run_dir}/exabgp.conf",
+                          FELIXPY_EXABGP_PIDFILE=f"{run_dir}/exabgp.pid", FELIXPY_BGP_SOCKET=f"{run_dir}/sidecar.sock")
+    (run_dir / "exabgp.conf").write_text("# the agent's last rendering\n")
+    (run_dir / "exabgp.pid").write_text("4242\n")
+    (run_dir / "sidecar.sock").write_text("")
+    record = fake_daemon(tmp_path / "fakebin", "exabgp")
+    subprocess.run([str(ENTRY_POINTS / "felixpy-exabgp")], env=env, check=True, timeout=30)
+    # A restarted container reads what the agent wrote last (its neighbours come up at once).
+    assert (run_dir / "exabgp.conf").read_text() == "# the agent's last rendering\n"
+    assert not (run_dir / "exabgp.pid").exists() and not (run_dir / "sidecar.sock").exists()
+    assert record.exists()
+
+
+def test_bird_entry_point_waits_for_the_reflectors_first_rendering(tmp_path: Path) -> None:
+    run_dir = tmp_path / "bird"
+    env = entry_point_env(tmp_path, FELIXPY_BIRD_CONFIG=f"{run_dir}/bird.conf", FELIXPY_BIRD_SOCKET=f"{run_dir}/bird.ctl")
+    record = fake_daemon(tmp_path / "fakebin", "bird")
+    proc = subprocess.Popen([str(ENTRY_POINTS / "felixpy-bird")], env=env)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None and not record.exists(), "BIRD started without a configuration"
+        (run_dir / "bird.ctl").write_text("")  # stale
+        (run_dir / "bird.conf").write_text("router id 192.0.2.1;\n")
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert json.loads(record.read_text())["argv"] == ["-f", "-c", f"{run_dir}/bird.conf", "-s", f"{run_dir}/bird.ctl"]
+    assert not (run_dir / "bird.ctl").exists()
+
+
+def test_entry_points_are_executable_shell_scripts() -> None:
+    for path in ENTRY_POINTS.iterdir():
+        assert path.stat().st_mode & stat.S_IXUSR, path
+        assert path.read_text().startswith("#!/bin/sh\n"), path
+        subprocess.run(["sh", "-n", str(path)], check=True, timeout=10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,5 +737,16 @@ def test_dockerfile_builds_the_shim_where_install_cni_looks() -> None:
     assert any(word == "COPY" and rest.split() == ["--from=cni-shim", "/out/felixpy-cni", install.DEFAULT_SHIM]
                for word, rest in instructions)
     final_stage = runs.rsplit("python3-venv", 1)[-1]
-    for package in ("python3", "iptables", "ipset", "iproute2"):
+    for package in ("python3", "iptables", "ipset", "iproute2", "bird2"):
         assert re.search(rf"\b{package}\b", final_stage), package
+
+
+def test_image_carries_exabgp_and_the_entry_points_on_path() -> None:
+    instructions = dockerfile_instructions()
+    # exabgp is a dependency of the wheel the image installs, so it lands in the venv.
+    assert any(dep.startswith("exabgp") for dep in pyproject()["project"]["dependencies"])
+    assert "/opt/felixpy/venv/bin/exabgp version" in " ".join(rest for word, rest in instructions if word == "RUN")
+    assert ("COPY", f"deploy/bin/ {IMAGE_ENTRY_POINT_DIR}/") in instructions
+    (path_env,) = [rest for word, rest in instructions if word == "ENV" and "PATH=" in rest]
+    path = re.search(r"PATH=(\S+)", path_env)
+    assert path and IMAGE_ENTRY_POINT_DIR in path.group(1).split(":")
