@@ -750,3 +750,14 @@ def test_image_carries_exabgp_and_the_entry_points_on_path() -> None:
     (path_env,) = [rest for word, rest in instructions if word == "ENV" and "PATH=" in rest]
     path = re.search(r"PATH=(\S+)", path_env)
     assert path and IMAGE_ENTRY_POINT_DIR in path.group(1).split(":")
+
+
+def test_node_may_read_bgp_secrets_in_its_namespace_only() -> None:
+    # felixpy/node/secrets.py reads Secret <name> (GET) in FELIXPY_SECRETS_NAMESPACE (kube-system).
+    role = one("Role", "felixpy-node-bgp-secrets")
+    assert role["metadata"]["namespace"] == "kube-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    binding = one("RoleBinding", "felixpy-node-bgp-secrets")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "felixpy-node-bgp-secrets"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "felixpy-node", "namespace": "kube-system"}]
