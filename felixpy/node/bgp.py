@@ -626,3 +626,25 @@ def read_status(path: str) -> dict[str, Any] | None:
         return data
     except (OSError, ValueError):
         return None
+
+
+BGP_READY_GRACE = 30.0  # calico-node's --threshold-time: all peers must be up this soon after start
+
+
+def bgp_readiness(status: dict[str, Any] | None, *, uptime: float,
+                  grace: float = BGP_READY_GRACE) -> tuple[bool, str]:
+    """Calico's BIRD readiness, for the agent's BGP: no peers → ready; within `grace` seconds of
+    start-up every peer must be Established; afterwards one Established peer suffices."""
+    if status is None:
+        return False, "no BGP status yet"
+    if status.get("sidecar") != "connected":
+        return False, "BGP sidecar not connected"
+    peers = status.get("peers") or []
+    if not peers:
+        return True, "no BGP peers"
+    down = [p["peer"] for p in peers if p.get("state") != "Established"]
+    if uptime < grace:
+        return (not down, f"BGP not established with {', '.join(down)}" if down else "all BGP peers up")
+    if len(down) < len(peers):
+        return True, f"{len(peers) - len(down)}/{len(peers)} BGP peers up"
+    return False, f"BGP not established with {', '.join(down)}"

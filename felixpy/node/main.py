@@ -174,6 +174,14 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         bgp=bgp,
     )
     probe = add_agent_checks(health, agent.status, store=store) if health is not None else None
+    if health is not None and bgp is not None:
+        from felixpy.node.bgp import bgp_readiness, read_status
+
+        started = time.monotonic()
+        status_path = bgp.paths.status
+        # Reads the status file the controller writes: the controller itself belongs to the loop.
+        health.add_readiness("bgp", lambda: bgp_readiness(read_status(status_path),
+                                                         uptime=time.monotonic() - started))
     metrics_server = None
     if config.felix.prometheus_metrics_enabled:
         try:

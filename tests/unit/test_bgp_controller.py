@@ -342,3 +342,19 @@ def test_route_manager_merges_and_only_rewrites_on_change() -> None:
     mgr.on_learned({"10.244.2.0/26": N2}, local_ips={N1})
     mgr.complete_deferred_work()
     assert table.routes == []  # nothing changed, nothing re-declared
+
+
+def test_bgp_readiness_follows_calicos_bird_ready_rules() -> None:
+    from felixpy.node.bgp import bgp_readiness
+
+    up = {"peer": "192.0.2.12", "state": "Established"}
+    down = {"peer": "192.0.2.13", "state": "Idle"}
+    assert bgp_readiness(None, uptime=1)[0] is False
+    assert bgp_readiness({"sidecar": "disconnected", "peers": [up]}, uptime=100)[0] is False
+    assert bgp_readiness({"sidecar": "connected", "peers": []}, uptime=1) == (True, "no BGP peers")
+    # Right after start every peer must be up; later one is enough; none up is never ready.
+    ok, why = bgp_readiness({"sidecar": "connected", "peers": [up, down]}, uptime=5)
+    assert not ok and "192.0.2.13" in why
+    assert bgp_readiness({"sidecar": "connected", "peers": [up, down]}, uptime=60)[0] is True
+    assert bgp_readiness({"sidecar": "connected", "peers": [down]}, uptime=60)[0] is False
+    assert bgp_readiness({"sidecar": "connected", "peers": [up]}, uptime=5)[0] is True
