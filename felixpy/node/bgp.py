@@ -195,6 +195,34 @@ def signal_exabgp(pid_file: str) -> bool:
         return False
 
 
+class BGPResources:
+    """The datastore resources BGP peering is computed from: Nodes, BGPConfigurations, BGPPeers.
+
+    Shared by the agent's BGP controller and the route reflector, which both feed it the syncer's
+    updates and recompute their peers when it reports a change.
+    """
+
+    PLURALS = ("nodes", "bgpconfigurations", "bgppeers")
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.configs: dict[str, dict[str, Any]] = {}
+        self.peers: dict[str, dict[str, Any]] = {}
+
+    def on_update(self, update: KVUpdate) -> bool:
+        """Index one update; True when it concerned BGP peering."""
+        for plural, index in zip(self.PLURALS, (self.nodes, self.configs, self.peers)):
+            prefix = keys.resource_prefix(plural)
+            if update.key.startswith(prefix):
+                name = update.key[len(prefix):]
+                if update.value is None:
+                    index.pop(name, None)
+                else:
+                    index[name] = update.value
+                return True
+        return False
+
+
 class BGPController:
     def __init__(
         self,
@@ -221,9 +249,7 @@ class BGPController:
         self._started_at = clock()
 
         # datastore index
-        self._nodes: dict[str, dict[str, Any]] = {}
-        self._bgp_configs: dict[str, dict[str, Any]] = {}
-        self._bgp_peers: dict[str, dict[str, Any]] = {}
+        self._resources = BGPResources()
         self._config_dirty = True
         self._datastore_synced = False
 
@@ -288,17 +314,8 @@ class BGPController:
 
     # -- datastore input -----------------------------------------------------------------------
     def on_update(self, update: KVUpdate) -> None:
-        for plural, index in (("nodes", self._nodes), ("bgpconfigurations", self._bgp_configs),
-                              ("bgppeers", self._bgp_peers)):
-            prefix = keys.resource_prefix(plural)
-            if update.key.startswith(prefix):
-                name = update.key[len(prefix):]
-                if update.value is None:
-                    index.pop(name, None)
-                else:
-                    index[name] = update.value
-                self._config_dirty = True
-                return
+        if self._resources.on_update(update):
+            self._config_dirty = True
 
     def set_announcements(self, prefixes: Iterable[str]) -> None:
         """The prefixes this node should announce (calc graph output); no I/O."""
@@ -429,13 +446,13 @@ class BGPController:
 
     def _update_config(self) -> None:
         try:
-            nodes = [NodeInfo.from_resource(v) for v in self._nodes.values()]
-            default = self._bgp_configs.get("default")
+            nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
+            default = self._resources.configs.get("default")
             settings = BGPSettings.from_resource(default, node_mesh_password=self._secrets.resolve_ref(
                 ((default or {}).get("spec") or {}).get("nodeMeshPassword"),
                 what="BGPConfiguration default nodeMeshPassword"))
             specs = []
-            for value in self._bgp_peers.values():
+            for value in self._resources.peers.values():
                 password = self._secrets.resolve_ref(
                     (value.get("spec") or {}).get("password"),
                     what=f"BGPPeer {(value.get('metadata') or {}).get('name')} password")

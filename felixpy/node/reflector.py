@@ -35,8 +35,7 @@ from typing import Any, Callable, Mapping, Protocol
 from bgp.bird import render_bird_reflector
 from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
 from felixpy.kernel import commands
-from felixpy.node.bgp import StatusFile
-from felixpy.datastore import keys
+from felixpy.node.bgp import BGPResources, StatusFile
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ BIRDC_TIMEOUT = 5.0
 CONFIGURE_RETRY = 1.0  # seconds between `birdc configure` attempts while BIRD does not take it
 TRUE_VALUES = ("true", "1", "yes", "on")
 
-_WATCHED = ("nodes", "bgpconfigurations", "bgppeers")
 _ROUTES_RE = re.compile(r"^\s+Routes:\s+(\d+) imported")
 
 
@@ -209,9 +207,7 @@ class Reflector:
         self._clock = clock
         self._retry_at = 0.0
         self._configure_error = ""
-        self._nodes: dict[str, dict[str, Any]] = {}
-        self._bgp_configs: dict[str, dict[str, Any]] = {}
-        self._bgp_peers: dict[str, dict[str, Any]] = {}
+        self._resources = BGPResources()
         self._dirty = True
         self._in_sync = False
         self._peers: dict[str, Peer] = {}
@@ -227,16 +223,8 @@ class Reflector:
 
     # -- datastore input ---------------------------------------------------------------------
     def on_update(self, update: KVUpdate) -> None:
-        for plural, index in zip(_WATCHED, (self._nodes, self._bgp_configs, self._bgp_peers)):
-            prefix = keys.resource_prefix(plural)
-            if update.key.startswith(prefix):
-                name = update.key[len(prefix):]
-                if update.value is None:
-                    index.pop(name, None)
-                else:
-                    index[name] = update.value
-                self._dirty = True
-                return
+        if self._resources.on_update(update):
+            self._dirty = True
 
     def datastore_in_sync(self) -> None:
         self._in_sync = True
@@ -271,9 +259,9 @@ class Reflector:
 
     def _render(self) -> None:
         try:
-            nodes = [NodeInfo.from_resource(v) for v in self._nodes.values()]
-            settings = BGPSettings.from_resource(self._bgp_configs.get("default"))
-            specs = [BGPPeerSpec.from_resource(v) for v in self._bgp_peers.values()]
+            nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
+            settings = BGPSettings.from_resource(self._resources.configs.get("default"))
+            specs = [BGPPeerSpec.from_resource(v) for v in self._resources.peers.values()]
             peers = select_peers(self.node_name, nodes, settings, specs)
             me = next(n for n in nodes if n.name == self.node_name)
             assert me.ipv4 is not None  # select_peers checked it

@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate
 from felixpy.node.bgp import BGPController, BGPPaths
 from felixpy.node.secrets import SecretResolver
 from tests.support.fake_kube_api import FakeKubeAPI
@@ -132,9 +134,14 @@ def _controller(tmp_path: Path, resolver: SecretResolver) -> BGPController:
                                "FELIXPY_EXABGP_PIDFILE": str(tmp_path / "exabgp.pid"),
                                "FELIXPY_BGP_SOCKET": str(tmp_path / "s.sock")}, str(tmp_path))
     ctl = BGPController("n1", paths, link=_Link(), reload=lambda: True, secrets=resolver)  # type: ignore[arg-type]
-    ctl._nodes = {"n1": _node("n1", "192.0.2.11"), "n2": _node("n2", "192.0.2.12")}
+    _feed(ctl, "nodes", "n1", _node("n1", "192.0.2.11"))
+    _feed(ctl, "nodes", "n2", _node("n2", "192.0.2.12"))
     ctl._datastore_synced = True
     return ctl
+
+
+def _feed(ctl: BGPController, plural: str, name: str, value: dict[str, Any]) -> None:
+    ctl.on_update(KVUpdate(keys.resource_key(plural, name), value, 1))
 
 
 def test_controller_renders_mesh_and_peer_passwords(tmp_path: Path) -> None:
@@ -142,10 +149,11 @@ def test_controller_renders_mesh_and_peer_passwords(tmp_path: Path) -> None:
     _write(secrets_dir, "bgp", "mesh-password", b"mesh-pw")
     _write(secrets_dir, "peer-secret", "pw", b"peer-pw")
     ctl = _controller(tmp_path, SecretResolver(secrets_dir=str(secrets_dir)))
-    ctl._bgp_configs = {"default": {"metadata": {"name": "default"}, "spec": {"nodeMeshPassword": MESH_REF}}}
-    ctl._bgp_peers = {"ext": {"metadata": {"name": "ext"}, "spec": {
+    _feed(ctl, "bgpconfigurations", "default",
+          {"metadata": {"name": "default"}, "spec": {"nodeMeshPassword": MESH_REF}})
+    _feed(ctl, "bgppeers", "ext", {"metadata": {"name": "ext"}, "spec": {
         "peerIP": "192.0.2.99", "asNumber": 65001,
-        "password": {"secretKeyRef": {"name": "peer-secret", "key": "pw"}}}}}
+        "password": {"secretKeyRef": {"name": "peer-secret", "key": "pw"}}}})
     ctl._update_config()
     text = (tmp_path / "exabgp.conf").read_text()
     assert f"md5-password {base64.b64encode(b'mesh-pw').decode()};" in text
@@ -155,7 +163,8 @@ def test_controller_renders_mesh_and_peer_passwords(tmp_path: Path) -> None:
 
 def test_controller_without_the_secret_renders_no_md5(tmp_path: Path) -> None:
     ctl = _controller(tmp_path, SecretResolver(secrets_dir=str(tmp_path / "secrets")))
-    ctl._bgp_configs = {"default": {"metadata": {"name": "default"}, "spec": {"nodeMeshPassword": MESH_REF}}}
+    _feed(ctl, "bgpconfigurations", "default",
+          {"metadata": {"name": "default"}, "spec": {"nodeMeshPassword": MESH_REF}})
     ctl._update_config()
     text = (tmp_path / "exabgp.conf").read_text()
     assert "192.0.2.12" in text and "md5" not in text
