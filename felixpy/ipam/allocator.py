@@ -45,13 +45,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from felixpy.datastore import keys
 from felixpy.datastore.api import KV, AlreadyExists, Conflict, Datastore, NotFound
 from felixpy.ipam.block import Block, BlockError, host_affinity
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -865,21 +867,34 @@ class IPAM:
         order = {addr: i for i, addr in reversed(list(enumerate(addrs)))}
         return sorted(not_allocated, key=lambda a: order.get(a, len(addrs)))
 
-    def _release_in_block(self, cidr: str, ips: list[IPv4Address]) -> tuple[list[IPv4Address], dict[str, int]]:
+    def _modify_block(self, cidr: str, change: Callable[[Block], tuple[T, bool]], absent: T,
+                      what: str) -> T:
+        """Apply change(block) -> (result, changed) to a stored block with CAS, re-reading on a race.
+
+        Nothing is written when change reports no change; a missing block gives `absent`.
+        """
         kv = self._read_block(cidr)
         for _ in range(self._retries):
             if kv is None:
-                return list(ips), {}
+                return absent
             block = Block.from_json(kv.value)
-            missing, per_handle = block.release_counting(ips)
-            if not per_handle and len(missing) == len(ips):
-                return missing, {}
+            result, changed = change(block)
+            if not changed:
+                return result
             try:
                 self._remember_block(cidr, self._store.update(kv.key, block.to_json(), kv.revision))
-                return missing, per_handle
+                return result
             except (Conflict, NotFound):
                 kv = self._read_block(cidr, use_cache=False)
-        raise TooManyConflictsError(f"could not release from block {cidr}: too many concurrent updates")
+        raise TooManyConflictsError(f"could not {what} in block {cidr}: too many concurrent updates")
+
+    def _release_in_block(self, cidr: str, ips: list[IPv4Address]) -> tuple[list[IPv4Address], dict[str, int]]:
+        def change(block: Block) -> tuple[tuple[list[IPv4Address], dict[str, int]], bool]:
+            missing, per_handle = block.release_counting(ips)
+            return (missing, per_handle), bool(per_handle) or len(missing) != len(ips)
+
+        nothing: dict[str, int] = {}
+        return self._modify_block(cidr, change, (list(ips), nothing), "release addresses")
 
     def release_by_handle(self, handle: str) -> list[IPv4Address]:
         """Release every address of a handle; a missing handle is success (returns [])."""
@@ -898,20 +913,11 @@ class IPAM:
         return released
 
     def _release_handle_in_block(self, cidr: str, handle: str) -> list[IPv4Address]:
-        kv = self._read_block(cidr)
-        for _ in range(self._retries):
-            if kv is None:
-                return []
-            block = Block.from_json(kv.value)
+        def change(block: Block) -> tuple[list[IPv4Address], bool]:
             ips = block.release_by_handle(handle)
-            if not ips:
-                return []
-            try:
-                self._remember_block(cidr, self._store.update(kv.key, block.to_json(), kv.revision))
-                return ips
-            except (Conflict, NotFound):
-                kv = self._read_block(cidr, use_cache=False)
-        raise TooManyConflictsError(f"could not release handle {handle} in block {cidr}: too many concurrent updates")
+            return ips, bool(ips)
+
+        return self._modify_block(cidr, change, [], f"release handle {handle}")
 
     # -- queries -------------------------------------------------------------------------------
     def ips_by_handle(self, handle: str) -> list[IPv4Address]:
