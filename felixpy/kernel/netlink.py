@@ -115,6 +115,18 @@ class RouteNetlink(Protocol):
     def delete_route(self, route: KernelRoute) -> None: ...
 
 
+def get_link_message(ipr: IPRoute, name: str) -> Any | None:
+    """The kernel's link message for an interface name, or None when there is no such link."""
+    try:
+        with attempt("link get", name):
+            msgs = ipr.link("get", ifname=name)
+    except NetlinkError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    return msgs[0] if msgs else None
+
+
 class Netlink:
     """The real RouteNetlink: one pyroute2 IPRoute socket in the current thread's network namespace."""
 
@@ -132,14 +144,8 @@ class Netlink:
         self.close()
 
     def link_index(self, name: str) -> int | None:
-        try:
-            with attempt("link get", name):
-                msgs = self._ipr.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
-        return int(msgs[0]["index"]) if msgs else None
+        msg = get_link_message(self._ipr, name)
+        return int(msg["index"]) if msg is not None else None
 
     def link_exists(self, name: str) -> bool:
         return self.link_index(name) is not None

@@ -10,7 +10,6 @@ per-thread sockets); the agent's main loop owns the links driver's instance.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 
-from felixpy.kernel.netlink import NetlinkError, attempt
+from felixpy.kernel.netlink import attempt, get_link_message
 
 __all__ = ["FdbEntry", "NeighEntry", "TunnelKernel", "TunnelLink", "TunnelNetlink", "ParentLink"]
 
@@ -119,16 +118,9 @@ class TunnelKernel:
 
     # -- links -----------------------------------------------------------------------------
     def get_link(self, name: str) -> TunnelLink | None:
-        try:
-            with attempt("link get", name):
-                msgs = self._ipr.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
-        if not msgs:
+        msg = get_link_message(self._ipr, name)
+        if msg is None:
             return None
-        msg = msgs[0]
         index = int(msg["index"])
         return _link_from_message(msg, self._addresses(index))
 

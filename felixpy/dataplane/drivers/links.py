@@ -189,13 +189,7 @@ class TunnelLinks:
             self._nl.set_link(have.index, mac=want.mac)
             changes.append(f"{name} mac {want.mac}")
             have = replace(have, up=False)
-        if have.mtu != mtu:
-            self._nl.set_link(have.index, mtu=mtu)
-            changes.append(f"{name} mtu {mtu}")
-        if not have.up:
-            self._nl.set_link(have.index, up=True)
-            changes.append(f"{name} up")
-        self._sync_addresses(have, want.address, changes)
+        self._sync_mtu_up_address(name, have, mtu, want.address, changes)
         self._sync_fdb(have.index, {FdbEntry(v.mac, v.node_ip) for v in self._vteps}, changes)
         self._sync_neigh(have.index, {NeighEntry(v.tunnel_ip, v.mac) for v in self._vteps}, changes)
         self._reported.discard(name)
@@ -256,17 +250,22 @@ class TunnelLinks:
         if not mtu:
             parent = self._nl.parent_of(want.local_ip)
             mtu = (parent.mtu if parent is not None else 1500) - IPIP_OVERHEAD
+        self._sync_mtu_up_address(name, have, mtu, want.address, changes)
+        self._reported.discard(name)
+        return True
+
+    # -- shared ----------------------------------------------------------------------------
+    def _sync_mtu_up_address(self, name: str, have: TunnelLink, mtu: int, address: str | None,
+                             changes: list[str]) -> None:
+        """What both tunnel devices need once they exist: their MTU, up, and our address on them."""
         if have.mtu != mtu:
             self._nl.set_link(have.index, mtu=mtu)
             changes.append(f"{name} mtu {mtu}")
         if not have.up:
             self._nl.set_link(have.index, up=True)
             changes.append(f"{name} up")
-        self._sync_addresses(have, want.address, changes)
-        self._reported.discard(name)
-        return True
+        self._sync_addresses(have, address, changes)
 
-    # -- shared ----------------------------------------------------------------------------
     def _sync_addresses(self, have: TunnelLink, address: str | None, changes: list[str]) -> None:
         want = {f"{ipaddress.IPv4Address(address)}/32"} if address else set()
         for cidr in sorted(have.addresses - want):
