@@ -458,13 +458,16 @@ class KubeDatastore:
             patch = m.node_patch(current, value)
         except m.MappingError as err:
             raise DatastoreError(f"{what}: {err}") from None
+        updated = self._merge_patch(what, loc.kind.object_path(loc.name), patch, revision)
+        return KV(key, m.node_value(updated), m.revision_of(updated))
+
+    def _merge_patch(self, what: str, path: str, patch: dict[str, Any], revision: int) -> Any:
+        """A JSON merge patch that only applies while the object is still at `revision` (CAS)."""
         patch["metadata"]["resourceVersion"] = str(revision)
         try:
-            updated = self._http.request("PATCH", loc.kind.object_path(loc.name), body=patch,
-                                         content_type="application/merge-patch+json")
+            return self._http.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         except _ApiError as err:
             raise self._write_error(what, err) from None
-        return KV(key, m.node_value(updated), m.revision_of(updated))
 
     # WorkloadEndpoints: the Pod belongs to the kubelet; the CNI plugin's record is three annotations.
     def _create_wep(self, what: str, loc: m.Location, key: str, value: Any) -> KV:
@@ -491,12 +494,7 @@ class KubeDatastore:
             patch = m.wep_patch(value, key)
         except m.MappingError as err:
             raise DatastoreError(f"{what}: {err}") from None
-        patch["metadata"]["resourceVersion"] = str(revision)
-        try:
-            updated = self._http.request("PATCH", loc.kind.object_path(loc.name, loc.namespace), body=patch,
-                                         content_type="application/merge-patch+json")
-        except _ApiError as err:
-            raise self._write_error(what, err) from None
+        updated = self._merge_patch(what, loc.kind.object_path(loc.name, loc.namespace), patch, revision)
         kv = self._kv(loc, key, updated)
         if kv is None:
             raise DatastoreError(f"{what}: the Pod does not carry a WorkloadEndpoint after the patch")
