@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
@@ -323,7 +323,7 @@ class PolicyCalc:
         refs.discard(pid)
         if not refs:
             for table in (self._set_refs, self._set_specs, self._set_contrib, self._set_counts, self._set_cache):
-                table.pop(name, None)  # type: ignore[attr-defined]
+                table.pop(name, None)
             self._new_sets.discard(name)
 
     @staticmethod
@@ -467,18 +467,10 @@ class PolicyCalc:
         for chain in self._dispatch_memo[1]:
             chains[chain.name] = chain
         for pid, policy in policies.items():
-            memo = self._policy_memo.get(pid)
-            if memo is None or (memo[0] is not policy and memo[0] != policy):
-                memo = (policy, tuple(render.policy_chains(policy)))
-                self._policy_memo[pid] = memo
-            for chain in memo[1]:
+            for chain in _memoised(self._policy_memo, pid, policy, render.policy_chains):
                 chains[chain.name] = chain
         for name, profile in profiles.items():
-            pmemo = self._profile_memo.get(name)
-            if pmemo is None or (pmemo[0] is not profile and pmemo[0] != profile):
-                pmemo = (profile, tuple(render.profile_chains(profile)))
-                self._profile_memo[name] = pmemo
-            for chain in pmemo[1]:
+            for chain in _memoised(self._profile_memo, name, profile, render.profile_chains):
                 chains[chain.name] = chain
         for ec in by_iface.values():
             ememo = self._ep_memo.get(ec.iface)
@@ -491,5 +483,19 @@ class PolicyCalc:
         for memo_table, live in ((self._policy_memo, policies), (self._profile_memo, profiles),
                                  (self._ep_memo, ifaces)):
             for gone in [k for k in memo_table if k not in live]:
-                del memo_table[gone]  # type: ignore[attr-defined]
+                del memo_table[gone]
         return FilterState(chains=chains, jumps=self._jumps, ipsets=self.ipsets())
+
+
+V = TypeVar("V")
+
+
+def _memoised(memo: dict[str, tuple[V, tuple[Chain, ...]]], key: str, value: V,
+              render_chains: Callable[[V], Iterable[Chain]]) -> tuple[Chain, ...]:
+    """The chains rendered for value, re-rendered only when value changed: unchanged chains stay
+    the same objects, which is what lets the iptables driver reuse their rule hashes."""
+    hit = memo.get(key)
+    if hit is None or (hit[0] is not value and hit[0] != value):
+        hit = (value, tuple(render_chains(value)))
+        memo[key] = hit
+    return hit[1]
