@@ -99,3 +99,20 @@ def ping_summary(output: str) -> tuple[int, int]:
             received = int(parts[1].split()[0])
             return sent, received
     raise AssertionError(f"no ping statistics in:\n{output}")
+
+
+def start_ping(lab: Lab, src: str, dst_ip: str, interval: float, count: int) -> subprocess.Popen[str]:
+    """A ping running in the background inside a pod (or node) of the lab."""
+    argv = [sys.executable, "-m", "felixpy.lab.cli", "exec", src, "--name", lab.name, "--",
+            "ping", "-n", "-q", "-i", str(interval), "-c", str(count), "-W", "1", dst_ip]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_ping(proc: subprocess.Popen[str], timeout: float) -> tuple[int, int]:
+    """Wait (bounded) for a start_ping; (transmitted, received)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return ping_summary(out)

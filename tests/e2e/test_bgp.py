@@ -11,13 +11,11 @@ import ipaddress
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.e2e.labtools import Lab, ping_summary, wait_for
+from tests.e2e.labtools import Lab, finish_ping, start_ping, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -49,21 +47,6 @@ def mesh(lab: Lab) -> Lab:
         lab.cli("pod", "add", ref, "--node", node, "--serve", "tcp:80")
     wait_for("every BGP session Established", lambda: _all_established(lab), timeout=30)
     return lab
-
-
-def _start_ping(lab: Lab, src: str, dst_ip: str, interval: float, count: int) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "felixpy.lab.cli", "exec", src, "--name", lab.name, "--",
-            "ping", "-n", "-q", "-i", str(interval), "-c", str(count), "-W", "1", dst_ip]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish_ping(proc: subprocess.Popen[str], timeout: float) -> tuple[int, int]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return ping_summary(out)
 
 
 def _routes(lab: Lab, node: str) -> str:
@@ -124,7 +107,7 @@ def test_new_block_route_appears_on_every_node(mesh: Lab) -> None:
 
 
 def test_agent_restart_under_ping_loses_nothing(mesh: Lab) -> None:
-    ping = _start_ping(mesh, "b/p1", mesh.pod_ip("b/p2"), interval=0.05, count=140)  # ~7 s
+    ping = start_ping(mesh, "b/p1", mesh.pod_ip("b/p2"), interval=0.05, count=140)  # ~7 s
     try:
         time.sleep(1.0)
         for node in ("n1", "n2"):
@@ -132,14 +115,14 @@ def test_agent_restart_under_ping_loses_nothing(mesh: Lab) -> None:
             time.sleep(0.5)
             mesh.cli("agent", "start", node)
     finally:
-        sent, received = _finish_ping(ping, timeout=30)
+        sent, received = finish_ping(ping, timeout=30)
     assert sent == 140 and received == sent, f"lost {sent - received} of {sent} across agent restarts"
     wait_for("sessions Established after the agent restarts", lambda: _all_established(mesh), timeout=15)
 
 
 def test_exabgp_killed_and_restarted_routes_come_back(mesh: Lab) -> None:
     n2_block = mesh.json("status")["nodes"][1]["blocks"][0]
-    ping = _start_ping(mesh, "b/p1", mesh.pod_ip("b/p2"), interval=0.05, count=160)  # ~8 s
+    ping = start_ping(mesh, "b/p1", mesh.pod_ip("b/p2"), interval=0.05, count=160)  # ~8 s
     try:
         time.sleep(1.0)
         os.kill(mesh.state()["nodes"][1]["exabgp_pid"], signal.SIGKILL)
@@ -149,7 +132,7 @@ def test_exabgp_killed_and_restarted_routes_come_back(mesh: Lab) -> None:
         assert f"via {_node_ip('n1')}" in _routes(mesh, "n2")
         mesh.cli("speaker", "start", "n2")
     finally:
-        sent, received = _finish_ping(ping, timeout=30)
+        sent, received = finish_ping(ping, timeout=30)
     assert sent == 160 and received == sent, f"lost {sent - received} of {sent} across the ExaBGP restart"
     wait_for("n2's sessions Established again", lambda: _all_established(mesh), timeout=20)
     for node in NODES:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.e2e.labtools import Lab, ping_summary, wait_for
+from tests.e2e.labtools import Lab, finish_ping, start_ping, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -25,23 +23,8 @@ def pods(lab: Lab) -> Lab:
     return lab
 
 
-def _start_ping(lab: Lab, src: str, dst_ip: str, interval: float, count: int) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "felixpy.lab.cli", "exec", src, "--name", lab.name, "--",
-            "ping", "-n", "-q", "-i", str(interval), "-c", str(count), "-W", "1", dst_ip]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish_ping(proc: subprocess.Popen[str], timeout: float) -> tuple[int, int]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return ping_summary(out)
-
-
 def test_agent_restart_loses_no_packet(pods: Lab) -> None:
-    ping = _start_ping(pods, "r/a", pods.pod_ip("r/b"), interval=0.05, count=160)  # ~8 s
+    ping = start_ping(pods, "r/a", pods.pod_ip("r/b"), interval=0.05, count=160)  # ~8 s
     try:
         time.sleep(1.0)
         for node in ("n1", "n2"):  # both ends of the path, one after the other
@@ -49,7 +32,7 @@ def test_agent_restart_loses_no_packet(pods: Lab) -> None:
             time.sleep(0.5)
             pods.cli("agent", "start", node)
     finally:
-        sent, received = _finish_ping(ping, timeout=30)
+        sent, received = finish_ping(ping, timeout=30)
     assert sent == 160
     assert received == sent, f"lost {sent - received} of {sent} packets across agent restarts"
     # The restarted agents still serve CNI and program new pods.
@@ -60,7 +43,7 @@ def test_agent_restart_loses_no_packet(pods: Lab) -> None:
 
 def test_etcd_outage_leaves_dataplane_and_agents_catch_up(pods: Lab) -> None:
     etcd_pid = pods.state()["etcd_pid"]
-    ping = _start_ping(pods, "r/a", pods.pod_ip("r/b"), interval=0.2, count=100)  # ~20 s
+    ping = start_ping(pods, "r/a", pods.pod_ip("r/b"), interval=0.2, count=100)  # ~20 s
     os.kill(etcd_pid, signal.SIGSTOP)
     try:
         time.sleep(20)
@@ -68,7 +51,7 @@ def test_etcd_outage_leaves_dataplane_and_agents_catch_up(pods: Lab) -> None:
         assert pods.cli("probe", "r/b", "r/a", "--port", "80").returncode == 0
     finally:
         os.kill(etcd_pid, signal.SIGCONT)
-        sent, received = _finish_ping(ping, timeout=30)
+        sent, received = finish_ping(ping, timeout=30)
     assert sent == 100 and received == sent, f"lost {sent - received} of {sent} pings during the outage"
     # A pod added after etcd returns, on the third node, is reachable from the others.
     pods.cli("pod", "add", "r/late", "--node", "n3", "--serve", "tcp:80")
