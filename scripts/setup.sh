@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs felixpy's system packages (Debian) and a virtualenv with the project, idempotently.
+# Installs felixpy's system packages (Debian), a virtualenv with the project, and the real
+# Kubernetes control plane the tests and `felixpy-lab up --datastore kubernetes` run
+# (scripts/build-kube.sh: built from Go modules, cached outside the repository), idempotently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client iptables ipset iproute2 iputils-ping conntrack
-              containernetworking-plugins procps gcc make libc6-dev bird2 frr gobgpd)
+              containernetworking-plugins procps gcc make libc6-dev bird2 frr gobgpd openssl)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -26,4 +28,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import felixpy, etcd3, pyroute2, yaml' >/dev/null
+./scripts/build-kube.sh
 echo "setup: ok ($(.venv/bin/python --version), etcd $(etcd --version | head -1 | awk '{print $3}'))"

@@ -40,6 +40,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from builtins import list as List
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -62,6 +63,8 @@ REQUEST_TIMEOUT = 10.0  # one request never waits longer: outages must surface a
 WATCH_TIMEOUT_SECONDS = 300  # the server ends each watch after this; we resume from the last RV
 WRITE_RETRIES = 5  # re-reads when a Pod/Node changed under a create (kubelet status writes)
 _MARKS_KEPT = 8  # list() snapshots remembered for the watch that follows
+LIST_PAGE_SIZE = 500  # client-go's pager default
+LIST_ATTEMPTS = 3  # a paged list whose snapshot expired between pages starts over this often
 
 
 class KubeConfigError(ValueError):
@@ -189,16 +192,24 @@ class _Http:
                 body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
         url = self.host + path
         data = None if body is None else json.dumps(body).encode()
-        try:
-            resp = self._pool.request(
-                method, url, fields=query if method == "GET" else None, body=data,
-                headers=self._headers(content_type if data is not None else None),
-                timeout=self._urllib3.Timeout(connect=self._timeout, read=self._timeout),
-                retries=self._read_retries if method == "GET" else self._retries,
-            )
-        except self._urllib3.exceptions.HTTPError as err:
-            raise Unavailable(f"{method} {path}: Kubernetes API unreachable ({type(err).__name__})") from None
-        return self._decode(method, path, resp.status, resp.data)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                resp = self._pool.request(
+                    method, url, fields=query if method == "GET" else None, body=data,
+                    headers=self._headers(content_type if data is not None else None),
+                    timeout=self._urllib3.Timeout(connect=self._timeout, read=self._timeout),
+                    retries=self._read_retries if method == "GET" else self._retries,
+                )
+            except self._urllib3.exceptions.HTTPError as err:
+                raise Unavailable(f"{method} {path}: Kubernetes API unreachable ({type(err).__name__})") from None
+            wait = _retry_after(resp.status, resp.headers)
+            if wait is None or time.monotonic() + wait > deadline:
+                return self._decode(method, path, resp.status, resp.data)
+            # 429 with Retry-After: the server did not process the request (a new CRD's watch
+            # cache still initializing, API priority and fairness shedding load), so even a write
+            # is safe to send again, as client-go does; bounded by the request timeout.
+            time.sleep(wait)
 
     @staticmethod
     def _decode(method: str, path: str, status: int, raw: bytes) -> dict[str, Any]:
@@ -214,21 +225,35 @@ class _Http:
 
     def stream(self, path: str, query: Mapping[str, str], read_timeout: float) -> Any:
         """An open watch response (preload off); the caller reads lines and closes it."""
-        try:
-            resp = self._pool.request(
-                "GET", self.host + path, fields=query, headers=self._headers(None), preload_content=False,
-                timeout=self._urllib3.Timeout(connect=self._timeout, read=read_timeout), retries=self._retries,
-            )
-        except self._urllib3.exceptions.HTTPError as err:
-            raise Unavailable(f"watch {path}: Kubernetes API unreachable ({type(err).__name__})") from None
-        if resp.status != 200:
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                resp = self._pool.request(
+                    "GET", self.host + path, fields=query, headers=self._headers(None), preload_content=False,
+                    timeout=self._urllib3.Timeout(connect=self._timeout, read=read_timeout), retries=self._retries,
+                )
+            except self._urllib3.exceptions.HTTPError as err:
+                raise Unavailable(f"watch {path}: Kubernetes API unreachable ({type(err).__name__})") from None
+            if resp.status == 200:
+                return resp
             raw = resp.read()
             resp.close()
-            self._decode("GET", path, resp.status, raw)
-        return resp
+            wait = _retry_after(resp.status, resp.headers)
+            if wait is None or time.monotonic() + wait > deadline:
+                self._decode("GET", path, resp.status, raw)  # raises for every non-2xx
+                raise Unavailable(f"watch {path}: unexpected status {resp.status}")
+            time.sleep(wait)
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def _retry_after(status: int, headers: Any) -> float | None:
+    """Seconds to wait before sending a request again that the server refused unprocessed, or None."""
+    if status != 429:
+        return None
+    raw = str(headers.get("Retry-After") or "")
+    return min(float(raw), 1.0) if raw.isdigit() else None
 
 
 def _digest(value: Any) -> str:
@@ -252,9 +277,10 @@ class _Mark:
 
 class KubeDatastore:
     def __init__(self, cfg: Any, *, timeout: float = REQUEST_TIMEOUT,
-                 watch_timeout_seconds: int = WATCH_TIMEOUT_SECONDS) -> None:
+                 watch_timeout_seconds: int = WATCH_TIMEOUT_SECONDS, list_page_size: int = LIST_PAGE_SIZE) -> None:
         self._http = _Http(cfg, timeout)
         self._watch_timeout = watch_timeout_seconds
+        self._page_size = list_page_size
         self._lock = threading.Lock()
         self._marks: dict[tuple[str, int], dict[str, _Mark]] = {}
 
@@ -321,29 +347,57 @@ class KubeDatastore:
 
     def _list_kind(self, kind: m.Kind, prefix: str) -> tuple[List[KV], _Mark]:
         what = f"list {prefix} ({kind.resource})"
-        try:
-            result = self._http.request("GET", self._collection(kind, prefix))
-        except _ApiError as err:
-            if err.code == 404:
-                raise DatastoreError(
-                    f"{what}: the API server does not serve {kind.api}/{kind.resource}; "
-                    "are the felixpy CRDs installed?") from None
-            if err.code in (429,) or err.code >= 500:
-                raise Unavailable(f"{what}: Kubernetes API answered {err.code} {err.reason}") from None
-            raise DatastoreError(f"{what}: {err}") from None
-        try:
-            list_rv = int((result.get("metadata") or {}).get("resourceVersion", ""))
-        except ValueError:
-            raise DatastoreError(f"{what}: list resourceVersion is not an integer") from None
+        for _ in range(LIST_ATTEMPTS):
+            try:
+                items, list_rv = self._list_pages(what, kind, prefix)
+                break
+            except _ContinueExpired:
+                continue  # the snapshot the pages came from was compacted away: list again
+        else:
+            raise Unavailable(f"{what}: the list kept expiring between pages ({LIST_ATTEMPTS} attempts)")
         kvs: List[KV] = []
         seen: dict[str, tuple[str | None, str]] = {}
-        for obj in result.get("items") or []:
+        for obj in items:
             converted = kind.convert(obj)
             if kind.derived:
                 seen[_obj_id(obj)] = (converted[0], _digest(converted[1])) if converted else (None, "")
             if converted is not None and converted[0].startswith(prefix):
                 kvs.append(KV(converted[0], converted[1], m.revision_of(obj)))
         return kvs, _Mark(list_rv, seen)
+
+    def _list_pages(self, what: str, kind: m.Kind, prefix: str) -> tuple[List[dict[str, Any]], int]:
+        """Every item of a collection, in pages of `list_page_size` as client-go's pager reads
+        them (a large cluster's Pods in one response would cost the API server and us a burst of
+        memory). Every page comes from the first page's snapshot: its resourceVersion is the list's."""
+        items: List[dict[str, Any]] = []
+        query = {"limit": str(self._page_size)} if self._page_size else {}
+        list_rv: int | None = None
+        while True:
+            try:
+                result = self._http.request("GET", self._collection(kind, prefix), query=query)
+            except _ApiError as err:
+                if err.code == 410 and "continue" in query:
+                    raise _ContinueExpired() from None
+                if err.code == 404:
+                    raise DatastoreError(
+                        f"{what}: the API server does not serve {kind.api}/{kind.resource}; "
+                        "are the felixpy CRDs installed?") from None
+                if err.code == 403:
+                    raise DatastoreError(f"{what}: forbidden: {err.message}") from None
+                if err.code in (429,) or err.code >= 500:
+                    raise Unavailable(f"{what}: Kubernetes API answered {err.code} {err.reason}") from None
+                raise DatastoreError(f"{what}: {err}") from None
+            meta = result.get("metadata") or {}
+            if list_rv is None:
+                try:
+                    list_rv = int(meta.get("resourceVersion", ""))
+                except ValueError:
+                    raise DatastoreError(f"{what}: list resourceVersion is not an integer") from None
+            items.extend(result.get("items") or [])
+            token = meta.get("continue")
+            if not token:
+                return items, list_rv
+            query = {"limit": str(self._page_size), "continue": str(token)}
 
     def _collection(self, kind: m.Kind, prefix: str) -> str:
         """The narrowest collection path for a prefix: one namespace when the prefix names one."""
@@ -527,6 +581,10 @@ class KubeDatastore:
 
     def close(self) -> None:
         self._http.close()
+
+
+class _ContinueExpired(Exception):
+    """A continue token outlived its snapshot (410 on a later page): the list must start over."""
 
 
 _STOP = object()

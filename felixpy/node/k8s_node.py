@@ -3,7 +3,9 @@
 Cloud node controllers (and some installers) set `NetworkUnavailable=True` on a new Node, and the
 scheduler keeps pods off it until the network plugin says otherwise. calico-node clears it once
 its routes are programmed (reason `CalicoIsUp`); felixpy-node does the same with reason
-`FelixpyIsUp`, through the `nodes/status` subresource.
+`FelixpyIsUp`, through the `nodes/status` subresource. The Node is read with a plain GET of the
+Node (which carries its status): the ClusterRole grants `patch` on nodes/status and nothing else
+there, as Calico's does.
 
 The write is a JSON merge patch of `status.conditions` carrying the resourceVersion that was read:
 a merge patch replaces the whole list, so the precondition makes sure the kubelet's own
@@ -97,8 +99,10 @@ def clear_network_unavailable(node_name: str, env: Mapping[str, str], *, http: A
         if http is None:
             log.debug("no Kubernetes API configured: NetworkUnavailable left alone node=%s", node_name)
             return True
-        path = f"/api/v1/nodes/{node_name}/status"
+        path = f"/api/v1/nodes/{node_name}"
         for _ in range(CONFLICT_RETRIES):
+            # Read the Node itself (RBAC `get nodes`), write through its status subresource (`patch
+            # nodes/status`): the role grants no `get` on nodes/status, and needs none.
             node = http.request("GET", path)
             conditions = list((node.get("status") or {}).get("conditions") or [])
             updated = cleared_conditions(conditions, _now())
@@ -107,7 +111,7 @@ def clear_network_unavailable(node_name: str, env: Mapping[str, str], *, http: A
             patch = {"metadata": {"resourceVersion": (node.get("metadata") or {}).get("resourceVersion")},
                      "status": {"conditions": updated}}
             try:
-                http.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+                http.request("PATCH", path + "/status", body=patch, content_type="application/merge-patch+json")
             except _ApiError as err:
                 if err.code == 409:
                     continue  # the kubelet's heartbeat landed in between: read again

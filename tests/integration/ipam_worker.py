@@ -1,7 +1,9 @@
 """One allocating process for the IPAM etcd tests: allocate like the CNI server, write a WEP each.
 
-    ipam_worker.py ENDPOINT --node N --count C --prefix P [--pool NAME] [--hold-after K]
+    ipam_worker.py ENDPOINT --node N --count C --prefix P [--pool NAME] [--hold-after K] [--namespace NS]
 
+ENDPOINT is an etcd URL, or kubeconfig:PATH for the Kubernetes datastore (there the Pods
+<prefix>-<i> must exist in NS, bound to the node: a WorkloadEndpoint is their CNI annotations).
 For every allocation it writes a WorkloadEndpoint with the address, as the CNI server would.
 With --hold-after K it prints `HOLD <ip>` after the K-th allocation and sleeps *before* writing
 that WorkloadEndpoint, so that the test can kill -9 it in the window a crashed CNI leaves a leak.
@@ -16,21 +18,37 @@ import json
 import sys
 import time
 
+from typing import Any
+
 from felixpy.datastore import keys
-from felixpy.datastore.etcd import EtcdDatastore
 from felixpy.ipam.allocator import IPAM, IPAMError
 
 
-def write_wep(store: EtcdDatastore, name: str, node: str, ip: str) -> None:
+def write_wep(store: Any, name: str, node: str, ip: str, namespace: str, kube: bool) -> None:
+    wep = name
+    if kube:
+        from felixpy.datastore.kube_mapping import wep_name
+
+        wep = wep_name(node, name)
     store.create(
-        keys.resource_key("workloadendpoints", name, "default"),
+        keys.resource_key("workloadendpoints", wep, namespace),
         {
             "apiVersion": "projectcalico.org/v3",
             "kind": "WorkloadEndpoint",
-            "metadata": {"name": name, "namespace": "default"},
+            "metadata": {"name": wep, "namespace": namespace},
             "spec": {"node": node, "pod": name, "ipNetworks": [f"{ip}/32"]},
         },
     )
+
+
+def open_store(endpoint: str) -> Any:
+    if endpoint.startswith("kubeconfig:"):
+        from felixpy.datastore.kube import KubeDatastore, load_settings
+
+        return KubeDatastore(load_settings(kubeconfig=endpoint.split(":", 1)[1]))
+    from felixpy.datastore.etcd import EtcdDatastore
+
+    return EtcdDatastore([endpoint])
 
 
 def main() -> int:
@@ -41,9 +59,10 @@ def main() -> int:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--pool")
     parser.add_argument("--hold-after", type=int, default=0)
+    parser.add_argument("--namespace", default="default")
     args = parser.parse_args()
 
-    store = EtcdDatastore([args.endpoint])
+    store = open_store(args.endpoint)
     ipam = IPAM(store)
     handles: dict[str, str] = {}
     error = None
@@ -54,7 +73,7 @@ def main() -> int:
         try:
             (ip,) = ipam.auto_assign(
                 handle=handle,
-                attrs={"node": args.node, "namespace": "default", "pod": name},
+                attrs={"node": args.node, "namespace": args.namespace, "pod": name},
                 node=args.node,
                 pools=[args.pool] if args.pool else None,
             )
@@ -64,7 +83,7 @@ def main() -> int:
         if args.hold_after and i + 1 == args.hold_after:
             print(f"HOLD {ip}", flush=True)
             time.sleep(3600)
-        write_wep(store, name, args.node, str(ip))
+        write_wep(store, name, args.node, str(ip), args.namespace, args.endpoint.startswith("kubeconfig:"))
         handles[handle] = str(ip)
     print(json.dumps({"handles": handles, "error": error, "seconds": time.monotonic() - start}), flush=True)
     store.close()

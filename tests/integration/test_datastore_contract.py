@@ -1,4 +1,5 @@
-"""The datastore contract (api.py), run against the in-memory fake and a real etcd alike."""
+"""The datastore contract (api.py), run against the in-memory fake, a real etcd, the fake Kubernetes
+API server and a real kube-apiserver alike."""
 
 from __future__ import annotations
 
@@ -28,7 +29,20 @@ def kube_store(tmp_path):
         api.stop()
 
 
-@pytest.fixture(params=["memory", "etcd", "kube"])
+@pytest.fixture
+def realkube_store(kube):
+    """The real API server (tests/support/kube_cluster.py). Its watch cache, not etcd, answers
+    watches: history older than the cache is what a restarted API server no longer has, so
+    "compacting" restarts it."""
+    store = kube.store()
+    store.compact = lambda revision: kube.restart_apiserver()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(params=["memory", "etcd", "kube", "realkube"])
 def store(request):
     if request.param == "memory":
         yield MemoryDatastore()

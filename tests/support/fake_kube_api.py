@@ -10,7 +10,9 @@ and follows the API conventions for them (kubernetes.io/docs/reference/using-api
 
 * One global resourceVersion counter, as an etcd-backed API server has; every write bumps it and
   stamps the object. A write that changes nothing is not a write: no new resourceVersion, no event.
-* Collections: GET list carries the counter in ListMeta.resourceVersion. POST creates (201; 409
+* Collections: GET list carries the counter in ListMeta.resourceVersion; with `limit` it is paged
+  (metadata.continue), every page from the first page's snapshot, a token that outlived a
+  compaction answering 410 Expired. POST creates (201; 409
   AlreadyExists for an existing name; 404 when the namespace does not exist; 422 for an invalid
   name). PUT replaces (404 when missing; 409 Conflict when metadata.resourceVersion or uid is
   stale; no resourceVersion = unconditional). PATCH takes application/merge-patch+json and
@@ -30,7 +32,7 @@ and follows the API conventions for them (kubernetes.io/docs/reference/using-api
   the body is still a precondition.
 
 Not implemented (the backend does not send them, and the fake answers 400 rather than ignoring
-them): label/field selectors, pagination (limit/continue), JSON patch, generateName, dry-run.
+them): label/field selectors, JSON patch, generateName, dry-run.
 Deleting a Namespace removes only the Namespace (no cascading, no Terminating phase).
 """
 
@@ -146,6 +148,8 @@ class FakeKubeAPI:
         self._history: list[_Event] = []
         self._revision = 1  # like etcd: the empty store is revision 1, the first write is 2
         self._compacted = 1  # events with revision <= this are gone
+        # Paginated lists (limit/continue): token -> (snapshot revision, the items still to send).
+        self._continues: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._watch_generation = 0  # bumped by drop_watches() to end every open stream
         self._stopping = False
         self.requests: list[tuple[str, str]] = []  # (method, path?query), for tests to inspect
@@ -387,6 +391,36 @@ class FakeKubeAPI:
     def _matches(self, target: _Target, rtype: ResourceType, namespace: str) -> bool:
         return rtype == target.rtype and (not target.namespace or namespace == target.namespace)
 
+    def _list_page(self, target: _Target, limit: str, token: str) -> dict[str, Any]:
+        """A list, paginated as the real server does: every page comes from the snapshot the first
+        page was taken at (its resourceVersion); a token older than the compaction is 410 Expired."""
+        if token:
+            if token not in self._continues:
+                raise ApiError(400, "BadRequest", "continue key is not valid")
+            revision, items = self._continues.pop(token)
+            if revision <= self._compacted:
+                raise ApiError(410, "Expired", "The provided continue parameter is too old to display a "
+                                              "consistent list result.")
+            listing = {"kind": target.rtype.kind + "List", "apiVersion": target.rtype.group_version,
+                       "metadata": {"resourceVersion": str(revision)}, "items": items}
+        else:
+            listing = self._list(target)
+        if not limit:
+            return listing
+        try:
+            size = int(limit)
+        except ValueError:
+            raise ApiError(400, "BadRequest", f"invalid limit {limit!r}") from None
+        items = listing["items"]
+        if size > 0 and len(items) > size:
+            rest = items[size:]
+            listing["items"] = items[:size]
+            next_token = uuid.uuid4().hex
+            self._continues[next_token] = (int(listing["metadata"]["resourceVersion"]), rest)
+            listing["metadata"]["continue"] = next_token
+            listing["metadata"]["remainingItemCount"] = len(rest)
+        return listing
+
     def _list(self, target: _Target) -> dict[str, Any]:
         items = []
         for (gv, plural, ns, _), obj in sorted(self._objects.items()):
@@ -500,7 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
             target = fake._resolve(parts.path)
             unsupported = set(query) - {"watch", "resourceVersion", "resourceVersionMatch",
-                                        "allowWatchBookmarks", "timeoutSeconds"}
+                                        "allowWatchBookmarks", "timeoutSeconds", "limit", "continue"}
             if unsupported:
                 raise ApiError(400, "BadRequest", f"the fake API server does not implement {sorted(unsupported)}")
             if method == "GET" and query.get("watch") in ("true", "1"):
@@ -512,7 +546,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             with fake._cond:
                 if method == "GET":
-                    result = fake._list(target) if not target.name else copy.deepcopy(fake._existing(target))
+                    result = (fake._list_page(target, query.get("limit", ""), query.get("continue", ""))
+                              if not target.name else copy.deepcopy(fake._existing(target)))
                     code = 200
                 elif method == "POST":
                     result, code = fake._create(target, body), 201
