@@ -27,7 +27,8 @@ from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore.api import Conflict, Datastore, DatastoreError, NotFound
 from felixpy.datastore.cas import TooManyConflicts, read_modify_write
-from felixpy.ipam.allocator import IPAM, IPAMError
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.errors import IPAMError
 from felixpy.kernel import veth
 
 log = logging.getLogger(__name__)

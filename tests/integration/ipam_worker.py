@@ -18,7 +18,8 @@ import time
 
 from felixpy.datastore import keys
 from felixpy.datastore.etcd import EtcdDatastore
-from felixpy.ipam.allocator import IPAM, IPAMError
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.errors import IPAMError
 
 
 def write_wep(store: EtcdDatastore, name: str, node: str, ip: str) -> None:
