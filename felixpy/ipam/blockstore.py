@@ -72,8 +72,13 @@ class BlockStore:
             with self._lock:
                 cached = self._last.get(cidr)
             expected = cached if cached is not None else self.read(cidr, fresh=True)
-        kv, result = compare_and_swap(self._store, keys.block_key(cidr), change, expected=expected,
+        # The hot path tries several cached blocks per request: reuse the cached key rather than
+        # rebuilding it from the CIDR, and leave the cache alone when nothing changed.
+        key = expected.key if expected is not None else keys.block_key(cidr)
+        kv, result = compare_and_swap(self._store, key, change, expected=expected,
                                       retries=self._retries, what=what, error=TooManyConflictsError)
+        if kv is expected:
+            return kv, result
         return self._note(cidr, kv), result
 
     def create(self, block: Block) -> KV | None:
