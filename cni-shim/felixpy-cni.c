@@ -26,7 +26,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+/* The protocol constants are plugin.py's, repeated here: tests/unit/test_cni_constants.py checks
+ * that every one of them equals its namesake there. */
 #define DEFAULT_SOCKET "/var/run/calico/felixpy-cni.sock"
+#define DEFAULT_VERSION "1.0.0" /* the answer's cniVersion when stdin has no readable one */
 #define TIMEOUT_SECONDS 120 /* plugin.py's TIMEOUT: per connect, send and receive */
 #define MAX_INPUT ((size_t)64 << 20) /* stdin and the reply; a network config is a few KiB */
 #define MAX_DEPTH 512 /* nesting limit of the JSON scanner, so recursion stays bounded */
@@ -38,6 +41,9 @@
 #define DECODE_FAILURE 6
 #define INVALID_CONFIG 7
 #define TRY_AGAIN_LATER 11
+
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
 
 extern char **environ;
 
@@ -54,7 +60,8 @@ struct buf {
 static void out_of_memory(void)
 {
     static const char msg[] =
-        "{\"cniVersion\": \"1.0.0\", \"code\": 5, \"msg\": \"felixpy-cni: out of memory\", \"details\": \"\"}\n";
+        "{\"cniVersion\": \"" DEFAULT_VERSION "\", \"code\": " STRINGIFY(IO_FAILURE)
+        ", \"msg\": \"felixpy-cni: out of memory\", \"details\": \"\"}\n";
     if (write(STDOUT_FILENO, msg, sizeof msg - 1) < 0) {
         /* nothing left to report to */
     }
@@ -694,7 +701,7 @@ int main(void)
     static const char *const commands[] = {"ADD", "DEL", "CHECK", "STATUS", "GC"};
     static const char *const quiet[] = {"DEL", "STATUS", "GC"};
     const char *command = getenv("CNI_COMMAND");
-    struct span version = {"\"1.0.0\"", 7};
+    struct span version = {"\"" DEFAULT_VERSION "\"", sizeof DEFAULT_VERSION + 1}; /* with its quotes */
     struct buf input = {0}, scratch = {0}, text = {0};
     struct span config = {0};
     size_t error_at = 0;

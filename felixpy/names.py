@@ -1,4 +1,5 @@
-"""Every kernel name, prefix, mark and limit felixpy uses, built and length-checked in one place.
+"""Every kernel name, prefix, mark and limit felixpy uses, built and length-checked in one place,
+and the datastore names derived from a pod (its WorkloadEndpoint, its IPAM handle).
 
 Everything felixpy creates in the kernel carries one of these marks, and only marked objects are
 ever removed: routes carry ROUTE_PROTO, iptables chains start with CHAIN_PREFIX, ipsets with
@@ -8,6 +9,7 @@ IPSET_PREFIX, and every rule we write carries a hash comment starting with RULE_
 from __future__ import annotations
 
 import hashlib
+import re
 
 # Re-exported, so that every kernel name is reachable from this one module.
 from policy.names import CHAIN_PREFIX as CHAIN_PREFIX
@@ -37,6 +39,7 @@ POD_GATEWAY = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 
 DEFAULT_NETWORK_NAME = "k8s-pod-network"
+DEFAULT_POD_IFACE = "eth0"
 
 
 def workload_iface_name(namespace: str, pod: str, prefix: str = WORKLOAD_IFACE_PREFIX) -> str:
@@ -60,3 +63,24 @@ def ipam_handle(container_id: str, network: str = DEFAULT_NETWORK_NAME) -> str:
 def tunnel_handle(kind: str, node: str) -> str:
     """IPAM handle of a node's tunnel address: kind is "ipip" or "vxlan"."""
     return f"{kind}-tunnel-addr-{node}"
+
+
+def workload_endpoint_name(node: str, pod: str, endpoint: str = DEFAULT_POD_IFACE,
+                           orchestrator: str = "k8s") -> str:
+    """Calico's WorkloadEndpoint name `<node>-k8s-<pod>-<endpoint>`, each '-' inside a part doubled.
+
+    endpoint is the interface name inside the pod (CNI_IFNAME). The CNI plugin, the Kubernetes
+    datastore mapping and the lab all name endpoints with this, so they always agree.
+    """
+    return "-".join(part.replace("-", "--") for part in (node, orchestrator, pod, endpoint))
+
+
+def parse_workload_endpoint_name(name: str) -> tuple[str, str, str, str] | None:
+    """(node, orchestrator, pod, endpoint) of a WorkloadEndpoint name, or None."""
+    parts = re.split(r"(?<!-)-(?!-)", name)
+    # A single '-' separates parts; '--' is an escaped '-'. A part ending in an escaped '-' is
+    # ambiguous ("a---b"): the split above keeps the escape with the left part, as Calico does.
+    if len(parts) != 4:
+        return None
+    node, orchestrator, pod, endpoint = (p.replace("--", "-") for p in parts)
+    return node, orchestrator, pod, endpoint

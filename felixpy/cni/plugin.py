@@ -6,23 +6,32 @@ agent's unix socket (config key `agent_socket`) as {"env": {CNI_*}, "config": <s
 the agent's answer is printed as the CNI result or CNI error (CNI spec 1.0/1.1).
 """
 
+# Untyped on purpose: install.py copies this file alone onto hosts and runs it with `python -I -S`,
+# and type hints for JSON would need `typing` (a start-up cost) for no check the tests don't make.
+# mypy: allow-untyped-defs, allow-untyped-calls
+
 import json
 import os
 import sys
 
 import _socket
 
+# The protocol constants live here, once: the agent side (server.py) imports them from this module,
+# and cni-shim/felixpy-cni.c repeats them (tests/unit/test_cni_constants.py checks they agree).
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+DEFAULT_VERSION = "1.0.0"  # what a request without a readable cniVersion is answered in
 DEFAULT_SOCKET = "/var/run/calico/felixpy-cni.sock"
 TIMEOUT = 120.0  # kubelet's own CNI timeout is longer; the agent answers far sooner
 
 # CNI spec error codes
 INCOMPATIBLE_VERSION = 1
+CONTAINER_UNKNOWN = 3
 INVALID_ENV = 4
 IO_FAILURE = 5
 DECODE_FAILURE = 6
 INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50  # CNI 1.1 STATUS: plugin not available
 
 
 def _error(version, code, msg, details=""):
@@ -61,7 +70,7 @@ def run(env, stdin_text):
         config = json.loads(stdin_text) if stdin_text.strip() else None
     except ValueError as err:
         config = err
-    version = config.get("cniVersion", "1.0.0") if isinstance(config, dict) else "1.0.0"
+    version = config.get("cniVersion", DEFAULT_VERSION) if isinstance(config, dict) else DEFAULT_VERSION
 
     if command == "VERSION":
         return {"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}, 0

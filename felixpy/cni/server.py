@@ -24,27 +24,29 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from felixpy import names
+from felixpy.cni.plugin import (
+    CONTAINER_UNKNOWN,
+    DECODE_FAILURE,
+    DEFAULT_VERSION,
+    INCOMPATIBLE_VERSION,
+    INVALID_CONFIG,
+    INVALID_ENV,
+    IO_FAILURE,
+    NOT_AVAILABLE,
+    SUPPORTED_VERSIONS,
+    TRY_AGAIN_LATER,
+)
 from felixpy.datastore import keys
 from felixpy.datastore.api import Conflict, Datastore, DatastoreError, NotFound
 from felixpy.datastore.cas import TooManyConflicts, read_modify_write
-from felixpy.ipam.allocator import IPAM, IPAMError
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.errors import IPAMError
 from felixpy.kernel import veth
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 PROGRAMMED_TIMEOUT = 10.0
 CAS_RETRIES = 10
-
-# CNI spec error codes
-INCOMPATIBLE_VERSION = 1
-CONTAINER_UNKNOWN = 3
-INVALID_ENV = 4
-IO_FAILURE = 5
-DECODE_FAILURE = 6
-INVALID_CONFIG = 7
-TRY_AGAIN_LATER = 11
-NOT_AVAILABLE = 50  # CNI 1.1 STATUS: plugin not available
 
 
 class CNIError(Exception):
@@ -53,11 +55,6 @@ class CNIError(Exception):
         self.code = code
         self.msg = msg
         self.details = details
-
-
-def wep_name(node: str, pod: str, iface: str, orchestrator: str = "k8s") -> str:
-    """Calico's WorkloadEndpoint name: `<node>-k8s-<pod>-<iface>`, '-' inside each part doubled."""
-    return "-".join(part.replace("-", "--") for part in (node, orchestrator, pod, iface))
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -91,7 +88,7 @@ def parse_request(raw: dict[str, Any]) -> Request:
     config = raw.get("config")
     if not isinstance(config, dict):
         raise CNIError(DECODE_FAILURE, "network configuration must be a JSON object")
-    version = str(config.get("cniVersion", "1.0.0"))
+    version = str(config.get("cniVersion", DEFAULT_VERSION))
     if version not in SUPPORTED_VERSIONS:
         raise CNIError(INCOMPATIBLE_VERSION, f"unsupported cniVersion {version}")
     command = env.get("CNI_COMMAND", "")
@@ -215,7 +212,7 @@ class CNIHandler:
             self.ipam.release_by_handle(req.handle)
 
     def _write_endpoint(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> Any:
-        name = wep_name(self.node_name, req.pod, req.ifname)
+        name = names.workload_endpoint_name(self.node_name, req.pod, req.ifname)
         key = keys.resource_key("workloadendpoints", name, req.namespace)
 
         def change(old: Any) -> dict[str, Any]:
@@ -296,8 +293,8 @@ class CNIHandler:
     def _find_endpoint(self, req: Request) -> Any:
         """The WorkloadEndpoint of this sandbox, or None (only ever the one with our containerID)."""
         if req.namespace and req.pod:
-            key = keys.resource_key("workloadendpoints", wep_name(self.node_name, req.pod, req.ifname),
-                                    req.namespace)
+            name = names.workload_endpoint_name(self.node_name, req.pod, req.ifname)
+            key = keys.resource_key("workloadendpoints", name, req.namespace)
             try:
                 kv = self.store.get(key)
             except NotFound:

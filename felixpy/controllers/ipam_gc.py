@@ -36,8 +36,9 @@ from typing import Callable, Mapping
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.controllers.pods import ClusterView, PodIndex
-from felixpy.ipam.allocator import IPAM, IPAMError
+from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.block import Block, BlockError
+from felixpy.ipam.errors import IPAMError
 
 log = logging.getLogger(__name__)
 

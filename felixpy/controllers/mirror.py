@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore.api import Conflict, Datastore, DatastoreError, NotFound
 from felixpy.datastore.cas import read_modify_write
@@ -106,13 +107,11 @@ def network_policy(np: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
 
 def endpoint_key(pod: Mapping[str, Any]) -> str | None:
     """The key of the WorkloadEndpoint the CNI plugin writes for this pod, None if unscheduled."""
-    from felixpy.datastore.kube_mapping import wep_name
-
     meta = _meta(pod)
     node = (pod.get("spec") or {}).get("nodeName")
     if not node or not meta.get("name") or not meta.get("namespace") or (pod.get("spec") or {}).get("hostNetwork"):
         return None
-    return keys.resource_key("workloadendpoints", wep_name(str(node), str(meta["name"])), str(meta["namespace"]))
+    return keys.resource_key("workloadendpoints", names.workload_endpoint_name(str(node), str(meta["name"])), str(meta["namespace"]))
 
 
 def pod_labels(pod: Mapping[str, Any]) -> dict[str, str]:

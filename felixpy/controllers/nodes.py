@@ -26,8 +26,10 @@ from typing import Callable
 from felixpy.controllers.pods import read_nodes
 from felixpy.datastore import keys
 from felixpy.datastore.api import Conflict, Datastore, NotFound
-from felixpy.ipam.allocator import AFFINITY_CONFIRMED, IPAM, IPAMError
+from felixpy.ipam.affinity import AFFINITY_CONFIRMED
+from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.block import Block, BlockError
+from felixpy.ipam.errors import IPAMError
 
 log = logging.getLogger(__name__)
 

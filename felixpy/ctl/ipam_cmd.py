@@ -14,9 +14,11 @@ from typing import Any, Sequence, TextIO
 
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore, DatastoreError
-from felixpy.ipam.allocator import IPAM, IPAMConfig, IPAMError
+from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.block import Block, BlockError
 from felixpy.ipam.check import check
+from felixpy.ipam.config import IPAMConfig
+from felixpy.ipam.errors import IPAMError
 
 
 def _bool(text: str) -> bool:

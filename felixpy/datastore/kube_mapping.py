@@ -136,22 +136,6 @@ def handle_name(handle_id: str) -> str:
     return name
 
 
-def wep_name(node: str, pod: str, endpoint: str = "eth0", orchestrator: str = "k8s") -> str:
-    """Calico's WorkloadEndpoint name `<node>-k8s-<pod>-<iface>`, '-' inside each part doubled."""
-    return "-".join(part.replace("-", "--") for part in (node, orchestrator, pod, endpoint))
-
-
-def parse_wep_name(name: str) -> tuple[str, str, str, str] | None:
-    """(node, orchestrator, pod, endpoint) of a WorkloadEndpoint name, or None."""
-    parts = re.split(r"(?<!-)-(?!-)", name)
-    # A single '-' separates parts; '--' is an escaped '-'. A part ending in an escaped '-' is
-    # ambiguous ("a---b"): the split above keeps the escape with the left part, as Calico does.
-    if len(parts) != 4:
-        return None
-    node, orch, pod, endpoint = (p.replace("--", "-") for p in parts)
-    return node, orch, pod, endpoint
-
-
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
@@ -430,7 +414,7 @@ def _pod_key(obj: dict[str, Any]) -> str | None:
     node = (obj.get("spec") or {}).get("nodeName")
     if not node or not meta.get("name") or not meta.get("namespace"):
         return None
-    return keys.resource_key("workloadendpoints", wep_name(node, meta["name"]), meta["namespace"])
+    return keys.resource_key("workloadendpoints", names.workload_endpoint_name(node, meta["name"]), meta["namespace"])
 
 
 def wep_value(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -484,7 +468,7 @@ def wep_value(obj: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "apiVersion": CALICO_API_VERSION,
         "kind": "WorkloadEndpoint",
-        "metadata": {"name": wep_name(node, name), "namespace": namespace, "labels": labels},
+        "metadata": {"name": names.workload_endpoint_name(node, name), "namespace": namespace, "labels": labels},
         "spec": wep_spec,
     }
 
@@ -624,7 +608,7 @@ def locate(key: str) -> Location:
         if parsed.plural == "nodes" and parsed.namespace is None:
             return Location(NODES, parsed.name, None, parsed)
         if parsed.plural == "workloadendpoints" and parsed.namespace is not None:
-            wep = parse_wep_name(parsed.name)
+            wep = names.parse_workload_endpoint_name(parsed.name)
             if wep is None or wep[1] != "k8s":
                 raise MappingError(f"{key}: not a Kubernetes pod's WorkloadEndpoint name (<node>-k8s-<pod>-eth0)")
             return Location(PODS, wep[2], parsed.namespace, parsed)

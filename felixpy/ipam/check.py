@@ -24,7 +24,8 @@ from typing import Any, Mapping
 
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
-from felixpy.ipam.allocator import AFFINITY_CONFIRMED, Pool, parse_pool
+from felixpy.ipam.affinity import AFFINITY_CONFIRMED
+from felixpy.ipam.pools import Pool, parse_pool
 from felixpy.ipam.block import Block, BlockError
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from felixpy import names
 from felixpy.cni.install import install_plugin
 from felixpy.datastore import keys
 from felixpy.datastore.api import Conflict, Datastore, NotFound
@@ -167,7 +168,7 @@ def result_ips(result: dict[str, Any]) -> list[str]:
 # --- WorkloadEndpoint ---------------------------------------------------------------------------
 
 def wep_key(pod: PodState) -> str:
-    return keys.resource_key("workloadendpoints", topology.workload_endpoint_name(pod.node, pod.name),
+    return keys.resource_key("workloadendpoints", names.workload_endpoint_name(pod.node, pod.name),
                              pod.namespace)
 
 

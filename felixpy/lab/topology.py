@@ -192,15 +192,6 @@ def parse_pod_ref(text: str) -> PodRef:
     return PodRef(check_k8s_name("namespace", ns), check_k8s_name("pod", name))
 
 
-def _escape_wep_part(part: str) -> str:
-    return part.replace("-", "--")
-
-
-def workload_endpoint_name(node: str, pod: str, iface: str = POD_IFACE) -> str:
-    """Calico's WorkloadEndpoint name: `<node>-k8s-<pod>-<iface>`, '-' in each part escaped to '--'."""
-    return "-".join(_escape_wep_part(p) for p in (node, "k8s", pod, iface))
-
-
 # --- labels -------------------------------------------------------------------------------------
 
 def check_label_key(key: str) -> str:

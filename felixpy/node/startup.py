@@ -44,7 +44,9 @@ from felixpy.config import AutodetectMethod, Config, is_valid_node_name
 from felixpy.datastore import keys
 from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreError, NotFound, Unavailable
 from felixpy.kernel import addresses
-from felixpy.ipam.allocator import IPAM, IPAMError, selector_matches
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.errors import IPAMError
+from felixpy.ipam.pools import selector_matches
 from felixpy.kernel.addresses import AutodetectError, Interface, IPInterface
 from felixpy.model import resources
 

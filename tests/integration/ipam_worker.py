@@ -20,16 +20,16 @@ import time
 
 from typing import Any
 
+from felixpy import names
 from felixpy.datastore import keys
-from felixpy.ipam.allocator import IPAM, IPAMError
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.errors import IPAMError
 
 
 def write_wep(store: Any, name: str, node: str, ip: str, namespace: str, kube: bool) -> None:
     wep = name
     if kube:
-        from felixpy.datastore.kube_mapping import wep_name
-
-        wep = wep_name(node, name)
+        wep = names.workload_endpoint_name(node, name)
     store.create(
         keys.resource_key("workloadendpoints", wep, namespace),
         {

@@ -19,7 +19,8 @@ import pytest
 from felixpy.ctl import ipam_cmd
 from felixpy.datastore import keys
 from felixpy.ipam import check as ipam_check
-from felixpy.ipam.allocator import IPAM, PoolExhaustedError
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.errors import PoolExhaustedError
 from felixpy.ipam.block import Block
 
 pytestmark = pytest.mark.etcd

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore import kube_mapping as m
 from felixpy.datastore.api import (
@@ -329,7 +330,7 @@ def make_pod(fake: FakeKubeAPI, ns: str = "ns1", name: str = "web-1", node: str 
 
 
 def cni_wep(node: str = "n1", ns: str = "ns1", pod: str = "web-1", ip: str = "10.65.0.5") -> tuple[str, dict[str, Any]]:
-    name = m.wep_name(node, pod)
+    name = names.workload_endpoint_name(node, pod)
     return keys.resource_key("workloadendpoints", name, ns), {
         "apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
         "metadata": {"name": name, "namespace": ns, "labels": {}},

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import pytest
 
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore import kube_mapping as m
 from felixpy.datastore.api import AlreadyExists, Conflict, DatastoreError, NotFound, Unavailable, WatchEvent
@@ -58,7 +59,7 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 
 def cni_wep(node: str, ns: str, pod: str, ip: str, container: str = "cid1") -> tuple[str, dict[str, Any]]:
-    name = m.wep_name(node, pod)
+    name = names.workload_endpoint_name(node, pod)
     return keys.resource_key("workloadendpoints", name, ns), {
         "apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
         "metadata": {"name": name, "namespace": ns},

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from felixpy import names
 from felixpy.controllers.mirror import KubeReader, Mirror
 from felixpy.datastore import keys
 from felixpy.datastore.api import NotFound
@@ -101,9 +102,7 @@ def pod(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
 
 def cni_endpoint(store: Any, node: str, pod_name: str) -> str:
     """Write the WorkloadEndpoint the CNI plugin would (no pod labels, no ports)."""
-    from felixpy.datastore.kube_mapping import wep_name
-
-    name = wep_name(node, pod_name)
+    name = names.workload_endpoint_name(node, pod_name)
     key = keys.resource_key("workloadendpoints", name, NS)
     store.create(key, {
         "apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
@@ -168,8 +167,7 @@ def test_endpoint_labels_follow_the_pod_and_endpoints_are_never_created(
     # web-2 has no endpoint: the mirror does not make one. When the CNI plugin writes it, the
     # labels arrive without waiting for a resync (resync_period is 60 s here).
     assert wait_for(lambda: mirror.in_sync)
-    from felixpy.datastore.kube_mapping import wep_name
-    key2 = keys.resource_key("workloadendpoints", wep_name("n1", "web-2"), NS)
+    key2 = keys.resource_key("workloadendpoints", names.workload_endpoint_name("n1", "web-2"), NS)
     time.sleep(0.3)
     assert value(etcd_store, key2) is None
     cni_endpoint(etcd_store, "n1", "web-2")

@@ -11,7 +11,7 @@ import tempfile
 import threading
 
 from felixpy.cni import plugin
-from felixpy.cni.server import CNIError, parse_cni_args, parse_request, wep_name
+from felixpy.cni.server import CNIError, parse_cni_args, parse_request
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c" * 64, "CNI_NETNS": "/run/netns/x",
             "CNI_IFNAME": "eth0", "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p"}
@@ -97,4 +97,3 @@ def test_parse_request_requires_pod_identity_for_add_but_not_del():
 
 def test_names():
     assert parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=a-b") == {"IgnoreUnknown": "1", "K8S_POD_NAME": "a-b"}
-    assert wep_name("node-1", "my-pod", "eth0") == "node--1-k8s-my--pod-eth0"

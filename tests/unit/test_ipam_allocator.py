@@ -19,17 +19,17 @@ from felixpy.datastore import keys
 from felixpy.datastore.api import KV, NotFound
 from felixpy.datastore.memory import MemoryDatastore
 from felixpy.ipam import check as ipam_check
-from felixpy.ipam.allocator import (
-    IPAM,
+from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.block import Block
+from felixpy.ipam.config import IPAMConfig
+from felixpy.ipam.errors import (
     AddressInUseError,
     BlockLimitError,
-    IPAMConfig,
     IPAMError,
     NoQualifiedPoolError,
     PoolExhaustedError,
     StrictAffinityError,
 )
-from felixpy.ipam.block import Block
 
 IP = ipaddress.IPv4Address
 HAVE_SELECTORS = importlib.util.find_spec("policy.selectors") is not None
@@ -64,6 +64,53 @@ def new_ipam(store: Any, **kw: Any) -> IPAM:
 
 def assign(ipam: IPAM, handle: str, node: str = "n1", num: int = 1, **kw: Any) -> list[IP]:
     return ipam.auto_assign(num=num, handle=handle, attrs={"node": node, "pod": handle}, node=node, **kw)
+
+
+class RecordingStore(MemoryDatastore):
+    """Records (operation, key) of every single-key call, to count round trips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, str]] = []
+
+    def get(self, key: str) -> Any:
+        self.ops.append(("get", key))
+        return super().get(key)
+
+    def create(self, key: str, value: Any) -> Any:
+        self.ops.append(("create", key))
+        return super().create(key, value)
+
+    def update(self, key: str, value: Any, revision: int) -> Any:
+        self.ops.append(("update", key))
+        return super().update(key, value, revision)
+
+
+def test_hot_path_writes_the_cached_block_without_reading_it() -> None:
+    store = RecordingStore()
+    add_pool(store, "p", "10.0.0.0/24", 26)
+    ipam = IPAM(store, cache_ttl=60, pipeline_handle_writes=False)
+    assign(ipam, "h1")
+    (cidr,) = ipam.affine_blocks("n1")
+    store.ops.clear()
+    assign(ipam, "h2")
+    # One create-only handle write, then one CAS of the block against its cached revision.
+    assert store.ops == [("create", keys.handle_key("h2")), ("update", keys.block_key(cidr))]
+
+
+def test_hot_path_after_another_writer_costs_one_conflict_and_one_read() -> None:
+    store = RecordingStore()
+    add_pool(store, "p", "10.0.0.0/24", 26)
+    ipam = IPAM(store, cache_ttl=60, pipeline_handle_writes=False)
+    other = IPAM(store, cache_ttl=60, pipeline_handle_writes=False)
+    assign(ipam, "h1")
+    assign(other, "h2")  # the same node's block, written by another process
+    (cidr,) = ipam.affine_blocks("n1")
+    store.ops.clear()
+    got = assign(ipam, "h3")
+    bkey = keys.block_key(cidr)
+    assert store.ops == [("create", keys.handle_key("h3")), ("update", bkey), ("get", bkey), ("update", bkey)]
+    assert len({*got, *ipam.ips_by_handle("h1"), *ipam.ips_by_handle("h2")}) == 3
 
 
 # -- affinity and blocks ------------------------------------------------------------------------
@@ -127,7 +174,7 @@ def test_block_claimed_by_another_node_drops_our_pending_affinity(store: MemoryD
     store.create(keys.affinity_key("n2", "10.0.0.0/28"), {"state": "confirmed", "deleted": False})
     ipam = new_ipam(store)
     # Force n1 to try the taken block first by asking it to claim it directly.
-    assert ipam._claim_block("n1", "10.0.0.0/28") is False
+    assert ipam.affinities.claim("n1", "10.0.0.0/28") is False
     with pytest.raises(NotFound):
         store.get(keys.affinity_key("n1", "10.0.0.0/28"))
     ip = assign(ipam, "h1")[0]

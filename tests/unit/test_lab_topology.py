@@ -21,11 +21,6 @@ def test_names_carry_the_lab_name() -> None:
     assert not topology.is_node_netns("demo", "demo2-n1")
 
 
-def test_workload_endpoint_name_escapes_dashes() -> None:
-    assert topology.workload_endpoint_name("n1", "a") == "n1-k8s-a-eth0"
-    assert topology.workload_endpoint_name("node-1", "my-pod") == "node--1-k8s-my--pod-eth0"
-
-
 @pytest.mark.parametrize("name", ["", "Demo", "-x", "x-", "a" * 25, "a_b"])
 def test_bad_lab_names(name: str) -> None:
     with pytest.raises(LabUsageError):
