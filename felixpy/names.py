@@ -78,8 +78,9 @@ def workload_endpoint_name(node: str, pod: str, endpoint: str = DEFAULT_POD_IFAC
 def parse_workload_endpoint_name(name: str) -> tuple[str, str, str, str] | None:
     """(node, orchestrator, pod, endpoint) of a WorkloadEndpoint name, or None."""
     parts = re.split(r"(?<!-)-(?!-)", name)
-    # A single '-' separates parts; '--' is an escaped '-'. A part ending in an escaped '-' is
-    # ambiguous ("a---b"): the split above keeps the escape with the left part, as Calico does.
+    # A single '-' separates parts; '--' is an escaped '-'. A run of three or more dashes (a part
+    # that starts or ends with '-') is ambiguous and never split, so such a name is refused:
+    # Kubernetes node and pod names cannot start or end with '-', so no real endpoint has one.
     if len(parts) != 4:
         return None
     node, orchestrator, pod, endpoint = (p.replace("--", "-") for p in parts)

@@ -111,7 +111,8 @@ def endpoint_key(pod: Mapping[str, Any]) -> str | None:
     node = (pod.get("spec") or {}).get("nodeName")
     if not node or not meta.get("name") or not meta.get("namespace") or (pod.get("spec") or {}).get("hostNetwork"):
         return None
-    return keys.resource_key("workloadendpoints", names.workload_endpoint_name(str(node), str(meta["name"])), str(meta["namespace"]))
+    name = names.workload_endpoint_name(str(node), str(meta["name"]))
+    return keys.resource_key("workloadendpoints", name, str(meta["namespace"]))
 
 
 def pod_labels(pod: Mapping[str, Any]) -> dict[str, str]:

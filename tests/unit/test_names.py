@@ -30,7 +30,7 @@ def test_parse_inverts_build(parts: tuple[str, str, str, str]) -> None:
     assert names.parse_workload_endpoint_name(name) == parts
 
 
-@pytest.mark.parametrize("name", ["", "n1-k8s-pod", "n1-k8s-a-b-eth0", "n1"])
+@pytest.mark.parametrize("name", ["", "n1-k8s-pod", "n1-k8s-a-b-eth0", "n1", "a---k8s-p-eth0"])
 def test_parse_refuses_names_without_four_parts(name: str) -> None:
     assert names.parse_workload_endpoint_name(name) is None
 
