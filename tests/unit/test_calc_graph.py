@@ -1,11 +1,13 @@
-"""The calc graph as state sequences: datastore updates in, desired routes and NAT out."""
+"""The calc graph as state sequences: datastore updates in (through the dispatcher), desired routes
+and NAT out."""
 
 from __future__ import annotations
 
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.calc.graph import CalcGraph
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
-from felixpy.messages import RouteSpec
+from felixpy.messages import Route
 
 
 def node(name: str, ip: str) -> KVUpdate:
@@ -34,8 +36,7 @@ def deleted(update: KVUpdate) -> KVUpdate:
 
 
 def feed(graph: CalcGraph, *updates: KVUpdate) -> CalcGraph:
-    for u in updates:
-        graph.on_update(u)
+    Dispatcher(graph).on_updates(updates)
     return graph
 
 
@@ -52,11 +53,11 @@ STATE = [
 def test_routes_mode_programs_local_blackhole_remote_and_borrowed():
     g = feed(CalcGraph("n1", remote_routes_from_datastore=True), *STATE)
     assert g.routes() == {
-        RouteSpec("10.244.1.1/32", iface="cali0123456789a"),
-        RouteSpec("10.244.1.0/26", type="blackhole"),
-        RouteSpec("10.244.2.0/26", gateway="192.0.2.12"),
+        Route("10.244.1.1/32", iface="cali0123456789a"),
+        Route("10.244.1.0/26", type="blackhole"),
+        Route("10.244.2.0/26", gateway="192.0.2.12"),
         # a pod on n2 whose address came from n1's block: /32 via n2 beats n1's own blackhole
-        RouteSpec("10.244.1.7/32", gateway="192.0.2.12"),
+        Route("10.244.1.7/32", gateway="192.0.2.12"),
     }
     assert g.node_labels() == {"zone": "a"}
 
@@ -64,8 +65,8 @@ def test_routes_mode_programs_local_blackhole_remote_and_borrowed():
 def test_bgp_backend_leaves_remote_routes_to_bgp():
     g = feed(CalcGraph("n1", remote_routes_from_datastore=False), *STATE)
     assert g.routes() == {
-        RouteSpec("10.244.1.1/32", iface="cali0123456789a"),
-        RouteSpec("10.244.1.0/26", type="blackhole"),
+        Route("10.244.1.1/32", iface="cali0123456789a"),
+        Route("10.244.1.0/26", type="blackhole"),
     }
 
 
@@ -86,7 +87,7 @@ def test_removals_withdraw_routes():
     feed(g, deleted(STATE[1]))  # n2 vanished: its IP is unknown, its routes go
     assert all(r.gateway is None for r in g.routes())
     feed(g, deleted(STATE[5]))  # local pod deleted
-    assert RouteSpec("10.244.1.1/32", iface="cali0123456789a") not in g.routes()
+    assert Route("10.244.1.1/32", iface="cali0123456789a") not in g.routes()
 
 
 def test_invalid_values_are_treated_as_absent():
@@ -102,3 +103,4 @@ def test_nat_state_from_pools():
     nat = g.nat()
     assert nat.masq_pools == {"10.244.0.0/16"}
     assert nat.all_pools == {"10.244.0.0/16", "10.99.0.0/16"}
+
