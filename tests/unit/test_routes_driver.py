@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 from dataclasses import replace
 
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 
 from felixpy import names
 from felixpy.dataplane.drivers.routes import RouteTable
-from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute, NetlinkError
+from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute
 from felixpy.messages import Route
 from tests.fakes.netlink import FakeNetlink
 
