@@ -369,14 +369,16 @@ class Agent:
             self.on_first_apply()
 
     def _desired_state(self) -> Iterator[Message]:
-        """The calc's outputs for the managers; the filter state only when the policy calc changed."""
-        self.calc.dirty = False
-        yield CalcRoutes(frozenset(self.calc.routes()))
-        if self._tunnel_mgr is not None:
-            yield self.calc.encap()
-        if self._bgp is not None:
-            yield LearnedRoutes(self._bgp.learned_routes(), frozenset(self._bgp.local_addresses()))
-        yield self.calc.nat()
+        """The calc's outputs for the managers, each only when its calc changed (the managers keep
+        the last state: a policy change at 1,000 pods does not recompute 1,000 routes)."""
+        if self.calc.dirty:  # also set by the resync timers, learned-route changes and failures
+            self.calc.dirty = False
+            yield CalcRoutes(frozenset(self.calc.routes()))
+            if self._tunnel_mgr is not None:
+                yield self.calc.encap()
+            if self._bgp is not None:
+                yield LearnedRoutes(self._bgp.learned_routes(), frozenset(self._bgp.local_addresses()))
+            yield self.calc.nat()
         if self._policy_mgr is not None and self.policy_calc.dirty:
             self.policy_calc.dirty = False
             yield self.policy_calc.filter_state()

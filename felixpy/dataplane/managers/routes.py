@@ -50,6 +50,8 @@ class RouteManager:
         elif isinstance(message, LearnedRoutes):
             self._learned = message
         elif isinstance(message, TunnelDevices):
+            if message.blocked == self._blocked:
+                return  # sent after every links apply; usually nothing changed
             self._blocked = message.blocked
         else:
             return
