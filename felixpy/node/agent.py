@@ -11,9 +11,9 @@ handed to the handlers registered for its kind — the CalcGraph (routes, NAT, e
 announcements), the PolicyCalc (endpoints, policies, profiles), the BGP controller's resources,
 the IPAM usage metrics, and the loop itself (WorkloadEndpoint revisions for the CNI waiter).
 
-Output: each apply sends the calc's outputs (felixpy/messages.py: CalcRoutes, EncapState,
-LearnedRoutes, NatState, FilterState) to every dataplane manager (`on_update`), then runs the
-steps of APPLY_ORDER: managers turn their desired state into driver calls
+Output: each apply sends the outputs of the calcs that changed (felixpy/messages.py: CalcRoutes,
+EncapState, LearnedRoutes, NatState, FilterState) to every dataplane manager (`on_update`), then
+runs the steps of APPLY_ORDER: managers turn their desired state into driver calls
 (`complete_deferred_work`), drivers reconcile the kernel (`apply`). Dependencies first, deletions
 last: a tunnel device must exist before a route goes through it, so the links step comes first
 and tells the route manager which tunnel devices are usable (TunnelDevices); a set must exist
