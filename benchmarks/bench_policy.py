@@ -4,8 +4,8 @@ Runs in a private network namespace (`fxb` + 5 hex chars, deleted at the end). E
 synthetic (the iptables rules only need interface names; the ipsets need addresses); policies are
 Kubernetes NetworkPolicies converted the way the agent stores them (knp.default.<name>).
 
-1. Program everything: the agent-side path (calc index → chains → PolicyManager → ipset restore +
-   iptables-restore through the drivers) against the baseline of the same work done bare: one
+1. Program everything: the agent-side path (dispatcher → calc index → chains → PolicyManager →
+   ipset restore + iptables-restore through the drivers) against the baseline of the same work done bare: one
    `ipset restore` of the same sets and one `iptables-restore --noflush` of the same rules text,
    into a fresh namespace. Target ≤ 2×.
 2. One policy change → kernel: the real agent loop (MemoryDatastore, the drivers in the
@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.calc.policy import PolicyCalc
 from felixpy.dataplane.drivers.ipsets import IPSets
 from felixpy.dataplane.drivers.iptables import Table
@@ -150,6 +151,8 @@ class FakeRoutes:
         pending: tuple[str, ...] = ()
         failed: dict[str, str] = {}
 
+    programmed: dict[str, Any] = {}
+
     def set_routes(self, routes: Any) -> None:
         pass
 
@@ -181,11 +184,10 @@ def program_everything(prefix: str, pods: int, policies: int, backend: str) -> t
 
         t0 = time.perf_counter()
         calc = PolicyCalc(NODE)
-        for u in updates:
-            calc.on_update(u)
+        Dispatcher(calc).on_updates(updates)
         state = calc.filter_state()
         t1 = time.perf_counter()
-        manager.on_filter(state.chains, state.jumps, state.ipsets)
+        manager.on_update(state)
         manager.complete_deferred_work()
         ipset_text = sets.apply()
         t2 = time.perf_counter()
@@ -216,7 +218,7 @@ def program_everything(prefix: str, pods: int, policies: int, backend: str) -> t
               f"iptables driver/bare iptables-restore {(t3 - t2) / (b2 - b1):.2f}x")
         # A second apply with nothing changed must write nothing.
         again = time.perf_counter()
-        manager.on_filter(calc.filter_state().chains, state.jumps, calc.ipsets())
+        manager.on_update(calc.filter_state())
         manager.complete_deferred_work()
         assert sets.apply() == "" and table.apply() == ""
         print(f"  no-op re-apply: {1000 * (time.perf_counter() - again):.1f} ms")
@@ -287,8 +289,7 @@ def rule_counts() -> None:
     print(f"  {'pods':>6} {'policies':>9} {'chains':>7} {'rules':>7} {'ipsets':>7}")
     for pods, policies in ((10, 0), (100, 0), (1000, 0), (100, 50), (1000, 50), (100, 500), (1000, 500)):
         calc = PolicyCalc(NODE)
-        for key, value in cluster(pods, policies):
-            calc.on_update(KVUpdate(key, value, 1))
+        Dispatcher(calc).on_updates(KVUpdate(key, value, 1) for key, value in cluster(pods, policies))
         state = calc.filter_state()
         print(f"  {pods:>6} {policies:>9} {len(state.chains):>7} {rule_count(state.chains):>7} "
               f"{len(state.ipsets):>7}")

@@ -5,10 +5,12 @@ is a pure function of that index, recomputed when asked (`routes()`, `nat()`, `e
 `local_endpoints()`). No I/O happens here, and nothing is remembered about what the kernel looks
 like; that is the dataplane drivers' job.
 
-    KVUpdate ──► parse key ──► pools        ──► nat(), encap()
-                           ├─► nodes (IPs, VTEPs) ──┐
-                           ├─► affinities   ──┼─► routes()
-                           └─► endpoints    ──┴─► local_endpoints()
+    Dispatcher ──► on_pool     ──► pools              ──► nat(), encap()
+               ├─► on_node     ──► nodes (IPs, VTEPs) ──┐
+               ├─► on_affinity ──► affinities       ──┼─► routes(), bgp_announcements()
+               └─► on_endpoint ──► endpoints        ──┴─► local_endpoints()
+
+Its inputs are already decoded (calc/updates.py): an invalid resource arrives as a deletion.
 
 Routes on node N:
   * a /32 (scope link) to each local pod's veth;
@@ -35,191 +37,68 @@ Routes on node N:
 from __future__ import annotations
 
 import ipaddress
-import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from felixpy import names
-from felixpy.datastore import keys
-from felixpy.datastore.syncer import KVUpdate
-from felixpy.messages import LocalEndpoint, NatState, RouteSpec
+from felixpy.calc.updates import BlockAffinity, IPPool, Kind, Node, Update, WorkloadEndpoint
+from felixpy.messages import EncapState, LocalEndpoint, NatState, RemoteVtep, Route, pod_routes
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _Pool:
-    cidr: str
-    nat_outgoing: bool
-    disabled: bool
-    disable_bgp_export: bool = False
-    ipip_mode: str = "Never"  # Always | CrossSubnet | Never
-    vxlan_mode: str = "Never"
-
-    @property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.cidr)
-
-
-@dataclass(frozen=True, slots=True)
-class _NodeInfo:
-    ip: str  # bare IPv4 address
-    network: str  # its subnet, from the prefix of spec.bgp.ipv4Address
-    vxlan_ip: str | None = None
-    vxlan_mac: str | None = None
-    ipip_ip: str | None = None
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class RemoteVtep:
-    """Another node's VXLAN endpoint: its tunnel address and MAC, reached via its node IP."""
-
-    node: str
-    node_ip: str
-    tunnel_ip: str
-    mac: str
-
-
-@dataclass(frozen=True, slots=True)
-class EncapState:
-    """Which tunnel devices this node needs, with what, and the remote VTEPs (pure value)."""
-
-    local_ip: str | None = None
-    vxlan: bool = False  # some enabled IPv4 pool has vxlanMode Always / CrossSubnet
-    vxlan_address: str | None = None
-    vxlan_mac: str | None = None
-    vteps: frozenset[RemoteVtep] = frozenset()
-    ipip: bool = False
-    ipip_address: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Endpoint:
-    key: str
-    node: str
-    namespace: str
-    pod: str
-    iface: str
-    ips: tuple[str, ...]
-    mac: str
-    labels: tuple[tuple[str, str], ...]
-
-
-def _addr(cidr_or_ip: str) -> str:
-    return str(ipaddress.ip_interface(cidr_or_ip).ip)
+if TYPE_CHECKING:
+    from felixpy.calc.dispatcher import Dispatcher
 
 
 class CalcGraph:
     def __init__(self, node_name: str, *, remote_routes_from_datastore: bool) -> None:
         self.node_name = node_name
         self.remote_routes_from_datastore = remote_routes_from_datastore
-        self._pools: dict[str, _Pool] = {}  # pool name -> pool
-        self._node_ips: dict[str, str] = {}  # node name -> IPv4 address
-        self._nodes: dict[str, _NodeInfo] = {}  # node name -> addresses (nodes with an IPv4 only)
+        self._pools: dict[str, IPPool] = {}  # pool name -> IPv4 pool
+        self._nodes: dict[str, Node] = {}  # node name -> addresses (nodes with an IPv4 only)
         self._node_labels: dict[str, dict[str, str]] = {}
         self._affinities: dict[str, str] = {}  # block CIDR -> node (confirmed only)
-        self._endpoints: dict[str, _Endpoint] = {}  # WEP key -> endpoint
+        self._endpoints: dict[str, WorkloadEndpoint] = {}  # WEP key -> endpoint
         self.dirty = True
 
     # -- input -----------------------------------------------------------------------------
-    def on_update(self, update: KVUpdate) -> None:
-        parsed = keys.parse_key(update.key)
-        try:
-            if parsed.kind == "affinity":
-                self._on_affinity(parsed.node, parsed.name, update.value)
-            elif parsed.kind == "resource" and parsed.plural == "workloadendpoints":
-                self._on_endpoint(update.key, update.value)
-            elif parsed.kind == "resource" and parsed.plural == "nodes":
-                self._on_node(parsed.name, update.value)
-            elif parsed.kind == "resource" and parsed.plural == "ippools":
-                self._on_pool(parsed.name, update.value)
-            else:
-                return
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            # An invalid value is treated as absent (fail closed), never as a crash of the agent.
-            log.warning("ignoring invalid datastore value key=%s error=%s", update.key, err)
-            self._forget(update.key, parsed)
+    def register_with(self, dispatcher: Dispatcher) -> None:
+        dispatcher.register(Kind.IP_POOL, self.on_pool)
+        dispatcher.register(Kind.NODE, self.on_node)
+        dispatcher.register(Kind.BLOCK_AFFINITY, self.on_affinity)
+        dispatcher.register(Kind.WORKLOAD_ENDPOINT, self.on_endpoint)
+
+    def on_affinity(self, update: Update[BlockAffinity]) -> None:
+        affinity = update.value
+        if affinity is not None and affinity.confirmed:
+            self._affinities[affinity.cidr] = affinity.node
+        elif self._affinities.get(update.name) == update.node:
+            del self._affinities[update.name]
         self.dirty = True
 
-    def _forget(self, key: str, parsed: keys.ParsedKey) -> None:
-        if parsed.kind == "affinity":
-            self._affinities.pop(parsed.name, None)
-        elif parsed.plural == "workloadendpoints":
-            self._endpoints.pop(key, None)
-        elif parsed.plural == "nodes":
-            self._node_ips.pop(parsed.name, None)
-            self._nodes.pop(parsed.name, None)
-            self._node_labels.pop(parsed.name, None)
-        elif parsed.plural == "ippools":
-            self._pools.pop(parsed.name, None)
+    def on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:
+        if update.value is None:
+            self._endpoints.pop(update.key, None)
+        else:
+            self._endpoints[update.key] = update.value
+        self.dirty = True
 
-    def _on_affinity(self, node: str, cidr: str, value: Any) -> None:
-        if value is not None and value.get("state", "confirmed") == "confirmed" and not value.get("deleted"):
-            self._affinities[str(ipaddress.ip_network(cidr))] = node
-        elif self._affinities.get(cidr) == node:
-            # Pending or pendingDeletion affinities are not routed (calico#6867).
-            del self._affinities[cidr]
+    def on_node(self, update: Update[Node]) -> None:
+        node = update.value
+        if node is None:
+            self._node_labels.pop(update.name, None)
+        else:
+            self._node_labels[update.name] = dict(node.labels)
+        if node is None or node.ipv4 is None:
+            self._nodes.pop(update.name, None)
+        else:
+            self._nodes[update.name] = node
+        self.dirty = True
 
-    def _on_endpoint(self, key: str, value: Any) -> None:
-        if value is None:
-            self._endpoints.pop(key, None)
-            return
-        spec = value["spec"]
-        meta = value.get("metadata", {})
-        ips = tuple(_addr(n) for n in spec.get("ipNetworks", []) if ipaddress.ip_interface(n).version == 4)
-        self._endpoints[key] = _Endpoint(
-            key=key,
-            node=spec["node"],
-            namespace=meta.get("namespace", ""),
-            pod=spec.get("pod", ""),
-            iface=spec.get("interfaceName", ""),
-            ips=ips,
-            mac=spec.get("mac", ""),
-            labels=tuple(sorted((meta.get("labels") or {}).items())),
-        )
-
-    def _on_node(self, name: str, value: Any) -> None:
-        if value is None:
-            self._node_ips.pop(name, None)
-            self._nodes.pop(name, None)
-            self._node_labels.pop(name, None)
-            return
-        self._node_labels[name] = dict(value.get("metadata", {}).get("labels") or {})
-        spec = value.get("spec") or {}
-        bgp = spec.get("bgp") or {}
-        address = bgp.get("ipv4Address")
-        if not address:
-            self._node_ips.pop(name, None)
-            self._nodes.pop(name, None)
-            return
-        iface = ipaddress.IPv4Interface(address)
-        self._node_ips[name] = str(iface.ip)
-        vxlan_ip = spec.get("ipv4VXLANTunnelAddr")
-        ipip_ip = bgp.get("ipv4IPIPTunnelAddr")
-        mac = spec.get("vxlanTunnelMACAddr")
-        self._nodes[name] = _NodeInfo(
-            ip=str(iface.ip),
-            network=str(iface.network),
-            vxlan_ip=_addr(vxlan_ip) if vxlan_ip else None,
-            vxlan_mac=str(mac).lower() if mac else None,
-            ipip_ip=_addr(ipip_ip) if ipip_ip else None,
-        )
-
-    def _on_pool(self, name: str, value: Any) -> None:
-        if value is None:
-            self._pools.pop(name, None)
-            return
-        spec = value["spec"]
-        cidr = str(ipaddress.ip_network(spec["cidr"]))
-        if ipaddress.ip_network(cidr).version != 4:
-            return
-        ipip_mode = str(spec.get("ipipMode") or "Never")
-        vxlan_mode = str(spec.get("vxlanMode") or "Never")
-        if ipip_mode != "Never" and vxlan_mode != "Never":
-            # Validation refuses this on write; a pool stored some other way is not guessed at.
-            raise ValueError(f"pool {name} enables both ipipMode and vxlanMode")
-        self._pools[name] = _Pool(cidr, bool(spec.get("natOutgoing")), bool(spec.get("disabled")),
-                                  bool(spec.get("disableBGPExport")), ipip_mode, vxlan_mode)
+    def on_pool(self, update: Update[IPPool]) -> None:
+        pool = update.value
+        if pool is None or ipaddress.ip_network(pool.cidr).version != 4:
+            self._pools.pop(update.name, None)
+        else:
+            self._pools[update.name] = pool
+        self.dirty = True
 
     # -- outputs ---------------------------------------------------------------------------
     def node_labels(self) -> dict[str, str]:
@@ -227,19 +106,19 @@ class CalcGraph:
 
     def local_endpoints(self) -> list[LocalEndpoint]:
         return [
-            LocalEndpoint(e.key, e.namespace, e.pod, e.iface, e.ips, e.mac, e.labels)
-            for e in self._endpoints.values()
+            LocalEndpoint(key, e.namespace, e.pod, e.iface, e.ipv4s, e.mac, e.labels)
+            for key, e in self._endpoints.items()
             if e.node == self.node_name
         ]
 
-    def routes(self) -> set[RouteSpec]:
-        routes: set[RouteSpec] = set()
+    def routes(self) -> set[Route]:
+        routes: set[Route] = set()
         for ep in self._endpoints.values():
-            if ep.node == self.node_name and ep.iface:
-                routes.update(RouteSpec(f"{ip}/32", iface=ep.iface) for ip in ep.ips)
+            if ep.node == self.node_name:
+                routes.update(pod_routes(ep.iface, ep.ipv4s))
         for cidr, node in self._affinities.items():
             if node == self.node_name:
-                routes.add(RouteSpec(cidr, type="blackhole"))
+                routes.add(Route(cidr, type="blackhole"))
             else:
                 route = self._remote_route(cidr, node)
                 if route is not None:
@@ -247,13 +126,13 @@ class CalcGraph:
         routes.update(self._borrowed_routes())
         return routes
 
-    def _pool_of(self, net: ipaddress.IPv4Network) -> _Pool | None:
+    def _pool_of(self, net: ipaddress.IPv4Network) -> IPPool | None:
         for pool in self._pools.values():
-            if net.subnet_of(pool.network):
+            if net.subnet_of(ipaddress.IPv4Network(pool.cidr)):
                 return pool
         return None
 
-    def _remote_route(self, dst: str, node: str) -> RouteSpec | None:
+    def _remote_route(self, dst: str, node: str) -> Route | None:
         """The route to `dst` (a block or a /32) hosted by another node, by its pool's mode."""
         info = self._nodes.get(node)
         if info is None:
@@ -263,24 +142,24 @@ class CalcGraph:
         ipip_mode = pool.ipip_mode if pool is not None else "Never"
         encap = vxlan_mode != "Never" or ipip_mode != "Never"
         if encap and "CrossSubnet" in (vxlan_mode, ipip_mode) and self._same_subnet(info):
-            return RouteSpec(dst, gateway=info.ip)
+            return Route(dst, gateway=info.ipv4)
         if vxlan_mode != "Never":
-            if info.vxlan_ip is None or info.vxlan_mac is None:
+            if info.vxlan_tunnel_ip is None or info.vxlan_mac is None:
                 return None  # no VTEP yet: nothing to send it to
-            return RouteSpec(dst, gateway=info.vxlan_ip, iface=names.VXLAN_DEVICE, onlink=True)
+            return Route(dst, gateway=info.vxlan_tunnel_ip, iface=names.VXLAN_DEVICE, onlink=True)
         if ipip_mode != "Never":
-            return RouteSpec(dst, gateway=info.ip, iface=names.IPIP_DEVICE, onlink=True)
+            return Route(dst, gateway=info.ipv4, iface=names.IPIP_DEVICE, onlink=True)
         if self.remote_routes_from_datastore:
-            return RouteSpec(dst, gateway=info.ip)
+            return Route(dst, gateway=info.ipv4)
         return None
 
-    def _same_subnet(self, remote: _NodeInfo) -> bool:
+    def _same_subnet(self, remote: Node) -> bool:
         local = self._nodes.get(self.node_name)
         if local is None:
             return False
-        return ipaddress.IPv4Address(remote.ip) in ipaddress.IPv4Network(local.network)
+        return ipaddress.IPv4Address(remote.ipv4) in ipaddress.IPv4Network(local.ipv4_network)
 
-    def _borrowed_routes(self) -> set[RouteSpec]:
+    def _borrowed_routes(self) -> set[Route]:
         """Remote pods whose address is not in a block affine to their own node."""
         own_blocks: dict[str, list[ipaddress.IPv4Network]] = {}
         for cidr, node in self._affinities.items():
@@ -289,7 +168,7 @@ class CalcGraph:
         for ep in self._endpoints.values():
             if ep.node == self.node_name or ep.node not in self._nodes:
                 continue
-            for ip in ep.ips:
+            for ip in ep.ipv4s:
                 addr = ipaddress.IPv4Address(ip)
                 if not any(addr in block for block in own_blocks.get(ep.node, [])):
                     route = self._remote_route(f"{ip}/32", ep.node)
@@ -306,18 +185,18 @@ class CalcGraph:
         vteps: frozenset[RemoteVtep] = frozenset()
         if vxlan:
             vteps = frozenset(
-                RemoteVtep(name, info.ip, info.vxlan_ip, info.vxlan_mac)
+                RemoteVtep(name, info.ipv4, info.vxlan_tunnel_ip, info.vxlan_mac)
                 for name, info in self._nodes.items()
-                if name != self.node_name and info.vxlan_ip and info.vxlan_mac
+                if name != self.node_name and info.ipv4 and info.vxlan_tunnel_ip and info.vxlan_mac
             )
         return EncapState(
-            local_ip=local.ip if local else None,
+            local_ip=local.ipv4 if local else None,
             vxlan=vxlan,
-            vxlan_address=local.vxlan_ip if local and vxlan else None,
+            vxlan_address=local.vxlan_tunnel_ip if local and vxlan else None,
             vxlan_mac=local.vxlan_mac if local and vxlan else None,
             vteps=vteps,
             ipip=ipip,
-            ipip_address=local.ipip_ip if local and ipip else None,
+            ipip_address=local.ipip_tunnel_ip if local and ipip else None,
         )
 
     def bgp_announcements(self) -> frozenset[str]:
@@ -338,7 +217,7 @@ class CalcGraph:
         for ep in self._endpoints.values():
             if ep.node != self.node_name:
                 continue
-            for ip in ep.ips:
+            for ip in ep.ipv4s:
                 host = ipaddress.IPv4Network(f"{ip}/32")
                 if not any(host.subnet_of(b) for b in blocks) and exported(host):
                     prefixes.add(str(host))

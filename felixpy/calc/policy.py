@@ -1,14 +1,15 @@
 """The policy part of the calculation graph: datastore updates in, the node's filter table out.
 
-Fed the same KVUpdates as calc/graph.py. It indexes WorkloadEndpoints of ALL nodes (ipset members
-are cluster-wide), Profiles (`kns.<ns>` carries the namespace's labels), NetworkPolicies and
-GlobalNetworkPolicies, and produces:
+Registered with the same dispatcher as calc/graph.py (calc/dispatcher.py), which hands it
+decoded WorkloadEndpoints of ALL nodes (ipset members are cluster-wide), Profiles (`kns.<ns>`
+carries the namespace's labels), NetworkPolicies and GlobalNetworkPolicies. It produces:
 
   * for each LOCAL endpoint (spec.node == this node) the ordered ingress / egress policy ids and
     its existing profiles (`render.EndpointChains`);
   * the active policies (those that apply to at least one local endpoint) and active profiles;
   * the ipsets the active policies reference, with their members;
-  * all of it rendered as iptables chains (`filter_state()`), for the PolicyManager.
+  * all of it rendered as iptables chains (`filter_state()`, a messages.FilterState), for the
+    PolicyManager.
 
 Synchronous, no I/O. It is incremental because the agent must follow one policy change within
 ~100 ms at 1,000 local endpoints and 500 policies (kube-router's full rebuild per change is what
@@ -22,7 +23,8 @@ we must not be):
   * rendering is memoised by value (a Policy, a Profile, an EndpointChains, the interface set),
     so unchanged chains are the very same objects and the manager diffs them by identity.
 
-An invalid policy, profile or endpoint is logged and treated as absent, never a crash.
+An invalid policy, profile or endpoint arrives as a deletion (calc/updates.py decides and logs
+it); an endpoint whose interface name cannot carry a chain is left out and fails closed.
 The invariant (checked by tests/unit/test_calc_policy.py): `filter_state()` equals
 `render.render_filter_table()` over the same index.
 """
@@ -32,19 +34,20 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, TypeVar
 
-from felixpy.datastore import keys
-from felixpy.datastore.syncer import KVUpdate
-from policy import calico, evaluate, render
+from felixpy.calc.updates import (NAMESPACE_PROFILE_PREFIX, Kind, NamedProfile, Update, WorkloadEndpoint,
+                                  with_namespace_labels)
+from felixpy.messages import FilterState, IPSetState
+from policy import evaluate, render
 from policy import ipsets as policy_ipsets
-from policy.iptables import Chain, Rule
+from policy.iptables import Chain
 from policy.model import Endpoint, Policy, Profile
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from felixpy.calc.dispatcher import Dispatcher
 
-NAMESPACE_PROFILE_PREFIX = "kns."
-_POLICY_KINDS = {"networkpolicies": "NetworkPolicy", "globalnetworkpolicies": "GlobalNetworkPolicy"}
+log = logging.getLogger(__name__)
 
 
 def _profile_ref(name: str) -> str:
@@ -53,30 +56,22 @@ def _profile_ref(name: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class IPSetState:
-    """One desired ipset: its type ("hash:net" | "hash:ip,port") and members."""
-
-    type: str
-    members: frozenset[str]
-
-
-@dataclass(frozen=True)
-class FilterState:
-    """Everything the filter table and the policy ipsets should hold on this node."""
-
-    chains: Mapping[str, Chain]
-    jumps: Mapping[str, tuple[Rule, ...]]
-    ipsets: Mapping[str, IPSetState]
-
-
-@dataclass(frozen=True, slots=True)
 class _Workload:
     key: str
-    node: str
-    namespace: str
-    iface: str
-    raw: Mapping[str, Any]  # the stored WorkloadEndpoint, kept to rebuild on namespace label changes
-    endpoint: Endpoint | None  # None: could not be converted (invalid): no policy, no ipset member
+    decoded: WorkloadEndpoint  # as stored, kept to rebuild on namespace label changes
+    endpoint: Endpoint  # with its namespace's labels
+
+    @property
+    def node(self) -> str:
+        return self.decoded.node
+
+    @property
+    def namespace(self) -> str:
+        return self.decoded.namespace
+
+    @property
+    def iface(self) -> str:
+        return self.decoded.iface
 
 
 class PolicyCalc:
@@ -120,62 +115,34 @@ class PolicyCalc:
         self._jumps = {b: tuple(rules) for b, rules in render.jump_rules().items()}
 
     # -- input -----------------------------------------------------------------------------
-    def on_update(self, update: KVUpdate) -> None:
-        parsed = keys.parse_key(update.key)
-        if parsed.kind != "resource":
-            return
-        if parsed.plural == "workloadendpoints":
-            self._on_workload(update.key, parsed.namespace or "", update.value)
-        elif parsed.plural == "profiles":
-            self._on_profile(parsed.name, update.value)
-        elif parsed.plural in _POLICY_KINDS:
-            self._on_policy(update.key, parsed, update.value)
-        else:
-            return
+    def register_with(self, dispatcher: Dispatcher) -> None:
+        dispatcher.register(Kind.WORKLOAD_ENDPOINT, self.on_workload)
+        dispatcher.register(Kind.PROFILE, self.on_profile)
+        dispatcher.register(Kind.NETWORK_POLICY, self.on_policy)
+        dispatcher.register(Kind.GLOBAL_NETWORK_POLICY, self.on_policy)
+
+    def on_workload(self, update: Update[WorkloadEndpoint]) -> None:
+        workload = None
+        if update.value is not None:
+            workload = self._workload_from(update.key, update.value)
+        self._set_workload(update.key, workload)
         self.dirty = True
 
-    def _on_workload(self, key: str, namespace: str, value: Any) -> None:
-        workload = None
-        if value is not None:
-            try:
-                workload = self._workload_from(key, namespace, value)
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
-                log.warning("ignoring invalid workload endpoint key=%s error=%s", key, err)
-        self._set_workload(key, workload)
+    def _workload_from(self, key: str, decoded: WorkloadEndpoint) -> _Workload:
+        labels = self._ns_labels.get(decoded.namespace, {})
+        return _Workload(key, decoded, with_namespace_labels(decoded.endpoint, labels))
 
-    def _workload_from(self, key: str, namespace: str, value: Mapping[str, Any]) -> _Workload:
-        meta = dict(value.get("metadata") or {})
-        meta.setdefault("namespace", namespace)
-        raw = {**value, "metadata": meta}
-        spec = raw["spec"]
-        ns = meta["namespace"]
-        endpoint: Endpoint | None
-        try:
-            endpoint = calico.endpoint_from_resources(raw, self._ns_labels.get(ns, {}))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            log.warning("workload endpoint not usable for policy key=%s error=%s", key, err)
-            endpoint = None
-        return _Workload(key, str(spec.get("node", "")), ns, str(spec.get("interfaceName", "")),
-                         raw, endpoint)
-
-    def _on_profile(self, name: str, value: Any) -> None:
-        profile = None
-        labels: dict[str, str] | None = None
-        if value is not None:
-            try:
-                profile = calico.profile_from_resource(value)
-                if name.startswith(NAMESPACE_PROFILE_PREFIX):
-                    labels = dict(calico.namespace_labels_from_profile(value))
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
-                log.warning("ignoring invalid profile name=%s error=%s", name, err)
-                profile = None
+    def on_profile(self, update: Update[NamedProfile]) -> None:
+        name = update.name
+        profile = update.value.profile if update.value is not None else None
+        labels = update.value.namespace_labels if update.value is not None else None
         if profile is None:
             self._profiles.pop(name, None)
         else:
             self._profiles[name] = profile
         # Endpoints that reference the profile: their profile list (existing profiles only) may change.
         for key, workload in self._workloads.items():
-            if key in self._matches and workload.endpoint is not None and name in workload.endpoint.profiles:
+            if key in self._matches and name in workload.endpoint.profiles:
                 self._dirty_local.add(key)
         if name.startswith(NAMESPACE_PROFILE_PREFIX):
             namespace = name[len(NAMESPACE_PROFILE_PREFIX):]
@@ -183,38 +150,27 @@ class PolicyCalc:
                 if labels is None:
                     self._ns_labels.pop(namespace, None)
                 else:
-                    self._ns_labels[namespace] = labels
+                    self._ns_labels[namespace] = dict(labels)
                 # The namespace's labels are part of each of its endpoints: rebuild them.
                 for key in sorted(self._ns_workloads.get(namespace, ())):
                     old = self._workloads[key]
-                    self._set_workload(key, self._workload_from(key, namespace, old.raw))
+                    self._set_workload(key, self._workload_from(key, old.decoded))
+        self.dirty = True
 
-    def _on_policy(self, key: str, parsed: keys.ParsedKey, value: Any) -> None:
-        new = None
-        if value is not None:
-            resource = dict(value)
-            resource.setdefault("kind", _POLICY_KINDS[parsed.plural])
-            meta = dict(resource.get("metadata") or {})
-            meta.setdefault("name", parsed.name)
-            if parsed.namespace is not None:
-                meta.setdefault("namespace", parsed.namespace)
-            resource["metadata"] = meta
-            try:
-                new = calico.policy_from_resource(resource)
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
-                # Treated as absent: it selects nothing, so it can neither open nor close anything.
-                log.warning("ignoring invalid policy key=%s error=%s", key, err)
-        old_id = self._policy_ids.get(key)
+    def on_policy(self, update: Update[Policy]) -> None:
+        new = update.value
+        old_id = self._policy_ids.get(update.key)
         if old_id is not None and (new is None or new.id != old_id):
             self._set_policy(old_id, None)
-            del self._policy_ids[key]
+            del self._policy_ids[update.key]
         if new is not None:
-            self._policy_ids[key] = new.id
+            self._policy_ids[update.key] = new.id
             self._set_policy(new.id, new)
+        self.dirty = True
 
     # -- index maintenance -----------------------------------------------------------------
     def _is_local(self, workload: _Workload | None) -> bool:
-        return workload is not None and workload.node == self.node_name and workload.endpoint is not None
+        return workload is not None and workload.node == self.node_name
 
     def _set_workload(self, key: str, workload: _Workload | None) -> None:
         old = self._workloads.get(key)
@@ -233,7 +189,7 @@ class PolicyCalc:
         before = self._matches.pop(key, set())
         after: set[str] = set()
         if is_local:
-            assert workload is not None and workload.endpoint is not None
+            assert workload is not None
             ep = workload.endpoint
             candidates = self._ns_policies.get(ep.namespace, set()) | self._ns_policies.get(None, set())
             after = {pid for pid in candidates if evaluate.applies(self._policies[pid], ep)}
@@ -274,8 +230,7 @@ class PolicyCalc:
             candidates = self._matches if policy.namespace is None else (
                 self._ns_workloads.get(policy.namespace, set()) & self._matches.keys())
             for key in candidates:
-                ep = self._workloads[key].endpoint
-                if ep is not None and evaluate.applies(policy, ep):
+                if evaluate.applies(policy, self._workloads[key].endpoint):
                     after.add(key)
         for key in before - after:
             self._matches[key].discard(pid)
@@ -353,14 +308,12 @@ class PolicyCalc:
             namespace = spec.match.namespace if spec.match is not None else None
             scope = self._workloads.keys() if namespace is None else self._ns_workloads.get(namespace, set())
             for key in scope:
-                endpoint = self._workloads[key].endpoint
-                if endpoint is not None:
-                    found = self._members(spec, (endpoint,))
-                    if found:
-                        self._contribute(name, key, frozenset(found))
+                found = self._members(spec, (self._workloads[key].endpoint,))
+                if found:
+                    self._contribute(name, key, frozenset(found))
         for key in self._dirty_members:
             changed = self._workloads.get(key)
-            endpoints = () if changed is None or changed.endpoint is None else (changed.endpoint,)
+            endpoints = () if changed is None else (changed.endpoint,)
             for name, spec in self._set_specs.items():
                 if name in self._new_sets:
                     continue  # computed from scratch just above
@@ -406,7 +359,6 @@ class PolicyCalc:
                 self._activate_sets(_profile_ref(name), render.ipsets_for_profile(profile))
 
     def _chains_for(self, workload: _Workload) -> render.EndpointChains:
-        assert workload.endpoint is not None
         ordered = sorted((self._policies[pid] for pid in self._matches[workload.key]),
                          key=Policy.sort_key)
         return render.EndpointChains(
@@ -443,7 +395,7 @@ class PolicyCalc:
 
     def endpoints(self) -> list[Endpoint]:
         """Every usable endpoint of the cluster (for explain-style checks and tests)."""
-        return [w.endpoint for w in self._workloads.values() if w.endpoint is not None]
+        return [w.endpoint for w in self._workloads.values()]
 
     def filter_state(self) -> FilterState:
         """All chains, jump rules and ipsets of the filter table, memoised by value."""

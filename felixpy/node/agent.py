@@ -1,38 +1,44 @@
-"""The agent: syncer → calc graph → dataplane, on one loop, plus the CNI server.
+"""The agent: syncer → dispatcher → calc graph → dataplane managers → drivers, on one loop, plus the CNI server.
 
-Thread ownership: the main loop (`Agent.run`) is the only thread that touches the calc graph, the
-managers and the drivers. The syncer thread, the CNI server threads and the clock only put events
-on the queue or read the small thread-safe snapshots the loop publishes (`node_labels`, the
-endpoint waiter).
+Thread ownership: the main loop (`Agent.run`) is the only thread that touches the dispatcher, the
+calc graph, the managers and the drivers. The syncer thread, the CNI server threads and the clock
+only put events on the queue or read the small thread-safe snapshots the loop publishes
+(`node_labels`, the endpoint waiter).
 
-Ordering of one apply (dependencies first, deletions last):
-    links.apply()  →  ipsets.apply()  →  routes.apply()  →  filter table.apply()
-    →  nat table.apply()  →  ipsets.apply_deletions()
-(a tunnel device must exist before a route goes through it; a set must exist before a rule
-references it, and can only be destroyed once no rule does). Routes through a tunnel device that
-is not usable (no parent interface yet, or tunl0 on a kernel without IPIP) are left out of the
-route driver's desired set rather than retried forever.
+Input: every datastore update goes through one Dispatcher (calc/dispatcher.py draws who gets
+what): it is decoded once, an invalid value becomes a deletion there, and the typed update is
+handed to the handlers registered for its kind — the CalcGraph (routes, NAT, encapsulation, BGP
+announcements), the PolicyCalc (endpoints, policies, profiles), the BGP controller's resources,
+the IPAM usage metrics, and the loop itself (WorkloadEndpoint revisions for the CNI waiter).
 
-Encapsulation: the calc graph's `encap()` (pools' ipipMode / vxlanMode, this node's tunnel
+Output: each apply sends the outputs of the calcs that changed (felixpy/messages.py: CalcRoutes,
+EncapState, LearnedRoutes, NatState, FilterState) to every dataplane manager (`on_update`), then
+runs the steps of APPLY_ORDER: managers turn their desired state into driver calls
+(`complete_deferred_work`), drivers reconcile the kernel (`apply`). Dependencies first, deletions
+last: a tunnel device must exist before a route goes through it, so the links step comes first
+and tells the route manager which tunnel devices are usable (TunnelDevices); a set must exist
+before a rule references it, and can only be destroyed once no rule does.
+
+Encapsulation: the calc graph's EncapState (pools' ipipMode / vxlanMode, this node's tunnel
 addresses and VTEP MAC, the other nodes' VTEPs) feeds the TunnelManager, which drives the links
 driver (vxlan.calico, tunl0, FDB and neighbour entries). The periodic route resync also re-reads
 the tunnel devices, so a device, FDB or neighbour entry deleted by hand is repaired.
 
-Policy: calc/policy.py indexes endpoints, profiles and policies from the same updates as the
-calc graph; the PolicyManager turns its output into filter-table and ipset driver calls. The
-loop applies as soon as its queue is drained, so a policy change reaches the kernel within one
-apply of the datastore write.
+Policy: the loop applies as soon as its queue is drained, so a policy change reaches the kernel
+within one apply of the datastore write.
 
 Failure: nothing is written to the kernel before the first IN_SYNC, so a restarted agent first
 learns the whole desired state and then reconciles; routes and rules that are still right are
-never touched. A failed apply is retried with backoff; a datastore outage leaves the dataplane as
-it is (the syncer just stops delivering updates until it has relisted).
+never touched. A failed apply (a driver raised, or individual routes or tunnel devices failed) is
+retried with backoff through one path; a datastore outage leaves the dataplane as it is (the
+syncer just stops delivering updates until it has relisted). A pod's WorkloadEndpoint counts as
+programmed (the CNI waiter) once the route driver holds each of its routes, compared by value.
 
-BGP (backend "bird"): one BGPController (node/bgp.py) the loop feeds with datastore updates,
-the calc graph's announcements and the sidecar messages its link thread queues; the loop asks it
-for learned routes, which the route manager merges with the calc graph's. The first apply also
-waits until the controller has the sidecar's replay (or gave up waiting), so a restarted agent
-never deletes a BGP route it simply has not heard about yet.
+BGP (backend "bird"): one BGPController (node/bgp.py) registered with the dispatcher for its
+peering resources; the loop feeds it the calc graph's announcements and the sidecar messages
+its link thread queues, and asks it for learned routes, which the route manager merges with the
+calc graph's. The first apply also waits until the controller has the sidecar's replay (or gave
+up waiting), so a restarted agent never deletes a BGP route it simply has not heard about yet.
 """
 
 from __future__ import annotations
@@ -42,21 +48,24 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.calc.graph import CalcGraph
 from felixpy.calc.policy import PolicyCalc
+from felixpy.calc.updates import Kind, Update, WorkloadEndpoint
 from felixpy.dataplane.drivers.ipsets import IPSets
 from felixpy.dataplane.drivers.iptables import Backend, Table
 from felixpy.dataplane.drivers.links import TunnelLinks
 from felixpy.dataplane.drivers.routes import RouteTable
+from felixpy.dataplane.managers import Manager
 from felixpy.dataplane.managers.masq import MasqManager
 from felixpy.dataplane.managers.policy import PolicyManager
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
-from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
-from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
+from felixpy.datastore.syncer import Syncer, SyncStatus
+from felixpy.messages import CalcRoutes, LearnedRoutes, Message, TunnelDevices
 from felixpy.node.bgp import BGPController, SidecarMessage
 from felixpy.node.metrics import IPAMUsage, Metrics
 from policy.render import RenderConfig
@@ -66,6 +75,17 @@ log = logging.getLogger(__name__)
 RETRY_MIN = 0.2
 RETRY_MAX = 10.0
 PENDING_RETRY = 0.5  # routes waiting for an interface are retried this often
+
+# The steps of one apply, in order (see the module docstring for why this order).
+APPLY_ORDER: tuple[str, ...] = (
+    "links",            # TunnelManager → tunnel devices; then which of them routes may use
+    "deferred-work",    # every manager hands its desired state to its drivers (no I/O)
+    "ipsets",           # creations and member changes, before the rules that reference them
+    "routes",
+    "filter",
+    "nat",
+    "ipset-deletions",  # once no rule references them
+)
 
 
 class EndpointWaiter:
@@ -103,6 +123,20 @@ class AgentStatus:
     resyncs: int = 0
     node_labels: dict[str, str] = field(default_factory=dict)
     last_tick: float = field(default_factory=time.monotonic)  # liveness heartbeat (health.py)
+
+
+@dataclass
+class _ApplyOutcome:
+    """What the steps of one apply report, beyond exceptions."""
+
+    failed: dict[str, str] = field(default_factory=dict)  # route dst or tunnel device -> error
+    failed_steps: list[str] = field(default_factory=list)
+    pending: set[str] = field(default_factory=set)  # route dsts waiting for their interface
+
+    def report(self, step: str, failed: dict[str, str]) -> None:
+        if failed:
+            self.failed.update(failed)
+            self.failed_steps.append(step)
 
 
 @dataclass
@@ -148,6 +182,17 @@ class Agent:
         # datastore; with BGP ("bird") those routes come from the BGP speaker instead, and with
         # "none" (policy-only) nobody routes them.
         self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan")
+        self.policy_calc = PolicyCalc(node_name, render_config)
+        self._ipam_usage = IPAMUsage(node_name, metrics) if metrics is not None else None
+        self._bgp = bgp
+        self._wep_revisions: dict[str, int] = {}
+        self.dispatcher = Dispatcher(self.calc, self.policy_calc)
+        self.dispatcher.register(Kind.WORKLOAD_ENDPOINT, self._on_endpoint)
+        if bgp is not None:
+            bgp.register_with(self.dispatcher)
+        if self._ipam_usage is not None:
+            self._ipam_usage.register_with(self.dispatcher)
+
         self._routes = route_table or RouteTable()
         self._nat = nat_table or Table("nat", backend=iptables_backend)
         # The filter table is real whenever the nat table is: a caller that injects its own
@@ -161,20 +206,31 @@ class Agent:
         # when a caller (a test) injects its own route driver but no links driver.
         if links is None and route_table is None:
             links = TunnelLinks()
+        self._links = links
         self._tunnel_mgr = (TunnelManager(links, vxlan_mtu=vxlan_mtu, ipip_mtu=ipip_mtu)
                             if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
-        self._masq_mgr = MasqManager(self._nat, self._ipsets)
-        self.policy_calc = PolicyCalc(node_name, render_config)
         self._policy_mgr = PolicyManager(self._filter, self._ipsets) if self._filter is not None else None
-        self._wep_revisions: dict[str, int] = {}
+        self._managers: tuple[Manager, ...] = tuple(
+            m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets),
+                        self._policy_mgr) if m is not None)
+        filter_apply = self._filter.apply if self._filter is not None else None
+        steps: dict[str, Callable[[_ApplyOutcome], object] | None] = {
+            "links": self._apply_links if self._tunnel_mgr is not None else None,
+            "deferred-work": self._complete_deferred_work,
+            "ipsets": lambda _: self._ipsets.apply(),
+            "routes": self._apply_routes,
+            "filter": (lambda _: filter_apply()) if filter_apply is not None else None,
+            "nat": lambda _: self._nat.apply(),
+            "ipset-deletions": lambda _: self._ipsets.apply_deletions(),
+        }
+        self._steps = tuple((name, step) for name in APPLY_ORDER if (step := steps[name]) is not None)
+
         self._route_timer = _Timer(route_refresh_interval)
         self._iptables_timer = _Timer(iptables_refresh_interval)
         self._retry_at = float("inf")
         self._retry_delay = RETRY_MIN
         self.on_first_apply = on_first_apply
-        self._ipam_usage = IPAMUsage(node_name, metrics) if metrics is not None else None
-        self._bgp = bgp
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -236,24 +292,17 @@ class Agent:
                         self._bgp.datastore_in_sync()
                 continue
             for update in event:
-                self._on_update(update)
+                self.dispatcher.on_update(update)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
             self._bgp.set_announcements(self.calc.bgp_announcements())
             self._bgp.sync()
 
-    def _on_update(self, update: KVUpdate) -> None:
-        if update.key.startswith(keys.resource_prefix("workloadendpoints")):
-            if update.value is None:
-                self._wep_revisions.pop(update.key, None)
-            else:
-                self._wep_revisions[update.key] = update.revision
-        self.calc.on_update(update)
-        self.policy_calc.on_update(update)
-        if self._bgp is not None:
-            self._bgp.on_update(update)
-        if self._ipam_usage is not None:
-            self._ipam_usage.on_update(update.key, update.value)
+    def _on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:
+        if update.value is None:
+            self._wep_revisions.pop(update.key, None)
+        else:
+            self._wep_revisions[update.key] = update.revision
 
     def _dataplane_ready(self) -> bool:
         return self._bgp is None or self._bgp.ready_for_dataplane()
@@ -268,8 +317,8 @@ class Agent:
                 self.calc.dirty = True
         if now >= self._route_timer.due:
             self._routes.queue_resync()
-            if self._tunnel_mgr is not None:
-                self._tunnel_mgr.queue_resync()
+            if self._links is not None:
+                self._links.queue_resync()
             self._route_timer.schedule(now)
             self.status.resyncs += 1
             if self.metrics is not None:
@@ -287,66 +336,24 @@ class Agent:
     # -- the dataplane ---------------------------------------------------------------------
     def _apply(self) -> None:
         started = time.monotonic()
-        self.calc.dirty = False
-        routes = self.calc.routes()
-        if self._tunnel_mgr is not None:
-            encap = self.calc.encap()
-            self._tunnel_mgr.on_encap(
-                local_ip=encap.local_ip, vxlan=encap.vxlan, vxlan_address=encap.vxlan_address,
-                vxlan_mac=encap.vxlan_mac,
-                vteps=[(v.tunnel_ip, v.mac, v.node_ip) for v in encap.vteps],
-                ipip=encap.ipip, ipip_address=encap.ipip_address)
-        if self._bgp is not None:
-            self._route_mgr.on_learned(self._bgp.learned_routes(), local_ips=self._bgp.local_addresses())
-        self._masq_mgr.on_nat(self.calc.nat())
-        links_failed: dict[str, str] = {}
+        outcome = _ApplyOutcome()
+        step = "messages"
         try:
-            if self._tunnel_mgr is not None:
-                # Links first: the devices must exist before routes through them, and which
-                # devices are usable decides which routes are handed to the route driver.
-                self._tunnel_mgr.complete_deferred_work()
-                links = self._tunnel_mgr.apply()
-                links_failed = links.failed
-                if links.devices_changed:
-                    self._routes.queue_resync()
-                routes = self._tunnel_mgr.usable_routes(routes)
-            self._route_mgr.on_routes(routes)
-            if self._policy_mgr is not None and self.policy_calc.dirty:
-                self.policy_calc.dirty = False
-                state = self.policy_calc.filter_state()
-                self._policy_mgr.on_filter(state.chains, state.jumps, state.ipsets)
-            self._route_mgr.complete_deferred_work()
-            self._masq_mgr.complete_deferred_work()
-            if self._policy_mgr is not None:
-                self._policy_mgr.complete_deferred_work()
-            self._ipsets.apply()
-            result = self._routes.apply()
-            if self._filter is not None:
-                self._filter.apply()
-            self._nat.apply()
-            self._ipsets.apply_deletions()
+            for message in self._desired_state():
+                self._send(message)
+            for step, run in self._steps:
+                run(outcome)
         except Exception as err:  # every driver error: keep running, retry with backoff
-            self.status.last_apply_ok = False
-            self.status.last_apply_error = str(err)
-            self._retry_at = time.monotonic() + self._retry_delay
-            log.error("dataplane apply failed, retry in %.1fs: %s", self._retry_delay, err)
-            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            self._back_off(str(err), step)
             self.calc.dirty = True
             self.policy_calc.dirty = True  # memoised: recomputing on retry is cheap
             return
-        pending = set(result.pending)
-        failed = {**links_failed, **result.failed}
-        if failed:
-            # Individual routes or tunnel devices failed (or the read-back did): retry with backoff.
-            self.status.last_apply_ok = False
-            self.status.last_apply_error = "; ".join(f"{dst}: {e}" for dst, e in sorted(failed.items()))
-            log.error("route programming failed, retry in %.1fs: %s", self._retry_delay,
-                      self.status.last_apply_error)
-            self._retry_at = time.monotonic() + self._retry_delay
-            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-            pending |= set(result.failed)
+        if outcome.failed:
+            # Individual routes or tunnel devices failed (or the read-back did).
+            self._back_off("; ".join(f"{what}: {e}" for what, e in sorted(outcome.failed.items())),
+                           ",".join(outcome.failed_steps))
         else:
-            waiting = pending or (self._tunnel_mgr is not None and self._tunnel_mgr.needs_retry)
+            waiting = outcome.pending or (self._links is not None and self._links.dirty)
             self._retry_at = time.monotonic() + PENDING_RETRY if waiting else float("inf")
             self._retry_delay = RETRY_MIN
             self.status.last_apply_ok = True
@@ -354,15 +361,63 @@ class Agent:
         self.status.applies += 1
         if self.metrics is not None:
             self.metrics.observe_apply(time.monotonic() - started)
-            self.metrics.routes_programmed(len(self._route_mgr.desired) - len(pending))
-        self._publish_programmed(pending)
-        log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started, len(pending))
+            self.metrics.routes_programmed(len(self._routes.programmed))
+        self._publish_programmed()
+        log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started,
+                  len(outcome.pending))
         if self.status.applies == 1 and self.on_first_apply is not None:
             self.on_first_apply()
 
-    def _publish_programmed(self, pending: set[str]) -> None:
-        programmed = {}
-        for ep in self.calc.local_endpoints():
-            if not any(f"{ip}/32" in pending for ip in ep.ips):
-                programmed[ep.key] = self._wep_revisions.get(ep.key, 0)
-        self.waiter.mark_programmed(programmed)
+    def _desired_state(self) -> Iterator[Message]:
+        """The calc's outputs for the managers, each only when its calc changed (the managers keep
+        the last state: a policy change at 1,000 pods does not recompute 1,000 routes)."""
+        if self.calc.dirty:  # also set by the resync timers, learned-route changes and failures
+            self.calc.dirty = False
+            yield CalcRoutes(frozenset(self.calc.routes()))
+            if self._tunnel_mgr is not None:
+                yield self.calc.encap()
+            if self._bgp is not None:
+                yield LearnedRoutes(self._bgp.learned_routes(), frozenset(self._bgp.local_addresses()))
+            yield self.calc.nat()
+        if self._policy_mgr is not None and self.policy_calc.dirty:
+            self.policy_calc.dirty = False
+            yield self.policy_calc.filter_state()
+
+    def _send(self, message: Message) -> None:
+        for manager in self._managers:
+            manager.on_update(message)
+
+    def _apply_links(self, outcome: _ApplyOutcome) -> None:
+        assert self._tunnel_mgr is not None and self._links is not None
+        self._tunnel_mgr.complete_deferred_work()
+        result = self._links.apply()
+        outcome.report("links", result.failed)
+        if result.devices_changed:
+            self._routes.queue_resync()  # the kernel took the routes through a deleted device along
+        self._send(TunnelDevices(self._tunnel_mgr.blocked_devices()))
+
+    def _complete_deferred_work(self, outcome: _ApplyOutcome) -> None:
+        for manager in self._managers:
+            manager.complete_deferred_work()
+
+    def _apply_routes(self, outcome: _ApplyOutcome) -> None:
+        result = self._routes.apply()
+        outcome.pending.update(result.pending)
+        outcome.report("routes", result.failed)
+
+    def _back_off(self, error: str, step: str) -> None:
+        """The one retry path of a failed apply, whether a step raised or reported failures."""
+        self.status.last_apply_ok = False
+        self.status.last_apply_error = error
+        log.error("dataplane apply failed step=%s, retry in %.1fs: %s", step, self._retry_delay, error)
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _publish_programmed(self) -> None:
+        """WorkloadEndpoints whose routes the route driver holds, exactly as desired."""
+        programmed = self._routes.programmed
+        self.waiter.mark_programmed({
+            ep.key: self._wep_revisions.get(ep.key, 0)
+            for ep in self.calc.local_endpoints()
+            if all(programmed.get(route.dst) == route for route in ep.routes)
+        })

@@ -1,7 +1,7 @@
 """The agent's BGP controller: datastore → ExaBGP config and announcements; sidecar events → learned routes.
 
 One object, owned by the agent's main loop (`CALICO_NETWORKING_BACKEND=bird`). It does no kernel
-I/O: the loop feeds it datastore updates (`on_update`), the prefixes this node should announce
+I/O: the agent's dispatcher feeds it decoded datastore updates (`register_with`), the prefixes this node should announce
 (`set_announcements`, from the calc graph) and sidecar messages (`on_message`), calls `sync()`
 after every batch, and asks it for the learned routes (`learned_routes()`), which the route
 manager merges with the calc graph's own routes.
@@ -46,7 +46,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from bgp.client import SidecarClient, SidecarUnavailable
 from bgp.config import SpeakerConfig, render_exabgp_conf
@@ -54,9 +54,13 @@ from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, se
 from bgp.protocol import (CommandResult, Event, Notification, ReplayDone, StateChange, announce_routes,
                           end_of_rib, withdraw_routes)
 from bgp.rib import Rib
-from felixpy.datastore import keys
+from felixpy.calc.updates import Kind, Update, decode
+from felixpy.calc.updates import Node as NodeValue
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.node.secrets import SecretResolver
+
+if TYPE_CHECKING:
+    from felixpy.calc.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -198,29 +202,40 @@ def signal_exabgp(pid_file: str) -> bool:
 class BGPResources:
     """The datastore resources BGP peering is computed from: Nodes, BGPConfigurations, BGPPeers.
 
-    Shared by the agent's BGP controller and the route reflector, which both feed it the syncer's
-    updates and recompute their peers when it reports a change.
+    Shared by the agent's BGP controller (registered with the agent's dispatcher) and the route
+    reflector (which feeds it the syncer's updates through `on_update`); both recompute their
+    peers when `changed` is set. Values are the stored resources: bgp.peers reads them.
     """
 
-    PLURALS = ("nodes", "bgpconfigurations", "bgppeers")
+    KINDS = (Kind.NODE, Kind.BGP_CONFIGURATION, Kind.BGP_PEER)
 
     def __init__(self) -> None:
-        self.nodes: dict[str, dict[str, Any]] = {}
-        self.configs: dict[str, dict[str, Any]] = {}
-        self.peers: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, Mapping[str, Any]] = {}
+        self.configs: dict[str, Mapping[str, Any]] = {}
+        self.peers: dict[str, Mapping[str, Any]] = {}
+        self.changed = True
+
+    def register_with(self, dispatcher: Dispatcher) -> None:
+        for kind in self.KINDS:
+            dispatcher.register(kind, self.on_resource)
+
+    def on_resource(self, update: Update[Any]) -> None:
+        index = {Kind.NODE: self.nodes, Kind.BGP_CONFIGURATION: self.configs,
+                 Kind.BGP_PEER: self.peers}[update.kind]
+        value = update.value.resource if isinstance(update.value, NodeValue) else update.value
+        if value is None:
+            index.pop(update.name, None)
+        else:
+            index[update.name] = value
+        self.changed = True
 
     def on_update(self, update: KVUpdate) -> bool:
-        """Index one update; True when it concerned BGP peering."""
-        for plural, index in zip(self.PLURALS, (self.nodes, self.configs, self.peers)):
-            prefix = keys.resource_prefix(plural)
-            if update.key.startswith(prefix):
-                name = update.key[len(prefix):]
-                if update.value is None:
-                    index.pop(name, None)
-                else:
-                    index[name] = update.value
-                return True
-        return False
+        """Index one raw update (the route reflector's syncer); True when it concerned BGP peering."""
+        typed = decode(update, self.KINDS)
+        if typed is None:
+            return False
+        self.on_resource(typed)
+        return True
 
 
 class BGPController:
@@ -250,7 +265,6 @@ class BGPController:
 
         # datastore index
         self._resources = BGPResources()
-        self._config_dirty = True
         self._datastore_synced = False
 
         # configuration state
@@ -313,9 +327,8 @@ class BGPController:
                 self._post(SidecarLost(generation, str(err)))
 
     # -- datastore input -----------------------------------------------------------------------
-    def on_update(self, update: KVUpdate) -> None:
-        if self._resources.on_update(update):
-            self._config_dirty = True
+    def register_with(self, dispatcher: Dispatcher) -> None:
+        self._resources.register_with(dispatcher)
 
     def set_announcements(self, prefixes: Iterable[str]) -> None:
         """The prefixes this node should announce (calc graph output); no I/O."""
@@ -437,8 +450,8 @@ class BGPController:
         """Render/reload ExaBGP's configuration and bring announcements up to date."""
         if not self._datastore_synced:
             return
-        if self._config_dirty:
-            self._config_dirty = False
+        if self._resources.changed:
+            self._resources.changed = False
             self._update_config()
         if self._connected and self._replayed and self._node_ip is not None:
             self._announce()

@@ -17,7 +17,7 @@ The agent calls:
     metrics.iptables_rules(n)               # after each apply: rules in our chains
     metrics.bgp_sessions({"Established": 2, ...})
     metrics.observe_cni("ADD", seconds)     # the CNI server, per request
-    usage = IPAMUsage("node-1", metrics)    # fed every IPAM block update (KVUpdate) of the syncer
+    usage = IPAMUsage("node-1", metrics)    # registered with the agent's dispatcher: IPAM block updates
     metrics.start_http(9091)
 """
 
@@ -26,11 +26,14 @@ from __future__ import annotations
 import abc
 import math
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from felixpy.datastore import keys
-from felixpy.ipam.block import Block, BlockError, host_affinity
+from felixpy.calc.updates import Kind, Update
+from felixpy.ipam.block import Block, host_affinity
 from felixpy.node.health import Response, TextServer
+
+if TYPE_CHECKING:
+    from felixpy.calc.dispatcher import Dispatcher
 
 DEFAULT_METRICS_PORT = 9091
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -277,19 +280,17 @@ class IPAMUsage:
         self._blocks: dict[str, tuple[bool, int]] = {}  # block key -> (affine to us, our addresses)
         self._totals = [0, 0, 0]  # blocks, in use, borrowed
 
-    def on_update(self, key: str, value: Any) -> None:
-        """Feed every KVUpdate (key, value|None); keys that are not IPAM blocks are ignored."""
-        if not key.startswith(keys.BLOCKS):
-            return
+    def register_with(self, dispatcher: Dispatcher) -> None:
+        dispatcher.register(Kind.IPAM_BLOCK, self.on_block)
+
+    def on_block(self, update: Update[Block]) -> None:
+        """One IPAM block update (value None: deleted, being released, or invalid)."""
+        key = update.key
         share = (False, 0)
-        if value is not None and not value.get("deleted"):
-            try:
-                block = Block.from_json(value)
-            except BlockError:
-                block = None
-            if block is not None:
-                mine = sum(1 for a in block.allocated() if a.attrs.get("node") == self._node)
-                share = (block.affinity == self._affinity, mine)
+        block = update.value
+        if block is not None:
+            mine = sum(1 for a in block.allocated() if a.attrs.get("node") == self._node)
+            share = (block.affinity == self._affinity, mine)
         with self._lock:
             old = self._blocks.pop(key, (False, 0))
             if share != (False, 0):
@@ -300,7 +301,3 @@ class IPAMUsage:
                 self._totals[2] += sign * (0 if affine else mine)
             blocks, in_use, borrowed = self._totals
         self._metrics.ipam(blocks=blocks, in_use=in_use, borrowed=borrowed)
-
-    def on_updates(self, updates: Iterable[Any]) -> None:
-        for update in updates:
-            self.on_update(update.key, update.value)

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from felixpy import names
-from felixpy.dataplane.drivers.routes import Route, RouteTable
+from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.kernel import netns
 from felixpy.kernel.netlink import Netlink
+from felixpy.messages import Route
 
 pytestmark = [
     pytest.mark.root,

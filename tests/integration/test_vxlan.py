@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from felixpy import names
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.calc.graph import CalcGraph
 from felixpy.dataplane.drivers.links import TunnelLinks
 from felixpy.dataplane.drivers.routes import RouteTable
@@ -34,6 +35,7 @@ from felixpy.datastore.syncer import KVUpdate
 from felixpy.kernel import netns
 from felixpy.kernel.netlink import Netlink
 from felixpy.kernel.tunnels import TunnelKernel
+from felixpy.messages import CalcRoutes, TunnelDevices
 
 pytestmark = [
     pytest.mark.root,
@@ -78,24 +80,21 @@ class Node:
     calc: CalcGraph
 
     def apply(self) -> None:
-        """One agent apply: links first, then routes (felixpy/node/agent.py order)."""
-        enc = self.calc.encap()
-        self.tunnels.on_encap(local_ip=enc.local_ip, vxlan=enc.vxlan, vxlan_address=enc.vxlan_address,
-                              vxlan_mac=enc.vxlan_mac,
-                              vteps=[(v.tunnel_ip, v.mac, v.node_ip) for v in enc.vteps],
-                              ipip=enc.ipip, ipip_address=enc.ipip_address)
+        """One agent apply: links first, then routes (felixpy/node/agent.py APPLY_ORDER)."""
+        self.tunnels.on_update(self.calc.encap())
+        self.routes.on_update(CalcRoutes(frozenset(self.calc.routes())))
         self.tunnels.complete_deferred_work()
-        result = self.tunnels.apply()
+        result = self.links.apply()
         assert not result.failed, result.failed
         if result.devices_changed:
             self.table.queue_resync()
-        self.routes.on_routes(self.tunnels.usable_routes(self.calc.routes()))
+        self.routes.on_update(TunnelDevices(self.tunnels.blocked_devices()))
         self.routes.complete_deferred_work()
         applied = self.table.apply()
         assert not applied.failed and not applied.pending, applied
 
     def resync(self) -> None:
-        self.tunnels.queue_resync()
+        self.links.queue_resync()
         self.table.queue_resync()
         self.apply()
 
@@ -150,8 +149,7 @@ def cluster() -> Iterator[dict[str, Node]]:
 
 def feed(nodes: dict[str, Node], mode: str = "Always") -> None:
     for node in nodes.values():
-        for u in updates(mode):
-            node.calc.on_update(u)
+        Dispatcher(node.calc).on_updates(updates(mode))
         node.apply()
 
 

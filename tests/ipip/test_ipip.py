@@ -25,6 +25,7 @@ if socket.gethostname() != "ipipvm":
                 "(hostname ipipvm)", allow_module_level=True)
 
 from felixpy import names  # noqa: E402
+from felixpy.calc.dispatcher import Dispatcher  # noqa: E402
 from felixpy.calc.graph import CalcGraph  # noqa: E402
 from felixpy.dataplane.drivers.links import TunnelLinks  # noqa: E402
 from felixpy.dataplane.drivers.routes import RouteTable  # noqa: E402
@@ -35,6 +36,7 @@ from felixpy.datastore.syncer import KVUpdate  # noqa: E402
 from felixpy.kernel import netns  # noqa: E402
 from felixpy.kernel.netlink import Netlink  # noqa: E402
 from felixpy.kernel.tunnels import TunnelKernel  # noqa: E402
+from felixpy.messages import CalcRoutes, TunnelDevices  # noqa: E402
 
 pytestmark = [pytest.mark.root, pytest.mark.ipip]
 
@@ -100,15 +102,13 @@ def program(prefix: str, mode: str) -> None:
             table = RouteTable(netlink=Netlink(ipr))
             routes = RouteManager(table)
             calc = CalcGraph(name, remote_routes_from_datastore=False)
-            for u in updates(mode):
-                calc.on_update(u)
-            enc = calc.encap()
-            tunnels.on_encap(local_ip=enc.local_ip, vxlan=enc.vxlan, vxlan_address=enc.vxlan_address,
-                             vxlan_mac=enc.vxlan_mac, vteps=[], ipip=enc.ipip, ipip_address=enc.ipip_address)
+            Dispatcher(calc).on_updates(updates(mode))
+            tunnels.on_update(calc.encap())
+            routes.on_update(CalcRoutes(frozenset(calc.routes())))
             tunnels.complete_deferred_work()
-            result = tunnels.apply()
+            result = links.apply()
             assert not result.failed and not result.unavailable, result
-            routes.on_routes(tunnels.usable_routes(calc.routes()))
+            routes.on_update(TunnelDevices(tunnels.blocked_devices()))
             routes.complete_deferred_work()
             applied = table.apply()
             assert not applied.failed and not applied.pending, applied

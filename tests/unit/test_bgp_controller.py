@@ -12,13 +12,17 @@ import pytest
 
 from bgp.protocol import (CommandResult, EndOfRib, Event, OpenReceived, ReceivedRoute, ReplayDone,
                           RoutesReceived, StateChange)
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.calc.graph import CalcGraph
+from felixpy.dataplane.drivers.routes import ApplyResult, RouteTable
 from felixpy.dataplane.managers.routes import RouteManager, merge_learned
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
-from felixpy.messages import RouteSpec
+from felixpy.messages import CalcRoutes, LearnedRoutes, Route
 from felixpy.node.bgp import (AdjRibOut, BGPController, BGPPaths, SidecarConnected, SidecarEvent,
                               SidecarLost, parse_adj_rib_out)
+from tests.fakes.clock import FakeClock
+from tests.fakes.netlink import FakeNetlink
 
 N1, N2, N3 = "192.0.2.11", "192.0.2.12", "192.0.2.13"
 
@@ -48,12 +52,8 @@ class FakeLink:
         return taken
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+def feed(consumer: Any, *updates: KVUpdate) -> None:
+    Dispatcher(consumer).on_updates(updates)
 
 
 def node(name: str, ip: str, **bgp: Any) -> KVUpdate:
@@ -67,8 +67,8 @@ def peer(name: str, **spec: Any) -> KVUpdate:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[BGPController, FakeLink, Clock, list[int], list[Any]]:
-    link, clock = FakeLink(), Clock()
+def setup(tmp_path: Path) -> tuple[BGPController, FakeLink, FakeClock, list[int], list[Any]]:
+    link, clock = FakeLink(), FakeClock()
     reloads: list[int] = []
     posted: list[Any] = []
 
@@ -82,8 +82,7 @@ def setup(tmp_path: Path) -> tuple[BGPController, FakeLink, Clock, list[int], li
     ctl = BGPController("n1", paths, link=link, reload=reload, clock=clock)
     ctl._post = posted.append  # what start() sets, without the link thread
     ctl._started_at = clock.now
-    for update in (node("n1", N1), node("n2", N2)):
-        ctl.on_update(update)
+    feed(ctl, node("n1", N1), node("n2", N2))
     ctl.datastore_in_sync()
     return ctl, link, clock, reloads, posted
 
@@ -107,7 +106,7 @@ def test_config_rendered_written_and_reloaded_only_on_change(setup: Any, tmp_pat
     assert reloads == [1]
     ctl.sync()
     assert reloads == [1]  # unchanged: no reload
-    ctl.on_update(node("n3", N3))
+    feed(ctl, node("n3", N3))
     ctl.sync()
     assert f"neighbor {N3} {{" in (tmp_path / "exabgp.conf").read_text()
     assert reloads == [1, 1]
@@ -119,7 +118,7 @@ def test_invalid_bgppeer_keeps_the_previous_config(setup: Any, tmp_path: Path) -
     ctl, _, _, reloads, _ = setup
     ctl.sync()
     before = (tmp_path / "exabgp.conf").read_text()
-    ctl.on_update(peer("bad", peerIP="300.1.1.1", asNumber=65000))
+    feed(ctl, peer("bad", peerIP="300.1.1.1", asNumber=65000))
     ctl.sync()
     assert (tmp_path / "exabgp.conf").read_text() == before and reloads == [1]
     assert "spec.peerIP" in ctl.status()["configError"]
@@ -258,7 +257,7 @@ def test_removed_peer_is_forgotten(setup: Any) -> None:
     connect(ctl, 1, OpenReceived(N2, N2, 64512, 90, 120), state(N2, "up"),
             RoutesReceived(N2, (ReceivedRoute("10.244.2.0/26", N2),)))
     assert ctl.learned_routes()
-    ctl.on_update(KVUpdate(keys.resource_key("nodes", "n2"), None, 2))
+    feed(ctl, KVUpdate(keys.resource_key("nodes", "n2"), None, 2))
     ctl.sync()
     assert ctl.learned_routes() == {} and ctl.status()["peers"] == []
 
@@ -305,10 +304,10 @@ def test_announcements_blocks_borrowed_and_disable_bgp_export() -> None:
         _wep("remote", "n2", "10.244.2.3"),  # not ours
         _wep("quiet-borrowed", "n1", "10.99.5.5"),  # pool does not export
     ):
-        calc.on_update(update)
+        feed(calc, update)
     assert calc.bgp_announcements() == frozenset({"10.244.1.0/26", "10.244.2.9/32"})
     # Block released: no longer announced.
-    calc.on_update(KVUpdate(keys.affinity_key("n1", "10.244.1.0/26"), None, 2))
+    feed(calc, KVUpdate(keys.affinity_key("n1", "10.244.1.0/26"), None, 2))
     assert "10.244.1.0/26" not in calc.bgp_announcements()
     assert "10.244.1.5/32" in calc.bgp_announcements()  # now a pod outside our blocks
 
@@ -316,32 +315,26 @@ def test_announcements_blocks_borrowed_and_disable_bgp_export() -> None:
 # -- merging learned routes -------------------------------------------------------------------------
 
 def test_learned_routes_never_override_own_routes() -> None:
-    own = frozenset({RouteSpec("10.244.1.0/26", type="blackhole"), RouteSpec("10.244.1.5/32", iface="caliA")})
+    own = frozenset({Route("10.244.1.0/26", type="blackhole"), Route("10.244.1.5/32", iface="caliA")})
     learned = {"10.244.1.0/26": N2, "10.244.1.5/32": N2, "10.244.1.9/32": N2, "10.244.3.0/26": N3,
                "10.244.4.0/26": N1}
     merged = merge_learned(own, learned, frozenset({N1}))
-    assert merged == own | {RouteSpec("10.244.1.9/32", gateway=N2), RouteSpec("10.244.3.0/26", gateway=N3)}
-
-
-class FakeTable:
-    def __init__(self) -> None:
-        self.routes: list[Any] = []
-
-    def set_routes(self, routes: Any) -> None:
-        self.routes = sorted(r.dst for r in routes)
+    assert merged == own | {Route("10.244.1.9/32", gateway=N2), Route("10.244.3.0/26", gateway=N3)}
 
 
 def test_route_manager_merges_and_only_rewrites_on_change() -> None:
-    table = FakeTable()
-    mgr = RouteManager(table)  # type: ignore[arg-type]
-    mgr.on_routes({RouteSpec("10.244.1.0/26", type="blackhole")})
-    mgr.on_learned({"10.244.2.0/26": N2}, local_ips={N1})
+    nl = FakeNetlink()
+    table = RouteTable(netlink=nl)
+    mgr = RouteManager(table)
+    mgr.on_update(CalcRoutes(frozenset({Route("10.244.1.0/26", type="blackhole")})))
+    mgr.on_update(LearnedRoutes({"10.244.2.0/26": N2}, frozenset({N1})))
     mgr.complete_deferred_work()
-    assert table.routes == ["10.244.1.0/26", "10.244.2.0/26"]
-    table.routes = []
-    mgr.on_learned({"10.244.2.0/26": N2}, local_ips={N1})
+    table.apply()
+    assert sorted(nl.ours()) == ["10.244.1.0/26", "10.244.2.0/26"]
+    nl.calls.clear()
+    mgr.on_update(LearnedRoutes({"10.244.2.0/26": N2}, frozenset({N1})))
     mgr.complete_deferred_work()
-    assert table.routes == []  # nothing changed, nothing re-declared
+    assert table.apply() == ApplyResult() and nl.calls == []  # nothing changed, nothing re-declared
 
 
 def test_bgp_readiness_follows_calicos_bird_ready_rules() -> None:

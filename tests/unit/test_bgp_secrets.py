@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.node.bgp import BGPController, BGPPaths
@@ -141,7 +142,7 @@ def _controller(tmp_path: Path, resolver: SecretResolver) -> BGPController:
 
 
 def _feed(ctl: BGPController, plural: str, name: str, value: dict[str, Any]) -> None:
-    ctl.on_update(KVUpdate(keys.resource_key(plural, name), value, 1))
+    Dispatcher(ctl).on_update(KVUpdate(keys.resource_key(plural, name), value, 1))
 
 
 def test_controller_renders_mesh_and_peer_passwords(tmp_path: Path) -> None:

@@ -10,12 +10,15 @@ import random
 import time
 from typing import Any
 
-from felixpy.calc.policy import IPSetState, PolicyCalc
+from felixpy.calc.dispatcher import Dispatcher
+from felixpy.calc.policy import PolicyCalc
 from felixpy.dataplane.managers.policy import PolicyManager
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from policy import render
+from felixpy.messages import FilterState, IPSetState
 from policy.iptables import Chain, Rule
+from tests.fakes.dataplane import FakeDataplane
 
 NODE = "n1"
 
@@ -63,8 +66,7 @@ def deleted(update: KVUpdate) -> KVUpdate:
 
 
 def feed(calc: PolicyCalc, *updates: KVUpdate) -> PolicyCalc:
-    for u in updates:
-        calc.on_update(u)
+    Dispatcher(calc).on_updates(updates)
     return calc
 
 
@@ -143,17 +145,17 @@ def test_namespace_label_change_moves_endpoints_in_and_out_of_namespace_selector
     calc = feed(PolicyCalc(NODE), *small_world(), policy)
     assert by_pod(calc)["a/web"].ingress == ("red-only",)
     assert by_pod(calc)["b/web"].ingress == ()
-    calc.on_update(profile("b", {"team": "red"}))
+    feed(calc, profile("b", {"team": "red"}))
     assert by_pod(calc)["b/web"].ingress == ("red-only",)
-    calc.on_update(profile("a", {"team": "green"}))
+    feed(calc, profile("a", {"team": "green"}))
     assert by_pod(calc)["a/web"].ingress == ()
 
 
 def test_pod_label_change_moves_the_endpoint_and_its_ipset_membership() -> None:
     calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
-    calc.on_update(wep("n2", "a", "client", "10.244.2.1", {"app": "other"}))
+    feed(calc, wep("n2", "a", "client", "10.244.2.1", {"app": "other"}))
     assert all(not s.members for s in calc.ipsets().values() if s.type == "hash:net")
-    calc.on_update(wep(NODE, "a", "db", "10.244.1.2", {"app": "web"}))
+    feed(calc, wep(NODE, "a", "db", "10.244.1.2", {"app": "web"}))
     assert by_pod(calc)["a/db"].ingress == ("a/allow-clients",)
 
 
@@ -181,25 +183,25 @@ def test_invalid_policy_is_absent_and_its_fix_applies() -> None:
     bad = gnp("bad", {"selector": "app == ", "types": ["Ingress"], "ingress": [{"action": "Deny"}]})
     calc = feed(PolicyCalc(NODE), *small_world(), bad)
     assert calc.active_policies() == {}
-    calc.on_update(gnp("bad", {"selector": "app == 'db'", "types": ["Ingress"], "ingress": [{"action": "Deny"}]}))
+    feed(calc, gnp("bad", {"selector": "app == 'db'", "types": ["Ingress"], "ingress": [{"action": "Deny"}]}))
     assert set(calc.active_policies()) == {"bad"}
-    calc.on_update(bad)
+    feed(calc, bad)
     assert calc.active_policies() == {}
     assert by_pod(calc)["a/db"].ingress == ()
 
 
 def test_deleting_a_missing_profile_drops_it_from_endpoint_chains() -> None:
     calc = feed(PolicyCalc(NODE), *small_world())
-    calc.on_update(deleted(profile("a")))
+    feed(calc, deleted(profile("a")))
     assert by_pod(calc)["a/web"].profiles == ()
-    calc.on_update(profile("a"))
+    feed(calc, profile("a"))
     assert by_pod(calc)["a/web"].profiles == ("kns.a",)
 
 
 def test_unchanged_chains_are_the_same_objects_after_an_unrelated_update() -> None:
     calc = feed(PolicyCalc(NODE), *small_world(), ALLOW_CLIENTS)
     before = calc.filter_state().chains
-    calc.on_update(np("b", "other", {"selector": "app == 'db'", "ingress": [{"action": "Allow"}]}))
+    feed(calc, np("b", "other", {"selector": "app == 'db'", "ingress": [{"action": "Allow"}]}))
     after = calc.filter_state().chains
     shared = set(before) & set(after)
     assert shared == set(before)  # "other" selects no pod: nothing went away
@@ -247,7 +249,7 @@ def test_incremental_equals_from_scratch_over_random_sequences() -> None:
                 final.pop(update.key)
             else:
                 final[update.key] = update
-            calc.on_update(update)
+            feed(calc, update)
             if step % 10 == 9:
                 assert_same(calc, final)
         assert_same(calc, final)
@@ -270,12 +272,12 @@ def test_one_policy_update_at_scale_is_cheap() -> None:
     calc = feed(PolicyCalc(NODE), *updates)
     calc.filter_state()
     start = time.perf_counter()
-    calc.on_update(np("ns3", "pol3", {"selector": "app == 'app3'", "types": ["Ingress"],
+    feed(calc, np("ns3", "pol3", {"selector": "app == 'app3'", "types": ["Ingress"],
                                       "ingress": [{"action": "Allow", "protocol": "UDP", "destination": {"ports": [53]}}]}))
     state = calc.filter_state()
     policy_update = time.perf_counter() - start
     start = time.perf_counter()
-    calc.on_update(wep(NODE, "ns7", "pod7", "10.244.0.8", {"app": "app8", "role": "db"}, WEB_PORTS,
+    feed(calc, wep(NODE, "ns7", "pod7", "10.244.0.8", {"app": "app8", "role": "db"}, WEB_PORTS,
                        iface=f"cali{7:011x}"))
     calc.filter_state()
     endpoint_update = time.perf_counter() - start
@@ -318,68 +320,23 @@ def test_manager_sends_only_the_delta() -> None:
     chain_b = Chain("cali-b", (Rule(action="DROP"),))
     jumps = {"FORWARD": (Rule(action="-j cali-a"),)}
     set_x = IPSetState("hash:net", frozenset({"10.0.0.1"}))
-    manager.on_filter({"cali-a": chain_a, "cali-b": chain_b}, jumps, {"cali40x": set_x})
+    manager.on_update(FilterState({"cali-a": chain_a, "cali-b": chain_b}, jumps, {"cali40x": set_x}))
     manager.complete_deferred_work()
     assert sorted(table.calls) == [("jumps", "FORWARD"), ("update", "cali-a"), ("update", "cali-b")]
     assert sets.calls == [("set", "cali40x")]
     table.calls.clear()
     sets.calls.clear()
-    manager.on_filter({"cali-a": chain_a, "cali-b": Chain("cali-b", (Rule(action="DROP"),))}, jumps,
-                      {"cali40x": IPSetState("hash:net", frozenset({"10.0.0.1"}))})
+    manager.on_update(FilterState({"cali-a": chain_a, "cali-b": Chain("cali-b", (Rule(action="DROP"),))},
+                                  jumps, {"cali40x": IPSetState("hash:net", frozenset({"10.0.0.1"}))}))
     manager.complete_deferred_work()
     assert table.calls == [] and sets.calls == []  # equal values: nothing to do
-    manager.on_filter({"cali-a": Chain("cali-a", (Rule(action="RETURN"),))}, jumps, {})
+    manager.on_update(FilterState({"cali-a": Chain("cali-a", (Rule(action="RETURN"),))}, jumps, {}))
     manager.complete_deferred_work()
     assert table.calls == [("update", "cali-a"), ("remove", "cali-b")]
     assert sets.calls == [("remove", "cali40x")]
 
 
-# -- the agent loop with fake drivers -----------------------------------------------------------
-
-class FakeFilterTable(RecordingTable):
-    def __init__(self) -> None:
-        super().__init__()
-        self.chains: dict[str, Chain] = {}
-        self.applies = 0
-
-    def update_chain(self, chain: Chain) -> None:
-        super().update_chain(chain)
-        self.chains[chain.name] = chain
-
-    def remove_chain(self, name: str) -> None:
-        super().remove_chain(name)
-        self.chains.pop(name, None)
-
-    def queue_resync(self) -> None:
-        pass
-
-    def apply(self) -> str:
-        self.applies += 1
-        return ""
-
-
-class FakeSets(RecordingIPSets):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sets: dict[str, frozenset[str]] = {}
-
-    def set_members(self, name: str, set_type: str, members: Any) -> None:
-        super().set_members(name, set_type, members)
-        self.sets[name] = frozenset(members)
-
-    def remove_set(self, name: str) -> None:
-        super().remove_set(name)
-        self.sets.pop(name, None)
-
-    def queue_resync(self) -> None:
-        pass
-
-    def apply(self) -> str:
-        return ""
-
-    def apply_deletions(self) -> list[str]:
-        return []
-
+# -- the agent loop over its real drivers and the kernel fakes ---------------------------------
 
 def test_agent_programs_a_policy_written_to_the_datastore() -> None:
     import threading
@@ -387,43 +344,34 @@ def test_agent_programs_a_policy_written_to_the_datastore() -> None:
     from felixpy.datastore.memory import MemoryDatastore
     from felixpy.node.agent import Agent
 
-    class NoRoutes:
-        pending: tuple[str, ...] = ()
-        failed: dict[str, str] = {}
-
-        def set_routes(self, routes: Any) -> None:
-            pass
-
-        def queue_resync(self) -> None:
-            pass
-
-        def apply(self) -> "NoRoutes":
-            return self
-
     store = MemoryDatastore()
     for u in small_world():
         store.create(u.key, u.value)
-    table, sets = FakeFilterTable(), FakeSets()
+    dp = FakeDataplane()
     agent = Agent(store=store, node_name=NODE, networking_backend="none", route_refresh_interval=0,
-                  iptables_refresh_interval=0, route_table=NoRoutes(),  # type: ignore[arg-type]
-                  nat_table=FakeFilterTable(), filter_table=table, ipsets=sets)  # type: ignore[arg-type]
+                  iptables_refresh_interval=0, **dp.drivers())
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
-    try:
+
+    def wait_for(predicate: Any) -> None:
         deadline = time.monotonic() + 5
-        while agent.status.applies < 1 and time.monotonic() < deadline:
+        while not predicate() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert "cali-FORWARD" in table.chains and not any(n.startswith("cali-pi-") for n in table.chains)
+        assert predicate()
+
+    def client_in_a_set() -> bool:
+        return any("10.244.2.1" in members for members in dp.set_members().values())
+
+    try:
+        wait_for(lambda: agent.status.applies >= 1)
+        chains = dp.chains("filter")
+        assert "cali-FORWARD" in chains and not any(n.startswith("cali-pi-") for n in chains)
         store.create(ALLOW_CLIENTS.key, ALLOW_CLIENTS.value)
-        while "cali-pi-a/allow-clients" not in table.chains and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert "cali-pi-a/allow-clients" in table.chains
-        assert any("10.244.2.1" in members for members in sets.sets.values())
+        wait_for(lambda: "cali-pi-a/allow-clients" in dp.chains("filter"))
+        assert client_in_a_set()
         store.delete(ALLOW_CLIENTS.key)
-        while "cali-pi-a/allow-clients" in table.chains and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert "cali-pi-a/allow-clients" not in table.chains
-        assert not any("10.244.2.1" in members for members in sets.sets.values())
+        wait_for(lambda: "cali-pi-a/allow-clients" not in dp.chains("filter"))
+        wait_for(lambda: not client_in_a_set())  # the set goes once no rule references it
     finally:
         agent.stop()
         thread.join(5)

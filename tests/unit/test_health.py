@@ -15,19 +15,14 @@ from typing import Any
 
 import pytest
 
+from felixpy.calc.dispatcher import Dispatcher
 from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate
 from felixpy.datastore.memory import MemoryDatastore
 from felixpy.ipam.block import Block
 from felixpy.node.health import DatastoreProbe, HealthServer, add_agent_checks, heartbeat_check
 from felixpy.node.metrics import BGP_STATES, Counter, Gauge, Histogram, IPAMUsage, Metrics, Registry
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes.clock import FakeClock
 
 
 @dataclass
@@ -250,16 +245,21 @@ def _block(cidr: str, owner: str | None, allocations: dict[str, str]) -> dict[st
 
 def test_ipam_usage_tracks_own_and_borrowed_addresses() -> None:
     m = Metrics()
-    usage = IPAMUsage("n1", m)
+    dispatcher = Dispatcher(IPAMUsage("n1", m))  # the agent registers it the same way
+
+    def update(key: str, value: Any) -> None:
+        dispatcher.on_update(KVUpdate(key, value, 1))
+
     k1, k2, k3 = (keys.block_key(c) for c in ("10.0.0.0/26", "10.0.0.64/26", "10.0.0.128/26"))
-    usage.on_update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1", "10.0.0.2": "n1"}))
-    usage.on_update(k2, _block("10.0.0.64/26", "n2", {"10.0.0.65": "n2", "10.0.0.66": "n1"}))
-    usage.on_update(k3, _block("10.0.0.128/26", "n1", {}))
-    usage.on_update(keys.resource_key("nodes", "n1"), {"spec": {}})  # not a block: ignored
+    update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1", "10.0.0.2": "n1"}))
+    update(k2, _block("10.0.0.64/26", "n2", {"10.0.0.65": "n2", "10.0.0.66": "n1"}))
+    update(k3, _block("10.0.0.128/26", "n1", {}))
+    update(keys.resource_key("nodes", "n1"), {"spec": {}})  # not a block: not for IPAMUsage
     assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (2, 3, 1)
-    usage.on_update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1"}))
-    usage.on_update(k2, None)
+    update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1"}))
+    update(k2, None)
     assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (2, 1, 0)
-    usage.on_update(k3, None)
-    usage.on_update(k1, None)
+    update(k3, {**_block("10.0.0.128/26", "n1", {}), "deleted": True})  # being released
+    assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (1, 1, 0)
+    update(k1, {"cidr": "garbage"})  # invalid: as if gone
     assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (0, 0, 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 from dataclasses import replace
 
 import pytest
@@ -10,76 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from felixpy import names
-from felixpy.dataplane.drivers.routes import Route, RouteTable
-from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute, NetlinkError
+from felixpy.dataplane.drivers.routes import RouteTable
+from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute
+from felixpy.messages import Route
+from tests.fakes.netlink import FakeNetlink
 
 PROTO = names.ROUTE_PROTO
-
-
-class FakeNetlink:
-    """Keeps routes the way the kernel does (keyed by table, dst, metric) and fails on demand."""
-
-    def __init__(self, links: dict[str, int] | None = None) -> None:
-        self.links: dict[str, int] = dict(links or {})
-        self.routes: dict[tuple[int, str, int], KernelRoute] = {}
-        self.fail_next: set[str] = set()
-        self.calls: list[tuple[str, str]] = []
-
-    # -- test helpers -------------------------------------------------------------------------
-    def add_link(self, name: str, index: int) -> None:
-        self.links[name] = index
-
-    def remove_link(self, name: str) -> None:
-        index = self.links.pop(name)
-        # The kernel drops every route through a deleted device.
-        self.routes = {k: r for k, r in self.routes.items() if r.ifindex != index}
-
-    def ours(self) -> dict[str, KernelRoute]:
-        return {r.dst: r for r in self.routes.values() if r.proto == PROTO}
-
-    def mutating_calls(self) -> list[tuple[str, str]]:
-        return [c for c in self.calls if c[0] in ("add_route", "replace_route", "delete_route")]
-
-    def _maybe_fail(self, op: str, target: str) -> None:
-        self.calls.append((op, target))
-        if op in self.fail_next:
-            self.fail_next.discard(op)
-            raise NetlinkError(op, target, errno.EIO, "injected failure")
-
-    def _check_dev(self, route: KernelRoute) -> None:
-        if route.ifindex is not None and route.ifindex not in self.links.values():
-            raise NetlinkError("route", route.dst, errno.ENODEV, "no such device")
-
-    # -- RouteNetlink ---------------------------------------------------------------------------
-    def link_index(self, name: str) -> int | None:
-        self._maybe_fail("link_index", name)
-        return self.links.get(name)
-
-    def list_routes(self, *, proto: int, table: int = 254) -> list[KernelRoute]:
-        self._maybe_fail("list_routes", str(proto))
-        return [r for r in self.routes.values() if r.proto == proto and r.table == table]
-
-    def add_route(self, route: KernelRoute) -> None:
-        self._maybe_fail("add_route", route.dst)
-        self._check_dev(route)
-        key = (route.table, route.dst, route.priority)
-        if key in self.routes:
-            raise NetlinkError("route add", route.dst, errno.EEXIST, "file exists")
-        self.routes[key] = route
-
-    def replace_route(self, route: KernelRoute) -> None:
-        self._maybe_fail("replace_route", route.dst)
-        self._check_dev(route)
-        self.routes[(route.table, route.dst, route.priority)] = route
-
-    def delete_route(self, route: KernelRoute) -> None:
-        self._maybe_fail("delete_route", route.dst)
-        key = (route.table, route.dst, route.priority)
-        found = self.routes.get(key)
-        if found is None or found.proto != route.proto:
-            raise NetlinkError("route del", route.dst, errno.ESRCH, "no such process")
-        del self.routes[key]
-
 
 def kernel_view(nl: FakeNetlink) -> dict[str, tuple[str, str | None, int | None, bool]]:
     return {dst: (r.type, r.gateway, r.ifindex, r.onlink) for dst, r in nl.ours().items()}
@@ -176,6 +111,27 @@ def test_route_waits_for_its_interface(nl: FakeNetlink) -> None:
     result = table.apply()
     assert result.added == (later.dst,) and result.pending == ()
     assert kernel_view(nl)[later.dst] == ("unicast", None, 11, False)
+
+
+def test_programmed_holds_exactly_the_desired_values_the_kernel_has(nl: FakeNetlink) -> None:
+    later = Route("10.244.1.9/32", iface="calinotyet00000")
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK, POD, later])
+    assert table.programmed == {}  # declared is not programmed
+    table.apply()
+    assert dict(table.programmed) == {BLOCK.dst: BLOCK, POD.dst: POD}  # `later` waits for its iface
+    moved = Route(POD.dst, iface="eth0")
+    table.set_routes([BLOCK, moved, later])
+    assert table.programmed[POD.dst] != moved  # the kernel still has the old value
+    nl.fail_next.add("replace_route")
+    table.apply()
+    assert POD.dst not in table.programmed  # failed: not claimed either way
+    nl.add_link("calinotyet00000", 11)
+    table.apply()
+    assert dict(table.programmed) == {BLOCK.dst: BLOCK, moved.dst: moved, later.dst: later}
+    table.set_routes([BLOCK])
+    table.apply()
+    assert dict(table.programmed) == {BLOCK.dst: BLOCK}
 
 
 def test_recreated_interface_gets_its_route_back_after_resync(nl: FakeNetlink) -> None:
@@ -287,6 +243,7 @@ def test_converges_to_any_sequence_of_desired_sets(
         table.apply()
         table.apply()  # any injected failure is repaired by the next apply
         assert set(nl.ours()) == set(state)
+        assert set(table.programmed.values()) == set(routes)
         for route in routes:
             got = nl.ours()[route.dst]
             assert got.type == route.type and got.gateway == route.gateway

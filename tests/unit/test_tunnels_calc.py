@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 
 from felixpy import names
-from felixpy.calc.graph import CalcGraph, EncapState, RemoteVtep
+from felixpy.calc.dispatcher import Dispatcher
+from felixpy.calc.graph import CalcGraph
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
-from felixpy.messages import RouteSpec
+from felixpy.messages import EncapState, RemoteVtep, Route
 
 MAC1, MAC2, MAC3 = "66:00:00:00:00:01", "66:00:00:00:00:02", "66:00:00:00:00:03"
 
@@ -56,21 +57,20 @@ NODES = [
 
 def graph(*updates: KVUpdate, backend_routes: bool = False) -> CalcGraph:
     g = CalcGraph("n1", remote_routes_from_datastore=backend_routes)
-    for u in updates:
-        g.on_update(u)
+    Dispatcher(g).on_updates(updates)
     return g
 
 
-def remote(g: CalcGraph) -> set[RouteSpec]:
+def remote(g: CalcGraph) -> set[Route]:
     return {r for r in g.routes() if r.type != "blackhole" and r.iface != "cali0123456789a"}
 
 
-def vx(dst: str, via: str) -> RouteSpec:
-    return RouteSpec(dst, gateway=via, iface=names.VXLAN_DEVICE, onlink=True)
+def vx(dst: str, via: str) -> Route:
+    return Route(dst, gateway=via, iface=names.VXLAN_DEVICE, onlink=True)
 
 
-def tun(dst: str, via: str) -> RouteSpec:
-    return RouteSpec(dst, gateway=via, iface=names.IPIP_DEVICE, onlink=True)
+def tun(dst: str, via: str) -> Route:
+    return Route(dst, gateway=via, iface=names.IPIP_DEVICE, onlink=True)
 
 
 @pytest.mark.parametrize("backend_routes", [False, True])
@@ -86,7 +86,7 @@ def test_vxlan_always_routes_every_remote_block_via_its_vtep(backend_routes: boo
 def test_vxlan_cross_subnet_same_subnet_is_plain() -> None:
     g = graph(pool(vxlan="CrossSubnet"), *NODES)
     assert remote(g) == {
-        RouteSpec("10.244.2.0/26", gateway="192.0.2.12"),
+        Route("10.244.2.0/26", gateway="192.0.2.12"),
         vx("10.244.3.0/26", "10.244.3.0"),
         vx("10.244.2.9/32", "10.244.3.0"),
     }
@@ -99,7 +99,7 @@ def test_ipip_always_and_cross_subnet() -> None:
         tun("10.244.2.9/32", "198.51.100.13"),
     }
     assert remote(graph(pool(ipip="CrossSubnet"), *NODES)) == {
-        RouteSpec("10.244.2.0/26", gateway="192.0.2.12"),
+        Route("10.244.2.0/26", gateway="192.0.2.12"),
         tun("10.244.3.0/26", "198.51.100.13"),
         tun("10.244.2.9/32", "198.51.100.13"),
     }
@@ -108,9 +108,9 @@ def test_ipip_always_and_cross_subnet() -> None:
 def test_no_encap_remote_routes_only_from_the_datastore_backend() -> None:
     assert remote(graph(pool(), *NODES)) == set()
     assert remote(graph(pool(), *NODES, backend_routes=True)) == {
-        RouteSpec("10.244.2.0/26", gateway="192.0.2.12"),
-        RouteSpec("10.244.3.0/26", gateway="198.51.100.13"),
-        RouteSpec("10.244.2.9/32", gateway="198.51.100.13"),
+        Route("10.244.2.0/26", gateway="192.0.2.12"),
+        Route("10.244.3.0/26", gateway="198.51.100.13"),
+        Route("10.244.2.9/32", gateway="198.51.100.13"),
     }
 
 
@@ -118,13 +118,13 @@ def test_node_without_vtep_gets_no_vxlan_route_until_it_has_one() -> None:
     g = graph(pool(vxlan="Always"), *NODES, node("n2", "192.0.2.12/24"))
     assert vx("10.244.2.0/26", "10.244.2.0") not in g.routes()
     assert all(v.node != "n2" for v in g.encap().vteps)
-    g.on_update(node("n2", "192.0.2.12/24", vxlan="10.244.2.0", mac=MAC2))
+    Dispatcher(g).on_update(node("n2", "192.0.2.12/24", vxlan="10.244.2.0", mac=MAC2))
     assert vx("10.244.2.0/26", "10.244.2.0") in g.routes()
 
 
 def test_own_block_stays_blackholed_with_encap() -> None:
     g = graph(pool(vxlan="Always"), *NODES)
-    assert RouteSpec("10.244.1.0/26", type="blackhole") in g.routes()
+    assert Route("10.244.1.0/26", type="blackhole") in g.routes()
 
 
 def test_encap_state() -> None:

@@ -2,103 +2,22 @@
 
 from __future__ import annotations
 
-import errno
 from dataclasses import replace
 
 import pytest
 
 from felixpy import names
 from felixpy.dataplane.drivers.links import IPIP_MISSING, TunnelLinks, Vtep, VxlanDevice
+from felixpy.dataplane.drivers.routes import RouteTable
+from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
-from felixpy.kernel.netlink import NetlinkError
-from felixpy.kernel.tunnels import FdbEntry, NeighEntry, ParentLink, TunnelLink
-from felixpy.messages import RouteSpec
+from felixpy.kernel.tunnels import FdbEntry, NeighEntry, ParentLink
+from felixpy.messages import CalcRoutes, EncapState, LearnedRoutes, RemoteVtep, Route, TunnelDevices
+from tests.fakes.netlink import FakeNetlink, FakeTunnelKernel
 
 MAC = "66:00:00:00:00:01"
 V2 = Vtep("10.244.2.0", "66:00:00:00:00:02", "192.0.2.12")
 V3 = Vtep("10.244.3.0", "66:00:00:00:00:03", "192.0.2.13")
-
-
-class FakeKernel:
-    """Links, addresses, FDB and neighbours of one namespace; `calls` records every write."""
-
-    def __init__(self, *, ipip_module: bool = True, fallback_tunl0: bool = False) -> None:
-        self.parents = {"192.0.2.11": ParentLink("eth0", 2, 1500)}
-        self.links: dict[str, TunnelLink] = {}
-        self.fdb: dict[int, set[FdbEntry]] = {}
-        self.neigh: dict[int, set[NeighEntry]] = {}
-        self.ipip_module = ipip_module
-        self.calls: list[str] = []
-        self._next = 10
-        if fallback_tunl0:
-            self._add(TunnelLink("tunl0", 0, "ipip", "", 1480, False, frozenset()))
-
-    def _add(self, link: TunnelLink) -> None:
-        self._next += 1
-        self.links[link.name] = replace(link, index=self._next)
-        self.fdb[self._next], self.neigh[self._next] = set(), set()
-
-    def _by_index(self, index: int) -> TunnelLink:
-        return next(link for link in self.links.values() if link.index == index)
-
-    def _update(self, index: int, **changes: object) -> None:
-        link = self._by_index(index)
-        self.links[link.name] = replace(link, **changes)  # type: ignore[arg-type]
-
-    def get_link(self, name: str) -> TunnelLink | None:
-        return self.links.get(name)
-
-    def parent_of(self, ip: str) -> ParentLink | None:
-        return self.parents.get(ip)
-
-    def create_vxlan(self, name: str, *, vni: int, port: int, parent: int, local: str, mac: str, mtu: int) -> None:
-        self.calls.append(f"create {name}")
-        self._add(TunnelLink(name, 0, "vxlan", mac, mtu, False, frozenset(), vni, port, local, parent, False))
-
-    def create_ipip(self, name: str) -> None:
-        self.calls.append(f"create {name}")
-        if not self.ipip_module:
-            raise NetlinkError("link add", f"{name} type ipip", errno.EOPNOTSUPP, "EOPNOTSUPP")
-        self._add(TunnelLink(name, 0, "ipip", "", 1480, False, frozenset()))
-
-    def delete_link(self, index: int) -> None:
-        self.calls.append(f"delete {index}")
-        del self.links[self._by_index(index).name]
-
-    def set_link(self, index: int, *, mac: str | None = None, mtu: int | None = None, up: bool | None = None) -> None:
-        self.calls.append(f"set {index} mac={mac} mtu={mtu} up={up}")
-        link = self._by_index(index)
-        self._update(index, mac=mac or link.mac, mtu=mtu or link.mtu, up=link.up if up is None else up)
-
-    def add_address(self, index: int, cidr: str) -> None:
-        self.calls.append(f"addr add {cidr}")
-        self._update(index, addresses=self._by_index(index).addresses | {cidr})
-
-    def delete_address(self, index: int, cidr: str) -> None:
-        self.calls.append(f"addr del {cidr}")
-        self._update(index, addresses=self._by_index(index).addresses - {cidr})
-
-    def list_fdb(self, index: int) -> set[FdbEntry]:
-        return set(self.fdb[index])
-
-    def add_fdb(self, index: int, entry: FdbEntry) -> None:
-        self.calls.append(f"fdb add {entry.mac} {entry.dst}")
-        self.fdb[index].add(entry)
-
-    def delete_fdb(self, index: int, entry: FdbEntry) -> None:
-        self.calls.append(f"fdb del {entry.mac} {entry.dst}")
-        self.fdb[index].discard(entry)
-
-    def list_neigh(self, index: int) -> set[NeighEntry]:
-        return set(self.neigh[index])
-
-    def replace_neigh(self, index: int, entry: NeighEntry) -> None:
-        self.calls.append(f"neigh {entry.ip} {entry.mac}")
-        self.neigh[index] = {e for e in self.neigh[index] if e.ip != entry.ip} | {entry}
-
-    def delete_neigh(self, index: int, entry: NeighEntry) -> None:
-        self.calls.append(f"neigh del {entry.ip}")
-        self.neigh[index].discard(entry)
 
 
 def vxlan_device(**kw: object) -> VxlanDevice:
@@ -108,7 +27,7 @@ def vxlan_device(**kw: object) -> VxlanDevice:
 
 
 def test_vxlan_device_fdb_and_neighbours_are_created_then_left_alone() -> None:
-    kernel = FakeKernel()
+    kernel = FakeTunnelKernel()
     links = TunnelLinks(netlink=kernel)
     links.set_vxlan(vxlan_device(), [V2, V3])
     result = links.apply()
@@ -126,7 +45,7 @@ def test_vxlan_device_fdb_and_neighbours_are_created_then_left_alone() -> None:
 
 
 def test_vtep_changes_are_minimal_deltas() -> None:
-    kernel = FakeKernel()
+    kernel = FakeTunnelKernel()
     links = TunnelLinks(netlink=kernel)
     links.set_vxlan(vxlan_device(), [V2, V3])
     links.apply()
@@ -142,7 +61,7 @@ def test_vtep_changes_are_minimal_deltas() -> None:
 
 
 def test_drift_is_repaired_on_resync() -> None:
-    kernel = FakeKernel()
+    kernel = FakeTunnelKernel()
     links = TunnelLinks(netlink=kernel)
     links.set_vxlan(vxlan_device(), [V2])
     links.apply()
@@ -165,7 +84,7 @@ def test_drift_is_repaired_on_resync() -> None:
 
 
 def test_mismatched_device_is_recreated_and_wrong_mac_fixed() -> None:
-    kernel = FakeKernel()
+    kernel = FakeTunnelKernel()
     kernel.create_vxlan(names.VXLAN_DEVICE, vni=1, port=8472, parent=2, local="192.0.2.11", mac=MAC, mtu=1450)
     links = TunnelLinks(netlink=kernel)
     links.set_vxlan(vxlan_device(), [])
@@ -178,7 +97,7 @@ def test_mismatched_device_is_recreated_and_wrong_mac_fixed() -> None:
 
 
 def test_vxlan_without_parent_waits_and_removal_deletes_device() -> None:
-    kernel = FakeKernel()
+    kernel = FakeTunnelKernel()
     kernel.parents.clear()
     links = TunnelLinks(netlink=kernel)
     links.set_vxlan(vxlan_device(), [V2])
@@ -193,7 +112,7 @@ def test_vxlan_without_parent_waits_and_removal_deletes_device() -> None:
 
 
 def test_ipip_missing_module_is_reported_once_and_not_retried(caplog: pytest.LogCaptureFixture) -> None:
-    kernel = FakeKernel(ipip_module=False)
+    kernel = FakeTunnelKernel(ipip_module=False)
     links = TunnelLinks(netlink=kernel)
     from felixpy.dataplane.drivers.links import IpipDevice
 
@@ -212,7 +131,7 @@ def test_ipip_missing_module_is_reported_once_and_not_retried(caplog: pytest.Log
 def test_ipip_adopts_the_fallback_tunl0() -> None:
     from felixpy.dataplane.drivers.links import IpipDevice
 
-    kernel = FakeKernel(fallback_tunl0=True)
+    kernel = FakeTunnelKernel(fallback_tunl0=True)
     links = TunnelLinks(netlink=kernel)
     links.set_ipip(IpipDevice("192.0.2.11", "10.244.1.1"))
     links.apply()
@@ -240,36 +159,55 @@ class FakeLinks:
         self.calls.append(("ipip", device))
 
 
-ENCAP = dict(local_ip="192.0.2.11", vxlan=True, vxlan_address="10.244.1.0", vxlan_mac=MAC,
-             vteps=[("10.244.2.0", V2.mac, "192.0.2.12")], ipip=False, ipip_address=None)
+ENCAP = EncapState(local_ip="192.0.2.11", vxlan=True, vxlan_address="10.244.1.0", vxlan_mac=MAC,
+                   vteps=frozenset({RemoteVtep("n2", "192.0.2.12", "10.244.2.0", V2.mac)}))
 
 
 def test_manager_hands_the_driver_only_changes() -> None:
     fake = FakeLinks()
     mgr = TunnelManager(fake, vxlan_mtu=1410)  # type: ignore[arg-type]
-    mgr.on_encap(**ENCAP)  # type: ignore[arg-type]
+    mgr.on_update(ENCAP)
     mgr.complete_deferred_work()
     assert fake.calls == [("vxlan", (vxlan_device(mtu=1410), frozenset({V2}))), ("ipip", None)]
     fake.calls.clear()
-    mgr.on_encap(**ENCAP)  # type: ignore[arg-type]
+    mgr.on_update(ENCAP)
     mgr.complete_deferred_work()
     assert fake.calls == []
-    mgr.on_encap(**{**ENCAP, "vteps": []})  # type: ignore[arg-type]
+    mgr.on_update(replace(ENCAP, vteps=frozenset()))
     mgr.complete_deferred_work()
     assert fake.calls[0] == ("vxlan", (vxlan_device(mtu=1410), frozenset()))
 
 
-def test_manager_waits_for_the_mac_and_filters_routes_through_unusable_devices() -> None:
+def test_manager_waits_for_the_mac_and_blocks_unusable_devices() -> None:
     fake = FakeLinks()
     mgr = TunnelManager(fake)  # type: ignore[arg-type]
-    mgr.on_encap(**{**ENCAP, "vxlan_mac": None})  # type: ignore[arg-type]
+    mgr.on_update(replace(ENCAP, vxlan_mac=None))
     mgr.complete_deferred_work()
     assert fake.calls[0] == ("vxlan", (None, frozenset()))
-    routes = {RouteSpec("10.244.2.0/26", gateway="10.244.2.0", iface=names.VXLAN_DEVICE, onlink=True),
-              RouteSpec("10.244.3.0/26", gateway="192.0.2.13", iface=names.IPIP_DEVICE, onlink=True),
-              RouteSpec("10.244.1.0/26", type="blackhole")}
-    assert mgr.usable_routes(routes) == {RouteSpec("10.244.1.0/26", type="blackhole")}
-    mgr.on_encap(**{**ENCAP, "ipip": True})  # type: ignore[arg-type]
-    assert len(mgr.usable_routes(routes)) == 3
-    fake.unavailable = frozenset({names.IPIP_DEVICE})
-    assert {r.iface for r in mgr.usable_routes(routes)} == {None, names.VXLAN_DEVICE}
+    assert mgr.blocked_devices() == {names.VXLAN_DEVICE, names.IPIP_DEVICE}  # neither wanted
+    mgr.on_update(replace(ENCAP, ipip=True))
+    assert mgr.blocked_devices() == frozenset()
+    fake.unavailable = frozenset({names.IPIP_DEVICE})  # wanted, but the driver could not build it
+    assert mgr.blocked_devices() == {names.IPIP_DEVICE}
+
+
+def test_route_manager_leaves_out_routes_through_blocked_devices() -> None:
+    nl = FakeNetlink({"eth0": 2, names.VXLAN_DEVICE: 8, names.IPIP_DEVICE: 9})
+    table = RouteTable(netlink=nl)
+    mgr = RouteManager(table)
+    vxlan = Route("10.244.2.0/26", gateway="10.244.2.0", iface=names.VXLAN_DEVICE, onlink=True)
+    ipip = Route("10.244.3.0/26", gateway="192.0.2.13", iface=names.IPIP_DEVICE, onlink=True)
+    block = Route("10.244.1.0/26", type="blackhole")
+    mgr.on_update(CalcRoutes(frozenset({vxlan, ipip, block})))
+    mgr.on_update(LearnedRoutes({"10.244.3.0/26": "192.0.2.13"}))
+    mgr.on_update(TunnelDevices(frozenset({names.IPIP_DEVICE})))  # e.g. no ipip module
+    mgr.on_update(ENCAP)  # not a route manager's message: ignored
+    mgr.complete_deferred_work()
+    table.apply()
+    # The calc's tunl0 route is left out, so the BGP-learned route for the block takes its place.
+    assert mgr.desired == {vxlan, block, Route("10.244.3.0/26", gateway="192.0.2.13")}
+    assert set(nl.ours()) == {vxlan.dst, ipip.dst, block.dst}
+    mgr.on_update(TunnelDevices(frozenset()))
+    mgr.complete_deferred_work()
+    table.apply()
+    assert mgr.desired == {vxlan, ipip, block} and nl.ours()[ipip.dst].ifindex == 9

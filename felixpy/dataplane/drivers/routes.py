@@ -1,7 +1,10 @@
 """The route driver: owns every route carrying names.ROUTE_PROTO in the main routing table.
 
-API model: `set_routes()` declares the whole desired set (no I/O), `apply()` reconciles the
-kernel with it, `queue_resync()` makes the next apply read everything back first.
+API model: `set_routes()` declares the whole desired set of `messages.Route` values (no I/O),
+`apply()` reconciles the kernel with it, `queue_resync()` makes the next apply read everything
+back first. `programmed` maps each destination to the desired Route the kernel is known to hold
+(after an add, a replace, or a read-back that found it): a route is programmed exactly when it
+equals the value there.
 
 Design: we remember what we programmed (`_programmed`, dst -> routes of our proto there) and
 trust it between resyncs, so an apply after a small change costs only the netlink requests for
@@ -17,10 +20,10 @@ Thread ownership: the agent's main loop; the netlink object belongs to that thre
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from types import MappingProxyType
+from typing import Iterable, Mapping
 
 from felixpy import names
 from felixpy.kernel.netlink import (
@@ -30,46 +33,11 @@ from felixpy.kernel.netlink import (
     NetlinkError,
     RouteNetlink,
 )
+from felixpy.messages import Route
 
-__all__ = ["ApplyResult", "Route", "RouteTable"]
+__all__ = ["ApplyResult", "RouteTable"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Route:
-    """A desired route. unicast needs a gateway, an iface, or both; blackhole needs neither."""
-
-    dst: str
-    type: Literal["unicast", "blackhole"] = "unicast"
-    gateway: str | None = None
-    iface: str | None = None
-    onlink: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dst", str(ipaddress.IPv4Network(self.dst, strict=False)))
-        if self.type == "blackhole":
-            if self.gateway or self.iface or self.onlink:
-                raise ValueError(f"blackhole route {self.dst} cannot have a gateway or iface")
-        elif self.type == "unicast":
-            if not self.gateway and not self.iface:
-                raise ValueError(f"route {self.dst} needs a gateway or an iface")
-            if self.gateway:
-                object.__setattr__(self, "gateway", str(ipaddress.IPv4Address(self.gateway)))
-            if self.onlink and not self.iface:
-                raise ValueError(f"onlink route {self.dst} needs an iface")
-        else:
-            raise ValueError(f"route {self.dst}: unknown type {self.type!r}")
-
-    def describe(self) -> str:
-        parts = [self.dst if self.type == "unicast" else f"blackhole {self.dst}"]
-        if self.gateway:
-            parts.append(f"via {self.gateway}")
-        if self.iface:
-            parts.append(f"dev {self.iface}")
-        if self.onlink:
-            parts.append("onlink")
-        return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -101,11 +69,17 @@ class RouteTable:
         self._programmed: dict[str, list[KernelRoute]] = {}
         self._dirty: set[str] = set()  # dsts whose desired state changed since the last apply
         self._retry: set[str] = set()  # pending (iface missing) or failed dsts
+        self._in_kernel: dict[str, Route] = {}  # dst -> the desired route the kernel holds there
         self._resync = True  # the first apply reads back (and sweeps what is no longer desired)
 
     @property
     def desired(self) -> dict[str, Route]:
         return dict(self._desired)
+
+    @property
+    def programmed(self) -> Mapping[str, Route]:
+        """dst -> the desired route the kernel is known to hold there (read-only view)."""
+        return MappingProxyType(self._in_kernel)
 
     def set_routes(self, routes: Iterable[Route]) -> None:
         """Declare the complete desired set. Cheap: only records which dsts changed."""
@@ -160,6 +134,7 @@ class RouteTable:
 
     def _reconcile(self, dst: str, plan: _Plan, iface_index: dict[str, int | None]) -> None:
         want = self._desired.get(dst)
+        self._in_kernel.pop(dst, None)  # until this pass confirms it again
         have = list(self._programmed.get(dst, []))
         if want is None:
             for route in have:
@@ -190,6 +165,7 @@ class RouteTable:
                 have.remove(route)
         if keep is not None:
             self._store(dst, have)
+            self._in_kernel[dst] = want
             return
         replacing = any(r.priority == target.priority for r in have)
         try:
@@ -213,6 +189,7 @@ class RouteTable:
             return
         (plan.replaced if replacing else plan.added).append(dst)
         self._store(dst, [r for r in have if r.priority != target.priority] + [target])
+        self._in_kernel[dst] = want
 
     def _to_kernel(self, want: Route, ifindex: int | None) -> KernelRoute:
         scope = SCOPE_LINK if want.type == "unicast" and not want.gateway else SCOPE_UNIVERSE

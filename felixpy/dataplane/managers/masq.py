@@ -15,7 +15,7 @@ from __future__ import annotations
 from felixpy import names
 from felixpy.dataplane.drivers.ipsets import IPSets
 from felixpy.dataplane.drivers.iptables import Chain, Rule, Table
-from felixpy.messages import NatState
+from felixpy.messages import Message, NatState
 
 MASQ_SET = names.check_ipset_name(names.IPSET_PREFIX + "masq-ipam-pools")
 ALL_POOLS_SET = names.check_ipset_name(names.IPSET_PREFIX + "all-ipam-pools")
@@ -47,9 +47,9 @@ class MasqManager:
         self._desired: NatState | None = None
         self._dirty = True
 
-    def on_nat(self, nat: NatState) -> None:
-        if nat != self._desired:
-            self._desired = nat
+    def on_update(self, message: Message) -> None:
+        if isinstance(message, NatState) and message != self._desired:
+            self._desired = message
             self._dirty = True
 
     def complete_deferred_work(self) -> None:

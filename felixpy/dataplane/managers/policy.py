@@ -1,7 +1,8 @@
 """PolicyManager: the filter table's chains and jump rules, and the policy ipsets, as desired state.
 
-The calc side (calc/policy.py) hands over everything the filter table should hold: chains by
-name, the jump rules at the top of the built-in chains, and the ipsets with their members. This
+The calc side (calc/policy.py) hands over everything the filter table should hold as one
+FilterState: chains by name, the jump rules at the top of the built-in chains, and the ipsets
+with their members. This
 manager turns that into driver calls — `Table.update_chain` only for chains that changed,
 `remove_chain` for chains no longer wanted, `set_jump_rules`, `IPSets.set_members` /
 `remove_set` — and does no I/O itself: the agent applies the drivers in dependency order
@@ -13,21 +14,10 @@ is the same object as last time and the diff over thousands of chains costs micr
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
-
 from felixpy.dataplane.drivers.ipsets import IPSets, SetType
 from felixpy.dataplane.drivers.iptables import Table
+from felixpy.messages import FilterState, Message
 from policy.iptables import Chain, Rule
-
-
-class IPSetValue(Protocol):
-    """What the manager needs of a desired ipset (calc.policy.IPSetState has these fields)."""
-
-    @property
-    def type(self) -> str: ...
-
-    @property
-    def members(self) -> frozenset[str]: ...
 
 
 class PolicyManager:
@@ -37,18 +27,17 @@ class PolicyManager:
         self._chains: dict[str, Chain] = {}
         self._jumps: dict[str, tuple[Rule, ...]] = {}
         self._sets: dict[str, tuple[str, frozenset[str]]] = {}
-        self._pending: tuple[Mapping[str, Chain], Mapping[str, Sequence[Rule]],
-                             Mapping[str, IPSetValue]] | None = None
+        self._pending: FilterState | None = None
 
-    def on_filter(self, chains: Mapping[str, Chain], jumps: Mapping[str, Sequence[Rule]],
-                  ipsets: Mapping[str, IPSetValue]) -> None:
+    def on_update(self, message: Message) -> None:
         """Record the whole desired state; the driver calls happen in complete_deferred_work."""
-        self._pending = (chains, jumps, ipsets)
+        if isinstance(message, FilterState):
+            self._pending = message
 
     def complete_deferred_work(self) -> None:
         if self._pending is None:
             return
-        chains, jumps, ipsets = self._pending
+        chains, jumps, ipsets = self._pending.chains, self._pending.jumps, self._pending.ipsets
         self._pending = None
         # ipsets first in the data flow too: a new chain may reference a new set.
         for name, value in ipsets.items():

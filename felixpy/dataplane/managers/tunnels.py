@@ -1,24 +1,23 @@
-"""TunnelManager: the calc graph's encapsulation state → the links driver (vxlan.calico, tunl0).
+"""TunnelManager: the calc graph's EncapState → the links driver (vxlan.calico, tunl0).
 
 It decides what each device needs from the node's own addresses and the configured MTUs, hands
-the links driver only real changes, and tells the agent which routes cannot be programmed yet
-because their tunnel device is not usable (`usable_routes`): a route via vxlan.calico before the
-device exists would just sit pending, and one via tunl0 on a kernel without IPIP never works.
-
-The inputs are plain values (not the calc graph's types: calc and dataplane meet only in
-felixpy/messages.py), so the agent passes the fields of `CalcGraph.encap()`.
+the links driver only real changes, and says which tunnel devices routes must not go through
+yet (`blocked_devices()`, sent to the RouteManager as TunnelDevices after the links apply): a
+route via vxlan.calico before the device exists would just sit pending, and one via tunl0 on a
+kernel without IPIP never works.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
 
 from felixpy import names
-from felixpy.dataplane.drivers.links import IpipDevice, LinksResult, TunnelLinks, Vtep, VxlanDevice
-from felixpy.messages import RouteSpec
+from felixpy.dataplane.drivers.links import IpipDevice, TunnelLinks, Vtep, VxlanDevice
+from felixpy.messages import EncapState, Message
 
 log = logging.getLogger(__name__)
+
+TUNNEL_DEVICES = frozenset({names.VXLAN_DEVICE, names.IPIP_DEVICE})
 
 
 class TunnelManager:
@@ -32,32 +31,27 @@ class TunnelManager:
         self._dirty = True
         self._missing_mac_logged = False
 
-    def on_encap(
-        self,
-        *,
-        local_ip: str | None,
-        vxlan: bool,
-        vxlan_address: str | None,
-        vxlan_mac: str | None,
-        vteps: Iterable[tuple[str, str, str]],  # (tunnel IP, MAC, node IP) of each remote VTEP
-        ipip: bool,
-        ipip_address: str | None,
-    ) -> None:
-        """Record the desired encapsulation state; no I/O."""
+    def on_update(self, message: Message) -> None:
+        if isinstance(message, EncapState):
+            self._on_encap(message)
+
+    def _on_encap(self, encap: EncapState) -> None:
+        local_ip = encap.local_ip
         want_vxlan: VxlanDevice | None = None
-        if vxlan and local_ip:
-            if vxlan_mac:
-                want_vxlan = VxlanDevice(local_ip=local_ip, mac=vxlan_mac, address=vxlan_address,
-                                         mtu=self._vxlan_mtu)
+        if encap.vxlan and local_ip:
+            if encap.vxlan_mac:
+                want_vxlan = VxlanDevice(local_ip=local_ip, mac=encap.vxlan_mac,
+                                         address=encap.vxlan_address, mtu=self._vxlan_mtu)
                 self._missing_mac_logged = False
             elif not self._missing_mac_logged:
                 # Startup writes the MAC with the tunnel address; until then there is no VTEP.
                 log.warning("VXLAN pool present but this Node has no vxlanTunnelMACAddr yet; "
                             "%s waits for it", names.VXLAN_DEVICE)
                 self._missing_mac_logged = True
-        want_vteps = frozenset(Vtep(t, m, n) for t, m, n in vteps) if want_vxlan else frozenset()
-        want_ipip = IpipDevice(local_ip=local_ip, address=ipip_address, mtu=self._ipip_mtu) \
-            if ipip and local_ip else None
+        want_vteps = frozenset(Vtep(v.tunnel_ip, v.mac, v.node_ip) for v in encap.vteps) \
+            if want_vxlan else frozenset()
+        want_ipip = IpipDevice(local_ip=local_ip, address=encap.ipip_address, mtu=self._ipip_mtu) \
+            if encap.ipip and local_ip else None
         if (want_vxlan, want_vteps, want_ipip) != (self._vxlan, self._vteps, self._ipip):
             self._vxlan, self._vteps, self._ipip = want_vxlan, want_vteps, want_ipip
             self._dirty = True
@@ -68,23 +62,11 @@ class TunnelManager:
             self._links.set_ipip(self._ipip)
             self._dirty = False
 
-    def apply(self) -> LinksResult:
-        return self._links.apply()
-
-    def queue_resync(self) -> None:
-        self._links.queue_resync()
-
-    @property
-    def needs_retry(self) -> bool:
-        """The driver wants another apply soon (a device is waiting for its parent, or failed)."""
-        return self._links.dirty
-
-    def usable_routes(self, routes: Iterable[RouteSpec]) -> set[RouteSpec]:
-        """`routes` without those through a tunnel device that is not wanted or not usable."""
+    def blocked_devices(self) -> frozenset[str]:
+        """The tunnel devices no route may use: not wanted, or (after an apply) not usable."""
         wanted = set()
         if self._vxlan is not None:
             wanted.add(names.VXLAN_DEVICE)
         if self._ipip is not None:
             wanted.add(names.IPIP_DEVICE)
-        blocked = ({names.VXLAN_DEVICE, names.IPIP_DEVICE} - wanted) | self._links.unavailable
-        return {r for r in routes if r.iface not in blocked}
+        return (TUNNEL_DEVICES - wanted) | self._links.unavailable

@@ -1,0 +1,306 @@
+"""Typed datastore updates: each update's key and value decoded once, for every consumer.
+
+`decode(KVUpdate)` turns a key into its kind, name and namespace and the stored JSON into the
+value its consumers read (an `IPPool`, a `Node`, a policy `Policy`, an IPAM `Block`, ...). A value
+that cannot be decoded is treated as absent: the update is handed on with `value=None`, exactly
+as if the resource had been deleted, and one warning names the key and the field. This is Go
+Felix's ValidationFilter: an invalid resource fails closed (its routes, rules and ipset members
+go away) and never crashes the agent, and every consumer sees the same verdict.
+
+What "invalid" means per kind is what the consumers need to be true, not the full write-time
+validation of model/resources.py (felixctl and the other writers already ran that): a pool whose
+CIDR does not parse, a node whose spec.bgp.ipv4Address does not, a workload endpoint without
+spec.node or with an address or port policy cannot read. BGPConfiguration and BGPPeer values are
+handed on as stored: the BGP controller interprets them as a set and refuses a bad one by
+keeping its previous configuration and reporting the error (`felixctl node status`), which is
+what an operator needs there, rather than silently peering without it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Callable, Container, Generic, Iterable, Mapping, TypeVar, get_args
+
+from felixpy.datastore import keys
+from felixpy.datastore.syncer import KVUpdate
+from felixpy.ipam.block import Block
+from policy import calico
+from policy.model import Action, Endpoint, Policy, Profile, Rule
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_PROFILE_PREFIX = "kns."
+
+
+class Kind(StrEnum):
+    """The kinds of update the agent's consumers handle (Calico's names)."""
+
+    IP_POOL = "IPPool"
+    NODE = "Node"
+    BLOCK_AFFINITY = "BlockAffinity"
+    IPAM_BLOCK = "IPAMBlock"
+    WORKLOAD_ENDPOINT = "WorkloadEndpoint"
+    PROFILE = "Profile"
+    NETWORK_POLICY = "NetworkPolicy"
+    GLOBAL_NETWORK_POLICY = "GlobalNetworkPolicy"
+    BGP_CONFIGURATION = "BGPConfiguration"
+    BGP_PEER = "BGPPeer"
+
+
+_RESOURCE_KINDS = {
+    "ippools": Kind.IP_POOL,
+    "nodes": Kind.NODE,
+    "workloadendpoints": Kind.WORKLOAD_ENDPOINT,
+    "profiles": Kind.PROFILE,
+    "networkpolicies": Kind.NETWORK_POLICY,
+    "globalnetworkpolicies": Kind.GLOBAL_NETWORK_POLICY,
+    "bgpconfigurations": Kind.BGP_CONFIGURATION,
+    "bgppeers": Kind.BGP_PEER,
+}
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Generic[V]):
+    """One datastore update, decoded. `value` None: deleted, or invalid (already logged)."""
+
+    kind: Kind
+    key: str
+    name: str  # the resource name; for blocks and affinities the CIDR as the key spells it
+    namespace: str | None
+    revision: int
+    value: V | None
+    node: str = ""  # BlockAffinity: the node the block is affine to
+
+
+# -- the decoded values ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class IPPool:
+    name: str
+    cidr: str  # normalised
+    nat_outgoing: bool
+    disabled: bool
+    disable_bgp_export: bool
+    ipip_mode: str  # Always | CrossSubnet | Never
+    vxlan_mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A Node's addresses as routing reads them; `resource` is the stored Node (BGP peering)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    ipv4: str | None  # bare address from spec.bgp.ipv4Address; None: no IPv4, nothing to route to
+    ipv4_network: str | None  # its subnet, from the address's prefix
+    vxlan_tunnel_ip: str | None
+    vxlan_mac: str | None  # lower case
+    ipip_tunnel_ip: str | None
+    resource: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockAffinity:
+    node: str
+    cidr: str  # normalised
+    state: str  # confirmed | pending | pendingDeletion
+    deleted: bool
+
+    @property
+    def confirmed(self) -> bool:
+        # Pending or pendingDeletion affinities are not routed (calico#6867).
+        return self.state == "confirmed" and not self.deleted
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEndpoint:
+    node: str
+    namespace: str
+    pod: str
+    iface: str
+    ipv4s: tuple[str, ...]  # bare IPv4 addresses: what routes go to
+    mac: str
+    labels: tuple[tuple[str, str], ...]
+    # As policy sees it, without its namespace's labels: joining those in is the policy calc's job.
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class NamedProfile:
+    """A Profile; for `kns.<ns>` also the labels it gives the namespace's pods (else None)."""
+
+    profile: Profile
+    namespace_labels: Mapping[str, str] | None
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+# What a malformed stored value raises while being read: treated as absent, never a crash.
+INVALID = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def kind_of(parsed: keys.ParsedKey) -> Kind | None:
+    if parsed.kind == "resource":
+        return _RESOURCE_KINDS.get(parsed.plural)
+    if parsed.kind == "affinity":
+        return Kind.BLOCK_AFFINITY
+    if parsed.kind == "block":
+        return Kind.IPAM_BLOCK
+    return None
+
+
+def decode(update: KVUpdate, wanted: Container[Kind] | None = None) -> Update[Any] | None:
+    """The typed update, or None for a key of no kind in `wanted` (default: every kind)."""
+    parsed = keys.parse_key(update.key)
+    kind = kind_of(parsed)
+    if kind is None or (wanted is not None and kind not in wanted):
+        return None
+    value = None
+    if update.value is not None:
+        try:
+            value = _DECODERS[kind](parsed, update.value)
+        except INVALID as err:
+            log.warning("ignoring invalid datastore value kind=%s key=%s error=%s", kind, update.key,
+                        str(err) or type(err).__name__)
+    return Update(kind, update.key, parsed.name, parsed.namespace, update.revision, value, parsed.node)
+
+
+def _resource(kind: Kind, parsed: keys.ParsedKey, value: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored value as a resource: kind, metadata.name and .namespace filled from the key."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    meta = dict(value.get("metadata") or {})
+    meta.setdefault("name", parsed.name)
+    if parsed.namespace is not None:
+        meta.setdefault("namespace", parsed.namespace)
+    resource = {**value, "metadata": meta}
+    resource.setdefault("kind", str(kind))
+    return resource
+
+
+def _addr(cidr_or_ip: str) -> str:
+    return str(ipaddress.ip_interface(cidr_or_ip).ip)
+
+
+def _ip_pool(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> IPPool:
+    spec = value["spec"]
+    cidr = str(ipaddress.ip_network(spec["cidr"]))
+    ipip_mode = str(spec.get("ipipMode") or "Never")
+    vxlan_mode = str(spec.get("vxlanMode") or "Never")
+    if ipip_mode != "Never" and vxlan_mode != "Never":
+        # Validation refuses this on write; a pool stored some other way is not guessed at.
+        raise ValueError(f"pool {parsed.name} enables both ipipMode and vxlanMode")
+    return IPPool(parsed.name, cidr, bool(spec.get("natOutgoing")), bool(spec.get("disabled")),
+                  bool(spec.get("disableBGPExport")), ipip_mode, vxlan_mode)
+
+
+def _node(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Node:
+    resource = _resource(Kind.NODE, parsed, value)
+    labels = tuple(sorted((resource["metadata"].get("labels") or {}).items()))
+    spec = resource.get("spec") or {}
+    bgp = spec.get("bgp") or {}
+    address = bgp.get("ipv4Address")
+    if not address:
+        return Node(parsed.name, labels, None, None, None, None, None, resource)
+    iface = ipaddress.IPv4Interface(address)
+    vxlan_ip = spec.get("ipv4VXLANTunnelAddr")
+    ipip_ip = bgp.get("ipv4IPIPTunnelAddr")
+    mac = spec.get("vxlanTunnelMACAddr")
+    return Node(
+        name=parsed.name,
+        labels=labels,
+        ipv4=str(iface.ip),
+        ipv4_network=str(iface.network),
+        vxlan_tunnel_ip=_addr(vxlan_ip) if vxlan_ip else None,
+        vxlan_mac=str(mac).lower() if mac else None,
+        ipip_tunnel_ip=_addr(ipip_ip) if ipip_ip else None,
+        resource=resource,
+    )
+
+
+def _block_affinity(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> BlockAffinity:
+    return BlockAffinity(parsed.node, str(ipaddress.ip_network(parsed.name)),
+                         str(value.get("state", "confirmed")), bool(value.get("deleted")))
+
+
+def _ipam_block(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Block | None:
+    if value.get("deleted"):
+        return None  # being released: no longer anyone's block
+    return Block.from_json(value)
+
+
+def _workload_endpoint(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> WorkloadEndpoint:
+    resource = _resource(Kind.WORKLOAD_ENDPOINT, parsed, value)
+    meta = resource["metadata"]
+    spec = resource["spec"]
+    networks = spec.get("ipNetworks") or []
+    return WorkloadEndpoint(
+        node=str(spec["node"]),
+        namespace=str(meta.get("namespace") or ""),
+        pod=str(spec.get("pod", "")),
+        iface=str(spec.get("interfaceName", "")),
+        ipv4s=tuple(_addr(n) for n in networks if ipaddress.ip_interface(n).version == 4),
+        mac=str(spec.get("mac", "")),
+        labels=tuple(sorted((meta.get("labels") or {}).items())),
+        endpoint=calico.endpoint_from_resources(resource, {}),
+    )
+
+
+_ACTIONS = frozenset(get_args(Action))
+
+
+def _check_actions(rules: Iterable[Rule]) -> None:
+    # Rendering refuses an unknown action; found there it would fail every apply of the whole
+    # filter table, found here it makes just this policy absent.
+    for rule in rules:
+        if rule.action not in _ACTIONS:
+            raise ValueError(f"unknown rule action {rule.action!r} (Allow, Deny, Log or Pass)")
+
+
+def _profile(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> NamedProfile:
+    resource = _resource(Kind.PROFILE, parsed, value)
+    labels = None
+    if parsed.name.startswith(NAMESPACE_PROFILE_PREFIX):
+        labels = dict(calico.namespace_labels_from_profile(resource))
+    profile = calico.profile_from_resource(resource)
+    _check_actions(profile.ingress + profile.egress)
+    return NamedProfile(profile, labels)
+
+
+def _policy(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Policy]:
+    def decode_policy(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Policy:
+        policy = calico.policy_from_resource(_resource(kind, parsed, value))
+        _check_actions(policy.ingress + policy.egress)
+        return policy
+    return decode_policy
+
+
+def _as_stored(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Mapping[str, Any]]:
+    def decode_stored(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Mapping[str, Any]:
+        return _resource(kind, parsed, value)
+    return decode_stored
+
+
+_DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
+    Kind.IP_POOL: _ip_pool,
+    Kind.NODE: _node,
+    Kind.BLOCK_AFFINITY: _block_affinity,
+    Kind.IPAM_BLOCK: _ipam_block,
+    Kind.WORKLOAD_ENDPOINT: _workload_endpoint,
+    Kind.PROFILE: _profile,
+    Kind.NETWORK_POLICY: _policy(Kind.NETWORK_POLICY),
+    Kind.GLOBAL_NETWORK_POLICY: _policy(Kind.GLOBAL_NETWORK_POLICY),
+    Kind.BGP_CONFIGURATION: _as_stored(Kind.BGP_CONFIGURATION),
+    Kind.BGP_PEER: _as_stored(Kind.BGP_PEER),
+}
+
+
+def with_namespace_labels(endpoint: Endpoint, labels: Mapping[str, str]) -> Endpoint:
+    """The endpoint as policy matches it: with its namespace's labels joined in."""
+    joined = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+    return endpoint if joined == endpoint.namespace_labels else replace(endpoint, namespace_labels=joined)
