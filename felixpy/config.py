@@ -147,7 +147,12 @@ _VARS: list[Variable] = [
     Variable("FELIX_IPTABLESREFRESHINTERVAL", "Felix", "`180`", SECONDS_ACCEPTS,
              "Seconds between full iptables resyncs."),
     Variable("FELIX_LOGSEVERITYSCREEN", "Felix", "`INFO`", "accepted values are DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)",
-             "Log level of the agent."),
+             "Log level of the agent on stderr (Calico's line format, see docs/operations.md)."),
+    Variable("FELIX_LOGFILEPATH", "Felix", "`none`", 'expected an absolute path, or "none"',
+             "Also log to this file (reopened when logrotate moves it). Felix's own default is "
+             "`/var/log/calico/felix.log`; calico-node sets `none`, and so does felixpy-node."),
+    Variable("FELIX_LOGSEVERITYFILE", "Felix", "`INFO`", "accepted values are DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)",
+             "Log level of the log file."),
     Variable("FELIX_IPV6SUPPORT", "Felix", "`true`", BOOL_ACCEPTS, "Program IPv6 as well as IPv4."),
     Variable("FELIX_VXLANMTU", "Felix", "`0`", MTU_ACCEPTS,
              "Pod MTU when VXLAN is in use; 0 = host MTU - 50."),
@@ -283,6 +288,8 @@ class FelixConfig:
     route_refresh_interval: float
     iptables_refresh_interval: float
     log_severity_screen: str  # DEBUG | INFO | WARNING | ERROR | FATAL
+    log_file_path: str | None  # None: no log file ("none")
+    log_severity_file: str
     ipv6_support: bool
     vxlan_mtu: int  # 0 = auto
     ipip_mtu: int  # 0 = auto
@@ -411,6 +418,13 @@ def _parse_abs_path(name: str, value: str) -> str:
     if not value.startswith("/") or "\n" in value or "\0" in value:
         raise _fail(name, value)
     return value
+
+
+def _parse_log_file(name: str, value: str) -> str | None:
+    """FELIX_LOGFILEPATH: an absolute path, or "none" (Felix's spelling) for no file."""
+    if value.strip().lower() == "none":
+        return None
+    return _parse_abs_path(name, value.strip())
 
 
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -747,6 +761,8 @@ def _load_felix(env: Mapping[str, str]) -> FelixConfig:
         route_refresh_interval=get("routerefreshinterval", _parse_seconds, 90.0),
         iptables_refresh_interval=get("iptablesrefreshinterval", _parse_seconds, 180.0),
         log_severity_screen=get("logseverityscreen", _choice("DEBUG", "INFO", "WARNING", "ERROR", "FATAL"), "INFO"),
+        log_file_path=get("logfilepath", _parse_log_file, None),
+        log_severity_file=get("logseverityfile", _choice("DEBUG", "INFO", "WARNING", "ERROR", "FATAL"), "INFO"),
         ipv6_support=get("ipv6support", parse_bool, True),
         vxlan_mtu=get("vxlanmtu", _parse_mtu, 0),
         ipip_mtu=get("ipinipmtu", _parse_mtu, 0),

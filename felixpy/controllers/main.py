@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
 
     from felixpy.datastore.factory import DatastoreConfigError, open_datastore
-    from felixpy.node.main import setup_logging
+    from felixpy.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
     try:

@@ -7,7 +7,6 @@ opens after the first successful dataplane apply, so kubelet's first pod never r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,26 +15,6 @@ import time
 from typing import Any
 
 from felixpy import __version__
-
-
-class _JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
-            "time": self.formatTime(record), "level": record.levelname,
-            "logger": record.name, "msg": record.getMessage(),
-        })
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel({"FATAL": "CRITICAL", "WARN": "WARNING"}.get(level.upper(), level.upper()))
 
 
 def fail(message: str) -> int:
@@ -55,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(os.environ)
     except ConfigError as err:
         return fail(str(err))
-    setup_logging(config.felix.log_severity_screen, config.agent.log_format)
+    from felixpy.logs import setup_logging
+
+    try:
+        setup_logging(config.felix.log_severity_screen, config.agent.log_format,
+                      file_path=config.felix.log_file_path, file_level=config.felix.log_severity_file)
+    except OSError as err:
+        return fail(f"FELIX_LOGFILEPATH: {err.strerror or err}")
     log = logging.getLogger("felixpy.node")
 
     from felixpy.node.health import HealthServer

@@ -29,14 +29,19 @@ and follows the API conventions for them (kubernetes.io/docs/reference/using-api
   and metadata keep their stored values (the node status strategy), metadata.resourceVersion in
   the body is still a precondition.
 
+* fieldSelector=metadata.name=<name> on a collection (list and watch): what a client of one named
+  object sends (the BGP secret watcher, as Calico's confd).
+
 Not implemented (the backend does not send them, and the fake answers 400 rather than ignoring
-them): label/field selectors, pagination (limit/continue), JSON patch, generateName, dry-run.
+them): label selectors, other field selectors, pagination (limit/continue), JSON patch,
+generateName, dry-run.
 Deleting a Namespace removes only the Namespace (no cascading, no Terminating phase).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import re
@@ -133,6 +138,7 @@ class _Target:
     namespace: str  # "" for cluster-scoped, or a namespaced collection across all namespaces
     name: str  # "" for a collection
     subresource: str = ""  # "status" for nodes/<name>/status
+    field_name: str = ""  # fieldSelector=metadata.name=<name> on a collection
 
 
 class FakeKubeAPI:
@@ -384,14 +390,16 @@ class FakeKubeAPI:
         self._record(target.rtype, target.namespace, "DELETED", gone)
         return gone
 
-    def _matches(self, target: _Target, rtype: ResourceType, namespace: str) -> bool:
-        return rtype == target.rtype and (not target.namespace or namespace == target.namespace)
+    def _matches(self, target: _Target, rtype: ResourceType, namespace: str, name: str = "") -> bool:
+        return rtype == target.rtype and (not target.namespace or namespace == target.namespace) and \
+            (not target.field_name or name == target.field_name)
 
     def _list(self, target: _Target) -> dict[str, Any]:
         items = []
-        for (gv, plural, ns, _), obj in sorted(self._objects.items()):
+        for (gv, plural, ns, name), obj in sorted(self._objects.items()):
             if (gv, plural) == (target.rtype.group_version, target.rtype.plural) and \
-                    (not target.namespace or ns == target.namespace):
+                    (not target.namespace or ns == target.namespace) and \
+                    (not target.field_name or name == target.field_name):
                 item = copy.deepcopy(obj)
                 if target.rtype.group_version != CRD_GROUP_VERSION:
                     # Typed lists of built-in kinds carry no per-item kind/apiVersion.
@@ -410,8 +418,8 @@ class FakeKubeAPI:
             initial: list[dict[str, Any]] = []
             if rv_param in ("", "0"):
                 initial = [{"type": "ADDED", "object": copy.deepcopy(o)}
-                           for (gv, plural, ns, _), o in sorted(self._objects.items())
-                           if self._matches(target, self._types[(gv, plural)], ns)]
+                           for (gv, plural, ns, name), o in sorted(self._objects.items())
+                           if self._matches(target, self._types[(gv, plural)], ns, name)]
                 since = self._revision
             else:
                 try:
@@ -436,7 +444,8 @@ class FakeKubeAPI:
                         expired = True
                         break
                     events = [e for e in self._history
-                              if e.revision > since and self._matches(target, e.rtype, e.namespace)]
+                              if e.revision > since and self._matches(target, e.rtype, e.namespace,
+                                                                      (e.obj.get("metadata") or {}).get("name", ""))]
                     now = time.monotonic()
                     if events:
                         since = events[-1].revision
@@ -500,9 +509,16 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
             target = fake._resolve(parts.path)
             unsupported = set(query) - {"watch", "resourceVersion", "resourceVersionMatch",
-                                        "allowWatchBookmarks", "timeoutSeconds"}
+                                        "allowWatchBookmarks", "timeoutSeconds", "fieldSelector"}
             if unsupported:
                 raise ApiError(400, "BadRequest", f"the fake API server does not implement {sorted(unsupported)}")
+            if "fieldSelector" in query:
+                # Only what clients of one named object use (Calico's secret watcher, felixpy's too).
+                field, _, value = query["fieldSelector"].replace("==", "=").partition("=")
+                if field != "metadata.name" or not value or target.name:
+                    raise ApiError(400, "BadRequest", "the fake API server implements only "
+                                   "fieldSelector=metadata.name=<name> on collections")
+                target = dataclasses.replace(target, field_name=value)
             if method == "GET" and query.get("watch") in ("true", "1"):
                 if target.name:
                     raise ApiError(400, "BadRequest", "watch a collection")
