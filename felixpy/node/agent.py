@@ -58,7 +58,7 @@ from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import KVUpdate, Syncer, SyncStatus
 from felixpy.node.bgp import BGPController, SidecarMessage
-from felixpy.node.metrics import IPAMUsage, Metrics
+from felixpy.node.metrics import DatastoreStats, Metrics, update_kind
 from policy.render import RenderConfig
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ class Agent:
         # datastore; with BGP ("bird") those routes come from the BGP speaker instead, and with
         # "none" (policy-only) nobody routes them.
         self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan")
-        self._routes = route_table or RouteTable()
+        self._routes = route_table or RouteTable(
+            observe_read_back=metrics.observe_route_resync if metrics is not None else None)
         self._nat = nat_table or Table("nat", backend=iptables_backend)
         # The filter table is real whenever the nat table is: a caller that injects its own
         # drivers (tests with fakes) and no filter table runs without policy rather than
@@ -173,7 +174,7 @@ class Agent:
         self._retry_at = float("inf")
         self._retry_delay = RETRY_MIN
         self.on_first_apply = on_first_apply
-        self._ipam_usage = IPAMUsage(node_name, metrics) if metrics is not None else None
+        self._stats = DatastoreStats(node_name, metrics) if metrics is not None else None
         self._bgp = bgp
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -229,6 +230,8 @@ class Agent:
                 continue
             if isinstance(event, SyncStatus):
                 self.status.in_sync = event == SyncStatus.IN_SYNC
+                if self.metrics is not None:
+                    self.metrics.sync_status(event.name)
                 if self.status.in_sync and not self.status.ever_in_sync:
                     log.info("datastore in sync; first apply of the dataplane")
                     self.status.ever_in_sync = True
@@ -248,12 +251,15 @@ class Agent:
                 self._wep_revisions.pop(update.key, None)
             else:
                 self._wep_revisions[update.key] = update.revision
+        started = time.perf_counter()
         self.calc.on_update(update)
         self.policy_calc.on_update(update)
+        if self.metrics is not None:
+            self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         if self._bgp is not None:
             self._bgp.on_update(update)
-        if self._ipam_usage is not None:
-            self._ipam_usage.on_update(update.key, update.value)
+        if self._stats is not None:
+            self._stats.on_update(update.key, update.value)
 
     def _dataplane_ready(self) -> bool:
         return self._bgp is None or self._bgp.ready_for_dataplane()
@@ -330,6 +336,8 @@ class Agent:
             self.status.last_apply_error = str(err)
             self._retry_at = time.monotonic() + self._retry_delay
             log.error("dataplane apply failed, retry in %.1fs: %s", self._retry_delay, err)
+            if self.metrics is not None:
+                self.metrics.apply_failed()
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             self.calc.dirty = True
             self.policy_calc.dirty = True  # memoised: recomputing on retry is cheap
@@ -342,6 +350,8 @@ class Agent:
             self.status.last_apply_error = "; ".join(f"{dst}: {e}" for dst, e in sorted(failed.items()))
             log.error("route programming failed, retry in %.1fs: %s", self._retry_delay,
                       self.status.last_apply_error)
+            if self.metrics is not None:
+                self.metrics.apply_failed()
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             pending |= set(result.failed)
@@ -355,6 +365,11 @@ class Agent:
         if self.metrics is not None:
             self.metrics.observe_apply(time.monotonic() - started)
             self.metrics.routes_programmed(len(self._route_mgr.desired) - len(pending))
+            self.metrics.dataplane_counts(
+                tables=[t for t in (self._filter, self._nat) if t is not None], ipsets=self._ipsets,
+                local_endpoints=len(self.calc.local_endpoints()),
+                active_policies=len(self.policy_calc.active_policies()),
+                active_selectors=len(self.policy_calc.ipsets()))
         self._publish_programmed(pending)
         log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started, len(pending))
         if self.status.applies == 1 and self.on_first_apply is not None:

@@ -104,10 +104,30 @@ def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from felixpy.node.bgp import bgp_readiness, read_status
+
+    def status() -> Any:
+        return read_status(paths.status)
+
+    if health is not None:
+        started = time.monotonic()
+        # Calico's --bird-ready for the reflector's own BIRD sessions, from its status file.
+        health.add_readiness("bgp", lambda: bgp_readiness(status(), uptime=time.monotonic() - started))
+    metrics_server = None
+    if config.felix.prometheus_metrics_enabled:
+        from felixpy.node.metrics import reflector_registry
+
+        try:
+            metrics_server = reflector_registry(result.node_name, status).start_http(
+                config.felix.prometheus_metrics_port, config.felix.prometheus_metrics_host)
+        except OSError as err:
+            return fail(f"metrics port {config.felix.prometheus_metrics_port}: {err}")
     log.info("felixpy-node %s node=%s ip=%s mode=route-reflector", __version__, result.node_name, result.ipv4)
     try:
         run_reflector(store, result.node_name, paths, stop)
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         if health is not None:
             health.stop()
         store.close()
@@ -128,7 +148,7 @@ def render_config(config: Any) -> Any:
 
 def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
-    from felixpy.kernel import sysctl
+    from felixpy.kernel import commands, sysctl
     from felixpy.node.agent import Agent
     from felixpy.node.health import add_agent_checks
     from felixpy.node.metrics import Metrics
@@ -137,16 +157,20 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     sysctl.write("net.ipv4.ip_forward", 1)
     backend = config.node.networking_backend
     iptables_backend = config.felix.iptables_backend
-    metrics = Metrics()
     bgp = None
+    bgp_status = None
     if backend == "bird":
-        from felixpy.node.bgp import BGPController, BGPPaths
+        from felixpy.node.bgp import BGPController, BGPPaths, read_status
 
         try:
             paths = BGPPaths.from_env(os.environ, config.agent.state_dir)
         except ValueError as err:
             return fail(str(err))
         bgp = BGPController(result.node_name, paths)
+        bgp_status = lambda: read_status(paths.status)  # noqa: E731 - read at scrape time
+    metrics = Metrics(host=result.node_name, bgp_status=bgp_status)
+    # iptables-restore / ipset calls and errors, counted where every command runs.
+    commands.add_observer(metrics.observe_command)
     agent = Agent(
         store=store,
         node_name=result.node_name,
@@ -201,6 +225,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     network_ready = NetworkUnavailableClearer(result.node_name, os.environ)
 
     def on_first_apply() -> None:
+        metrics.first_apply_done()
         server.start()
         network_ready.start()
 
