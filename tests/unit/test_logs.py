@@ -134,3 +134,18 @@ def test_log_variables_in_the_agents_config() -> None:
         load_config({**env, "FELIX_LOGFILEPATH": "felix.log"})
     with pytest.raises(ConfigError, match=r'^FELIX_LOGSEVERITYFILE="LOUD": accepted values'):
         load_config({**env, "FELIX_LOGSEVERITYFILE": "LOUD"})
+
+
+def test_agent_stops_with_one_line_when_the_log_file_cannot_be_opened(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("")
+    env = {"PATH": os.environ.get("PATH", ""), "ETCD_ENDPOINTS": "http://127.0.0.1:9",
+           "FELIX_LOGFILEPATH": str(tmp_path / "file" / "felix.log")}
+    done = subprocess.run([sys.executable, "-m", "felixpy.node.main"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"felixpy-node: FELIX_LOGFILEPATH: cannot open log file {tmp_path}/file/felix.log: ")
