@@ -171,6 +171,14 @@ class HealthServer:
         with self._lock:
             self._readiness[name] = check
 
+    def results(self) -> tuple[bool, bool, dict[str, bool]]:
+        """(live, ready, readiness check -> ok), for the metrics (felixpy_agent_live/_ready)."""
+        with self._lock:
+            liveness, readiness = dict(self._liveness), dict(self._readiness)
+        live = not _run_checks(liveness)
+        per_check = {name: not _run_checks({name: check}) for name, check in readiness.items()}
+        return live, bool(per_check) and all(per_check.values()), per_check
+
     def liveness(self) -> Response:
         with self._lock:
             checks = dict(self._liveness)

@@ -109,16 +109,19 @@ def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None
     def status() -> Any:
         return read_status(paths.status)
 
-    if health is not None:
-        started = time.monotonic()
-        # Calico's --bird-ready for the reflector's own BIRD sessions, from its status file.
-        health.add_readiness("bgp", lambda: bgp_readiness(status(), uptime=time.monotonic() - started))
+    from felixpy.node.health import HealthServer
+
+    # The checks exist for the metrics (felixpy_agent_ready) even when nothing serves /readiness.
+    checks = health if health is not None else HealthServer()
+    started = time.monotonic()
+    # Calico's --bird-ready for the reflector's own BIRD sessions, from its status file.
+    checks.add_readiness("bgp", lambda: bgp_readiness(status(), uptime=time.monotonic() - started))
     metrics_server = None
     if config.felix.prometheus_metrics_enabled:
         from felixpy.node.metrics import reflector_registry
 
         try:
-            metrics_server = reflector_registry(result.node_name, status).start_http(
+            metrics_server = reflector_registry(result.node_name, status, checks).start_http(
                 config.felix.prometheus_metrics_port, config.felix.prometheus_metrics_host)
         except OSError as err:
             return fail(f"metrics port {config.felix.prometheus_metrics_port}: {err}")
@@ -150,7 +153,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
     from felixpy.kernel import commands, sysctl
     from felixpy.node.agent import Agent
-    from felixpy.node.health import add_agent_checks
+    from felixpy.node.health import HealthServer, add_agent_checks
     from felixpy.node.metrics import Metrics
 
     log = logging.getLogger("felixpy.node")
@@ -168,7 +171,11 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
             return fail(str(err))
         bgp = BGPController(result.node_name, paths)
         bgp_status = lambda: read_status(paths.status)  # noqa: E731 - read at scrape time
-    metrics = Metrics(host=result.node_name, bgp_status=bgp_status)
+    # The checks exist for the metrics (felixpy_agent_ready) even when nothing serves /readiness.
+    checks = health
+    if checks is None and config.felix.prometheus_metrics_enabled:
+        checks = HealthServer()
+    metrics = Metrics(host=result.node_name, bgp_status=bgp_status, health=checks)
     # iptables-restore / ipset calls and errors, counted where every command runs.
     commands.add_observer(metrics.observe_command)
     agent = Agent(
@@ -182,14 +189,14 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         metrics=metrics,
         bgp=bgp,
     )
-    probe = add_agent_checks(health, agent.status, store=store) if health is not None else None
-    if health is not None and bgp is not None:
+    probe = add_agent_checks(checks, agent.status, store=store) if checks is not None else None
+    if checks is not None and bgp is not None:
         from felixpy.node.bgp import bgp_readiness, read_status
 
         started = time.monotonic()
         status_path = bgp.paths.status
         # Reads the status file the controller writes: the controller itself belongs to the loop.
-        health.add_readiness("bgp", lambda: bgp_readiness(read_status(status_path),
+        checks.add_readiness("bgp", lambda: bgp_readiness(read_status(status_path),
                                                          uptime=time.monotonic() - started))
     metrics_server = None
     if config.felix.prometheus_metrics_enabled:

@@ -396,19 +396,43 @@ class ProcessCollector:
         return out
 
 
+class HealthResults(Protocol):
+    def results(self) -> tuple[bool, bool, dict[str, bool]]: ...
+
+
+class HealthCollector:
+    """The health checks as metrics (felixpy's own: Felix has none), so an alert can say which
+    agent is not ready and why without probing every node: the same checks /liveness and
+    /readiness answer from."""
+
+    def __init__(self, health: HealthResults) -> None:
+        self._health = health
+
+    def collect(self) -> Iterable[Metric]:
+        live, ready, checks = self._health.results()
+        live_gauge = Gauge("felixpy_agent_live", "1 while the agent is live (what /liveness answers).")
+        live_gauge.set(int(live))
+        ready_gauge = Gauge("felixpy_agent_ready", "1 while the agent is ready (what /readiness answers).")
+        ready_gauge.set(int(ready))
+        per_check = Gauge("felixpy_agent_readiness_check", "1 while the readiness check passes.", ("check",))
+        per_check.replace({(name,): int(ok) for name, ok in checks.items()})
+        return [live_gauge, ready_gauge, per_check]
+
+
 class BGPStatusCollector:
     """BGP sessions per peer, read at scrape time from the status file the BGP controller (or the
     route reflector) writes; the same file `felixctl node status` reads, so the two always agree.
 
-    `felixpy_bgp_sessions{state}` is always exported (0 without BGP); the per-peer series exist
-    while the peer is configured.
+    `felixpy_bgp_sessions{state}` is always exported (0 without BGP); felixpy_bgp_speaker_up only
+    with BGP (an alert on it must not fire on a VXLAN-only node); the per-peer series exist while
+    the peer is configured.
     """
 
-    def __init__(self, read_status: Callable[[], Mapping[str, Any] | None]) -> None:
+    def __init__(self, read_status: Callable[[], Mapping[str, Any] | None] | None) -> None:
         self._read = read_status
 
     def collect(self) -> Iterable[Metric]:
-        status = self._read() or {}
+        status = (self._read() if self._read is not None else None) or {}
         peers = [p for p in status.get("peers") or [] if isinstance(p, Mapping)]
         counts: dict[str, int] = {}
         for peer in peers:
@@ -417,9 +441,12 @@ class BGPStatusCollector:
         sessions = Gauge("felixpy_bgp_sessions", "BGP sessions of this node by state.", ("state",))
         for state in (*BGP_STATES, *sorted(set(counts) - set(BGP_STATES))):
             sessions.set(counts.get(state, 0), state=state)
-        speaker = Gauge("felixpy_bgp_speaker_up",
-                        "1 while the BGP speaker (ExaBGP sidecar, or BIRD on a route reflector) answers.")
-        speaker.set(1 if status.get("sidecar") == "connected" else 0)
+        speakers: list[Metric] = []
+        if self._read is not None:
+            speaker = Gauge("felixpy_bgp_speaker_up",
+                            "1 while the BGP speaker (ExaBGP sidecar, or BIRD on a route reflector) answers.")
+            speaker.set(1 if status.get("sidecar") == "connected" else 0)
+            speakers.append(speaker)
         labels = ("peer", "type", "peer_node")
         up = Gauge("felixpy_bgp_peer_up", "1 while the BGP session with the peer is Established.", labels)
         routes = Gauge("felixpy_bgp_peer_routes_received", "Routes received from the peer (adj-RIB-in).",
@@ -433,7 +460,7 @@ class BGPStatusCollector:
             up.set(1 if peer.get("state") == "Established" else 0, **key)
             routes.set(float(peer.get("routesReceived") or 0), **key)
             since.set(float(peer.get("since") or 0), **key)
-        return [sessions, speaker, up, routes, since]
+        return [sessions, *speakers, up, routes, since]
 
 
 # -- the agent's metrics ---------------------------------------------------------------------------
@@ -455,7 +482,7 @@ class Metrics:
     """The agent's metrics and the methods the agent, the CNI server and BGP call."""
 
     def __init__(self, *, host: str = "", bgp_status: Callable[[], Mapping[str, Any] | None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 health: HealthResults | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         r = self.registry = Registry()
         # -- felixpy's own
         self.apply_seconds: Histogram = r.register(Histogram(
@@ -558,7 +585,9 @@ class Metrics:
         for command in CNI_COMMANDS:  # present from the start, so rate() works on the first request
             self.cni_seconds.touch(command=command)
         r.register_collector(ProcessCollector())
-        r.register_collector(BGPStatusCollector(bgp_status or (lambda: None)))
+        r.register_collector(BGPStatusCollector(bgp_status))
+        if health is not None:
+            r.register_collector(HealthCollector(health))
         self._started = clock()
         self._clock = clock
 
@@ -749,7 +778,8 @@ class DatastoreStats:
             self.on_update(update.key, update.value)
 
 
-def reflector_registry(host: str, bgp_status: Callable[[], Mapping[str, Any] | None]) -> Registry:
+def reflector_registry(host: str, bgp_status: Callable[[], Mapping[str, Any] | None],
+                       health: HealthResults | None = None) -> Registry:
     """What a route reflector (felixpy-node driving BIRD) exports: it programs no dataplane, so only
     felix_host, the process and its BGP sessions -- the same names as on every other node."""
     registry = Registry()
@@ -759,4 +789,6 @@ def reflector_registry(host: str, bgp_status: Callable[[], Mapping[str, Any] | N
     felix_host.set(1)
     registry.register_collector(ProcessCollector())
     registry.register_collector(BGPStatusCollector(bgp_status))
+    if health is not None:
+        registry.register_collector(HealthCollector(health))
     return registry

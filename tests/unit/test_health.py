@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +185,6 @@ AGENT_METRICS = {
     "felixpy_ipam_ips_borrowed": "gauge",
     "felixpy_cni_request_seconds": "histogram",
     "felixpy_bgp_sessions": "gauge",
-    "felixpy_bgp_speaker_up": "gauge",
     "felixpy_bgp_peer_up": "gauge",
     "felixpy_bgp_peer_routes_received": "gauge",
     "felixpy_bgp_peer_state_change_timestamp_seconds": "gauge",
@@ -226,11 +226,15 @@ AGENT_METRICS = {
 }
 
 
+# With BGP (backend bird) and the health checks, as felixpy-node runs with metrics enabled.
+AGENT_METRICS_BGP = {**AGENT_METRICS, "felixpy_bgp_speaker_up": "gauge", "felixpy_agent_live": "gauge",
+                     "felixpy_agent_ready": "gauge", "felixpy_agent_readiness_check": "gauge"}
+
+
 def test_every_documented_metric_is_exported_from_the_start() -> None:
     types, samples = parse_exposition(Metrics(host="n1").render())
     assert types == AGENT_METRICS
     assert {value(samples, "felixpy_bgp_sessions", state=s) for s in BGP_STATES} == {0.0}
-    assert value(samples, "felixpy_bgp_speaker_up") == 0
     assert value(samples, "felixpy_cni_request_seconds_count", command="ADD") == 0
     assert value(samples, "felix_host", host="n1") == 1
     assert value(samples, "felix_resync_state") == 1  # waiting for the datastore
@@ -275,6 +279,22 @@ def test_agent_calls_show_up_in_the_exposition() -> None:
     assert value(s, "felixpy_cni_request_seconds_bucket", command="DEL", le="0.025") == 1
     assert (value(s, "felixpy_ipam_blocks"), value(s, "felixpy_ipam_ips_in_use"),
             value(s, "felixpy_ipam_ips_borrowed")) == (2, 70, 3)
+
+
+def test_health_checks_and_bgp_speaker_as_metrics() -> None:
+    server = HealthServer("127.0.0.1", 0)
+    status = FakeStatus(last_tick=time.monotonic())
+    add_agent_checks(server, status)
+    m = Metrics(host="n1", bgp_status=lambda: {"sidecar": "connected", "peers": []}, health=server)
+    types, s = parse_exposition(m.render())
+    assert types == AGENT_METRICS_BGP
+    assert value(s, "felixpy_bgp_speaker_up") == 1
+    assert (value(s, "felixpy_agent_live"), value(s, "felixpy_agent_ready")) == (1, 0)
+    assert value(s, "felixpy_agent_readiness_check", check="datastore-sync") == 0
+    status.in_sync = status.last_apply_ok = True
+    _, s = parse_exposition(m.render())
+    assert value(s, "felixpy_agent_ready") == 1
+    assert value(s, "felixpy_agent_readiness_check", check="dataplane") == 1
 
 
 def test_summary_quantiles_forget_old_observations() -> None:
@@ -364,7 +384,6 @@ def test_bgp_sessions_per_peer_come_from_the_status_file() -> None:
     _, s = parse_exposition(m.render())
     assert value(s, "felixpy_bgp_sessions", state="Established") == 1
     assert value(s, "felixpy_bgp_sessions", state="Active") == 1
-    assert value(s, "felixpy_bgp_speaker_up") == 1
     assert value(s, "felixpy_bgp_peer_up", peer="192.0.2.12", type="mesh", peer_node="n2") == 1
     assert value(s, "felixpy_bgp_peer_up", peer="192.0.2.13", type="reflector", peer_node="rr1") == 0
     assert value(s, "felixpy_bgp_peer_routes_received", peer="192.0.2.12", type="mesh", peer_node="n2") == 3
