@@ -25,6 +25,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import sys
 import threading
 import time
@@ -32,13 +33,15 @@ from typing import Iterable
 
 REDACTED = "<redacted>"
 MIN_REDACTED_LENGTH = 3
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "FATAL")
+# Felix's TRACE, below DEBUG. felixpy logs nothing at it, so TRACE shows what DEBUG shows.
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
 # Python's level names -> Calico's (logrus) spelling in the text and JSON formats.
 _CALICO_LEVEL = {"CRITICAL": "FATAL", "WARN": "WARNING"}
 
 
 def python_level(name: str) -> int:
-    """logging level number for Calico's level names (FATAL, PANIC, WARN accepted)."""
+    """logging level number for Calico's level names (TRACE, FATAL, PANIC, WARN accepted)."""
     upper = name.strip().upper()
     upper = {"FATAL": "CRITICAL", "PANIC": "CRITICAL", "WARN": "WARNING"}.get(upper, upper)
     level = logging.getLevelName(upper)
@@ -126,6 +129,17 @@ class JSONFormatter(CalicoFormatter):
         return self._redactor.redact(json.dumps(entry))
 
 
+class DebugFileFilter(logging.Filter):
+    """Felix's LogDebugFilenameRegex: debug and trace lines only from matching source files."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self._regex = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG or bool(self._regex.search(record.filename))
+
+
 def formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JSONFormatter()
@@ -135,11 +149,13 @@ def formatter(fmt: str) -> logging.Formatter:
 
 
 def setup_logging(screen_level: str, fmt: str = "text", *, file_path: str | None = None,
-                  file_level: str = "INFO") -> None:
+                  file_level: str = "INFO", debug_file_regex: str | None = None) -> None:
     """Configure the root logger: stderr at `screen_level`, and `file_path` at `file_level` if given.
 
     The file is opened with a WatchedFileHandler, so logrotate may move it away. Raises OSError
-    (naming the path) when the file cannot be opened.
+    (naming the path) when the file cannot be opened. `debug_file_regex` keeps debug lines only
+    from source files whose base name it matches (Felix's LogDebugFilenameRegex, unanchored as
+    Go's MatchString).
     """
     handlers: list[logging.Handler] = []
     screen = logging.StreamHandler(sys.stderr)
@@ -157,6 +173,9 @@ def setup_logging(screen_level: str, fmt: str = "text", *, file_path: str | None
         handler.setLevel(python_level(file_level))
         handler.setFormatter(formatter(fmt))
         handlers.append(handler)
+    if debug_file_regex:
+        for handler in handlers:
+            handler.addFilter(DebugFileFilter(debug_file_regex))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

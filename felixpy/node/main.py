@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         setup_logging(config.felix.log_severity_screen, config.agent.log_format,
-                      file_path=config.felix.log_file_path, file_level=config.felix.log_severity_file)
+                      file_path=config.felix.log_file_path, file_level=config.felix.log_severity_file,
+                      debug_file_regex=config.felix.log_debug_filename_regex)
     except OSError as err:
         return fail(f"FELIX_LOGFILEPATH: {err.strerror or err}")
     log = logging.getLogger("felixpy.node")

@@ -149,3 +149,29 @@ def test_agent_stops_with_one_line_when_the_log_file_cannot_be_opened(tmp_path: 
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"felixpy-node: FELIX_LOGFILEPATH: cannot open log file {tmp_path}/file/felix.log: ")
+
+
+def test_trace_is_felixs_level_below_debug() -> None:
+    assert python_level("trace") < logging.DEBUG
+    env = {"ETCD_ENDPOINTS": "http://127.0.0.1:2379", "FELIX_LOGSEVERITYSCREEN": "trace"}
+    assert load_config(env).felix.log_severity_screen == "TRACE"
+
+
+def test_debug_lines_only_from_files_matching_the_regex(capfd: pytest.CaptureFixture[str]) -> None:
+    setup_logging("DEBUG", "text", debug_file_regex=r"secrets\.py|bgp")
+    for filename, level, msg in (("secrets.py", logging.DEBUG, "kept: matching file"),
+                                 ("agent.py", logging.DEBUG, "dropped: other file"),
+                                 ("agent.py", logging.INFO, "kept: not a debug line"),
+                                 ("bgp.py", logging.DEBUG, "kept: unanchored match")):
+        record = logging.LogRecord("x", level, f"/x/{filename}", 1, msg, (), None)
+        logging.getLogger().handle(record)
+    err = capfd.readouterr().err
+    assert "dropped" not in err and err.count("kept:") == 3
+
+
+def test_debug_filename_regex_in_the_config() -> None:
+    env = {"ETCD_ENDPOINTS": "http://127.0.0.1:2379"}
+    assert load_config(env).felix.log_debug_filename_regex is None
+    assert load_config({**env, "FELIX_LOGDEBUGFILENAMEREGEX": "bgp.*"}).felix.log_debug_filename_regex == "bgp.*"
+    with pytest.raises(ConfigError, match=r'^FELIX_LOGDEBUGFILENAMEREGEX="\(": expected a regular expression'):
+        load_config({**env, "FELIX_LOGDEBUGFILENAMEREGEX": "("})
