@@ -13,7 +13,8 @@ calicoctl's checksystem looks for kernel modules only; this one checks what feli
 * sysctls: net.ipv4.ip_forward, and the neighbour-table limits (gc_thresh1/2/3) against the
   entries a node of this cluster needs: one per local pod, one per other node on the link and
   one more per node for VXLAN's VTEP entries. Those limits exist only in the host's network
-  namespace (they are global); run in a node's namespace, they are read from PID 1's.
+  namespace (they are global); run in a node's namespace, they are read from the first of PID 1's
+  and our ancestors' namespaces that has them.
 
 A feature found loaded, built in, or installed as a module passes; one the configuration says is
 not set, or that is nowhere to be found, fails. Pure reading: nothing is loaded or changed.
@@ -166,8 +167,26 @@ class Host:
         return None, ""
 
 
+def _candidate_netns() -> list[str]:
+    """Network namespaces that may be the host's: PID 1's, then our ancestors' (a node's namespace
+    is entered from the host's, and PID 1's may not be ours to enter, e.g. in a container)."""
+    paths = ["/proc/1/ns/net"]
+    pid = os.getppid()
+    for _ in range(32):
+        if pid <= 1:
+            break
+        paths.append(f"/proc/{pid}/ns/net")
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return paths
+
+
 def read_init_netns_sysctl(key: str) -> str | None:
-    """A sysctl as PID 1's network namespace sees it (the neighbour limits live only there)."""
+    """A sysctl of the host's network namespace. The neighbour-table limits exist only there (the
+    kernel keeps them global), so the first namespace that has the file is the host's."""
     from felixpy.kernel.netns import NetnsError, run_in_netns
 
     def read() -> str | None:
@@ -177,10 +196,14 @@ def read_init_netns_sysctl(key: str) -> str | None:
         except OSError:
             return None
 
-    try:
-        return run_in_netns("/proc/1/ns/net", read)
-    except (NetnsError, OSError):
-        return None
+    for path in _candidate_netns():
+        try:
+            value = run_in_netns(path, read)
+        except (NetnsError, OSError):
+            continue
+        if value is not None:
+            return value
+    return None
 
 
 # -- the checks -------------------------------------------------------------------------------------
