@@ -267,7 +267,10 @@ def serve_health_and_metrics(controllers: Controllers, store: Datastore, metrics
 
     checks = HealthServer()  # only its checks and answers: the metrics server serves them
     checks.add_liveness("reconcile-loop", heartbeat_check(lambda: controllers.last_tick, LIVENESS_TIMEOUT))
-    probe = DatastoreProbe(store).start()
+    from felixpy.datastore import keys
+
+    # A Node get: inside the controllers' RBAC (an absent name answers NotFound, which is fine).
+    probe = DatastoreProbe(store, key=keys.resource_key("nodes", "felixpy-controllers-probe")).start()
     checks.add_readiness("datastore", probe.check)
 
     def last_pass() -> tuple[bool, str]:

@@ -359,6 +359,7 @@ def collect_cluster(store: "Datastore", env: Mapping[str, str], *, since: float 
     secret_dirs = [env["FELIXPY_SECRETS_DIR"]] if env.get("FELIXPY_SECRETS_DIR") else []
     bundle = Bundle(f"felixpy-cluster-diags-{stamp}", secret_redactor(secret_dirs))
     bundle.add("version.txt", f"felixctl {felixpy.__version__}\ncollected {datetime.datetime.now().isoformat()}\n")
+    _register_referenced_secrets(bundle.redactor, store, env)
     for kind in sorted(r.KINDS):
         try:
             items, _ = ms.list_resources(store, kind)
@@ -382,6 +383,28 @@ def collect_cluster(store: "Datastore", env: Mapping[str, str], *, since: float 
     else:
         _collect_pod_logs(bundle, kube_http, env, since=since, max_logs=max_logs, focus_nodes=focus_nodes)
     return bundle
+
+
+def _register_referenced_secrets(redactor: Redactor, store: "Datastore", env: Mapping[str, str]) -> None:
+    """The BGP passwords the datastore references, resolved as the agents resolve them (Kubernetes
+    Secrets included), so their exact values are redacted wherever they turn up."""
+    from felixpy.model import store as ms
+    from felixpy.node.secrets import SecretResolver
+
+    resolver = SecretResolver.from_env(env)
+    if not resolver.configured:
+        return
+    refs = []
+    for kind, field_name in (("BGPPeer", "password"), ("BGPConfiguration", "nodeMeshPassword")):
+        try:
+            items, _ = ms.list_resources(store, kind)
+        except Exception:  # listed again below, where a failure is reported
+            continue
+        refs += [((item.get("spec") or {}).get(field_name), f"{kind} {(item.get('metadata') or {}).get('name')}")
+                 for item in items]
+    for ref, what in refs:
+        if ref:
+            redactor.register(resolver.resolve_ref(ref, what=f"{what} (diags redaction)"))
 
 
 def _collect_pod_logs(bundle: Bundle, http: Any, env: Mapping[str, str], *, since: float | None, max_logs: int,

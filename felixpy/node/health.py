@@ -217,8 +217,12 @@ class DatastoreProbe:
     """
 
     def __init__(self, store: Datastore, *, interval: float = PROBE_INTERVAL, stale_after: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 key: str = keys.resource_key("clusterinformations", "default")) -> None:
+        """`key` is any key the process may read (NotFound counts as an answer): with the
+        Kubernetes datastore a key outside the process's RBAC would read as an outage."""
         self._store = store
+        self._key = key
         self._interval = interval
         self._stale_after = stale_after if stale_after is not None else 3 * interval
         self._clock = clock
@@ -229,7 +233,7 @@ class DatastoreProbe:
 
     def probe_once(self) -> bool:
         try:
-            self._store.get(keys.resource_key("clusterinformations", "default"))
+            self._store.get(self._key)
         except NotFound:
             pass  # an answer is an answer
         except Exception as err:  # every failure mode of every backend means "not reachable"

@@ -24,6 +24,7 @@ from felixpy.ipam.allocator import IPAM
 from tests.support.fake_kube_api import FakeKubeAPI
 
 PASSWORD = "diags-test-Secret-7c1"
+K8S_PASSWORD = "from-the-kube-api-4d2"
 
 
 def _members(path: pathlib.Path) -> dict[str, str]:
@@ -61,6 +62,13 @@ def test_cluster_diags(etcd_store: Any, etcd_endpoint: str, kube: FakeKubeAPI, t
         "apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadata": {"name": "rr"},
         "spec": {"peerIP": "192.0.2.200", "asNumber": 64512,
                  "password": {"secretKeyRef": {"name": "bgp", "key": "peer"}}}})
+    # A mesh password from a Kubernetes Secret (not in FELIXPY_SECRETS_DIR): found through the
+    # datastore's reference and redacted all the same.
+    store.create(keys.resource_key("bgpconfigurations", "default"), {
+        "apiVersion": "projectcalico.org/v3", "kind": "BGPConfiguration", "metadata": {"name": "default"},
+        "spec": {"nodeMeshPassword": {"secretKeyRef": {"name": "bgp-k8s", "key": "mesh"}}}})
+    kube.put("/api/v1/namespaces/kube-system/secrets", {
+        "metadata": {"name": "bgp-k8s"}, "data": {"mesh": base64.b64encode(K8S_PASSWORD.encode()).decode()}})
     for node in ("n1", "n2"):
         store.create(keys.resource_key("nodes", node), {
             "apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": node}, "spec": {}})
@@ -74,7 +82,7 @@ def test_cluster_diags(etcd_store: Any, etcd_endpoint: str, kube: FakeKubeAPI, t
             "spec": {"nodeName": node, "containers": [{"name": "felixpy-node"}, {"name": "exabgp"}]}})
         kube.set_pod_log("kube-system", pod, "felixpy-node", f"agent log of {pod}\n")
     # A log line that (wrongly) carries the password: the bundle must not.
-    kube.set_pod_log("kube-system", "felixpy-node-b", "exabgp", f"neighbor md5 {PASSWORD}\n")
+    kube.set_pod_log("kube-system", "felixpy-node-b", "exabgp", f"neighbor md5 {PASSWORD} mesh {K8S_PASSWORD}\n")
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(kube.kubeconfig())
     out = tmp_path / "cluster.tar.gz"
@@ -98,7 +106,7 @@ def test_cluster_diags(etcd_store: Any, etcd_endpoint: str, kube: FakeKubeAPI, t
     assert node_logs == ["logs/felixpy-node/n2/felixpy-node-b/exabgp.log",
                          "logs/felixpy-node/n2/felixpy-node-b/felixpy-node.log"]
     assert files["logs/felixpy-node/n2/felixpy-node-b/felixpy-node.log"] == "agent log of felixpy-node-b\n"
-    assert files["logs/felixpy-node/n2/felixpy-node-b/exabgp.log"] == "neighbor md5 <redacted>\n"
+    assert files["logs/felixpy-node/n2/felixpy-node-b/exabgp.log"] == "neighbor md5 <redacted> mesh <redacted>\n"
     assert any("sinceSeconds=1800" in path for _, path in kube.requests)
     _no_secret(files)
 

@@ -143,3 +143,22 @@ def test_block_outside_every_pool_is_no_ippool() -> None:
     assert value(s, "ipam_allocations_in_use", ippool="no_ippool", node="n1") == 1
     assert value(s, "ipam_blocks", ippool="no_ippool", node="n1") == 1
     assert not [k for k in s if k[0] == "ipam_ippool_size"]
+
+
+def test_the_deployment_probes_and_exposes_the_controllers_port() -> None:
+    import pathlib
+
+    import yaml
+
+    from felixpy.controllers.main import DEFAULT_METRICS_PORT, load_config
+
+    docs = yaml.safe_load_all((pathlib.Path(__file__).resolve().parents[2] / "deploy" / "felixpy.yaml").read_text())
+    deployment = next(d for d in docs if d and d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == "felixpy-controllers")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = load_config(env).metrics_port
+    assert port == DEFAULT_METRICS_PORT == 9094
+    assert container["ports"] == [{"name": "metrics", "containerPort": port}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
