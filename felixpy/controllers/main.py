@@ -266,7 +266,8 @@ def serve_health_and_metrics(controllers: Controllers, store: Datastore, metrics
     from felixpy.node.health import DatastoreProbe, HealthServer, heartbeat_check
 
     checks = HealthServer()  # only its checks and answers: the metrics server serves them
-    checks.add_liveness("reconcile-loop", heartbeat_check(lambda: controllers.last_tick, LIVENESS_TIMEOUT))
+    checks.add_liveness("reconcile-loop", heartbeat_check(lambda: controllers.last_tick, LIVENESS_TIMEOUT,
+                                                                 what="reconcile loop"))
     from felixpy.datastore import keys
 
     # A Node get: inside the controllers' RBAC (an absent name answers NotFound, which is fine).

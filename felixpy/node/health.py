@@ -199,12 +199,12 @@ class HealthServer:
 
 
 def heartbeat_check(last_tick: Callable[[], float], timeout: float = LIVENESS_TIMEOUT,
-                    clock: Callable[[], float] = time.monotonic) -> Check:
+                    clock: Callable[[], float] = time.monotonic, *, what: str = "agent loop") -> Check:
     """Live while last_tick() (a clock() reading the loop stamps every iteration) is recent."""
     def check() -> tuple[bool, str]:
         age = clock() - last_tick()
         if age > timeout:
-            return False, f"agent loop has not run for {age:.0f}s (limit {timeout:.0f}s)"
+            return False, f"{what} has not run for {age:.0f}s (limit {timeout:.0f}s)"
         return True, ""
     return check
 

@@ -165,3 +165,25 @@ def test_promtool_lint_only_flags_calicos_own_names() -> None:
         complaints = [line for line in (lint.stdout + lint.stderr).splitlines() if line.strip()]
         ours = [line for line in complaints if not line.startswith(("felix_", "ipam_"))]
         assert not ours, ours
+
+
+def documented_names() -> set[str]:
+    """Metric names in the tables of docs/operations.md (rows starting with a backticked name)."""
+    names: set[str] = set()
+    for line in (ROOT / "docs" / "operations.md").read_text().splitlines():
+        if line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            names |= set(re.findall(r"`((?:felix|felixpy|ipam|process)_[a-z0-9_]+)`", first_cell))
+    return names
+
+
+def test_docs_describe_exactly_the_exported_metrics() -> None:
+    status = {"sidecar": "connected", "peers": []}
+    checks = HealthServer()
+    families: set[str] = set()
+    for text in (Metrics(host="n1", bgp_status=lambda: status, health=checks).render(),
+                 reflector_registry("rr1", lambda: status, checks).render(), ControllerMetrics().render()):
+        families |= set(parse_exposition(text)[0])
+    documented = documented_names()
+    assert sorted(families - documented) == [], "exported but not in docs/operations.md"
+    assert sorted(documented - families) == [], "in docs/operations.md but not exported"
