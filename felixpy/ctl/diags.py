@@ -461,8 +461,8 @@ def _output_path(args: argparse.Namespace, bundle: Bundle) -> str:
 
 def add_node_parser(node_sub: Any) -> None:
     p = node_sub.add_parser("diags", help="collect this node's diagnostics into a tarball (run as root)",
-                            description=__doc__.split("\n\n")[1] if __doc__ else None,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description="Routes, rules, IP sets, BGP state, the agent's configuration and logs, "
+                                        "redacted, in one tarball (docs/operations.md).")
     p.add_argument("--log-dir", action="append", metavar="DIR",
                    help=f"also collect *.log files under DIR (default {DEFAULT_LOG_DIR}; repeatable)")
     p.add_argument("--output", metavar="FILE", help="where to write the tarball (default ./<name>.tar.gz)")
@@ -471,7 +471,9 @@ def add_node_parser(node_sub: Any) -> None:
 
 
 def add_cluster_parser(cluster_sub: Any) -> None:
-    p = cluster_sub.add_parser("diags", help="collect the datastore's objects and the felixpy pods' logs into a tarball")
+    p = cluster_sub.add_parser("diags", help="collect the datastore's objects and the felixpy pods' logs into a tarball",
+                               description="Every v3 resource, the IPAM data and `ipam check`, and with a Kubernetes "
+                                           "API the felixpy-node and felixpy-controllers pods' logs, redacted.")
     p.add_argument("--since", default="", metavar="DURATION", help="only logs newer than this (e.g. 30m)")
     p.add_argument("--max-logs", type=int, default=5, metavar="N",
                    help="logs of at most N pods per component (default 5)")
