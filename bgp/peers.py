@@ -82,7 +82,7 @@ class BGPSettings:
 
     node_to_node_mesh: bool = True
     as_number: int = DEFAULT_AS_NUMBER
-    node_mesh_password: str | None = None  # resolved secret value
+    node_mesh_password: str | None = field(default=None, repr=False)  # resolved secret value: never in a repr
     node_mesh_max_restart_time: int | None = None  # seconds; None means the default
 
     @classmethod
@@ -108,7 +108,7 @@ class BGPPeerSpec:
     peer_selector: str | None = None
     peer_ip: str | None = None  # "ip" or "ip:port"
     as_number: int | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr (logs)
     source_address: str = "UseNodeIP"  # or "None": let the kernel choose the source
     keep_original_next_hop: bool = False
     max_restart_time: int | None = None  # seconds
@@ -140,7 +140,7 @@ class Peer:
     type: PeerType
     name: str  # confd-style protocol name: Mesh_192_0_2_12, Global_..., Node_...
     port: int = DEFAULT_PORT
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr (logs)
     source_address: str | None = None  # local address to bind; None lets the kernel choose
     keep_original_next_hop: bool = False
     max_restart_time: int = DEFAULT_RESTART_TIME  # 0 disables graceful restart

@@ -54,6 +54,8 @@ class Variable:
 
 ENCAP_ACCEPTS = 'accepted values are Always, CrossSubnet, Never (case-insensitive; also "", off, cross-subnet)'
 BOOL_ACCEPTS = "accepted values are true, false (case-insensitive; also 1, 0, yes, no, y, n, t, f)"
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "FATAL")  # Felix's
+LOG_LEVEL_ACCEPTS = "accepted values are TRACE, DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)"
 SECONDS_ACCEPTS = "expected a number of seconds >= 0 (0 disables)"
 MTU_ACCEPTS = "expected 0 (auto) or an MTU from 68 to 65535"
 FAILSAFE_ACCEPTS = 'expected a comma-separated list of PROTOCOL:PORT (tcp, udp or sctp; e.g. "tcp:22,udp:68") or none'
@@ -146,8 +148,17 @@ _VARS: list[Variable] = [
              "Seconds between full route table resyncs."),
     Variable("FELIX_IPTABLESREFRESHINTERVAL", "Felix", "`180`", SECONDS_ACCEPTS,
              "Seconds between full iptables resyncs."),
-    Variable("FELIX_LOGSEVERITYSCREEN", "Felix", "`INFO`", "accepted values are DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)",
-             "Log level of the agent."),
+    Variable("FELIX_LOGSEVERITYSCREEN", "Felix", "`INFO`", LOG_LEVEL_ACCEPTS,
+             "Log level of the agent on stderr (Calico's line format, see docs/operations.md). felixpy "
+             "has no trace-level messages: TRACE shows what DEBUG shows."),
+    Variable("FELIX_LOGFILEPATH", "Felix", "`none`", 'expected an absolute path, or "none"',
+             "Also log to this file (reopened when logrotate moves it). Felix's own default is "
+             "`/var/log/calico/felix.log`; calico-node sets `none`, and so does felixpy-node."),
+    Variable("FELIX_LOGSEVERITYFILE", "Felix", "`INFO`", LOG_LEVEL_ACCEPTS,
+             "Log level of the log file."),
+    Variable("FELIX_LOGDEBUGFILENAMEREGEX", "Felix", "unset", "expected a regular expression",
+             "Debug (and trace) lines are kept only from source files whose base name matches, "
+             "e.g. `bgp\\.py|secrets\\.py`; other levels are not filtered."),
     Variable("FELIX_IPV6SUPPORT", "Felix", "`true`", BOOL_ACCEPTS, "Program IPv6 as well as IPv4."),
     Variable("FELIX_VXLANMTU", "Felix", "`0`", MTU_ACCEPTS,
              "Pod MTU when VXLAN is in use; 0 = host MTU - 50."),
@@ -282,7 +293,10 @@ class FelixConfig:
     params: Mapping[str, str]
     route_refresh_interval: float
     iptables_refresh_interval: float
-    log_severity_screen: str  # DEBUG | INFO | WARNING | ERROR | FATAL
+    log_severity_screen: str  # TRACE | DEBUG | INFO | WARNING | ERROR | FATAL
+    log_file_path: str | None  # None: no log file ("none")
+    log_severity_file: str
+    log_debug_filename_regex: str | None
     ipv6_support: bool
     vxlan_mtu: int  # 0 = auto
     ipip_mtu: int  # 0 = auto
@@ -411,6 +425,13 @@ def _parse_abs_path(name: str, value: str) -> str:
     if not value.startswith("/") or "\n" in value or "\0" in value:
         raise _fail(name, value)
     return value
+
+
+def _parse_log_file(name: str, value: str) -> str | None:
+    """FELIX_LOGFILEPATH: an absolute path, or "none" (Felix's spelling) for no file."""
+    if value.strip().lower() == "none":
+        return None
+    return _parse_abs_path(name, value.strip())
 
 
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -746,7 +767,10 @@ def _load_felix(env: Mapping[str, str]) -> FelixConfig:
         params=types.MappingProxyType({p: v for p, (_, v) in params.items()}),
         route_refresh_interval=get("routerefreshinterval", _parse_seconds, 90.0),
         iptables_refresh_interval=get("iptablesrefreshinterval", _parse_seconds, 180.0),
-        log_severity_screen=get("logseverityscreen", _choice("DEBUG", "INFO", "WARNING", "ERROR", "FATAL"), "INFO"),
+        log_severity_screen=get("logseverityscreen", _choice(*LOG_LEVELS), "INFO"),
+        log_file_path=get("logfilepath", _parse_log_file, None),
+        log_severity_file=get("logseverityfile", _choice(*LOG_LEVELS), "INFO"),
+        log_debug_filename_regex=get("logdebugfilenameregex", _parse_regex, None),
         ipv6_support=get("ipv6support", parse_bool, True),
         vxlan_mtu=get("vxlanmtu", _parse_mtu, 0),
         ipip_mtu=get("ipinipmtu", _parse_mtu, 0),

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# prometheus: only for promtool, which checks and unit-tests deploy/alerts.yaml.
 APT_PACKAGES=(etcd-server etcd-client iptables ipset iproute2 iputils-ping conntrack
-              containernetworking-plugins procps gcc make libc6-dev bird2 frr gobgpd openssl)
+              containernetworking-plugins procps gcc make libc6-dev bird2 frr gobgpd openssl prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -21,6 +22,10 @@ fi
 # etcd-server's package starts a system etcd on :2379; felixpy starts its own, so stop that one.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
     systemctl stop etcd || true
+fi
+# Likewise the Prometheus server the prometheus package starts: we only want promtool.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    systemctl stop prometheus || true
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -82,6 +82,7 @@ class GCPass:
     released: tuple[str, ...]  # addresses released this pass
     kept_on_revalidation: int  # confirmed leaks that re-validation found valid (or changed)
     next_confirm_in: float | None  # seconds until the next candidate's grace period ends
+    released_nodes: tuple[tuple[str, str | None], ...] = ()  # (address, its node attribute) released
 
 
 def tunnel_node(alloc: Allocation) -> str | None:
@@ -219,6 +220,7 @@ class IPAMGarbageCollector:
                          handle, valid)
 
         released: list[str] = []
+        released_nodes: list[tuple[str, str | None]] = []
         kept = 0
         if to_release:
             fresh = self._index.read()
@@ -226,7 +228,10 @@ class IPAMGarbageCollector:
                 if not self._still_leaked(handle, allocs, fresh):
                     kept += len(allocs)
                     continue
-                released.extend(self._release(handle, allocs))
+                done = self._release(handle, allocs)
+                released.extend(done)
+                node_of = {a.ip: a.attrs.get("node") for a in allocs}
+                released_nodes.extend((ip, node_of.get(ip)) for ip in done)
         for ip in released:
             for ident in [i for i in self._candidates if i[0] == ip]:
                 del self._candidates[ident]
@@ -240,6 +245,7 @@ class IPAMGarbageCollector:
             released=tuple(released),
             kept_on_revalidation=kept,
             next_confirm_in=max(0.0, min(pending)) if pending else None,
+            released_nodes=tuple(released_nodes),
         )
         log.info("ipam gc pass allocations=%d candidates=%d confirmed=%d released=%d kept=%d",
                  result.allocations, result.candidates, result.confirmed, len(released), kept)

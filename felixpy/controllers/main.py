@@ -13,6 +13,11 @@ addresses are gone before its blocks are looked at). Passes run:
 
 A pass that fails on the datastore is retried after RETRY_INTERVAL; nothing else stops the loop.
 
+Health and metrics (FELIXPY_CONTROLLERS_METRICS_PORT, default 9094, Calico's prometheusMetricsPort
+of kube-controllers) are served on one port: GET /metrics (kube-controllers' IPAM metrics,
+controllers/metrics.py), /healthz (live: the loop has run within LIVENESS_TIMEOUT) and /readyz
+(ready: the datastore answers and the last pass succeeded).
+
 In etcd mode with a Kubernetes API configured, the mirror (mirror.py) runs beside the loop on its
 own threads, resyncing every reconcile period.
 """
@@ -37,6 +42,9 @@ log = logging.getLogger("felixpy.controllers")
 DEFAULT_RECONCILE_PERIOD = 5 * 60.0
 MIN_PASS_INTERVAL = 5.0
 RETRY_INTERVAL = 10.0
+DEFAULT_METRICS_PORT = 9094  # kube-controllers' prometheusMetricsPort
+TICK_INTERVAL = 10.0  # the loop wakes at least this often, so /healthz sees it alive
+LIVENESS_TIMEOUT = 90.0
 CONFIRM_SLACK = 0.5  # run just after a grace period ends, not just before
 
 DURATION_ACCEPTS = 'expected a duration such as 15m, 90s, 1h30m or a number of seconds (0 disables)'
@@ -70,6 +78,8 @@ class ControllerConfig:
     min_pass_interval: float  # FELIXPY_CONTROLLER_MIN_PASS_INTERVAL
     log_level: str  # LOG_LEVEL (kube-controllers' name)
     log_format: str  # FELIXPY_LOG_FORMAT
+    metrics_port: int = DEFAULT_METRICS_PORT  # FELIXPY_CONTROLLERS_METRICS_PORT; 0 disables
+    metrics_host: str = ""  # FELIXPY_CONTROLLERS_METRICS_HOST; "" = every address
 
 
 def load_config(env: Mapping[str, str]) -> ControllerConfig:
@@ -92,12 +102,22 @@ def load_config(env: Mapping[str, str]) -> ControllerConfig:
     fmt = (env.get("FELIXPY_LOG_FORMAT") or "text").strip().lower()
     if fmt not in ("text", "json"):
         raise ControllerConfigError(f'FELIXPY_LOG_FORMAT="{env.get("FELIXPY_LOG_FORMAT")}": accepted values are text, json')
+    raw_port = (env.get("FELIXPY_CONTROLLERS_METRICS_PORT") or "").strip()
+    try:
+        port = int(raw_port) if raw_port else DEFAULT_METRICS_PORT
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ControllerConfigError(f'FELIXPY_CONTROLLERS_METRICS_PORT="{raw_port}": expected a TCP port from '
+                                    "1 to 65535, or 0 to serve no health and metrics endpoint") from None
     return ControllerConfig(
         grace_period=duration("FELIXPY_IPAM_GC_GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
         reconcile_period=period,
         min_pass_interval=duration("FELIXPY_CONTROLLER_MIN_PASS_INTERVAL", MIN_PASS_INTERVAL),
         log_level=level,
         log_format=fmt,
+        metrics_port=port,
+        metrics_host=(env.get("FELIXPY_CONTROLLERS_METRICS_HOST") or "").strip(),
     )
 
 
@@ -112,6 +132,7 @@ class Controllers:
         reconcile_period: float = DEFAULT_RECONCILE_PERIOD,
         min_pass_interval: float = MIN_PASS_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Any = None,
     ) -> None:
         from felixpy.controllers.ipam_gc import IPAMGarbageCollector
         from felixpy.controllers.nodes import NodeCleanup
@@ -132,6 +153,8 @@ class Controllers:
         self.passes = 0
         self.last_pass_ok = False
         self.last_pass_at: float | None = None
+        self.last_tick = clock()  # liveness: stamped on every loop iteration
+        self.metrics = metrics  # felixpy.controllers.metrics.ControllerMetrics, or None
 
     def stop(self) -> None:
         self._stop.set()
@@ -142,21 +165,29 @@ class Controllers:
         self._wake.set()
 
     def _on_sync_event(self, event: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.on_event(event)
         # Only deletions can make something collectable; the initial listing is not a change.
         if isinstance(event, list) and any(u.value is None for u in event):
             self._wake.set()
 
     def run_once(self) -> bool:
         try:
-            self.gc.reconcile()
+            result = self.gc.reconcile()
             self.nodes.reconcile()
         except DatastoreError as err:
             log.warning("reconcile pass failed, retrying in %.0fs: %s", RETRY_INTERVAL, err)
             self.last_pass_ok = False
+            if self.metrics is not None:
+                self.metrics.pass_done(False, time.time())
             return False
         self.passes += 1
         self.last_pass_ok = True
         self.last_pass_at = self._clock()
+        if self.metrics is not None:
+            self.metrics.reclaimed(result.released_nodes)
+            self.metrics.set_candidates(ip for ip, _handle in self.gc.candidates())
+            self.metrics.pass_done(True, time.time())
         return True
 
     def run(self) -> None:
@@ -167,13 +198,20 @@ class Controllers:
             syncer = Syncer(self._store, self._on_sync_event, prefix=keys.resource_prefix(plural))
             syncer.start()
             self._syncers.append(syncer)
+        if self.metrics is not None:
+            # Blocks and pools only feed the metrics: they never trigger a pass.
+            for prefix in (keys.BLOCKS, keys.resource_prefix("ippools")):
+                syncer = Syncer(self._store, self.metrics.on_event, prefix=prefix)
+                syncer.start()
+                self._syncers.append(syncer)
         log.info("controllers running grace_period=%.0fs reconcile_period=%.0fs",
                  self.gc.grace_period, self._period)
         try:
             next_due = self._clock()
             while not self._stop.is_set():
+                self.last_tick = self._clock()
                 delay = max(0.0, next_due - self._clock())
-                if self._wake.wait(delay):
+                if self._wake.wait(min(delay, TICK_INTERVAL)):
                     self._wake.clear()
                     if self._stop.is_set():
                         break
@@ -220,6 +258,37 @@ def fail(message: str) -> int:
     return 1
 
 
+def serve_health_and_metrics(controllers: Controllers, store: Datastore, metrics: Any,
+                             host: str, port: int) -> tuple[Any, Any]:
+    """/metrics, /healthz and /readyz on one port; returns (server, datastore probe) to stop on exit.
+
+    Raises OSError (one line naming the address) when the port cannot be bound."""
+    from felixpy.node.health import DatastoreProbe, HealthServer, heartbeat_check
+
+    checks = HealthServer()  # only its checks and answers: the metrics server serves them
+    checks.add_liveness("reconcile-loop", heartbeat_check(lambda: controllers.last_tick, LIVENESS_TIMEOUT,
+                                                                 what="reconcile loop"))
+    from felixpy.datastore import keys
+
+    # A Node get: inside the controllers' RBAC (an absent name answers NotFound, which is fine).
+    probe = DatastoreProbe(store, key=keys.resource_key("nodes", "felixpy-controllers-probe")).start()
+    checks.add_readiness("datastore", probe.check)
+
+    def last_pass() -> tuple[bool, str]:
+        if controllers.last_pass_ok:
+            return True, ""
+        return False, "last reconcile pass failed" if controllers.passes else "first reconcile pass not done yet"
+
+    checks.add_readiness("reconcile", last_pass)
+    try:
+        server = metrics.registry.start_http(port, host, name="controllers-http",
+                                             extra_routes={"/healthz": checks.liveness, "/readyz": checks.readiness})
+    except OSError:
+        probe.stop()
+        raise
+    return server, probe
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-v", "--version", "version"):
@@ -233,18 +302,33 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
 
     from felixpy.datastore.factory import DatastoreConfigError, open_datastore
-    from felixpy.node.main import setup_logging
+    from felixpy.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
     try:
         store = open_datastore(os.environ)
     except (DatastoreConfigError, ValueError) as err:
         return fail(str(err))
+    from felixpy.controllers.metrics import ControllerMetrics
+
+    metrics = ControllerMetrics()
     controllers = Controllers(store, grace_period=config.grace_period, reconcile_period=config.reconcile_period,
-                              min_pass_interval=config.min_pass_interval)
+                              min_pass_interval=config.min_pass_interval, metrics=metrics)
+    http: Any = None
+    probe: Any = None
+    if config.metrics_port:
+        try:
+            http, probe = serve_health_and_metrics(controllers, store, metrics, config.metrics_host,
+                                                   config.metrics_port)
+        except OSError as err:
+            store.close()
+            return fail(str(err))
     try:
         mirror = open_mirror_for(store, os.environ, config.reconcile_period)
     except ValueError as err:  # a named but unusable kubeconfig
+        if http is not None:
+            http.stop()
+            probe.stop()
         store.close()
         return fail(str(err))
 
@@ -265,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         if mirror is not None:
             mirror.stop()
             mirror.join()
+        if http is not None:
+            http.stop()
+            probe.stop()
         store.close()
     return 0
 

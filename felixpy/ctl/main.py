@@ -1,6 +1,7 @@
 """felixctl: calicoctl's resource commands (get, create, apply, replace, delete, patch, label),
-`version`, `ipam` and `policy explain`, working directly on the datastore named by DATASTORE_TYPE /
-ETCD_ENDPOINTS. `apply -f` also takes Kubernetes NetworkPolicy YAML (stored as knp.default.<name>).
+`version`, `ipam`, `policy explain`, `node status|checksystem|diags` and `cluster diags`, working
+directly on the datastore named by DATASTORE_TYPE / ETCD_ENDPOINTS. `apply -f` also takes
+Kubernetes NetworkPolicy YAML (stored as knp.default.<name>).
 
 Every write command is all-or-nothing: the whole input is parsed and validated, and every
 precondition checked, before the first write (see felixpy.model.store). User errors print one
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 import felixpy
 from felixpy.ctl import output
+from felixpy.ctl.errors import UserError
 from felixpy.datastore.api import Datastore, DatastoreError
 from felixpy.model import resources as r
 from felixpy.model import store as ms
@@ -25,9 +27,7 @@ from felixpy.model.resources import ValidationError
 
 log = logging.getLogger(__name__)
 
-
-class UserError(Exception):
-    """A problem the user can fix; main() prints it as one line."""
+__all__ = ["UserError", "main", "run"]
 
 
 # -- reading -f FILE ---------------------------------------------------------------------------------
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="protocol (default tcp)")
     explain.add_argument("-o", "--output", default="text", choices=("text", "json"))
 
-    node = sub.add_parser("node", help="this node's BGP status")
+    node = sub.add_parser("node", help="this node: BGP status, system check, diagnostics")
     node_sub = node.add_subparsers(dest="node_command", metavar="SUBCOMMAND")
     node_sub.required = True
     status = node_sub.add_parser("status", help="BGP sessions of the felixpy-node on this host",
@@ -465,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "else $FELIXPY_STATE_DIR/bgp-status.json); needs no datastore.")
     status.add_argument("-o", "--output", default="table", choices=("table", "json"))
     status.add_argument("--status-file", metavar="PATH", help="the agent's BGP status JSON")
+    from felixpy.ctl import checksystem, diags
+
+    checksystem.add_parser(node_sub)
+    diags.add_node_parser(node_sub)
+    cluster = sub.add_parser("cluster", help="the whole cluster: diagnostics")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")
+    cluster_sub.required = True
+    diags.add_cluster_parser(cluster_sub)
 
     from felixpy.ctl import ipam_cmd  # imported here: it pulls in the IPAM allocator
 
@@ -509,7 +517,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "version" and args.client:
         return cmd_version(args, None)
     if args.command == "node":
+        if args.node_command == "checksystem":
+            from felixpy.ctl import checksystem
+
+            return checksystem.run(args, _open_store, os.environ)
+        if args.node_command == "diags":
+            from felixpy.ctl import diags
+
+            return diags.run_node(args, os.environ)
         return cmd_node_status(args)
+    if args.command == "cluster":
+        from felixpy.ctl import diags
+
+        return diags.run_cluster(args, _open_store, os.environ)
     store = _open_store()
     try:
         if args.command == "version":

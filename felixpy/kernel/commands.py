@@ -1,19 +1,43 @@
 """Run external commands (iptables-restore, ipset, ...) with errors that carry the evidence.
 
 Every subprocess felixpy starts goes through `run`, so a failure always says what was run, with
-which input, and what the command answered.
+which input, and what the command answered. For the same reason it is where the agent's metrics
+count iptables-restore and ipset calls (`add_observer`): no driver has to know about metrics.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
-__all__ = ["CommandFailed", "CompletedRun", "Runner", "run"]
+__all__ = ["CommandFailed", "CompletedRun", "Observer", "Runner", "add_observer", "remove_observer", "run"]
 
 log = logging.getLogger(__name__)
+
+# (argv, input, seconds, ok) after every run; called on the caller's thread, must not raise.
+Observer = Callable[[Sequence[str], "str | bytes | None", float, bool], None]
+_observers: list[Observer] = []
+
+
+def add_observer(observer: Observer) -> None:
+    _observers.append(observer)
+
+
+def remove_observer(observer: Observer) -> None:
+    if observer in _observers:
+        _observers.remove(observer)
+
+
+def _notify(argv: Sequence[str], input: str | bytes | None, started: float, ok: bool) -> None:
+    seconds = time.monotonic() - started
+    for observer in list(_observers):
+        try:
+            observer(argv, input, seconds, ok)
+        except Exception:  # an observer's bug must never fail a kernel write
+            log.exception("command observer failed")
 
 
 @dataclass(frozen=True)
@@ -65,14 +89,19 @@ def run(
     """Run argv (no shell), feed it input, and return its output; raise CommandFailed on rc != 0."""
     argv = [str(a) for a in argv]
     data = input.encode() if isinstance(input, str) else input
+    started = time.monotonic()
     try:
         proc = subprocess.run(
             argv, input=data, capture_output=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as exc:
+        _notify(argv, input, started, False)
         raise CommandFailed(argv, None, _text(exc.stdout), _text(exc.stderr), input) from None
     except OSError as exc:  # binary missing, not executable, ...
+        _notify(argv, input, started, False)
         raise CommandFailed(argv, 127, "", f"{exc.strerror}: {argv[0]}", input) from None
+    if _observers:
+        _notify(argv, input, started, proc.returncode == 0)
     stdout, stderr = _text(proc.stdout), _text(proc.stderr)
     if proc.returncode != 0:
         log.debug("command failed argv=%r rc=%d stderr=%r", argv, proc.returncode, stderr)

@@ -67,7 +67,7 @@ from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import Syncer, SyncStatus
 from felixpy.messages import CalcRoutes, LearnedRoutes, Message, TunnelDevices
 from felixpy.node.bgp import BGPController, SidecarMessage
-from felixpy.node.metrics import IPAMUsage, Metrics
+from felixpy.node.metrics import DatastoreStats, Metrics, update_kind
 from policy.render import RenderConfig
 
 log = logging.getLogger(__name__)
@@ -183,17 +183,18 @@ class Agent:
         # "none" (policy-only) nobody routes them.
         self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan")
         self.policy_calc = PolicyCalc(node_name, render_config)
-        self._ipam_usage = IPAMUsage(node_name, metrics) if metrics is not None else None
+        self._stats = DatastoreStats(node_name, metrics) if metrics is not None else None
         self._bgp = bgp
         self._wep_revisions: dict[str, int] = {}
         self.dispatcher = Dispatcher(self.calc, self.policy_calc)
         self.dispatcher.register(Kind.WORKLOAD_ENDPOINT, self._on_endpoint)
         if bgp is not None:
             bgp.register_with(self.dispatcher)
-        if self._ipam_usage is not None:
-            self._ipam_usage.register_with(self.dispatcher)
+        if self._stats is not None:
+            self._stats.register_with(self.dispatcher)
 
-        self._routes = route_table or RouteTable()
+        self._routes = route_table or RouteTable(
+            observe_read_back=metrics.observe_route_resync if metrics is not None else None)
         self._nat = nat_table or Table("nat", backend=iptables_backend)
         # The filter table is real whenever the nat table is: a caller that injects its own
         # drivers (tests with fakes) and no filter table runs without policy rather than
@@ -285,6 +286,8 @@ class Agent:
                 continue
             if isinstance(event, SyncStatus):
                 self.status.in_sync = event == SyncStatus.IN_SYNC
+                if self.metrics is not None:
+                    self.metrics.sync_status(event.name)
                 if self.status.in_sync and not self.status.ever_in_sync:
                     log.info("datastore in sync; first apply of the dataplane")
                     self.status.ever_in_sync = True
@@ -292,7 +295,10 @@ class Agent:
                         self._bgp.datastore_in_sync()
                 continue
             for update in event:
+                started = time.perf_counter()
                 self.dispatcher.on_update(update)
+                if self.metrics is not None:
+                    self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
             self._bgp.set_announcements(self.calc.bgp_announcements())
@@ -362,6 +368,11 @@ class Agent:
         if self.metrics is not None:
             self.metrics.observe_apply(time.monotonic() - started)
             self.metrics.routes_programmed(len(self._routes.programmed))
+            self.metrics.dataplane_counts(
+                tables=[t for t in (self._filter, self._nat) if t is not None], ipsets=self._ipsets,
+                local_endpoints=len(self.calc.local_endpoints()),
+                active_policies=len(self.policy_calc.active_policies()),
+                active_selectors=len(self.policy_calc.ipsets()))
         self._publish_programmed()
         log.debug("dataplane apply ok seconds=%.4f pending=%d", time.monotonic() - started,
                   len(outcome.pending))
@@ -412,6 +423,8 @@ class Agent:
         log.error("dataplane apply failed step=%s, retry in %.1fs: %s", step, self._retry_delay, error)
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+        if self.metrics is not None:
+            self.metrics.apply_failed()
 
     def _publish_programmed(self) -> None:
         """WorkloadEndpoints whose routes the route driver holds, exactly as desired."""

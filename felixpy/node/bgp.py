@@ -57,7 +57,7 @@ from bgp.rib import Rib
 from felixpy.calc.updates import Kind, Update, decode
 from felixpy.calc.updates import Node as NodeValue
 from felixpy.datastore.syncer import KVUpdate
-from felixpy.node.secrets import SecretResolver
+from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher, secret_ref
 
 if TYPE_CHECKING:
     from felixpy.calc.dispatcher import Dispatcher
@@ -150,6 +150,11 @@ class CommandsFailed(SidecarMessage):
 
 
 @dataclass(frozen=True)
+class SecretsChanged(SidecarMessage):
+    """A BGP password Secret in use changed (posted by the SecretWatcher): render again."""
+
+
+@dataclass(frozen=True)
 class AdjRibOut(SidecarMessage):
     """What ExaBGP currently announces (read back after connecting)."""
 
@@ -238,6 +243,24 @@ class BGPResources:
         return True
 
 
+def resolve_peering(resources: BGPResources, secrets: SecretResolver
+                    ) -> tuple[BGPSettings, list[BGPPeerSpec], frozenset[SecretRef]]:
+    """The global settings and the BGPPeers with their passwords resolved, and the Secret refs
+    used -- the same for the agent's ExaBGP and the reflector's BIRD."""
+    default = resources.configs.get("default")
+    mesh_ref = ((default or {}).get("spec") or {}).get("nodeMeshPassword")
+    refs = {secret_ref(mesh_ref)}
+    settings = BGPSettings.from_resource(default, node_mesh_password=secrets.resolve_ref(
+        mesh_ref, what="BGPConfiguration default nodeMeshPassword"))
+    specs = []
+    for value in resources.peers.values():
+        ref = (value.get("spec") or {}).get("password")
+        refs.add(secret_ref(ref))
+        password = secrets.resolve_ref(ref, what=f"BGPPeer {(value.get('metadata') or {}).get('name')} password")
+        specs.append(BGPPeerSpec.from_resource(value, password=password))
+    return settings, specs, frozenset(r for r in refs if r is not None)
+
+
 class BGPController:
     def __init__(
         self,
@@ -252,8 +275,11 @@ class BGPController:
     ) -> None:
         self.node_name = node_name
         self.paths = paths
-        # BGP passwords: read on every render, so a fixed secret takes effect with the next one.
+        # BGP passwords: read on every render; the watcher (started with the link thread) asks
+        # for a render when a Secret in use changes, so a rotated password needs no restart.
         self._secrets = secrets if secrets is not None else SecretResolver.from_env(os.environ)
+        self._secret_watcher: SecretWatcher | None = None
+        self._secret_refs: frozenset[SecretRef] = frozenset()
         self._link: Link = link if link is not None else SidecarClient(paths.socket)
         self._reload = reload if reload is not None else (lambda: signal_exabgp(paths.pid_file))
         self._clock = clock
@@ -294,12 +320,16 @@ class BGPController:
         """Start the link thread; it puts SidecarMessages on the loop's queue via `post`."""
         self._post = post
         self._started_at = self._clock()
+        self._secret_watcher = SecretWatcher(self._secrets, lambda: post(SecretsChanged()))
+        self._secret_watcher.watch(self._secret_refs)
         self._thread = threading.Thread(target=self._run_link, name="bgp-link", daemon=True)
         self._thread.start()
         self.write_status()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._secret_watcher is not None:
+            self._secret_watcher.stop()
         self._link.close()
 
     def _run_link(self) -> None:
@@ -340,6 +370,9 @@ class BGPController:
     # -- sidecar input -------------------------------------------------------------------------
     def on_message(self, message: SidecarMessage) -> None:
         now = self._clock()
+        if isinstance(message, SecretsChanged):
+            self._resources.changed = True  # sync() renders with the new value and reloads ExaBGP
+            return
         if isinstance(message, SidecarConnected):
             self._generation = message.generation
             self._connected = True
@@ -460,16 +493,9 @@ class BGPController:
     def _update_config(self) -> None:
         try:
             nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
-            default = self._resources.configs.get("default")
-            settings = BGPSettings.from_resource(default, node_mesh_password=self._secrets.resolve_ref(
-                ((default or {}).get("spec") or {}).get("nodeMeshPassword"),
-                what="BGPConfiguration default nodeMeshPassword"))
-            specs = []
-            for value in self._resources.peers.values():
-                password = self._secrets.resolve_ref(
-                    (value.get("spec") or {}).get("password"),
-                    what=f"BGPPeer {(value.get('metadata') or {}).get('name')} password")
-                specs.append(BGPPeerSpec.from_resource(value, password=password))
+            settings, specs, self._secret_refs = resolve_peering(self._resources, self._secrets)
+            if self._secret_watcher is not None:
+                self._secret_watcher.watch(self._secret_refs)
             peers = select_peers(self.node_name, nodes, settings, specs)
             me = next(n for n in nodes if n.name == self.node_name)
             assert me.ipv4 is not None  # select_peers checked it

@@ -171,6 +171,14 @@ class HealthServer:
         with self._lock:
             self._readiness[name] = check
 
+    def results(self) -> tuple[bool, bool, dict[str, bool]]:
+        """(live, ready, readiness check -> ok), for the metrics (felixpy_agent_live/_ready)."""
+        with self._lock:
+            liveness, readiness = dict(self._liveness), dict(self._readiness)
+        live = not _run_checks(liveness)
+        per_check = {name: not _run_checks({name: check}) for name, check in readiness.items()}
+        return live, bool(per_check) and all(per_check.values()), per_check
+
     def liveness(self) -> Response:
         with self._lock:
             checks = dict(self._liveness)
@@ -191,12 +199,12 @@ class HealthServer:
 
 
 def heartbeat_check(last_tick: Callable[[], float], timeout: float = LIVENESS_TIMEOUT,
-                    clock: Callable[[], float] = time.monotonic) -> Check:
+                    clock: Callable[[], float] = time.monotonic, *, what: str = "agent loop") -> Check:
     """Live while last_tick() (a clock() reading the loop stamps every iteration) is recent."""
     def check() -> tuple[bool, str]:
         age = clock() - last_tick()
         if age > timeout:
-            return False, f"agent loop has not run for {age:.0f}s (limit {timeout:.0f}s)"
+            return False, f"{what} has not run for {age:.0f}s (limit {timeout:.0f}s)"
         return True, ""
     return check
 
@@ -209,8 +217,12 @@ class DatastoreProbe:
     """
 
     def __init__(self, store: Datastore, *, interval: float = PROBE_INTERVAL, stale_after: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 key: str = keys.resource_key("clusterinformations", "default")) -> None:
+        """`key` is any key the process may read (NotFound counts as an answer): with the
+        Kubernetes datastore a key outside the process's RBAC would read as an outage."""
         self._store = store
+        self._key = key
         self._interval = interval
         self._stale_after = stale_after if stale_after is not None else 3 * interval
         self._clock = clock
@@ -221,7 +233,7 @@ class DatastoreProbe:
 
     def probe_once(self) -> bool:
         try:
-            self._store.get(keys.resource_key("clusterinformations", "default"))
+            self._store.get(self._key)
         except NotFound:
             pass  # an answer is an answer
         except Exception as err:  # every failure mode of every backend means "not reachable"

@@ -7,7 +7,6 @@ opens after the first successful dataplane apply, so kubelet's first pod never r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,26 +15,6 @@ import time
 from typing import Any
 
 from felixpy import __version__
-
-
-class _JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
-            "time": self.formatTime(record), "level": record.levelname,
-            "logger": record.name, "msg": record.getMessage(),
-        })
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JSONFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel({"FATAL": "CRITICAL", "WARN": "WARNING"}.get(level.upper(), level.upper()))
 
 
 def fail(message: str) -> int:
@@ -55,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(os.environ)
     except ConfigError as err:
         return fail(str(err))
-    setup_logging(config.felix.log_severity_screen, config.agent.log_format)
+    from felixpy.logs import setup_logging
+
+    try:
+        setup_logging(config.felix.log_severity_screen, config.agent.log_format,
+                      file_path=config.felix.log_file_path, file_level=config.felix.log_severity_file,
+                      debug_file_regex=config.felix.log_debug_filename_regex)
+    except OSError as err:
+        return fail(f"FELIX_LOGFILEPATH: {err.strerror or err}")
     log = logging.getLogger("felixpy.node")
 
     from felixpy.node.health import HealthServer
@@ -119,10 +105,33 @@ def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from felixpy.node.bgp import bgp_readiness, read_status
+
+    def status() -> Any:
+        return read_status(paths.status)
+
+    from felixpy.node.health import HealthServer
+
+    # The checks exist for the metrics (felixpy_agent_ready) even when nothing serves /readiness.
+    checks = health if health is not None else HealthServer()
+    started = time.monotonic()
+    # Calico's --bird-ready for the reflector's own BIRD sessions, from its status file.
+    checks.add_readiness("bgp", lambda: bgp_readiness(status(), uptime=time.monotonic() - started))
+    metrics_server = None
+    if config.felix.prometheus_metrics_enabled:
+        from felixpy.node.metrics import reflector_registry
+
+        try:
+            metrics_server = reflector_registry(result.node_name, status, checks).start_http(
+                config.felix.prometheus_metrics_port, config.felix.prometheus_metrics_host)
+        except OSError as err:
+            return fail(f"metrics port {config.felix.prometheus_metrics_port}: {err}")
     log.info("felixpy-node %s node=%s ip=%s mode=route-reflector", __version__, result.node_name, result.ipv4)
     try:
         run_reflector(store, result.node_name, paths, stop)
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         if health is not None:
             health.stop()
         store.close()
@@ -143,25 +152,33 @@ def render_config(config: Any) -> Any:
 
 def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
-    from felixpy.kernel import sysctl
+    from felixpy.kernel import commands, sysctl
     from felixpy.node.agent import Agent
-    from felixpy.node.health import add_agent_checks
+    from felixpy.node.health import HealthServer, add_agent_checks
     from felixpy.node.metrics import Metrics
 
     log = logging.getLogger("felixpy.node")
     sysctl.write("net.ipv4.ip_forward", 1)
     backend = config.node.networking_backend
     iptables_backend = config.felix.iptables_backend
-    metrics = Metrics()
     bgp = None
+    bgp_status = None
     if backend == "bird":
-        from felixpy.node.bgp import BGPController, BGPPaths
+        from felixpy.node.bgp import BGPController, BGPPaths, read_status
 
         try:
             paths = BGPPaths.from_env(os.environ, config.agent.state_dir)
         except ValueError as err:
             return fail(str(err))
         bgp = BGPController(result.node_name, paths)
+        bgp_status = lambda: read_status(paths.status)  # noqa: E731 - read at scrape time
+    # The checks exist for the metrics (felixpy_agent_ready) even when nothing serves /readiness.
+    checks = health
+    if checks is None and config.felix.prometheus_metrics_enabled:
+        checks = HealthServer()
+    metrics = Metrics(host=result.node_name, bgp_status=bgp_status, health=checks)
+    # iptables-restore / ipset calls and errors, counted where every command runs.
+    commands.add_observer(metrics.observe_command)
     agent = Agent(
         store=store,
         node_name=result.node_name,
@@ -173,14 +190,14 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         metrics=metrics,
         bgp=bgp,
     )
-    probe = add_agent_checks(health, agent.status, store=store) if health is not None else None
-    if health is not None and bgp is not None:
+    probe = add_agent_checks(checks, agent.status, store=store) if checks is not None else None
+    if checks is not None and bgp is not None:
         from felixpy.node.bgp import bgp_readiness, read_status
 
         started = time.monotonic()
         status_path = bgp.paths.status
         # Reads the status file the controller writes: the controller itself belongs to the loop.
-        health.add_readiness("bgp", lambda: bgp_readiness(read_status(status_path),
+        checks.add_readiness("bgp", lambda: bgp_readiness(read_status(status_path),
                                                          uptime=time.monotonic() - started))
     metrics_server = None
     if config.felix.prometheus_metrics_enabled:
@@ -216,6 +233,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     network_ready = NetworkUnavailableClearer(result.node_name, os.environ)
 
     def on_first_apply() -> None:
+        metrics.first_apply_done()
         server.start()
         network_ready.start()
 

@@ -17,6 +17,11 @@ on disk and is applied when BIRD answers again (it reads the same file when it s
 By default (`FELIXPY_BIRD_START=true`) the reflector starts `bird` itself when it does not answer;
 where BIRD is its own process (a second container in the DaemonSet pod sharing the config and
 socket directory, or the lab's process) `FELIXPY_BIRD_START=false` leaves that to the deployment.
+
+BGP passwords (BGPPeer `password`, BGPConfiguration `nodeMeshPassword`) are resolved by the same
+SecretResolver as the agent's (node/secrets.py, from the same environment), and the same
+SecretWatcher triggers a render when one of them changes: BIRD restarts only the sessions whose
+password changed, at `birdc configure`, and BIRD itself keeps running.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from bgp.bird import render_bird_reflector
-from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
+from bgp.peers import NodeInfo, Peer, PeeringError, select_peers
 from felixpy.kernel import commands
-from felixpy.node.bgp import BGPResources, StatusFile
+from felixpy.node.bgp import BGPResources, StatusFile, resolve_peering
+from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
 log = logging.getLogger(__name__)
@@ -199,9 +205,12 @@ class Reflector:
 
     def __init__(self, node_name: str, paths: ReflectorPaths, *, bird: Bird | None = None,
                  wall_clock: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 secrets: SecretResolver | None = None) -> None:
         self.node_name = node_name
         self.paths = paths
+        self.secrets = secrets if secrets is not None else SecretResolver.from_env(os.environ)
+        self.secret_refs: frozenset[SecretRef] = frozenset()  # the Secrets the last render used
         self.bird: Bird = bird if bird is not None else BirdControl(paths)
         self._wall = wall_clock
         self._clock = clock
@@ -228,6 +237,10 @@ class Reflector:
 
     def datastore_in_sync(self) -> None:
         self._in_sync = True
+
+    def secrets_changed(self) -> None:
+        """A password Secret in use changed: render (and configure BIRD) again."""
+        self._dirty = True
 
     @property
     def peers(self) -> list[Peer]:
@@ -260,8 +273,7 @@ class Reflector:
     def _render(self) -> None:
         try:
             nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
-            settings = BGPSettings.from_resource(self._resources.configs.get("default"))
-            specs = [BGPPeerSpec.from_resource(v) for v in self._resources.peers.values()]
+            settings, specs, self.secret_refs = resolve_peering(self._resources, self.secrets)
             peers = select_peers(self.node_name, nodes, settings, specs)
             me = next(n for n in nodes if n.name == self.node_name)
             assert me.ipv4 is not None  # select_peers checked it
@@ -290,7 +302,8 @@ class Reflector:
     def _write_config(self, text: str) -> None:
         os.makedirs(os.path.dirname(self.paths.config), exist_ok=True)
         tmp = f"{self.paths.config}.tmp"
-        with open(tmp, "w") as f:
+        # 0600: the configuration carries the BGP MD5 passwords.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(text)
         os.replace(tmp, self.paths.config)
         self._text = text
@@ -343,13 +356,17 @@ class Reflector:
         self._status_file.write(self.status())
 
 
+_SECRETS_CHANGED = object()  # posted by the SecretWatcher onto the reflector's queue
+
+
 def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threading.Event,
                   *, syncer_factory: Callable[..., Any] | None = None) -> None:
     """The reflector's loop until `stop` is set: syncer batches → sync(); status every second."""
     from felixpy.datastore.syncer import Syncer
 
-    events: "queue.Queue[SyncEvent]" = queue.Queue()
+    events: "queue.Queue[SyncEvent | object]" = queue.Queue()
     reflector = Reflector(node_name, paths)
+    watcher = SecretWatcher(reflector.secrets, lambda: events.put(_SECRETS_CHANGED))
     syncer = (syncer_factory or Syncer)(store, events.put)
     syncer.start()
     log.info("route reflector running node=%s config=%s socket=%s", node_name, paths.config, paths.socket)
@@ -358,14 +375,16 @@ def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threa
         while not stop.is_set():
             timeout = max(0.0, next_poll - time.monotonic())
             try:
-                event: SyncEvent | None = events.get(timeout=min(timeout, 0.5))
+                event: SyncEvent | object | None = events.get(timeout=min(timeout, 0.5))
             except queue.Empty:
                 event = None
             while event is not None:
-                if isinstance(event, SyncStatus):
+                if event is _SECRETS_CHANGED:
+                    reflector.secrets_changed()
+                elif isinstance(event, SyncStatus):
                     if event is SyncStatus.IN_SYNC:
                         reflector.datastore_in_sync()
-                else:
+                elif isinstance(event, list):
                     for update in event:
                         reflector.on_update(update)
                 try:
@@ -373,9 +392,11 @@ def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threa
                 except queue.Empty:
                     event = None
             reflector.sync()
+            watcher.watch(reflector.secret_refs)
             if time.monotonic() >= next_poll:
                 reflector.poll()
                 reflector.sync()  # BIRD came back: hand it the current rendering
                 next_poll = time.monotonic() + STATUS_INTERVAL
     finally:
+        watcher.stop()
         syncer.stop()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -13,6 +17,7 @@ import pytest
 from felixpy.controllers.ipam_gc import IPAMGarbageCollector
 from felixpy.controllers.nodes import NodeCleanup
 from felixpy.controllers.pods import WorkloadEndpointIndex
+from tests.unit.test_health import parse_exposition, value
 from tests.unit.test_ipam_gc import GRACE, Cluster, FakeClock
 
 
@@ -81,14 +86,41 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> float:
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ControllersProcess:
+    port: int  # /metrics, /healthz, /readyz
+    log_path: Any
+
+    def __call__(self) -> str:
+        return str(self.log_path.read_text(errors="replace"))
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as err:
+            return int(err.code), err.read().decode()
+        except OSError as err:
+            return 0, str(err)
+
+
 @pytest.fixture
-def controllers_process(etcd_endpoint: str, tmp_path: Any) -> Iterator[Callable[[], str]]:
+def controllers_process(etcd_endpoint: str, tmp_path: Any) -> Iterator[ControllersProcess]:
     log_path = tmp_path / "controllers.log"
+    port = _free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1",
         "DATASTORE_TYPE": "etcdv3", "ETCD_ENDPOINTS": etcd_endpoint,
         "FELIXPY_IPAM_GC_GRACE_PERIOD": "1s", "FELIXPY_CONTROLLER_RECONCILE_PERIOD": "1m",
         "FELIXPY_CONTROLLER_MIN_PASS_INTERVAL": "0.2",
+        "FELIXPY_CONTROLLERS_METRICS_HOST": "127.0.0.1", "FELIXPY_CONTROLLERS_METRICS_PORT": str(port),
     }
     if "PYTHONPATH" in os.environ:
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
@@ -96,7 +128,7 @@ def controllers_process(etcd_endpoint: str, tmp_path: Any) -> Iterator[Callable[
         proc = subprocess.Popen([sys.executable, "-m", "felixpy.controllers.main"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        yield lambda: log_path.read_text(errors="replace")
+        yield ControllersProcess(port, log_path)
     finally:
         proc.terminate()
         try:
@@ -109,7 +141,7 @@ def controllers_process(etcd_endpoint: str, tmp_path: Any) -> Iterator[Callable[
 
 
 def test_controllers_process_collects_leaks_and_deleted_nodes(cluster: Cluster,
-                                                            controllers_process: Callable[[], str]) -> None:
+                                                            controllers_process: ControllersProcess) -> None:
     live = cluster.add_pod("default", "live", "n1")[0]
     gone = cluster.add_pod("default", "gone", "n1")[0]
     n2 = cluster.add_pod("default", "on-n2", "n2")[0]
@@ -124,3 +156,33 @@ def test_controllers_process_collects_leaks_and_deleted_nodes(cluster: Cluster,
     assert "Candidate IP leak handle=" in log and f"ip={gone}" in log
     assert f"Garbage collecting leaked IP address ip={gone}" in log
     assert "Cleaning up IPAM of deleted node node=n2" in log
+
+
+def test_controllers_process_serves_ipam_metrics_and_health(cluster: Cluster,
+                                                            controllers_process: ControllersProcess) -> None:
+    cluster.add_pod("default", "live", "n1")
+    cluster.add_pod("default", "live2", "n1")
+    gone = cluster.add_pod("default", "gone", "n2")[0]
+    wait_for("ready", lambda: controllers_process.get("/readyz") == (200, "ready\n"), timeout=15)
+    assert controllers_process.get("/healthz") == (200, "live\n")
+
+    def scrape() -> dict[Any, float]:
+        code, body = controllers_process.get("/metrics")
+        assert code == 200, body
+        return parse_exposition(body)[1]
+
+    wait_for("allocations counted", lambda: value(scrape(), "ipam_allocations_in_use", ippool="p1", node="n1") == 2,
+             timeout=10)
+    s = scrape()
+    assert value(s, "ipam_allocations_in_use", ippool="p1", node="n2") == 1
+    assert value(s, "ipam_ippool_size", ippool="p1") == 65536
+    assert value(s, "ipam_blocks", ippool="p1", node="n1") == 1
+    assert value(s, "felixpy_controller_passes_total") >= 1
+    cluster.delete_endpoint("default", "gone", "n2")
+    wait_for("leak released", lambda: not cluster.allocated(gone), timeout=15)
+    wait_for("reclamation counted",
+             lambda: value(scrape(), "ipam_allocations_gc_reclamations", ippool="p1", node="n2") == 1, timeout=10)
+    wait_for("released address gone from in_use",
+             lambda: value(scrape(), "ipam_allocations_in_use", ippool="p1", node="n2") == 0, timeout=10)
+    assert value(scrape(), "ipam_allocations_gc_candidates", ippool="p1", node="n2") == 0
+    assert controllers_process.get("/nope")[0] == 404

@@ -104,6 +104,7 @@ METRICS_WIRED = "felixpy.node.metrics" in pathlib.Path(node_main.__file__).read_
 @dataclass
 class AgentInNetns:
     netns: str
+    node: str
     etcd: subprocess.Popen[bytes]
     agent: subprocess.Popen[bytes]
     workdir: str
@@ -188,7 +189,7 @@ def agent_in_netns(needs_root: None) -> Iterator[AgentInNetns]:
             agent = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "felixpy.node.main"],
                                      env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(agent)
-        yield AgentInNetns(netns, etcd, agent, workdir)
+        yield AgentInNetns(netns, prefix + "n", etcd, agent, workdir)
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -218,6 +219,18 @@ def test_agent_readiness_follows_etcd(agent_in_netns: AgentInNetns) -> None:
         assert code == 200, body
         _, samples = parse_exposition(body)
         assert value(samples, "felixpy_dataplane_apply_seconds_count") >= 1
+        # Felix's names, from the real loop, kernel and datastore.
+        assert value(samples, "felix_host", host=a.node) == 1
+        assert value(samples, "felix_resync_state") == 3
+        assert value(samples, "felix_cluster_num_hosts") == 1
+        assert value(samples, "felix_int_dataplane_apply_time_seconds_count") >= 1
+        assert value(samples, "felix_int_dataplane_initial_resync_time_seconds") > 0
+        assert value(samples, "felix_iptables_save_calls") >= 1  # the first apply reads the tables back
+        assert value(samples, "felix_iptables_restore_errors") == 0
+        assert value(samples, "felix_iptables_chains", ip_version="4", table="filter") > 0
+        assert value(samples, "felix_ipset_calls") >= 1
+        assert value(samples, "felixpy_agent_ready") == 1
+        assert value(samples, "felixpy_agent_readiness_check", check="datastore") == 1
 
     os.kill(a.etcd.pid, signal.SIGSTOP)
     try:

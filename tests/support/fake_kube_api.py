@@ -31,14 +31,22 @@ and follows the API conventions for them (kubernetes.io/docs/reference/using-api
   and metadata keep their stored values (the node status strategy), metadata.resourceVersion in
   the body is still a precondition.
 
+* fieldSelector=metadata.name=<name> on a collection (list and watch): what a client of one named
+  object sends (the BGP secret watcher, as Calico's confd).
+* labelSelector with equality terms (`k=v,k2=v2`) on a collection list, and the pods/<name>/log
+  subresource (text/plain; the text a test set with `set_pod_log`; `container`, `sinceSeconds`,
+  `timestamps` are accepted and recorded in `requests`, not applied): what `felixctl cluster
+  diags` sends.
+
 Not implemented (the backend does not send them, and the fake answers 400 rather than ignoring
-them): label/field selectors, JSON patch, generateName, dry-run.
+them): set-based label selectors, other field selectors, JSON patch, generateName, dry-run.
 Deleting a Namespace removes only the Namespace (no cascading, no Terminating phase).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import re
@@ -134,7 +142,9 @@ class _Target:
     rtype: ResourceType
     namespace: str  # "" for cluster-scoped, or a namespaced collection across all namespaces
     name: str  # "" for a collection
-    subresource: str = ""  # "status" for nodes/<name>/status
+    subresource: str = ""  # "status" for nodes/<name>/status, "log" for pods/<name>/log
+    field_name: str = ""  # fieldSelector=metadata.name=<name> on a collection
+    labels: tuple[tuple[str, str], ...] = ()  # labelSelector equality terms on a collection
 
 
 class FakeKubeAPI:
@@ -153,6 +163,7 @@ class FakeKubeAPI:
         self._watch_generation = 0  # bumped by drop_watches() to end every open stream
         self._stopping = False
         self.requests: list[tuple[str, str]] = []  # (method, path?query), for tests to inspect
+        self.pod_logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> log text
         # Called with (method, path) before each request is handled: tests use it to interleave
         # another client's write (the kubelet's) at an exact point.
         self.before_request: Callable[[str, str], None] | None = None
@@ -232,6 +243,10 @@ class FakeKubeAPI:
             obj = self._objects.get(self._key(target.rtype, target.namespace, target.name))
             return copy.deepcopy(obj) if obj is not None else None
 
+    def set_pod_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        """What GET pods/<pod>/log?container=<container> answers (the pod must exist)."""
+        self.pod_logs[(namespace, pod, container)] = text
+
     # -- request handling (called from handler threads) ---------------------------------------
     def _resolve(self, path: str) -> _Target:
         parts = path.strip("/").split("/")
@@ -248,6 +263,8 @@ class FakeKubeAPI:
         subresource = ""
         if rtype is not None and len(rest) == 3 and rest[2] == "status" and rtype.plural == "nodes":
             subresource, rest = "status", rest[:2]
+        elif rtype is not None and len(rest) == 3 and rest[2] == "log" and rtype.plural == "pods":
+            subresource, rest = "log", rest[:2]
         if rtype is None or len(rest) > 2 or (ns and not rtype.namespaced):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
         return _Target(rtype, ns, rest[1] if len(rest) == 2 else "", subresource)
@@ -388,8 +405,9 @@ class FakeKubeAPI:
         self._record(target.rtype, target.namespace, "DELETED", gone)
         return gone
 
-    def _matches(self, target: _Target, rtype: ResourceType, namespace: str) -> bool:
-        return rtype == target.rtype and (not target.namespace or namespace == target.namespace)
+    def _matches(self, target: _Target, rtype: ResourceType, namespace: str, name: str = "") -> bool:
+        return rtype == target.rtype and (not target.namespace or namespace == target.namespace) and \
+            (not target.field_name or name == target.field_name)
 
     def _list_page(self, target: _Target, limit: str, token: str) -> dict[str, Any]:
         """A list, paginated as the real server does: every page comes from the snapshot the first
@@ -423,9 +441,12 @@ class FakeKubeAPI:
 
     def _list(self, target: _Target) -> dict[str, Any]:
         items = []
-        for (gv, plural, ns, _), obj in sorted(self._objects.items()):
+        for (gv, plural, ns, name), obj in sorted(self._objects.items()):
+            labels = (obj.get("metadata") or {}).get("labels") or {}
             if (gv, plural) == (target.rtype.group_version, target.rtype.plural) and \
-                    (not target.namespace or ns == target.namespace):
+                    (not target.namespace or ns == target.namespace) and \
+                    (not target.field_name or name == target.field_name) and \
+                    all(labels.get(k) == v for k, v in target.labels):
                 item = copy.deepcopy(obj)
                 if target.rtype.group_version != CRD_GROUP_VERSION:
                     # Typed lists of built-in kinds carry no per-item kind/apiVersion.
@@ -444,8 +465,8 @@ class FakeKubeAPI:
             initial: list[dict[str, Any]] = []
             if rv_param in ("", "0"):
                 initial = [{"type": "ADDED", "object": copy.deepcopy(o)}
-                           for (gv, plural, ns, _), o in sorted(self._objects.items())
-                           if self._matches(target, self._types[(gv, plural)], ns)]
+                           for (gv, plural, ns, name), o in sorted(self._objects.items())
+                           if self._matches(target, self._types[(gv, plural)], ns, name)]
                 since = self._revision
             else:
                 try:
@@ -470,7 +491,8 @@ class FakeKubeAPI:
                         expired = True
                         break
                     events = [e for e in self._history
-                              if e.revision > since and self._matches(target, e.rtype, e.namespace)]
+                              if e.revision > since and self._matches(target, e.rtype, e.namespace,
+                                                                      (e.obj.get("metadata") or {}).get("name", ""))]
                     now = time.monotonic()
                     if events:
                         since = events[-1].revision
@@ -515,6 +537,14 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "BadRequest", "the request body is not JSON") from None
 
+    def _send_text(self, code: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _send(self, code: int, obj: Any) -> None:
         data = json.dumps(obj).encode()
         self.send_response(code)
@@ -533,10 +563,36 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
             target = fake._resolve(parts.path)
-            unsupported = set(query) - {"watch", "resourceVersion", "resourceVersionMatch",
-                                        "allowWatchBookmarks", "timeoutSeconds", "limit", "continue"}
+            allowed = {"watch", "resourceVersion", "resourceVersionMatch", "allowWatchBookmarks", "timeoutSeconds",
+                       "limit", "continue", "fieldSelector", "labelSelector"}
+            if target.subresource == "log":
+                allowed = {"container", "sinceSeconds", "timestamps"}
+            unsupported = set(query) - allowed
             if unsupported:
                 raise ApiError(400, "BadRequest", f"the fake API server does not implement {sorted(unsupported)}")
+            if target.subresource == "log":
+                if method != "GET":
+                    raise ApiError(405, "MethodNotAllowed", "pods/log is read-only")
+                with fake._cond:
+                    fake._existing(target)  # 404 for a pod that does not exist
+                self._send_text(200, fake.pod_logs.get((target.namespace, target.name, query.get("container", "")), ""))
+                return
+            if "labelSelector" in query:
+                terms = []
+                for term in query["labelSelector"].split(","):
+                    key, sep, value = term.replace("==", "=").partition("=")
+                    if not sep or not key or "!" in key or target.name:
+                        raise ApiError(400, "BadRequest", "the fake API server implements only equality "
+                                       "labelSelector terms (k=v,...) on collections")
+                    terms.append((key.strip(), value.strip()))
+                target = dataclasses.replace(target, labels=tuple(terms))
+            if "fieldSelector" in query:
+                # Only what clients of one named object use (Calico's secret watcher, felixpy's too).
+                field, _, value = query["fieldSelector"].replace("==", "=").partition("=")
+                if field != "metadata.name" or not value or target.name:
+                    raise ApiError(400, "BadRequest", "the fake API server implements only "
+                                   "fieldSelector=metadata.name=<name> on collections")
+                target = dataclasses.replace(target, field_name=value)
             if method == "GET" and query.get("watch") in ("true", "1"):
                 if target.name:
                     raise ApiError(400, "BadRequest", "watch a collection")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,8 +15,9 @@ import pytest
 from felixpy.calc.dispatcher import Dispatcher
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
-from felixpy.node.bgp import BGPController, BGPPaths
-from felixpy.node.secrets import SecretResolver
+from felixpy.node.bgp import BGPController, BGPPaths, SecretsChanged
+from felixpy.node.reflector import Reflector, ReflectorPaths
+from felixpy.node.secrets import SecretResolver, SecretWatcher
 from tests.support.fake_kube_api import FakeKubeAPI
 
 MESH_REF = {"secretKeyRef": {"name": "bgp", "key": "mesh-password"}}
@@ -169,3 +172,184 @@ def test_controller_without_the_secret_renders_no_md5(tmp_path: Path) -> None:
     ctl._update_config()
     text = (tmp_path / "exabgp.conf").read_text()
     assert "192.0.2.12" in text and "md5" not in text
+
+
+# -- no secret in a log line ---------------------------------------------------------------------
+
+def test_resolved_values_are_redacted_from_every_log_line(tmp_path: Path) -> None:
+    from felixpy.logs import REDACTED, REDACTOR, CalicoFormatter
+
+    _write(tmp_path, "bgp", "mesh-password", b"hunter2-rotating")
+    assert SecretResolver(secrets_dir=str(tmp_path)).resolve("bgp", "mesh-password") == "hunter2-rotating"
+    record = logging.LogRecord("t", logging.ERROR, __file__, 1, "peer %s failed: %s", (
+        "192.0.2.1", "md5 " + base64.b64encode(b"hunter2-rotating").decode() + " hunter2-rotating"), None)
+    line = CalicoFormatter().format(record)
+    assert "hunter2" not in line and line.count(REDACTED) == 2
+    REDACTOR.clear()
+
+
+# -- watching the Secrets in use -------------------------------------------------------------------
+
+class _Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.event = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.event.set()
+
+
+REF = ("bgp", "mesh-password")
+
+
+def test_watcher_reports_a_changed_file_once_per_new_value(tmp_path: Path) -> None:
+    _write(tmp_path, *REF, b"pw1")
+    resolver = SecretResolver(secrets_dir=str(tmp_path))
+    assert resolver.resolve(*REF) == "pw1"
+    changed = _Counter()
+    watcher = SecretWatcher(resolver, changed, file_interval=3600)
+    watcher.watch({REF})
+    try:
+        assert not watcher.check_files()  # what the owner rendered with
+        _write(tmp_path, *REF, b"pw2")
+        assert watcher.check_files() and changed.calls == 1
+        assert not watcher.check_files() and changed.calls == 1  # not again before a render
+        assert resolver.resolve(*REF) == "pw2"  # the owner renders
+        assert not watcher.check_files()
+        os.remove(tmp_path / "bgp" / "mesh-password")  # a deleted secret is a change too
+        assert watcher.check_files() and changed.calls == 2
+        assert resolver.resolve(*REF) is None
+        _write(tmp_path, *REF, b"pw3")  # and so is one that appears
+        assert watcher.check_files() and changed.calls == 3
+    finally:
+        watcher.stop()
+
+
+def test_watcher_thread_notices_a_rotation(tmp_path: Path) -> None:
+    _write(tmp_path, *REF, b"pw1")
+    resolver = SecretResolver(secrets_dir=str(tmp_path))
+    resolver.resolve(*REF)
+    changed = _Counter()
+    watcher = SecretWatcher(resolver, changed, file_interval=0.05)
+    watcher.watch({REF})
+    try:
+        _write(tmp_path, *REF, b"pw2")
+        assert changed.event.wait(5), "the file watcher did not report the new value"
+    finally:
+        watcher.stop()
+
+
+def test_kube_watch_reports_a_modified_and_a_deleted_secret(fake: FakeKubeAPI, tmp_path: Path) -> None:
+    path = "/api/v1/namespaces/kube-system/secrets"
+    fake.put(path, {"metadata": {"name": "bgp"}, "data": {"mesh-password": base64.b64encode(b"pw1").decode()}})
+    fake.put(path, {"metadata": {"name": "other"}, "data": {"k": base64.b64encode(b"x").decode()}})
+    resolver = SecretResolver.from_env(_kube_env(fake, tmp_path))
+    assert resolver.resolve(*REF) == "pw1"
+    changed = _Counter()
+    watcher = SecretWatcher(resolver, changed)
+    watcher.watch({REF})
+    try:
+        _wait_for(lambda: any("watch=true" in p and "fieldSelector=metadata.name%3Dbgp" in p
+                              for _, p in fake.requests), "the watch of Secret bgp")
+        fake.modify(f"{path}/other", lambda o: o["data"].update(k="eQ=="))  # not ours: no report
+        fake.modify(f"{path}/bgp", lambda o: o["data"].update({"mesh-password": "cHcy"}))  # pw2
+        assert changed.event.wait(5), "the modification was not reported"
+        assert changed.calls == 1 and resolver.resolve(*REF) == "pw2"
+        changed.event.clear()
+        fake_delete = fake._resolve(f"{path}/bgp")
+        with fake._cond:
+            fake._delete(fake_delete, None)
+        assert changed.event.wait(5), "the deletion was not reported"
+        assert resolver.resolve(*REF) is None
+    finally:
+        watcher.stop()
+
+
+class _GetOnlyAPI:
+    """The Kubernetes HTTP layer under RBAC that grants `get` only: list and watch answer 403."""
+
+    def __init__(self) -> None:
+        self.version = "1"
+
+    def request(self, method: str, path: str, query: dict[str, str] | None = None) -> dict[str, Any]:
+        from felixpy.datastore.kube import _ApiError
+
+        if query and "fieldSelector" in query:
+            raise _ApiError(403, "Forbidden", 'secrets is forbidden: cannot list resource "secrets"')
+        return {"metadata": {"name": "bgp", "resourceVersion": self.version}, "data": {}}
+
+
+def test_kube_watch_forbidden_falls_back_to_get(caplog: pytest.LogCaptureFixture) -> None:
+    api = _GetOnlyAPI()
+    resolver = SecretResolver(kube_http=lambda: api)
+    changed = _Counter()
+    watcher = SecretWatcher(resolver, changed, poll_interval=0.05)
+    with caplog.at_level(logging.WARNING, logger="felixpy.node.secrets"):
+        watcher.watch({REF})
+        try:
+            _wait_for(lambda: any("RBAC grants get only" in r.getMessage() for r in caplog.records),
+                      "the fallback warning")
+            time.sleep(0.2)  # several polls of an unchanged Secret: nothing to report
+            assert changed.calls == 0
+            api.version = "2"
+            assert changed.event.wait(5), "the polled change was not reported"
+        finally:
+            watcher.stop()
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- rotation reaches ExaBGP and BIRD ----------------------------------------------------------------
+
+def test_controller_renders_the_rotated_password_and_reloads(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    _write(secrets_dir, *REF, b"pw-one")
+    reloads: list[int] = []
+    ctl = _controller(tmp_path, SecretResolver(secrets_dir=str(secrets_dir)))
+    ctl._reload = lambda: bool(reloads.append(1)) or True
+    _feed(ctl, "bgpconfigurations", "default",
+          {"metadata": {"name": "default"}, "spec": {"nodeMeshPassword": MESH_REF}})
+    ctl.sync()
+    assert base64.b64encode(b"pw-one").decode() in (tmp_path / "exabgp.conf").read_text()
+    assert ctl._secret_refs == {REF}
+    _write(secrets_dir, *REF, b"pw-two")
+    ctl.on_message(SecretsChanged())
+    ctl.sync()
+    text = (tmp_path / "exabgp.conf").read_text()
+    assert base64.b64encode(b"pw-two").decode() in text and base64.b64encode(b"pw-one").decode() not in text
+    assert len(reloads) == 2  # the first render, then the rotation: ExaBGP reloads, never restarts
+    assert oct((tmp_path / "exabgp.conf").stat().st_mode & 0o777) == "0o600"
+
+
+def test_reflector_resolves_the_same_secrets_and_follows_a_rotation(tmp_path: Path) -> None:
+    from tests.unit.test_reflector import N1, FakeBird, cluster_setup
+
+    secrets_dir = tmp_path / "secrets"
+    _write(secrets_dir, "rr", "pw", b"rr-one")
+    paths = ReflectorPaths(config=str(tmp_path / "bird.conf"), socket=str(tmp_path / "bird.ctl"),
+                           status=str(tmp_path / "bgp-status.json"))
+    bird = FakeBird()
+    reflector = Reflector("rr1", paths, bird=bird, secrets=SecretResolver(secrets_dir=str(secrets_dir)))
+    for update in cluster_setup():
+        if update.key.endswith("/to-rr"):
+            update = KVUpdate(update.key, {**update.value, "spec": {
+                **update.value["spec"], "password": {"secretKeyRef": {"name": "rr", "key": "pw"}}}}, 1)
+        reflector.on_update(update)
+    reflector.datastore_in_sync()
+    reflector.sync()
+    text = Path(paths.config).read_text()
+    client = text.split(f"protocol bgp Node_{N1.replace('.', '_')}")[1].split("}\n}")[0]
+    assert 'password "rr-one";' in client and reflector.secret_refs == {("rr", "pw")}
+    assert oct(Path(paths.config).stat().st_mode & 0o777) == "0o600"
+    _write(secrets_dir, "rr", "pw", b"rr-two")
+    reflector.secrets_changed()
+    reflector.sync()
+    assert 'password "rr-two";' in Path(paths.config).read_text()
+    assert bird.configures == 2 and bird.starts == 0  # `birdc configure`, BIRD never restarted

@@ -347,7 +347,7 @@ BOOL = "accepted values are true, false (case-insensitive; also 1, 0, yes, no, y
         ({"FELIX_ROUTEREFRESHINTERVAL": "-1"}, 'FELIX_ROUTEREFRESHINTERVAL="-1": expected a number of seconds >= 0 (0 disables)'),
         ({"FELIX_IPTABLESREFRESHINTERVAL": "often"}, 'FELIX_IPTABLESREFRESHINTERVAL="often": expected a number of seconds'),
         ({"felix_logSeverityScreen": "chatty"},
-         'felix_logSeverityScreen="chatty": accepted values are DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)'),
+         'felix_logSeverityScreen="chatty": accepted values are TRACE, DEBUG, INFO, WARNING, ERROR, FATAL (case-insensitive)'),
         ({"FELIX_IPV6SUPPORT": "auto"}, f'FELIX_IPV6SUPPORT="auto": {BOOL}'),
         ({"FELIX_VXLANMTU": "50"}, 'FELIX_VXLANMTU="50": expected 0 (auto) or an MTU from 68 to 65535'),
         ({"FELIX_IPINIPMTU": "1e3"}, 'FELIX_IPINIPMTU="1e3": expected 0 (auto) or an MTU from 68 to 65535'),

@@ -83,8 +83,26 @@ def test_list_carries_the_global_resource_version(api: FakeKubeAPI) -> None:
     assert code == 200 and lst["kind"] == "IPAMHandleList"
     assert lst["metadata"]["resourceVersion"] == "4"  # counts every kind's writes, like etcd
     assert [i["metadata"]["name"] for i in lst["items"]] == ["a", "b"]
-    code, status = call(api, "GET", HANDLES + "?labelSelector=x%3Dy")
-    assert code == 400 and "does not implement" in status["message"]
+    code, page = call(api, "GET", HANDLES + "?limit=1")  # paged as the real server pages
+    assert code == 200 and [i["metadata"]["name"] for i in page["items"]] == ["a"]
+    assert page["metadata"]["continue"] and page["metadata"]["remainingItemCount"] == 1
+    code, status = call(api, "GET", HANDLES + "?labelSelector=x%20in%20(y)")  # set-based: not implemented
+    assert code == 400 and "implements only equality" in status["message"]
+
+
+def test_label_selector_and_pod_logs(api: FakeKubeAPI) -> None:
+    call(api, "POST", "/api/v1/namespaces", {"metadata": {"name": "kube-system"}})
+    for name, app in (("node-a", "felixpy-node"), ("ctl-b", "felixpy-controllers")):
+        call(api, "POST", "/api/v1/namespaces/kube-system/pods",
+             {"metadata": {"name": name, "labels": {"app.kubernetes.io/name": app}}, "spec": {"nodeName": "n1"}})
+    code, lst = call(api, "GET", "/api/v1/namespaces/kube-system/pods?labelSelector=app.kubernetes.io%2Fname%3Dfelixpy-node")
+    assert code == 200 and [p["metadata"]["name"] for p in lst["items"]] == ["node-a"]
+    api.set_pod_log("kube-system", "node-a", "felixpy-node", "line 1\nline 2\n")
+    req = urllib.request.Request(f"{api.url}/api/v1/namespaces/kube-system/pods/node-a/log?container=felixpy-node&sinceSeconds=60")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.headers["Content-Type"] == "text/plain" and resp.read() == b"line 1\nline 2\n"
+    code, _ = call(api, "GET", "/api/v1/namespaces/kube-system/pods/missing/log")
+    assert code == 404
 
 
 def test_optimistic_concurrency(api: FakeKubeAPI) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,8 @@ from felixpy.datastore.syncer import KVUpdate
 from felixpy.datastore.memory import MemoryDatastore
 from felixpy.ipam.block import Block
 from felixpy.node.health import DatastoreProbe, HealthServer, add_agent_checks, heartbeat_check
-from felixpy.node.metrics import BGP_STATES, Counter, Gauge, Histogram, IPAMUsage, Metrics, Registry
+from felixpy.node.metrics import (BGP_STATES, Counter, DatastoreStats, Gauge, Histogram, Metrics, Registry,
+                                  Summary)
 from tests.fakes.clock import FakeClock
 
 
@@ -125,6 +127,7 @@ def parse_exposition(text: str) -> tuple[dict[str, str], dict[tuple[str, frozens
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
             assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            assert not (kind == "counter" and name.startswith("felixpy_")) or name.endswith("_total"), line
             assert name not in types, f"family {name} declared twice"
             types[name] = kind
             continue
@@ -133,6 +136,8 @@ def parse_exposition(text: str) -> tuple[dict[str, str], dict[tuple[str, frozens
         name, labels_text, value_text = match.groups()
         labels = frozenset(_LABEL_RE.findall(labels_text or ""))
         family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        if types.get(family) == "summary" and name == family:
+            assert "quantile" in dict(labels), f"summary sample without quantile: {line}"
         assert family in types, f"sample {name} has no TYPE"
         if types[family] == "histogram":
             assert name != family, f"histogram {family} sample without suffix"
@@ -165,21 +170,76 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 
 # -- metrics --------------------------------------------------------------------------------------
+AGENT_METRICS = {
+    "felixpy_dataplane_apply_seconds": "histogram",
+    "felixpy_resyncs_total": "counter",
+    "felixpy_routes_programmed": "gauge",
+    "felixpy_iptables_rules": "gauge",
+    "felixpy_ipam_blocks": "gauge",
+    "felixpy_ipam_ips_in_use": "gauge",
+    "felixpy_ipam_ips_borrowed": "gauge",
+    "felixpy_cni_request_seconds": "histogram",
+    "felixpy_bgp_sessions": "gauge",
+    "felixpy_bgp_peer_up": "gauge",
+    "felixpy_bgp_peer_routes_received": "gauge",
+    "felixpy_bgp_peer_state_change_timestamp_seconds": "gauge",
+    "felix_host": "gauge",
+    "felix_resync_state": "gauge",
+    "felix_resyncs_started": "counter",
+    "felix_calc_graph_updates_processed": "counter",
+    "felix_calc_graph_update_time_seconds": "summary",
+    "felix_active_local_endpoints": "gauge",
+    "felix_active_local_policies": "gauge",
+    "felix_active_local_selectors": "gauge",
+    "felix_cluster_num_hosts": "gauge",
+    "felix_cluster_num_workload_endpoints": "gauge",
+    "felix_cluster_num_policies": "gauge",
+    "felix_cluster_num_profiles": "gauge",
+    "felix_int_dataplane_failures": "counter",
+    "felix_int_dataplane_initial_resync_time_seconds": "gauge",
+    "felix_int_dataplane_apply_time_seconds": "summary",
+    "felix_iptables_restore_calls": "counter",
+    "felix_iptables_restore_errors": "counter",
+    "felix_iptables_save_calls": "counter",
+    "felix_iptables_save_errors": "counter",
+    "felix_iptables_chains": "gauge",
+    "felix_iptables_rules": "gauge",
+    "felix_iptables_lines_executed": "counter",
+    "felix_ipsets_calico": "gauge",
+    "felix_ipsets_total": "gauge",
+    "felix_ipset_calls": "counter",
+    "felix_ipset_errors": "counter",
+    "felix_ipset_lines_executed": "counter",
+    "felix_route_table_resync_seconds": "summary",
+    "felix_route_table_num_routes": "gauge",
+    "process_cpu_seconds_total": "counter",
+    "process_virtual_memory_bytes": "gauge",
+    "process_resident_memory_bytes": "gauge",
+    "process_start_time_seconds": "gauge",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+}
+
+
+# With BGP (backend bird) and the health checks, as felixpy-node runs with metrics enabled.
+AGENT_METRICS_BGP = {**AGENT_METRICS, "felixpy_bgp_speaker_up": "gauge", "felixpy_agent_live": "gauge",
+                     "felixpy_agent_ready": "gauge", "felixpy_agent_readiness_check": "gauge"}
+
+
 def test_every_documented_metric_is_exported_from_the_start() -> None:
-    types, samples = parse_exposition(Metrics().render())
-    assert types == {
-        "felixpy_dataplane_apply_seconds": "histogram",
-        "felixpy_resyncs_total": "counter",
-        "felixpy_routes_programmed": "gauge",
-        "felixpy_iptables_rules": "gauge",
-        "felixpy_ipam_blocks": "gauge",
-        "felixpy_ipam_ips_in_use": "gauge",
-        "felixpy_ipam_ips_borrowed": "gauge",
-        "felixpy_bgp_sessions": "gauge",
-        "felixpy_cni_request_seconds": "histogram",
-    }
+    types, samples = parse_exposition(Metrics(host="n1").render())
+    assert types == AGENT_METRICS
     assert {value(samples, "felixpy_bgp_sessions", state=s) for s in BGP_STATES} == {0.0}
     assert value(samples, "felixpy_cni_request_seconds_count", command="ADD") == 0
+    assert value(samples, "felix_host", host="n1") == 1
+    assert value(samples, "felix_resync_state") == 1  # waiting for the datastore
+    assert value(samples, "felix_iptables_chains", ip_version="4", table="filter") == 0
+    assert value(samples, "felix_iptables_lines_executed", ip_version="4", table="nat") == 0
+    assert value(samples, "felix_route_table_num_routes", table="IPv4:254") == 0
+    assert math.isnan(value(samples, "felix_int_dataplane_apply_time_seconds", quantile="0.5"))
+    assert value(samples, "felix_int_dataplane_apply_time_seconds_count") == 0
+    assert value(samples, "process_resident_memory_bytes") > 1e6
+    assert value(samples, "process_open_fds") >= 3
 
 
 def test_agent_calls_show_up_in_the_exposition() -> None:
@@ -190,10 +250,10 @@ def test_agent_calls_show_up_in_the_exposition() -> None:
     m.resync()
     m.routes_programmed(12)
     m.iptables_rules(345)
-    m.bgp_sessions({"Established": 2, "Active": 1})
     m.observe_cni("add", 0.2)
     m.observe_cni("DEL", 0.02)
     m.ipam(blocks=2, in_use=70, borrowed=3)
+    m.apply_failed()
     _, s = parse_exposition(m.render())
     assert value(s, "felixpy_dataplane_apply_seconds_count") == 5
     assert value(s, "felixpy_dataplane_apply_seconds_sum") == pytest.approx(20.3085)
@@ -201,15 +261,151 @@ def test_agent_calls_show_up_in_the_exposition() -> None:
     assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="0.005") == 3
     assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="10") == 4
     assert value(s, "felixpy_dataplane_apply_seconds_bucket", le="+Inf") == 5
+    # Felix's summary of the same applies: exact quantiles over the window.
+    assert value(s, "felix_int_dataplane_apply_time_seconds_count") == 5
+    assert value(s, "felix_int_dataplane_apply_time_seconds", quantile="0.5") == 0.004
+    assert value(s, "felix_int_dataplane_apply_time_seconds", quantile="0.99") == 20.0
+    assert value(s, "felix_int_dataplane_failures") == 1
     assert value(s, "felixpy_resyncs_total") == 2
     assert value(s, "felixpy_routes_programmed") == 12
+    assert value(s, "felix_route_table_num_routes", table="IPv4:254") == 12
     assert value(s, "felixpy_iptables_rules") == 345
-    assert value(s, "felixpy_bgp_sessions", state="Established") == 2
-    assert value(s, "felixpy_bgp_sessions", state="Idle") == 0
     assert value(s, "felixpy_cni_request_seconds_count", command="ADD") == 1
     assert value(s, "felixpy_cni_request_seconds_bucket", command="DEL", le="0.025") == 1
     assert (value(s, "felixpy_ipam_blocks"), value(s, "felixpy_ipam_ips_in_use"),
             value(s, "felixpy_ipam_ips_borrowed")) == (2, 70, 3)
+
+
+def test_health_checks_and_bgp_speaker_as_metrics() -> None:
+    server = HealthServer("127.0.0.1", 0)
+    status = FakeStatus(last_tick=time.monotonic())
+    add_agent_checks(server, status)
+    m = Metrics(host="n1", bgp_status=lambda: {"sidecar": "connected", "peers": []}, health=server)
+    types, s = parse_exposition(m.render())
+    assert types == AGENT_METRICS_BGP
+    assert value(s, "felixpy_bgp_speaker_up") == 1
+    assert (value(s, "felixpy_agent_live"), value(s, "felixpy_agent_ready")) == (1, 0)
+    assert value(s, "felixpy_agent_readiness_check", check="datastore-sync") == 0
+    status.in_sync = status.last_apply_ok = True
+    _, s = parse_exposition(m.render())
+    assert value(s, "felixpy_agent_ready") == 1
+    assert value(s, "felixpy_agent_readiness_check", check="dataplane") == 1
+
+
+def test_summary_quantiles_forget_old_observations() -> None:
+    clock = FakeClock()
+    r = Registry()
+    summary = r.register(Summary("t_seconds", "t", clock=clock))
+    for v in (1.0, 2.0, 3.0, 4.0):
+        summary.observe(v)
+    _, s = parse_exposition(r.render())
+    assert [value(s, "t_seconds", quantile=q) for q in ("0.5", "0.9", "0.99")] == [2.0, 4.0, 4.0]
+    clock.now += 601  # older than the 10-minute window
+    summary.observe(10.0)
+    _, s = parse_exposition(r.render())
+    assert value(s, "t_seconds", quantile="0.5") == 10.0
+    assert (value(s, "t_seconds_sum"), value(s, "t_seconds_count")) == (20.0, 5)
+
+
+class _FakeTable:
+    def __init__(self, name: str, chains: int, rules: int) -> None:
+        self.name, self._counts = name, (chains, rules)
+
+    def counts(self) -> tuple[int, int]:
+        return self._counts
+
+
+class _FakeSets:
+    def counts(self) -> tuple[int, int | None]:
+        return 7, 9
+
+
+def test_dataplane_counts_use_felix_labels() -> None:
+    m = Metrics()
+    m.dataplane_counts(tables=[_FakeTable("filter", 12, 80), _FakeTable("nat", 2, 5)], ipsets=_FakeSets(),
+                       local_endpoints=3, active_policies=4, active_selectors=6)
+    _, s = parse_exposition(m.render())
+    assert value(s, "felix_iptables_chains", ip_version="4", table="filter") == 12
+    assert value(s, "felix_iptables_rules", ip_version="4", table="nat") == 5
+    assert value(s, "felixpy_iptables_rules") == 85
+    assert value(s, "felix_ipsets_calico", ip_version="inet") == 7
+    assert value(s, "felix_ipsets_total") == 9
+    assert (value(s, "felix_active_local_endpoints"), value(s, "felix_active_local_policies"),
+            value(s, "felix_active_local_selectors")) == (3, 4, 6)
+
+
+def test_commands_are_counted_as_felix_counts_them() -> None:
+    m = Metrics()
+    restore = "*filter\n:cali-x - [0:0]\n-A cali-x -j ACCEPT\n-D cali-y 3\nCOMMIT\n"
+    m.observe_command(["iptables-nft-restore", "--noflush", "--wait"], restore, 0.01, True)
+    m.observe_command(["iptables-legacy-restore", "--noflush"], "*nat\n-A x\nCOMMIT\n", 0.01, False)
+    m.observe_command(["iptables-nft-save", "-t", "nat"], None, 0.01, True)
+    m.observe_command(["ipset", "restore"], "create a hash:ip\nadd a 10.0.0.1\n", 0.01, True)
+    m.observe_command(["ipset", "destroy", "cali40x"], None, 0.01, False)
+    m.observe_command(["ipset", "save"], None, 0.01, True)
+    m.observe_command(["ip", "route"], None, 0.01, True)  # not ours to count
+    _, s = parse_exposition(m.render())
+    assert (value(s, "felix_iptables_restore_calls"), value(s, "felix_iptables_restore_errors")) == (2, 1)
+    assert value(s, "felix_iptables_lines_executed", ip_version="4", table="filter") == 3
+    assert value(s, "felix_iptables_lines_executed", ip_version="4", table="nat") == 0  # failed
+    assert (value(s, "felix_iptables_save_calls"), value(s, "felix_iptables_save_errors")) == (1, 0)
+    assert (value(s, "felix_ipset_calls"), value(s, "felix_ipset_errors")) == (3, 1)
+    assert value(s, "felix_ipset_lines_executed") == 2
+
+
+def test_sync_status_and_calc_updates() -> None:
+    m = Metrics()
+    for status in ("WAIT_FOR_DATASTORE", "RESYNC", "IN_SYNC", "RESYNC", "IN_SYNC"):
+        m.sync_status(status)
+    m.observe_calc_update("workloadendpoints", 0.0002)
+    m.observe_calc_update("workloadendpoints", 0.0004)
+    m.observe_calc_update("block", 0.0001)
+    _, s = parse_exposition(m.render())
+    assert value(s, "felix_resync_state") == 3
+    assert value(s, "felix_resyncs_started") == 2
+    assert value(s, "felix_calc_graph_updates_processed", type="workloadendpoints") == 2
+    assert value(s, "felix_calc_graph_updates_processed", type="block") == 1
+    assert value(s, "felix_calc_graph_update_time_seconds_count") == 3
+
+
+def test_bgp_sessions_per_peer_come_from_the_status_file() -> None:
+    status: dict[str, Any] = {"sidecar": "connected", "peers": [
+        {"peer": "192.0.2.12", "type": "mesh", "node": "n2", "state": "Established", "since": 1700000000.5,
+         "routesReceived": 3},
+        {"peer": "192.0.2.13", "type": "reflector", "node": "rr1", "state": "Active", "since": 1700000100,
+         "routesReceived": 0},
+    ]}
+    m = Metrics(bgp_status=lambda: status)
+    _, s = parse_exposition(m.render())
+    assert value(s, "felixpy_bgp_sessions", state="Established") == 1
+    assert value(s, "felixpy_bgp_sessions", state="Active") == 1
+    assert value(s, "felixpy_bgp_peer_up", peer="192.0.2.12", type="mesh", peer_node="n2") == 1
+    assert value(s, "felixpy_bgp_peer_up", peer="192.0.2.13", type="reflector", peer_node="rr1") == 0
+    assert value(s, "felixpy_bgp_peer_routes_received", peer="192.0.2.12", type="mesh", peer_node="n2") == 3
+    assert value(s, "felixpy_bgp_peer_state_change_timestamp_seconds", peer="192.0.2.13", type="reflector",
+                 peer_node="rr1") == 1700000100
+    status["peers"] = status["peers"][:1]  # a peer removed from the configuration disappears
+    _, s = parse_exposition(m.render())
+    assert not [k for k in s if k[0] == "felixpy_bgp_peer_up" and ("peer", "192.0.2.13") in k[1]]
+
+
+def test_datastore_stats_count_cluster_resources() -> None:
+    m = Metrics()
+    dispatcher = Dispatcher(DatastoreStats("n1", m))
+
+    def update(key: str, value: Any) -> None:
+        dispatcher.on_update(KVUpdate(key, value, 1))
+
+    for plural, name, ns in (("nodes", "n1", None), ("nodes", "n2", None),
+                             ("workloadendpoints", "n1-k8s-a-eth0", "x"), ("profiles", "kns.x", None),
+                             ("networkpolicies", "default.p", "x"), ("globalnetworkpolicies", "default.g", None),
+                             ("ippools", "p", None)):
+        update(keys.resource_key(plural, name, ns), {"spec": {"node": "n1"}})
+    assert (m.cluster_hosts.get(), m.cluster_weps.get(), m.cluster_policies.get(),
+            m.cluster_profiles.get()) == (2, 1, 2, 1)
+    update(keys.resource_key("nodes", "n2"), None)
+    update(keys.resource_key("networkpolicies", "default.p", "x"), None)
+    assert (m.cluster_hosts.get(), m.cluster_policies.get()) == (1, 1)
 
 
 def test_label_values_are_escaped() -> None:
@@ -245,7 +441,7 @@ def _block(cidr: str, owner: str | None, allocations: dict[str, str]) -> dict[st
 
 def test_ipam_usage_tracks_own_and_borrowed_addresses() -> None:
     m = Metrics()
-    dispatcher = Dispatcher(IPAMUsage("n1", m))  # the agent registers it the same way
+    dispatcher = Dispatcher(DatastoreStats("n1", m))  # the agent registers it the same way
 
     def update(key: str, value: Any) -> None:
         dispatcher.on_update(KVUpdate(key, value, 1))
@@ -254,7 +450,7 @@ def test_ipam_usage_tracks_own_and_borrowed_addresses() -> None:
     update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1", "10.0.0.2": "n1"}))
     update(k2, _block("10.0.0.64/26", "n2", {"10.0.0.65": "n2", "10.0.0.66": "n1"}))
     update(k3, _block("10.0.0.128/26", "n1", {}))
-    update(keys.resource_key("nodes", "n1"), {"spec": {}})  # not a block: not for IPAMUsage
+    update(keys.resource_key("nodes", "n1"), {"spec": {}})  # a node: counted, not an IPAM block
     assert (m.ipam_blocks.get(), m.ipam_in_use.get(), m.ipam_borrowed.get()) == (2, 3, 1)
     update(k1, _block("10.0.0.0/26", "n1", {"10.0.0.1": "n1"}))
     update(k2, None)

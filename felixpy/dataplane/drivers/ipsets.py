@@ -130,6 +130,10 @@ class IPSets:
     def queue_resync(self) -> None:
         self._kernel = None
 
+    def counts(self) -> tuple[int, int | None]:
+        """(our sets, every set in the kernel as last read back or None before the first read)."""
+        return len(self._desired), (len(self._kernel) if self._kernel is not None else None)
+
     def apply(self) -> str:
         """Create and update sets (no deletions); returns the restore input ("" if nothing)."""
         if self._kernel is None:

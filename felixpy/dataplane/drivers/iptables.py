@@ -228,6 +228,12 @@ class Table:
     def queue_resync(self) -> None:
         self._kernel = None
 
+    def counts(self) -> tuple[int, int]:
+        """(our chains, our rules: in our chains plus ours in built-ins), Felix's
+        felix_iptables_chains / felix_iptables_rules."""
+        rules = sum(len(c.rules) for c in self._chains.values()) + sum(len(r) for r in self._jumps.values())
+        return len(self._chains), rules
+
     def apply(self) -> str:
         """Bring the table in line; returns the restore input written ("" when nothing differed)."""
         last_error: CommandFailed | None = None

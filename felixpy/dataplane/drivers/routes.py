@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from felixpy import names
 from felixpy.kernel.netlink import (
@@ -58,7 +59,8 @@ class ApplyResult:
 class RouteTable:
     """Reconciles the kernel's main-table routes of one proto with a declared desired set."""
 
-    def __init__(self, *, netlink: RouteNetlink | None = None, proto: int = names.ROUTE_PROTO) -> None:
+    def __init__(self, *, netlink: RouteNetlink | None = None, proto: int = names.ROUTE_PROTO,
+                 observe_read_back: Callable[[float], None] | None = None) -> None:
         if netlink is None:
             from felixpy.kernel.netlink import Netlink
 
@@ -71,6 +73,7 @@ class RouteTable:
         self._retry: set[str] = set()  # pending (iface missing) or failed dsts
         self._in_kernel: dict[str, Route] = {}  # dst -> the desired route the kernel holds there
         self._resync = True  # the first apply reads back (and sweeps what is no longer desired)
+        self.observe_read_back = observe_read_back  # seconds of each full listing (metrics)
 
     @property
     def desired(self) -> dict[str, Route]:
@@ -125,9 +128,12 @@ class RouteTable:
         return result
 
     def _read_back(self) -> None:
+        started = time.monotonic()
         programmed: dict[str, list[KernelRoute]] = {}
         for route in self._nl.list_routes(proto=self._proto):
             programmed.setdefault(route.dst, []).append(route)
+        if self.observe_read_back is not None:
+            self.observe_read_back(time.monotonic() - started)
         self._programmed = programmed
         self._resync = False
         log.debug("routes read back count=%d", sum(len(v) for v in programmed.values()))
