@@ -12,6 +12,7 @@ clear error naming the verb and the resource.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -23,14 +24,14 @@ from typing import Any
 
 import pytest
 
-from felixpy.config import load_config
+from felixpy.config import AutodetectMethod, load_config
 from felixpy.datastore import keys
 from felixpy.datastore import kube_mapping as m
 from felixpy.datastore.api import DatastoreError
 from felixpy.datastore.syncer import Syncer, SyncStatus
 from felixpy.ipam import check as ipam_check
 from felixpy.ipam.allocator import IPAM
-from felixpy.kernel.addresses import Interface
+from felixpy.kernel.addresses import Interface, IPInterface
 from felixpy.lab.controlplane import ControlPlaneError
 from felixpy.node import k8s_node
 from felixpy.node.health import DatastoreProbe
@@ -39,7 +40,7 @@ from tests.support.kube_cluster import KubeCluster, manifest_objects
 
 REPO = Path(__file__).resolve().parents[2]
 NET_TAINT = "node.kubernetes.io/network-unavailable"
-HOST = [Interface("eth0", 2, True, 1500, (__import__("ipaddress").IPv4Interface("192.0.2.11/24"),))]
+HOST = [Interface("eth0", 2, True, 1500, (ipaddress.IPv4Interface("192.0.2.11/24"),))]
 
 
 def forbidden(err: BaseException, verb: str, resource: str) -> bool:
@@ -49,6 +50,10 @@ def forbidden(err: BaseException, verb: str, resource: str) -> bool:
 
 def taints(kube: KubeCluster, node: str) -> set[str]:
     return {t["key"] for t in kube.request("GET", f"/api/v1/nodes/{node}")["spec"].get("taints") or []}
+
+
+def _detect(method: AutodetectMethod, version: int = 4) -> IPInterface:
+    return HOST[0].addresses[0]
 
 
 def test_every_object_in_deploy_is_accepted(kube: KubeCluster) -> None:
@@ -92,7 +97,7 @@ def test_agent_works_with_the_node_token_and_is_refused_the_rest(kube: KubeClust
     env = {**kube.env(token), "NODENAME": "fxt-n1", "CALICO_IPV4POOL_CIDR": "10.71.0.0/16",
            "CALICO_IPV4POOL_VXLAN": "Always", "FELIXPY_STATE_DIR": str(tmp_path),
            "CALICO_NODENAME_FILE": str(tmp_path / "nodename")}
-    result = startup(store, load_config(env), detect=lambda method, version=4: HOST[0].addresses[0],
+    result = startup(store, load_config(env), detect=_detect,
                      interfaces=lambda: list(HOST))
     node = kube.request("GET", "/api/v1/nodes/fxt-n1")
     assert node["metadata"]["annotations"]["projectcalico.org/IPv4Address"] == "192.0.2.11/24"

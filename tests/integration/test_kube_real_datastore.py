@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pytest
 
@@ -45,6 +45,12 @@ def plain(value: Any) -> Any:
         meta.pop("uid", None)
         meta.pop("creationTimestamp", None)
     return value
+
+
+def drain(watch: Iterable[list[WatchEvent]], into: list[WatchEvent]) -> None:
+    """Collect a watch's events (in a thread) until it ends."""
+    for batch in watch:
+        into.extend(batch)
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -170,7 +176,7 @@ def test_paged_list_returns_everything_from_one_snapshot(kube: KubeCluster) -> N
     # the watch from that revision delivers it.
     seen: list[WatchEvent] = []
     watch = paged.watch(P, rev + 1)
-    t = threading.Thread(target=lambda: [seen.extend(b) for b in watch], daemon=True)
+    t = threading.Thread(target=drain, args=(watch, seen), daemon=True)
     t.start()
     writer.create(P + "late", {"i": 99})
     assert wait_for(lambda: seen)
@@ -318,7 +324,7 @@ def test_list_across_kinds_then_watch_has_no_gap_and_no_duplicate(kube: KubeClus
     store.delete(keys.resource_key("ippools", "pool1"))
     watch = store.watch("/calico/", rev + 1)
     seen: list[WatchEvent] = []
-    t = threading.Thread(target=lambda: [seen.extend(b) for b in watch], daemon=True)
+    t = threading.Thread(target=drain, args=(watch, seen), daemon=True)
     t.start()
     assert wait_for(lambda: len(seen) >= 3)
     store.create(P + "c", {"v": 3})  # a later event: proves nothing else was queued before it
@@ -408,17 +414,17 @@ def test_ipam_in_four_processes_on_two_nodes_hands_out_each_address_once(kube: K
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for w in range(4)]
     handles: dict[str, str] = {}
     try:
-        for w in workers:
-            out, err = w.communicate(timeout=120)
-            assert w.returncode == 0, err[-2000:]
+        for proc in workers:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
             result = json.loads(out.strip().splitlines()[-1])
             assert result["error"] is None, result["error"]
             handles.update(result["handles"])
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait(10)
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     assert len(handles) == 4 * count
     assert len(set(handles.values())) == len(handles), "an address was handed out twice"
     ipam = IPAM(store)
