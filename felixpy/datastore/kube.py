@@ -95,9 +95,10 @@ def load_settings(
     cfg = k8s_client.Configuration()
     try:
         if in_cluster:
-            k8s_config.load_incluster_config(client_configuration=cfg)
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         else:
-            k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, context=context, client_configuration=cfg)
     except Exception as err:  # the loaders raise several unrelated types; all mean "unusable config"
         where = "in-cluster service account" if in_cluster else f"kubeconfig {kubeconfig}"
         raise KubeConfigError(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None

@@ -375,6 +375,53 @@ def test_syncer_relists_after_a_real_410_and_resumes(kube: KubeCluster) -> None:
         syncer.stop()
 
 
+def test_a_quiet_kind_survives_the_servers_stream_ends(kube: KubeCluster) -> None:
+    """The API server ends each watch after timeoutSeconds; the quiet kind's next stream resumes
+    from the newest revision it knows (its own last change, or a bookmark's when the server sent
+    one) while another kind moves the global revision on: no 410, no gap, no duplicate.
+
+    Seen here: the watch cache of a quiet CRD sends a BOOKMARK before the timeout only once it
+    has heard of a newer revision (etcd progress notifications), so the resume revision may stay
+    the kind's own; the watch cache serves it all the same. Only a restarted API server (whose
+    cache starts over) answers such a resume with 410 (test_syncer_relists_after_a_real_410...)."""
+    store = kube.store(watch_timeout_seconds=3)
+    kv = store.create(P + "quiet", {"v": 1})
+    opened: list[int] = []
+    real_stream = store._http.stream
+
+    def recording(path: str, query: Any, read_timeout: float) -> Any:
+        if path.endswith("/ipamhandles"):
+            opened.append(int(query["resourceVersion"]))
+        return real_stream(path, query, read_timeout)
+
+    store._http.stream = recording  # type: ignore[method-assign]
+    watch = store.watch(P, kv.revision + 1)
+    seen: list[WatchEvent] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for batch in watch:
+                seen.extend(batch)
+        except BaseException as err:  # handed to the test thread
+            errors.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        for i in range(20):  # another kind moves the revision on
+            store.create(keys.block_key(f"10.66.{i}.0/26"), {"cidr": f"10.66.{i}.0/26"})
+        assert wait_for(lambda: len(opened) >= 3, timeout=15), opened  # two server-side ends
+        assert opened[0] == kv.revision and opened == sorted(opened)
+        late = store.create(P + "late", {"v": 2})
+        assert wait_for(lambda: any(e.key == P + "late" for e in seen))
+        assert not errors
+        assert [(e.key, e.revision) for e in seen] == [(P + "late", late.revision)]
+    finally:
+        watch.close()
+        t.join(5)
+
+
 def test_outage_is_unavailable_quickly_then_recovers(kube: KubeCluster) -> None:
     store = kube.store(timeout=3.0)
     store.create(P + "a", {})
