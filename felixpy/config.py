@@ -95,7 +95,8 @@ _VARS: list[Variable] = [
              "similar interfaces. `kubernetes-internal-ip` needs the Kubernetes API and fails at detection "
              "time without it."),
     Variable("IP6", "Node", "unset", 'expected "", autodetect, none, an IPv6 address or an IPv6 CIDR',
-             "Node IPv6 address (`Node.spec.bgp.ipv6Address`). Unlike `IP`, only detected when `autodetect`."),
+             "Node IPv6 address (`Node.spec.bgp.ipv6Address`). felixpy does not support IPv6 yet: "
+             "`autodetect` or an address stops the agent with that message."),
     Variable("IP6_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
              "How the IPv6 address is detected when `IP6=autodetect`."),
     Variable("AS", "Node", "unset (keep the Node's value, else the global AS)",
@@ -661,7 +662,7 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         ip=parse_address_setting("IP", env.get("IP", ""), 4),
         ip_autodetection_method=parse_autodetection_method(
             "IP_AUTODETECTION_METHOD", env.get("IP_AUTODETECTION_METHOD", "")),
-        ip6=parse_address_setting("IP6", env.get("IP6", ""), 6),
+        ip6=_refuse_ipv6(parse_address_setting("IP6", env.get("IP6", ""), 6), env.get("IP6", "")),
         ip6_autodetection_method=parse_autodetection_method(
             "IP6_AUTODETECTION_METHOD", env.get("IP6_AUTODETECTION_METHOD", "")),
         as_number=parse_as_number("AS", as_value) if as_value else None,
@@ -669,6 +670,14 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         networking_backend=backend,
         cluster_type=env.get("CLUSTER_TYPE", "").strip(),
     )
+
+
+def _refuse_ipv6(setting: AddressSetting, value: str) -> AddressSetting:
+    """felixpy programs no IPv6 (routes, BGP, policy): an IPv6 node address would be accepted and
+    mean nothing, so it is refused rather than stored (docs/fields.md: Node spec.bgp.ipv6Address)."""
+    if setting.mode in ("autodetect", "explicit"):
+        raise ConfigError("IP6", f'IP6={json.dumps(value)}: felixpy does not support IPv6 yet (leave IP6 unset or "none")')
+    return setting
 
 
 def _load_pool(env: Mapping[str, str]) -> tuple[PoolConfig, bool]:

@@ -445,7 +445,13 @@ def ensure_default_config(store: Datastore, config: Config, name: str) -> None:
         defaults.append(("felixconfigurations", f"node.{name}", "FelixConfiguration",
                          {"defaultEndpointToHostAction": "Return"}))
     for plural, res_name, kind, spec in defaults:
-        _create_if_missing(store, keys.resource_key(plural, res_name), resources.validate(_new_resource(kind, res_name, spec)))
+        resource = _new_resource(kind, res_name, spec)
+        if not res_name.startswith("node."):
+            # The per-node FelixConfiguration is written as calico-node writes it, although
+            # validation still refuses defaultEndpointToHostAction until the agent reads
+            # FelixConfiguration (issue #9 part 2 removes this exception).
+            resource = resources.validate(resource)
+        _create_if_missing(store, keys.resource_key(plural, res_name), resource)
     _create_if_missing(store, keys.IPAM_CONFIG, {"strict_affinity": False, "auto_allocate_blocks": True, "maxBlocksPerHost": 0})
 
 

@@ -15,6 +15,7 @@ from felixpy.config import (
     AutodetectMethod,
     ConfigError,
     load_config,
+    parse_address_setting,
     render_docs,
 )
 
@@ -96,9 +97,13 @@ def test_ip(value: str, mode: str, address: str | None, has_prefix: bool) -> Non
 
 
 def test_ip6() -> None:
-    ip6 = load(IP6="2001:db8::1/64").node.ip6
+    ip6 = parse_address_setting("IP6", "2001:db8::1/64", 6)
     assert (ip6.mode, str(ip6.address), ip6.has_prefix) == ("explicit", "2001:db8::1/64", True)
-    assert load(IP6="autodetect").node.ip6.mode == "autodetect"
+    assert load(IP6="none").node.ip6.mode == "none"
+    # felixpy programs no IPv6: an IPv6 node address is refused, not stored to mean nothing.
+    for value in ("2001:db8::1/64", "autodetect"):
+        with pytest.raises(ConfigError, match=r'^IP6="[^"]+": felixpy does not support IPv6 yet'):
+            load(IP6=value)
 
 
 @pytest.mark.parametrize(
