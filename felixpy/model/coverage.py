@@ -118,6 +118,14 @@ def _off(test: str, off: Any = False, on: Any = True, what: str = "false") -> Ho
     return HonouredIf(test, _one_of(off), what, off, on)
 
 
+def _not(*values: str) -> Callable[[Any], bool]:
+    return lambda value: value not in values
+
+
+def _no_comma(value: Any) -> bool:
+    return isinstance(value, str) and "," not in value
+
+
 def _default_uses(value: Any) -> bool:
     return isinstance(value, list) and sorted(value) == ["Tunnel", "Workload"]
 
@@ -138,6 +146,10 @@ _T_ICMP = "tests/unit/test_policy_render.py::test_icmp_type_and_code"
 _T_FAILSAFE = "tests/unit/test_policy_render.py::test_static_chains_forward_and_failsafes"
 
 _T_OFF = "tests/unit/test_field_coverage.py::test_switches_of_missing_features_are_accepted_off_and_refused_on"
+_T_FELIX = ("tests/integration/test_felix_configuration.py::"
+            "test_felix_configuration_reaches_the_kernel_and_a_change_restarts_the_agent")
+_T_REFRESH = "tests/unit/test_felix_params.py::test_refresh_intervals_from_felix_configuration_drive_the_resyncs"
+_T_MERGE = "tests/unit/test_felix_params.py::test_startup_merges_felix_configuration_before_using_it"
 _T_IPTABLES = "tests/integration/test_policy_render_kernel.py::test_rendered_table_and_ipsets_load_into_the_kernel"
 
 _IPV6 = "IPv6"
@@ -265,17 +277,41 @@ SUPPORT: dict[str, dict[str, Support]] = {
         # Written by startup (calico-node's ensureDefaultConfig); felixpy never reports status.
         "spec.reportingInterval": HonouredIf(_T_STORED, _zero_duration, "0s: felixpy writes no status reports",
                                              "0s", "30s"),
-        "spec.logSeverityScreen": HonouredIf(_T_STORED, _ci("Info"), "Info", "Info", "Debug"),
-        # Written (node.<name>) by startup; read by the agent once FelixConfiguration is (issue #9).
-        "spec.defaultEndpointToHostAction": Refused("read from FelixConfiguration"),
-        **{f"spec.{field}": Refused("read from FelixConfiguration") for field in (
-            "routeRefreshInterval", "iptablesRefreshInterval", "ipsetsRefreshInterval",
-            "logFilePath", "logSeverityFile", "logDebugFilenameRegex", "healthEnabled", "healthHost",
-            "healthPort", "prometheusMetricsEnabled", "prometheusMetricsHost", "prometheusMetricsPort",
-            "failsafeInboundHostPorts", "failsafeOutboundHostPorts", "iptablesBackend", "chainInsertMode",
-            "natOutgoingAddress", "natPortRange", "vxlanMTU", "ipipMTU", "vxlanVNI", "vxlanPort",
-            "interfacePrefix", "mtuIfacePattern", "ipv6Support",
-        )},
+        "spec.logSeverityScreen": HonouredIf(_T_FELIX, _not("None"), "Trace to Fatal", "Debug", "None"),
+        # Felix's parameters felixpy reads (config.FELIX_PARAMS), with Felix's precedence.
+        "spec.routeRefreshInterval": Honoured(_T_REFRESH),
+        "spec.iptablesRefreshInterval": Honoured(_T_REFRESH),
+        "spec.ipsetsRefreshInterval": Honoured(_T_REFRESH),
+        "spec.logFilePath": Honoured(_T_FELIX),
+        "spec.logSeverityFile": HonouredIf(_T_FELIX, _not("None"), "Trace to Fatal", "Warning", "None"),
+        "spec.logDebugFilenameRegex": Honoured(
+            "tests/unit/test_logs.py::test_debug_lines_only_from_files_matching_the_regex"),
+        "spec.healthEnabled": Honoured(_T_FELIX),
+        "spec.healthHost": Honoured(_T_FELIX),
+        "spec.healthPort": Honoured(_T_FELIX),
+        "spec.prometheusMetricsEnabled": Honoured(_T_FELIX),
+        "spec.prometheusMetricsHost": Honoured(_T_FELIX),
+        "spec.prometheusMetricsPort": Honoured(_T_FELIX),
+        "spec.failsafeInboundHostPorts[].protocol": Honoured(_T_FELIX),
+        "spec.failsafeInboundHostPorts[].port": Honoured(_T_FELIX),
+        "spec.failsafeInboundHostPorts[].net": Refused("failsafe ports for one network only"),
+        "spec.failsafeOutboundHostPorts[].protocol": Honoured(_T_FELIX),
+        "spec.failsafeOutboundHostPorts[].port": Honoured(_T_FELIX),
+        "spec.failsafeOutboundHostPorts[].net": Refused("failsafe ports for one network only"),
+        "spec.iptablesBackend": Honoured(_T_FELIX),
+        "spec.chainInsertMode": Honoured(_T_FELIX),
+        "spec.defaultEndpointToHostAction": Honoured(_T_FELIX),
+        "spec.natOutgoingAddress": Honoured(_T_FELIX),
+        "spec.natPortRange": Honoured(_T_FELIX),
+        "spec.vxlanMTU": Honoured(_T_FELIX),
+        "spec.ipipMTU": Honoured(_T_MERGE),
+        "spec.vxlanVNI": Honoured(_T_FELIX),
+        "spec.vxlanPort": Honoured(_T_FELIX),
+        "spec.mtuIfacePattern": Honoured(_T_MERGE),
+        "spec.interfacePrefix": HonouredIf("tests/unit/test_policy_render.py::test_custom_iface_prefix",
+                                           _no_comma, "one prefix", "cali", "cali,tap"),
+        "spec.ipv6Support": _off(_T_OFF),
+        "spec.ipForwarding": _off(_T_FELIX, "Enabled", "Disabled", "Enabled"),
         **{f"spec.{field}": Refused() for field in (
             "useInternalDataplaneDriver", "dataplaneDriver", "dataplaneWatchdogTimeout", "logPrefix",
             "logSeveritySys", "logActionRateLimit", "logActionRateLimitBurst", "reportingTTL",
@@ -285,12 +321,12 @@ SUPPORT: dict[str, dict[str, Support]] = {
             "featureDetectOverride", "featureGates", "debugMemoryProfilePath", "debugDisableLogDropping",
             "debugSimulateCalcGraphHangAfter", "debugSimulateDataplaneHangAfter",
             "debugSimulateDataplaneApplyDelay", "debugHost", "debugPort", "policySyncPathPrefix",
-            "externalNodesList", "ipForwarding", "interfaceExclude",
+            "externalNodesList", "interfaceExclude",
             "interfaceRefreshInterval", "routeSyncDisabled", "routeSource", "routeTableRange",
             "routeTableRanges", "removeExternalRoutes", "deviceRouteSourceAddress", "deviceRouteProtocol",
             "ipv4ElevatedRoutePriority", "ipv4NormalRoutePriority", "programClusterRoutes",
             "netlinkTimeout", "ipipEnabled", "vxlanEnabled", "allowVXLANPacketsFromWorkloads",
-            "allowIPIPPacketsFromWorkloads", "floatingIPs",
+            "allowIPIPPacketsFromWorkloads",
             "iptablesPostWriteCheckInterval", "iptablesLockFilePath", "iptablesLockTimeout",
             "iptablesLockProbeInterval", "maxIpsetSize", "iptablesMarkMask",
             "iptablesNATOutgoingInterfaceFilter", "iptablesFilterAllowAction", "iptablesMangleAllowAction",

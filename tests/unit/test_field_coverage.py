@@ -27,6 +27,24 @@ def test_every_field_is_declared_and_every_declaration_names_a_field() -> None:
     assert resources.COVERAGE_PROBLEMS == []
 
 
+def test_no_field_is_declared_twice() -> None:
+    # A dict literal keeps the last of two equal keys silently: a second declaration of a field
+    # would hide the first. Read coverage.py's own text to catch that.
+    tree = ast.parse(pathlib.Path(coverage.__file__).read_text())
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Dict):
+            continue
+        keys: list[str] = []
+        for key, value in zip(node.keys, node.values):
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                keys.append(key.value)
+            elif key is None and isinstance(value, ast.DictComp):  # **{f"spec.{f}": ... for f in (...)}
+                for gen in value.generators:
+                    if isinstance(gen.iter, ast.Tuple):
+                        keys += [f"spec.{e.value}" for e in gen.iter.elts if isinstance(e, ast.Constant)]
+        assert len(keys) == len(set(keys)), sorted(k for k in set(keys) if keys.count(k) > 1)
+
+
 def test_every_kind_has_a_walkable_field_table() -> None:
     assert set(resources.ROOTS) == set(resources.KINDS) | {"ObjectMeta"}
     for kind, spec in resources._SPECS.items():
@@ -132,10 +150,12 @@ def test_limited_fields_take_the_values_they_honour(table: str, path: str, suppo
 def test_switches_of_missing_features_are_accepted_off_and_refused_on() -> None:
     # FelixConfiguration switches for features felixpy does not have: off is what felixpy does.
     off = {"usageReportingEnabled": False, "endpointReportingEnabled": False, "bpfEnabled": False,
+           "ipv6Support": False,
            "wireguardEnabled": False, "xdpEnabled": False, "nftablesMode": "Disabled",
            "floatingIPs": "Disabled", "awsSrcDstCheck": "DoNothing", "sidecarAccelerationEnabled": False}
     validate({"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": off})
-    for field, value in {"usageReportingEnabled": True, "bpfEnabled": True, "nftablesMode": "Enabled"}.items():
+    for field, value in {"usageReportingEnabled": True, "bpfEnabled": True, "nftablesMode": "Enabled",
+                         "ipv6Support": True}.items():
         with pytest.raises(ValidationError, match=f"spec.{field}: felixpy does not support"):
             validate({"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {field: value}})
 
