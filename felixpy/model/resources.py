@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import datetime
 import ipaddress
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -23,6 +24,8 @@ from felixpy.datastore import keys
 from felixpy.model import coverage
 from felixpy.model import schema as s
 from felixpy.model.schema import FieldError, q
+
+log = logging.getLogger(__name__)
 
 API_VERSION = "projectcalico.org/v3"
 DEFAULT_NAMESPACE = "default"
@@ -683,10 +686,15 @@ def validate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise ValidationError(f"expected a resource object, got {type(obj).__name__}")
     where = describe(obj)
-    try:
-        return _validate(obj)
-    except FieldError as e:
-        raise ValidationError(f"{where}: {e}") from None
+    with s.collect_warnings() as warnings:
+        try:
+            resource = _validate(obj)
+        except FieldError as e:
+            raise ValidationError(f"{where}: {e}") from None
+    for warning in warnings:
+        # A field accepted with no effect (model/coverage.py: Tolerated); felixctl shows WARNING lines.
+        log.warning("%s: %s", where, warning)
+    return resource
 
 
 def _validate(obj: Mapping[str, Any]) -> dict[str, Any]:
