@@ -241,14 +241,14 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     commands.add_observer(metrics.observe_command)
     from felixpy.dataplane.managers.masq import NatSettings
     from felixpy.node.config_watch import ConfigWatch
-    from felixpy.node.startup import datastore_ready, read_cluster_information
 
     def on_restart(_changes: Any) -> None:
         agent.stop()  # the loop returns; run_agent answers RESTART once everything is shut
 
+    # Startup waited until the datastore was unlocked; the watch follows ClusterInformation from here.
     watch = ConfigWatch(node_name=result.node_name, env=config.raw, running=config.felix,
-                        felix_global=result.felix_global, felix_host=result.felix_host,
-                        ready=datastore_ready(read_cluster_information(store)), on_restart=on_restart)
+                        felix_global=result.felix_global, felix_host=result.felix_host, ready=True,
+                        on_restart=on_restart)
     agent = Agent(
         store=store,
         node_name=result.node_name,
