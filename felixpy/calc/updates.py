@@ -13,7 +13,9 @@ CIDR does not parse, a node whose spec.bgp.ipv4Address does not, a workload endp
 spec.node or with an address or port policy cannot read. BGPConfiguration and BGPPeer values are
 handed on as stored: the BGP controller interprets them as a set and refuses a bad one by
 keeping its previous configuration and reporting the error (`felixctl node status`), which is
-what an operator needs there, rather than silently peering without it.
+what an operator needs there, rather than silently peering without it. FelixConfiguration and
+ClusterInformation are handed on as stored too: the agent's config watch (node/config_watch.py)
+parses each parameter the way startup did, so both read one value the same way.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Kind(StrEnum):
     GLOBAL_NETWORK_POLICY = "GlobalNetworkPolicy"
     BGP_CONFIGURATION = "BGPConfiguration"
     BGP_PEER = "BGPPeer"
+    FELIX_CONFIGURATION = "FelixConfiguration"
+    CLUSTER_INFORMATION = "ClusterInformation"
 
 
 _RESOURCE_KINDS = {
@@ -59,6 +63,8 @@ _RESOURCE_KINDS = {
     "globalnetworkpolicies": Kind.GLOBAL_NETWORK_POLICY,
     "bgpconfigurations": Kind.BGP_CONFIGURATION,
     "bgppeers": Kind.BGP_PEER,
+    "felixconfigurations": Kind.FELIX_CONFIGURATION,
+    "clusterinformations": Kind.CLUSTER_INFORMATION,
 }
 
 V = TypeVar("V")
@@ -297,6 +303,8 @@ _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.GLOBAL_NETWORK_POLICY: _policy(Kind.GLOBAL_NETWORK_POLICY),
     Kind.BGP_CONFIGURATION: _as_stored(Kind.BGP_CONFIGURATION),
     Kind.BGP_PEER: _as_stored(Kind.BGP_PEER),
+    Kind.FELIX_CONFIGURATION: _as_stored(Kind.FELIX_CONFIGURATION),
+    Kind.CLUSTER_INFORMATION: _as_stored(Kind.CLUSTER_INFORMATION),
 }
 
 
