@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "deploy" / "felixpy.yaml"
 TEST_LABEL = "felixpy-test"
 TEST_NODE_PREFIX = "fxt-"
-CRD_PLURALS = ("ippools", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
+CRD_PLURALS = ("ippools", "ipreservations", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
                "bgppeers", "felixconfigurations", "networkpolicies", "globalnetworkpolicies",
                "clusterinformations")
 SYSTEM = "kube-system"
