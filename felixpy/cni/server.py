@@ -49,6 +49,7 @@ from felixpy.kernel import veth
 log = logging.getLogger(__name__)
 
 PROGRAMMED_TIMEOUT = 10.0
+NAMESPACE_CACHE_TTL = 1.0  # seconds; as IPAM's pool cache (a change is seen by pods started after it)
 CAS_RETRIES = 10
 
 
@@ -155,6 +156,9 @@ class CNIHandler:
         # Like Calico's host-wide IPAM lock: pods on one node allocate one at a time, which keeps
         # compare-and-swap conflicts on the node's own blocks away from the hot path.
         self._ipam_lock = threading.Lock()
+        # Namespace labels and annotations, kept for NAMESPACE_CACHE_TTL like IPAM's pools: pods
+        # of one deployment start in bursts in one namespace. Read under _ipam_lock only.
+        self._namespaces: dict[str, tuple[float, ipam_request.Metadata]] = {}
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
@@ -214,12 +218,15 @@ class CNIHandler:
         pod = ipam_request.runtime_pod_annotations(req.config)
         if pod is None:
             pod = self._pod_annotations(req.namespace, req.pod) if self._pod_annotations else {}
-        namespace: list[ipam_request.Metadata] = []
-
-        def ns() -> ipam_request.Metadata:  # read once, and only if something needs it
-            if not namespace:
-                namespace.append(ipam_request.namespace_metadata(self.store, req.namespace))
-            return namespace[0]
+        def ns() -> ipam_request.Metadata:  # read only if something needs it
+            cached = self._namespaces.get(req.namespace)
+            now = time.monotonic()
+            if cached is None or now - cached[0] >= NAMESPACE_CACHE_TTL:
+                cached = (now, ipam_request.namespace_metadata(self.store, req.namespace))
+                if len(self._namespaces) > 1000:
+                    self._namespaces.clear()
+                self._namespaces[req.namespace] = cached
+            return cached[1]
 
         want = ipam_request.ip_request(pod, ns, req.config)
         if want.bypass_ipam:
