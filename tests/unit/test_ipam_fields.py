@@ -367,3 +367,11 @@ def test_split_needs_the_lock_and_keeps_allocations(store: MemoryDatastore) -> N
     assert all(p["natOutgoing"] is True and p["disabled"] is False and p["blockSize"] == 26 for p in pools.values())
     assert ipam.ips_by_handle("a") == held
     assert pod(ipam, "b")[0] in NET("10.0.0.0/24")
+
+
+def test_datastore_migration_carries_every_kind() -> None:
+    # A kind missing here would be silently dropped by `felixctl datastore migrate export`.
+    from felixpy.ctl.migrate import EXPORT_ORDER
+    from felixpy.model.resources import KINDS
+
+    assert sorted(EXPORT_ORDER) == sorted(KINDS)
