@@ -48,7 +48,7 @@ IPAM_KINDS = ("IPAMBlock", "IPAMHandle", "BlockAffinity")  # the order they are 
 
 # Dependency order: pools before nodes and endpoints, policies after the profiles they may name.
 EXPORT_ORDER = (
-    "IPPool", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "Profile", "Node",
+    "IPPool", "IPReservation", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "Profile", "Node",
     "BGPConfiguration", "FelixConfiguration", "IPAMConfiguration", "WorkloadEndpoint", "ClusterInformation",
 )
 # Kinds whose presence does not make a target "non-empty": Nodes are the kubelet's in the

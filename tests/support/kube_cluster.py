@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "deploy" / "felixpy.yaml"
 TEST_LABEL = "felixpy-test"
 TEST_NODE_PREFIX = "fxt-"
-CRD_PLURALS = ("ippools", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
+CRD_PLURALS = ("ippools", "ipreservations", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
                "bgppeers", "felixconfigurations", "networkpolicies", "globalnetworkpolicies",
                "clusterinformations")
 SYSTEM = "kube-system"
@@ -91,12 +91,14 @@ class KubeCluster:
         return KubeDatastore(load_settings(kubeconfig=kubeconfig or self.admin_kubeconfig), **kwargs)
 
     # -- objects the tests make -----------------------------------------------------------------
-    def namespace(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    def namespace(self, name: str, labels: dict[str, str] | None = None,
+                  annotations: dict[str, str] | None = None) -> dict[str, Any]:
         """A namespace, once it is usable: the ServiceAccount admission plugin refuses pods until
         the controller-manager has made the namespace's `default` ServiceAccount."""
         ns = self.request("POST", "/api/v1/namespaces", {
             "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {TEST_LABEL: "true", **(labels or {})}}})
+            "metadata": {"name": name, "labels": {TEST_LABEL: "true", **(labels or {})},
+                         "annotations": annotations or {}}})
         self.wait(f"ServiceAccount {name}/default", lambda: self._exists(
             f"/api/v1/namespaces/{name}/serviceaccounts/default"))
         return dict(ns)
@@ -130,7 +132,7 @@ class KubeCluster:
 
     def pod(self, namespace: str, name: str, node: str | None = None, *, labels: dict[str, str] | None = None,
             ports: list[dict[str, Any]] | None = None, host_network: bool = False,
-            service_account: str | None = None) -> dict[str, Any]:
+            service_account: str | None = None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
         """A Pod, bound to `node` the way the scheduler binds one (pods/binding)."""
         container: dict[str, Any] = {"name": "c", "image": "registry.invalid/pause:3.10"}
         if ports:
@@ -139,7 +141,8 @@ class KubeCluster:
         if service_account:
             spec["serviceAccountName"] = service_account
         pod = self.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels or {}}, "spec": spec})
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}}, "spec": spec})
         if node:
             self.request("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/binding", {
                 "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
