@@ -161,6 +161,9 @@ class KubeCluster:
     # -- between tests ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Delete what tests create, and wait until it is gone (namespaces finish terminating)."""
+        # A test that stopped a part failed half-way, or the controller-manager exited while the
+        # API server restarted: the next test starts with all three running.
+        self.cp.ensure_running()
         for plural in CRD_PLURALS:
             if plural in m.CRD_RESOURCES and m.CRD_RESOURCES[plural][1]:
                 # A namespaced kind has no deletecollection across namespaces.
@@ -195,6 +198,7 @@ class KubeCluster:
         """Stop and start kube-apiserver (etcd keeps the data): its watch cache starts over."""
         self.cp.stop("kube-apiserver")
         self.cp.start_apiserver()
+        self.cp.ensure_running()
 
 
 def start_cluster() -> Iterator[KubeCluster]:
