@@ -201,6 +201,24 @@ class KubeCluster:
         self.cp.ensure_running()
 
 
+def _spawn_tied_to_us(what: str, argv: list[str], log_path: str) -> int:
+    """Start a control-plane process that the kernel stops when this test process dies
+    (PR_SET_PDEATHSIG): a pytest killed by a timeout leaves no API server behind."""
+    import ctypes
+    import signal
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def die_with_parent() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; its data is throwaway
+
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)
+    return proc.pid
+
+
 def start_cluster() -> Iterator[KubeCluster]:
     """The session's control plane: fails (never skips) when the binaries are missing."""
     missing = binaries_missing()
@@ -208,7 +226,7 @@ def start_cluster() -> Iterator[KubeCluster]:
         raise RuntimeError(f"{', '.join(missing)} missing: run scripts/build-kube.sh (scripts/setup.sh does)")
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix="fxt-kube-", dir=shm)
-    cp = ControlPlane(workdir, loopback_endpoints())
+    cp = ControlPlane(workdir, loopback_endpoints(), spawn=_spawn_tied_to_us)
     try:
         cp.start()
         cluster = KubeCluster(cp)
