@@ -734,8 +734,13 @@ def cmd_apiserver(args: argparse.Namespace) -> int:
             if procs.alive(pid) and pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"kube-apiserver already running (pid {pid})")
             cp = pods.kube_api(st.name)
+            cp.pids.update(st.kube_pids)
             try:
                 cp.start_apiserver()
+                # The controller-manager exits when the API server goes away while it is still
+                # starting its controllers; a kubelet would restart it: so does the lab.
+                for part in cp.ensure_running():
+                    say(f"{part} was not running: started")
             except kube.ControlPlaneError as e:
                 raise LabExit(1, str(e)) from None
             finally:

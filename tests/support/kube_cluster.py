@@ -164,6 +164,9 @@ class KubeCluster:
     # -- between tests ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Delete what tests create, and wait until it is gone (namespaces finish terminating)."""
+        # A test that stopped a part failed half-way, or the controller-manager exited while the
+        # API server restarted: the next test starts with all three running.
+        self.cp.ensure_running()
         for plural in CRD_PLURALS:
             if plural in m.CRD_RESOURCES and m.CRD_RESOURCES[plural][1]:
                 # A namespaced kind has no deletecollection across namespaces.
@@ -198,6 +201,25 @@ class KubeCluster:
         """Stop and start kube-apiserver (etcd keeps the data): its watch cache starts over."""
         self.cp.stop("kube-apiserver")
         self.cp.start_apiserver()
+        self.cp.ensure_running()
+
+
+def _spawn_tied_to_us(what: str, argv: list[str], log_path: str) -> int:
+    """Start a control-plane process that the kernel stops when this test process dies
+    (PR_SET_PDEATHSIG): a pytest killed by a timeout leaves no API server behind."""
+    import ctypes
+    import signal
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def die_with_parent() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; its data is throwaway
+
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)
+    return proc.pid
 
 
 def start_cluster() -> Iterator[KubeCluster]:
@@ -207,7 +229,7 @@ def start_cluster() -> Iterator[KubeCluster]:
         raise RuntimeError(f"{', '.join(missing)} missing: run scripts/build-kube.sh (scripts/setup.sh does)")
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix="fxt-kube-", dir=shm)
-    cp = ControlPlane(workdir, loopback_endpoints())
+    cp = ControlPlane(workdir, loopback_endpoints(), spawn=_spawn_tied_to_us)
     try:
         cp.start()
         cluster = KubeCluster(cp)
