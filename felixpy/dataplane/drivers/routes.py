@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping
 
 from felixpy import names
 from felixpy.kernel.netlink import (
+    IPV6_DEFAULT_PRIORITY,
     SCOPE_LINK,
     SCOPE_UNIVERSE,
     KernelRoute,
@@ -60,11 +61,11 @@ class RouteTable:
     """Reconciles the kernel's main-table routes of one proto with a declared desired set."""
 
     def __init__(self, *, netlink: RouteNetlink | None = None, proto: int = names.ROUTE_PROTO,
-                 observe_read_back: Callable[[float], None] | None = None) -> None:
+                 observe_read_back: Callable[[float], None] | None = None, ipv6: bool = True) -> None:
         if netlink is None:
             from felixpy.kernel.netlink import Netlink
 
-            netlink = Netlink()
+            netlink = Netlink(families=(4, 6) if ipv6 else (4,))
         self._nl = netlink
         self._proto = proto
         self._desired: dict[str, Route] = {}
@@ -198,6 +199,13 @@ class RouteTable:
         self._in_kernel[dst] = want
 
     def _to_kernel(self, want: Route, ifindex: int | None) -> KernelRoute:
+        if want.version == 6:
+            # IPv6 routes have no scope (the kernel reports universe for all of them) and get
+            # metric 1024 when added without one: ask for what reads back, or every resync
+            # would see a difference.
+            return KernelRoute(dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
+                               onlink=want.onlink, scope=SCOPE_UNIVERSE, proto=self._proto,
+                               priority=IPV6_DEFAULT_PRIORITY)
         scope = SCOPE_LINK if want.type == "unicast" and not want.gateway else SCOPE_UNIVERSE
         return KernelRoute(
             dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
