@@ -135,6 +135,8 @@ _T_POOL_CLAIM = "tests/unit/test_ipam_allocator.py::test_first_allocation_claims
 _T_ROUTES = "tests/unit/test_calc_graph.py::test_routes_mode_programs_local_blackhole_remote_and_borrowed"
 _T_VXLAN = "tests/unit/test_tunnels_calc.py::test_vxlan_always_routes_every_remote_block_via_its_vtep"
 _T_IPIP = "tests/unit/test_tunnels_calc.py::test_ipip_always_and_cross_subnet"
+_T_ROUTES_V6 = "tests/unit/test_calc_ipv6.py::test_routes_mode_routes_ipv6_pods_blocks_and_remote_blocks"
+_T_VXLAN_V6 = "tests/unit/test_calc_ipv6.py::test_vxlan_v6_routes_every_remote_ipv6_block_via_its_vtep"
 _T_PEERS = "tests/unit/test_bgp_peers.py::test_global_and_node_peers"
 _T_FROM_RES = "tests/unit/test_bgp_peers.py::test_from_resources"
 _T_ENDPOINT = "tests/unit/test_policy_calico.py::test_endpoint_from_resources"
@@ -152,7 +154,6 @@ _T_REFRESH = "tests/unit/test_felix_params.py::test_refresh_intervals_from_felix
 _T_MERGE = "tests/unit/test_felix_params.py::test_startup_merges_felix_configuration_before_using_it"
 _T_IPTABLES = "tests/integration/test_policy_render_kernel.py::test_rendered_table_and_ipsets_load_into_the_kernel"
 
-_IPV6 = "IPv6"
 _WIREGUARD = "WireGuard encryption"
 _BPF = "the eBPF dataplane"
 _XDP = "XDP"
@@ -207,14 +208,14 @@ SUPPORT: dict[str, dict[str, Support]] = {
     "Node": {
         "spec.bgp.asNumber": Honoured(_T_FROM_RES),
         "spec.bgp.ipv4Address": Honoured(_T_ROUTES),
-        "spec.bgp.ipv6Address": Refused(_IPV6),
+        "spec.bgp.ipv6Address": Honoured(_T_ROUTES_V6),
         "spec.bgp.ipv4IPIPTunnelAddr": Honoured(_T_IPIP),
         "spec.bgp.routeReflectorClusterID": Honoured(
             "tests/unit/test_bgp_peers.py::test_route_reflector_client_peers_with_all_reflectors_only"),
         "spec.ipv4VXLANTunnelAddr": Honoured(_T_VXLAN),
-        "spec.ipv6VXLANTunnelAddr": Refused(_IPV6),
+        "spec.ipv6VXLANTunnelAddr": Honoured(_T_VXLAN_V6),
         "spec.vxlanTunnelMACAddr": Honoured(_T_VXLAN),
-        "spec.vxlanTunnelMACAddrV6": Refused(_IPV6),
+        "spec.vxlanTunnelMACAddrV6": Honoured(_T_VXLAN_V6),
         "spec.orchRefs[].nodeName": Honoured(_T_KUBE_NODES, "written from the Kubernetes Node, as calico-node does"),
         "spec.orchRefs[].orchestrator": Honoured(_T_KUBE_NODES),
         "spec.addresses[].address": Honoured(_T_KUBE_NODES, "written from the Kubernetes Node's addresses"),
@@ -249,7 +250,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.localWorkloadPeeringIPV6": Refused("peering with local workloads"),
         "spec.programClusterRoutes": Refused("choosing who programs cluster routes"),
         "spec.ipv4NormalRoutePriority": Refused("route metrics"),
-        "spec.ipv6NormalRoutePriority": Refused(_IPV6),
+        "spec.ipv6NormalRoutePriority": Refused("route metrics"),
     },
     "BGPPeer": {
         "spec.node": Honoured(_T_PEERS),
@@ -349,8 +350,9 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.sidecarAccelerationEnabled": _off(_T_OFF),
         "spec.awsSrcDstCheck": _off(_T_OFF, "DoNothing", "Enable", "DoNothing"),
         "spec.floatingIPs": _off(_T_OFF, "Disabled", "Enabled", "Disabled"),
-        **{f"spec.{field}": Refused(_IPV6) for field in (
-            "deviceRouteSourceAddressIPv6", "ipv6ElevatedRoutePriority", "ipv6NormalRoutePriority", "vxlanMTUV6")},
+        "spec.vxlanMTUV6": Honoured(_T_MERGE),
+        **{f"spec.{field}": Refused("route metrics and source addresses") for field in (
+            "deviceRouteSourceAddressIPv6", "ipv6ElevatedRoutePriority", "ipv6NormalRoutePriority")},
         **{f"spec.{field}": Refused(_WIREGUARD) for field in (
             "prometheusWireGuardMetricsEnabled", "wireguardListeningPort", "wireguardListeningPortV6", "wireguardRoutingRulePriority",
             "wireguardInterfaceName", "wireguardInterfaceNameV6", "wireguardMTU", "wireguardMTUV6",
@@ -377,7 +379,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.serviceAccountName": Refused("service account matching"),
         "spec.ipNetworks": Honoured(_T_ROUTES),
         "spec.ipv4Gateway": Refused("a per-endpoint gateway"),
-        "spec.ipv6Gateway": Refused(_IPV6),
+        "spec.ipv6Gateway": Refused("a per-endpoint gateway"),
         "spec.ipNATs": Refused("floating IPs (1:1 NAT)"),
         "spec.profiles": Honoured(_T_ENDPOINT),
         "spec.interfaceName": Honoured(_T_ROUTES),
