@@ -83,6 +83,8 @@ APPLY_ORDER: tuple[str, ...] = (
     "ipsets",           # creations and member changes, before the rules that reference them
     "routes",
     "filter",
+    "mangle",           # host endpoints' preDNAT policy and DNAT'd host output
+    "raw",              # host endpoints' doNotTrack policy
     "nat",
     "ipset-deletions",  # once no rule references them
 )
@@ -161,6 +163,8 @@ class Agent:
         route_table: RouteTable | None = None,
         nat_table: Table | None = None,
         filter_table: Table | None = None,
+        mangle_table: Table | None = None,
+        raw_table: Table | None = None,
         ipsets: IPSets | None = None,
         render_config: RenderConfig | None = None,
         on_first_apply: Callable[[], None] | None = None,
@@ -201,7 +205,10 @@ class Agent:
         # writing to the host's real filter table behind its back.
         if filter_table is None and nat_table is None:
             filter_table = Table("filter", backend=iptables_backend)
+            mangle_table = mangle_table or Table("mangle", backend=iptables_backend)
+            raw_table = raw_table or Table("raw", backend=iptables_backend)
         self._filter = filter_table
+        self._policy_tables = tuple(t for t in (mangle_table, raw_table) if t is not None)
         self._ipsets = ipsets or IPSets()
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
@@ -211,7 +218,8 @@ class Agent:
         self._tunnel_mgr = (TunnelManager(links, vxlan_mtu=vxlan_mtu, ipip_mtu=ipip_mtu)
                             if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
-        self._policy_mgr = PolicyManager(self._filter, self._ipsets) if self._filter is not None else None
+        self._policy_mgr = (PolicyManager(self._filter, self._ipsets, mangle_table=mangle_table, raw_table=raw_table)
+                            if self._filter is not None else None)
         self._managers: tuple[Manager, ...] = tuple(
             m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets),
                         self._policy_mgr) if m is not None)
@@ -222,6 +230,8 @@ class Agent:
             "ipsets": lambda _: self._ipsets.apply(),
             "routes": self._apply_routes,
             "filter": (lambda _: filter_apply()) if filter_apply is not None else None,
+            "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
+            "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
             "nat": lambda _: self._nat.apply(),
             "ipset-deletions": lambda _: self._ipsets.apply_deletions(),
         }
@@ -334,6 +344,8 @@ class Agent:
             self._nat.queue_resync()
             if self._filter is not None:
                 self._filter.queue_resync()
+            for table in self._policy_tables:
+                table.queue_resync()
             self._ipsets.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
@@ -369,7 +381,8 @@ class Agent:
             self.metrics.observe_apply(time.monotonic() - started)
             self.metrics.routes_programmed(len(self._routes.programmed))
             self.metrics.dataplane_counts(
-                tables=[t for t in (self._filter, self._nat) if t is not None], ipsets=self._ipsets,
+                tables=[t for t in (self._filter, self._nat, *self._policy_tables) if t is not None],
+                ipsets=self._ipsets,
                 local_endpoints=len(self.calc.local_endpoints()),
                 active_policies=len(self.policy_calc.active_policies()),
                 active_selectors=len(self.policy_calc.ipsets()))

@@ -153,8 +153,9 @@ def test_golden_profile() -> None:
 def two_endpoint_table(config: RenderConfig = RenderConfig()) -> render.FilterTable:
     policies = {p.id: p for p in (DENY_ALL_INGRESS, ALLOW_FRONTEND, IPBLOCK_EGRESS, GNP_ACTIONS)}
     endpoints = [
-        EndpointChains("cali0a1b2c3d4e5", ingress=(GNP_ACTIONS.id, ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id),
-                       egress=(GNP_ACTIONS.id, IPBLOCK_EGRESS.id), profiles=("kns.demo",)),
+        EndpointChains.default_tier("cali0a1b2c3d4e5",
+                                    ingress=(GNP_ACTIONS.id, ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id),
+                                    egress=(GNP_ACTIONS.id, IPBLOCK_EGRESS.id), profiles=("kns.demo",)),
         EndpointChains("cali9f8e7d6c5b4", profiles=("kns.demo",)),
     ]
     return render.render_filter_table(endpoints, policies, {"kns.demo": KNS_DEMO}, config)
@@ -179,7 +180,8 @@ def bodies(chain: Chain) -> list[str]:
 def test_endpoint_chain_order_follows_felix() -> None:
     policies = {ALLOW_FRONTEND.id: ALLOW_FRONTEND, DENY_ALL_INGRESS.id: DENY_ALL_INGRESS}
     tw, fw = render.endpoint_chains(
-        EndpointChains("cali12345", ingress=(ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id), profiles=("kns.demo",)),
+        EndpointChains.default_tier("cali12345", ingress=(ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id),
+                                    profiles=("kns.demo",)),
         policies,
     )
     pi_front = render.policy_chain_name(ALLOW_FRONTEND.id, "Ingress")
@@ -208,7 +210,7 @@ def test_endpoint_chain_order_follows_felix() -> None:
 
 def test_endpoint_chain_skips_wrong_direction_and_fails_closed_on_missing_policy() -> None:
     tw, fw = render.endpoint_chains(
-        EndpointChains("cali1", ingress=(IPBLOCK_EGRESS.id,), egress=("demo/vanished",)),
+        EndpointChains.default_tier("cali1", ingress=(IPBLOCK_EGRESS.id,), egress=("demo/vanished",)),
         {IPBLOCK_EGRESS.id: IPBLOCK_EGRESS},
     )
     # An Egress-only policy listed for ingress is not a policy for that direction.
@@ -242,15 +244,31 @@ def test_wl_to_host_runs_egress_policy_then_configured_action(action: str) -> No
 def test_static_chains_forward_and_failsafes() -> None:
     chains = {c.name: c for c in render.static_chains(RenderConfig())}
     assert bodies(chains["cali-FORWARD"]) == [
-        "-j MARK --set-xmark 0x0/0x30000",
+        "-j MARK --set-xmark 0x0/0x60000",
+        '-m mark --mark 0x0/0x10000 -m comment --comment "Ingress host endpoint: forward policy" '
+        "-j cali-from-hep-forward",
         '-i cali+ -m comment --comment "From workload: egress policy" -j cali-from-wl-dispatch',
         '-o cali+ -m comment --comment "To workload: ingress policy" -j cali-to-wl-dispatch',
+        '-m comment --comment "Egress host endpoint: forward policy" -j cali-to-hep-forward',
         '-m mark --mark 0x10000/0x10000 -m comment --comment "Policy explicitly accepted packet" -j ACCEPT',
+        "-j MARK --set-xmark 0x10000/0x10000",
     ]
-    assert bodies(chains["cali-OUTPUT"])[0].startswith("-o cali+ ") and bodies(chains["cali-OUTPUT"])[0].endswith("-j RETURN")
+    assert bodies(chains["cali-INPUT"]) == [
+        "-i cali+ -g cali-wl-to-host",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Accepted by raw or mangle host endpoint policy" '
+        "-j ACCEPT",
+        "-j MARK --set-xmark 0x0/0x70000",
+        "-j cali-from-host-endpoint",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Host endpoint policy accepted packet" -j ACCEPT',
+    ]
+    output = bodies(chains["cali-OUTPUT"])
+    assert output[1] == '-o cali+ -m comment --comment "Host to workload traffic is not policed" -j RETURN'
+    assert "-m conntrack ! --ctstate DNAT -j cali-to-host-endpoint" in output
+    # Failsafe ports ACCEPT (Felix's Allow): only host endpoint chains jump to them.
     failsafe_in = " ".join(bodies(chains["cali-failsafe-in"]))
     assert "-p tcp -m multiport --dports 22,179,2379,2380,5473,6443,6666,6667" in failsafe_in
     assert "-p udp -m multiport --dports 68" in failsafe_in
+    assert all(b.endswith("-j ACCEPT") for b in bodies(chains["cali-failsafe-in"]))
     assert "-p udp -m multiport --dports 53,67" in " ".join(bodies(chains["cali-failsafe-out"]))
     assert render.jump_rules() == {
         "INPUT": [render.Rule("", "cali-INPUT")],
@@ -262,7 +280,7 @@ def test_static_chains_forward_and_failsafes() -> None:
 def test_custom_iface_prefix() -> None:
     config = RenderConfig(iface_prefix="tap")
     chains = {c.name: c for c in render.static_chains(config)}
-    assert "-i tap+" in bodies(chains["cali-FORWARD"])[1]
+    assert "-i tap+" in bodies(chains["cali-FORWARD"])[2]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -422,7 +440,9 @@ def test_table_references_only_chains_and_sets_it_defines() -> None:
     assert targets <= set(table.chains)
     assert set(re.findall(r"--match-set (\S+)", text)) == set(table.ipsets)
     # Every chain is reachable: nothing dead is rendered.
-    assert set(table.chains) - targets == {"cali-INPUT", "cali-FORWARD", "cali-OUTPUT"}
+    # (The failsafe chains are static, as in Felix: only host endpoint chains jump to them.)
+    assert set(table.chains) - targets == {"cali-INPUT", "cali-FORWARD", "cali-OUTPUT", "cali-failsafe-in",
+                                           "cali-failsafe-out"}
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -546,8 +566,8 @@ def big_table(n_endpoints: int, n_policies: int, per_endpoint: int, seed: int) -
             continue
         seen.add(iface)
         chosen = tuple(rng.sample(ids, per_endpoint))
-        endpoints.append(EndpointChains(iface, ingress=chosen, egress=chosen,
-                                        profiles=(f"kns.ns{len(endpoints) % 10}",)))
+        endpoints.append(EndpointChains.default_tier(iface, ingress=chosen, egress=chosen,
+                                                     profiles=(f"kns.ns{len(endpoints) % 10}",)))
     return render.render_filter_table(endpoints, policies, profiles)
 
 
