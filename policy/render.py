@@ -1082,6 +1082,7 @@ def render_filter_table(
             add(table, chain)
     used: dict[str, dict[str, None]] = {"filter": {}, "mangle": {}, "raw": {}}
     used_profiles: dict[str, None] = {}
+    mangle_profiles: dict[str, None] = {}  # the mangle egress chains of host endpoints jump to these
     for ep in eps:
         for chain in endpoint_chains(ep, policies, known_profiles=profiles):
             add("filter", chain)
@@ -1098,6 +1099,7 @@ def render_filter_table(
         if hep.iface != model.ALL_INTERFACES:
             used["raw"].update(dict.fromkeys(tier_ids(hep.untracked)))
         used_profiles.update(dict.fromkeys(hep.profiles))
+        mangle_profiles.update(dict.fromkeys(hep.profiles))
     for table, ids in used.items():
         for policy_id in ids:
             policy = policies.get(policy_id)
@@ -1111,6 +1113,8 @@ def render_filter_table(
             continue
         add("filter", Chain(profile_chain_name(profile.name, "Ingress"), _render_rules(profile.ingress, ipsets)))
         add("filter", Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
+        if name in mangle_profiles:
+            add("mangle", Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
     return FilterTable(
         chains=tables["filter"], jumps=jump_rules(), ipsets=ipsets,
         raw=TableChains(tables["raw"], table_jump_rules("raw")),

@@ -616,9 +616,12 @@ class PolicyCalc:
             for table in TABLES:
                 if pid in used[table]:
                     tables[table].update((c.name, c) for c in chains)
+        hep_profiles = {name for hc in heps for name in hc.profiles}
         for name, profile in profiles.items():
             for chain in _memoised(self._profile_memo, name, profile, render.profile_chains):
                 tables["filter"][chain.name] = chain
+                if name in hep_profiles and chain.name.startswith(render.PROFILE_OUT_PREFIX):
+                    tables["mangle"][chain.name] = chain  # host endpoints' mangle egress chains
         # Forget memos of things that went away, so memory follows the cluster.
         live_heps = {hc.iface for hc in heps}
         memos: tuple[tuple[dict[str, Any], Any], ...] = (
