@@ -214,11 +214,17 @@ def _describe_port(port: Port) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Side:
-    """One end of the packet: its address, its endpoint (None for a plain IP), its port."""
+    """One end of the packet: its address, its endpoint (None for a plain IP), its port, and the
+    network sets and host endpoints whose addresses hold it (selector ipsets match those too)."""
 
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     endpoint: Endpoint | None
     port: int | None
+    holders: tuple[Endpoint, ...] = ()
+
+    @property
+    def candidates(self) -> tuple[Endpoint, ...]:
+        return ((self.endpoint,) if self.endpoint is not None else ()) + self.holders
 
 
 def _port_matches(port: Port, side: _Side, proto: int) -> bool:
@@ -235,6 +241,10 @@ def _port_matches(port: Port, side: _Side, proto: int) -> bool:
     )
 
 
+def _kind_name(ep: Endpoint) -> str:
+    return {"networkset": "network set", "host": "host endpoint"}.get(ep.kind, "endpoint")
+
+
 def _in_nets(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, nets: tuple[str, ...]) -> str | None:
     if ip is None:
         return None
@@ -249,13 +259,18 @@ def _match_entity(er: EntityRule, side: _Side, proto: int) -> list[str] | None:
     """None if the entity rule does not match this side, else the phrases saying what matched."""
     why: list[str] = []
     if er.endpoints is not None:
-        if side.endpoint is None or not match_endpoint(er.endpoints, side.endpoint):
+        # The kernel matches the address against the selector's ipset: whatever selected thing
+        # holds it (the pod itself, a network set's net, a host endpoint's expectedIP) counts.
+        selected = next((e for e in side.candidates if match_endpoint(er.endpoints, e)), None)
+        if selected is None:
             return None
-        why.append(describe_endpoints(er.endpoints))
+        via = "" if selected is side.endpoint else f" ({_kind_name(selected)} {selected.id})"
+        why.append(describe_endpoints(er.endpoints) + via)
     if er.not_endpoints is not None:
-        if side.endpoint is not None and match_endpoint(er.not_endpoints, side.endpoint):
+        not_endpoints = er.not_endpoints
+        if any(match_endpoint(not_endpoints, e) for e in side.candidates):
             return None
-        why.append(f"not {describe_selector(er.not_endpoints.selector)}")
+        why.append(f"not {describe_selector(not_endpoints.selector)}")
     if er.nets:
         net = _in_nets(side.ip, er.nets)
         if net is None:
@@ -562,13 +577,15 @@ def _endpoint_of(peer: Peer) -> Endpoint | None:
     return peer if isinstance(peer, Endpoint) else None
 
 
-def _side(peer: Peer, port: int | None) -> _Side:
+def _side(peer: Peer, port: int | None, others: tuple[Endpoint, ...]) -> _Side:
     ep = _endpoint_of(peer)
     if ep is not None:
         ip = ipaddress.ip_interface(ep.ips[0]).ip if ep.ips else None
-        return _Side(ip, ep, port)
-    assert isinstance(peer, str)
-    return _Side(ipaddress.ip_address(peer), None, port)
+    else:
+        assert isinstance(peer, str)
+        ip = ipaddress.ip_address(peer)
+    holders = tuple(o for o in others if o is not ep and ip is not None and _in_nets(ip, o.ips) is not None)
+    return _Side(ip, ep, port, holders)
 
 
 def _name(peer: Peer) -> str:
@@ -596,6 +613,7 @@ def explain(
     via: HostEndpoint | None = None,
     failsafe_inbound: tuple[tuple[str, int], ...] = DEFAULT_FAILSAFE_INBOUND,
     failsafe_outbound: tuple[tuple[str, int], ...] = DEFAULT_FAILSAFE_OUTBOUND,
+    others: Iterable[Endpoint] = (),
 ) -> Verdict:
     """Is a packet from src to dst on port/protocol allowed, and what decided it?
 
@@ -604,13 +622,16 @@ def explain(
     via: the packet enters the node through this host endpoint and is forwarded to dst.
     src_port: the source port, only needed for rules that match source ports (and the raw
     table's failsafe replies). ICMP defaults to an echo request (type 8 code 0).
+    others: the network sets and host endpoints of the cluster: an address inside one of their
+    nets / expectedIPs matches the selectors that select them, as their ipset members do.
     """
     proto = protocol_number(protocol_name(protocol))
     policy_list = list(policies.values()) if isinstance(policies, Mapping) else list(policies)
     profile_map = dict(profiles) if isinstance(profiles, Mapping) else {p.name: p for p in profiles}
     tier_map = dict(tiers) if isinstance(tiers, Mapping) else {t.name: t for t in tiers}
     dst_port = port if proto in _PORT_PROTOCOLS else None
-    packet = _Packet(proto, _side(src, src_port), _side(dst, dst_port), icmp_type, icmp_code)
+    holders = tuple(others)
+    packet = _Packet(proto, _side(src, src_port, holders), _side(dst, dst_port, holders), icmp_type, icmp_code)
     pname = protocol_name(protocol).lower()
     what = f"{pname}/{port}" if proto in _PORT_PROTOCOLS else pname
     egress = ingress = forward = None
