@@ -7,6 +7,7 @@ interface (design.md §3.1); change them only additively.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -486,18 +487,33 @@ def _finish_probe(proc: subprocess.Popen[str], src: PodState, count: int, timeou
     return [bool(r) for r in result]
 
 
+def _ip_address(text: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
-    src_ref, dst_ref = topology.parse_pod_ref(args.src), topology.parse_pod_ref(args.dst)
+    src_ref = topology.parse_pod_ref(args.src)
     st = state.load(args.name)
-    src, dst = st.pod(src_ref.namespace, src_ref.name), st.pod(dst_ref.namespace, dst_ref.name)
+    src = st.pod(src_ref.namespace, src_ref.name)
     proto = args.proto.lower()
-    target = _targets(proto, args.port, dst)
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
-    if target is None:
-        say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
-        return 1
+    # DST may be an address (a node's, a NodePort's): the probe goes there as it would to a pod.
+    address = _ip_address(args.dst)
+    if address is not None:
+        label, target = address, (f"icmp:{address}" if proto == "icmp" else f"{proto}:{address}:{args.port}")
+    else:
+        dst_ref = topology.parse_pod_ref(args.dst)
+        dst = st.pod(dst_ref.namespace, dst_ref.name)
+        found = _targets(proto, args.port, dst)
+        if found is None:
+            say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
+            return 1
+        label, target = f"{dst.ref} ({dst.ips[0]})", found
     ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
-    say(f"{src.ref} -> {dst.ref} ({dst.ips[0]}) {what}: {'connected' if ok else 'blocked'}")
+    say(f"{src.ref} -> {label} {what}: {'connected' if ok else 'blocked'}")
     return 0 if ok else 1
 
 
@@ -705,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")
     p.add_argument("src", metavar="NS/A")
-    p.add_argument("dst", metavar="NS/B")
+    p.add_argument("dst", metavar="NS/B|IP", help="a pod, or an IPv4 address (a node's, a NodePort's)")
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--proto", choices=("tcp", "udp", "icmp"), default="tcp")
     p.add_argument("--timeout", type=float, default=1.0)
