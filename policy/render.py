@@ -74,11 +74,13 @@ from policy.names import MAX_CHAIN_NAME, check_chain_name
 
 __all__ = [
     "ACCEPT_MARK",
+    "ALL_HOSTS_SET",
     "ALL_INTERFACES_NAME",
     "PASS_MARK",
     "SCRATCH_MARK",
     "EndpointChains",
     "FilterTable",
+    "HostEncap",
     "HostEndpointChains",
     "IPSetSpec",
     "RenderConfig",
@@ -244,6 +246,7 @@ class RenderConfig:
     default_endpoint_to_host_action: EndpointToHostAction = "DROP"
     failsafe_inbound: tuple[tuple[str, int], ...] = _DEFAULT_FAILSAFE_IN
     failsafe_outbound: tuple[tuple[str, int], ...] = _DEFAULT_FAILSAFE_OUT
+    vxlan_port: int = 4789
 
     def __post_init__(self) -> None:
         if not _IFACE_RE.fullmatch(self.iface_prefix):
@@ -256,6 +259,21 @@ class RenderConfig:
         for proto, port in (*self.failsafe_inbound, *self.failsafe_outbound):
             if proto not in PORT_PROTOCOLS or not 1 <= port <= 65535:
                 raise ValueError(f"invalid failsafe port {proto}:{port}")
+        if not 1 <= self.vxlan_port <= 65535:
+            raise ValueError(f"invalid VXLAN port {self.vxlan_port}")
+
+
+@dataclass(frozen=True)
+class HostEncap:
+    """Which encapsulations the cluster's pools use: their packets between the nodes are allowed
+    before any host endpoint policy (Felix's "Allow IPIP/VXLAN packets from/to Calico hosts"),
+    so that a host endpoint's policy cannot cut the pod network."""
+
+    vxlan: bool = False
+    ipip: bool = False
+
+
+ALL_HOSTS_SET = "cali40all-hosts-net"  # every node's address (Felix's all-hosts-net set)
 
 
 @dataclass(frozen=True)
@@ -948,7 +966,22 @@ _HEP_ACCEPTED = Rule(_mark(ACCEPT_MARK), "ACCEPT", "Host endpoint policy accepte
 _HEP_ACCEPTED_RETURN = Rule(_mark(ACCEPT_MARK), "RETURN", "Host endpoint policy accepted packet")
 
 
-def static_chains(config: RenderConfig = RenderConfig()) -> list[Chain]:
+def _encap_rules(config: RenderConfig, encap: HostEncap, direction: str) -> tuple[Rule, ...]:
+    """Encapsulated pod traffic between the nodes, allowed before host endpoint policy."""
+    if direction == "in":
+        peer, local, word = f"-m set --match-set {ALL_HOSTS_SET} src", "-m addrtype --dst-type LOCAL", "from"
+    else:
+        peer, local, word = f"-m set --match-set {ALL_HOSTS_SET} dst", "-m addrtype --src-type LOCAL", "to"
+    rules: list[Rule] = []
+    if encap.ipip:
+        rules.append(Rule(f"-p 4 {peer} {local}", "ACCEPT", f"Allow IPIP packets {word} Calico hosts"))
+    if encap.vxlan:
+        rules.append(Rule(f"-p udp -m multiport --dports {config.vxlan_port} {peer} {local}", "ACCEPT",
+                          f"Allow IPv4 VXLAN packets {word} Calico hosts"))
+    return tuple(rules)
+
+
+def static_chains(config: RenderConfig = RenderConfig(), encap: HostEncap = HostEncap()) -> list[Chain]:
     """The filter table's cali-INPUT, cali-FORWARD, cali-OUTPUT, cali-wl-to-host and failsafe chains."""
     wl = f"{config.iface_prefix}+"
     return [
@@ -964,6 +997,7 @@ def static_chains(config: RenderConfig = RenderConfig()) -> list[Chain]:
             Rule("", _set_mark(ACCEPT_MARK)),
         )),
         Chain(CHAIN_INPUT, (
+            *_encap_rules(config, encap, "in"),
             Rule(f"-i {wl}", f"-g {CHAIN_WL_TO_HOST}"),
             Rule(_mark(ACCEPT_MARK), "ACCEPT", "Accepted by raw or mangle host endpoint policy"),
             Rule("", _clear_mark(_ALL_MARKS)),
@@ -973,6 +1007,7 @@ def static_chains(config: RenderConfig = RenderConfig()) -> list[Chain]:
         Chain(CHAIN_OUTPUT, (
             Rule(_mark(ACCEPT_MARK), "ACCEPT", "Accepted by raw host endpoint policy"),
             Rule(f"-o {wl}", "RETURN", "Host to workload traffic is not policed"),
+            *_encap_rules(config, encap, "out"),
             Rule("", _clear_mark(_ALL_MARKS)),
             # DNAT'd output is policed in mangle POSTROUTING, once its interface is known.
             Rule("-m conntrack ! --ctstate DNAT", CHAIN_TO_HOST_ENDPOINT),
@@ -1052,6 +1087,7 @@ def render_filter_table(
     profiles: Mapping[str, model.Profile],
     config: RenderConfig = RenderConfig(),
     host_endpoints: Iterable[HostEndpointChains] = (),
+    encap: HostEncap = HostEncap(),
 ) -> FilterTable:
     """The filter, mangle and raw tables for these local workload and host endpoints.
 
@@ -1069,8 +1105,10 @@ def render_filter_table(
 
     eps = list(endpoints)
     heps = list(host_endpoints)
-    for chain in static_chains(config):
+    for chain in static_chains(config, encap):
         add("filter", chain)
+    if encap.vxlan or encap.ipip:
+        ipsets[ALL_HOSTS_SET] = IPSetSpec("hash:net", None)
     for chain in mangle_static_chains(config):
         add("mangle", chain)
     for chain in raw_static_chains(config):

@@ -46,8 +46,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
-from felixpy.calc.updates import (NAMESPACE_PROFILE_PREFIX, Kind, NamedProfile, Update, WorkloadEndpoint,
-                                  service_account_of_profile, with_namespace_labels)
+from felixpy.calc.updates import (NAMESPACE_PROFILE_PREFIX, IPPool, Kind, NamedProfile, Node, Update,
+                                  WorkloadEndpoint, service_account_of_profile, with_namespace_labels)
 from felixpy.messages import FilterState, IPSetState, TableState
 from policy import calico, evaluate, render
 from policy import ipsets as policy_ipsets
@@ -145,6 +145,11 @@ class PolicyCalc:
         self._hep_memo: dict[str, tuple[render.HostEndpointChains, render.HostChains]] = {}
         self._dispatch_memo: tuple[frozenset[str], tuple[Chain, ...]] | None = None
         self._hep_dispatch_memo: tuple[tuple[render.HostEndpointChains, ...], dict[str, render.TableChains]] | None = None
+        # Encapsulated traffic between nodes is allowed before host endpoint policy: which
+        # encapsulations the enabled pools use, and every node's address.
+        self._pool_encap: dict[str, render.HostEncap] = {}
+        self._node_ips: dict[str, str] = {}
+        self._encap = render.HostEncap()
         self._static = {
             "filter": tuple(render.static_chains(self.config)),
             "mangle": tuple(render.mangle_static_chains(self.config)),
@@ -163,6 +168,33 @@ class PolicyCalc:
         dispatcher.register(Kind.NETWORK_SET, self.on_network_set)
         dispatcher.register(Kind.GLOBAL_NETWORK_SET, self.on_network_set)
         dispatcher.register(Kind.HOST_ENDPOINT, self.on_host_endpoint)
+        dispatcher.register(Kind.IP_POOL, self.on_pool)
+        dispatcher.register(Kind.NODE, self.on_node)
+
+    def on_pool(self, update: Update[IPPool]) -> None:
+        pool = update.value
+        if pool is None or pool.disabled or ":" in pool.cidr:  # our rules are IPv4
+            self._pool_encap.pop(update.key, None)
+        else:
+            self._pool_encap[update.key] = render.HostEncap(vxlan=pool.vxlan_mode != "Never",
+                                                            ipip=pool.ipip_mode != "Never")
+        encap = render.HostEncap(vxlan=any(e.vxlan for e in self._pool_encap.values()),
+                                 ipip=any(e.ipip for e in self._pool_encap.values()))
+        if encap != self._encap:
+            self._encap = encap
+            self._static["filter"] = tuple(render.static_chains(self.config, encap))
+            self.dirty = True
+
+    def on_node(self, update: Update[Node]) -> None:
+        address = update.value.ipv4 if update.value is not None else None
+        if address is None:
+            changed = self._node_ips.pop(update.key, None) is not None
+        else:
+            changed = self._node_ips.get(update.key) != address
+            self._node_ips[update.key] = address
+        if changed:
+            self._set_cache.pop(render.ALL_HOSTS_SET, None)
+            self.dirty = True
 
     def on_workload(self, update: Update[WorkloadEndpoint]) -> None:
         member = None
@@ -546,9 +578,16 @@ class PolicyCalc:
         return dict(self._tiers)
 
     def ipsets(self) -> dict[str, IPSetState]:
-        """The sets the active policies reference, with their members (cluster-wide)."""
+        """The sets the active policies reference, with their members (cluster-wide), and the
+        set of node addresses when encapsulated traffic between nodes must be allowed."""
         self._flush()
         out = {}
+        if self._encap.vxlan or self._encap.ipip:
+            state = self._set_cache.get(render.ALL_HOSTS_SET)
+            if state is None:
+                state = IPSetState("hash:net", frozenset(self._node_ips.values()))
+                self._set_cache[render.ALL_HOSTS_SET] = state
+            out[render.ALL_HOSTS_SET] = state
         for name, spec in self._set_specs.items():
             state = self._set_cache.get(name)
             if state is None:

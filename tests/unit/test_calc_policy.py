@@ -554,3 +554,34 @@ def test_agent_programs_a_policy_written_to_the_datastore() -> None:
     finally:
         agent.stop()
         thread.join(5)
+
+
+def test_encapsulated_traffic_between_nodes_is_allowed_before_host_endpoint_policy() -> None:
+    def pool(name: str, vxlan: str = "Never", ipip: str = "Never", disabled: bool = False) -> KVUpdate:
+        value = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": name},
+                 "spec": {"cidr": "10.244.0.0/16", "vxlanMode": vxlan, "ipipMode": ipip, "disabled": disabled}}
+        return KVUpdate(keys.resource_key("ippools", name), value, 1)
+
+    def node(name: str, ip: str) -> KVUpdate:
+        value = {"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": name},
+                 "spec": {"bgp": {"ipv4Address": f"{ip}/24"}}}
+        return KVUpdate(keys.resource_key("nodes", name), value, 1)
+
+    calc = feed(PolicyCalc(NODE), *small_world(), pool("p"), node(NODE, "192.0.2.11"), node("n2", "192.0.2.12"))
+    state = calc.filter_state()
+    assert render.ALL_HOSTS_SET not in state.ipsets
+    assert not any("VXLAN" in r.comment for r in state.chains["cali-INPUT"].rules)
+    feed(calc, pool("p", vxlan="Always"))
+    state = calc.filter_state()
+    assert state.ipsets[render.ALL_HOSTS_SET].members == {"192.0.2.11", "192.0.2.12"}
+    first = state.chains["cali-INPUT"].rules[0].render_body()
+    assert first == ("-p udp -m multiport --dports 4789 -m set --match-set cali40all-hosts-net src "
+                     "-m addrtype --dst-type LOCAL -m comment --comment \"Allow IPv4 VXLAN packets from Calico hosts\" "
+                     "-j ACCEPT")
+    assert any("Allow IPv4 VXLAN packets to Calico hosts" in r.comment for r in state.chains["cali-OUTPUT"].rules)
+    feed(calc, node("n3", "192.0.2.13"), pool("p", ipip="Always"))
+    state = calc.filter_state()
+    assert state.ipsets[render.ALL_HOSTS_SET].members == {"192.0.2.11", "192.0.2.12", "192.0.2.13"}
+    assert [r.comment for r in state.chains["cali-INPUT"].rules[:1]] == ["Allow IPIP packets from Calico hosts"]
+    feed(calc, pool("p", ipip="Always", disabled=True))
+    assert render.ALL_HOSTS_SET not in calc.filter_state().ipsets
