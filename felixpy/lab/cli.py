@@ -322,6 +322,21 @@ def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | Non
     return new
 
 
+def cmd_sa_add(args: argparse.Namespace) -> int:
+    """A ServiceAccount, as felixpy-controllers mirror one in etcd mode: its ksa.<ns>.<sa> profile
+    (the account's labels, as pcsa.<key>, for policy's service account selectors)."""
+    ref = topology.parse_pod_ref(args.account)
+    labels = topology.parse_labels(args.labels)
+    st = state.load(args.name)
+    store = pods.open_datastore(st.name)
+    try:
+        pods.write_profile_value(store, pods.profile_for_service_account(ref.namespace, ref.name, labels))
+    finally:
+        store.close()
+    say(f"service account {ref} written")
+    return 0
+
+
 def cmd_ns_add(args: argparse.Namespace) -> int:
     namespace = topology.check_k8s_name("namespace", args.namespace)
     labels = topology.parse_labels(args.labels)
@@ -345,10 +360,11 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             raise LabUsageError(f"pod {ref} already exists")
         if _ensure_namespace(st, ref.namespace, None):
             say(f"namespace {ref.namespace} created")
+        account = topology.check_k8s_name("service account", args.service_account) if args.service_account else ""
         pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
                        netns=topology.pod_netns(st.name, ref.namespace, ref.name),
                        container_id=secrets.token_hex(32), labels=labels,
-                       serve=[f"{p.name}={p.spec()}" for p in served])
+                       serve=[f"{p.name}={p.spec()}" for p in served], service_account=account)
         if pod.netns in procs.netns_list():
             raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
         st.pods.append(pod)
@@ -697,6 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("namespace")
     p.add_argument("--labels", default="")
 
+    sa = add("sa", lambda a: 0, "service accounts")
+    sa_sub = sa.add_subparsers(dest="sa_command", metavar="add", required=True)
+    p = sa_sub.add_parser("add", parents=[common], help="add (or relabel) a service account")
+    p.set_defaults(func=cmd_sa_add)
+    p.add_argument("account", metavar="NS/SA")
+    p.add_argument("--labels", default="")
+
     pod = add("pod", lambda a: 0, "pods")
     pod_sub = pod.add_subparsers(dest="pod_command", metavar="add|del", required=True)
     p = pod_sub.add_parser("add", parents=[common], help="add a pod (real CNI ADD)")
@@ -705,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True)
     p.add_argument("--labels", default="")
     p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
+    p.add_argument("--service-account", default="", metavar="SA",
+                   help="the pod's serviceAccountName (its labels: `sa add`)")
     p = pod_sub.add_parser("del", parents=[common], help="delete a pod (real CNI DEL)")
     p.set_defaults(func=cmd_pod_del)
     p.add_argument("pod", metavar="NS/POD")

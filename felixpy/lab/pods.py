@@ -3,8 +3,9 @@
 A pod is a netns plumbed by the real `felixpy-cni` exactly as kubelet runs it (env + stdin, inside
 the node's netns). The agent allocates the IP, plumbs the veth and writes the WorkloadEndpoint;
 the lab then does what Calico's kube-controllers do: it keeps the WorkloadEndpoint's labels and
-named ports in step with the pod (compare-and-swap updates), and keeps one Profile `kns.<ns>` per
-namespace carrying the namespace's labels.
+named ports (and service account) in step with the pod (compare-and-swap updates), and keeps one
+Profile `kns.<ns>` per namespace carrying the namespace's labels and one `ksa.<ns>.<sa>` per
+service account (`sa add`) carrying the account's.
 """
 
 from __future__ import annotations
@@ -74,8 +75,19 @@ def profile_for_namespace(namespace: str, labels: dict[str, str]) -> dict[str, A
     }
 
 
+def profile_for_service_account(namespace: str, account: str, labels: dict[str, str]) -> dict[str, Any]:
+    """Calico's `ksa.<ns>.<sa>` profile: no rules, the account's labels for its pods as pcsa.*."""
+    to_apply = {"pcsa.projectcalico.org/name": account, **{f"pcsa.{k}": v for k, v in labels.items()}}
+    return {"apiVersion": "projectcalico.org/v3", "kind": "Profile",
+            "metadata": {"name": f"ksa.{namespace}.{account}"}, "spec": {"labelsToApply": to_apply}}
+
+
 def write_profile(store: Datastore, namespace: str, labels: dict[str, str]) -> None:
-    value = profile_for_namespace(namespace, labels)
+    write_profile_value(store, profile_for_namespace(namespace, labels))
+
+
+def write_profile_value(store: Datastore, value: dict[str, Any]) -> None:
+    """Create or update one Profile, compare-and-swap, bounded retries."""
     key = keys.resource_key("profiles", value["metadata"]["name"])
     for _ in range(CAS_ATTEMPTS):
         try:
@@ -173,8 +185,11 @@ def wep_key(pod: PodState) -> str:
 
 
 def wep_labels(pod: PodState) -> dict[str, str]:
-    return {**pod.labels, "projectcalico.org/namespace": pod.namespace,
-            "projectcalico.org/orchestrator": "k8s"}
+    labels = {**pod.labels, "projectcalico.org/namespace": pod.namespace,
+              "projectcalico.org/orchestrator": "k8s"}
+    if pod.service_account:
+        labels["projectcalico.org/serviceaccount"] = pod.service_account
+    return labels
 
 
 def wep_ports(pod: PodState) -> list[dict[str, object]]:
@@ -201,6 +216,10 @@ def sync_workload_endpoint(store: Datastore, pod: PodState, wait: float = 10.0) 
             spec["ports"] = ports
         else:
             spec.pop("ports", None)
+        if pod.service_account:
+            spec["serviceAccountName"] = pod.service_account
+        else:
+            spec.pop("serviceAccountName", None)
         if value == current.value:
             return
         try:

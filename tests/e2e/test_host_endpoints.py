@@ -195,3 +195,29 @@ def test_tiers_with_pass(world: World) -> None:
         world.delete(security)
         world.delete(tier)
     world.wait("no tier any more", "y/other", "x/web", 80, True)
+
+
+def test_service_account_selectors(world: World) -> None:
+    """Pods running as a service account, selected by the account's labels and by its name."""
+    world.lab.cli("sa", "add", "x/frontend", "--labels", "role=fe")
+    world.lab.cli("pod", "add", "x/fe", "--node", "n2", "--service-account", "frontend", "--labels", "app=fe")
+    policy = calico("NetworkPolicy", "web-from-frontends", {
+        "selector": "app == 'web'", "ingress": [
+            {"action": "Allow", "source": {"serviceAccounts": {"selector": "role == 'fe'"}}}]}, namespace="x")
+    world.apply(policy)
+    try:
+        world.wait("the frontend account's pods only", "x/client", "x/web", 80, False)
+        assert world.probe("x/fe", "x/web", 80)
+        # The account's labels change: its pods leave the rule's selection.
+        world.lab.cli("sa", "add", "x/frontend", "--labels", "role=batch")
+        world.wait("the relabelled account to lose access", "x/fe", "x/web", 80, False)
+        by_name = calico("NetworkPolicy", "web-from-frontends", {
+            "selector": "app == 'web'", "ingress": [
+                {"action": "Allow", "source": {"serviceAccounts": {"names": ["frontend"]}}}]}, namespace="x")
+        world.apply(by_name)
+        world.wait("the account's name to be enough", "x/fe", "x/web", 80, True)
+        assert not world.probe("x/client", "x/web", 80)
+    finally:
+        world.delete(policy)
+        world.lab.cli("pod", "del", "x/fe")
+    world.wait("the policy to go", "x/client", "x/web", 80, True)
