@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TABLES = ("filter", "mangle", "raw")
+_HostDispatchMemo = tuple[tuple[render.HostEndpointChains, ...], dict[str, render.TableChains]]
 
 
 def _profile_ref(name: str) -> str:
@@ -144,7 +145,7 @@ class PolicyCalc:
         self._ep_memo: dict[str, tuple[render.EndpointChains, tuple[Chain, ...]]] = {}
         self._hep_memo: dict[str, tuple[render.HostEndpointChains, render.HostChains]] = {}
         self._dispatch_memo: tuple[frozenset[str], tuple[Chain, ...]] | None = None
-        self._hep_dispatch_memo: tuple[tuple[render.HostEndpointChains, ...], dict[str, render.TableChains]] | None = None
+        self._hep_dispatch_memo: _HostDispatchMemo | None = None
         # Encapsulated traffic between nodes is allowed before host endpoint policy: which
         # encapsulations the enabled pools use, and every node's address.
         self._pool_encap: dict[str, render.HostEncap] = {}

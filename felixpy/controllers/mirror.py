@@ -9,7 +9,7 @@ Gone or a broken stream):
 | Namespace `<ns>` | Profile `kns.<ns>`: allow all, `labelsToApply` `pcns.<label>` + `pcns.projectcalico.org/name` |
 | ServiceAccount `<ns>/<sa>` | Profile `ksa.<ns>.<sa>`: no rules, `labelsToApply` `pcsa.<label>` + `pcsa.projectcalico.org/name` |
 | networking.k8s.io NetworkPolicy `<ns>/<name>` | NetworkPolicy `<ns>/knp.default.<name>` (policy/k8s.py) |
-| Pod `<ns>/<pod>` on node `<n>` | labels, named ports and serviceAccountName of the existing WorkloadEndpoint `<n>-k8s-<pod>-eth0` |
+| Pod `<ns>/<pod>` on node `<n>` | labels, named ports, serviceAccountName of the existing WorkloadEndpoint `<n>-k8s-<pod>-eth0` |
 
 WorkloadEndpoints are the CNI plugin's: the mirror never creates or deletes one, it only keeps
 the labels (pod labels plus projectcalico.org/namespace, orchestrator, serviceaccount) and named

@@ -323,8 +323,8 @@ def _check_tiers(store: Datastore, plans: list[_Planned]) -> None:
     if not writes and not tier_deletes:
         return
     stored_tiers = {t["metadata"]["name"] for t in list_resources(store, "Tier")[0]}
-    tiers = (stored_tiers | {p.name for p in plans if p.kind == "Tier" and p.action in ("created", "updated", "skipped")}
-             | {"default"}) - {p.name for p in tier_deletes}
+    written = {p.name for p in plans if p.kind == "Tier" and p.action in ("created", "updated", "skipped")}
+    tiers = (stored_tiers | written | {"default"}) - {p.name for p in tier_deletes}
     for p in writes:
         assert p.resource is not None
         tier = p.resource["spec"].get("tier") or "default"

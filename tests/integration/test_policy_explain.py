@@ -206,7 +206,8 @@ def test_tiers_host_endpoints_network_sets_and_service_accounts(etcd_endpoint: s
     # A partner address (in the GlobalNetworkSet) passes the security tier; the namespace profile allows.
     ok = felixctl(etcd_endpoint, "policy", "explain", "198.51.100.7", "y/b", "--port", "80")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    passed = 'policy partners-only in tier security rule 0 passed (from selector kind == "partner" (network set partners)'
+    passed = ('policy partners-only in tier security rule 0 passed '
+              '(from selector kind == "partner" (network set partners)')
     assert passed in ok.stdout
     denied = felixctl(etcd_endpoint, "policy", "explain", "y/a", "y/b", "--port", "80", "-o", "json")
     assert denied.returncode == 1

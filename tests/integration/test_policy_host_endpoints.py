@@ -5,8 +5,8 @@ Resources go through validation, the dispatcher and the PolicyCalc; its FilterSt
 the PolicyManager into real filter, mangle and raw Table drivers and the IPSets driver, all inside
 a "node" network namespace:
 
-    client ns  203.0.113.2 ── fxe<tok> (the host endpoint, 203.0.113.1) ── node ns ── cali<tok> ── pod ns 10.66.0.2
-                                                          nat PREROUTING: tcp/30080 → 10.66.0.2:80 (a NodePort, as kube-proxy would)
+    client ns 203.0.113.2 ── fxe<tok> (host endpoint, 203.0.113.1) ── node ns ── cali<tok> ── pod ns 10.66.0.2
+                                       nat PREROUTING: tcp/30080 → 10.66.0.2:80 (a NodePort, as kube-proxy would)
 
 TCP probes count an answer (connected or refused) as "reached" and a timeout as "dropped".
 """
@@ -82,7 +82,8 @@ class Node:
         self.calc = PolicyCalc(NODE)
         self.dispatcher = Dispatcher(self.calc)
         self.ipsets = IPSets(runner=run)
-        self.tables = {t: Table(t, backend="nft", runner=run) for t in ("filter", "mangle", "raw")}  # type: ignore[arg-type]
+        self.tables = {t: Table(t, backend="nft", runner=run)  # type: ignore[arg-type]
+                       for t in ("filter", "mangle", "raw")}
         self.manager = PolicyManager(self.tables["filter"], self.ipsets, mangle_table=self.tables["mangle"],
                                      raw_table=self.tables["raw"])
 

@@ -585,3 +585,45 @@ def test_encapsulated_traffic_between_nodes_is_allowed_before_host_endpoint_poli
     assert [r.comment for r in state.chains["cali-INPUT"].rules[:1]] == ["Allow IPIP packets from Calico hosts"]
     feed(calc, pool("p", ipip="Always", disabled=True))
     assert render.ALL_HOSTS_SET not in calc.filter_state().ipsets
+
+
+def test_agent_programs_host_endpoint_policy_into_mangle_and_raw() -> None:
+    import threading
+
+    from felixpy.datastore.memory import MemoryDatastore
+    from felixpy.node.agent import Agent
+
+    store = MemoryDatastore()
+    pre_dnat = gnp("pre", {"selector": "role == 'node'", "preDNAT": True, "applyOnForward": True,
+                           "ingress": [{"action": "Deny", "protocol": "TCP", "destination": {"ports": [30080]}}]})
+    untracked = gnp("dnt", {"selector": "role == 'node'", "doNotTrack": True, "applyOnForward": True,
+                            "ingress": [{"action": "Allow", "protocol": "UDP", "destination": {"ports": [53]}}]})
+    for u in (*small_world(), pre_dnat, untracked):
+        store.create(u.key, u.value)
+    dp = FakeDataplane()
+    agent = Agent(store=store, node_name=NODE, networking_backend="none", route_refresh_interval=0,
+                  iptables_refresh_interval=0, **dp.drivers())
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+
+    def wait_for(predicate: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert predicate()
+
+    try:
+        wait_for(lambda: agent.status.applies >= 1)
+        # Static chains and jumps in all three tables; no host endpoint yet, so no policy chains.
+        assert {"cali-PREROUTING", "cali-POSTROUTING"} <= set(dp.chains("mangle"))
+        assert {"cali-PREROUTING", "cali-OUTPUT"} <= set(dp.chains("raw"))
+        assert not any(n.startswith("cali-pi-") for t in ("filter", "mangle", "raw") for n in dp.chains(t))
+        node_hep = hep("n1-eth0", "eth0", {"role": "node"})
+        store.create(node_hep.key, node_hep.value)
+        wait_for(lambda: "cali-pi-pre" in dp.chains("mangle") and "cali-pi-dnt" in dp.chains("raw"))
+        assert "cali-pi-pre" not in dp.chains("filter") and "cali-fh-eth0" in dp.chains("filter")
+        store.delete(node_hep.key)
+        wait_for(lambda: "cali-pi-pre" not in dp.chains("mangle") and "cali-fh-eth0" not in dp.chains("raw"))
+    finally:
+        agent.stop()
+        thread.join(5)
