@@ -670,6 +670,12 @@ _FORWARD_DEFAULT = (
 ChainType = Literal["normal", "forward", "untracked", "pre-dnat"]
 
 
+@functools.lru_cache(maxsize=16384)
+def _policy_jump(chain: str) -> Rule:
+    """The jump to a policy chain while the pass mark is clear (one shared value per policy)."""
+    return Rule(_mark_clear(PASS_MARK), chain)
+
+
 @functools.lru_cache(maxsize=256)
 def _tier_rules(tier: str) -> tuple[Rule, Rule]:
     start = Rule("", _clear_mark(PASS_MARK), f"Start of tier {tier}")
@@ -702,9 +708,16 @@ def _endpoint_chain(
     rules.append(_CLEAR_MARKS)
     rendered_tiers = 0
     for tier in tiers:
-        jumps: list[Rule] = []
+        ids = tier.ingress if direction == "Ingress" else tier.egress
+        if not ids:
+            continue
+        mark = len(rules)
+        if rendered_tiers:
+            # Felix clears the pass mark at the start of every tier; the first tier's clear is
+            # the one just above.
+            rules.append(_tier_rules(tier.name)[0])
         applying = 0
-        for policy_id in tier.ids(direction):
+        for policy_id in ids:
             policy = policies.get(policy_id)
             if policy is None:
                 # Fail closed: count it (so the end-of-tier DROP stays) but do not jump to a
@@ -715,20 +728,16 @@ def _endpoint_chain(
             if direction not in policy.types:
                 continue
             applying += 1
-            jumps.append(Rule(_mark_clear(PASS_MARK), policy_chain_name(policy.id, direction)))
+            rules.append(_policy_jump(policy_chain_name(policy.id, direction)))
             if chain_type == "untracked":
-                jumps.append(_NOTRACK)
-            jumps.append(_POLICY_ACCEPTED)
+                rules.append(_NOTRACK)
+            rules.append(_POLICY_ACCEPTED)
         if not applying:
-            continue  # Felix skips a tier with no policy for this direction
-        start, end = _tier_rules(tier.name)
-        if rendered_tiers:
-            # The first tier's pass mark was cleared just above; Felix clears it again.
-            rules.append(start)
+            del rules[mark:]  # Felix skips a tier with no policy for this direction
+            continue
         rendered_tiers += 1
-        rules.extend(jumps)
         if chain_type in ("normal", "forward") and tier.default_action != "Pass":
-            rules.append(end)
+            rules.append(_tier_rules(tier.name)[1])
     if chain_type == "forward" and not rendered_tiers:
         rules.extend(_FORWARD_DEFAULT)
     if chain_type == "normal":
