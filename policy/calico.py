@@ -35,7 +35,6 @@ from typing import Any, Mapping
 
 from policy import selectors
 from policy.model import (
-    ALL_INTERFACES,
     DEFAULT_TIER,
     DEFAULT_TIER_ORDER,
     ContainerPort,
