@@ -114,6 +114,7 @@ class PolicyCalc:
         self._ns_members: dict[str, set[str]] = {}  # namespace -> member keys
         self._sa_members: dict[tuple[str, str], set[str]] = {}  # (namespace, account) -> workload keys
         self._profile_heps: dict[str, set[str]] = {}  # profile -> host endpoint keys listing it
+        self._local_heps: dict[str, dict[str, str]] = {}  # interface -> this node's host endpoints (key -> name)
         self._profiles: dict[str, Profile] = {calico.DEFAULT_ALLOW_PROFILE: calico.DEFAULT_ALLOW}
         self._ns_labels: dict[str, dict[str, str]] = {}  # from the kns.<ns> profiles
         self._sa_labels: dict[tuple[str, str], dict[str, str]] = {}  # from the ksa.<ns>.<sa> profiles
@@ -219,7 +220,21 @@ class PolicyCalc:
             hep = update.value
             member = self._joined(_Member(update.key, Kind.HOST_ENDPOINT, hep.endpoint, hep.endpoint,
                                           hep.iface, hep.node))
+        # One host endpoint per interface is in force (the first by name, as Felix resolves
+        # them); the others are not policed and reference nothing, until they win.
+        old = self._members.get(update.key)
+        touched = set()
+        if old is not None and old.node == self.node_name:
+            self._local_heps.get(old.iface, {}).pop(update.key, None)
+            touched.add(old.iface)
+        if member is not None and member.node == self.node_name:
+            self._local_heps.setdefault(member.iface, {})[update.key] = member.raw.name
+            touched.add(member.iface)
         self._set_member(update.key, member)
+        for iface in sorted(touched):
+            for key in sorted(self._local_heps.get(iface, {})):
+                if key != update.key and self._is_local(self._members[key]) != (key in self._matches):
+                    self._set_member(key, self._members[key])
         self.dirty = True
 
     def _joined(self, member: _Member) -> _Member:
@@ -306,8 +321,13 @@ class PolicyCalc:
 
     # -- index maintenance -----------------------------------------------------------------
     def _is_local(self, member: _Member | None) -> bool:
-        return (member is not None and member.node == self.node_name
-                and member.kind in (Kind.WORKLOAD_ENDPOINT, Kind.HOST_ENDPOINT))
+        """A workload of this node, or the host endpoint of this node in force on its interface."""
+        if member is None or member.node != self.node_name:
+            return False
+        if member.kind is Kind.HOST_ENDPOINT:
+            on_iface = self._local_heps.get(member.iface, {})
+            return bool(on_iface) and min(on_iface.items(), key=lambda item: (item[1], item[0]))[0] == member.key
+        return member.kind is Kind.WORKLOAD_ENDPOINT
 
     def _wanted(self, policy: Policy, member: _Member) -> bool:
         """Does this policy apply to this local endpoint in some chain of it?"""
@@ -560,12 +580,7 @@ class PolicyCalc:
         """Local host endpoint key -> its chains' policies, for the host endpoints in force: one
         per interface (the first by name, Felix's rule) and at most one for "*"."""
         self._flush()
-        by_iface: dict[str, tuple[str, str]] = {}
-        for key, hc in self._host_chains.items():
-            name = self._members[key].raw.name
-            if hc.iface not in by_iface or name < by_iface[hc.iface][0]:
-                by_iface[hc.iface] = (name, key)
-        return {key: self._host_chains[key] for _, key in sorted(by_iface.values())}
+        return {key: self._host_chains[key] for key in sorted(self._host_chains)}
 
     def active_policies(self) -> dict[str, Policy]:
         self._flush()

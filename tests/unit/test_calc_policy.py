@@ -410,7 +410,7 @@ def _random_universe(rng: random.Random) -> list[KVUpdate]:
     for i, labels in enumerate(({"app": "web"}, {"tier": "edge"}, {})):
         choices.append(netset(f"ns{i}", [f"198.51.100.{16 * i}/28"], labels, ns="abc"[i]))
         choices.append(netset(f"gns{i}", [f"203.0.113.{16 * i}/28"], labels))
-        choices.append(hep(f"h{i}", ("eth0", "eth1", "*")[i], labels, node=NODE if i < 2 else rng.choice([NODE, "n2"]),
+        choices.append(hep(f"h{i}", ("eth0", "eth0", "*")[i], labels, node=NODE if i < 2 else rng.choice([NODE, "n2"]),
                            ips=[f"192.0.2.{i + 1}"], profiles=rng.choice([[], ["kns.a"]])))
     return choices
 
