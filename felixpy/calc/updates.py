@@ -13,7 +13,9 @@ CIDR does not parse, a node whose spec.bgp.ipv4Address does not, a workload endp
 spec.node or with an address or port policy cannot read. BGPConfiguration and BGPPeer values are
 handed on as stored: the BGP controller interprets them as a set and refuses a bad one by
 keeping its previous configuration and reporting the error (`felixctl node status`), which is
-what an operator needs there, rather than silently peering without it.
+what an operator needs there, rather than silently peering without it. FelixConfiguration and
+ClusterInformation are handed on as stored too: the agent's config watch (node/config_watch.py)
+parses each parameter the way startup did, so both read one value the same way.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Kind(StrEnum):
     NETWORK_SET = "NetworkSet"
     GLOBAL_NETWORK_SET = "GlobalNetworkSet"
     HOST_ENDPOINT = "HostEndpoint"
+    FELIX_CONFIGURATION = "FelixConfiguration"
+    CLUSTER_INFORMATION = "ClusterInformation"
 
 
 _RESOURCE_KINDS = {
@@ -68,6 +72,8 @@ _RESOURCE_KINDS = {
     "networksets": Kind.NETWORK_SET,
     "globalnetworksets": Kind.GLOBAL_NETWORK_SET,
     "hostendpoints": Kind.HOST_ENDPOINT,
+    "felixconfigurations": Kind.FELIX_CONFIGURATION,
+    "clusterinformations": Kind.CLUSTER_INFORMATION,
 }
 
 V = TypeVar("V")
@@ -339,6 +345,8 @@ _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.NETWORK_SET: _network_set(Kind.NETWORK_SET),
     Kind.GLOBAL_NETWORK_SET: _network_set(Kind.GLOBAL_NETWORK_SET),
     Kind.HOST_ENDPOINT: _host_endpoint,
+    Kind.FELIX_CONFIGURATION: _as_stored(Kind.FELIX_CONFIGURATION),
+    Kind.CLUSTER_INFORMATION: _as_stored(Kind.CLUSTER_INFORMATION),
 }
 
 

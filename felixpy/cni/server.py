@@ -7,7 +7,8 @@ route, so a pod has connectivity when kubelet starts its containers.
 
 Failure: anything that fails after IPAM releases what ADD allocated and removes the veth, so a
 failed ADD leaves nothing behind. DEL is idempotent and releases by handle even when the pod's
-network namespace is already gone.
+network namespace is already gone. While a migration holds the datastore locked (ClusterInformation
+datastoreReady=false) ADD and DEL are refused with Calico's "not ready" error, before any change.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ from felixpy.datastore.api import Conflict, Datastore, DatastoreError, NotFound
 from felixpy.datastore.cas import TooManyConflicts, read_modify_write
 from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.errors import IPAMError
+from felixpy.ipam.lock import DatastoreLockedError
 from felixpy.kernel import veth
 
 log = logging.getLogger(__name__)
 
 PROGRAMMED_TIMEOUT = 10.0
+NOT_READY = "Calico is currently not ready to process requests"  # Calico's plugin, word for word
 CAS_RETRIES = 10
 
 
@@ -135,12 +138,17 @@ class CNIHandler:
         ready: Callable[[], tuple[bool, str]],
         iface_prefix: str = names.WORKLOAD_IFACE_PREFIX,
         observe: Callable[[str, float], None] | None = None,
+        datastore_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self._observe = observe  # (CNI command, seconds) for every request, e.g. a metrics histogram
         self.node_name = node_name
         self.mtu = mtu
-        self.ipam = IPAM(store)
+        # The migration lock (ClusterInformation datastoreReady=false), as the agent's config
+        # watch last saw it: ADD and DEL are refused as Calico's plugin refuses them, and the
+        # IPAM writes of anything else stop at IPAM's write boundary (ipam/lock.py).
+        self._datastore_ready = datastore_ready
+        self.ipam = IPAM(store, write_guard=self._check_unlocked)
         self._node_labels = node_labels
         self._wait_programmed = wait_programmed
         self._ready = ready
@@ -164,6 +172,9 @@ class CNIHandler:
         except CNIError as err:
             log.warning("cni request failed code=%d msg=%s details=%s", err.code, err.msg, err.details)
             return {"error": {"code": err.code, "msg": err.msg, "details": err.details}}
+        except DatastoreLockedError as err:
+            log.warning("cni request refused: %s", err)
+            return {"error": {"code": TRY_AGAIN_LATER, "msg": NOT_READY, "details": str(err)}}
         except IPAMError as err:
             log.warning("cni ipam failed: %s", err)
             return {"error": {"code": IO_FAILURE, "msg": "IPAM failed", "details": str(err)}}
@@ -175,8 +186,13 @@ class CNIHandler:
                 command = (raw.get("env") or {}).get("CNI_COMMAND", "") if isinstance(raw, dict) else ""
                 self._observe(str(command) or "unknown", time.monotonic() - started)
 
+    def _check_unlocked(self) -> None:
+        if not self._datastore_ready():
+            raise DatastoreLockedError()
+
     # -- ADD -------------------------------------------------------------------------------
     def add(self, req: Request) -> dict[str, Any]:
+        self._check_unlocked()  # before anything is plumbed, as Calico's cmdAdd checks first
         host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
         mtu = req.config.get("mtu") or self.mtu
         with self._ipam_lock:
@@ -266,6 +282,7 @@ class CNIHandler:
 
     # -- DEL -------------------------------------------------------------------------------
     def delete(self, req: Request) -> dict[str, Any]:
+        self._check_unlocked()  # Calico's cmdDel refuses too: kubelet retries the DEL later
         with self._ipam_lock:
             released = self.ipam.release_by_handle(req.handle)
             if req.namespace and req.pod:  # Calico's legacy workload-ID handle
@@ -328,6 +345,8 @@ class CNIHandler:
         ok, why = self._ready()
         if not ok:
             raise CNIError(NOT_AVAILABLE, "felixpy agent is not ready", why)
+        if not self._datastore_ready():
+            raise CNIError(NOT_AVAILABLE, NOT_READY, str(DatastoreLockedError()))
         return {}
 
     def gc(self, req: Request) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from felixpy.ipam.errors import (
     StrictAffinityError,
 )
 from felixpy.ipam.handles import Handles
+from felixpy.ipam.lock import GuardedStore
 from felixpy.ipam.pools import Pool, block_of, list_pools, resolve_pools
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,11 @@ class IPAM:
         clock: Callable[[], float] = time.time,
         cache_ttl: float = 1.0,
         pipeline_handle_writes: bool = True,
+        write_guard: Callable[[], None] | None = None,
     ) -> None:
+        if write_guard is not None:
+            # The migration lock (ipam/lock.py): every IPAM write below goes through this store.
+            store = GuardedStore(store, write_guard)
         self._store = store
         self._retries = retries
         self._rng = rng or random.Random()

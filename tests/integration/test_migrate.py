@@ -82,7 +82,7 @@ def populate(store: Any) -> None:
                   "orchRefs": [{"nodeName": "n1", "orchestrator": "k8s"}]}},
         {"kind": "BGPConfiguration", "metadata": {"name": "default"},
          "spec": {"nodeToNodeMeshEnabled": False, "asNumber": 64512}},
-        {"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "Debug"}},
+        {"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "Info"}},
         {"kind": "IPAMConfiguration", "metadata": {"name": "default"},
          "spec": {"strictAffinity": True, "maxBlocksPerHost": 7}},
     ]

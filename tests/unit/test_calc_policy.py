@@ -627,3 +627,13 @@ def test_agent_programs_host_endpoint_policy_into_mangle_and_raw() -> None:
     finally:
         agent.stop()
         thread.join(5)
+
+
+def test_host_endpoint_named_ports_are_named_port_set_members() -> None:
+    node_hep = hep("n2-eth0", "eth0", {"role": "node"}, node="n2", ips=["192.0.2.12"])
+    node_hep.value["spec"]["ports"] = [{"name": "admin", "protocol": "TCP", "port": 2222}]
+    to_admin = gnp("to-admin", {"selector": "app == 'web'", "types": ["Egress"], "egress": [
+        {"action": "Allow", "protocol": "TCP", "destination": {"selector": "role == 'node'", "ports": ["admin"]}}]})
+    calc = feed(PolicyCalc(NODE), *small_world(), node_hep, to_admin)
+    named = [s.members for s in calc.ipsets().values() if s.type == "hash:ip,port"]
+    assert named == [frozenset({"192.0.2.12,tcp:2222"})]
