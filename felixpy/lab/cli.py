@@ -355,12 +355,19 @@ def cmd_sa_add(args: argparse.Namespace) -> int:
     (the account's labels, as pcsa.<key>, for policy's service account selectors)."""
     ref = topology.parse_pod_ref(args.account)
     labels = topology.parse_labels(args.labels)
-    st = state.load(args.name)
-    store = pods.open_datastore(st.name)
-    try:
-        pods.write_profile_value(store, pods.profile_for_service_account(ref.namespace, ref.name, labels))
-    finally:
-        store.close()
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if _ensure_namespace(st, ref.namespace, None):
+            say(f"namespace {ref.namespace} created")
+    if st.datastore == "kubernetes":
+        # The ServiceAccount itself: the Kubernetes datastore serves it as the ksa profile.
+        kube.ensure_service_account(pods.kube_api(st.name), ref.namespace, ref.name, labels)
+    else:
+        store = pods.open_datastore(st.name)
+        try:
+            pods.write_profile_value(store, pods.profile_for_service_account(ref.namespace, ref.name, labels))
+        finally:
+            store.close()
     say(f"service account {ref} written")
     return 0
 
