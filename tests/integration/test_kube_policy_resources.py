@@ -19,6 +19,7 @@ from felixpy.datastore import keys
 from felixpy.datastore.api import DatastoreError
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.model import resources
+from tests.integration.test_kube_calico_crds import calico  # noqa: F401  (the fixture: Calico's own CRDs)
 from tests.support.kube_cluster import KubeCluster
 
 NS = "fxt-pol"
@@ -34,36 +35,43 @@ def plain(value: Any) -> Any:
     return value
 
 
-def calico(kind: str, name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+def v3(kind: str, name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
     return resources.validate({"apiVersion": "projectcalico.org/v3", "kind": kind,
                                "metadata": {"name": name, **meta}, "spec": spec})
 
 
-def test_policy_resources_round_trip_and_service_accounts_are_profiles(kube: KubeCluster) -> None:
-    store = kube.store()
-    kube.namespace(NS, {"team": "a"})
-    values = [
-        calico("Tier", "security", {"order": 100, "defaultAction": "Pass"}),
-        calico("NetworkSet", "partners", {"nets": ["198.51.100.0/24"]}, namespace=NS, labels={"kind": "partner"}),
-        calico("GlobalNetworkSet", "blocklist", {"nets": ["203.0.113.0/24", "192.0.2.7"]}, labels={"kind": "bad"}),
-        calico("HostEndpoint", "n1-eth0", {"node": NODE, "interfaceName": "eth0", "expectedIPs": ["192.0.2.11"],
+def policy_values() -> list[dict[str, Any]]:
+    return [
+        v3("Tier", "security", {"order": 100, "defaultAction": "Pass"}),
+        v3("NetworkSet", "partners", {"nets": ["198.51.100.0/24"]}, namespace=NS, labels={"kind": "partner"}),
+        v3("GlobalNetworkSet", "blocklist", {"nets": ["203.0.113.0/24", "192.0.2.7"]}, labels={"kind": "bad"}),
+        v3("HostEndpoint", "n1-eth0", {"node": NODE, "interfaceName": "eth0", "expectedIPs": ["192.0.2.11"],
                                            "profiles": ["projectcalico-default-allow"],
                                            "ports": [{"name": "ssh", "protocol": "TCP", "port": 22}]},
                labels={"host": "n1"}),
-        calico("GlobalNetworkPolicy", "frontends", {
+        v3("GlobalNetworkPolicy", "frontends", {
             "tier": "security", "order": 1, "serviceAccountSelector": "role == 'frontend'",
             "ingress": [{"action": "Allow", "source": {"serviceAccounts": {"names": ["api"],
                                                                            "selector": "team == 'x'"}}},
                         {"action": "Pass"}]}),
-        calico("GlobalNetworkPolicy", "no-node-port", {
+        v3("GlobalNetworkPolicy", "no-node-port", {
             "selector": "host == 'n1'", "preDNAT": True, "applyOnForward": True,
             "ingress": [{"action": "Deny", "protocol": "TCP", "destination": {"ports": [30080]}}]}),
     ]
+
+
+def round_trip(store: Any, values: list[dict[str, Any]]) -> None:
     for value in values:
         meta = value["metadata"]
         key = resources.storage_key(value["kind"], meta["name"], meta.get("namespace"))
         assert plain(store.create(key, value).value) == value, value["kind"]
         assert plain(store.get(key).value) == value, value["kind"]
+
+
+def test_policy_resources_round_trip_and_service_accounts_are_profiles(kube: KubeCluster) -> None:
+    store = kube.store()
+    kube.namespace(NS, {"team": "a"})
+    round_trip(store, policy_values())
 
     # ServiceAccounts are the ksa.<ns>.<sa> profiles, with their labels as pcsa.<key>.
     kube.request("POST", f"/api/v1/namespaces/{NS}/serviceaccounts", {
@@ -91,3 +99,9 @@ def test_policy_resources_round_trip_and_service_accounts_are_profiles(kube: Kub
     (host,) = calc.host_endpoint_chains().values()
     assert [t.ingress for t in host.pre_dnat] == [("no-node-port",)] and host.profiles == (
         "projectcalico-default-allow",)
+
+
+def test_policy_resources_round_trip_on_calicos_own_crds(calico: KubeCluster) -> None:  # noqa: F811
+    """The takeover path: what felixpy writes survives the fully typed schemas Calico ships."""
+    calico.namespace(NS)
+    round_trip(calico.store(), policy_values())
