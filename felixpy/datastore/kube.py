@@ -175,8 +175,8 @@ class _Http:
         self._pool = urllib3.PoolManager(**kwargs)
         # A write that was sent is never re-sent (read=0): it must not be applied twice. Reads may
         # be retried once, e.g. on a pooled keep-alive connection the server closed meanwhile.
-        # Retry-After (429 while a watch cache initialises) is handled by request()/stream() within
-        # their deadline; left to urllib3 with status=0 it would raise MaxRetryError at once.
+        # urllib3 would answer a 429 carrying Retry-After with MaxRetryError (status=0): the status
+        # is ours to read, and request()/stream() honour Retry-After themselves.
         self._retries = urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0,
                                       respect_retry_after_header=False)
         self._read_retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0,

@@ -328,22 +328,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- namespaces, pods, labels -------------------------------------------------------------------
 
-def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None) -> bool:
-    """Record the namespace and write its profile; True when it was new."""
+def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None,
+                      annotations: dict[str, str] | None = None) -> bool:
+    """Record the namespace and write its profile; True when it was new. annotations, when
+    given, replace the namespace's (None keeps them)."""
     new = namespace not in st.namespaces
     if labels is None:
         if not new:
             return False
         labels = {}
     st.namespaces[namespace] = pods.namespace_labels(namespace, labels)
+    if annotations is not None:
+        st.namespace_annotations[namespace] = dict(annotations)
     if st.datastore == "kubernetes":
         # A real Namespace: its Profile kns.<ns> is derived from it by the datastore.
-        kube.ensure_namespace(pods.kube_api(st.name), namespace, st.namespaces[namespace])
+        kube.ensure_namespace(pods.kube_api(st.name), namespace, st.namespaces[namespace],
+                              st.namespace_annotations.get(namespace))
         state.save(st)
         return new
     store = pods.open_datastore(st.name)
     try:
-        pods.write_profile(store, namespace, st.namespaces[namespace])
+        pods.write_profile(store, namespace, st.namespaces[namespace], st.namespace_annotations.get(namespace))
     finally:
         store.close()
     state.save(st)
@@ -375,9 +380,10 @@ def cmd_sa_add(args: argparse.Namespace) -> int:
 def cmd_ns_add(args: argparse.Namespace) -> int:
     namespace = topology.check_k8s_name("namespace", args.namespace)
     labels = topology.parse_labels(args.labels)
+    annotations = topology.parse_annotations(args.annotations) if args.annotations is not None else None
     with state.locked(args.name):
         st = state.load(args.name)
-        new = _ensure_namespace(st, namespace, labels)
+        new = _ensure_namespace(st, namespace, labels, annotations)
     say(f"namespace {namespace} {'created' if new else 'updated'}: {_labels_text(st.namespaces[namespace])}")
     return 0
 
@@ -385,6 +391,7 @@ def cmd_ns_add(args: argparse.Namespace) -> int:
 def cmd_pod_add(args: argparse.Namespace) -> int:
     ref = topology.parse_pod_ref(args.pod)
     labels = topology.parse_labels(args.labels)
+    annotations = topology.parse_annotations(args.annotations)
     served = topology.parse_serve(args.serve)
     with state.locked(args.name):
         st = state.load(args.name)
@@ -398,7 +405,7 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
         account = topology.check_k8s_name("service account", args.service_account) if args.service_account else ""
         pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
                        netns=topology.pod_netns(st.name, ref.namespace, ref.name),
-                       container_id=secrets.token_hex(32), labels=labels,
+                       container_id=secrets.token_hex(32), labels=labels, annotations=annotations,
                        serve=[f"{p.name}={p.spec()}" for p in served], service_account=account)
         if pod.netns in procs.netns_list():
             raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
@@ -766,8 +773,13 @@ def cmd_apiserver(args: argparse.Namespace) -> int:
             if procs.alive(pid) and pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"kube-apiserver already running (pid {pid})")
             cp = pods.kube_api(st.name)
+            cp.pids.update(st.kube_pids)
             try:
                 cp.start_apiserver()
+                # The controller-manager exits when the API server goes away while it is still
+                # starting its controllers; a kubelet would restart it: so does the lab.
+                for part in cp.ensure_running():
+                    say(f"{part} was not running: started")
             except kube.ControlPlaneError as e:
                 raise LabExit(1, str(e)) from None
             finally:
@@ -814,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ns_add)
     p.add_argument("namespace")
     p.add_argument("--labels", default="")
+    p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
+                   help="a namespace annotation, e.g. cni.projectcalico.org/ipv4pools='[\"pool\"]' (repeatable)")
 
     sa = add("sa", lambda a: 0, "service accounts")
     sa_sub = sa.add_subparsers(dest="sa_command", metavar="add", required=True)
@@ -829,6 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pod", metavar="NS/POD")
     p.add_argument("--node", required=True)
     p.add_argument("--labels", default="")
+    p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
+                   help="a pod annotation, e.g. cni.projectcalico.org/ipAddrs='[\"10.244.1.7\"]' (repeatable)")
     p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
     p.add_argument("--service-account", default="", metavar="SA",
                    help="the pod's serviceAccountName (its labels: `sa add`)")

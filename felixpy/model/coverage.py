@@ -191,11 +191,14 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.disableBGPExport": Honoured(
             "tests/unit/test_bgp_controller.py::test_announcements_blocks_borrowed_and_disable_bgp_export"),
         "spec.nodeSelector": Honoured("tests/unit/test_ipam_allocator.py::test_node_selector_chooses_pools"),
-        "spec.namespaceSelector": Refused("choosing pools by the pod's namespace"),
-        "spec.allowedUses": HonouredIf(
-            "tests/unit/test_tunnels_startup.py::test_vxlan_address_and_mac_are_allocated_once_and_kept",
-            _default_uses, "[Workload, Tunnel]", ["Tunnel", "Workload"], ["LoadBalancer"]),
+        "spec.namespaceSelector": Honoured(
+            "tests/unit/test_ipam_fields.py::test_namespace_selector_and_node_selector_must_both_match"),
+        "spec.allowedUses": Honoured("tests/unit/test_ipam_fields.py::test_uses_pick_the_pool_for_pods_and_tunnels"),
         "spec.assignmentMode": Honoured("tests/unit/test_ipam_allocator.py::test_manual_pools_only_serve_explicit_requests"),
+    },
+    "IPReservation": {
+        "spec.reservedCIDRs": Honoured(
+            "tests/unit/test_ipam_fields.py::test_auto_assign_never_hands_out_reserved_addresses"),
     },
     "IPAMConfiguration": {
         "spec.strictAffinity": Honoured("tests/unit/test_ipam_allocator.py::test_strict_affinity_never_borrows"),

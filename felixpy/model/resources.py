@@ -51,6 +51,12 @@ KINDS: dict[str, Kind] = {
     for k in (
         Kind("IPPool", "ippools", False, ("ippool", "ippools", "ipp", "ipps", "pool", "pools")),
         Kind(
+            "IPReservation",
+            "ipreservations",
+            False,
+            ("ipreservation", "ipreservations", "reservation", "reservations"),
+        ),
+        Kind(
             "IPAMConfiguration",
             "ipamconfigurations",
             False,
@@ -385,6 +391,13 @@ _IPPOOL = s.obj(
 )
 
 
+# -- IPReservation -----------------------------------------------------------------------------------
+
+# Addresses automatic assignment never hands out (felixpy/ipam/reservations.py). Calico accepts
+# single addresses and CIDRs of either family; a CIDR with host bits set names the network it is in.
+_IP_RESERVATION = s.obj({"reservedCIDRs": s.list_of(s.cidr(strict=False, allow_ip=True))})
+
+
 # -- IPAMConfiguration ------------------------------------------------------------------------------
 
 
@@ -701,6 +714,7 @@ _CLUSTER_INFORMATION = s.obj(
 
 _SPECS: dict[str, s.Checker] = {
     "IPPool": _IPPOOL,
+    "IPReservation": _IP_RESERVATION,
     "IPAMConfiguration": _IPAM_CONFIG,
     "Node": _NODE,
     "BGPConfiguration": _BGP_CONFIGURATION,

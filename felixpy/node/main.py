@@ -271,7 +271,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     )
     probe = add_agent_checks(checks, agent.status, store=store) if checks is not None else None
     if checks is not None and bgp is not None:
-        from felixpy.node.bgp import bgp_readiness, read_status
+        from felixpy.node.bgp import bgp_readiness
 
         started = time.monotonic()
         status_path = bgp.paths.status
@@ -293,6 +293,9 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
             return False, f"last dataplane apply failed: {agent.status.last_apply_error}"
         return True, ""
 
+    from felixpy.cni.ipam_request import kube_pod_annotations
+    from felixpy.node.k8s_node import kube_api_configured, open_kube_http
+
     handler = CNIHandler(
         store=store,
         node_name=result.node_name,
@@ -303,6 +306,10 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         iface_prefix=config.felix.interface_prefixes[0],
         observe=metrics.observe_cni,
         datastore_ready=lambda: watch.datastore_ready,
+        # Pod annotations (ipAddrs, ipv4pools) come from the Kubernetes API when there is one,
+        # unless the container runtime passes them with the request.
+        pod_annotations=(kube_pod_annotations(lambda: open_kube_http(os.environ))
+                         if kube_api_configured(os.environ) else None),
     )
     server = CNIServer(config.agent.cni_socket, handler)
     # Like calico-node: once the first dataplane apply is done (with BGP, only after the sidecar's

@@ -57,7 +57,7 @@ from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreE
 from felixpy.kernel import addresses
 from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.errors import IPAMError
-from felixpy.ipam.pools import selector_matches
+from felixpy.ipam.pools import USE_TUNNEL, selector_matches
 from felixpy.kernel.addresses import AutodetectError, Interface, IPInterface
 from felixpy.model import resources
 
@@ -665,7 +665,7 @@ def _tunnel_address(ipam: IPAM, node_name: str, tunnel: _Tunnel, current: str | 
         ipam.release_by_handle(handle)  # its pool is gone or no longer encapsulated
     try:
         ip = ipam.auto_assign(num=1, handle=handle, attrs={"type": tunnel.attr_type, "node": node_name},
-                              node=node_name, pools=[name for name, _ in pools])[0]
+                              node=node_name, pools=[name for name, _ in pools], use=USE_TUNNEL)[0]
     except IPAMError as exc:
         raise StartupError(f"cannot allocate the {tunnel.kind} tunnel address: {exc}") from exc
     log.info("allocated tunnel address kind=%s handle=%s ip=%s", tunnel.kind, handle, ip)
@@ -681,7 +681,7 @@ def _encap_pools(store: Datastore, mode_field: str, labels: dict[str, str]) -> l
             continue
         if spec.get(mode_field, "Never") == "Never":
             continue
-        if "Tunnel" not in (spec.get("allowedUses") or ["Workload", "Tunnel"]):
+        if USE_TUNNEL not in (spec.get("allowedUses") or ["Workload", "Tunnel"]):
             continue
         if not selector_matches(str(spec.get("nodeSelector") or ""), labels):
             continue

@@ -50,6 +50,7 @@ def rejects(obj: dict[str, Any], message: str) -> str:
 def test_kind_table() -> None:
     assert {k: (v.plural, v.namespaced) for k, v in KINDS.items()} == {
         "IPPool": ("ippools", False),
+        "IPReservation": ("ipreservations", False),
         "IPAMConfiguration": ("ipamconfigurations", False),
         "Node": ("nodes", False),
         "BGPConfiguration": ("bgpconfigurations", False),
