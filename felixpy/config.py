@@ -104,7 +104,9 @@ _VARS: list[Variable] = [
     Variable("IP6", "Node", "unset", 'expected "", autodetect, none, an IPv6 address or an IPv6 CIDR',
              "Node IPv6 address, stored as a CIDR in `Node.spec.bgp.ipv6Address`. As `IP`, except that "
              "unset never autodetects (it keeps the Node's address, or none): only `autodetect` does. "
-             "With an IPv6 address the node routes its IPv6 pools' blocks and peers over IPv6 (BGP)."),
+             "Other nodes route to this node's IPv6 blocks over it (vxlan backend: unencapsulated or "
+             "vxlan-v6.calico). With the bird backend an address or `autodetect` is refused: felixpy "
+             "does not do BGP over IPv6 yet."),
     Variable("IP6_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
              "How the IPv6 address is detected when `IP6=autodetect` (global unicast addresses only)."),
     Variable("AS", "Node", "unset (keep the Node's value, else the global AS)",
@@ -716,6 +718,12 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         backend = "bird" if backend == "bgp" else backend
     as_value = _set(env, "AS")
     check_value = _set(env, "DISABLE_NODE_IP_CHECK")
+    ip6 = parse_address_setting("IP6", env.get("IP6", ""), 6)
+    if backend == "bird" and ip6.mode in ("autodetect", "explicit"):
+        # Remote IPv6 blocks would need BGP over IPv6, which the ExaBGP sidecar does not speak
+        # yet: refused rather than accepted with IPv6 pods unreachable from other nodes.
+        raise ConfigError("IP6", f"IP6={json.dumps(env.get('IP6', ''))}: IPv6 routing over BGP is not supported "
+                                 "yet; use CALICO_NETWORKING_BACKEND=vxlan for IPv6 (or leave IP6 unset)")
     return NodeConfig(
         name=name.strip() if name else None,
         nodename_file=(
@@ -725,7 +733,7 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         ip=parse_address_setting("IP", env.get("IP", ""), 4),
         ip_autodetection_method=parse_autodetection_method(
             "IP_AUTODETECTION_METHOD", env.get("IP_AUTODETECTION_METHOD", "")),
-        ip6=parse_address_setting("IP6", env.get("IP6", ""), 6),
+        ip6=ip6,
         ip6_autodetection_method=parse_autodetection_method(
             "IP6_AUTODETECTION_METHOD", env.get("IP6_AUTODETECTION_METHOD", "")),
         as_number=parse_as_number("AS", as_value) if as_value else None,

@@ -90,6 +90,15 @@ class Request:
         return names.ipam_handle(self.container_id, self.network)
 
 
+def _host_interfaces(ips: Any) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """A pod's addresses as host routes' prefixes: /32 for IPv4, /128 for IPv6."""
+    out = []
+    for ip in ips:
+        addr = ipaddress.ip_address(str(ip).split("/")[0])
+        out.append(ipaddress.ip_interface(f"{addr}/{addr.max_prefixlen}"))
+    return out
+
+
 def parse_request(raw: dict[str, Any]) -> Request:
     env = raw.get("env") or {}
     config = raw.get("config")
@@ -216,7 +225,7 @@ class CNIHandler:
         try:
             plumbing = veth.setup_workload(
                 netns_path=req.netns, host_iface=host_iface, container_iface=req.ifname,
-                ips=[ipaddress.IPv4Interface(f"{ip}/32") for ip in ips], mtu=mtu)
+                ips=_host_interfaces(ips), mtu=mtu)
             kv = self._write_endpoint(req, host_iface, ips, plumbing.container_mac)
         except BaseException as err:
             self._undo_add(req, host_iface)
@@ -256,9 +265,20 @@ class CNIHandler:
             for ip in want.ips:
                 self.ipam.assign_ip(ip, handle=req.handle, attrs=attrs, node=self.node_name, use=USE_WORKLOAD)
             return list(want.ips)
-        return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
-                                     node_labels=self._node_labels(), pools=want.pools, use=USE_WORKLOAD,
-                                     namespace_labels=lambda: ns().labels)
+        # One address per family under one handle (Calico's AutoAssign with Num4 / Num6): if the
+        # second family fails, the first is released again.
+        ips: list[Any] = []
+        try:
+            for version in want.families:
+                ips += self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
+                                             node_labels=self._node_labels(), use=USE_WORKLOAD,
+                                             pools=want.pools if version == 4 else want.pools6,
+                                             namespace_labels=lambda: ns().labels, version=version)
+        except BaseException:
+            if ips:
+                self.ipam.release_by_handle(req.handle)
+            raise
+        return ips
 
     def _release_previous_sandbox(self, req: Request) -> None:
         """With ipAddrs, an endpoint left by an earlier sandbox of the same pod still holds the
@@ -308,7 +328,7 @@ class CNIHandler:
                     "pod": req.pod,
                     "endpoint": req.ifname,
                     "interfaceName": host_iface,
-                    "ipNetworks": [f"{ip}/32" for ip in ips],
+                    "ipNetworks": [str(iface) for iface in _host_interfaces(ips)],
                     "mac": mac,
                     "profiles": [f"kns.{req.namespace}"],
                     "ports": list((old.get("spec") or {}).get("ports") or []),
@@ -323,11 +343,16 @@ class CNIHandler:
     def _result(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> dict[str, Any]:
         old = req.version.startswith("0.3") or req.version.startswith("0.4")
         ip_entries = []
-        for ip in ips:
-            entry: dict[str, Any] = {"address": f"{ip}/32", "interface": 1}
+        ifaces = _host_interfaces(ips)
+        for iface in ifaces:
+            entry: dict[str, Any] = {"address": str(iface), "interface": 1}
             if old:
-                entry["version"] = "4"
+                entry["version"] = str(iface.version)
             ip_entries.append(entry)
+        families = {i.version for i in ifaces}
+        routes = [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}] if 4 in families else []
+        if 6 in families:
+            routes.append({"dst": "::/0", "gw": names.POD_GATEWAY_V6})
         return {
             "cniVersion": req.version,
             "interfaces": [
@@ -335,7 +360,7 @@ class CNIHandler:
                 {"name": req.ifname, "mac": mac, "sandbox": req.netns},
             ],
             "ips": ip_entries,
-            "routes": [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}],
+            "routes": routes,
             "dns": {},
         }
 
@@ -395,7 +420,7 @@ class CNIHandler:
         host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
         problems = veth.check_workload(netns_path=req.netns, host_iface=host_iface,
                                        container_iface=req.ifname,
-                                       ips=[ipaddress.IPv4Interface(f"{ip}/32") for ip in ips])
+                                       ips=_host_interfaces(ips))
         if problems:
             raise CNIError(IO_FAILURE, "pod network check failed", "; ".join(problems))
         return {}

@@ -5,6 +5,13 @@ proxy_arp=1 so it answers ARP for the pod's gateway 169.254.1.1 (configured nowh
 neighbour entry pod IP -> container MAC. Pod side `eth0`: the pod's /32 addresses, a link route to
 169.254.1.1 and a default route via it. The host /32 route to the pod is the route driver's job.
 
+IPv6 (a pod with an IPv6 address), as Calico's CNI plugin does it: the host side gets IPv6
+enabled, proxy_ndp=1 and forwarding=1, and its default gateway is the host side's own link-local
+address, fe80::ecee:eeff:feee:eeee (EUI-64 of ee:ee:ee:ee:ee:ee; added explicitly so that it does
+not depend on the node's addr_gen_mode); DAD is off on the host side (accept_dad=0, set before the
+link comes up) and the pod's /128 is added without DAD, so neither is tentative when the pod's
+first packet leaves. A permanent neighbour entry pod IPv6 -> container MAC, as for IPv4.
+
 Speed: the veth is created with its peer directly inside the pod namespace, already named and
 with a MAC we chose, so the host side never has to look into the pod to learn it; the pod side is
 driven through a netlink socket opened there by `netns.iproute_in` (no thread ever switches
@@ -18,6 +25,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -38,6 +46,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOOPBACK_IFINDEX = 1  # the kernel gives lo index 1 in every network namespace
+AF_INET6 = 10
+IFA_F_NODAD = 0x02
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 NUD_PERMANENT = 0x80
 IFF_UP = 0x1
 RTPROT_BOOT = 3  # what `ip route add` and Calico's CNI plugin use for the pod's own routes
@@ -65,10 +76,11 @@ def setup_workload(
     netns_path: str,
     host_iface: str,
     container_iface: str = "eth0",
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     mtu: int,
     gateway: str = names.POD_GATEWAY,
     host_mac: str = names.HOST_VETH_MAC,
+    gateway_v6: str = names.POD_GATEWAY_V6,
 ) -> WorkloadPlumbing:
     """Create (or re-create) the pod's veth pair and configure both ends; see the module docstring."""
     names.check_iface_name(host_iface)
@@ -82,12 +94,13 @@ def setup_workload(
     try:
         with IPRoute(groups=0) as host:
             try:
+                ipv6 = any(ip.version == 6 for ip in ips)
                 host_index = _create_pair(
                     host, ns_fd, netns_path, host_iface, container_iface, container_mac, mtu,
-                    host_mac,
+                    host_mac, up=not ipv6,
                 )
-                _configure_host_side(host, host_iface, host_index, ips, container_mac)
-                _configure_pod_side(netns_path, container_iface, ips, gateway)
+                _configure_host_side(host, host_iface, host_index, ips, container_mac, gateway_v6)
+                _configure_pod_side(netns_path, container_iface, ips, gateway, gateway_v6)
             except (NetlinkError, netns.NetnsError, sysctl.SysctlError) as exc:
                 # Leave nothing half-built: deleting the host end deletes the pod end too.
                 _delete_link(host, host_iface)
@@ -108,6 +121,7 @@ def _create_pair(
     container_mac: str,
     mtu: int,
     host_mac: str,
+    up: bool = True,
 ) -> int:
     # A stale host end (a pod re-created under the same name, a crashed earlier ADD) would make the
     # add fail with EEXIST; deleting it also removes its peer and any routes on it.
@@ -115,8 +129,11 @@ def _create_pair(
     peer = {"ifname": container_iface, "net_ns_fd": ns_fd, "address": container_mac, "mtu": mtu}
     request: dict[str, Any] = {
         "ifname": host_iface, "kind": "veth", "address": host_mac, "mtu": mtu, "peer": peer,
-        "state": "up",  # saves a request; the sysctls below are in place before any packet
     }
+    if up:
+        # Saves a request; the sysctls below are in place before any packet. An IPv6 pod's host
+        # side comes up only after accept_dad=0 (_configure_host_side).
+        request["state"] = "up"
     try:
         with attempt("veth add", f"{host_iface} peer {container_iface}"):
             host.link("add", **request)
@@ -137,26 +154,37 @@ def _configure_host_side(
     host: IPRoute,
     host_iface: str,
     host_index: int,
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     container_mac: str,
+    gateway_v6: str = names.POD_GATEWAY_V6,
 ) -> None:
     # This thread never left the node's namespace, so /proc/sys here is the node's.
     sysctl.write(sysctl.iface_conf(host_iface, "proxy_arp"), 1)
     sysctl.write(sysctl.iface_neigh(host_iface, "proxy_delay"), 0)
     sysctl.write(sysctl.iface_conf(host_iface, "forwarding"), 1)
+    if any(ip.version == 6 for ip in ips):
+        for setting, value in (("disable_ipv6", 0), ("accept_dad", 0), ("accept_ra", 0),
+                               ("proxy_ndp", 1), ("forwarding", 1)):
+            sysctl.write(sysctl.iface_conf6(host_iface, setting), value)
+        with attempt("addr replace", f"{gateway_v6}/64 dev {host_iface}"):
+            host.addr("replace", index=host_index, address=gateway_v6, prefixlen=64, family=AF_INET6,
+                      flags=IFA_F_NODAD)
+        with attempt("link up", host_iface):
+            host.link("set", index=host_index, state="up")
     for ip in ips:
         with attempt("neigh replace", f"{ip.ip} lladdr {container_mac} dev {host_iface}"):
             host.neigh(
                 "replace", dst=str(ip.ip), lladdr=container_mac, ifindex=host_index,
-                state=NUD_PERMANENT,
+                state=NUD_PERMANENT, family=AF_INET6 if ip.version == 6 else socket.AF_INET,
             )
 
 
 def _configure_pod_side(
     netns_path: str,
     container_iface: str,
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     gateway: str,
+    gateway_v6: str = names.POD_GATEWAY_V6,
 ) -> None:
     with netns.iproute_in(netns_path) as pod:
         with attempt("link up", "lo (pod)"):
@@ -166,16 +194,26 @@ def _configure_pod_side(
         with attempt("link up", f"{container_iface} (pod)"):
             pod.link("set", index=index, state="up")
         for ip in ips:
-            with attempt("addr add", f"{ip.ip}/32 dev {container_iface} (pod)"):
-                pod.addr("replace", index=index, address=str(ip.ip), prefixlen=32)
-        with attempt("route replace", f"{gateway}/32 dev {container_iface} scope link (pod)"):
-            pod.route(
-                "replace", dst=f"{gateway}/32", oif=index, scope=SCOPE_LINK, proto=RTPROT_BOOT
-            )
-        with attempt("route replace", f"default via {gateway} (pod)"):
-            pod.route(
-                "replace", dst="0.0.0.0/0", gateway=gateway, oif=index, proto=RTPROT_BOOT
-            )
+            with attempt("addr add", f"{ip.ip}/{ip.ip.max_prefixlen} dev {container_iface} (pod)"):
+                if ip.version == 4:
+                    pod.addr("replace", index=index, address=str(ip.ip), prefixlen=32)
+                else:
+                    pod.addr("replace", index=index, address=str(ip.ip), prefixlen=128, family=AF_INET6,
+                             flags=IFA_F_NODAD)
+        if any(ip.version == 4 for ip in ips):
+            with attempt("route replace", f"{gateway}/32 dev {container_iface} scope link (pod)"):
+                pod.route(
+                    "replace", dst=f"{gateway}/32", oif=index, scope=SCOPE_LINK, proto=RTPROT_BOOT
+                )
+            with attempt("route replace", f"default via {gateway} (pod)"):
+                pod.route(
+                    "replace", dst="0.0.0.0/0", gateway=gateway, oif=index, proto=RTPROT_BOOT
+                )
+        if any(ip.version == 6 for ip in ips):
+            # The gateway is link-local on eth0: no link route needed, only the interface.
+            with attempt("route replace", f"default via {gateway_v6} dev {container_iface} (pod)"):
+                pod.route("replace", dst="::/0", gateway=gateway_v6, oif=index, proto=RTPROT_BOOT,
+                          family=AF_INET6)
 
 
 def teardown_workload(
@@ -203,9 +241,10 @@ def check_workload(
     netns_path: str,
     host_iface: str,
     container_iface: str = "eth0",
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     gateway: str = names.POD_GATEWAY,
     host_mac: str = names.HOST_VETH_MAC,
+    gateway_v6: str = names.POD_GATEWAY_V6,
 ) -> list[str]:
     """Everything wrong with a pod's plumbing (CNI CHECK), one sentence each; [] means healthy."""
     problems: list[str] = []
@@ -219,14 +258,17 @@ def check_workload(
                 problems.append(f"host interface {host_iface} is down")
             if (host_link.get_attr("IFLA_ADDRESS") or "").lower() != host_mac.lower():
                 problems.append(f"host interface {host_iface} MAC is not {host_mac}")
-            for key in (sysctl.iface_conf(host_iface, "proxy_arp"),
-                        sysctl.iface_conf(host_iface, "forwarding")):
+            keys = [sysctl.iface_conf(host_iface, "proxy_arp"), sysctl.iface_conf(host_iface, "forwarding")]
+            if any(ip.version == 6 for ip in ips):
+                keys += [sysctl.iface_conf6(host_iface, "proxy_ndp"), sysctl.iface_conf6(host_iface, "forwarding")]
+            for key in keys:
                 if sysctl.read(key) != "1":
                     problems.append(f"sysctl {key} is not 1")
             with attempt("neigh dump", host_iface):
                 neighbours = {
                     (n.get_attr("NDA_DST"), (n.get_attr("NDA_LLADDR") or "").lower())
-                    for n in host.neigh("dump", ifindex=host_index)
+                    for family in (socket.AF_INET, AF_INET6)
+                    for n in host.neigh("dump", ifindex=host_index, family=family)
                     if n["state"] & NUD_PERMANENT
                 }
         with netns.iproute_in(netns_path) as pod:
@@ -239,17 +281,19 @@ def check_workload(
                 problems.append(f"pod interface {container_iface} is down")
             with attempt("addr dump", f"{container_iface} (pod)"):
                 addrs = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-                         for a in pod.addr("dump", index=index)}
+                         for family in (socket.AF_INET, AF_INET6)
+                         for a in pod.addr("dump", index=index, family=family)}
             with attempt("route dump", "main (pod)"):
-                gateways = {r.get_attr("RTA_GATEWAY") for r in pod.route("dump", table=254)
-                            if r["dst_len"] == 0}
+                gateways = {r.get_attr("RTA_GATEWAY") for family in (socket.AF_INET, AF_INET6)
+                            for r in pod.route("dump", table=254, family=family) if r["dst_len"] == 0}
         for ip in ips:
-            if (str(ip.ip), 32) not in addrs:
-                problems.append(f"pod interface {container_iface} lacks address {ip.ip}/32")
+            if (str(ip.ip), ip.ip.max_prefixlen) not in addrs:
+                problems.append(f"pod interface {container_iface} lacks address {ip.ip}/{ip.ip.max_prefixlen}")
             if (str(ip.ip), mac) not in neighbours:
                 problems.append(f"no permanent neighbour entry {ip.ip} -> {mac} on {host_iface}")
-        if gateway not in gateways:
-            problems.append(f"pod has no default route via {gateway}")
+        for version, gw in ((4, gateway), (6, gateway_v6)):
+            if any(ip.version == version for ip in ips) and gw not in gateways:
+                problems.append(f"pod has no default route via {gw}")
     except (NetlinkError, netns.NetnsError, sysctl.SysctlError) as exc:
         problems.append(str(exc))
     return problems

@@ -220,6 +220,9 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
 
     log = logging.getLogger("felixpy.node")
     sysctl.write("net.ipv4.ip_forward", 1)
+    if config.felix.ipv6_support and os.path.exists("/proc/sys/net/ipv6"):
+        # IPv6 pods' traffic is forwarded like IPv4's (Felix with Ipv6Support sets both).
+        sysctl.write("net/ipv6/conf/all/forwarding", 1)
     backend = config.node.networking_backend
     iptables_backend = config.felix.iptables_backend
     bgp = None
@@ -268,6 +271,8 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         vxlan_vni=config.felix.vxlan_vni,
         vxlan_port=config.felix.vxlan_port,
         config_watch=watch,
+        ipv6=config.felix.ipv6_support,
+        vxlan_mtu_v6=config.felix.vxlan_mtu_v6,
     )
     probe = add_agent_checks(checks, agent.status, store=store) if checks is not None else None
     if checks is not None and bgp is not None:

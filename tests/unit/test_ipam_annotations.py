@@ -66,11 +66,14 @@ def test_fixed_addresses_and_no_ipam() -> None:
     ({ADDRS: "10.0.0.1"}, {}, "is not a JSON list of strings"),
     ({ADDRS: "[]"}, {}, 'annotation "cni.projectcalico.org/ipAddrs" specified but empty'),
     ({ADDRS: '["10.0.0.300"]'}, {}, "invalid IP address '10.0.0.300'"),
-    ({ADDRS: '["fd00::1"]'}, {}, "is an IPv6 address; felixpy assigns IPv4 only"),
+    ({ADDRS: '["fd00::1", "fd00::2"]'}, {}, "cannot have more than one IPv6 address"),
     ({ADDRS: '["10.0.0.1", "10.0.0.2"]'}, {}, "cannot have more than one IPv4 address"),
     ({POOLS: '"p1"'}, {}, "is not a JSON list of strings"),
-    ({FAMILIES: '["IPv4", "IPv6"]'}, {}, "felixpy assigns IPv4 only"),
+    ({FAMILIES: '[]'}, {}, "error parsing ipFamilies"),
     ({FAMILIES: '["IPv5"]'}, {}, "error parsing ipFamilies"),
+    ({}, {"ipam": {"assign_ipv6": True}}, 'ipam.assign_ipv6 must be "true" or "false"'),
+    ({}, {"ipam": {"assign_ipv4": "false"}}, "are both false"),
+    ({}, {"ipam": {"ipv6_pools": "p6"}}, "ipam.ipv6_pools must be a list"),
     ({}, {"ipam": {"type": "host-local"}}, "ipam.type 'host-local' is not supported"),
     ({}, {"ipam": {"ipv4_pools": "p1"}}, "ipam.ipv4_pools must be a list"),
     ({NO_IPAM: '["10.0.0.1"]'}, {"feature_control": {"ip_addrs_no_ipam": "yes"}}, "must be true or false"),
@@ -83,8 +86,20 @@ def test_bad_requests_are_one_line_errors(pod: Mapping[str, str], config: Mappin
 
 def test_ip_families_from_the_namespace() -> None:
     assert ir.ip_request({}, ns(ipFamilies='["IPv4"]'), {}) == ir.IPRequest()
-    with pytest.raises(ir.RequestError, match="IPv4 only"):
-        ir.ip_request({}, ns(ipFamilies='["IPv6"]'), {})
+    assert ir.ip_request({}, ns(ipFamilies='["IPv6"]'), {}) == ir.IPRequest(families=(6,))
+    assert ir.ip_request({FAMILIES: '["IPv6", "IPv4"]'}, ns(), {}).families == (4, 6)
+
+
+def test_assign_ipv6_makes_a_dual_stack_request_with_its_own_pools() -> None:
+    dual = {"ipam": {"type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true",
+                     "ipv4_pools": ["p4"], "ipv6_pools": ["p6"]}}
+    assert ir.ip_request({}, ns(), dual) == ir.IPRequest(pools=("p4",), families=(4, 6), pools6=("p6",))
+    v6_only = {"ipam": {"assign_ipv4": "false", "assign_ipv6": "true"}}
+    assert ir.ip_request({}, ns(), v6_only) == ir.IPRequest(families=(6,))
+    # The pod's ipv6pools annotation wins over the network config's.
+    assert ir.ip_request({"cni.projectcalico.org/ipv6pools": '["other"]'}, ns(), dual).pools6 == ("other",)
+    # ipAddrs: one address per family.
+    assert ir.ip_request({ADDRS: '["10.0.0.1", "fd00::1"]'}, ns(), {}).ips == (IP("10.0.0.1"), ipaddress.ip_address("fd00::1"))
 
 
 def test_runtime_pod_annotations() -> None:
