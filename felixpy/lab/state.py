@@ -65,6 +65,7 @@ class LabState:
     datastore: str = "etcd"  # etcd | kubernetes (a real control plane in the fabric: lab/kube.py)
     kube_pids: dict[str, int] = field(default_factory=dict)  # etcd, kube-apiserver, kube-controller-manager
     heartbeat_pid: int = 0  # kubernetes: the process renewing the nodes' Leases (the kubelets' part)
+    ip_family: str = "ipv4"  # ipv4 | ipv6 | dual (topology.IP_FAMILIES)
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:
