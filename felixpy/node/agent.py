@@ -62,6 +62,7 @@ from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers import Manager
 from felixpy.dataplane.managers.masq import MasqManager, NatSettings
 from felixpy.dataplane.managers.policy import PolicyManager
+from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
@@ -184,6 +185,7 @@ class Agent:
         vxlan_mtu_v6: int = 0,
         nat6_table: Table | None = None,
         ipsets6: IPSets | None = None,
+        filter6_table: Table | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -231,7 +233,13 @@ class Agent:
             nat6_table = nat6_table or Table("nat", backend=iptables_backend, insert_mode=chain_insert_mode,
                                              ip_version=6)
             ipsets6 = ipsets6 or IPSets(ip_version=6)
+            filter6_table = filter6_table or Table("filter", backend=iptables_backend,
+                                                   insert_mode=chain_insert_mode, ip_version=6)
         self._nat6 = nat6_table if ipv6 else None
+        # Policy is not rendered into ip6tables yet: the guard drops policed pods' IPv6 traffic
+        # rather than letting it through unpoliced (dataplane/managers/policy6.py).
+        self._filter6 = filter6_table if ipv6 else None
+        self._guard6 = Ipv6PolicyGuard(self._filter6) if self._filter6 is not None else None
         self._ipsets6 = ipsets6 if ipv6 and nat6_table is not None else None
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
@@ -256,7 +264,7 @@ class Agent:
             "deferred-work": self._complete_deferred_work,
             "ipsets": lambda _: (self._ipsets.apply(), ipsets6_.apply() if ipsets6_ is not None else None),
             "routes": self._apply_routes,
-            "filter": (lambda _: filter_apply()) if filter_apply is not None else None,
+            "filter": (lambda _: (filter_apply(), self._apply_filter6())) if filter_apply is not None else None,
             "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
             "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
             "nat": lambda _: (self._nat.apply(), nat6.apply() if nat6 is not None else None),
@@ -379,6 +387,8 @@ class Agent:
                 self._nat6.queue_resync()
             if self._filter is not None:
                 self._filter.queue_resync()
+            if self._filter6 is not None:
+                self._filter6.queue_resync()
             for table in self._policy_tables:
                 table.queue_resync()
             self._iptables_timer.schedule(now)
@@ -446,6 +456,10 @@ class Agent:
         if self._policy_mgr is not None and self.policy_calc.dirty:
             self.policy_calc.dirty = False
             yield self.policy_calc.filter_state()
+            if self._guard6 is not None:
+                chains = self.policy_calc.endpoint_chains().values()
+                self._guard6.set_endpoints(frozenset(c.iface for c in chains if c.ingress),
+                                           frozenset(c.iface for c in chains if c.egress))
 
     def _send(self, message: Message) -> None:
         for manager in self._managers:
@@ -459,6 +473,11 @@ class Agent:
         if result.devices_changed:
             self._routes.queue_resync()  # the kernel took the routes through a deleted device along
         self._send(TunnelDevices(self._tunnel_mgr.blocked_devices()))
+
+    def _apply_filter6(self) -> None:
+        if self._guard6 is not None and self._filter6 is not None:
+            self._guard6.complete_deferred_work()
+            self._filter6.apply()
 
     def _complete_deferred_work(self, outcome: _ApplyOutcome) -> None:
         for manager in self._managers:

@@ -10,11 +10,13 @@ addresses (VNI 4096, port 4789, MTU host - 70).
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from typing import Any
 
 import pytest
 
-from tests.e2e.labtools import Lab
+from tests.e2e.labtools import Lab, wait_for
 
 pytestmark = pytest.mark.e2e
 LAB_MODE = "vxlan"
@@ -77,3 +79,30 @@ def test_ipv6_routes_blackholes_and_vxlan_v6_device(cluster: Lab) -> None:
     assert re.search(r"mtu 1430\b", link)  # host MTU 1500 - 70
     # The pods' MTU is the smallest over both families' encapsulations.
     assert "mtu 1430" in cluster.cli("exec", "x/a", "--", "ip", "link", "show", "eth0").stdout
+
+
+def test_policy_is_enforced_over_ipv4_and_fails_closed_over_ipv6(cluster: Lab, tmp_path: Any) -> None:
+    """A NetworkPolicy selecting x/c (ingress from x/a only): over IPv4 a is let in and b is not;
+    over IPv6, where policy is not rendered yet, c's traffic is dropped rather than let through
+    unpoliced (docs/ipv6.md). Pods no policy selects keep IPv6."""
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "c-from-a", "namespace": "x"},
+              "spec": {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"],
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}}
+    cluster.cli("label", "pod", "x/a", "app=a")
+    cluster.cli("label", "pod", "x/c", "app=c")
+    path = tmp_path / "policy.yaml"
+    path.write_text(json.dumps(policy))
+    cluster.cli("apply", "-f", str(path))
+
+    def reach(src: str, family: str) -> bool:
+        return cluster.cli("probe", src, "x/c", "--port", "80", "--family", family,
+                           "--timeout", "0.5", check=False).returncode == 0
+
+    wait_for("b blocked from c over IPv4", lambda: not reach("x/b", "4"), timeout=20)
+    assert reach("x/a", "4")
+    wait_for("c's IPv6 dropped", lambda: not reach("x/a", "6"), timeout=20)
+    assert not reach("x/b", "6")
+    assert cluster.cli("probe", "x/a", "x/b", "--port", "80", "--family", "6").returncode == 0
+    cluster.cli("delete", "-f", str(path))
+    wait_for("c reachable over IPv6 again", lambda: reach("x/b", "6"), timeout=20)

@@ -1,0 +1,39 @@
+"""The IPv6 policy guard: until policy is rendered into ip6tables, policed pods' IPv6 traffic is
+dropped (fail closed), and pods no policy selects are left alone."""
+
+from __future__ import annotations
+
+from felixpy.dataplane.drivers.iptables import Table
+from felixpy.dataplane.managers.policy6 import GUARD_CHAIN, Ipv6PolicyGuard, guard_chain
+from tests.fakes.iptables import FakeIptables
+
+
+def test_guard_chain_drops_each_policed_direction() -> None:
+    chain = guard_chain(frozenset({"calib", "calia"}), frozenset({"calia"}))
+    assert [(r.match, r.action) for r in chain.rules] == [
+        ("-o calia", "DROP"), ("-o calib", "DROP"), ("-i calia", "DROP")]
+    assert guard_chain(frozenset(), frozenset()).rules == ()
+
+
+def test_guard_programs_ip6tables_filter_only_on_change() -> None:
+    fake = FakeIptables()
+    calls: list[list[str]] = []
+
+    def runner(argv: list[str], **kw: object) -> object:
+        calls.append(argv)
+        return fake(argv, **kw)  # type: ignore[arg-type]
+
+    table = Table("filter", backend="nft", runner=runner, ip_version=6)
+    guard = Ipv6PolicyGuard(table)
+    guard.set_endpoints(frozenset({"calia"}), frozenset())
+    guard.complete_deferred_work()
+    table.apply()
+    assert any(argv[0] == "ip6tables-nft-restore" for argv in calls)
+    (rule,) = fake.chain("filter", GUARD_CHAIN)
+    assert rule.endswith('-o calia -m comment --comment "ingress policy not rendered for IPv6" -j DROP')
+    (jump,) = fake.chain("filter", "FORWARD")
+    assert jump.endswith(f"-j {GUARD_CHAIN}")
+    calls.clear()
+    guard.set_endpoints(frozenset({"calia"}), frozenset())
+    guard.complete_deferred_work()
+    assert table.apply() == ""  # nothing changed, nothing written
