@@ -10,7 +10,11 @@ would run) times N pod ADDs and DELs with:
   * baseline: the reference `ptp` + `host-local` plugins from containernetworking-plugins.
 Also prints the agent's RSS idle and with N local pods.
 
-    sudo .venv/bin/python benchmarks/bench_cni.py [--pods 100]
+`--family 4,6,dual` also times the static C plugin for IPv6-only and dual-stack pods in the same
+run (the lab is then dual-stack, mode routes; the network config's ipam.assign_ipv4 /
+assign_ipv6 pick the families), beside IPv4 and the same reference baseline.
+
+    sudo .venv/bin/python benchmarks/bench_cni.py [--pods 100] [--family 4,6,dual]
 """
 
 from __future__ import annotations
@@ -85,11 +89,19 @@ def inner(args: argparse.Namespace) -> None:
                    check=True)
     felixpy_conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "felixpy",
                     "agent_socket": args.socket, "mtu": 0}
+    family_confs = {
+        family: {**felixpy_conf, "ipam": {"type": "calico-ipam", "assign_ipv4": str(family != "6").lower(),
+                                          "assign_ipv6": str(family != "4").lower()}}
+        for family in args.family.split(",")}
     ref_conf = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "mtu": 1500,
                 "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": os.path.join(tmp, "hl"),
                          "routes": [{"dst": "0.0.0.0/0"}]}}
+    shim = os.path.join(shim_dir, "felixpy-cni")
+    names = {"4": "IPv4", "6": "IPv6", "dual": "dual-stack"}
     runs = [
-        ("felixpy (static C plugin)", os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),
+        ("felixpy (static C plugin)", shim, felixpy_conf, BIN),
+        *((f"felixpy (static C plugin, {names[f]})", shim, conf, BIN) for f, conf in family_confs.items()
+          if f != "4"),
         ("felixpy (lean -IS plugin)", lean, felixpy_conf, BIN),
         ("felixpy-cni (console script)", os.path.join(BIN, "felixpy-cni"), felixpy_conf, BIN),
         ("ptp + host-local (reference)", "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni"),
@@ -104,7 +116,7 @@ def inner(args: argparse.Namespace) -> None:
             netns = f"/run/netns/{args.prefix}{i}"
             cid = secrets.token_hex(32)
             adds.append(run_plugin(plugin, "ADD", cid, netns, conf, "bench", f"p{i}", cni_path))
-            if label.startswith("felixpy (static") and i == args.pods - 1:
+            if label == "felixpy (static C plugin)" and i == args.pods - 1:
                 results["rss_with_pods_kb"] = args.rss_probe()
             dels.append(cid)
         del_times = []
@@ -123,7 +135,12 @@ def main() -> int:
     parser.add_argument("--socket", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--lab", help=argparse.SUPPRESS)
+    parser.add_argument("--family", default="4",
+                        help="comma list of 4, 6, dual: pod address families to time (default 4)")
     args = parser.parse_args()
+    families = args.family.split(",")
+    if not families or any(f not in ("4", "6", "dual") for f in families):
+        raise SystemExit(f"--family {args.family}: expected a comma list of 4, 6, dual")
     if args.inner:
         args.rss_probe = lambda: agent_rss_kb(args.lab)
         inner(args)
@@ -131,8 +148,9 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("run as root (network namespaces)")
     name = "bench" + secrets.token_hex(2)
-    print(f"bringing up lab {name} (1 node) ...", flush=True)
-    lab("up", "--name", name, "--nodes", "1")
+    dual = families != ["4"]
+    print(f"bringing up lab {name} (1 node{', dual-stack' if dual else ''}) ...", flush=True)
+    lab("up", "--name", name, "--nodes", "1", *(("--mode", "routes", "--ip-family", "dual") if dual else ()))
     try:
         time.sleep(2)
         rss_idle = agent_rss_kb(name)
@@ -141,7 +159,8 @@ def main() -> int:
             subprocess.run(["ip", "netns", "add", f"{name}-bp{i}"], check=True)
         out = subprocess.run(
             ["ip", "netns", "exec", f"{name}-n1", sys.executable, os.path.abspath(__file__), "--inner",
-             "--pods", str(args.pods), "--socket", sock, "--prefix", f"{name}-bp", "--lab", name],
+             "--pods", str(args.pods), "--socket", sock, "--prefix", f"{name}-bp", "--lab", name,
+             "--family", args.family],
             capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"benchmark failed: {out.stderr.strip()}")
@@ -153,9 +172,9 @@ def main() -> int:
                 subprocess.run(["ip", "netns", "del", f"{name}-bp{i}"])
     rss_pods = results.pop("rss_with_pods_kb")
     print(f"\nCNI latency over {args.pods} pods (ms), measured from the node's netns:")
-    print(f"{'plugin':32} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}")
+    print(f"{'plugin':44} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}")
     for label, (adds, dels) in results.items():
-        print(f"{label:32} {statistics.median(adds):8.1f} {percentile(adds, 99):8.1f} "
+        print(f"{label:44} {statistics.median(adds):8.1f} {percentile(adds, 99):8.1f} "
               f"{statistics.median(dels):8.1f} {percentile(dels, 99):8.1f}")
     print(f"\nagent RSS: idle {rss_idle / 1024:.1f} MB, with {args.pods} local pods {rss_pods / 1024:.1f} MB")
     return 0

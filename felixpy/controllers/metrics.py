@@ -157,8 +157,8 @@ class ControllerMetrics:
     def _pool_of(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
         best: tuple[int, str] | None = None
         for name, pool in self._pools.items():
-            if network.version == pool.version and network.subnet_of(pool) \
-                    and (best is None or pool.prefixlen > best[0]):  # type: ignore[arg-type]
+            inside = network.version == pool.version and network.subnet_of(pool)  # type: ignore[arg-type]
+            if inside and (best is None or pool.prefixlen > best[0]):
                 best = (pool.prefixlen, name)
         return best[1] if best else NO_POOL
 

@@ -45,7 +45,7 @@ class Reservations:
             by_family[net.version].append(net)
         merged: list[IPNetwork] = []
         for family in (4, 6):  # collapse_addresses refuses to mix families
-            merged.extend(ipaddress.collapse_addresses(by_family[family]))  # type: ignore[arg-type]
+            merged.extend(ipaddress.collapse_addresses(by_family[family]))  # type: ignore[arg-type, type-var]
         return cls(tuple(merged))
 
     def __bool__(self) -> bool:
@@ -62,8 +62,8 @@ class Reservations:
         """How many addresses of cidr are reserved (the merged networks never double count)."""
         total = 0
         for net in self.nets:
-            if net.overlaps(cidr):
-                total += (net if net.subnet_of(cidr) else cidr).num_addresses
+            if net.version == cidr.version and net.overlaps(cidr):
+                total += (net if net.subnet_of(cidr) else cidr).num_addresses  # type: ignore[arg-type]
         return total
 
     def covers(self, cidr: IPNetwork) -> bool:

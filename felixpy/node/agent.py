@@ -264,7 +264,7 @@ class Agent:
             "deferred-work": self._complete_deferred_work,
             "ipsets": lambda _: (self._ipsets.apply(), ipsets6_.apply() if ipsets6_ is not None else None),
             "routes": self._apply_routes,
-            "filter": (lambda _: (filter_apply(), self._apply_filter6())) if filter_apply is not None else None,
+            "filter": self._apply_filters if filter_apply is not None else None,
             "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
             "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
             "nat": lambda _: (self._nat.apply(), nat6.apply() if nat6 is not None else None),
@@ -474,7 +474,9 @@ class Agent:
             self._routes.queue_resync()  # the kernel took the routes through a deleted device along
         self._send(TunnelDevices(self._tunnel_mgr.blocked_devices()))
 
-    def _apply_filter6(self) -> None:
+    def _apply_filters(self, outcome: _ApplyOutcome) -> None:
+        assert self._filter is not None
+        self._filter.apply()
         if self._guard6 is not None and self._filter6 is not None:
             self._guard6.complete_deferred_work()
             self._filter6.apply()

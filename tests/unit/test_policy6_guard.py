@@ -23,7 +23,7 @@ def test_guard_programs_ip6tables_filter_only_on_change() -> None:
         calls.append(argv)
         return fake(argv, **kw)  # type: ignore[arg-type]
 
-    table = Table("filter", backend="nft", runner=runner, ip_version=6)
+    table = Table("filter", backend="nft", runner=runner, ip_version=6)  # type: ignore[arg-type]
     guard = Ipv6PolicyGuard(table)
     guard.set_endpoints(frozenset({"calia"}), frozenset())
     guard.complete_deferred_work()
