@@ -136,6 +136,7 @@ _T_ROUTES = "tests/unit/test_calc_graph.py::test_routes_mode_programs_local_blac
 _T_VXLAN = "tests/unit/test_tunnels_calc.py::test_vxlan_always_routes_every_remote_block_via_its_vtep"
 _T_IPIP = "tests/unit/test_tunnels_calc.py::test_ipip_always_and_cross_subnet"
 _T_ROUTES_V6 = "tests/unit/test_calc_ipv6.py::test_routes_mode_routes_ipv6_pods_blocks_and_remote_blocks"
+_T_IPV6_OFF = "tests/unit/test_calc_ipv6.py::test_ipv6_support_off_leaves_every_ipv6_thing_out"
 _T_VXLAN_V6 = "tests/unit/test_calc_ipv6.py::test_vxlan_v6_routes_every_remote_ipv6_block_via_its_vtep"
 _T_PEERS = "tests/unit/test_bgp_peers.py::test_global_and_node_peers"
 _T_FROM_RES = "tests/unit/test_bgp_peers.py::test_from_resources"
@@ -321,7 +322,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.mtuIfacePattern": Honoured(_T_MERGE),
         "spec.interfacePrefix": HonouredIf("tests/unit/test_policy_render.py::test_custom_iface_prefix",
                                            _no_comma, "one prefix", "cali", "cali,tap"),
-        "spec.ipv6Support": _off(_T_OFF),
+        "spec.ipv6Support": Honoured(_T_IPV6_OFF, "false: nothing IPv6 is computed, read back or programmed"),
         "spec.ipForwarding": _off(_T_FELIX, "Enabled", "Disabled", "Enabled"),
         **{f"spec.{field}": Refused() for field in (
             "useInternalDataplaneDriver", "dataplaneDriver", "dataplaneWatchdogTimeout", "logPrefix",
