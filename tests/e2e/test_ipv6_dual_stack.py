@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -106,3 +107,23 @@ def test_policy_is_enforced_over_ipv4_and_fails_closed_over_ipv6(cluster: Lab, t
     assert cluster.cli("probe", "x/a", "x/b", "--port", "80", "--family", "6").returncode == 0
     cluster.cli("delete", "-f", str(path))
     wait_for("c reachable over IPv6 again", lambda: reach("x/b", "6"), timeout=20)
+
+
+def test_nat_outgoing_for_the_ipv6_pool(cluster: Lab, tmp_path: Any) -> None:
+    """The fabric has no route back to the IPv6 pool: a pod reaches the fabric's IPv6 address only
+    once the pool has natOutgoing (ip6tables MASQUERADE with the cali60 sets)."""
+    fabric = "fd00:192:0:2::1"
+
+    def reach() -> bool:
+        return cluster.cli("probe", "x/b", fabric, "--proto", "icmp", check=False).returncode == 0
+
+    assert not reach()
+    pool = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "default-ipv6-ippool"},
+            "spec": {"cidr": "fd00:10:244::/64", "blockSize": 122, "vxlanMode": "Always", "natOutgoing": True}}
+    path = tmp_path / "pool.yaml"
+    path.write_text(json.dumps(pool))
+    cluster.cli("apply", "-f", str(path))
+    wait_for("IPv6 natOutgoing to the fabric", reach, timeout=20)
+    nat = subprocess.run(["ip", "netns", "exec", cluster.netns("n1"), "ip6tables-save", "-t", "nat"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    assert re.search(r"-A cali-nat-outgoing .*cali60masq-ipam-pools src .*cali60all-ipam-pools dst .*MASQUERADE", nat), nat
