@@ -153,6 +153,7 @@ class CNIHandler:
         observe: Callable[[str, float], None] | None = None,
         datastore_ready: Callable[[], bool] = lambda: True,
         pod_annotations: Callable[[str, str], Mapping[str, str]] | None = None,
+        ipv6_refusal: str | None = None,
     ) -> None:
         self.store = store
         self._observe = observe  # (CNI command, seconds) for every request, e.g. a metrics histogram
@@ -170,6 +171,9 @@ class CNIHandler:
         # The pod's annotations from the Kubernetes API, when one is configured and the runtime
         # did not pass them (ipam_request.py); without either a pod has no annotations.
         self._pod_annotations = pod_annotations
+        # Why this node cannot give pods IPv6 addresses (None: it can): an IPv6 address it would
+        # not route is refused at ADD rather than handed out.
+        self._ipv6_refusal = ipv6_refusal
         # Like Calico's host-wide IPAM lock: pods on one node allocate one at a time, which keeps
         # compare-and-swap conflicts on the node's own blocks away from the hot path.
         self._ipam_lock = threading.Lock()
@@ -254,6 +258,9 @@ class CNIHandler:
             return cached[1]
 
         want = ipam_request.ip_request(pod, ns, req.config)
+        asks_v6 = 6 in want.families if not want.ips else any(ip.version == 6 for ip in want.ips)
+        if asks_v6 and self._ipv6_refusal:
+            raise ipam_request.RequestError(f"an IPv6 address was requested: {self._ipv6_refusal}")
         if want.bypass_ipam:
             log.info("cni add without IPAM (ipAddrsNoIpam) pod=%s/%s ips=%s", req.namespace, req.pod,
                      ",".join(map(str, want.ips)))

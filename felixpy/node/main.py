@@ -211,6 +211,16 @@ def render_config(config: Any) -> Any:
     )
 
 
+def ipv6_refusal(config: Any) -> str | None:
+    """Why pods on this node cannot get IPv6 addresses, or None when they can."""
+    if not config.felix.ipv6_support:
+        return "FELIX_IPV6SUPPORT (ipv6Support) is false on this node, so IPv6 is not programmed"
+    if config.node.networking_backend == "bird":
+        return ("IPv6 pods need BGP over IPv6 (CALICO_NETWORKING_BACKEND=bird), which felixpy does not do "
+                "yet; use CALICO_NETWORKING_BACKEND=vxlan")
+    return None
+
+
 def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
     from felixpy.kernel import commands, sysctl
@@ -315,6 +325,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         # unless the container runtime passes them with the request.
         pod_annotations=(kube_pod_annotations(lambda: open_kube_http(os.environ))
                          if kube_api_configured(os.environ) else None),
+        ipv6_refusal=ipv6_refusal(config),
     )
     server = CNIServer(config.agent.cni_socket, handler)
     # Like calico-node: once the first dataplane apply is done (with BGP, only after the sidecar's

@@ -239,3 +239,37 @@ def test_handler_refusal_is_a_cni_error_result() -> None:
     assert h.handle(raw) == {"error": {"code": 7, "msg": "requested feature is not enabled: ip_addrs_no_ipam",
                                        "details": ""}}
     assert store.list(keys.BLOCKS)[0] == []
+
+
+def test_node_refuses_ipv6_pods_it_would_not_route() -> None:
+    from types import SimpleNamespace
+
+    from felixpy.node.main import ipv6_refusal
+
+    def cfg(backend: str, v6: bool = True) -> Any:
+        return SimpleNamespace(felix=SimpleNamespace(ipv6_support=v6), node=SimpleNamespace(networking_backend=backend))
+
+    assert ipv6_refusal(cfg("vxlan")) is None and ipv6_refusal(cfg("none")) is None
+    assert "BGP over IPv6" in (ipv6_refusal(cfg("bird")) or "")
+    assert "FELIX_IPV6SUPPORT" in (ipv6_refusal(cfg("vxlan", v6=False)) or "")
+
+
+def test_cni_add_asking_for_ipv6_on_such_a_node_is_one_line_and_allocates_nothing() -> None:
+    from felixpy.cni.server import CNIHandler
+    from felixpy.datastore import keys
+    from felixpy.datastore.memory import MemoryDatastore
+
+    store = MemoryDatastore()
+    store.create(keys.resource_key("ippools", "p6"), {"spec": {"cidr": "fd00:10:244::/64", "blockSize": 122}})
+    handler = CNIHandler(store=store, node_name="n1", mtu=1450, node_labels=dict,
+                         wait_programmed=lambda *a: True, ready=lambda: (True, ""),
+                         ipv6_refusal="BGP over IPv6 is not done yet")
+    before = store.revision
+    reply = handler.handle({
+        "env": {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/proc/1/ns/net", "CNI_IFNAME": "eth0",
+                "CNI_ARGS": "K8S_POD_NAMESPACE=x;K8S_POD_NAME=a"},
+        "config": {"cniVersion": "1.0.0", "name": "k8s-pod-network",
+                   "ipam": {"type": "calico-ipam", "assign_ipv4": "false", "assign_ipv6": "true"}}})
+    details = reply["error"]["msg"] + " " + reply["error"].get("details", "")
+    assert "an IPv6 address was requested: BGP over IPv6 is not done yet" in details and "\n" not in details
+    assert store.revision == before
