@@ -62,7 +62,7 @@ from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers import Manager
 from felixpy.dataplane.managers.masq import MasqManager, NatSettings
 from felixpy.dataplane.managers.policy import PolicyManager
-from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard
+from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard, policed_ifaces
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
@@ -457,9 +457,8 @@ class Agent:
             self.policy_calc.dirty = False
             yield self.policy_calc.filter_state()
             if self._guard6 is not None:
-                chains = self.policy_calc.endpoint_chains().values()
-                self._guard6.set_endpoints(frozenset(c.iface for c in chains if c.ingress),
-                                           frozenset(c.iface for c in chains if c.egress))
+                self._guard6.set_endpoints(*policed_ifaces(self.policy_calc.endpoint_chains().values(),
+                                                           self.policy_calc.active_profiles()))
 
     def _send(self, message: Message) -> None:
         for manager in self._managers:

@@ -4,7 +4,9 @@ dropped (fail closed), and pods no policy selects are left alone."""
 from __future__ import annotations
 
 from felixpy.dataplane.drivers.iptables import Table
-from felixpy.dataplane.managers.policy6 import GUARD_CHAIN, Ipv6PolicyGuard, guard_chain
+from felixpy.dataplane.managers.policy6 import GUARD_CHAIN, Ipv6PolicyGuard, guard_chain, policed_ifaces
+from policy import model
+from policy.render import EndpointChains
 from tests.fakes.iptables import FakeIptables
 
 
@@ -37,3 +39,18 @@ def test_guard_programs_ip6tables_filter_only_on_change() -> None:
     guard.set_endpoints(frozenset({"calia"}), frozenset())
     guard.complete_deferred_work()
     assert table.apply() == ""  # nothing changed, nothing written
+
+
+def test_policed_interfaces_by_policy_and_by_profile() -> None:
+    allow = model.Profile("kns.x", ingress=(model.Rule("Allow"),), egress=(model.Rule("Allow"),))
+    closed_in = model.Profile("locked", egress=(model.Rule("Allow"),))
+    chains = [
+        EndpointChains.default_tier("calia", profiles=["kns.x"]),  # namespace profile only: open
+        EndpointChains.default_tier("calib", ingress=["knp.default.x.p"], profiles=["kns.x"]),
+        EndpointChains.default_tier("calic", profiles=["locked"]),  # profile denies ingress
+        EndpointChains.default_tier("calid", profiles=["missing"]),  # Calico denies both ways
+        EndpointChains.default_tier("calie"),  # no profile at all: denied
+    ]
+    ingress, egress = policed_ifaces(chains, {"kns.x": allow, "locked": closed_in})
+    assert ingress == {"calib", "calic", "calid", "calie"}
+    assert egress == {"calid", "calie"}
