@@ -65,6 +65,7 @@ from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import Syncer, SyncStatus
+from felixpy.kernel.netlink import KernelRoute
 from felixpy.messages import CalcRoutes, LearnedRoutes, Message, TunnelDevices
 from felixpy.node.bgp import BGPController, SidecarMessage
 from felixpy.node.metrics import DatastoreStats, Metrics, update_kind
@@ -109,6 +110,14 @@ class EndpointWaiter:
                     return False
                 self._cond.wait(remaining)
             return True
+
+
+@dataclass(frozen=True)
+class _AdoptRoutes:
+    """Routes the CNI path has written for a new pod (see RouteTable.adopt), for the loop."""
+
+    routes: tuple[KernelRoute, ...]
+    hold: float
 
 
 @dataclass
@@ -238,6 +247,13 @@ class Agent:
         self._stop.set()
         self._queue.put(None)
 
+    def adopt_routes(self, routes: tuple[KernelRoute, ...], hold: float) -> None:
+        """Thread-safe: hand routes the CNI path wrote to the route driver (RouteTable.adopt).
+
+        Queued, so the loop sees them before any later event, such as the WorkloadEndpoint the
+        CNI path writes next."""
+        self._queue.put(_AdoptRoutes(routes, hold))
+
     def run(self) -> None:
         log.info("agent starting node=%s", self.node_name)
         self._syncer.start()
@@ -279,6 +295,9 @@ class Agent:
     def _process(self, batch: list[Any]) -> None:
         for event in batch:
             if event is None:
+                continue
+            if isinstance(event, _AdoptRoutes):
+                self._routes.adopt(event.routes, event.hold)
                 continue
             if isinstance(event, SidecarMessage):
                 if self._bgp is not None:
