@@ -300,13 +300,16 @@ class Rtnl:
         self._request("route delete", route.describe(), RTM_DELROUTE, NLM_F_ACK, self._route_body(route))
 
     def fib_entry(self, ip: str) -> KernelRoute | None:
-        """The main-table entry the kernel would use for ip (RTM_F_FIB_MATCH), or None."""
+        """The unicast route the kernel would use for ip (RTM_F_FIB_MATCH: the entry itself, with
+        its dst and proto), or None: no route, or a blackhole / unreachable / prohibit one (the
+        kernel answers those lookups with EINVAL)."""
         body = (_RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
                 + _attr(RTA_DST, _ipv4_bytes(ip)))
         try:
             replies = self._request("route get", ip, RTM_GETROUTE, NLM_F_ACK, body)
         except NetlinkError as exc:
-            if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH):
+            if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH, errno.EINVAL,
+                             errno.EACCES):
                 return None
             raise
         routes = [self._parse_route(p) for kind, p in replies if kind == RTM_NEWROUTE]

@@ -227,7 +227,7 @@ def add_host_routes(routes: Sequence[KernelRoute]) -> None:
             try:
                 existing = host.fib_entry(route.dst.split("/")[0])
                 if existing is None or existing.dst != route.dst or existing.proto != route.proto:
-                    owner = existing.describe() if existing is not None else "unknown"
+                    owner = existing.describe() if existing is not None else "not a unicast route"
                     raise PlumbingError(f"pod route {route.dst}: a route of another owner exists "
                                         f"({owner}); not replacing it")
                 host.replace_route(route)

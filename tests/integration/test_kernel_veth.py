@@ -196,6 +196,17 @@ def test_host_route_is_written_once_and_never_over_another_owners(lab: Lab) -> N
         lab.on_node(lambda: veth.add_host_routes([other]))
     assert "a route of another owner exists" in str(info.value) and "proto 4" in str(info.value)
     assert "via 192.0.2.254" in sh("ip", "-n", lab.node, "route", "show", "10.244.0.10/32")
+    # Nor a blackhole (the kernel's route lookup answers those with EINVAL).
+    sh("ip", "-n", lab.node, "route", "add", "blackhole", "10.244.0.13/32")
+    hole = KernelRoute(dst="10.244.0.13/32", ifindex=plumbing.host_ifindex, scope=SCOPE_LINK, proto=80)
+    with pytest.raises(veth.PlumbingError, match="not a unicast route"):
+        lab.on_node(lambda: veth.add_host_routes([hole]))
+    # And CHECK sees a pod address that only a blackhole block covers as unrouted.
+    sh("ip", "-n", lab.node, "route", "del", "10.244.0.9/32")
+    sh("ip", "-n", lab.node, "route", "add", "blackhole", "10.244.0.0/26")
+    problems = lab.on_node(lambda: veth.check_workload(
+        netns_path=pod_ns, host_iface=iface, ips=[ip4("10.244.0.9/32")], route_proto=80))
+    assert problems == [f"no route 10.244.0.9/32 dev {iface} proto 80 on the node"]
 
 
 def test_teardown_from_inside_the_sandbox_never_touches_another_sandbox(lab: Lab) -> None:
