@@ -650,6 +650,15 @@ class CNIHandler:
         return done
 
 
+def _describe(data: bytes) -> tuple[str, str]:
+    """(CNI_COMMAND, CNI_CONTAINERID) of a raw request, for a log line ("?" when unreadable)."""
+    try:
+        env = json.loads(data).get("env") or {}
+        return str(env.get("CNI_COMMAND", "?")), str(env.get("CNI_CONTAINERID", "?"))
+    except (ValueError, AttributeError):
+        return "?", "?"
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -694,9 +703,15 @@ class CNIServer:
                     # At once, before any work: tells the plugin an agent is here (plugin.py).
                     self.wfile.write(ACCEPTED.encode())
                     self.wfile.flush()
+                    gone = False
                 except OSError:
-                    return
+                    gone = True  # the plugin gave up before we got to it (a stopped agent)
                 data = self.rfile.read()
+                if gone:
+                    command, container = _describe(data)
+                    log.warning("cni request dropped, the plugin had given up waiting command=%s container=%s",
+                                command, container[:12])
+                    return
                 raw: Any = None
                 try:
                     raw = json.loads(data)
