@@ -432,13 +432,15 @@ class IPAM:
 
     def release_by_handle(self, handle: str) -> list[IPv4Address]:
         """Release every address of a handle; a missing handle is success (returns [])."""
-        cidrs = self.handles.blocks(handle)
+        kv = self.handles.read(handle)
+        cidrs = self.handles.blocks_of(kv)
         if not cidrs:
             return []
         released: list[IPv4Address] = []
         for cidr in cidrs:
             released.extend(self._release_handle_in_block(cidr, handle))
-        self.handles.drop_blocks(handle, cidrs)
+        # The block writes left the handle as read: delete it against that revision, no re-read.
+        self.handles.drop_blocks(handle, cidrs, current=kv)
         log.info("released by handle handle=%s ips=%s", handle, released)
         return released
 
