@@ -32,7 +32,9 @@ learns the whole desired state and then reconciles; routes and rules that are st
 never touched. A failed apply (a driver raised, or individual routes or tunnel devices failed) is
 retried with backoff through one path; a datastore outage leaves the dataplane as it is (the
 syncer just stops delivering updates until it has relisted). A pod's WorkloadEndpoint counts as
-programmed (the CNI waiter) once the route driver holds each of its routes, compared by value.
+programmed (the CNI waiter) once the route driver holds each of its routes, compared by value; the
+CNI path writes a new pod's route itself and hands it over first (adopt_routes), so that apply
+usually writes no route at all.
 
 BGP (backend "bird"): one BGPController (node/bgp.py) registered with the dispatcher for its
 peering resources; the loop feeds it the calc graph's announcements and the sidecar messages
