@@ -278,7 +278,7 @@ def _netlink(sock, msg_type, seq, body):
         sock.send(_struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST_ACK, seq, 0) + body)
     except OSError as err:
         raise _Failed(what, err.errno or 0) from None
-    replies = []
+    replies = []  # type: list[tuple[int, bytes]]
     while True:
         try:
             data = sock.recv(1 << 16)

@@ -342,15 +342,30 @@ class CNIHandler:
         return self._result(req, host_iface, ips, plumbing.container_mac)
 
     def _undo_add(self, req: Request, host_iface: str | None, written: KV | None) -> None:
-        """Take back everything an ADD did: veth (and its route), WorkloadEndpoint, addresses."""
+        """Take back everything an ADD did: veth (and its route), WorkloadEndpoint, addresses.
+
+        Each step is tried even if an earlier one failed; a failure is logged, not raised (the
+        ADD's own error is what the plugin must see). What stays behind is the runtime's DEL's,
+        or IPAM GC's, to find."""
         try:
             self._plumbing.teardown(netns_path=req.netns, container_iface=req.ifname, host_iface=host_iface)
         except veth.PlumbingError as err:
             log.warning("cni add cleanup: %s", err)
-        if written is not None:
-            self._delete_endpoint_if_ours(written.key, req.container_id)
-        with self._ipam_lock:
-            self.ipam.release_by_handle(req.handle)
+        try:
+            if written is not None:
+                self._delete_endpoint_if_ours(written.key, req.container_id)
+        except DatastoreError as err:
+            log.warning("cni add cleanup: WorkloadEndpoint %s: %s", written.key if written else "", err)
+        try:
+            with self._ipam_lock:
+                self.ipam.release_by_handle(req.handle)
+        except (IPAMError, DatastoreError) as err:
+            log.warning("cni add cleanup: release of handle %s: %s", req.handle, err)
+
+    def close(self) -> None:
+        """Stop the helper threads (the datastore is the caller's to close)."""
+        self._helpers.shutdown(wait=True)
+        self.ipam.close()
 
     def undo(self, raw: dict[str, Any]) -> None:
         """Undo a successful ADD whose answer never reached the plugin (it had given up)."""
@@ -785,6 +800,7 @@ class CNIServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        self._handler.close()
 
 
 def probe(path: str, timeout: float = 1.0) -> bool:

@@ -83,6 +83,8 @@ class Node:
         return names.workload_iface_name(self.prefix, pod)
 
     def close(self) -> None:
+        if self.handler is not None:
+            self.handler.close()
         for name in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 

@@ -32,6 +32,16 @@ def add_pool(store: MemoryDatastore) -> None:
                   "spec": {"cidr": "10.244.0.0/16", "blockSize": 26}})
 
 
+OPEN: list[CNIHandler] = []
+
+
+@pytest.fixture(autouse=True)
+def close_handlers() -> Any:
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 class Harness:
     def __init__(self, *, programmed: bool = True, ready: tuple[bool, str] = (True, "")) -> None:
         self.store = MemoryDatastore()
@@ -46,6 +56,7 @@ class Harness:
             store=self.store, node_name=NODE, mtu=1450, node_labels=dict,
             wait_programmed=self._wait, ready=lambda: self.ready_state,
             adopt_routes=self._adopt, plumbing=self.plumbing, add_deadline=0.5)
+        OPEN.append(self.handler)
 
     def _adopt(self, routes: tuple[KernelRoute, ...], hold: float) -> None:
         assert hold > 0
@@ -249,6 +260,7 @@ def test_gc_leaves_other_nodes_and_releases_handles_without_an_endpoint() -> Non
     other = CNIHandler(store=h.store, node_name="n2", mtu=1450, node_labels=dict,
                        wait_programmed=lambda *a: True, ready=lambda: (True, ""),
                        plumbing=FakePlumbing([NETNS]))
+    OPEN.append(other)
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "d" * 64, "CNI_NETNS": NETNS, "CNI_IFNAME": "eth0",
            "CNI_ARGS": "K8S_POD_NAMESPACE=x;K8S_POD_NAME=d"}
     assert "result" in other.handle({"env": env, "config": {"cniVersion": "1.0.0", "name": "k8s-pod-network"}})
