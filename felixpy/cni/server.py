@@ -751,9 +751,10 @@ class CNIServer:
                     gone = True  # the plugin gave up before we got to it (a stopped agent)
                 data = self.rfile.read()
                 if gone:
-                    command, container = _describe(data)
-                    log.warning("cni request dropped, the plugin had given up waiting command=%s container=%s",
-                                command, container[:12])
+                    if data:  # (nothing sent: a readiness probe that only connected)
+                        command, container = _describe(data)
+                        log.warning("cni request dropped, the plugin had given up waiting command=%s "
+                                    "container=%s", command, container[:12])
                     return
                 raw: Any = None
                 try:
