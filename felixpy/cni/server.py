@@ -6,7 +6,7 @@ veth pair and host route, and the WorkloadEndpoint.
 
 ADD, in order (docs/status.md has the profile behind it):
   1. IPAM: one address from the node's cached affine block (one etcd transaction, the handle
-     written alongside);
+     created alongside, create-only: a repeated ADD finds it there and reuses its address);
   2. the veth pair and the pod's host /32 route, over raw netlink, as Calico's CNI plugin writes
      it; the route is handed to the agent's route driver (`adopt_routes`), which owns it from
      then on (same proto, same value: the loop finds it already right);
@@ -63,7 +63,7 @@ from felixpy.datastore import keys
 from felixpy.datastore.api import KV, Conflict, Datastore, DatastoreError, NotFound
 from felixpy.datastore.cas import TooManyConflicts, compare_and_swap
 from felixpy.ipam.allocator import IPAM
-from felixpy.ipam.errors import IPAMError
+from felixpy.ipam.errors import HandleInUseError, IPAMError
 from felixpy.kernel import veth
 from felixpy.kernel.netlink import KernelRoute
 from felixpy.messages import pod_routes
@@ -304,13 +304,7 @@ class CNIHandler:
                                     container_iface=req.ifname, mtu=mtu)
         written: KV | None = None
         try:
-            with self._ipam_lock:
-                ips = self.ipam.ips_by_handle(req.handle)  # a repeated ADD reuses its address
-                if not ips:
-                    attrs = {"node": self.node_name, "namespace": req.namespace, "pod": req.pod,
-                             "timestamp": time.strftime(TIMESTAMP_FORMAT, time.gmtime())}
-                    ips = self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs,
-                                                node=self.node_name, node_labels=self._node_labels())
+            ips = self._assign(req)
             laps.lap("ipam")
             plumbing = link.result()
             self._plumbing.configure(plumbing, netns_path=req.netns, host_iface=host_iface,
@@ -340,6 +334,24 @@ class CNIHandler:
             with self._in_flight_lock:
                 self._in_flight.discard(req.container_id)
         return self._result(req, host_iface, ips, plumbing.container_mac)
+
+    def _assign(self, req: Request) -> list[Any]:
+        """The pod's addresses: new ones, or those of a repeated ADD's handle (reused).
+
+        A new handle is the common case, so IPAM is asked for a fresh one (its create-only write
+        overlaps the block write) instead of reading the handle first; only a repeat pays more."""
+        attrs = {"node": self.node_name, "namespace": req.namespace, "pod": req.pod,
+                 "timestamp": time.strftime(TIMESTAMP_FORMAT, time.gmtime())}
+        with self._ipam_lock:
+            try:
+                return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
+                                             node_labels=self._node_labels(), new_handle=True)
+            except HandleInUseError:
+                ips = self.ipam.ips_by_handle(req.handle)
+                if ips:
+                    return ips
+                return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
+                                             node_labels=self._node_labels())
 
     def _undo_add(self, req: Request, host_iface: str | None, written: KV | None) -> None:
         """Take back everything an ADD did: veth (and its route), WorkloadEndpoint, addresses.

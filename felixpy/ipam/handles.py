@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from felixpy.datastore import keys
-from felixpy.datastore.api import KV, Datastore, NotFound
+from felixpy.datastore.api import KV, AlreadyExists, Datastore, NotFound
 from felixpy.datastore.cas import DELETE, READ, compare_and_swap
-from felixpy.ipam.errors import TooManyConflictsError
+from felixpy.ipam.errors import HandleInUseError, TooManyConflictsError
 
 
 class Handles:
@@ -37,6 +37,16 @@ class Handles:
         if kv is None or (kv.value or {}).get("deleted"):
             return []
         return list((kv.value or {}).get("block") or {})
+
+    def create(self, handle: str, cidr: str, count: int) -> None:
+        """A new handle holding count addresses of one block: one create-only write.
+
+        Raises HandleInUseError when the handle exists (a caller that expected a fresh handle,
+        like a CNI ADD, learns that it is a repeat without reading first)."""
+        try:
+            self._store.create(keys.handle_key(handle), {"block": {cidr: count}, "deleted": False})
+        except AlreadyExists:
+            raise HandleInUseError(f"IPAM handle {handle} exists already") from None
 
     def add(self, handle: str, cidr: str, delta: int) -> None:
         """Add delta to the handle's count for a block; the handle is deleted when it reaches zero."""

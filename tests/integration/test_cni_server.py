@@ -222,3 +222,15 @@ def test_host_route_value_is_the_route_drivers(node: Node) -> None:
     outcome = node.on_node(fresh_apply)
     assert not outcome.changed and outcome.failed == {}, outcome
     assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.244.0.0/16")
+
+
+def test_repeated_add_reuses_its_address_and_leaks_nothing(node: Node) -> None:
+    sandbox = node.sandbox(0)
+    cid = secrets.token_hex(32)
+    first = node.cni("ADD", cid=cid, netns_path=sandbox, pod="a")["result"]
+    second = node.cni("ADD", cid=cid, netns_path=sandbox, pod="a")["result"]
+    assert first["ips"] == second["ips"]
+    assert allocated(node.store) == [first["ips"][0]["address"].split("/")[0]]
+    from felixpy.ipam import check as ipam_check
+
+    assert ipam_check.check(node.store).problems == ()
