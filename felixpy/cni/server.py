@@ -7,10 +7,11 @@ veth pair and host route, and the WorkloadEndpoint.
 ADD, in order (docs/status.md has the profile behind it):
   1. IPAM: one address from the node's cached affine block (one etcd transaction, the handle
      created alongside, create-only: a repeated ADD finds it there and reuses its address);
-  2. the veth pair and the pod's host /32 route, over raw netlink, as Calico's CNI plugin writes
-     it; the route is handed to the agent's route driver (`adopt_routes`), which owns it from
-     then on (same proto, same value: the loop finds it already right);
-  3. the WorkloadEndpoint, create-only;
+  2. the veth pair (created while IPAM works) and the pod's host /32 route, over raw netlink,
+     as Calico's CNI plugin writes it; the route is handed to the agent's route driver
+     (`adopt_routes`), which owns it from then on (same proto, same value: the loop finds it
+     already right);
+  3. the WorkloadEndpoint, create-only, written while the pod side gets its address and routes;
   4. wait until the agent's loop has programmed the endpoint: its routes are in the route
      driver's programmed set and, in the same apply, its policy chains are in the filter table.
      Until then the cali- dispatch chains drop the pod's traffic (an unknown interface fails
@@ -236,7 +237,7 @@ class CNIHandler:
         node_labels: Callable[[], dict[str, str]],
         wait_programmed: Callable[[str, int, float], bool],
         ready: Callable[[], tuple[bool, str]],
-        adopt_routes: Callable[[tuple[KernelRoute, ...], float], None] | None = None,
+        adopt_routes: Callable[[tuple[KernelRoute, ...], float, str], None] | None = None,
         iface_prefix: str = names.WORKLOAD_IFACE_PREFIX,
         observe: Callable[[str, float], None] | None = None,
         plumbing: Plumbing | None = None,
@@ -303,19 +304,26 @@ class CNIHandler:
         link = self._helpers.submit(self._plumbing.create, netns_path=req.netns, host_iface=host_iface,
                                     container_iface=req.ifname, mtu=mtu)
         written: KV | None = None
+        endpoint: Future[KV] | None = None
         try:
             ips = self._assign(req)
             laps.lap("ipam")
             plumbing = link.result()
-            self._plumbing.configure(plumbing, netns_path=req.netns, host_iface=host_iface,
-                                     container_iface=req.ifname, ips=_interfaces(ips))
+            # The host end is up: its /32 goes in now and is handed to the route driver before
+            # the endpoint that wants it can exist, so the loop finds it already right.
             routes = tuple(kernel_route(r, plumbing.host_ifindex)
                            for r in pod_routes(host_iface, tuple(str(ip) for ip in ips)))
             self._plumbing.add_host_routes(routes)
             if self._adopt_routes is not None:
-                self._adopt_routes(routes, ROUTE_HOLD)
+                self._adopt_routes(routes, ROUTE_HOLD, host_iface)
+            # The endpoint write (a datastore round trip, then the agent's apply) overlaps the
+            # pod side's addresses and routes; ADD answers only once both are done.
+            endpoint = self._helpers.submit(self._write_endpoint, req, host_iface, ips,
+                                            plumbing.container_mac)
+            self._plumbing.configure(plumbing, netns_path=req.netns, host_iface=host_iface,
+                                     container_iface=req.ifname, ips=_interfaces(ips))
             laps.lap("veth")
-            written = self._write_endpoint(req, host_iface, ips, plumbing.container_mac)
+            written = endpoint.result()
             laps.lap("endpoint")
             if not self._wait_programmed(written.key, written.revision, max(0.0, deadline - time.monotonic())):
                 ok, why = self._ready()
@@ -324,6 +332,8 @@ class CNIHandler:
                                why if not ok else "the agent's dataplane is behind; try again")
             laps.lap("programmed")
         except BaseException as err:
+            if written is None and endpoint is not None and _succeeded(endpoint):
+                written = endpoint.result()  # written while the pod side failed: undo it too
             # The host end by name only if this ADD made it: a failed creation cleaned up after
             # itself, and the name may be another sandbox's of the same pod.
             self._undo_add(req, host_iface if _succeeded(link) else None, written)

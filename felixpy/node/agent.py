@@ -120,6 +120,7 @@ class _AdoptRoutes:
 
     routes: tuple[KernelRoute, ...]
     hold: float
+    iface: str | None = None
 
 
 @dataclass
@@ -249,12 +250,12 @@ class Agent:
         self._stop.set()
         self._queue.put(None)
 
-    def adopt_routes(self, routes: tuple[KernelRoute, ...], hold: float) -> None:
+    def adopt_routes(self, routes: tuple[KernelRoute, ...], hold: float, iface: str | None = None) -> None:
         """Thread-safe: hand routes the CNI path wrote to the route driver (RouteTable.adopt).
 
         Queued, so the loop sees them before any later event, such as the WorkloadEndpoint the
         CNI path writes next."""
-        self._queue.put(_AdoptRoutes(routes, hold))
+        self._queue.put(_AdoptRoutes(routes, hold, iface))
 
     def run(self) -> None:
         log.info("agent starting node=%s", self.node_name)
@@ -299,7 +300,7 @@ class Agent:
             if event is None:
                 continue
             if isinstance(event, _AdoptRoutes):
-                self._routes.adopt(event.routes, event.hold)
+                self._routes.adopt(event.routes, event.hold, event.iface)
                 continue
             if isinstance(event, SidecarMessage):
                 if self._bgp is not None:

@@ -67,7 +67,7 @@ class Node:
             return CNIHandler(store=self.store, node_name=NODE, mtu=1450, node_labels=dict,
                               wait_programmed=lambda key, rev, timeout: self.programmed,
                               ready=lambda: (self.programmed, "" if self.programmed else "loop stuck"),
-                              adopt_routes=lambda routes, hold: self.adopted.extend(routes),
+                              adopt_routes=lambda routes, hold, iface: self.adopted.extend(routes),
                               iface_prefix="cali", add_deadline=1.0)
         self.handler = self.on_node(make)
 

@@ -58,8 +58,8 @@ class Harness:
             adopt_routes=self._adopt, plumbing=self.plumbing, add_deadline=0.5)
         OPEN.append(self.handler)
 
-    def _adopt(self, routes: tuple[KernelRoute, ...], hold: float) -> None:
-        assert hold > 0
+    def _adopt(self, routes: tuple[KernelRoute, ...], hold: float, iface: str) -> None:
+        assert hold > 0 and iface in self.plumbing.veths  # the host end the routes go through
         self.events.append("adopt")
         self.adopted.extend(routes)
 
@@ -140,9 +140,21 @@ def test_add_that_cannot_confirm_the_dataplane_fails_and_undoes_everything() -> 
 def test_add_whose_veth_cannot_be_configured_releases_its_address() -> None:
     h = Harness()
     h.plumbing.fail_configure = True
+    endpoints: list[str] = []
+    real_create = h.store.create
+
+    def create(key: str, value: Any) -> Any:
+        if "workloadendpoints" in key:
+            endpoints.append(key)
+        return real_create(key, value)
+
+    h.store.create = create  # type: ignore[method-assign]
     code, _ = error_of(h.request("ADD"))
     assert code == plugin.IO_FAILURE
-    assert h.plumbing.veths == {} and h.endpoint() is None and not h.handle_exists()
+    # The endpoint is written while the pod side is configured: written, then undone with the rest.
+    assert len(endpoints) == 1
+    assert h.plumbing.veths == {} and h.plumbing.routes == {}
+    assert h.endpoint() is None and not h.handle_exists()
 
 
 def test_add_in_a_missing_sandbox_never_touches_another_sandboxs_veth() -> None:

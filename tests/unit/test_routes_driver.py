@@ -274,6 +274,33 @@ def test_adopted_route_is_found_right_and_never_rewritten(nl: FakeNetlink) -> No
     assert table.programmed[POD.dst] == POD
 
 
+def test_adopted_route_named_with_its_interface_needs_no_link_lookup(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    assert POD.iface is not None
+    table.adopt([cni_route(nl, POD)], hold=10.0, iface=POD.iface)
+    nl.calls.clear()
+    table.set_routes([BLOCK, POD])
+    result = table.apply()
+    assert nl.calls == [] and not result.changed and table.programmed[POD.dst] == POD
+    # Only that first reconcile trusts the CNI path's index: later ones ask the kernel again.
+    table.queue_resync()
+    table.apply()
+    assert ("link_index", POD.iface) in nl.calls
+
+
+def test_adopted_interface_hint_is_ignored_for_another_interface(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    table.adopt([cni_route(nl, POD)], hold=10.0, iface="cali-other")
+    nl.calls.clear()
+    table.set_routes([BLOCK, POD])
+    table.apply()
+    assert ("link_index", POD.iface) in nl.calls and table.programmed[POD.dst] == POD
+
+
 def test_adopted_route_is_held_until_its_endpoint_arrives(nl: FakeNetlink) -> None:
     table = RouteTable(netlink=nl)
     table.set_routes([BLOCK])

@@ -92,6 +92,9 @@ class RouteTable:
         self._in_kernel: dict[str, Route] = {}  # dst -> the desired route the kernel holds there
         self._resync = True  # the first apply reads back (and sweeps what is no longer desired)
         self._held: dict[str, float] = {}  # dst -> monotonic deadline: adopted, not yet desired
+        # dst -> (interface name, index) the CNI path wrote the adopted route through: the apply
+        # that brings the pod's endpoint needs no link lookup to find that route right.
+        self._adopted_link: dict[str, tuple[str, int]] = {}
         self.observe_read_back = observe_read_back  # seconds of each full listing (metrics)
 
     @property
@@ -121,11 +124,13 @@ class RouteTable:
     def queue_resync(self) -> None:
         self._resync = True
 
-    def adopt(self, routes: Iterable[KernelRoute], hold: float) -> None:
+    def adopt(self, routes: Iterable[KernelRoute], hold: float, iface: str | None = None) -> None:
         """Routes of our proto another writer has just put in the kernel (the CNI path, a pod's /32).
 
         Recorded as what the kernel holds and reconciled on the next apply: kept when desired,
         left alone for `hold` seconds while not desired yet (see the module docstring).
+        iface: the name of the interface the routes' ifindex is (the pod's host veth); the first
+        reconcile of a route then takes the index from here instead of asking the kernel.
         """
         deadline = time.monotonic() + hold
         for route in routes:
@@ -134,6 +139,10 @@ class RouteTable:
             others = [r for r in self._programmed.get(route.dst, []) if r.priority != route.priority]
             self._programmed[route.dst] = others + [route]
             self._held[route.dst] = deadline
+            if iface is not None and route.ifindex is not None:
+                self._adopted_link[route.dst] = (iface, route.ifindex)
+            else:
+                self._adopted_link.pop(route.dst, None)
             self._dirty.add(route.dst)
 
     def apply(self) -> ApplyResult:
@@ -177,9 +186,12 @@ class RouteTable:
         self._in_kernel.pop(dst, None)  # until this pass confirms it again
         have = list(self._programmed.get(dst, []))
         held_until = self._held.pop(dst, None)
+        adopted_link = self._adopted_link.pop(dst, None)
         if want is None:
             if held_until is not None and time.monotonic() < held_until and have:
                 self._held[dst] = held_until  # its endpoint is on its way: keep it
+                if adopted_link is not None:
+                    self._adopted_link[dst] = adopted_link
                 plan.pending.append(dst)
                 self._retry.add(dst)
                 return
@@ -190,6 +202,10 @@ class RouteTable:
             return
         ifindex: int | None = None
         if want.iface is not None:
+            if adopted_link is not None and adopted_link[0] == want.iface and want.iface not in iface_index:
+                # Written through that interface by the CNI path moments ago (its veth going
+                # would have taken the route along, and its endpoint with it).
+                iface_index[want.iface] = adopted_link[1]
             if want.iface not in iface_index:
                 try:
                     iface_index[want.iface] = self._nl.link_index(want.iface)
