@@ -13,6 +13,7 @@ other node); the pod counts as reachable when that very first echo is answered (
 route or policy programmed after ADD returned shows up as unreachable. The probes are sent from
 a thread, so they never delay the next ADD.
 
+The reference runs before and after the felixpy plugins; its two passes are pooled.
 Printed: p50/p99 per plugin, the ratios to the baseline with the targets of issue #12 (ADD p50
 <= 2x, p99 <= 3x, DEL p50 <= 1.5x), the fraction reachable, the median time of each stage of the
 agent's ADD and DEL (from its log lines), and the agent's RSS idle and with N local pods.
@@ -159,11 +160,16 @@ def inner(args: argparse.Namespace) -> None:
     ref_conf = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "mtu": 1500,
                 "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": os.path.join(tmp, "hl"),
                          "routes": [{"dst": "0.0.0.0/0"}]}}
+    reference = (REFERENCE, "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni")
+    # The reference runs first and last and its two passes are pooled: on a machine whose load
+    # drifts during the run, the baseline then brackets the felixpy plugins instead of
+    # catching only one end of the drift (each pass's p50 is printed too).
     runs = [
+        reference,
         (PRIMARY, os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),
         ("felixpy (lean -IS plugin)", lean, felixpy_conf, BIN),
         ("felixpy-cni (console script)", os.path.join(BIN, "felixpy-cni"), felixpy_conf, BIN),
-        (REFERENCE, "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni"),
+        reference,
     ]
     prober = Prober(args.probe_netns)
     # Warm up: the node's first block is claimed and announced to n2 before anything is timed.
@@ -186,7 +192,14 @@ def inner(args: argparse.Namespace) -> None:
         reachable, rtts = prober.reachable(seqs) if seqs else (0, [])
         for i, cid in enumerate(cids):
             dels.append(run_plugin(plugin, "DEL", cid, f"/run/netns/{args.prefix}{i}", conf, f"p{i}", cni_path)[0])
-        results[label] = {"adds": adds, "dels": dels, "probed": len(seqs), "reachable": reachable, "rtts": rtts}
+        done = results.setdefault(label, {"adds": [], "dels": [], "probed": 0, "reachable": 0, "rtts": [],
+                                          "passes": []})
+        done["adds"] += adds
+        done["dels"] += dels
+        done["probed"] += len(seqs)
+        done["reachable"] += reachable
+        done["rtts"] += rtts
+        done["passes"].append([statistics.median(adds), statistics.median(dels)])
     run_plugin(runs[0][1], "DEL", "warm" * 16, warm, felixpy_conf, "warm", BIN)
     prober.close()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +232,8 @@ def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log
         print(f"{label:32} {statistics.median(r['adds']):8.1f} {percentile(r['adds'], 99):8.1f} "
               f"{statistics.median(r['dels']):8.1f} {percentile(r['dels'], 99):8.1f}  {reach}")
     ref = results[REFERENCE]
+    print(f"{REFERENCE} by pass (before, after felixpy): "
+          + ", ".join(f"ADD p50 {a:.1f} / DEL p50 {d:.1f}" for a, d in ref["passes"]))
     base = {"ADD p50": statistics.median(ref["adds"]), "ADD p99": percentile(ref["adds"], 99),
             "DEL p50": statistics.median(ref["dels"])}
     print(f"\nratio to {REFERENCE} (target in brackets):")
@@ -243,6 +258,8 @@ def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pods", type=int, default=60)
+    parser.add_argument("--agent-log", help="keep a copy of n1's agent log here (for profiling; "
+                        "FELIX_LOGSEVERITYSCREEN=DEBUG adds each apply's duration)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -274,6 +291,8 @@ def main() -> int:
         results = json.loads(out.stdout.strip().splitlines()[-1])
         log_copy = tempfile.NamedTemporaryFile(prefix="fxbench-agent-", suffix=".log", delete=False).name
         shutil.copy(f"/run/felixpy-lab/{name}/n1/agent.log", log_copy)
+        if args.agent_log:
+            shutil.copy(log_copy, args.agent_log)
     finally:
         lab("down", "--name", name)  # also deletes the lab-named pod namespaces
         for i in range(args.pods + 1):
