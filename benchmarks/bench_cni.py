@@ -166,7 +166,7 @@ def inner(args: argparse.Namespace) -> None:
     # catching only one end of the drift (each pass's p50 is printed too).
     runs = [
         reference,
-        (PRIMARY, os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),
+        (PRIMARY, os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),  # runs[1]: also warms up
         ("felixpy (lean -IS plugin)", lean, felixpy_conf, BIN),
         ("felixpy-cni (console script)", os.path.join(BIN, "felixpy-cni"), felixpy_conf, BIN),
         reference,
@@ -174,7 +174,7 @@ def inner(args: argparse.Namespace) -> None:
     prober = Prober(args.probe_netns)
     # Warm up: the node's first block is claimed and announced to n2 before anything is timed.
     warm = f"/run/netns/{args.prefix}{args.pods}"
-    run_plugin(runs[0][1], "ADD", "warm" * 16, warm, felixpy_conf, "warm", BIN)
+    run_plugin(runs[1][1], "ADD", "warm" * 16, warm, felixpy_conf, "warm", BIN)
     results: dict[str, Any] = {}
     for r, (label, plugin, conf, cni_path) in enumerate(runs):
         adds, dels, seqs, cids = [], [], [], []
@@ -200,7 +200,7 @@ def inner(args: argparse.Namespace) -> None:
         done["reachable"] += reachable
         done["rtts"] += rtts
         done["passes"].append([statistics.median(adds), statistics.median(dels)])
-    run_plugin(runs[0][1], "DEL", "warm" * 16, warm, felixpy_conf, "warm", BIN)
+    run_plugin(runs[1][1], "DEL", "warm" * 16, warm, felixpy_conf, "warm", BIN)
     prober.close()
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results))
