@@ -38,8 +38,8 @@ def socket_path(lab: Lab) -> str:
 
 
 def cni(lab: Lab, plugin_path: str, command: str, cid: str, netns: str, pod: str,
-        ) -> tuple[int, dict, float]:
-    conf = {"cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "felixpy",
+        network: str = "k8s-pod-network") -> tuple[int, dict, float]:
+    conf = {"cniVersion": "1.1.0", "name": network, "type": "felixpy",
             "agent_socket": socket_path(lab), "mtu": 0}
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
            "CNI_PATH": "/usr/lib/cni", "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=d;K8S_POD_NAME={pod}",
@@ -165,11 +165,14 @@ def test_a_hung_agent_fails_add_fast_and_undoes_it_when_it_wakes(lab: Lab, plugi
 
 def test_gc_keeps_valid_attachments_and_removes_stale_ones(lab: Lab, plugins: dict[str, str],
                                                            sandboxes: list[Sandbox]) -> None:
-    keep, stale = Sandbox(lab, "keep"), Sandbox(lab, "stale")
-    sandboxes.extend([keep, stale])
+    keep, stale, other = Sandbox(lab, "keep"), Sandbox(lab, "stale"), Sandbox(lab, "other")
+    sandboxes.extend([keep, stale, other])
     ips = {}
-    for box in (keep, stale):
-        rc, added, _ = cni(lab, plugins["c"], "ADD", box.cid, box.path, box.pod)
+    for box in (keep, stale, other):
+        # "other" is attached by another network (its handle `other-net.<id>`): not in the GC's
+        # list, yet not this network's to remove.
+        network = "other-net" if box is other else "k8s-pod-network"
+        rc, added, _ = cni(lab, plugins["c"], "ADD", box.cid, box.path, box.pod, network)
         assert rc == 0, added
         ips[box.pod] = added["ips"][0]["address"].split("/")[0]
     seed = next(p for p in lab.state()["pods"] if p["name"] == "seed")
@@ -184,6 +187,10 @@ def test_gc_keeps_valid_attachments_and_removes_stale_ones(lab: Lab, plugins: di
     assert "in use" in ipam_state(lab, ips["keep"]) and "in use" in ipam_state(lab, lab.pod_ip("d/seed"))
     assert ip(f"{lab.name}-n1", "route", "show", f"{ips['stale']}/32") == ""
     assert "stale" not in endpoint_pods(lab) and "keep" in endpoint_pods(lab)
-    for box in (keep,):
-        assert cni(lab, plugins["c"], "DEL", box.cid, box.path, box.pod)[0] == 0
+    # The other network's attachment is untouched: address, endpoint, route and veth.
+    assert "in use" in ipam_state(lab, ips["other"]) and "other" in endpoint_pods(lab)
+    assert f"{ips['other']} dev cali" in ip(f"{lab.name}-n1", "route", "show", f"{ips['other']}/32")
+    assert "eth0" in ip(other.name, "link", "show", "eth0")
+    for box, network in ((keep, "k8s-pod-network"), (other, "other-net")):
+        assert cni(lab, plugins["c"], "DEL", box.cid, box.path, box.pod, network)[0] == 0
     assert ipam_clean(lab)
