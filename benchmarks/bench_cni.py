@@ -16,7 +16,8 @@ a thread, so they never delay the next ADD.
 The reference runs before and after the felixpy plugins; its two passes are pooled.
 Printed: p50/p99 per plugin, the ratios to the baseline with the targets of issue #12 (ADD p50
 <= 2x, p99 <= 3x, DEL p50 <= 1.5x), the fraction reachable, the median time of each stage of the
-agent's ADD and DEL (from its log lines), and the agent's RSS idle and with N local pods.
+agent's ADD and DEL (from its log lines), a no-op iptables-nft-restore in n1's namespace (the
+floor under each of the agent's filter-table writes), and the agent's RSS idle and with N local pods.
 
     sudo .venv/bin/python benchmarks/bench_cni.py [--pods 60]
 """
@@ -146,6 +147,18 @@ def run_plugin(plugin: str, command: str, cid: str, netns: str, conf: dict[str, 
     return elapsed, (json.loads(out.stdout) if out.stdout.strip() else {})
 
 
+def restore_floor(times: int = 15) -> float:
+    """Median ms of a no-op `iptables-nft-restore --noflush` here (n1's namespace, the pods' chains
+    in place): what the agent's apply for a new pod pays at least for its filter-table write."""
+    took = []
+    for _ in range(times):
+        started = time.perf_counter()
+        subprocess.run(["iptables-nft-restore", "--noflush", "--wait"], input="*filter\nCOMMIT\n", text=True,
+                       check=True)
+        took.append((time.perf_counter() - started) * 1000)
+    return statistics.median(took)
+
+
 def inner(args: argparse.Namespace) -> None:
     """Runs inside n1's netns: times each plugin on fresh pod namespaces."""
     from felixpy.cni.install import install_plugin
@@ -189,6 +202,7 @@ def inner(args: argparse.Namespace) -> None:
             cids.append(cid)
             if label == PRIMARY and i == args.pods - 1:
                 results["rss_with_pods_kb"] = agent_rss_kb(args.lab)
+                results["restore_floor_ms"] = restore_floor()
         reachable, rtts = prober.reachable(seqs) if seqs else (0, [])
         for i, cid in enumerate(cids):
             dels.append(run_plugin(plugin, "DEL", cid, f"/run/netns/{args.prefix}{i}", conf, f"p{i}", cni_path)[0])
@@ -223,7 +237,8 @@ def stage_medians(log_path: str, command: str) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in stages.items()}
 
 
-def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log_path: str) -> None:
+def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log_path: str,
+           restore_floor_ms: float) -> None:
     print(f"\nCNI latency over {pods} pods (ms), measured from n1's netns:")
     print(f"{'plugin':32} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}  reachable at ADD return")
     for label, r in results.items():
@@ -252,6 +267,8 @@ def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log
         if medians:
             print(f"agent {command} stages, median ms over every felixpy {command}: "
                   + "  ".join(f"{name}={ms:.2f}" for name, ms in medians.items()))
+    print(f"a no-op iptables-nft-restore in n1's namespace with {pods} pods (the floor of each of the "
+          f"agent's filter writes): {restore_floor_ms:.1f} ms")
     print(f"\nagent RSS: idle {rss_idle / 1024:.1f} MB, with {pods} local pods {rss_pods / 1024:.1f} MB")
 
 
@@ -299,8 +316,9 @@ def main() -> int:
             if os.path.exists(f"/run/netns/{name}-bp{i}"):
                 subprocess.run(["ip", "netns", "del", f"{name}-bp{i}"])
     rss_pods = results.pop("rss_with_pods_kb")
+    restore_floor_ms = results.pop("restore_floor_ms")
     try:
-        report(results, args.pods, rss_idle, rss_pods, log_copy)
+        report(results, args.pods, rss_idle, rss_pods, log_copy, restore_floor_ms)
     finally:
         os.unlink(log_copy)
     return 0
