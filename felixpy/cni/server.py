@@ -2,7 +2,8 @@
 
 felixpy-cni forwards kubelet's request here, so the work happens in a process that already has a
 warm datastore connection and knows its node: IPAM (handle `<network>.<containerID>`), the pod's
-veth pair and host route, and the WorkloadEndpoint.
+veth pair and host route, and the WorkloadEndpoint. Which addresses a pod gets follows Calico's pod
+and namespace annotations and network config (cni/ipam_request.py).
 
 ADD, in order (docs/status.md has the profile behind it):
   1. IPAM: one address from the node's cached affine block (one etcd transaction, the handle
@@ -28,6 +29,9 @@ the addresses released, so an address is free only once no endpoint lists it.
 
 DELs the plugin had to do without the agent (plugin.py) wait as files in `<socket>.pending/`;
 the server replays them when it starts and every PENDING_SCAN seconds.
+
+While a migration holds the datastore locked (ClusterInformation datastoreReady=false) ADD and
+DEL are refused with Calico's "not ready" error, before any change.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from felixpy import names
+from felixpy.cni import ipam_request
 from felixpy.cni.plugin import (
     ACCEPTED,
     CONTAINER_UNKNOWN,
@@ -65,6 +70,8 @@ from felixpy.datastore.api import KV, Conflict, Datastore, DatastoreError, NotFo
 from felixpy.datastore.cas import TooManyConflicts, compare_and_swap
 from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.errors import HandleInUseError, IPAMError
+from felixpy.ipam.lock import DatastoreLockedError
+from felixpy.ipam.pools import USE_WORKLOAD
 from felixpy.kernel import veth
 from felixpy.kernel.netlink import KernelRoute
 from felixpy.messages import pod_routes
@@ -75,6 +82,8 @@ ADD_DEADLINE = 10.0  # seconds for a whole ADD, the wait for the dataplane inclu
 CHECK_CONVERGENCE = 2.0  # how long CHECK waits for a just-added pod's dataplane (CNI spec)
 ROUTE_HOLD = ADD_DEADLINE + 5.0  # the route driver keeps an adopted route this long unclaimed
 PENDING_SCAN = 10.0  # seconds between scans of the pending-DEL directory
+NOT_READY = "Calico is currently not ready to process requests"  # Calico's plugin, word for word
+NAMESPACE_CACHE_TTL = 1.0  # seconds; as IPAM's pool cache (a change is seen by pods started after it)
 CAS_RETRIES = 10
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S +0000 UTC"  # the allocation attribute, as Calico writes it
 PRE_CHECK_VERSIONS = ("0.3.0", "0.3.1")  # CNI versions without CHECK
@@ -243,12 +252,18 @@ class CNIHandler:
         plumbing: Plumbing | None = None,
         ipam: IPAM | None = None,
         add_deadline: float = ADD_DEADLINE,
+        datastore_ready: Callable[[], bool] = lambda: True,
+        pod_annotations: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
         self.store = store
         self._observe = observe  # (CNI command, seconds) for every request, e.g. a metrics histogram
         self.node_name = node_name
         self.mtu = mtu
-        self.ipam = ipam or IPAM(store)
+        # The migration lock (ClusterInformation datastoreReady=false), as the agent's config
+        # watch last saw it: ADD and DEL are refused as Calico's plugin refuses them, and the
+        # IPAM writes of anything else stop at IPAM's write boundary (ipam/lock.py).
+        self._datastore_ready = datastore_ready
+        self.ipam = ipam or IPAM(store, write_guard=self._check_unlocked)
         self._node_labels = node_labels
         self._wait_programmed = wait_programmed
         self._ready = ready
@@ -256,9 +271,15 @@ class CNIHandler:
         self._iface_prefix = iface_prefix
         self._plumbing: Plumbing = plumbing or KernelPlumbing()
         self._add_deadline = add_deadline
+        # The pod's annotations from the Kubernetes API, when one is configured and the runtime
+        # did not pass them (ipam_request.py); without either a pod has no annotations.
+        self._pod_annotations = pod_annotations
         # Like Calico's host-wide IPAM lock: pods on one node allocate one at a time, which keeps
         # compare-and-swap conflicts on the node's own blocks away from the hot path.
         self._ipam_lock = threading.Lock()
+        # Namespace labels and annotations, kept for NAMESPACE_CACHE_TTL like IPAM's pools: pods
+        # of one deployment start in bursts in one namespace. Read under _ipam_lock only.
+        self._namespaces: dict[str, tuple[float, ipam_request.Metadata]] = {}
         # Containers with an ADD under way: GC must not take their addresses.
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
@@ -281,6 +302,12 @@ class CNIHandler:
         except CNIError as err:
             log.warning("cni request failed code=%d msg=%s details=%s", err.code, err.msg, err.details)
             return {"error": {"code": err.code, "msg": err.msg, "details": err.details}}
+        except DatastoreLockedError as err:
+            log.warning("cni request refused: %s", err)
+            return {"error": {"code": TRY_AGAIN_LATER, "msg": NOT_READY, "details": str(err)}}
+        except ipam_request.RequestError as err:
+            log.warning("cni ipam request refused: %s", err)
+            return {"error": {"code": INVALID_CONFIG, "msg": str(err), "details": ""}}
         except IPAMError as err:
             log.warning("cni ipam failed: %s", err)
             return {"error": {"code": IO_FAILURE, "msg": "IPAM failed", "details": str(err)}}
@@ -292,8 +319,13 @@ class CNIHandler:
                 command = (raw.get("env") or {}).get("CNI_COMMAND", "") if isinstance(raw, dict) else ""
                 self._observe(str(command) or "unknown", time.monotonic() - started)
 
+    def _check_unlocked(self) -> None:
+        if not self._datastore_ready():
+            raise DatastoreLockedError()
+
     # -- ADD -------------------------------------------------------------------------------
     def add(self, req: Request, laps: Laps | None = None) -> dict[str, Any]:
+        self._check_unlocked()  # before anything is plumbed, as Calico's cmdAdd checks first
         laps = laps if laps is not None else Laps()
         deadline = time.monotonic() + self._add_deadline
         host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
@@ -346,22 +378,71 @@ class CNIHandler:
         return self._result(req, host_iface, ips, plumbing.container_mac)
 
     def _assign(self, req: Request) -> list[Any]:
-        """The pod's addresses: new ones, or those of a repeated ADD's handle (reused).
+        """The pod's addresses: those its annotations and the network config ask for
+        (ipam_request.py), new ones from IPAM, or those of a repeated ADD's handle (reused).
 
         A new handle is the common case, so IPAM is asked for a fresh one (its create-only write
         overlaps the block write) instead of reading the handle first; only a repeat pays more."""
+        pod = ipam_request.runtime_pod_annotations(req.config)
+        if pod is None:
+            pod = self._pod_annotations(req.namespace, req.pod) if self._pod_annotations else {}
+
+        def ns() -> ipam_request.Metadata:  # read only if something needs it
+            cached = self._namespaces.get(req.namespace)
+            now = time.monotonic()
+            if cached is None or now - cached[0] >= NAMESPACE_CACHE_TTL:
+                cached = (now, ipam_request.namespace_metadata(self.store, req.namespace))
+                if len(self._namespaces) > 1000:
+                    self._namespaces.clear()
+                self._namespaces[req.namespace] = cached
+            return cached[1]
+
         attrs = {"node": self.node_name, "namespace": req.namespace, "pod": req.pod,
                  "timestamp": time.strftime(TIMESTAMP_FORMAT, time.gmtime())}
         with self._ipam_lock:
+            want = ipam_request.ip_request(pod, ns, req.config)
+            if want.bypass_ipam:
+                log.info("cni add without IPAM (ipAddrsNoIpam) pod=%s/%s ips=%s", req.namespace, req.pod,
+                         ",".join(map(str, want.ips)))
+                return list(want.ips)
+            if want.ips:
+                held = self.ipam.ips_by_handle(req.handle)  # a repeated ADD reuses its addresses
+                if held:
+                    return held
+                self._release_previous_sandbox(req)
+                for ip in want.ips:
+                    self.ipam.assign_ip(ip, handle=req.handle, attrs=attrs, node=self.node_name,
+                                        use=USE_WORKLOAD)
+                return list(want.ips)
             try:
                 return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
-                                             node_labels=self._node_labels(), new_handle=True)
+                                             node_labels=self._node_labels(), pools=want.pools,
+                                             use=USE_WORKLOAD, namespace_labels=lambda: ns().labels,
+                                             new_handle=True)
             except HandleInUseError:
                 ips = self.ipam.ips_by_handle(req.handle)
                 if ips:
                     return ips
                 return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
-                                             node_labels=self._node_labels())
+                                             node_labels=self._node_labels(), pools=want.pools,
+                                             use=USE_WORKLOAD, namespace_labels=lambda: ns().labels)
+
+    def _release_previous_sandbox(self, req: Request) -> None:
+        """With ipAddrs, an endpoint left by an earlier sandbox of the same pod still holds the
+        wanted address: release its addresses first, as Calico's plugin does."""
+        name = names.workload_endpoint_name(self.node_name, req.pod, req.ifname)
+        try:
+            kv = self.store.get(keys.resource_key("workloadendpoints", name, req.namespace))
+        except NotFound:
+            return
+        spec = (kv.value or {}).get("spec") or {}
+        if spec.get("containerID") == req.container_id:
+            return
+        old = [str(n).split("/")[0] for n in spec.get("ipNetworks") or []]
+        if old:
+            log.info("cni add: releasing the addresses of the pod's previous sandbox pod=%s/%s ips=%s",
+                     req.namespace, req.pod, ",".join(old))
+            self.ipam.release_ips(old)
 
     def _undo_add(self, req: Request, host_iface: str | None, written: KV | None) -> None:
         """Take back everything an ADD did: veth (and its route), WorkloadEndpoint, addresses.
@@ -487,6 +568,7 @@ class CNIHandler:
 
     # -- DEL -------------------------------------------------------------------------------
     def delete(self, req: Request, laps: Laps | None = None) -> dict[str, Any]:
+        self._check_unlocked()  # Calico's cmdDel refuses too: kubelet retries the DEL later
         laps = laps if laps is not None else Laps()
         endpoint = self._find_endpoint(req)
         laps.lap("lookup")
@@ -593,6 +675,8 @@ class CNIHandler:
         ok, why = self._ready()
         if not ok:
             raise CNIError(NOT_AVAILABLE, "felixpy agent is not ready", why)
+        if not self._datastore_ready():
+            raise CNIError(NOT_AVAILABLE, NOT_READY, str(DatastoreLockedError()))
         return {}
 
     def gc(self, req: Request, laps: Laps | None = None) -> dict[str, Any]:

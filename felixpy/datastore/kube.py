@@ -95,9 +95,10 @@ def load_settings(
     cfg = k8s_client.Configuration()
     try:
         if in_cluster:
-            k8s_config.load_incluster_config(client_configuration=cfg)
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         else:
-            k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, context=context, client_configuration=cfg)
     except Exception as err:  # the loaders raise several unrelated types; all mean "unusable config"
         where = "in-cluster service account" if in_cluster else f"kubeconfig {kubeconfig}"
         raise KubeConfigError(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -174,12 +175,16 @@ class _Http:
         self._pool = urllib3.PoolManager(**kwargs)
         # A write that was sent is never re-sent (read=0): it must not be applied twice. Reads may
         # be retried once, e.g. on a pooled keep-alive connection the server closed meanwhile.
-        self._retries = urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0)
-        self._read_retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0)
+        # urllib3 would answer a 429 carrying Retry-After with MaxRetryError (status=0): the status
+        # is ours to read, and request()/stream() honour Retry-After themselves.
+        self._retries = urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0,
+                                      respect_retry_after_header=False)
+        self._read_retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0,
+                                           respect_retry_after_header=False)
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "felixpy"}
-        token = self._cfg.get_api_key_with_prefix("authorization") if self._cfg.api_key else None
+        token = self._bearer_token()
         if token:
             headers["Authorization"] = token
         elif self._cfg.username or self._cfg.password:
@@ -187,6 +192,18 @@ class _Http:
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _bearer_token(self) -> str | None:
+        """"Bearer <token>" from the loaded configuration (kubeconfig token or token file, exec
+        plugin, in-cluster service account), asked for on every request: the loaders' refresh hook
+        renews expiring tokens. The client library keeps it under "BearerToken" (older releases:
+        "authorization"); its auth_settings() says which, so read it from there."""
+        for setting in (self._cfg.auth_settings() or {}).values():
+            if setting.get("in") == "header" and str(setting.get("key", "")).lower() == "authorization":
+                value = setting.get("value")
+                if value:
+                    return str(value)
+        return None
 
     def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                 body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
@@ -230,7 +247,10 @@ class _Http:
             try:
                 resp = self._pool.request(
                     "GET", self.host + path, fields=query, headers=self._headers(None), preload_content=False,
-                    timeout=self._urllib3.Timeout(connect=self._timeout, read=read_timeout), retries=self._retries,
+                    # A watch is a GET: re-sending it over a fresh connection when a pooled one
+                    # turns out dead (the API server restarted) is safe.
+                    timeout=self._urllib3.Timeout(connect=self._timeout, read=read_timeout),
+                    retries=self._read_retries,
                 )
             except self._urllib3.exceptions.HTTPError as err:
                 raise Unavailable(f"watch {path}: Kubernetes API unreachable ({type(err).__name__})") from None
@@ -316,7 +336,8 @@ class KubeDatastore:
         return KV(key, converted[1], m.revision_of(obj))
 
     def _read_only(self, what: str, loc: m.Location) -> DatastoreError:
-        source = "Namespace" if loc.kind is m.NAMESPACES else "Kubernetes NetworkPolicy"
+        source = {m.NAMESPACES.id: "Namespace", m.SERVICE_ACCOUNTS.id: "ServiceAccount"}.get(
+            loc.kind.id, "Kubernetes NetworkPolicy")
         return DatastoreError(f"{what}: derived from the {source} and read-only in the Kubernetes datastore")
 
     # -- reads -----------------------------------------------------------------------------
@@ -659,6 +680,8 @@ class KubeWatch:
                         raise Compacted(f"watch {self._prefix} ({kind.resource}) from {rv}: {err.message}") from None
                     if err.code == 404:
                         raise DatastoreError(f"watch {kind.api}/{kind.resource}: not served; are the CRDs installed?") from None
+                    if err.code in (401, 403):
+                        raise DatastoreError(f"watch {kind.resource}: {err.code} {err.reason}: {err.message}") from None
                     raise Unavailable(f"watch {kind.resource}: Kubernetes API answered {err.code} {err.reason}") from None
                 with self._resp_lock:
                     self._responses[kind.id] = resp

@@ -9,7 +9,9 @@ Pure functions and tables, no I/O: kube.py does the HTTP. The layout follows Cal
     /calico/ipam/v2/config                               ipamconfigs "default"
     .../nodes/<name>                                     core v1 Node: Calico fields in projectcalico.org/* annotations
     .../workloadendpoints/<ns>/<node>-k8s-<pod>-eth0     core v1 Pod (+ cni.projectcalico.org/* annotations)
-    .../profiles/kns.<ns>                                core v1 Namespace (read-only)
+    .../profiles/kns.<ns>                                core v1 Namespace (read-only; its labels as
+                                                         labelsToApply, its cni.projectcalico.org/*
+                                                         annotations, which the CNI plugin reads)
     .../networkpolicies/<ns>/knp.default.<name>          networking.k8s.io/v1 NetworkPolicy (read-only)
 
 A Kind knows its collection path, which keys it owns, and how to turn one API object into the
@@ -61,16 +63,22 @@ ANN_NODE_LABELS = "projectcalico.org/labels"
 # The Calico v3 resources stored as CRDs: plural -> (kind, namespaced).
 CRD_RESOURCES: dict[str, tuple[str, bool]] = {
     "ippools": ("IPPool", False),
+    "ipreservations": ("IPReservation", False),
     "bgpconfigurations": ("BGPConfiguration", False),
     "bgppeers": ("BGPPeer", False),
     "felixconfigurations": ("FelixConfiguration", False),
     "networkpolicies": ("NetworkPolicy", True),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", False),
     "clusterinformations": ("ClusterInformation", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 K8S_NP_PREFIX = "knp.default."
 PROFILE_PREFIX = "kns."
+SA_PROFILE_PREFIX = "ksa."
 MAX_NAME = 253
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -248,8 +256,16 @@ def block_object(cidr: str, value: Any) -> dict[str, Any]:
     value = _expect_dict(value, keys.block_key(cidr))
     spec = _renamed(value, _BLOCK_RENAMES)
     spec["cidr"] = cidr
+    # Calico's own IPAMBlock CRD requires strictAffinity (deprecated there, unused here): always
+    # write it, so that the block is accepted when Calico's CRDs are installed instead of ours.
+    spec.setdefault("strictAffinity", False)
     return {"apiVersion": CRD_API_VERSION, "kind": "IPAMBlock",
             "metadata": {"name": cidr_to_name(cidr)}, "spec": spec}
+
+
+# Block fields that are null when unset: a CRD schema that does not mark them nullable (Calico's)
+# makes the API server drop them, so reading a block puts them back.
+_BLOCK_NULLABLE = ("affinity", "affinity_claim_time")
 
 
 def _block_convert(obj: dict[str, Any]) -> Converted | None:
@@ -257,7 +273,12 @@ def _block_convert(obj: dict[str, Any]) -> Converted | None:
     cidr = spec.get("cidr")
     if not isinstance(cidr, str):
         return None
-    return keys.block_key(cidr), _unrenamed(spec, _BLOCK_RENAMES)
+    value = _unrenamed(spec, _BLOCK_RENAMES)
+    if value.get("strictAffinity") is False:
+        del value["strictAffinity"]  # only ever written for Calico's CRD (block_object)
+    for field in _BLOCK_NULLABLE:
+        value.setdefault(field, None)
+    return keys.block_key(cidr), value
 
 
 def affinity_object(node: str, cidr: str, value: Any) -> dict[str, Any]:
@@ -499,21 +520,56 @@ WEP_REMOVE_PATCH: dict[str, Any] = {"metadata": {"annotations": {a: None for a i
 # Namespaces -> Profiles, NetworkPolicies -> Calico NetworkPolicies
 # --------------------------------------------------------------------------------------------
 
+# Namespace annotations the CNI plugin acts on (ipv4pools, ipFamilies); only these are carried to
+# the Profile, so that large unrelated annotations (last-applied-configuration) stay out of it.
+CNI_ANNOTATION_PREFIX = "cni.projectcalico.org/"
+
+
 def profile_value(obj: dict[str, Any]) -> dict[str, Any]:
     meta = _meta(obj)
     ns = meta.get("name", "")
     labels = {f"pcns.{k}": v for k, v in (meta.get("labels") or {}).items()}
     labels["pcns.projectcalico.org/name"] = ns
+    metadata: dict[str, Any] = {"name": PROFILE_PREFIX + ns}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(CNI_ANNOTATION_PREFIX)}
+    if annotations:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": CALICO_API_VERSION,
         "kind": "Profile",
-        "metadata": {"name": PROFILE_PREFIX + ns},
+        "metadata": metadata,
         "spec": {"ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}], "labelsToApply": labels},
     }
 
 
 def _namespace_convert(obj: dict[str, Any]) -> Converted | None:
     return keys.resource_key("profiles", PROFILE_PREFIX + _meta(obj).get("name", "")), profile_value(obj)
+
+
+def sa_profile_name(namespace: str, account: str) -> str:
+    return f"{SA_PROFILE_PREFIX}{namespace}.{account}"
+
+
+def sa_profile_value(obj: dict[str, Any]) -> dict[str, Any]:
+    """The ksa.<ns>.<sa> Profile of a ServiceAccount, as libcalico-go's KDD exposes it: no rules
+    (the namespace profile carries the allow-all), its labels as pcsa.<key> plus
+    pcsa.projectcalico.org/name."""
+    meta = _meta(obj)
+    labels = {f"pcsa.{k}": v for k, v in (meta.get("labels") or {}).items()}
+    labels["pcsa.projectcalico.org/name"] = meta.get("name", "")
+    return {
+        "apiVersion": CALICO_API_VERSION,
+        "kind": "Profile",
+        "metadata": {"name": sa_profile_name(meta.get("namespace", ""), meta.get("name", ""))},
+        "spec": {"labelsToApply": labels},
+    }
+
+
+def _sa_convert(obj: dict[str, Any]) -> Converted | None:
+    meta = _meta(obj)
+    if not meta.get("name") or not meta.get("namespace"):
+        return None
+    return keys.resource_key("profiles", sa_profile_name(meta["namespace"], meta["name"])), sa_profile_value(obj)
 
 
 def _k8s_np_key(obj: dict[str, Any]) -> str | None:
@@ -571,13 +627,15 @@ PODS = _simple("core/pods", CORE_API, "pods", True, keys.resource_prefix("worklo
                derived=True, key_of=_pod_key)
 NAMESPACES = _simple("core/namespaces", CORE_API, "namespaces", False, keys.resource_prefix("profiles"),
                      _namespace_convert, writable=False, derived=True)
+SERVICE_ACCOUNTS = _simple("core/serviceaccounts", CORE_API, "serviceaccounts", True, keys.resource_prefix("profiles"),
+                           _sa_convert, writable=False, derived=True)
 K8S_NETWORK_POLICIES = _simple("networking/networkpolicies", NETWORKING_API, "networkpolicies", True,
                                keys.resource_prefix("networkpolicies"), _k8s_np_convert, writable=False,
                                derived=True, key_of=_k8s_np_key)
 
 ALL_KINDS: tuple[Kind, ...] = (
     *RESOURCE_KINDS.values(), BLOCKS, AFFINITIES, HANDLES, IPAM_CONFIG, NODES, PODS, NAMESPACES,
-    K8S_NETWORK_POLICIES,
+    K8S_NETWORK_POLICIES, SERVICE_ACCOUNTS,
 )
 
 
@@ -614,6 +672,10 @@ def locate(key: str) -> Location:
             return Location(PODS, wep[2], parsed.namespace, parsed)
         if parsed.plural == "profiles" and parsed.namespace is None and parsed.name.startswith(PROFILE_PREFIX):
             return Location(NAMESPACES, parsed.name[len(PROFILE_PREFIX):], None, parsed)
+        if parsed.plural == "profiles" and parsed.namespace is None and parsed.name.startswith(SA_PROFILE_PREFIX):
+            namespace, dot, account = parsed.name[len(SA_PROFILE_PREFIX):].partition(".")
+            if dot and namespace and account:
+                return Location(SERVICE_ACCOUNTS, account, namespace, parsed)
     elif parsed.kind == "block":
         return Location(BLOCKS, cidr_to_name(parsed.name), None, parsed)
     elif parsed.kind == "affinity":

@@ -7,6 +7,7 @@ interface (design.md §3.1); change them only additively.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from felixpy.datastore.api import DatastoreError, Unavailable
-from felixpy.lab import pods, procs, state, topology
+from felixpy.lab import kube, pods, procs, state, topology
 from felixpy.lab.state import LabState, NodeState, PodState
 from felixpy.lab.topology import LabUsageError
 
@@ -65,13 +66,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)
+    kube_mode = args.datastore == "kubernetes"
+    if kube_mode:
+        kube.check_available()
     if os.path.isdir(topology.run_dir(lab)) or topology.fabric_netns(lab) in procs.netns_list():
         raise LabUsageError(f"lab {lab} already exists (felixpy-lab status --name {lab}; "
                             f"felixpy-lab down --name {lab})")
     started = time.monotonic()
     with state.locked(lab, create=True):
         st = LabState(name=lab, mode=args.mode, pool=pool, block_size=args.block_size,
-                      cross_subnet=args.cross_subnet)
+                      cross_subnet=args.cross_subnet, datastore=args.datastore)
         st.remember_netns(topology.fabric_netns(lab))
         for node_name in topology.node_names(args.nodes):
             ns = topology.node_netns(lab, node_name)
@@ -86,18 +90,32 @@ def cmd_up(args: argparse.Namespace) -> int:
         state.save(st)  # before anything exists, so that `down` can always clean up
         say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}"
             + (f", {args.route_reflectors} route reflectors (mesh off)" if args.route_reflectors else "")
-            + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else ""))
+            + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else "")
+            + (", datastore kubernetes" if kube_mode else ""))
 
         procs.build_fabric(lab, args.cross_subnet)
-        st.etcd_pid = procs.start_etcd(lab)
-        state.save(st)
-        say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
-            + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
-            + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
+        if not kube_mode:
+            st.etcd_pid = procs.start_etcd(lab)
+            state.save(st)
+            say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
+                + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
+                + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
         for node in st.nodes:
             procs.build_node(lab, node.name, args.cross_subnet)
-        procs.enter_netns(topology.fabric_netns(lab))
-        if not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
+        pods.enter_fabric(lab)
+        if kube_mode:
+            kube_started = time.monotonic()
+            try:
+                kube.start(st)
+            finally:
+                state.save(st)
+            st.heartbeat_pid = kube.start_heartbeat(lab)
+            state.save(st)
+            say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
+                + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
+                + f"kube-apiserver {kube.api_server()} (etcd, kube-apiserver, kube-controller-manager up in "
+                + f"{time.monotonic() - kube_started:.1f} s; Nodes registered, agents use the felixpy-node token)")
+        elif not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
             raise LabExit(1, f"etcd did not answer within {ETCD_READY_TIMEOUT:g} s; see "
                              f"{topology.run_dir(lab)}/etcd.log (felixpy-lab down --name {lab} cleans up)")
         reflectors = [n for n in st.nodes if n.route_reflector]
@@ -111,7 +129,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             if args.mode == "bgp":
                 _start_speaker(st, node)
             node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode,
-                                               cross_subnet=args.cross_subnet)
+                                               cross_subnet=args.cross_subnet, datastore=st.datastore)
             state.save(st)
             say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}"
                 + (f", exabgp pid {node.exabgp_pid}" if args.mode == "bgp" else ""))
@@ -205,7 +223,7 @@ def _start_bird(st: LabState, node: NodeState) -> None:
 def _start_reflector(st: LabState, node: NodeState) -> None:
     """BIRD 2 first (the lab owns it), then felixpy-node in route-reflector mode to drive it."""
     _start_bird(st, node)
-    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size)
+    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
     state.save(st)
     say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, route reflector pid {node.agent_pid}, "
         f"bird pid {node.bird_pid}")
@@ -248,8 +266,13 @@ def _status_data(st: LabState) -> dict[str, Any]:
     pod_list = [{"namespace": p.namespace, "name": p.name, "node": p.node, "labels": dict(p.labels),
                  "ips": list(p.ips), "netns": p.netns, "serve": list(p.serve)}
                 for p in pods.all_pods(st)]
-    return {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
-            "etcd": topology.ETCD_ENDPOINT, "nodes": nodes, "pods": pod_list}
+    data: dict[str, Any] = {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
+                            "datastore": st.datastore, "etcd": topology.ETCD_ENDPOINT, "nodes": nodes,
+                            "pods": pod_list}
+    if st.datastore == "kubernetes":
+        data["etcd"] = f"http://127.0.0.1:{kube.ETCD_PORT}"  # in the fabric netns, the API server's
+        data["apiServer"] = kube.api_server()
+    return data
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -277,7 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
-    say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), etcd {data['etcd']}"
+    where = f"kube-apiserver {data['apiServer']}" if st.datastore == "kubernetes" else f"etcd {data['etcd']}"
+    say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), {where}"
         + ("" if st.phase == "up" else f", {st.phase}"))
     if st.mode == "bgp":
         rows = [["NODE", "IP", "AGENT", "SPEAKER", "BGP", "BLOCKS"]]
@@ -304,29 +328,62 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- namespaces, pods, labels -------------------------------------------------------------------
 
-def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None) -> bool:
-    """Record the namespace and write its profile; True when it was new."""
+def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None,
+                      annotations: dict[str, str] | None = None) -> bool:
+    """Record the namespace and write its profile; True when it was new. annotations, when
+    given, replace the namespace's (None keeps them)."""
     new = namespace not in st.namespaces
     if labels is None:
         if not new:
             return False
         labels = {}
     st.namespaces[namespace] = pods.namespace_labels(namespace, labels)
+    if annotations is not None:
+        st.namespace_annotations[namespace] = dict(annotations)
+    if st.datastore == "kubernetes":
+        # A real Namespace: its Profile kns.<ns> is derived from it by the datastore.
+        kube.ensure_namespace(pods.kube_api(st.name), namespace, st.namespaces[namespace],
+                              st.namespace_annotations.get(namespace))
+        state.save(st)
+        return new
     store = pods.open_datastore(st.name)
     try:
-        pods.write_profile(store, namespace, st.namespaces[namespace])
+        pods.write_profile(store, namespace, st.namespaces[namespace], st.namespace_annotations.get(namespace))
     finally:
         store.close()
     state.save(st)
     return new
 
 
-def cmd_ns_add(args: argparse.Namespace) -> int:
-    namespace = topology.check_k8s_name("namespace", args.namespace)
+def cmd_sa_add(args: argparse.Namespace) -> int:
+    """A ServiceAccount, as felixpy-controllers mirror one in etcd mode: its ksa.<ns>.<sa> profile
+    (the account's labels, as pcsa.<key>, for policy's service account selectors)."""
+    ref = topology.parse_pod_ref(args.account)
     labels = topology.parse_labels(args.labels)
     with state.locked(args.name):
         st = state.load(args.name)
-        new = _ensure_namespace(st, namespace, labels)
+        if _ensure_namespace(st, ref.namespace, None):
+            say(f"namespace {ref.namespace} created")
+    if st.datastore == "kubernetes":
+        # The ServiceAccount itself: the Kubernetes datastore serves it as the ksa profile.
+        kube.ensure_service_account(pods.kube_api(st.name), ref.namespace, ref.name, labels)
+    else:
+        store = pods.open_datastore(st.name)
+        try:
+            pods.write_profile_value(store, pods.profile_for_service_account(ref.namespace, ref.name, labels))
+        finally:
+            store.close()
+    say(f"service account {ref} written")
+    return 0
+
+
+def cmd_ns_add(args: argparse.Namespace) -> int:
+    namespace = topology.check_k8s_name("namespace", args.namespace)
+    labels = topology.parse_labels(args.labels)
+    annotations = topology.parse_annotations(args.annotations) if args.annotations is not None else None
+    with state.locked(args.name):
+        st = state.load(args.name)
+        new = _ensure_namespace(st, namespace, labels, annotations)
     say(f"namespace {namespace} {'created' if new else 'updated'}: {_labels_text(st.namespaces[namespace])}")
     return 0
 
@@ -334,6 +391,7 @@ def cmd_ns_add(args: argparse.Namespace) -> int:
 def cmd_pod_add(args: argparse.Namespace) -> int:
     ref = topology.parse_pod_ref(args.pod)
     labels = topology.parse_labels(args.labels)
+    annotations = topology.parse_annotations(args.annotations)
     served = topology.parse_serve(args.serve)
     with state.locked(args.name):
         st = state.load(args.name)
@@ -344,16 +402,20 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             raise LabUsageError(f"pod {ref} already exists")
         if _ensure_namespace(st, ref.namespace, None):
             say(f"namespace {ref.namespace} created")
+        account = topology.check_k8s_name("service account", args.service_account) if args.service_account else ""
         pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
                        netns=topology.pod_netns(st.name, ref.namespace, ref.name),
-                       container_id=secrets.token_hex(32), labels=labels,
-                       serve=[f"{p.name}={p.spec()}" for p in served])
+                       container_id=secrets.token_hex(32), labels=labels, annotations=annotations,
+                       serve=[f"{p.name}={p.spec()}" for p in served], service_account=account)
         if pod.netns in procs.netns_list():
             raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
         st.pods.append(pod)
         st.remember_netns(pod.netns)
         state.save(st)
+        api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
         try:
+            if api is not None:
+                kube.create_pod(api, pod, node.ip)  # the user's Pod, bound by the "scheduler"
             procs.netns_add(pod.netns)
             result = pods.run_cni(st.name, "ADD", pod)
         except Exception:
@@ -361,11 +423,14 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             raise
         pod.ips = pods.result_ips(result)
         state.save(st)
-        store = pods.open_datastore(st.name)
-        try:
-            pods.sync_workload_endpoint(store, pod)
-        finally:
-            store.close()
+        if api is not None:
+            kube.pod_running(api, pod, node.ip)  # the kubelet's status report
+        else:
+            store = pods.open_datastore(st.name)
+            try:
+                pods.sync_workload_endpoint(store, pod)
+            finally:
+                store.close()
         if served:
             pod.server_pid = pods.start_server(st.name, pod)
             state.save(st)
@@ -381,6 +446,11 @@ def _forget_pod(st: LabState, pod: PodState) -> None:
     except Exception as e:  # the ADD already failed; DEL is best effort
         log.debug("cleanup DEL failed pod=%s err=%s", pod.ref, e)
     procs.netns_del(pod.netns)
+    if st.datastore == "kubernetes":
+        try:
+            kube.finish_delete(pods.kube_api(st.name), pod)
+        except topology.LabUsageError as e:
+            log.debug("cleanup pod delete failed pod=%s err=%s", pod.ref, e)
     st.pods.remove(pod)
     st.netns.remove(pod.netns)
     state.save(st)
@@ -391,10 +461,15 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
     with state.locked(args.name):
         st = state.load(args.name)
         pod = st.pod(ref.namespace, ref.name)
+        api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
+        if api is not None:
+            kube.begin_delete(api, pod)  # deletionTimestamp: the pod is Terminating
         pods.run_cni(st.name, "DEL", pod)
         pids = procs.netns_pids(pod.netns) if pod.netns in procs.netns_list() else set()
         procs.stop_pids(pids)
         procs.netns_del(pod.netns)
+        if api is not None:
+            kube.finish_delete(api, pod)  # the kubelet confirms: gone
         st.pods.remove(pod)
         if pod.netns in st.netns:
             st.netns.remove(pod.netns)
@@ -416,12 +491,16 @@ def cmd_label(args: argparse.Namespace) -> int:
             return 0
         ref = topology.parse_pod_ref(args.target)
         pod = st.pod(ref.namespace, ref.name)
+        old = dict(pod.labels)
         pod.labels = topology.apply_label_changes(pod.labels, args.changes)
-        store = pods.open_datastore(st.name)
-        try:
-            pods.sync_workload_endpoint(store, pod)
-        finally:
-            store.close()
+        if st.datastore == "kubernetes":
+            kube.set_pod_labels(pods.kube_api(st.name), pod, old)
+        else:
+            store = pods.open_datastore(st.name)
+            try:
+                pods.sync_workload_endpoint(store, pod)
+            finally:
+                store.close()
         state.save(st)
     say(f"pod {ref} labelled: {_labels_text(pod.labels)}")
     return 0
@@ -442,6 +521,23 @@ def cmd_apply(args: argparse.Namespace, delete: bool = False) -> int:
     # kube-controllers store them (knp.default.<name>) by apply_resources itself.
     st = state.load(args.name)
     mode = "delete" if delete else "apply"
+    if st.datastore == "kubernetes" and any(kube.is_k8s_policy(d.obj) for d in docs):
+        # Kubernetes NetworkPolicies go to the API server as what they are (its validation, its
+        # errors); the datastore reads them back as knp.default.<name>.
+        k8s = [(d.source, d.obj) for d in docs if kube.is_k8s_policy(d.obj)]
+        docs = [d for d in docs if not kube.is_k8s_policy(d.obj)]
+        if docs:
+            from felixpy.model import resources
+
+            for doc in docs:
+                try:
+                    resources.validate(doc.obj)
+                except resources.ValidationError as e:
+                    raise LabUsageError(f"{doc.source}: {e}") from None
+        for line in kube.apply_policies(pods.kube_api(st.name), k8s, delete):
+            say(line)
+        if not docs:
+            return 0
     store = pods.open_datastore(st.name)
     try:
         summary = apply_resources(store, docs, mode)
@@ -486,18 +582,33 @@ def _finish_probe(proc: subprocess.Popen[str], src: PodState, count: int, timeou
     return [bool(r) for r in result]
 
 
+def _ip_address(text: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
-    src_ref, dst_ref = topology.parse_pod_ref(args.src), topology.parse_pod_ref(args.dst)
+    src_ref = topology.parse_pod_ref(args.src)
     st = state.load(args.name)
-    src, dst = st.pod(src_ref.namespace, src_ref.name), st.pod(dst_ref.namespace, dst_ref.name)
+    src = st.pod(src_ref.namespace, src_ref.name)
     proto = args.proto.lower()
-    target = _targets(proto, args.port, dst)
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
-    if target is None:
-        say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
-        return 1
+    # DST may be an address (a node's, a NodePort's): the probe goes there as it would to a pod.
+    address = _ip_address(args.dst)
+    if address is not None:
+        label, target = address, (f"icmp:{address}" if proto == "icmp" else f"{proto}:{address}:{args.port}")
+    else:
+        dst_ref = topology.parse_pod_ref(args.dst)
+        dst = st.pod(dst_ref.namespace, dst_ref.name)
+        found = _targets(proto, args.port, dst)
+        if found is None:
+            say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
+            return 1
+        label, target = f"{dst.ref} ({dst.ips[0]})", found
     ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
-    say(f"{src.ref} -> {dst.ref} ({dst.ips[0]}) {what}: {'connected' if ok else 'blocked'}")
+    say(f"{src.ref} -> {label} {what}: {'connected' if ok else 'blocked'}")
     return 0 if ok else 1
 
 
@@ -573,8 +684,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         netns = st.pod(ref.namespace, ref.name).netns
     else:
         netns = st.node(args.target).netns
-    env = {**os.environ, "PATH": f"{procs.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT, "DATASTORE_TYPE": "etcdv3"}
+    env = {**os.environ, "PATH": f"{procs.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    if st.datastore == "kubernetes":
+        env.update({"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": kube.admin_kubeconfig(st.name)})
+    else:
+        env.update({"ETCD_ENDPOINTS": topology.ETCD_ENDPOINT, "DATASTORE_TYPE": "etcdv3"})
     if args.target != "fabric" and "/" not in args.target:
         # What the node's agent uses, so that `exec n1 -- felixctl node status` finds its status.
         env.update({"FELIXPY_STATE_DIR": f"{topology.node_dir(st.name, args.target)}/lib",
@@ -598,12 +712,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
             if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
             if node.route_reflector:
-                node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size)
+                node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
                 state.save(st)
                 problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             else:
                 node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
-                                                   cross_subnet=st.cross_subnet)
+                                                   cross_subnet=st.cross_subnet, datastore=st.datastore)
                 state.save(st)
                 problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
@@ -645,6 +759,36 @@ def _reflector_speaker(st: LabState, node: NodeState, action: str) -> int:
     return 0
 
 
+def cmd_apiserver(args: argparse.Namespace) -> int:
+    """--datastore kubernetes: stop, start or restart the lab's kube-apiserver (etcd keeps the data)."""
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if st.datastore != "kubernetes":
+            raise LabUsageError(f"lab {st.name} runs on etcd: it has no kube-apiserver (up --datastore kubernetes)")
+        pid = st.kube_pids.get("kube-apiserver", 0)
+        if args.action in ("stop", "restart"):
+            procs.stop_pids({pid} & procs.marked_pids(st.name))
+            say("kube-apiserver stopped")
+        if args.action in ("start", "restart"):
+            if procs.alive(pid) and pid in procs.marked_pids(st.name):
+                raise LabUsageError(f"kube-apiserver already running (pid {pid})")
+            cp = pods.kube_api(st.name)
+            cp.pids.update(st.kube_pids)
+            try:
+                cp.start_apiserver()
+                # The controller-manager exits when the API server goes away while it is still
+                # starting its controllers; a kubelet would restart it: so does the lab.
+                for part in cp.ensure_running():
+                    say(f"{part} was not running: started")
+            except kube.ControlPlaneError as e:
+                raise LabExit(1, str(e)) from None
+            finally:
+                st.kube_pids.update(cp.pids)
+                state.save(st)
+            say(f"kube-apiserver ready (pid {st.kube_pids['kube-apiserver']})")
+    return 0
+
+
 # --- argument parsing ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -668,6 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route-reflectors", type=int, default=0)
     p.add_argument("--pool", default="10.244.0.0/16")
     p.add_argument("--block-size", type=int, default=26)
+    p.add_argument("--datastore", choices=("etcd", "kubernetes"), default="etcd",
+                   help="kubernetes: a real kube-apiserver in the lab's fabric (scripts/build-kube.sh)")
 
     p = add("down", cmd_down, "stop every process of the lab and delete its namespaces")
 
@@ -680,6 +826,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ns_add)
     p.add_argument("namespace")
     p.add_argument("--labels", default="")
+    p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
+                   help="a namespace annotation, e.g. cni.projectcalico.org/ipv4pools='[\"pool\"]' (repeatable)")
+
+    sa = add("sa", lambda a: 0, "service accounts")
+    sa_sub = sa.add_subparsers(dest="sa_command", metavar="add", required=True)
+    p = sa_sub.add_parser("add", parents=[common], help="add (or relabel) a service account")
+    p.set_defaults(func=cmd_sa_add)
+    p.add_argument("account", metavar="NS/SA")
+    p.add_argument("--labels", default="")
 
     pod = add("pod", lambda a: 0, "pods")
     pod_sub = pod.add_subparsers(dest="pod_command", metavar="add|del", required=True)
@@ -688,7 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pod", metavar="NS/POD")
     p.add_argument("--node", required=True)
     p.add_argument("--labels", default="")
+    p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
+                   help="a pod annotation, e.g. cni.projectcalico.org/ipAddrs='[\"10.244.1.7\"]' (repeatable)")
     p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
+    p.add_argument("--service-account", default="", metavar="SA",
+                   help="the pod's serviceAccountName (its labels: `sa add`)")
     p = pod_sub.add_parser("del", parents=[common], help="delete a pod (real CNI DEL)")
     p.set_defaults(func=cmd_pod_del)
     p.add_argument("pod", metavar="NS/POD")
@@ -705,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")
     p.add_argument("src", metavar="NS/A")
-    p.add_argument("dst", metavar="NS/B")
+    p.add_argument("dst", metavar="NS/B|IP", help="a pod, or an IPv4 address (a node's, a NodePort's)")
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--proto", choices=("tcp", "udp", "icmp"), default="tcp")
     p.add_argument("--timeout", type=float, default=1.0)
@@ -722,6 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("agent", cmd_agent, "stop, start or restart one node's agent")
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
+
+    p = add("apiserver", cmd_apiserver, "--datastore kubernetes: stop, start or restart the lab's kube-apiserver")
+    p.add_argument("action", choices=("stop", "start", "restart"))
 
     p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP (a reflector's BIRD)")
     p.add_argument("action", choices=("stop", "start", "restart"))
@@ -757,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except Unavailable as e:
-        print(f"{PROG}: lab {args.name}: etcd is not answering ({e})", file=sys.stderr)
+        print(f"{PROG}: lab {args.name}: the datastore is not answering ({e})", file=sys.stderr)
         return 1
     except DatastoreError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -3,8 +3,12 @@
 A pod is a netns plumbed by the real `felixpy-cni` exactly as kubelet runs it (env + stdin, inside
 the node's netns). The agent allocates the IP, plumbs the veth and writes the WorkloadEndpoint;
 the lab then does what Calico's kube-controllers do: it keeps the WorkloadEndpoint's labels and
-named ports in step with the pod (compare-and-swap updates), and keeps one Profile `kns.<ns>` per
-namespace carrying the namespace's labels.
+named ports (and service account) in step with the pod (compare-and-swap updates), and keeps one
+Profile `kns.<ns>` per namespace carrying the namespace's labels (and its `cni.projectcalico.org/*`
+annotations, as the Kubernetes datastore and felixpy-controllers' mirror carry them) and one
+`ksa.<ns>.<sa>` per service account (`sa add`) carrying the account's. A pod's annotations reach
+the agent the way containerd and CRI-O pass them to a plugin declaring the capability:
+`runtimeConfig["io.kubernetes.cri.pod-annotations"]` in the network config of each CNI call.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 CNI_NETWORK = "k8s-pod-network"
 CAS_ATTEMPTS = 10
 NS_LABEL = "kubernetes.io/metadata.name"
+CNI_ANNOTATION_PREFIX = "cni.projectcalico.org/"
+POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 
 
 class CNIError(Exception):
@@ -40,12 +46,32 @@ class CNIError(Exception):
 _entered_fabric: str | None = None
 
 
-def open_datastore(lab: str) -> Datastore:
-    """The lab's etcd, reached from inside its fabric netns (the CLI process moves there once)."""
+def enter_fabric(lab: str) -> None:
+    """Move this process into the lab's fabric netns, once: etcd and the API server listen there."""
     global _entered_fabric
     if _entered_fabric != lab:
         procs.enter_netns(topology.fabric_netns(lab))
         _entered_fabric = lab
+
+
+def kube_api(lab: str) -> Any:
+    """The lab's control plane (--datastore kubernetes), for the cluster admin's API calls."""
+    from felixpy.lab import kube
+
+    enter_fabric(lab)
+    return kube.control_plane(lab)
+
+
+def open_datastore(lab: str) -> Datastore:
+    """The lab's etcd, or its API server as the cluster admin (--datastore kubernetes), reached
+    from inside its fabric netns (the CLI process moves there once)."""
+    enter_fabric(lab)
+    from felixpy.lab import kube
+
+    if kube.is_kube_lab(lab):
+        from felixpy.datastore.kube import KubeDatastore, load_settings
+
+        return KubeDatastore(load_settings(kubeconfig=kube.admin_kubeconfig(lab)))
     # Imported only now: the gRPC machinery must start its threads inside the fabric netns.
     from felixpy.datastore.etcd import EtcdDatastore
 
@@ -58,14 +84,19 @@ def namespace_labels(namespace: str, labels: dict[str, str]) -> dict[str, str]:
     return {**labels, NS_LABEL: namespace}
 
 
-def profile_for_namespace(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+def profile_for_namespace(namespace: str, labels: dict[str, str],
+                          annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """Calico's `kns.<ns>` profile: allow all, and hand the namespace's labels to its pods as pcns.*."""
     to_apply = {"pcns.projectcalico.org/name": namespace}
     to_apply.update({f"pcns.{k}": v for k, v in namespace_labels(namespace, labels).items()})
+    metadata: dict[str, Any] = {"name": f"kns.{namespace}"}
+    cni = {k: v for k, v in (annotations or {}).items() if k.startswith(CNI_ANNOTATION_PREFIX)}
+    if cni:
+        metadata["annotations"] = cni
     return {
         "apiVersion": "projectcalico.org/v3",
         "kind": "Profile",
-        "metadata": {"name": f"kns.{namespace}"},
+        "metadata": metadata,
         "spec": {
             "ingress": [{"action": "Allow"}],
             "egress": [{"action": "Allow"}],
@@ -74,8 +105,20 @@ def profile_for_namespace(namespace: str, labels: dict[str, str]) -> dict[str, A
     }
 
 
-def write_profile(store: Datastore, namespace: str, labels: dict[str, str]) -> None:
-    value = profile_for_namespace(namespace, labels)
+def profile_for_service_account(namespace: str, account: str, labels: dict[str, str]) -> dict[str, Any]:
+    """Calico's `ksa.<ns>.<sa>` profile: no rules, the account's labels for its pods as pcsa.*."""
+    to_apply = {"pcsa.projectcalico.org/name": account, **{f"pcsa.{k}": v for k, v in labels.items()}}
+    return {"apiVersion": "projectcalico.org/v3", "kind": "Profile",
+            "metadata": {"name": f"ksa.{namespace}.{account}"}, "spec": {"labelsToApply": to_apply}}
+
+
+def write_profile(store: Datastore, namespace: str, labels: dict[str, str],
+                  annotations: dict[str, str] | None = None) -> None:
+    write_profile_value(store, profile_for_namespace(namespace, labels, annotations))
+
+
+def write_profile_value(store: Datastore, value: dict[str, Any]) -> None:
+    """Create or update one Profile, compare-and-swap, bounded retries."""
     key = keys.resource_key("profiles", value["metadata"]["name"])
     for _ in range(CAS_ATTEMPTS):
         try:
@@ -99,9 +142,15 @@ def write_profile(store: Datastore, namespace: str, labels: dict[str, str]) -> N
 
 # --- CNI ----------------------------------------------------------------------------------------
 
-def cni_config(lab: str, node: str) -> dict[str, Any]:
-    return {"cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "felixpy",
-            "agent_socket": topology.cni_socket(lab, node), "mtu": 0}
+def cni_config(lab: str, node: str, pod: PodState | None = None) -> dict[str, Any]:
+    """The network config as the runtime hands it to the plugin: with the pod's annotations in
+    runtimeConfig, as containerd does for a plugin declaring the pod-annotations capability."""
+    config: dict[str, Any] = {"cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "felixpy",
+                              "agent_socket": topology.cni_socket(lab, node), "mtu": 0,
+                              "capabilities": {POD_ANNOTATIONS_CAPABILITY: True}}
+    if pod is not None:
+        config["runtimeConfig"] = {POD_ANNOTATIONS_CAPABILITY: dict(pod.annotations)}
+    return config
 
 
 def cni_env(command: str, pod: PodState) -> dict[str, str]:
@@ -141,7 +190,7 @@ def run_cni(lab: str, command: str, pod: PodState, timeout: float = 60.0) -> dic
     """Run the CNI plugin in the node's netns as kubelet would; returns the parsed result (ADD) or {}."""
     argv = ["ip", "netns", "exec", topology.node_netns(lab, pod.node), cni_plugin(lab)]
     try:
-        done = subprocess.run(argv, input=json.dumps(cni_config(lab, pod.node)),
+        done = subprocess.run(argv, input=json.dumps(cni_config(lab, pod.node, pod)),
                               env=cni_env(command, pod), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -173,8 +222,11 @@ def wep_key(pod: PodState) -> str:
 
 
 def wep_labels(pod: PodState) -> dict[str, str]:
-    return {**pod.labels, "projectcalico.org/namespace": pod.namespace,
-            "projectcalico.org/orchestrator": "k8s"}
+    labels = {**pod.labels, "projectcalico.org/namespace": pod.namespace,
+              "projectcalico.org/orchestrator": "k8s"}
+    if pod.service_account:
+        labels["projectcalico.org/serviceaccount"] = pod.service_account
+    return labels
 
 
 def wep_ports(pod: PodState) -> list[dict[str, object]]:
@@ -201,6 +253,10 @@ def sync_workload_endpoint(store: Datastore, pod: PodState, wait: float = 10.0) 
             spec["ports"] = ports
         else:
             spec.pop("ports", None)
+        if pod.service_account:
+            spec["serviceAccountName"] = pod.service_account
+        else:
+            spec.pop("serviceAccountName", None)
         if value == current.value:
             return
         try:

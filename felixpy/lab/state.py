@@ -37,9 +37,11 @@ class PodState:
     netns: str
     container_id: str
     labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)  # passed to the CNI plugin as the runtime does
     serve: list[str] = field(default_factory=list)  # "name=proto:port"
     ips: list[str] = field(default_factory=list)
     server_pid: int = 0
+    service_account: str = ""  # the pod's serviceAccountName ("": none)
 
     @property
     def ref(self) -> str:
@@ -55,10 +57,14 @@ class LabState:
     nodes: list[NodeState] = field(default_factory=list)
     pods: list[PodState] = field(default_factory=list)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # ns -> labels
+    namespace_annotations: dict[str, dict[str, str]] = field(default_factory=dict)  # ns -> annotations
     netns: list[str] = field(default_factory=list)  # every netns the lab may have created
     etcd_pid: int = 0
     cross_subnet: bool = False  # even nodes on the fabric's second subnet; pools use CrossSubnet
     phase: str = "starting"  # starting | up
+    datastore: str = "etcd"  # etcd | kubernetes (a real control plane in the fabric: lab/kube.py)
+    kube_pids: dict[str, int] = field(default_factory=dict)  # etcd, kube-apiserver, kube-controller-manager
+    heartbeat_pid: int = 0  # kubernetes: the process renewing the nodes' Leases (the kubelets' part)
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:

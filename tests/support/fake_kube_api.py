@@ -61,6 +61,7 @@ from urllib.parse import parse_qs, urlsplit
 CRD_GROUP_VERSION = "crd.projectcalico.org/v1"
 CRD_RESOURCES: dict[str, tuple[str, bool]] = {  # plural -> (kind, namespaced)
     "ippools": ("IPPool", False),
+    "ipreservations": ("IPReservation", False),
     "ipamblocks": ("IPAMBlock", False),
     "blockaffinities": ("BlockAffinity", False),
     "ipamhandles": ("IPAMHandle", False),
@@ -71,6 +72,10 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {  # plural -> (kind, namespaced)
     "networkpolicies": ("NetworkPolicy", True),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", False),
     "clusterinformations": ("ClusterInformation", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -419,7 +424,7 @@ class FakeKubeAPI:
             if revision <= self._compacted:
                 raise ApiError(410, "Expired", "The provided continue parameter is too old to display a "
                                               "consistent list result.")
-            listing = {"kind": target.rtype.kind + "List", "apiVersion": target.rtype.group_version,
+            listing: dict[str, Any] = {"kind": target.rtype.kind + "List", "apiVersion": target.rtype.group_version,
                        "metadata": {"resourceVersion": str(revision)}, "items": items}
         else:
             listing = self._list(target)
