@@ -303,6 +303,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         node_labels=lambda: agent.status.node_labels,
         wait_programmed=agent.waiter.wait,
         ready=ready,
+        adopt_routes=agent.adopt_routes,
         iface_prefix=config.felix.interface_prefixes[0],
         observe=metrics.observe_cni,
         datastore_ready=lambda: watch.datastore_ready,
