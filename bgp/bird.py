@@ -1,16 +1,30 @@
 """Render BIRD 2 configuration for a felixpy route reflector.
 
-ExaBGP cannot reflect routes (exabgp-notes §6), so a node in route-reflector mode runs BIRD 2 with
-this configuration: one `protocol bgp` per peer from `bgp.peers.select_peers` (its clients are the
-peers with `rr_client`, marked `rr client; rr cluster id`; other reflectors of the same cluster are
-plain iBGP), reflection only — no kernel protocol, so the reflector never programs its own FIB, and
-only BGP-learned routes are exported. Timers follow Calico's `bgp_template` (calico-reference §3.6):
-`connect delay time 2; connect retry time 5; error wait time 5,30` (the last keeps a reconfigured
-peer from being held down for BIRD's default 60 s), graceful restart with the peer's restart time.
+ExaBGP cannot reflect routes (exabgp-notes §6), so a reflector runs BIRD 2 with this
+configuration: one `protocol bgp` per peer from `bgp.peers.select_peers` (its clients are the
+peers with `rr_client`, marked `rr client; rr cluster id`; other reflectors of the same cluster
+are plain iBGP, but with the cluster ID as their `rr cluster id` too, so that the CLUSTER_LIST a
+route carries names the cluster and not one reflector's router ID), reflection only — no kernel
+protocol, so BIRD never programs the FIB. Timers follow Calico's `bgp_template`
+(calico-reference §3.6): `connect delay time 2; connect retry time 5; error wait time 5,30` (the
+last keeps a reconfigured peer from being held down for BIRD's default 60 s), graceful restart
+with the peer's restart time.
 
 Peers on the reflector's own L2 segment are `direct` with `gateway direct` (BIRD makes iBGP
 multihop by default and would then try to resolve next hops recursively, with no IGP to do it).
 Pass `multihop=True` for reflectors that reach clients through routers.
+
+The BGPPeer and BGPConfiguration fields render as confd renders them: `localASNumber` (`local
+as`), `keepaliveTime` (`keepalive time`), `ttlSecurity` (`ttl security on; multihop N`),
+`numAllowedLocalASNumbers` (`allow local as N`), `nextHopMode` (`next hop self|keep`), BGPFilters
+(one function per filter and direction, bgp.filters, called in the BGPPeer's order ahead of the
+default), prefixAdvertisement communities (added to everything reflected that no filter
+decided), `listenPort` (`local … port P`) and `bindMode NodeIP` (`strict bind`: BIRD 2 binds the
+listening socket to the sessions' local address; without it to every address, Calico's None).
+
+A reflector that is also a node running pods (`local_agent`) has one more session: its own agent's
+ExaBGP, over loopback (`Local_Agent`, an rr client: the agent announces the node's own routes into
+BIRD and learns everything BIRD reflects). Its next hops are resolved through `protocol direct`.
 
 Apply a new rendering with `birdc configure`: BIRD keeps unchanged sessions up.
 BIRD strings have no escapes, so passwords containing `"` or a newline are refused.
@@ -19,10 +33,37 @@ Pure text rendering.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+from dataclasses import dataclass
 from typing import Sequence
 
-from bgp.peers import Peer
+from bgp.advertise import CommunityRule
+from bgp.filters import BGPFilter, bird_calls, render_bird_functions
+from bgp.peers import Peer, PeerType
+
+LOCAL_AGENT_NAME = "Local_Agent"
+# BIRD's log levels per BGPConfiguration logSeverityScreen, as confd maps them (debug/info; the rest
+# only errors): `debug` statements of the BGP protocols.
+_DEBUG = {"Debug": "all", "Trace": "all", "Info": "{ states }"}
+
+
+@dataclass(frozen=True)
+class LocalAgent:
+    """The node's own ExaBGP, seen from its BIRD: where it connects from and listens."""
+
+    address: str  # a loopback address the agent's ExaBGP binds, e.g. 127.0.0.2
+    port: int  # where that ExaBGP listens, so BIRD can connect too (it holds the BGP port itself)
+
+
+def hashed_router_id(name: str, *, avoid: str = "") -> str:
+    """A stable IPv4 router ID from a name (Calico's CALICO_ROUTER_ID=hash idea), never `avoid`."""
+    digest = hashlib.sha256(name.encode()).digest()
+    for i in range(0, len(digest) - 3):
+        candidate = str(ipaddress.IPv4Address(digest[i:i + 4]))
+        if candidate not in (avoid, "0.0.0.0", "255.255.255.255"):
+            return candidate
+    raise ValueError(f"no router ID for {name!r}")  # pragma: no cover - 29 candidates
 
 
 def _quoted(value: str, what: str) -> str:
@@ -31,70 +72,124 @@ def _quoted(value: str, what: str) -> str:
     return f'"{value}"'
 
 
+def _next_hop(peer: Peer, node_as: int) -> str:
+    if peer.next_hop_mode == "Self":
+        return "next hop self;"
+    if peer.next_hop_mode == "Keep":
+        return "next hop keep;"
+    # Auto: reflection keeps the client's next hop on iBGP; eBGP only keeps it when asked to
+    # (keepOriginalNextHop, which confd honours for eBGP peers only).
+    ebgp = peer.is_ebgp(node_as)
+    return "next hop keep;" if (not ebgp or peer.keep_original_next_hop) else "next hop self;"
+
+
 def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str | None,
-              multihop: bool) -> list[str]:
+              multihop: bool, filter_order: Sequence[str], communities: bool, listen_port: int) -> list[str]:
     ipaddress.ip_address(peer.address)
     neighbor = f"neighbor {peer.address}" + (f" port {peer.port}" if peer.port != 179 else "")
+    local_as = peer.local_as_for(as_number)
+    ebgp = peer.is_ebgp(as_number)
+    local = peer.type is PeerType.LOCAL
     lines = [
         f"protocol bgp {peer.name} from felixpy_template {{",
         f'  description "{peer.type.value}";',
-        f"  local {local_address} as {as_number};",
+        f"  local {local_address}{f' port {listen_port}' if listen_port != 179 else ''} as {local_as};",
         f"  {neighbor} as {peer.as_number};",
-        "  multihop;" if multihop else "  direct;",
     ]
+    hops = multihop or local or bool(peer.ttl_security)
+    if peer.ttl_security:
+        lines += ["  ttl security on;", f"  multihop {peer.ttl_security};"]
+    else:
+        lines.append("  multihop;" if hops else "  direct;")
     if peer.rr_client:
         if cluster_id is None:
             raise ValueError(f"peer {peer.address} is a route-reflector client but no cluster ID is set")
         lines += ["  rr client;", f"  rr cluster id {cluster_id};"]
+    elif cluster_id is not None and not ebgp and peer.remote_cluster_id == cluster_id:
+        # Another reflector of this cluster: not a client, but the CLUSTER_LIST it and we write
+        # names the cluster (BIRD's default for a non-client session is the router ID).
+        lines.append(f"  rr cluster id {cluster_id};")
     if peer.password:
         lines.append(f"  password {_quoted(peer.password, 'BGP password')};")
+    if peer.keepalive_time:
+        lines.append(f"  keepalive time {peer.keepalive_time};")
+    if peer.num_allowed_local_as:
+        lines.append(f"  allow local as {peer.num_allowed_local_as};")
     if peer.max_restart_time > 0:
         lines += ["  graceful restart on;", f"  graceful restart time {peer.max_restart_time};"]
     else:
         lines.append("  graceful restart off;")
     if peer.passive:
         lines.append("  passive on;")
-    # iBGP reflection keeps the client's next hop by default; eBGP needs it asked for.
-    next_hop = "next hop keep;" if (peer.keep_original_next_hop or peer.as_number == as_number) else "next hop self;"
+    if local:
+        # The node's own agent: reconnect at once after its ExaBGP restarts.
+        lines += ["  connect delay time 1;", "  connect retry time 1;", "  error wait time 1, 2;"]
+    import_calls = bird_calls(peer.filters, filter_order, "import", ebgp=ebgp)
+    export_calls = bird_calls(peer.filters, filter_order, "export", ebgp=ebgp)
+    default_export = "if source = RTS_BGP then { felixpy_communities(); accept; }" if communities else \
+        "if source = RTS_BGP then accept;"
     lines += [
         "  ipv4 {",
-        "    import all;",
-        "    export where source = RTS_BGP;",
-        f"    {next_hop}",
-        "    gateway recursive;" if multihop else "    gateway direct;",
+        "    import " + ("all;" if not import_calls else "filter { " + " ".join(import_calls) + " accept; };"),
+        "    export filter { " + " ".join(export_calls + [default_export, "reject;"]) + " };",
+        f"    {_next_hop(peer, as_number)}",
+        "    gateway recursive;" if hops else "    gateway direct;",
         "  };",
         "}",
     ]
     return lines
 
 
+def _communities_function(rules: Sequence[CommunityRule]) -> list[str]:
+    lines = ["# prefixAdvertisements: communities on what is exported and no BGPFilter decided",
+             "function felixpy_communities() {"]
+    for rule in rules:
+        adds = [f"bgp_community.add(({c.replace(':', ', ')}));" for c in rule.communities]
+        adds += [f"bgp_large_community.add(({c.replace(':', ', ')}));" for c in rule.large_communities]
+        if adds:
+            lines.append(f"  if net ~ {rule.cidr} then {{ {' '.join(adds)} }}")
+    lines.append("}")
+    return lines
+
+
 def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | None,
                           peers: Sequence[Peer], local_address: str | None = None,
-                          log_file: str | None = None, multihop: bool = False) -> str:
+                          log_file: str | None = None, multihop: bool = False,
+                          listen_address: str | None = None, listen_port: int = 179,
+                          filters: Sequence[BGPFilter] = (), communities: Sequence[CommunityRule] = (),
+                          log_severity: str = "Info") -> str:
     """BIRD 2 configuration text for a reflector (deterministic for the same inputs)."""
     ipaddress.IPv4Address(router_id)
     if cluster_id is not None:
         ipaddress.IPv4Address(cluster_id)
     if not 0 < as_number < 2**32:
         raise ValueError(f"invalid AS number {as_number}")
+    if not 0 < listen_port < 65536:
+        raise ValueError(f"invalid listen port {listen_port}")
     local = local_address or router_id
+    has_local_agent = any(p.type is PeerType.LOCAL for p in peers)
     lines = ["# BIRD 2 route reflector, rendered by felixpy (bgp.bird). Do not edit."]
     if log_file is not None:
         lines.append(f"log {_quoted(log_file, 'log file')} all;")
     else:
         lines.append("log stderr { warning, error, fatal };")
-    lines += [
-        f"router id {router_id};",
-        "",
-        "protocol device { scan time 10; }",
-    ]
-    if multihop:
+    lines.append(f"router id {router_id};")
+    lines += ["", "protocol device { scan time 10; }"]
+    if multihop or has_local_agent:
         # Recursive next-hop resolution needs the connected routes in BIRD's table.
         lines.append("protocol direct { ipv4; }")
+    lines.append("# No kernel protocol: a reflector never programs its own FIB.")
+    filter_order = [f.name for f in filters]
+    lines += ["", *render_bird_functions(filters)] if filters else []
+    lines += ["", *_communities_function(communities)] if communities else []
+    debug = _DEBUG.get(log_severity)
     lines += [
-        "# No kernel protocol: a reflector never programs its own FIB.",
         "",
         "template bgp felixpy_template {",
+        *([f"  debug {debug};"] if debug else []),
+        # bindMode NodeIP: listen on the node's address only (BIRD binds every session's
+        # `local` address; without it, every address).
+        *(["  strict bind yes;"] if listen_address is not None else []),
         "  connect delay time 2;",
         "  connect retry time 5;",
         "  error wait time 5, 30;",
@@ -102,6 +197,7 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
     ]
     for peer in sorted(peers, key=lambda p: int(ipaddress.ip_address(p.address))):
         lines.append("")
-        lines += _protocol(peer, local_address=local, as_number=as_number, cluster_id=cluster_id,
-                           multihop=multihop)
+        lines += _protocol(peer, local_address=(listen_address or peer.source_address or local),
+                           as_number=as_number, cluster_id=cluster_id, multihop=multihop,
+                           filter_order=filter_order, communities=bool(communities), listen_port=listen_port)
     return "\n".join(lines) + "\n"

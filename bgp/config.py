@@ -16,6 +16,13 @@ Pure text rendering (tested as strings). The choices follow the measured spike
   negotiated graceful restart.
 - MD5 passwords are written base64-encoded (`md5-base64 true`), so any secret survives ExaBGP's
   tokeniser unquoted and unescaped.
+- Per-session BGPPeer knobs: `localASNumber` is the neighbour's `local-as`; `ttlSecurity N` is
+  GTSM, `incoming-ttl 256-N` (ExaBGP then sends with TTL 255, as BIRD's `ttl security on`);
+  `keepaliveTime K` becomes `hold-time 3K`: ExaBGP 5.0.15 has no keepalive setting of its own and
+  sends keepalives every negotiated hold time / 3 (measured: exabgp/bgp/timer.py), so this is how
+  keepalives go out every K seconds. The session's listen port is the node's BGP listen port.
+- The listening socket is bound to the node address (ExaBGP binds `md5-ip`, which is also the
+  source of its outgoing connections), whatever BGPConfiguration bindMode says; see docs/bgp.md.
 
 Neighbours are static in ExaBGP: change them by re-rendering the file and sending SIGUSR1 (never
 SIGHUP, which shuts ExaBGP down). Changing an existing neighbour's stanza tears its session down
@@ -49,7 +56,6 @@ class SpeakerConfig:
     sidecar_socket: str  # unix socket the sidecar serves the agent on
     python: str = sys.executable  # interpreter that runs `-m bgp.sidecar`
     hold_time: int = DEFAULT_HOLD_TIME
-    listen_port: int = 179
 
 
 def sidecar_command(python: str, socket_path: str) -> str:
@@ -68,6 +74,12 @@ def _md5_base64(password: str) -> str:
     return base64.b64encode(raw).decode()
 
 
+def hold_time_for(peer: Peer, default: int = DEFAULT_HOLD_TIME) -> int:
+    """The hold time ExaBGP offers on `peer`'s session: 3 × keepaliveTime when one is set (ExaBGP
+    sends keepalives every hold time / 3 and has no separate keepalive setting)."""
+    return 3 * peer.keepalive_time if peer.keepalive_time else default
+
+
 def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
     ipaddress.ip_address(peer.address)
     lines = [
@@ -78,15 +90,22 @@ def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
     if peer.source_address is not None:
         lines.append(f"    local-address {peer.source_address};")
     lines += [
-        f"    local-as {cfg.as_number};",
+        f"    local-as {peer.local_as_for(cfg.as_number)};",
         f"    peer-as {peer.as_number};",
-        f"    hold-time {cfg.hold_time};",
-        f"    listen {cfg.listen_port};",
+        f"    hold-time {hold_time_for(peer, cfg.hold_time)};",
     ]
+    # A reflector node's own session to its BIRD (PeerType.LOCAL) cannot listen on the BGP
+    # port, which BIRD holds: ExaBGP connects out, and BIRD connects to its own port.
+    if peer.listen_port and peer.source_address is not None:
+        lines.append(f"    listen {peer.listen_port};")
     if peer.port != 179:
         lines.append(f"    connect {peer.port};")
     if peer.passive:
         lines.append("    passive true;")
+    if peer.ttl_security:
+        # GTSM (RFC 5082): the peer is at most N hops away, so its packets arrive with TTL
+        # 256-N or more; ExaBGP sends with 255 when only incoming-ttl is set.
+        lines.append(f"    incoming-ttl {256 - peer.ttl_security};")
     if peer.password:
         lines += [f"    md5-password {_md5_base64(peer.password)};", "    md5-base64 true;"]
     graceful = peer.max_restart_time > 0

@@ -37,10 +37,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from bgp.bird import render_bird_reflector
-from bgp.peers import NodeInfo, Peer, PeeringError, select_peers
+from bgp.advertise import community_rules
+from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, render_bird_reflector
+from bgp.filters import FilterError
+from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, select_peers
 from felixpy.kernel import commands
-from felixpy.node.bgp import BGPResources, StatusFile, resolve_peering
+from felixpy.node.bgp import BGPResources, StatusFile, apply_log_level, resolve_peering
 from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
@@ -143,7 +145,9 @@ class Bird(Protocol):
 
     def configure(self) -> tuple[bool, str]: ...
     def show_protocols(self) -> str | None: ...
+    def show_status(self) -> str | None: ...
     def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class BirdControl:
@@ -180,6 +184,19 @@ class BirdControl:
             return None
         return done[1]
 
+    def show_status(self) -> str | None:
+        """`birdc show status`: version, router ID, boot and reconfiguration times."""
+        done = self._birdc("show", "status")
+        if done is None or done[0] != 0:
+            return None
+        return done[1]
+
+    def stop(self) -> None:
+        """Shut BIRD down (`birdc down`): the node left route-reflector mode."""
+        done = self._birdc("down")
+        log.info("bird stopped socket=%s answer=%s", self.paths.socket,
+                 (done[1].strip().splitlines() or ["-"])[-1] if done else "none")
+
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.paths.socket), exist_ok=True)
         # bird daemonises itself; it reads the configuration we have just written.
@@ -201,12 +218,19 @@ class _Session:
 
 
 class Reflector:
-    """Datastore → BIRD configuration, and BIRD's sessions → the status file. No threads."""
+    """Datastore → BIRD configuration, and BIRD's sessions → the status file. No threads.
+
+    Two uses: the dedicated reflector (`run_reflector`, its own syncer), and the BIRD of an agent
+    whose Node has a cluster ID (node/bgp.py): then `resources` is the agent's index and
+    `local_agent` adds the session to the node's own ExaBGP.
+    """
 
     def __init__(self, node_name: str, paths: ReflectorPaths, *, bird: Bird | None = None,
                  wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic,
-                 secrets: SecretResolver | None = None) -> None:
+                 secrets: SecretResolver | None = None,
+                 resources: BGPResources | None = None,
+                 local_agent: LocalAgent | None = None) -> None:
         self.node_name = node_name
         self.paths = paths
         self.secrets = secrets if secrets is not None else SecretResolver.from_env(os.environ)
@@ -216,12 +240,15 @@ class Reflector:
         self._clock = clock
         self._retry_at = 0.0
         self._configure_error = ""
-        self._resources = BGPResources()
+        self._resources = resources if resources is not None else BGPResources()
+        self._shared = resources is not None
+        self.local_agent = local_agent
         self._dirty = True
         self._in_sync = False
         self._peers: dict[str, Peer] = {}
         self._cluster_id: str | None = None
         self._as_number: int | None = None
+        self.router_id: str | None = None
         self._text: str | None = None  # last rendering written to disk
         self._applied: str | None = None  # last rendering BIRD accepted
         self._config_error = ""
@@ -229,11 +256,16 @@ class Reflector:
         self._sessions: dict[str, _Session] = {}
         self._status_file = StatusFile(self.paths.status)
         self.configures = 0  # successful `birdc configure` calls (tests, logs)
+        self.last_configured: float | None = None  # wall time of the last successful configure
 
     # -- datastore input ---------------------------------------------------------------------
     def on_update(self, update: KVUpdate) -> None:
         if self._resources.on_update(update):
             self._dirty = True
+
+    def mark_dirty(self) -> None:
+        """The shared resources changed (the agent's index): render again at the next sync."""
+        self._dirty = True
 
     def datastore_in_sync(self) -> None:
         self._in_sync = True
@@ -260,6 +292,7 @@ class Reflector:
             if ok:
                 self._applied = self._text
                 self.configures += 1
+                self.last_configured = self._wall()
                 self._bird_up = True
                 log.info("bird reconfigured peers=%d clients=%d", len(self._peers),
                          sum(p.rr_client for p in self._peers.values()))
@@ -281,23 +314,48 @@ class Reflector:
                 log.warning("Node %s has no spec.bgp.routeReflectorClusterID: it peers but reflects "
                             "nothing", self.node_name)
             as_number = me.as_number or settings.as_number
-            text = render_bird_reflector(router_id=me.ipv4, as_number=as_number,
-                                         cluster_id=me.rr_cluster_id, peers=peers)
-        except (PeeringError, ValueError, KeyError, TypeError) as err:
+            default = self._resources.configs.get("default")
+            node_config = self._resources.configs.get(f"node.{self.node_name}")
+            filters = list(self._resources.bgp_filters().values())
+            rules = community_rules(default, node_config)
+            severity = (((node_config or {}).get("spec") or {}).get("logSeverityScreen")
+                        or ((default or {}).get("spec") or {}).get("logSeverityScreen") or "Info")
+            if not self._shared:
+                apply_log_level(severity)
+            port = settings.listen_port_of(self.node_name)
+            if self.local_agent is not None:
+                peers = [*peers, Peer(address=self.local_agent.address, as_number=as_number, type=PeerType.LOCAL,
+                                      name=LOCAL_AGENT_NAME, port=self.local_agent.port,
+                                      source_address=me.ipv4, rr_client=me.rr_cluster_id is not None,
+                                      node=self.node_name)]
+            text = render_bird_reflector(
+                router_id=me.ipv4, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
+                local_address=me.ipv4, listen_port=port,
+                listen_address=me.ipv4 if settings.bind_mode_of(self.node_name) == "NodeIP" else None,
+                filters=filters, communities=rules, log_severity=severity)
+        except (PeeringError, FilterError, ValueError, KeyError, TypeError, StopIteration) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             if message != self._config_error:
                 log.error("BIRD configuration not changed: %s", message)
             self._config_error = message
             return
         self._config_error = ""
-        self._peers = {p.address: p for p in peers}
-        self._cluster_id, self._as_number = me.rr_cluster_id, as_number
+        self._peers = {p.address: p for p in peers if p.type is not PeerType.LOCAL}
+        self._cluster_id, self._as_number, self.router_id = me.rr_cluster_id, as_number, me.ipv4
         for address in set(self._sessions) - set(self._peers):
             del self._sessions[address]
         if text != self._text:
             self._write_config(text)
             log.info("BIRD configuration written path=%s peers=%s", self.paths.config,
                      ",".join(self._peers) or "-")
+
+    @property
+    def config_error(self) -> str:
+        return self._config_error
+
+    @property
+    def bird_up(self) -> bool:
+        return self._bird_up
 
     def _write_config(self, text: str) -> None:
         os.makedirs(os.path.dirname(self.paths.config), exist_ok=True)
@@ -311,7 +369,11 @@ class Reflector:
     # -- status ------------------------------------------------------------------------------
     def poll(self) -> None:
         """Read BIRD's sessions (`show protocols all`) and rewrite the status file if it changed."""
-        text = self.bird.show_protocols()
+        self.apply_protocols(self.bird.show_protocols())
+        self.write_status()
+
+    def apply_protocols(self, text: str | None) -> None:
+        """BIRD's `show protocols all` output (None: BIRD did not answer) → the sessions' states."""
         was_up, self._bird_up = self._bird_up, text is not None
         if was_up and not self._bird_up:
             log.warning("bird stopped answering socket=%s", self.paths.socket)
@@ -330,9 +392,9 @@ class Reflector:
             if state != session.state:
                 session.since = self._wall()
             session.state, session.info, session.routes = state, info, routes
-        self.write_status()
 
-    def status(self) -> dict[str, Any]:
+    def peer_rows(self) -> list[dict[str, Any]]:
+        """The sessions in the status file's format."""
         rows = []
         for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
             peer = self._peers[address]
@@ -342,6 +404,14 @@ class Reflector:
                 "asNumber": peer.as_number, "state": session.state, "since": session.since,
                 "info": session.info, "routesReceived": session.routes, "node": peer.node,
             })
+        return rows
+
+    @property
+    def cluster_id(self) -> str | None:
+        return self._cluster_id
+
+    def status(self) -> dict[str, Any]:
+        rows = self.peer_rows()
         return {
             "node": self.node_name, "pid": os.getpid(), "updated": self._wall(),
             # The agent's field name; here it says whether BIRD answers on its socket.

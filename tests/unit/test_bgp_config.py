@@ -119,7 +119,7 @@ protocol bgp Node_192_0_2_11 from felixpy_template {
   graceful restart time 120;
   ipv4 {
     import all;
-    export where source = RTS_BGP;
+    export filter { if source = RTS_BGP then accept; reject; };
     next hop keep;
     gateway direct;
   };"""

@@ -35,6 +35,17 @@ Node_192_0_2_222 BGP        ---        down   17:30:14.540  Error: Invalid next 
 """
 
 
+STATUS = """BIRD 2.0.12 ready.
+BIRD 2.0.12
+Router ID is 192.0.2.221
+Hostname is rr1
+Current server time is 2026-12-01 10:00:03.123
+Last reboot on 2026-12-01 09:59:00.000
+Last reconfiguration on 2026-12-01 10:00:01.000
+Daemon is up and running
+"""
+
+
 class FakeBird:
     def __init__(self) -> None:
         self.up = True
@@ -54,6 +65,12 @@ class FakeBird:
     def start(self) -> None:
         self.starts += 1
         self.up = True
+
+    def stop(self) -> None:
+        self.up = False
+
+    def show_status(self) -> str | None:
+        return STATUS if self.up else None
 
 
 class Clock:
