@@ -94,13 +94,17 @@ def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
         f"    peer-as {peer.as_number};",
         f"    hold-time {hold_time_for(peer, cfg.hold_time)};",
     ]
-    # A reflector node's own session to its BIRD (PeerType.LOCAL) cannot listen on the BGP
-    # port, which BIRD holds: ExaBGP connects out, and BIRD connects to its own port.
-    if peer.listen_port and peer.source_address is not None:
+    # ExaBGP listens on one socket per local address and port for every neighbour, and puts a
+    # neighbour's incoming-ttl on that shared socket: a GTSM neighbour listening there would hold
+    # every other session's connections to its minimum TTL (measured: the mesh peer's SYNs, TTL
+    # 64, were dropped). So a ttlSecurity session is one we connect out on, where ExaBGP sets the
+    # minimum on that session's own socket. A listening neighbour also needs a local address.
+    listening = bool(peer.listen_port) and peer.source_address is not None and not peer.ttl_security
+    if listening:
         lines.append(f"    listen {peer.listen_port};")
     if peer.port != 179:
         lines.append(f"    connect {peer.port};")
-    if peer.passive:
+    if peer.passive and listening:
         lines.append("    passive true;")
     if peer.ttl_security:
         # GTSM (RFC 5082): the peer is at most N hops away, so its packets arrive with TTL
