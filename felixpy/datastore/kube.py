@@ -316,7 +316,8 @@ class KubeDatastore:
         return KV(key, converted[1], m.revision_of(obj))
 
     def _read_only(self, what: str, loc: m.Location) -> DatastoreError:
-        source = "Namespace" if loc.kind is m.NAMESPACES else "Kubernetes NetworkPolicy"
+        source = {m.NAMESPACES: "Namespace", m.SERVICES: "Kubernetes Service",
+                  m.ENDPOINT_SLICES: "Kubernetes EndpointSlice"}.get(loc.kind, "Kubernetes NetworkPolicy")
         return DatastoreError(f"{what}: derived from the {source} and read-only in the Kubernetes datastore")
 
     # -- reads -----------------------------------------------------------------------------

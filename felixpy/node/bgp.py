@@ -63,10 +63,13 @@ from bgp.services import (EXCLUDE_LABEL, EndpointSliceInfo, ServiceInfo, Service
 from felixpy.calc.updates import Kind, Update, decode
 from felixpy.calc.updates import Node as NodeValue
 from felixpy.datastore.syncer import KVUpdate
+from felixpy.node.nodestatus import (BirdTimes, KernelRoutes, NodeStatusReporter, PathView, Snapshot, StatusWriter,
+                                     exabgp_start_time, parse_bird_status)
 from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher, secret_ref
 
 if TYPE_CHECKING:
     from felixpy.calc.dispatcher import Dispatcher
+    from felixpy.datastore.api import Datastore
     from felixpy.node.reflector import Bird, Reflector, ReflectorPaths
 
 log = logging.getLogger(__name__)
@@ -299,6 +302,16 @@ class BGPResources:
         return {name: BGPFilter.from_resource(value) for name, value in sorted(self.filters.items())}
 
 
+@functools.lru_cache(maxsize=1)
+def _exabgp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("exabgp")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def apply_log_level(severity: str) -> None:
     """BGPConfiguration logSeverityScreen → the level of the BGP speaker's loggers."""
     level = _LOG_LEVELS.get(severity, logging.INFO)
@@ -337,6 +350,8 @@ class BGPController:
         secrets: SecretResolver | None = None,
         bird_paths: "ReflectorPaths | None" = None,
         bird: "Bird | None" = None,
+        status_store: "Datastore | None" = None,
+        kernel_routes: "KernelRoutes | None" = None,
     ) -> None:
         self.node_name = node_name
         self.paths = paths
@@ -405,6 +420,11 @@ class BGPController:
         self.routes_dirty = False  # learned routes changed since the loop last asked
         self._status_file = StatusFile(self.paths.status)
 
+        # CalicoNodeStatus: the resources naming this node, written by a thread of their own
+        self._status_writer = (StatusWriter(status_store, kernel_routes=kernel_routes, wall=wall_clock)
+                               if status_store is not None else None)
+        self.node_status = NodeStatusReporter(node_name, self._status_writer, clock=clock)
+
     # -- lifecycle (thread) --------------------------------------------------------------------
     def start(self, post: Callable[[Any], None]) -> None:
         """Start the link thread; it puts SidecarMessages on the loop's queue via `post`."""
@@ -417,11 +437,15 @@ class BGPController:
         if self._bird_paths is not None:
             self._poller = threading.Thread(target=self._run_bird_poller, name="bird-status", daemon=True)
             self._poller.start()
+        if self._status_writer is not None:
+            self._status_writer.start()
         self.write_status()
 
     def stop(self) -> None:
         self._stop.set()
         self._reflector_polling.set()
+        if self._status_writer is not None:
+            self._status_writer.stop()
         if self._secret_watcher is not None:
             self._secret_watcher.stop()
         self._link.close()
@@ -464,6 +488,7 @@ class BGPController:
     # -- datastore input -----------------------------------------------------------------------
     def register_with(self, dispatcher: Dispatcher) -> None:
         self._resources.register_with(dispatcher)
+        self.node_status.register_with(dispatcher)
 
     def set_announcements(self, prefixes: Iterable[str],
                           endpoints: Callable[[], Iterable[Any]] | None = None) -> None:
@@ -597,15 +622,44 @@ class BGPController:
         return self._ever_replayed or self._clock() - self._started_at >= self.paths.sync_timeout
 
     def next_deadline(self) -> float | None:
-        """Monotonic time at which `expire()` has work (graceful-restart timers)."""
-        deadline = self.rib.next_deadline()
+        """Monotonic time at which `expire()` has work (graceful-restart timers, CalicoNodeStatus)."""
+        deadlines = [d for d in (self.rib.next_deadline(), self.node_status.next_deadline()) if d is not None]
         first = self._started_at + self.paths.sync_timeout
         if not self._ever_replayed and self._clock() < first:
-            deadline = first if deadline is None else min(deadline, first)
-        return deadline
+            deadlines.append(first)
+        return min(deadlines) if deadlines else None
 
     def expire(self) -> None:
         self._note_delta(self.rib.expire(self._clock()))
+        if self._datastore_synced:
+            self.node_status.report(self.status_snapshot)
+
+    def status_snapshot(self) -> Snapshot:
+        """The BGP state a CalicoNodeStatus reports, copied for its writer thread."""
+        peer_types = {p.address: p.type.value for p in self._peers.values()}
+        if self.reflector_mode and self._reflector is not None:
+            rows = self._reflector.peer_rows()
+            peer_types.update({r["peer"]: r["type"] for r in rows})
+            bird = self._reflector.bird
+            speaker: Callable[[], BirdTimes] | None = lambda: parse_bird_status(bird.show_status() or "")
+            ready, version = self._reflector.bird_up, "BIRD"
+            router_id = self._reflector.router_id or ""
+        else:
+            rows = self.status()["peers"]
+            pid_file = self.paths.pid_file
+            speaker = lambda: BirdTimes(boot=exabgp_start_time(pid_file))  # noqa: E731
+            ready, version, router_id = self._connected, f"ExaBGP {_exabgp_version()} (felixpy)", self._router_id or ""
+        best: list[PathView] = []
+        others: list[PathView] = []
+        for prefix in self.rib.prefixes():
+            for i, path in enumerate(self.rib.paths(prefix)):
+                view = PathView(prefix, path.peer, path.next_hop, peer_types.get(path.peer, "node"))
+                (best if i == 0 else others).append(view)
+        return Snapshot(speaker_ready=ready, version=version, router_id=router_id, boot_time=None,
+                        reconfigured=self.last_reload if not self.reflector_mode or self._reflector is None
+                        else self._reflector.last_configured,
+                        peers=tuple(rows), best=tuple(best), others=tuple(others),
+                        own_blocks=frozenset(p for p in self._own if not p.endswith("/32")), speaker=speaker)
 
     def local_addresses(self) -> frozenset[str]:
         """This node's addresses: a learned route via one of them is never installed."""
@@ -647,6 +701,9 @@ class BGPController:
         if self._connected and self._replayed and self._node_ip is not None:
             self._announce()
         self.write_status()
+        due = self.node_status.next_deadline()
+        if due is not None and due <= self._clock():
+            self.node_status.report(self.status_snapshot)
 
     def _update_config(self) -> None:
         try:

@@ -38,7 +38,7 @@ TEST_LABEL = "felixpy-test"
 TEST_NODE_PREFIX = "fxt-"
 CRD_PLURALS = ("ippools", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
                "bgppeers", "felixconfigurations", "networkpolicies", "globalnetworkpolicies",
-               "clusterinformations")
+               "clusterinformations", "bgpfilters", "caliconodestatuses")
 SYSTEM = "kube-system"
 
 

@@ -54,6 +54,8 @@ def test_kind_table() -> None:
         "Node": ("nodes", False),
         "BGPConfiguration": ("bgpconfigurations", False),
         "BGPPeer": ("bgppeers", False),
+        "BGPFilter": ("bgpfilters", False),
+        "CalicoNodeStatus": ("caliconodestatuses", False),
         "FelixConfiguration": ("felixconfigurations", False),
         "WorkloadEndpoint": ("workloadendpoints", True),
         "Profile": ("profiles", False),
