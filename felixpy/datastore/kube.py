@@ -95,9 +95,10 @@ def load_settings(
     cfg = k8s_client.Configuration()
     try:
         if in_cluster:
-            k8s_config.load_incluster_config(client_configuration=cfg)
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         else:
-            k8s_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, context=context, client_configuration=cfg)
     except Exception as err:  # the loaders raise several unrelated types; all mean "unusable config"
         where = "in-cluster service account" if in_cluster else f"kubeconfig {kubeconfig}"
         raise KubeConfigError(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -179,7 +180,7 @@ class _Http:
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "felixpy"}
-        token = self._cfg.get_api_key_with_prefix("authorization") if self._cfg.api_key else None
+        token = self._bearer_token()
         if token:
             headers["Authorization"] = token
         elif self._cfg.username or self._cfg.password:
@@ -187,6 +188,18 @@ class _Http:
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _bearer_token(self) -> str | None:
+        """"Bearer <token>" from the loaded configuration (kubeconfig token or token file, exec
+        plugin, in-cluster service account), asked for on every request: the loaders' refresh hook
+        renews expiring tokens. The client library keeps it under "BearerToken" (older releases:
+        "authorization"); its auth_settings() says which, so read it from there."""
+        for setting in (self._cfg.auth_settings() or {}).values():
+            if setting.get("in") == "header" and str(setting.get("key", "")).lower() == "authorization":
+                value = setting.get("value")
+                if value:
+                    return str(value)
+        return None
 
     def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                 body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
@@ -660,6 +673,8 @@ class KubeWatch:
                         raise Compacted(f"watch {self._prefix} ({kind.resource}) from {rv}: {err.message}") from None
                     if err.code == 404:
                         raise DatastoreError(f"watch {kind.api}/{kind.resource}: not served; are the CRDs installed?") from None
+                    if err.code in (401, 403):
+                        raise DatastoreError(f"watch {kind.resource}: {err.code} {err.reason}: {err.message}") from None
                     raise Unavailable(f"watch {kind.resource}: Kubernetes API answered {err.code} {err.reason}") from None
                 with self._resp_lock:
                     self._responses[kind.id] = resp

@@ -253,8 +253,16 @@ def block_object(cidr: str, value: Any) -> dict[str, Any]:
     value = _expect_dict(value, keys.block_key(cidr))
     spec = _renamed(value, _BLOCK_RENAMES)
     spec["cidr"] = cidr
+    # Calico's own IPAMBlock CRD requires strictAffinity (deprecated there, unused here): always
+    # write it, so that the block is accepted when Calico's CRDs are installed instead of ours.
+    spec.setdefault("strictAffinity", False)
     return {"apiVersion": CRD_API_VERSION, "kind": "IPAMBlock",
             "metadata": {"name": cidr_to_name(cidr)}, "spec": spec}
+
+
+# Block fields that are null when unset: a CRD schema that does not mark them nullable (Calico's)
+# makes the API server drop them, so reading a block puts them back.
+_BLOCK_NULLABLE = ("affinity", "affinity_claim_time")
 
 
 def _block_convert(obj: dict[str, Any]) -> Converted | None:
@@ -262,7 +270,12 @@ def _block_convert(obj: dict[str, Any]) -> Converted | None:
     cidr = spec.get("cidr")
     if not isinstance(cidr, str):
         return None
-    return keys.block_key(cidr), _unrenamed(spec, _BLOCK_RENAMES)
+    value = _unrenamed(spec, _BLOCK_RENAMES)
+    if value.get("strictAffinity") is False:
+        del value["strictAffinity"]  # only ever written for Calico's CRD (block_object)
+    for field in _BLOCK_NULLABLE:
+        value.setdefault(field, None)
+    return keys.block_key(cidr), value
 
 
 def affinity_object(node: str, cidr: str, value: Any) -> dict[str, Any]:

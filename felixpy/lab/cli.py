@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable
 
 from felixpy.datastore.api import DatastoreError, Unavailable
-from felixpy.lab import pods, procs, state, topology
+from felixpy.lab import kube, pods, procs, state, topology
 from felixpy.lab.state import LabState, NodeState, PodState
 from felixpy.lab.topology import LabUsageError
 
@@ -65,13 +65,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)
+    kube_mode = args.datastore == "kubernetes"
+    if kube_mode:
+        kube.check_available()
     if os.path.isdir(topology.run_dir(lab)) or topology.fabric_netns(lab) in procs.netns_list():
         raise LabUsageError(f"lab {lab} already exists (felixpy-lab status --name {lab}; "
                             f"felixpy-lab down --name {lab})")
     started = time.monotonic()
     with state.locked(lab, create=True):
         st = LabState(name=lab, mode=args.mode, pool=pool, block_size=args.block_size,
-                      cross_subnet=args.cross_subnet)
+                      cross_subnet=args.cross_subnet, datastore=args.datastore)
         st.remember_netns(topology.fabric_netns(lab))
         for node_name in topology.node_names(args.nodes):
             ns = topology.node_netns(lab, node_name)
@@ -86,18 +89,32 @@ def cmd_up(args: argparse.Namespace) -> int:
         state.save(st)  # before anything exists, so that `down` can always clean up
         say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}"
             + (f", {args.route_reflectors} route reflectors (mesh off)" if args.route_reflectors else "")
-            + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else ""))
+            + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else "")
+            + (", datastore kubernetes" if kube_mode else ""))
 
         procs.build_fabric(lab, args.cross_subnet)
-        st.etcd_pid = procs.start_etcd(lab)
-        state.save(st)
-        say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
-            + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
-            + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
+        if not kube_mode:
+            st.etcd_pid = procs.start_etcd(lab)
+            state.save(st)
+            say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
+                + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
+                + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
         for node in st.nodes:
             procs.build_node(lab, node.name, args.cross_subnet)
-        procs.enter_netns(topology.fabric_netns(lab))
-        if not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
+        pods.enter_fabric(lab)
+        if kube_mode:
+            kube_started = time.monotonic()
+            try:
+                kube.start(st)
+            finally:
+                state.save(st)
+            st.heartbeat_pid = kube.start_heartbeat(lab)
+            state.save(st)
+            say(f"  fabric: netns {topology.fabric_netns(lab)}, bridge {topology.FABRIC_IP}/24, "
+                + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
+                + f"kube-apiserver {kube.api_server()} (etcd, kube-apiserver, kube-controller-manager up in "
+                + f"{time.monotonic() - kube_started:.1f} s; Nodes registered, agents use the felixpy-node token)")
+        elif not procs.wait_tcp(topology.FABRIC_IP, topology.ETCD_CLIENT_PORT, ETCD_READY_TIMEOUT):
             raise LabExit(1, f"etcd did not answer within {ETCD_READY_TIMEOUT:g} s; see "
                              f"{topology.run_dir(lab)}/etcd.log (felixpy-lab down --name {lab} cleans up)")
         reflectors = [n for n in st.nodes if n.route_reflector]
@@ -111,7 +128,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             if args.mode == "bgp":
                 _start_speaker(st, node)
             node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode,
-                                               cross_subnet=args.cross_subnet)
+                                               cross_subnet=args.cross_subnet, datastore=st.datastore)
             state.save(st)
             say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}"
                 + (f", exabgp pid {node.exabgp_pid}" if args.mode == "bgp" else ""))
@@ -205,7 +222,7 @@ def _start_bird(st: LabState, node: NodeState) -> None:
 def _start_reflector(st: LabState, node: NodeState) -> None:
     """BIRD 2 first (the lab owns it), then felixpy-node in route-reflector mode to drive it."""
     _start_bird(st, node)
-    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size)
+    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
     state.save(st)
     say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, route reflector pid {node.agent_pid}, "
         f"bird pid {node.bird_pid}")
@@ -248,8 +265,13 @@ def _status_data(st: LabState) -> dict[str, Any]:
     pod_list = [{"namespace": p.namespace, "name": p.name, "node": p.node, "labels": dict(p.labels),
                  "ips": list(p.ips), "netns": p.netns, "serve": list(p.serve)}
                 for p in pods.all_pods(st)]
-    return {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
-            "etcd": topology.ETCD_ENDPOINT, "nodes": nodes, "pods": pod_list}
+    data: dict[str, Any] = {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
+                            "datastore": st.datastore, "etcd": topology.ETCD_ENDPOINT, "nodes": nodes,
+                            "pods": pod_list}
+    if st.datastore == "kubernetes":
+        data["etcd"] = f"http://127.0.0.1:{kube.ETCD_PORT}"  # in the fabric netns, the API server's
+        data["apiServer"] = kube.api_server()
+    return data
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -277,7 +299,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(data, indent=2))
         return 0
-    say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), etcd {data['etcd']}"
+    where = f"kube-apiserver {data['apiServer']}" if st.datastore == "kubernetes" else f"etcd {data['etcd']}"
+    say(f"lab {st.name}: mode {st.mode}, pool {st.pool} (blocks /{st.block_size}), {where}"
         + ("" if st.phase == "up" else f", {st.phase}"))
     if st.mode == "bgp":
         rows = [["NODE", "IP", "AGENT", "SPEAKER", "BGP", "BLOCKS"]]
@@ -312,6 +335,11 @@ def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | Non
             return False
         labels = {}
     st.namespaces[namespace] = pods.namespace_labels(namespace, labels)
+    if st.datastore == "kubernetes":
+        # A real Namespace: its Profile kns.<ns> is derived from it by the datastore.
+        kube.ensure_namespace(pods.kube_api(st.name), namespace, st.namespaces[namespace])
+        state.save(st)
+        return new
     store = pods.open_datastore(st.name)
     try:
         pods.write_profile(store, namespace, st.namespaces[namespace])
@@ -353,7 +381,10 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
         st.pods.append(pod)
         st.remember_netns(pod.netns)
         state.save(st)
+        api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
         try:
+            if api is not None:
+                kube.create_pod(api, pod, node.ip)  # the user's Pod, bound by the "scheduler"
             procs.netns_add(pod.netns)
             result = pods.run_cni(st.name, "ADD", pod)
         except Exception:
@@ -361,11 +392,14 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             raise
         pod.ips = pods.result_ips(result)
         state.save(st)
-        store = pods.open_datastore(st.name)
-        try:
-            pods.sync_workload_endpoint(store, pod)
-        finally:
-            store.close()
+        if api is not None:
+            kube.pod_running(api, pod, node.ip)  # the kubelet's status report
+        else:
+            store = pods.open_datastore(st.name)
+            try:
+                pods.sync_workload_endpoint(store, pod)
+            finally:
+                store.close()
         if served:
             pod.server_pid = pods.start_server(st.name, pod)
             state.save(st)
@@ -381,6 +415,11 @@ def _forget_pod(st: LabState, pod: PodState) -> None:
     except Exception as e:  # the ADD already failed; DEL is best effort
         log.debug("cleanup DEL failed pod=%s err=%s", pod.ref, e)
     procs.netns_del(pod.netns)
+    if st.datastore == "kubernetes":
+        try:
+            kube.finish_delete(pods.kube_api(st.name), pod)
+        except topology.LabUsageError as e:
+            log.debug("cleanup pod delete failed pod=%s err=%s", pod.ref, e)
     st.pods.remove(pod)
     st.netns.remove(pod.netns)
     state.save(st)
@@ -391,10 +430,15 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
     with state.locked(args.name):
         st = state.load(args.name)
         pod = st.pod(ref.namespace, ref.name)
+        api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
+        if api is not None:
+            kube.begin_delete(api, pod)  # deletionTimestamp: the pod is Terminating
         pods.run_cni(st.name, "DEL", pod)
         pids = procs.netns_pids(pod.netns) if pod.netns in procs.netns_list() else set()
         procs.stop_pids(pids)
         procs.netns_del(pod.netns)
+        if api is not None:
+            kube.finish_delete(api, pod)  # the kubelet confirms: gone
         st.pods.remove(pod)
         if pod.netns in st.netns:
             st.netns.remove(pod.netns)
@@ -416,12 +460,16 @@ def cmd_label(args: argparse.Namespace) -> int:
             return 0
         ref = topology.parse_pod_ref(args.target)
         pod = st.pod(ref.namespace, ref.name)
+        old = dict(pod.labels)
         pod.labels = topology.apply_label_changes(pod.labels, args.changes)
-        store = pods.open_datastore(st.name)
-        try:
-            pods.sync_workload_endpoint(store, pod)
-        finally:
-            store.close()
+        if st.datastore == "kubernetes":
+            kube.set_pod_labels(pods.kube_api(st.name), pod, old)
+        else:
+            store = pods.open_datastore(st.name)
+            try:
+                pods.sync_workload_endpoint(store, pod)
+            finally:
+                store.close()
         state.save(st)
     say(f"pod {ref} labelled: {_labels_text(pod.labels)}")
     return 0
@@ -442,6 +490,23 @@ def cmd_apply(args: argparse.Namespace, delete: bool = False) -> int:
     # kube-controllers store them (knp.default.<name>) by apply_resources itself.
     st = state.load(args.name)
     mode = "delete" if delete else "apply"
+    if st.datastore == "kubernetes" and any(kube.is_k8s_policy(d.obj) for d in docs):
+        # Kubernetes NetworkPolicies go to the API server as what they are (its validation, its
+        # errors); the datastore reads them back as knp.default.<name>.
+        k8s = [(d.source, d.obj) for d in docs if kube.is_k8s_policy(d.obj)]
+        docs = [d for d in docs if not kube.is_k8s_policy(d.obj)]
+        if docs:
+            from felixpy.model import resources
+
+            for doc in docs:
+                try:
+                    resources.validate(doc.obj)
+                except resources.ValidationError as e:
+                    raise LabUsageError(f"{doc.source}: {e}") from None
+        for line in kube.apply_policies(pods.kube_api(st.name), k8s, delete):
+            say(line)
+        if not docs:
+            return 0
     store = pods.open_datastore(st.name)
     try:
         summary = apply_resources(store, docs, mode)
@@ -573,8 +638,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         netns = st.pod(ref.namespace, ref.name).netns
     else:
         netns = st.node(args.target).netns
-    env = {**os.environ, "PATH": f"{procs.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT, "DATASTORE_TYPE": "etcdv3"}
+    env = {**os.environ, "PATH": f"{procs.bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    if st.datastore == "kubernetes":
+        env.update({"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": kube.admin_kubeconfig(st.name)})
+    else:
+        env.update({"ETCD_ENDPOINTS": topology.ETCD_ENDPOINT, "DATASTORE_TYPE": "etcdv3"})
     if args.target != "fabric" and "/" not in args.target:
         # What the node's agent uses, so that `exec n1 -- felixctl node status` finds its status.
         env.update({"FELIXPY_STATE_DIR": f"{topology.node_dir(st.name, args.target)}/lib",
@@ -598,12 +666,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
             if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
             if node.route_reflector:
-                node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size)
+                node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
                 state.save(st)
                 problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             else:
                 node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
-                                                   cross_subnet=st.cross_subnet)
+                                                   cross_subnet=st.cross_subnet, datastore=st.datastore)
                 state.save(st)
                 problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
@@ -645,6 +713,31 @@ def _reflector_speaker(st: LabState, node: NodeState, action: str) -> int:
     return 0
 
 
+def cmd_apiserver(args: argparse.Namespace) -> int:
+    """--datastore kubernetes: stop, start or restart the lab's kube-apiserver (etcd keeps the data)."""
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if st.datastore != "kubernetes":
+            raise LabUsageError(f"lab {st.name} runs on etcd: it has no kube-apiserver (up --datastore kubernetes)")
+        pid = st.kube_pids.get("kube-apiserver", 0)
+        if args.action in ("stop", "restart"):
+            procs.stop_pids({pid} & procs.marked_pids(st.name))
+            say("kube-apiserver stopped")
+        if args.action in ("start", "restart"):
+            if procs.alive(pid) and pid in procs.marked_pids(st.name):
+                raise LabUsageError(f"kube-apiserver already running (pid {pid})")
+            cp = pods.kube_api(st.name)
+            try:
+                cp.start_apiserver()
+            except kube.ControlPlaneError as e:
+                raise LabExit(1, str(e)) from None
+            finally:
+                st.kube_pids.update(cp.pids)
+                state.save(st)
+            say(f"kube-apiserver ready (pid {st.kube_pids['kube-apiserver']})")
+    return 0
+
+
 # --- argument parsing ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -668,6 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route-reflectors", type=int, default=0)
     p.add_argument("--pool", default="10.244.0.0/16")
     p.add_argument("--block-size", type=int, default=26)
+    p.add_argument("--datastore", choices=("etcd", "kubernetes"), default="etcd",
+                   help="kubernetes: a real kube-apiserver in the lab's fabric (scripts/build-kube.sh)")
 
     p = add("down", cmd_down, "stop every process of the lab and delete its namespaces")
 
@@ -723,6 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
 
+    p = add("apiserver", cmd_apiserver, "--datastore kubernetes: stop, start or restart the lab's kube-apiserver")
+    p.add_argument("action", choices=("stop", "start", "restart"))
+
     p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP (a reflector's BIRD)")
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
@@ -757,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     except Unavailable as e:
-        print(f"{PROG}: lab {args.name}: etcd is not answering ({e})", file=sys.stderr)
+        print(f"{PROG}: lab {args.name}: the datastore is not answering ({e})", file=sys.stderr)
         return 1
     except DatastoreError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -40,12 +40,32 @@ class CNIError(Exception):
 _entered_fabric: str | None = None
 
 
-def open_datastore(lab: str) -> Datastore:
-    """The lab's etcd, reached from inside its fabric netns (the CLI process moves there once)."""
+def enter_fabric(lab: str) -> None:
+    """Move this process into the lab's fabric netns, once: etcd and the API server listen there."""
     global _entered_fabric
     if _entered_fabric != lab:
         procs.enter_netns(topology.fabric_netns(lab))
         _entered_fabric = lab
+
+
+def kube_api(lab: str) -> Any:
+    """The lab's control plane (--datastore kubernetes), for the cluster admin's API calls."""
+    from felixpy.lab import kube
+
+    enter_fabric(lab)
+    return kube.control_plane(lab)
+
+
+def open_datastore(lab: str) -> Datastore:
+    """The lab's etcd, or its API server as the cluster admin (--datastore kubernetes), reached
+    from inside its fabric netns (the CLI process moves there once)."""
+    enter_fabric(lab)
+    from felixpy.lab import kube
+
+    if kube.is_kube_lab(lab):
+        from felixpy.datastore.kube import KubeDatastore, load_settings
+
+        return KubeDatastore(load_settings(kubeconfig=kube.admin_kubeconfig(lab)))
     # Imported only now: the gRPC machinery must start its threads inside the fabric netns.
     from felixpy.datastore.etcd import EtcdDatastore
 

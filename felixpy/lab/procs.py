@@ -202,9 +202,19 @@ def exabgp_paths(lab: str, node: str) -> dict[str, str]:
             "socket": f"{d}/sidecar.sock", "log": f"{d}/exabgp.log"}
 
 
+def datastore_env(lab: str, datastore: str) -> dict[str, str]:
+    """How the lab's agents reach the datastore: the lab's etcd, or (kubernetes) the lab's API
+    server with a token of the felixpy-node ServiceAccount, as a DaemonSet pod would."""
+    if datastore == "kubernetes":
+        from felixpy.lab import kube
+
+        return {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": kube.node_kubeconfig(lab)}
+    return {"DATASTORE_TYPE": "etcdv3", "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT}
+
+
 def agent_env(lab: str, node: str, pool: str, block_size: int,
               outer_env: Mapping[str, str] | None = None, mode: str = "routes",
-              cross_subnet: bool = False) -> dict[str, str]:
+              cross_subnet: bool = False, datastore: str = "etcd") -> dict[str, str]:
     outer = os.environ if outer_env is None else outer_env
     nd = topology.node_dir(lab, node)
     env = base_env()
@@ -213,8 +223,7 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
     env.update({k: v for k, v in outer.items() if k.upper().startswith("FELIX_")})
     env.update({
         "NODENAME": node,
-        "DATASTORE_TYPE": "etcdv3",
-        "ETCD_ENDPOINTS": topology.ETCD_ENDPOINT,
+        **datastore_env(lab, datastore),
         "IP": "autodetect",
         "IP_AUTODETECTION_METHOD": f"interface={topology.NODE_IFACE}",
         "CALICO_IPV4POOL_CIDR": pool,
@@ -301,7 +310,7 @@ def wait_exabgp(lab: str, node: str, pid: int, timeout: float) -> str | None:
 
 
 def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "routes",
-                cross_subnet: bool = False) -> int:
+                cross_subnet: bool = False, datastore: str = "etcd") -> int:
     nd = topology.node_dir(lab, node)
     os.makedirs(f"{nd}/lib", exist_ok=True)
     try:
@@ -310,7 +319,8 @@ def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "ro
         pass
     argv = [sys.executable, "-m", "felixpy.node.main"]
     return _spawn(lab, topology.node_netns(lab, node), argv,
-                  agent_env(lab, node, pool, block_size, mode=mode, cross_subnet=cross_subnet),
+                  agent_env(lab, node, pool, block_size, mode=mode, cross_subnet=cross_subnet,
+                            datastore=datastore),
                   f"{nd}/agent.log")
 
 
@@ -357,10 +367,10 @@ def wait_bird(lab: str, node: str, pid: int, timeout: float) -> str | None:
     return f"BIRD on {node} not ready after {timeout:g} s; see {paths['out']}"
 
 
-def reflector_env(lab: str, node: str, pool: str, block_size: int) -> dict[str, str]:
+def reflector_env(lab: str, node: str, pool: str, block_size: int, datastore: str = "etcd") -> dict[str, str]:
     """felixpy-node in route-reflector mode: the agent's environment plus BIRD's paths."""
     paths = bird_paths(lab, node)
-    env = agent_env(lab, node, pool, block_size, mode="routes")
+    env = agent_env(lab, node, pool, block_size, mode="routes", datastore=datastore)
     env.update({
         "CALICO_NETWORKING_BACKEND": "bird",
         "FELIXPY_ROUTE_REFLECTOR": "true",
@@ -372,11 +382,11 @@ def reflector_env(lab: str, node: str, pool: str, block_size: int) -> dict[str, 
     return env
 
 
-def start_reflector(lab: str, node: str, pool: str, block_size: int) -> int:
+def start_reflector(lab: str, node: str, pool: str, block_size: int, datastore: str = "etcd") -> int:
     nd = topology.node_dir(lab, node)
     os.makedirs(f"{nd}/lib", exist_ok=True)
     argv = [sys.executable, "-m", "felixpy.node.main"]
-    return _spawn(lab, topology.node_netns(lab, node), argv, reflector_env(lab, node, pool, block_size),
+    return _spawn(lab, topology.node_netns(lab, node), argv, reflector_env(lab, node, pool, block_size, datastore),
                   f"{nd}/agent.log")
 
 

@@ -59,6 +59,9 @@ class LabState:
     etcd_pid: int = 0
     cross_subnet: bool = False  # even nodes on the fabric's second subnet; pools use CrossSubnet
     phase: str = "starting"  # starting | up
+    datastore: str = "etcd"  # etcd | kubernetes (a real control plane in the fabric: lab/kube.py)
+    kube_pids: dict[str, int] = field(default_factory=dict)  # etcd, kube-apiserver, kube-controller-manager
+    heartbeat_pid: int = 0  # kubernetes: the process renewing the nodes' Leases (the kubelets' part)
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:

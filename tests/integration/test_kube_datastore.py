@@ -227,6 +227,13 @@ def test_ipam_objects_use_calico_kdd_names(store: KubeDatastore, fake: FakeKubeA
     obj = fake.object("/apis/crd.projectcalico.org/v1/ipamblocks/10-65-1-0-26")
     assert obj is not None and obj["spec"]["affinityClaimTime"] == "t" and "affinity_claim_time" not in obj["spec"]
     assert store.get(keys.block_key("10.65.1.0/26")).value == block
+    # Calico's IPAMBlock CRD requires strictAffinity and drops nulls it does not mark nullable:
+    # the object always carries strictAffinity, and a block read without the nulls is unchanged.
+    unaffine = {**block, "affinity": None, "affinity_claim_time": None}
+    obj = m.block_object("10.65.1.0/26", unaffine)
+    assert obj["spec"]["strictAffinity"] is False
+    pruned = {**obj, "spec": {k: v for k, v in obj["spec"].items() if v is not None}}
+    assert m._block_convert(pruned) == (keys.block_key("10.65.1.0/26"), unaffine)
 
     store.create(keys.affinity_key("n1", "10.65.1.0/26"), {"state": "confirmed", "deleted": False})
     obj = fake.object("/apis/crd.projectcalico.org/v1/blockaffinities/n1-10-65-1-0-26")

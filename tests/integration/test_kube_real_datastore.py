@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pytest
 
@@ -46,6 +46,12 @@ def plain(value: Any) -> Any:
         meta.pop("uid", None)
         meta.pop("creationTimestamp", None)
     return value
+
+
+def drain(watch: Iterable[list[WatchEvent]], into: list[WatchEvent]) -> None:
+    """Collect a watch's events (in a thread) until it ends."""
+    for batch in watch:
+        into.extend(batch)
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -180,7 +186,7 @@ def test_paged_list_returns_everything_from_one_snapshot(kube: KubeCluster) -> N
     # the watch from that revision delivers it.
     seen: list[WatchEvent] = []
     watch = paged.watch(P, rev + 1)
-    t = threading.Thread(target=lambda: [seen.extend(b) for b in watch], daemon=True)
+    t = threading.Thread(target=drain, args=(watch, seen), daemon=True)
     t.start()
     writer.create(P + "late", {"i": 99})
     assert wait_for(lambda: seen)
@@ -328,7 +334,7 @@ def test_list_across_kinds_then_watch_has_no_gap_and_no_duplicate(kube: KubeClus
     store.delete(keys.resource_key("ippools", "pool1"))
     watch = store.watch("/calico/", rev + 1)
     seen: list[WatchEvent] = []
-    t = threading.Thread(target=lambda: [seen.extend(b) for b in watch], daemon=True)
+    t = threading.Thread(target=drain, args=(watch, seen), daemon=True)
     t.start()
     assert wait_for(lambda: len(seen) >= 3)
     store.create(P + "c", {"v": 3})  # a later event: proves nothing else was queued before it
@@ -379,6 +385,53 @@ def test_syncer_relists_after_a_real_410_and_resumes(kube: KubeCluster) -> None:
         syncer.stop()
 
 
+def test_a_quiet_kind_survives_the_servers_stream_ends(kube: KubeCluster) -> None:
+    """The API server ends each watch after timeoutSeconds; the quiet kind's next stream resumes
+    from the newest revision it knows (its own last change, or a bookmark's when the server sent
+    one) while another kind moves the global revision on: no 410, no gap, no duplicate.
+
+    Seen here: the watch cache of a quiet CRD sends a BOOKMARK before the timeout only once it
+    has heard of a newer revision (etcd progress notifications), so the resume revision may stay
+    the kind's own; the watch cache serves it all the same. Only a restarted API server (whose
+    cache starts over) answers such a resume with 410 (test_syncer_relists_after_a_real_410...)."""
+    store = kube.store(watch_timeout_seconds=3)
+    kv = store.create(P + "quiet", {"v": 1})
+    opened: list[int] = []
+    real_stream = store._http.stream
+
+    def recording(path: str, query: Any, read_timeout: float) -> Any:
+        if path.endswith("/ipamhandles"):
+            opened.append(int(query["resourceVersion"]))
+        return real_stream(path, query, read_timeout)
+
+    store._http.stream = recording  # type: ignore[method-assign]
+    watch = store.watch(P, kv.revision + 1)
+    seen: list[WatchEvent] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for batch in watch:
+                seen.extend(batch)
+        except BaseException as err:  # handed to the test thread
+            errors.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        for i in range(20):  # another kind moves the revision on
+            store.create(keys.block_key(f"10.66.{i}.0/26"), {"cidr": f"10.66.{i}.0/26"})
+        assert wait_for(lambda: len(opened) >= 3, timeout=15), opened  # two server-side ends
+        assert opened[0] == kv.revision and opened == sorted(opened)
+        late = store.create(P + "late", {"v": 2})
+        assert wait_for(lambda: any(e.key == P + "late" for e in seen))
+        assert not errors
+        assert [(e.key, e.revision) for e in seen] == [(P + "late", late.revision)]
+    finally:
+        watch.close()
+        t.join(5)
+
+
 def test_outage_is_unavailable_quickly_then_recovers(kube: KubeCluster) -> None:
     store = kube.store(timeout=3.0)
     store.create(P + "a", {})
@@ -418,17 +471,17 @@ def test_ipam_in_four_processes_on_two_nodes_hands_out_each_address_once(kube: K
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for w in range(4)]
     handles: dict[str, str] = {}
     try:
-        for w in workers:
-            out, err = w.communicate(timeout=120)
-            assert w.returncode == 0, err[-2000:]
+        for proc in workers:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
             result = json.loads(out.strip().splitlines()[-1])
             assert result["error"] is None, result["error"]
             handles.update(result["handles"])
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait(10)
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     assert len(handles) == 4 * count
     assert len(set(handles.values())) == len(handles), "an address was handed out twice"
     ipam = IPAM(store)

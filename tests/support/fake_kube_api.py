@@ -425,7 +425,7 @@ class FakeKubeAPI:
             if revision <= self._compacted:
                 raise ApiError(410, "Expired", "The provided continue parameter is too old to display a "
                                               "consistent list result.")
-            listing = {"kind": target.rtype.kind + "List", "apiVersion": target.rtype.group_version,
+            listing: dict[str, Any] = {"kind": target.rtype.kind + "List", "apiVersion": target.rtype.group_version,
                        "metadata": {"resourceVersion": str(revision)}, "items": items}
         else:
             listing = self._list(target)

@@ -258,6 +258,7 @@ CONTROLLER_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "blockaffinities", "get list watch update delete", "deleted nodes' affinities are released"),
     (CALICO, "ipamhandles", "get list watch update delete", "IPAM GC releases all IPs of a handle together"),
     (CALICO, "ipamconfigs", "get list", "strictAffinity decides whether a released block is kept"),
+    (CALICO, "ippools", "list", "releasing an address reads the pools (found missing on a real API server)"),
 ]
 
 
