@@ -26,6 +26,13 @@ A reflector that is also a node running pods (`local_agent`) has one more sessio
 ExaBGP, over loopback (`Local_Agent`, an rr client: the agent announces the node's own routes into
 BIRD and learns everything BIRD reflects). Its next hops are resolved through `protocol direct`.
 
+What is exported is Calico's choice (confd's `calico_export_to_bgp_peers`), after the BGPFilters:
+routes inside an IP pool that exports to BGP, and on a reflector the routes inside the
+serviceLoadBalancerIPs and serviceExternalIPs ranges; a reflector node's own routes (from its
+agent) always. Routes from elsewhere (a ToR's default route, say) are not passed on. The session
+to the node's own agent stands in for BIRD's kernel protocol in calico-node: it gets everything
+BIRD learned, as the kernel would.
+
 Apply a new rendering with `birdc configure`: BIRD keeps unchanged sessions up.
 BIRD strings have no escapes, so passwords containing `"` or a newline are refused.
 Pure text rendering.
@@ -84,7 +91,8 @@ def _next_hop(peer: Peer, node_as: int) -> str:
 
 
 def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str | None,
-              multihop: bool, filter_order: Sequence[str], communities: bool, listen_port: int) -> list[str]:
+              multihop: bool, filter_order: Sequence[str], communities: bool, listen_port: int,
+              calico_export: bool) -> list[str]:
     ipaddress.ip_address(peer.address)
     neighbor = f"neighbor {peer.address}" + (f" port {peer.port}" if peer.port != 179 else "")
     local_as = peer.local_as_for(as_number)
@@ -126,8 +134,12 @@ def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str
         lines += ["  connect delay time 1;", "  connect retry time 1;", "  error wait time 1, 2;"]
     import_calls = bird_calls(peer.filters, filter_order, "import", ebgp=ebgp)
     export_calls = bird_calls(peer.filters, filter_order, "export", ebgp=ebgp)
-    default_export = "if source = RTS_BGP then { felixpy_communities(); accept; }" if communities else \
-        "if source = RTS_BGP then accept;"
+    tag = "felixpy_communities(); " if communities else ""
+    if local or not calico_export:
+        default_export = "if source = RTS_BGP then accept;"
+    else:
+        default_export = (f'if proto = "{LOCAL_AGENT_NAME}" then {{ {tag}accept; }} '
+                          f"if source = RTS_BGP && felixpy_calico_route() then {{ {tag}accept; }}")
     lines += [
         "  ipv4 {",
         "    import " + ("all;" if not import_calls else "filter { " + " ".join(import_calls) + " accept; };"),
@@ -152,12 +164,32 @@ def _communities_function(rules: Sequence[CommunityRule]) -> list[str]:
     return lines
 
 
+def _calico_route_function(pools: Sequence[str], quiet_pools: Sequence[str], service_cidrs: Sequence[str]) -> list[str]:
+    lines = ["# Calico's routes: what confd's calico_export_to_bgp_peers lets out",
+             "function felixpy_calico_route() {"]
+    if quiet_pools:
+        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in quiet_pools)} ] then return false;")
+    if pools:
+        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in pools)} ] then return true;")
+    if service_cidrs:
+        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in service_cidrs)} ] then return true;")
+    lines += ["  return false;", "}"]
+    return lines
+
+
 def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | None,
                           peers: Sequence[Peer], local_address: str | None = None,
                           log_file: str | None = None, multihop: bool = False,
                           listen_address: str | None = None, listen_port: int = 179,
                           filters: Sequence[BGPFilter] = (), communities: Sequence[CommunityRule] = (),
-                          log_severity: str = "Info") -> str:
+                          log_severity: str = "Info", export_pools: Sequence[str] | None = None,
+                          no_export_pools: Sequence[str] = (), service_cidrs: Sequence[str] = (),
+                          ignored_interfaces: Sequence[str] = ()) -> str:
+    """BIRD 2 configuration text for a reflector (deterministic for the same inputs).
+
+    `export_pools`: the IP pools whose routes are exported (None: every BGP route, no Calico
+    export filter); `no_export_pools` the disableBGPExport ones; `service_cidrs` the Service
+    ranges a reflector passes on (serviceLoadBalancerIPs and serviceExternalIPs)."""
     """BIRD 2 configuration text for a reflector (deterministic for the same inputs)."""
     ipaddress.IPv4Address(router_id)
     if cluster_id is not None:
@@ -176,12 +208,20 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
     lines.append(f"router id {router_id};")
     lines += ["", "protocol device { scan time 10; }"]
     if multihop or has_local_agent:
-        # Recursive next-hop resolution needs the connected routes in BIRD's table.
-        lines.append("protocol direct { ipv4; }")
+        # Recursive next-hop resolution needs the connected routes in BIRD's table; like confd's
+        # direct template, never the pods' veths, kube-proxy's dummy, nor ignoredInterfaces.
+        patterns = [f"-{_quoted(i, 'interface name')}" for i in ignored_interfaces]
+        patterns += ['-"cali*"', '-"kube-ipvs*"', '"*"']
+        lines.append(f"protocol direct {{ ipv4; interface {', '.join(patterns)}; }}")
     lines.append("# No kernel protocol: a reflector never programs its own FIB.")
     filter_order = [f.name for f in filters]
     lines += ["", *render_bird_functions(filters)] if filters else []
     lines += ["", *_communities_function(communities)] if communities else []
+    calico_export = export_pools is not None
+    if calico_export:
+        assert export_pools is not None
+        lines += ["", *_calico_route_function(export_pools, no_export_pools,
+                                              service_cidrs if cluster_id is not None else ())]
     debug = _DEBUG.get(log_severity)
     lines += [
         "",
@@ -199,5 +239,6 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
         lines.append("")
         lines += _protocol(peer, local_address=(listen_address or peer.source_address or local),
                            as_number=as_number, cluster_id=cluster_id, multihop=multihop,
-                           filter_order=filter_order, communities=bool(communities), listen_port=listen_port)
+                           filter_order=filter_order, communities=bool(communities), listen_port=listen_port,
+                           calico_export=calico_export)
     return "\n".join(lines) + "\n"

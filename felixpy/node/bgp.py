@@ -247,7 +247,7 @@ class BGPResources:
     Values are the stored resources: bgp.peers reads them.
     """
 
-    KINDS = (Kind.NODE, Kind.BGP_CONFIGURATION, Kind.BGP_PEER, Kind.BGP_FILTER,
+    KINDS = (Kind.NODE, Kind.BGP_CONFIGURATION, Kind.BGP_PEER, Kind.BGP_FILTER, Kind.IP_POOL,
              Kind.KUBERNETES_SERVICE, Kind.KUBERNETES_ENDPOINT_SLICE)
 
     def __init__(self) -> None:
@@ -255,6 +255,7 @@ class BGPResources:
         self.configs: dict[str, Mapping[str, Any]] = {}
         self.peers: dict[str, Mapping[str, Any]] = {}
         self.filters: dict[str, Mapping[str, Any]] = {}
+        self.pools: dict[str, Any] = {}  # name → calc.updates.IPPool (what a reflector exports)
         self.services: dict[str, ServiceInfo] = {}  # by datastore key
         self.slices: dict[str, EndpointSliceInfo] = {}
         self.changed = True
@@ -273,8 +274,8 @@ class BGPResources:
                 table[update.key] = update.value
             self.services_changed = True
             return
-        index = {Kind.NODE: self.nodes, Kind.BGP_CONFIGURATION: self.configs,
-                 Kind.BGP_PEER: self.peers, Kind.BGP_FILTER: self.filters}[update.kind]
+        index = {Kind.NODE: self.nodes, Kind.BGP_CONFIGURATION: self.configs, Kind.BGP_PEER: self.peers,
+                 Kind.BGP_FILTER: self.filters, Kind.IP_POOL: self.pools}[update.kind]
         value = update.value.resource if isinstance(update.value, NodeValue) else update.value
         if value is None:
             index.pop(update.name, None)

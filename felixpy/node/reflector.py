@@ -41,6 +41,7 @@ from bgp.advertise import community_rules
 from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, render_bird_reflector
 from bgp.filters import FilterError
 from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, select_peers
+from bgp.services import ServiceSettings
 from felixpy.kernel import commands
 from felixpy.node.bgp import BGPResources, StatusFile, apply_log_level, resolve_peering
 from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher
@@ -323,6 +324,9 @@ class Reflector:
             if not self._shared:
                 apply_log_level(severity)
             port = settings.listen_port_of(self.node_name)
+            pools = [p for p in self._resources.pools.values() if ipaddress.ip_network(p.cidr).version == 4]
+            services = ServiceSettings.from_resource(default)
+            ignored = [str(i) for i in ((default or {}).get("spec") or {}).get("ignoredInterfaces") or ()]
             if self.local_agent is not None:
                 peers = [*peers, Peer(address=self.local_agent.address, as_number=as_number, type=PeerType.LOCAL,
                                       name=LOCAL_AGENT_NAME, port=self.local_agent.port,
@@ -332,7 +336,11 @@ class Reflector:
                 router_id=me.ipv4, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
                 local_address=me.ipv4, listen_port=port,
                 listen_address=me.ipv4 if settings.bind_mode_of(self.node_name) == "NodeIP" else None,
-                filters=filters, communities=rules, log_severity=severity)
+                filters=filters, communities=rules, log_severity=severity,
+                export_pools=sorted(p.cidr for p in pools if not p.disable_bgp_export),
+                no_export_pools=sorted(p.cidr for p in pools if p.disable_bgp_export),
+                service_cidrs=sorted(set(services.load_balancer_cidrs) | set(services.external_cidrs)),
+                ignored_interfaces=ignored)
         except (PeeringError, FilterError, ValueError, KeyError, TypeError, StopIteration) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             if message != self._config_error:

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 if not (HAVE_EXABGP and HAVE_BIRD):
     pytestmark.append(pytest.mark.skip(reason="needs exabgp in the venv and bird2"))
 
-RR, CLIENT = "192.0.2.11", "192.0.2.13"
+RR, CLIENT, OTHER = "192.0.2.11", "192.0.2.13", "192.0.2.14"
 CLUSTER = "244.0.0.1"
 
 
@@ -42,6 +42,8 @@ def node(name: str, ip: str, *, reflector: bool) -> KVUpdate:
 
 
 RECIPE = [
+    KVUpdate(keys.resource_key("ippools", "default"),
+             {"kind": "IPPool", "metadata": {"name": "default"}, "spec": {"cidr": "10.244.0.0/16"}}, 1),
     KVUpdate(keys.resource_key("bgpconfigurations", "default"),
              {"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"nodeToNodeMeshEnabled": False}}, 1),
     KVUpdate(keys.resource_key("bgppeers", "peer-with-route-reflectors"),
@@ -62,13 +64,13 @@ def bird_paths(lab: Lab, name: str, ns: str) -> ReflectorPaths:
 
 
 class Cluster:
-    def __init__(self, lab: Lab, rr: AgentNode, client: AgentNode) -> None:
-        self.lab, self.rr, self.client = lab, rr, client
+    def __init__(self, lab: Lab, rr: AgentNode, client: AgentNode, other: AgentNode) -> None:
+        self.lab, self.rr, self.client, self.other = lab, rr, client, other
 
     def wait(self, what: str, predicate: Any, timeout: float = 30.0) -> Any:
         def check() -> Any:
-            self.rr.pump(0.01)
-            self.client.pump(0.01)
+            for agent in (self.rr, self.client, self.other):
+                agent.pump(0.005)
             return predicate()
         return wait_for(what, check, timeout, interval=0)
 
@@ -83,12 +85,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         agents.append(rr)
         client = AgentNode(lab, "n3", CLIENT)
         agents.append(client)
-        updates = [node("n1", RR, reflector=True), node("n3", CLIENT, reflector=False), *RECIPE]
+        other = AgentNode(lab, "n4", OTHER)
+        agents.append(other)
+        updates = [node("n1", RR, reflector=True), node("n3", CLIENT, reflector=False),
+                   node("n4", OTHER, reflector=False), *RECIPE]
         for agent in agents:
             agent.feed(*updates)
         rr.ctl.set_announcements({"10.244.1.0/26"})
-        client.ctl.set_announcements({"10.244.3.0/26"})
-        yield Cluster(lab, rr, client)
+        # 100.64.0.0/24 is in no IP pool: BIRD takes it (the reflector node's own kernel gets it,
+        # as calico-node's BIRD would program it), but does not pass it on (Calico's export).
+        client.ctl.set_announcements({"10.244.3.0/26", "100.64.0.0/24"})
+        other.ctl.set_announcements({"10.244.4.0/26"})
+        yield Cluster(lab, rr, client, other)
     finally:
         for agent in agents:
             agent.close()
@@ -116,8 +124,14 @@ def test_routes_flow_both_ways_with_the_originators_next_hops(cluster: Cluster) 
                  lambda: cluster.client.ctl.learned_routes().get("10.244.1.0/26") == RR)
     cluster.wait("the reflector node learns the client's block",
                  lambda: cluster.rr.ctl.learned_routes().get("10.244.3.0/26") == CLIENT)
+    cluster.wait("the clients learn each other's blocks",
+                 lambda: cluster.other.ctl.learned_routes().get("10.244.3.0/26") == CLIENT
+                 and cluster.client.ctl.learned_routes().get("10.244.4.0/26") == OTHER)
     path = cluster.client.ctl.rib.best("10.244.1.0/26")
     assert path is not None and path.attributes.cluster_list == (CLUSTER,)
+    cluster.wait("the reflector node's kernel gets the non-pool route",
+                 lambda: cluster.rr.ctl.learned_routes().get("100.64.0.0/24") == CLIENT)
+    assert "100.64.0.0/24" not in cluster.other.ctl.learned_routes()
 
 
 def test_propagation_through_the_reflector_node(cluster: Cluster) -> None:
@@ -142,14 +156,14 @@ def test_propagation_through_the_reflector_node(cluster: Cluster) -> None:
 
 
 def test_switching_out_of_and_back_into_reflector_mode(cluster: Cluster) -> None:
-    rr, client = cluster.rr, cluster.client
+    rr, client, other = cluster.rr, cluster.client, cluster.other
     bird_ctl = str(rr.dir / "bird" / "bird.ctl")
     # Without the cluster ID n1 is an ordinary node: BIRD goes, ExaBGP listens again and n1 peers
     # with n3 through the same BGPPeer (n1 no longer matches its peerSelector: n3 is not a reflector,
     # so with the mesh off there is no session; turn the mesh on for the test).
     mesh_on = KVUpdate(keys.resource_key("bgpconfigurations", "default"),
                        {"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {}}, 2)
-    for agent in (rr, client):
+    for agent in (rr, client, other):
         agent.feed(node("n1", RR, reflector=False), mesh_on)
     cluster.wait("n1 out of reflector mode", lambda: not rr.ctl.reflector_mode)
     wait_for("BIRD stopped", lambda: "Unable to connect" in sh("birdc", "-s", bird_ctl, "show", "status",
@@ -158,7 +172,7 @@ def test_switching_out_of_and_back_into_reflector_mode(cluster: Cluster) -> None
     cluster.wait("routes over the mesh", lambda: rr.ctl.learned_routes().get("10.244.3.0/26") == CLIENT
                  and client.ctl.learned_routes().get("10.244.1.0/26") == RR)
     # And back: BIRD starts again, the client peers with it, the agent sits behind it.
-    for agent in (rr, client):
+    for agent in (rr, client, other):
         agent.feed(node("n1", RR, reflector=True), *RECIPE)
     cluster.wait("n1 a reflector again", lambda: rr.ctl.reflector_mode and rr.session_up(CLIENT)
                  and client.session_up(RR), timeout=40)

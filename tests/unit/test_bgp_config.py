@@ -136,7 +136,8 @@ protocol bgp Node_192_0_2_11 from felixpy_template {
 def test_bird_multihop_uses_recursive_gateway_and_direct_routes():
     text = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id=None, peers=[EBGP],
                                  multihop=True)
-    assert "multihop;" in text and "gateway recursive;" in text and "protocol direct { ipv4; }" in text
+    assert "multihop;" in text and "gateway recursive;" in text
+    assert 'protocol direct { ipv4; interface -"cali*", -"kube-ipvs*", "*"; }' in text
 
 
 def test_bird_refuses_unquotable_password_and_client_without_cluster():
