@@ -109,7 +109,13 @@ def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str
         lines += ["  ttl security on;", f"  multihop {peer.ttl_security};"]
     else:
         lines.append("  multihop;" if hops else "  direct;")
-    if peer.rr_client:
+    if peer.rr_client and local:
+        # The node's own agent is a client with this BIRD's own cluster ID (its router ID, BIRD's
+        # default), not the cluster's: BIRD never reflects a route to a client of a cluster that
+        # is already on the route's CLUSTER_LIST, and what another reflector of the same cluster
+        # passes on must still reach this node's kernel (calico-node's BIRD programs it directly).
+        lines.append("  rr client;")
+    elif peer.rr_client:
         if cluster_id is None:
             raise ValueError(f"peer {peer.address} is a route-reflector client but no cluster ID is set")
         lines += ["  rr client;", f"  rr cluster id {cluster_id};"]
@@ -142,6 +148,9 @@ def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str
                           f"if source = RTS_BGP && felixpy_calico_route() then {{ {tag}accept; }}")
     lines += [
         "  ipv4 {",
+        # The node's own routes win over copies of the same prefix from other nodes (a Service
+        # range every node announces), as calico-node's static routes (preference 200) do over BGP.
+        *(["    preference 200;"] if local else []),
         "    import " + ("all;" if not import_calls else "filter { " + " ".join(import_calls) + " accept; };"),
         "    export filter { " + " ".join(export_calls + [default_export, "reject;"]) + " };",
         f"    {_next_hop(peer, as_number)}",
