@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 
+from felixpy import names
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -92,10 +96,14 @@ _VARS: list[Variable] = [
     Variable("IP_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
              "How the IPv4 address is detected. Regexes are searched (unanchored) in interface names. "
              "`first-found` and `skip-interface` exclude docker, veth, cali, tunl, vxlan.calico, lo and "
-             "similar interfaces. `kubernetes-internal-ip` needs the Kubernetes API and fails at detection "
-             "time without it."),
+             "similar interfaces. `kubernetes-internal-ip` takes the first InternalIP of the Kubernetes Node "
+             "named like this node (read from the Kubernetes API: KUBECONFIG, or the pod's service "
+             "account, also with the etcd datastore) with the prefix of the local interface carrying it; "
+             "startup stops with one line when there is no API, no such Node, no InternalIP or no such "
+             "local address."),
     Variable("IP6", "Node", "unset", 'expected "", autodetect, none, an IPv6 address or an IPv6 CIDR',
-             "Node IPv6 address (`Node.spec.bgp.ipv6Address`). Unlike `IP`, only detected when `autodetect`."),
+             "Node IPv6 address (`Node.spec.bgp.ipv6Address`). felixpy does not support IPv6 yet: "
+             "`autodetect` or an address stops the agent with that message."),
     Variable("IP6_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
              "How the IPv6 address is detected when `IP6=autodetect`."),
     Variable("AS", "Node", "unset (keep the Node's value, else the global AS)",
@@ -148,6 +156,8 @@ _VARS: list[Variable] = [
              "Seconds between full route table resyncs."),
     Variable("FELIX_IPTABLESREFRESHINTERVAL", "Felix", "`180`", SECONDS_ACCEPTS,
              "Seconds between full iptables resyncs."),
+    Variable("FELIX_IPSETSREFRESHINTERVAL", "Felix", "`90`", SECONDS_ACCEPTS,
+             "Seconds between full ipset resyncs."),
     Variable("FELIX_LOGSEVERITYSCREEN", "Felix", "`INFO`", LOG_LEVEL_ACCEPTS,
              "Log level of the agent on stderr (Calico's line format, see docs/operations.md). felixpy "
              "has no trace-level messages: TRACE shows what DEBUG shows."),
@@ -164,10 +174,22 @@ _VARS: list[Variable] = [
              "Pod MTU when VXLAN is in use; 0 = host MTU - 50."),
     Variable("FELIX_IPINIPMTU", "Felix", "`0`", MTU_ACCEPTS,
              "Pod MTU when IPIP is in use; 0 = host MTU - 20."),
+    Variable("FELIX_VXLANVNI", "Felix", "`4096`", "expected an integer from 1 to 16777215",
+             "VNI of vxlan.calico (a change recreates the device)."),
+    Variable("FELIX_VXLANPORT", "Felix", "`4789`", "expected a UDP port from 1 to 65535",
+             "UDP port of vxlan.calico (a change recreates the device)."),
     Variable("FELIX_MTUIFACEPATTERN", "Felix", f"`{DEFAULT_MTU_IFACE_PATTERN}`", "expected a regular expression",
              "Interfaces whose smallest MTU is the host MTU (1460 when none is up)."),
     Variable("FELIX_IPTABLESBACKEND", "Felix", "`auto`", "accepted values are auto, legacy, nft (case-insensitive)",
              "Which iptables binaries to use."),
+    Variable("FELIX_CHAININSERTMODE", "Felix", "`insert`", "accepted values are insert, append (case-insensitive)",
+             "Where felixpy's jump rules go in the kernel's built-in chains (INPUT, FORWARD, OUTPUT, "
+             "POSTROUTING): `insert` at the top, `append` at the bottom, after everyone else's rules."),
+    Variable("FELIX_NATOUTGOINGADDRESS", "Felix", "unset", 'expected an IPv4 address, or "none"',
+             "natOutgoing traffic leaves with this source address (SNAT) instead of the outgoing "
+             "interface's (MASQUERADE)."),
+    Variable("FELIX_NATPORTRANGE", "Felix", "unset", 'expected MIN:MAX or one port (1-65535), or "none"',
+             "Source ports natOutgoing uses for TCP and UDP."),
     Variable("FELIX_DEFAULTENDPOINTTOHOSTACTION", "Felix", "`DROP`", "accepted values are DROP, RETURN, ACCEPT (case-insensitive)",
              "What happens to traffic from a pod to its own host."),
     Variable("FELIX_HEALTHENABLED", "Felix", "`false`", BOOL_ACCEPTS, "Serve /liveness and /readiness."),
@@ -191,7 +213,8 @@ _VARS: list[Variable] = [
              "Host-side names of pod interfaces start with one of these."),
     Variable("FELIX_*", "Felix", "", "any value",
              "Every other `FELIX_` variable is kept (case-insensitively) in `Config.felix.params` and "
-             "logged at startup when felixpy does not use it."),
+             "logged at startup when felixpy does not use it. Each parameter above can also be set in "
+             "the FelixConfiguration resources `node.<name>` and `default` (see the precedence above)."),
     # -- felixpy's own
     Variable("FELIXPY_CNI_SOCKET", "felixpy", f"`{DEFAULT_CNI_SOCKET}`", ABS_PATH_ACCEPTS,
              "Unix socket the `felixpy-cni` plugin talks to."),
@@ -289,10 +312,13 @@ class DatastoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class FelixConfig:
+    """Felix's parameters, merged from their sources (see FELIX_PARAMS and felix_config())."""
+
     # Every FELIX_* variable: lower-cased parameter name (without "felix_") -> raw value.
     params: Mapping[str, str]
     route_refresh_interval: float
     iptables_refresh_interval: float
+    ipsets_refresh_interval: float
     log_severity_screen: str  # TRACE | DEBUG | INFO | WARNING | ERROR | FATAL
     log_file_path: str | None  # None: no log file ("none")
     log_severity_file: str
@@ -300,9 +326,14 @@ class FelixConfig:
     ipv6_support: bool
     vxlan_mtu: int  # 0 = auto
     ipip_mtu: int  # 0 = auto
+    vxlan_vni: int
+    vxlan_port: int
     mtu_iface_pattern: str
     iptables_backend: str  # auto | legacy | nft
+    chain_insert_mode: str  # insert | append
     default_endpoint_to_host_action: str  # DROP | RETURN | ACCEPT
+    nat_outgoing_address: str | None
+    nat_port_range: tuple[int, int] | None
     health_enabled: bool
     health_port: int
     health_host: str
@@ -312,6 +343,9 @@ class FelixConfig:
     failsafe_inbound: tuple[tuple[str, int], ...]
     failsafe_outbound: tuple[tuple[str, int], ...]
     interface_prefixes: tuple[str, ...]
+    # Where each value above came from: Felix's source names ("environment variable",
+    # "datastore (per-host)", "datastore (global)", "default"), by attribute.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def unused_params(self) -> list[str]:
         """FELIX_* parameters that were set but that felixpy does not read (logged at startup)."""
@@ -661,7 +695,7 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         ip=parse_address_setting("IP", env.get("IP", ""), 4),
         ip_autodetection_method=parse_autodetection_method(
             "IP_AUTODETECTION_METHOD", env.get("IP_AUTODETECTION_METHOD", "")),
-        ip6=parse_address_setting("IP6", env.get("IP6", ""), 6),
+        ip6=_refuse_ipv6(parse_address_setting("IP6", env.get("IP6", ""), 6), env.get("IP6", "")),
         ip6_autodetection_method=parse_autodetection_method(
             "IP6_AUTODETECTION_METHOD", env.get("IP6_AUTODETECTION_METHOD", "")),
         as_number=parse_as_number("AS", as_value) if as_value else None,
@@ -669,6 +703,14 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         networking_backend=backend,
         cluster_type=env.get("CLUSTER_TYPE", "").strip(),
     )
+
+
+def _refuse_ipv6(setting: AddressSetting, value: str) -> AddressSetting:
+    """felixpy programs no IPv6 (routes, BGP, policy): an IPv6 node address would be accepted and
+    mean nothing, so it is refused rather than stored (docs/fields.md: Node spec.bgp.ipv6Address)."""
+    if setting.mode in ("autodetect", "explicit"):
+        raise ConfigError("IP6", f'IP6={json.dumps(value)}: felixpy does not support IPv6 yet (leave IP6 unset or "none")')
+    return setting
 
 
 def _load_pool(env: Mapping[str, str]) -> tuple[PoolConfig, bool]:
@@ -755,38 +797,169 @@ def _int_range(low: int, high: int) -> Callable[[str, str], int]:
 
 
 def _load_felix(env: Mapping[str, str]) -> FelixConfig:
+    return felix_config(env)
+
+
+# -- Felix's parameters and their sources -------------------------------------------------------------
+
+SOURCE_ENV = "environment variable"
+SOURCE_HOST = "datastore (per-host)"
+SOURCE_GLOBAL = "datastore (global)"
+SOURCE_DEFAULT = "default"
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+
+
+def _duration_text(value: object) -> str:
+    """A FelixConfiguration duration ("90s", "1m30s", "500ms") as the seconds Felix's v1 key holds."""
+    text = str(value).strip()
+    if text == "0":
+        return "0"
+    parts = _GO_DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return text  # not a duration: the parser refuses it and names the field
+    return repr(sum(float(n) * _GO_DURATION_UNITS[u] for n, u in parts))
+
+
+def _ports_text(value: object) -> str:
+    """failsafe*HostPorts ([{protocol, port}]) as Felix's "tcp:22,udp:68" (protocol defaults to tcp)."""
+    if not isinstance(value, list):
+        return str(value)
+    if not value:
+        return "none"
+    return ",".join(f"{str(item.get('protocol') or 'tcp').lower()}:{item.get('port')}" if isinstance(item, dict)
+                    else str(item) for item in value)
+
+
+def _parse_ipv4(name: str, value: str) -> str | None:
+    text = value.strip()
+    if text.lower() == "none":
+        return None
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise _fail(name, value) from None
+
+
+def _parse_port_range(name: str, value: str) -> tuple[int, int] | None:
+    """Felix's portrange: "MIN:MAX" or one port; "none" for no range."""
+    text = value.strip()
+    if text.lower() == "none":
+        return None
+    low, sep, high = text.partition(":")
+    if not low.isdigit() or (sep and not high.isdigit()):
+        raise _fail(name, value)
+    lo, hi = int(low), int(high) if sep else int(low)
+    if not 1 <= lo <= hi <= 65535:
+        raise _fail(name, value)
+    return lo, hi
+
+
+@dataclass(frozen=True, slots=True)
+class FelixParam:
+    """One Felix parameter felixpy reads: from FELIX_<NAME>, else FelixConfiguration `field`
+    (node.<name>, then default), else `default`. A FelixConfiguration value goes through the same
+    parser as the variable, as the text Felix's v1 config keys hold (`to_text`)."""
+
+    attr: str  # the FelixConfig attribute
+    name: str  # lower-case parameter name: the variable is FELIX_<NAME>
+    field: str | None  # the FelixConfiguration spec field; None: the environment only
+    parse: Callable[[str, str], object]
+    default: object
+    to_text: Callable[[object], str] = _text
+
+    @property
+    def variable(self) -> str:
+        return "FELIX_" + self.name.upper()
+
+
+FELIX_PARAMS: tuple[FelixParam, ...] = (
+    FelixParam("route_refresh_interval", "routerefreshinterval", "routeRefreshInterval", _parse_seconds, 90.0,
+               _duration_text),
+    FelixParam("iptables_refresh_interval", "iptablesrefreshinterval", "iptablesRefreshInterval", _parse_seconds,
+               180.0, _duration_text),
+    FelixParam("ipsets_refresh_interval", "ipsetsrefreshinterval", "ipsetsRefreshInterval", _parse_seconds, 90.0,
+               _duration_text),
+    FelixParam("log_severity_screen", "logseverityscreen", "logSeverityScreen", _choice(*LOG_LEVELS), "INFO"),
+    FelixParam("log_file_path", "logfilepath", "logFilePath", lambda n, v: _parse_log_file(n, v), None),
+    FelixParam("log_severity_file", "logseverityfile", "logSeverityFile", _choice(*LOG_LEVELS), "INFO"),
+    FelixParam("log_debug_filename_regex", "logdebugfilenameregex", "logDebugFilenameRegex", _parse_regex, None),
+    FelixParam("ipv6_support", "ipv6support", "ipv6Support", parse_bool, True),
+    FelixParam("vxlan_mtu", "vxlanmtu", "vxlanMTU", lambda n, v: _parse_mtu(n, v), 0),
+    FelixParam("ipip_mtu", "ipinipmtu", "ipipMTU", lambda n, v: _parse_mtu(n, v), 0),
+    FelixParam("vxlan_vni", "vxlanvni", "vxlanVNI", _int_range(1, 16777215), names.VXLAN_VNI),
+    FelixParam("vxlan_port", "vxlanport", "vxlanPort", _int_range(1, 65535), names.VXLAN_PORT),
+    FelixParam("mtu_iface_pattern", "mtuifacepattern", "mtuIfacePattern", _parse_regex, DEFAULT_MTU_IFACE_PATTERN),
+    FelixParam("iptables_backend", "iptablesbackend", "iptablesBackend", _choice("auto", "legacy", "nft"), "auto"),
+    FelixParam("chain_insert_mode", "chaininsertmode", "chainInsertMode", _choice("insert", "append"), "insert"),
+    FelixParam("default_endpoint_to_host_action", "defaultendpointtohostaction", "defaultEndpointToHostAction",
+               _choice("DROP", "RETURN", "ACCEPT"), "DROP"),
+    FelixParam("nat_outgoing_address", "natoutgoingaddress", "natOutgoingAddress", _parse_ipv4, None),
+    FelixParam("nat_port_range", "natportrange", "natPortRange", _parse_port_range, None),
+    FelixParam("health_enabled", "healthenabled", "healthEnabled", parse_bool, False),
+    FelixParam("health_port", "healthport", "healthPort", _int_range(1, 65535), 9099),
+    FelixParam("health_host", "healthhost", "healthHost", _parse_host, "localhost"),
+    FelixParam("prometheus_metrics_enabled", "prometheusmetricsenabled", "prometheusMetricsEnabled", parse_bool,
+               False),
+    FelixParam("prometheus_metrics_port", "prometheusmetricsport", "prometheusMetricsPort", _int_range(1, 65535),
+               9091),
+    FelixParam("prometheus_metrics_host", "prometheusmetricshost", "prometheusMetricsHost", _parse_host, ""),
+    FelixParam("failsafe_inbound", "failsafeinboundhostports", "failsafeInboundHostPorts", _parse_failsafe_ports,
+               DEFAULT_FAILSAFE_INBOUND, _ports_text),
+    FelixParam("failsafe_outbound", "failsafeoutboundhostports", "failsafeOutboundHostPorts",
+               _parse_failsafe_ports, DEFAULT_FAILSAFE_OUTBOUND, _ports_text),
+    FelixParam("interface_prefixes", "interfaceprefix", "interfacePrefix", _parse_interface_prefixes, ("cali",)),
+)
+
+
+def felix_config(env: Mapping[str, str], global_spec: Mapping[str, object] | None = None,
+                 host_spec: Mapping[str, object] | None = None) -> FelixConfig:
+    """Felix's parameters with Felix's precedence: the environment (FELIX_<NAME>), then the
+    FelixConfiguration `node.<name>` (`host_spec`), then `default` (`global_spec`), then the
+    built-in default. felixpy has no config file (Felix's /etc/calico/felix.cfg sits between the
+    environment and the datastore). A bad variable raises ConfigError; a bad datastore value is
+    logged and replaced by the default, as Felix does ("Replacing invalid value with default")."""
     params = _felix_params(env)
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for param in FELIX_PARAMS:
+        if param.name in params and params[param.name][1].strip() != "":
+            var, raw = params[param.name]
+            values[param.attr], sources[param.attr] = param.parse(var, raw), SOURCE_ENV
+            continue
+        values[param.attr], sources[param.attr] = param.default, SOURCE_DEFAULT
+        for source, spec in ((SOURCE_HOST, host_spec), (SOURCE_GLOBAL, global_spec)):
+            if param.field is None or not spec or spec.get(param.field) is None:
+                continue
+            try:
+                values[param.attr] = param.parse(param.variable, param.to_text(spec[param.field]))
+            except ConfigError as err:
+                log.warning("replacing invalid FelixConfiguration value with the default field=%s source=%s "
+                            "default=%r error=%s", param.field, source, param.default, err)
+            sources[param.attr] = source
+            break
+    return FelixConfig(params=types.MappingProxyType({p: v for p, (_, v) in params.items()}),
+                       sources=types.MappingProxyType(sources), **values)  # type: ignore[arg-type]
 
-    def get(param: str, parse: Callable[[str, str], T], default: T) -> T:
-        if param not in params or params[param][1].strip() == "":
-            return default
-        var, value = params[param]
-        return parse(var, value)
 
-    return FelixConfig(
-        params=types.MappingProxyType({p: v for p, (_, v) in params.items()}),
-        route_refresh_interval=get("routerefreshinterval", _parse_seconds, 90.0),
-        iptables_refresh_interval=get("iptablesrefreshinterval", _parse_seconds, 180.0),
-        log_severity_screen=get("logseverityscreen", _choice(*LOG_LEVELS), "INFO"),
-        log_file_path=get("logfilepath", _parse_log_file, None),
-        log_severity_file=get("logseverityfile", _choice(*LOG_LEVELS), "INFO"),
-        log_debug_filename_regex=get("logdebugfilenameregex", _parse_regex, None),
-        ipv6_support=get("ipv6support", parse_bool, True),
-        vxlan_mtu=get("vxlanmtu", _parse_mtu, 0),
-        ipip_mtu=get("ipinipmtu", _parse_mtu, 0),
-        mtu_iface_pattern=get("mtuifacepattern", _parse_regex, DEFAULT_MTU_IFACE_PATTERN),
-        iptables_backend=get("iptablesbackend", _choice("auto", "legacy", "nft"), "auto"),
-        default_endpoint_to_host_action=get("defaultendpointtohostaction", _choice("DROP", "RETURN", "ACCEPT"), "DROP"),
-        health_enabled=get("healthenabled", parse_bool, False),
-        health_port=get("healthport", _int_range(1, 65535), 9099),
-        health_host=get("healthhost", _parse_host, "localhost"),
-        prometheus_metrics_enabled=get("prometheusmetricsenabled", parse_bool, False),
-        prometheus_metrics_port=get("prometheusmetricsport", _int_range(1, 65535), 9091),
-        prometheus_metrics_host=get("prometheusmetricshost", _parse_host, ""),
-        failsafe_inbound=get("failsafeinboundhostports", _parse_failsafe_ports, DEFAULT_FAILSAFE_INBOUND),
-        failsafe_outbound=get("failsafeoutboundhostports", _parse_failsafe_ports, DEFAULT_FAILSAFE_OUTBOUND),
-        interface_prefixes=get("interfaceprefix", _parse_interface_prefixes, ("cali",)),
-    )
+def felix_changes(old: FelixConfig, new: FelixConfig) -> list[tuple[FelixParam, object, object]]:
+    """The parameters whose value differs between two configurations, in FELIX_PARAMS order."""
+    return [(p, getattr(old, p.attr), getattr(new, p.attr)) for p in FELIX_PARAMS
+            if getattr(old, p.attr) != getattr(new, p.attr)]
+
+
+def with_datastore_config(config: Config, global_spec: Mapping[str, object] | None,
+                          host_spec: Mapping[str, object] | None) -> Config:
+    """`config` with its Felix parameters merged with FelixConfiguration default / node.<name>."""
+    return replace(config, felix=felix_config(config.raw, global_spec, host_spec))
 
 
 def load_config(env: Mapping[str, str]) -> Config:
@@ -850,6 +1023,50 @@ def render_docs() -> str:
             group = var.group
             lines += ["", f"## {group}", "", "| Variable | Default | Accepts | Meaning |", "|---|---|---|---|"]
         lines.append(f"| `{var.name}` | {_cell(var.default)} | {_cell(var.accepts)} | {_cell(var.description)} |")
+    lines += [
+        "",
+        "## FelixConfiguration: Felix's parameters from the datastore",
+        "",
+        "The Felix parameters below are read as Felix reads them, from four places; the first that",
+        "has a value wins (Felix's `config.Source` order, `felix/config/config_params.go`):",
+        "",
+        "1. the environment variable `FELIX_<NAME>` (a bad value stops the agent);",
+        "2. Felix's config file, `/etc/calico/felix.cfg`: felixpy has none;",
+        "3. the FelixConfiguration `node.<nodename>` (startup creates it in etcd mode with",
+        "   `defaultEndpointToHostAction: Return`, as calico-node does);",
+        "4. the FelixConfiguration `default`;",
+        "",
+        "and otherwise the default. A datastore value that does not parse is logged and replaced",
+        "by the default, as Felix does (`Replacing invalid value with default`); felixctl refuses such",
+        "values on write. Every source is logged at startup (`felix parameter param=… source=…`).",
+        "",
+        "**Changes.** Felix applies none of these parameters live: a change of any of them in",
+        "FelixConfiguration makes Felix exit, and its supervisor starts it again (only",
+        "ClusterInformation's ClusterGUID, ClusterType and CalicoVersion and HealthTimeoutOverrides are",
+        "handled live, `felix/daemon/daemon.go`). felixpy-node does the same: it logs",
+        "`configuration changed; restarting to apply it, as Felix does param=… old=… new=…`, stops the",
+        "agent with the dataplane left as it is, and starts itself afresh (exec, same pid: the lab and",
+        "a container without an init system have no supervisor that restarts at once). The new",
+        "process reconciles the dataplane without flushing what is still right. A process younger",
+        "than 10 s waits 2 s first, as Felix does, so a flapping setting cannot spin.",
+        "",
+        "**The migration lock.** While ClusterInformation `default` has `datastoreReady: false`",
+        "(`felixctl datastore migrate lock`), felixpy-node waits at startup (as Felix does); a running",
+        "agent keeps its dataplane and refuses CNI ADD and DEL with Calico's `Calico is currently not",
+        "ready to process requests` (CNI STATUS answers not available), its IPAM writes stop, and",
+        "felixpy-controllers skip their IPAM pass, as kube-controllers do. Felix itself would restart",
+        "and wait; felixpy-node stays up because it also serves the CNI plugin, which can then give",
+        "Calico's error instead of \"agent not reachable\". A datastore without ClusterInformation",
+        "is not locked.",
+        "",
+        "| FelixConfiguration field | Variable | Default |",
+        "|---|---|---|",
+    ]
+    for param in FELIX_PARAMS:
+        default = VARIABLES[param.variable].default if param.variable in VARIABLES else ""
+        lines.append(f"| `{param.field}` | `{param.variable}` | {_cell(default)} |")
+    lines += ["", "Every other FelixConfiguration field is refused at validation or honoured as `docs/fields.md`",
+              "says (switches of features felixpy does not have are accepted when off)."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@ route each update by its key's type). Consumers do not parse keys or stored JSON
 each registers a handler per kind it cares about (`register_with(dispatcher)`) and receives
 `Update`s whose value is already decoded, or None when the resource was deleted or is invalid
 (calc/updates.py says what invalid means; it is decided and logged there, once). Kinds nobody
-registered for are not decoded at all (IPAM handles, FelixConfiguration, ...).
+registered for are not decoded at all (IPAM handles, ...).
 
 The agent's wiring (node/agent.py):
 
@@ -25,6 +25,8 @@ The agent's wiring (node/agent.py):
         ├─ GlobalNetworkPolicy ─► PolicyCalc
         ├─ BGPConfiguration ────► BGPResources
         ├─ BGPPeer ─────────────► BGPResources
+        ├─ FelixConfiguration ──► ConfigWatch        default, node.<name>: restart on a change
+        ├─ ClusterInformation ──► ConfigWatch        datastoreReady: the migration lock
         └─ IPAMBlock ───────────► IPAMUsage          felixpy_ipam_* metrics
 
 Handlers run in registration order, synchronously, on the agent's main loop; they index and mark

@@ -13,9 +13,12 @@ CIDR does not parse, a node whose spec.bgp.ipv4Address does not, a workload endp
 spec.node or with an address or port policy cannot read. Kubernetes Services and EndpointSlices
 (KubernetesService, KubernetesEndpointSlice: the Kubernetes objects, mirrored into etcd by
 felixpy-controllers or read from the API in the Kubernetes datastore) become bgp.services values.
-BGPConfiguration, BGPPeer, BGPFilter and CalicoNodeStatus values are handed on as stored: the BGP controller interprets them as a set and refuses a bad one by
-keeping its previous configuration and reporting the error (`felixctl node status`), which is
-what an operator needs there, rather than silently peering without it.
+BGPConfiguration, BGPPeer, BGPFilter and CalicoNodeStatus values are handed on as stored: the BGP
+controller interprets them as a set and refuses a bad one by keeping its previous configuration
+and reporting the error (`felixctl node status`), which is what an operator needs there, rather
+than silently peering without it. FelixConfiguration and
+ClusterInformation are handed on as stored too: the agent's config watch (node/config_watch.py)
+parses each parameter the way startup did, so both read one value the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Kind(StrEnum):
     # Kubernetes objects the BGP controller advertises (service addresses): Calico's model kinds.
     KUBERNETES_SERVICE = "KubernetesService"
     KUBERNETES_ENDPOINT_SLICE = "KubernetesEndpointSlice"
+    FELIX_CONFIGURATION = "FelixConfiguration"
+    CLUSTER_INFORMATION = "ClusterInformation"
 
 
 _RESOURCE_KINDS = {
@@ -71,6 +76,8 @@ _RESOURCE_KINDS = {
     "caliconodestatuses": Kind.CALICO_NODE_STATUS,
     "kubernetesservices": Kind.KUBERNETES_SERVICE,
     "kubernetesendpointslices": Kind.KUBERNETES_ENDPOINT_SLICE,
+    "felixconfigurations": Kind.FELIX_CONFIGURATION,
+    "clusterinformations": Kind.CLUSTER_INFORMATION,
 }
 
 V = TypeVar("V")
@@ -330,6 +337,8 @@ _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.CALICO_NODE_STATUS: _as_stored(Kind.CALICO_NODE_STATUS),
     Kind.KUBERNETES_SERVICE: _kubernetes_service,
     Kind.KUBERNETES_ENDPOINT_SLICE: _kubernetes_endpoint_slice,
+    Kind.FELIX_CONFIGURATION: _as_stored(Kind.FELIX_CONFIGURATION),
+    Kind.CLUSTER_INFORMATION: _as_stored(Kind.CLUSTER_INFORMATION),
 }
 
 

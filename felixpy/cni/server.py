@@ -3,11 +3,13 @@
 felixpy-cni forwards kubelet's request here, so the work happens in a process that already has a
 warm datastore connection and knows its node: IPAM (handle `<network>.<containerID>`), the pod's
 veth pair, and the WorkloadEndpoint. ADD answers only once the dataplane has programmed the pod's
-route, so a pod has connectivity when kubelet starts its containers.
+route, so a pod has connectivity when kubelet starts its containers. Which addresses a pod gets
+follows Calico's pod and namespace annotations and network config (cni/ipam_request.py).
 
 Failure: anything that fails after IPAM releases what ADD allocated and removes the veth, so a
 failed ADD leaves nothing behind. DEL is idempotent and releases by handle even when the pod's
-network namespace is already gone.
+network namespace is already gone. While a migration holds the datastore locked (ClusterInformation
+datastoreReady=false) ADD and DEL are refused with Calico's "not ready" error, before any change.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import socketserver
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from felixpy import names
+from felixpy.cni import ipam_request
 from felixpy.cni.plugin import (
     CONTAINER_UNKNOWN,
     DECODE_FAILURE,
@@ -41,11 +44,15 @@ from felixpy.datastore.api import Conflict, Datastore, DatastoreError, NotFound
 from felixpy.datastore.cas import TooManyConflicts, read_modify_write
 from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.errors import IPAMError
+from felixpy.ipam.lock import DatastoreLockedError
+from felixpy.ipam.pools import USE_WORKLOAD
 from felixpy.kernel import veth
 
 log = logging.getLogger(__name__)
 
 PROGRAMMED_TIMEOUT = 10.0
+NOT_READY = "Calico is currently not ready to process requests"  # Calico's plugin, word for word
+NAMESPACE_CACHE_TTL = 1.0  # seconds; as IPAM's pool cache (a change is seen by pods started after it)
 CAS_RETRIES = 10
 
 
@@ -135,19 +142,31 @@ class CNIHandler:
         ready: Callable[[], tuple[bool, str]],
         iface_prefix: str = names.WORKLOAD_IFACE_PREFIX,
         observe: Callable[[str, float], None] | None = None,
+        datastore_ready: Callable[[], bool] = lambda: True,
+        pod_annotations: Callable[[str, str], Mapping[str, str]] | None = None,
     ) -> None:
         self.store = store
         self._observe = observe  # (CNI command, seconds) for every request, e.g. a metrics histogram
         self.node_name = node_name
         self.mtu = mtu
-        self.ipam = IPAM(store)
+        # The migration lock (ClusterInformation datastoreReady=false), as the agent's config
+        # watch last saw it: ADD and DEL are refused as Calico's plugin refuses them, and the
+        # IPAM writes of anything else stop at IPAM's write boundary (ipam/lock.py).
+        self._datastore_ready = datastore_ready
+        self.ipam = IPAM(store, write_guard=self._check_unlocked)
         self._node_labels = node_labels
         self._wait_programmed = wait_programmed
         self._ready = ready
         self._iface_prefix = iface_prefix
+        # The pod's annotations from the Kubernetes API, when one is configured and the runtime
+        # did not pass them (ipam_request.py); without either a pod has no annotations.
+        self._pod_annotations = pod_annotations
         # Like Calico's host-wide IPAM lock: pods on one node allocate one at a time, which keeps
         # compare-and-swap conflicts on the node's own blocks away from the hot path.
         self._ipam_lock = threading.Lock()
+        # Namespace labels and annotations, kept for NAMESPACE_CACHE_TTL like IPAM's pools: pods
+        # of one deployment start in bursts in one namespace. Read under _ipam_lock only.
+        self._namespaces: dict[str, tuple[float, ipam_request.Metadata]] = {}
 
     def handle(self, raw: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
@@ -164,6 +183,12 @@ class CNIHandler:
         except CNIError as err:
             log.warning("cni request failed code=%d msg=%s details=%s", err.code, err.msg, err.details)
             return {"error": {"code": err.code, "msg": err.msg, "details": err.details}}
+        except DatastoreLockedError as err:
+            log.warning("cni request refused: %s", err)
+            return {"error": {"code": TRY_AGAIN_LATER, "msg": NOT_READY, "details": str(err)}}
+        except ipam_request.RequestError as err:
+            log.warning("cni ipam request refused: %s", err)
+            return {"error": {"code": INVALID_CONFIG, "msg": str(err), "details": ""}}
         except IPAMError as err:
             log.warning("cni ipam failed: %s", err)
             return {"error": {"code": IO_FAILURE, "msg": "IPAM failed", "details": str(err)}}
@@ -175,17 +200,19 @@ class CNIHandler:
                 command = (raw.get("env") or {}).get("CNI_COMMAND", "") if isinstance(raw, dict) else ""
                 self._observe(str(command) or "unknown", time.monotonic() - started)
 
+    def _check_unlocked(self) -> None:
+        if not self._datastore_ready():
+            raise DatastoreLockedError()
+
     # -- ADD -------------------------------------------------------------------------------
     def add(self, req: Request) -> dict[str, Any]:
+        self._check_unlocked()  # before anything is plumbed, as Calico's cmdAdd checks first
         host_iface = names.workload_iface_name(req.namespace, req.pod, self._iface_prefix)
         mtu = req.config.get("mtu") or self.mtu
         with self._ipam_lock:
             ips = self.ipam.ips_by_handle(req.handle)  # a repeated ADD reuses its address
             if not ips:
-                attrs = {"node": self.node_name, "namespace": req.namespace, "pod": req.pod,
-                         "timestamp": time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())}
-                ips = self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs,
-                                            node=self.node_name, node_labels=self._node_labels())
+                ips = self._assign(req)
         try:
             plumbing = veth.setup_workload(
                 netns_path=req.netns, host_iface=host_iface, container_iface=req.ifname,
@@ -201,6 +228,54 @@ class CNIHandler:
             log.warning("cni add: route not programmed within %.0fs pod=%s/%s",
                         PROGRAMMED_TIMEOUT, req.namespace, req.pod)
         return self._result(req, host_iface, ips, plumbing.container_mac)
+
+    def _assign(self, req: Request) -> list[Any]:
+        """The pod's addresses as its annotations and the network config ask (ipam_request.py)."""
+        pod = ipam_request.runtime_pod_annotations(req.config)
+        if pod is None:
+            pod = self._pod_annotations(req.namespace, req.pod) if self._pod_annotations else {}
+        def ns() -> ipam_request.Metadata:  # read only if something needs it
+            cached = self._namespaces.get(req.namespace)
+            now = time.monotonic()
+            if cached is None or now - cached[0] >= NAMESPACE_CACHE_TTL:
+                cached = (now, ipam_request.namespace_metadata(self.store, req.namespace))
+                if len(self._namespaces) > 1000:
+                    self._namespaces.clear()
+                self._namespaces[req.namespace] = cached
+            return cached[1]
+
+        want = ipam_request.ip_request(pod, ns, req.config)
+        if want.bypass_ipam:
+            log.info("cni add without IPAM (ipAddrsNoIpam) pod=%s/%s ips=%s", req.namespace, req.pod,
+                     ",".join(map(str, want.ips)))
+            return list(want.ips)
+        attrs = {"node": self.node_name, "namespace": req.namespace, "pod": req.pod,
+                 "timestamp": time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime())}
+        if want.ips:
+            self._release_previous_sandbox(req)
+            for ip in want.ips:
+                self.ipam.assign_ip(ip, handle=req.handle, attrs=attrs, node=self.node_name, use=USE_WORKLOAD)
+            return list(want.ips)
+        return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
+                                     node_labels=self._node_labels(), pools=want.pools, use=USE_WORKLOAD,
+                                     namespace_labels=lambda: ns().labels)
+
+    def _release_previous_sandbox(self, req: Request) -> None:
+        """With ipAddrs, an endpoint left by an earlier sandbox of the same pod still holds the
+        wanted address: release its addresses first, as Calico's plugin does."""
+        name = names.workload_endpoint_name(self.node_name, req.pod, req.ifname)
+        try:
+            kv = self.store.get(keys.resource_key("workloadendpoints", name, req.namespace))
+        except NotFound:
+            return
+        spec = (kv.value or {}).get("spec") or {}
+        if spec.get("containerID") == req.container_id:
+            return
+        old = [str(n).split("/")[0] for n in spec.get("ipNetworks") or []]
+        if old:
+            log.info("cni add: releasing the addresses of the pod's previous sandbox pod=%s/%s ips=%s",
+                     req.namespace, req.pod, ",".join(old))
+            self.ipam.release_ips(old)
 
     def _undo_add(self, req: Request, host_iface: str) -> None:
         try:
@@ -266,6 +341,7 @@ class CNIHandler:
 
     # -- DEL -------------------------------------------------------------------------------
     def delete(self, req: Request) -> dict[str, Any]:
+        self._check_unlocked()  # Calico's cmdDel refuses too: kubelet retries the DEL later
         with self._ipam_lock:
             released = self.ipam.release_by_handle(req.handle)
             if req.namespace and req.pod:  # Calico's legacy workload-ID handle
@@ -328,6 +404,8 @@ class CNIHandler:
         ok, why = self._ready()
         if not ok:
             raise CNIError(NOT_AVAILABLE, "felixpy agent is not ready", why)
+        if not self._datastore_ready():
+            raise CNIError(NOT_AVAILABLE, NOT_READY, str(DatastoreLockedError()))
         return {}
 
     def gc(self, req: Request) -> dict[str, Any]:

@@ -19,7 +19,8 @@ Release is all or none per handle: a handle's addresses go together (release_by_
 when every one of them is confirmed. Just before releasing, the view is read again and every
 address re-checked (still allocated to the same handle, still not valid); anything that changed
 is kept. Handles are unique per container, so a release by handle cannot free an address that was
-meanwhile reassigned to another pod.
+meanwhile reassigned to another pod; an address without a handle is released naming the sequence
+number its allocation had when it was seen, so it cannot free a newer allocation of the address.
 
 Candidate ages live in memory, as in Calico: a restarted controller starts every grace period
 again, which can only delay a release.
@@ -36,7 +37,7 @@ from typing import Callable, Mapping
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore
 from felixpy.controllers.pods import ClusterView, PodIndex
-from felixpy.ipam.allocator import IPAM
+from felixpy.ipam.allocator import IPAM, ReleaseOptions
 from felixpy.ipam.block import Block, BlockError
 from felixpy.ipam.errors import IPAMError
 
@@ -64,6 +65,7 @@ class Allocation:
     attrs: Mapping[str, str]
     block: str
     block_host: str | None
+    sequence_number: int | None = None
 
     def owner(self) -> str:
         ns, pod = self.attrs.get("namespace"), self.attrs.get("pod")
@@ -133,7 +135,8 @@ def list_allocations(store: Datastore) -> list[Allocation]:
             continue
         for a in block.allocated():
             out.append(Allocation(ip=str(a.ip), handle=a.handle, attrs=dict(a.attrs),
-                                  block=str(block.cidr), block_host=block.host))
+                                  block=str(block.cidr), block_host=block.host,
+                                  sequence_number=a.sequence_number))
     return out
 
 
@@ -255,7 +258,8 @@ class IPAMGarbageCollector:
         """Re-validate against fresh data just before releasing (all of the handle, or nothing)."""
         for alloc in allocs:
             current = self._ipam.get_assignment(alloc.ip)
-            if current is None or current.handle != handle:
+            if current is None or current.handle != handle or (
+                    alloc.sequence_number is not None and current.sequence_number != alloc.sequence_number):
                 log.info("Leak changed before release, keeping handle=%s ip=%s", handle, alloc.ip)
                 return False
             now_alloc = Allocation(ip=alloc.ip, handle=handle, attrs=dict(current.attrs),
@@ -274,8 +278,10 @@ class IPAMGarbageCollector:
         try:
             if handle is not None:
                 return [str(ip) for ip in self._ipam.release_by_handle(handle)]
-            not_allocated = {str(ip) for ip in self._ipam.release_ips([a.ip for a in allocs])}
-            return [a.ip for a in allocs if a.ip not in not_allocated]
+            outcome = self._ipam.release([ReleaseOptions(a.ip, None, a.sequence_number) for a in allocs])
+            for reason in outcome.stale:
+                log.info("Leak changed before release, keeping reason=%s", reason)
+            return [str(ip) for ip in outcome.released]
         except IPAMError as err:
             # The next pass retries: the allocation is still there and still a leak.
             log.warning("releasing leaked addresses failed handle=%s error=%s", handle, err)

@@ -138,9 +138,13 @@ class Controllers:
         from felixpy.controllers.nodes import NodeCleanup
         from felixpy.controllers.pods import WorkloadEndpointIndex
         from felixpy.ipam.allocator import IPAM
+        from felixpy.ipam.lock import ClusterLock
 
         self._store = store
-        ipam = IPAM(store, cache_ttl=0)
+        # kube-controllers skip their IPAM sync while a migration holds the datastore locked; the
+        # guard also stops a write of a pass that was under way when the lock came.
+        self._cluster_lock = ClusterLock(store, ttl=0)
+        ipam = IPAM(store, cache_ttl=0, write_guard=self._cluster_lock.check)
         self.gc = IPAMGarbageCollector(store, WorkloadEndpointIndex(store), grace_period=grace_period,
                                        clock=clock, ipam=ipam)
         self.nodes = NodeCleanup(store, empty_block_age=reconcile_period, clock=clock, ipam=ipam)
@@ -172,10 +176,14 @@ class Controllers:
             self._wake.set()
 
     def run_once(self) -> bool:
+        from felixpy.ipam.lock import DatastoreLockedError
+
         try:
+            if self._cluster_lock.is_locked():
+                raise DatastoreLockedError()
             result = self.gc.reconcile()
             self.nodes.reconcile()
-        except DatastoreError as err:
+        except (DatastoreError, DatastoreLockedError) as err:
             log.warning("reconcile pass failed, retrying in %.0fs: %s", RETRY_INTERVAL, err)
             self.last_pass_ok = False
             if self.metrics is not None:

@@ -1,4 +1,4 @@
-"""`felixctl ipam show|check|release|configure`: calicoctl's IPAM commands on our datastore.
+"""`felixctl ipam show|check|release|configure|split`: calicoctl's IPAM commands on our datastore.
 
 The felixctl dispatcher calls `add_parser(subparsers)` once and `run(args, store)` when the
 `ipam` command was chosen; run returns the exit code. User errors print one line to stderr.
@@ -12,13 +12,13 @@ import json
 import sys
 from typing import Any, Sequence, TextIO
 
-from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore, DatastoreError
-from felixpy.ipam.allocator import IPAM
-from felixpy.ipam.block import Block, BlockError
-from felixpy.ipam.check import check
+from felixpy.ipam import usage
+from felixpy.ipam.allocator import IPAM, ReleaseOptions
+from felixpy.ipam.check import LEAK, check
 from felixpy.ipam.config import IPAMConfig
 from felixpy.ipam.errors import IPAMError
+from felixpy.ipam.split import split_pool
 
 
 def _bool(text: str) -> bool:
@@ -32,13 +32,15 @@ def _bool(text: str) -> bool:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser("ipam", help="IP address management")
-    sub = parser.add_subparsers(dest="ipam_command", metavar="{show,check,release,configure}")
+    sub = parser.add_subparsers(dest="ipam_command", metavar="{show,check,release,configure,split}")
     sub.required = True
 
     show = sub.add_parser("show", help="show IP pool and block utilisation")
     show.add_argument("--show-blocks", action="store_true", help="one row per block too")
     show.add_argument("--ip", help="show whether IP is assigned and to what")
     show.add_argument("--show-configuration", action="store_true", help="show the IPAM configuration")
+    show.add_argument("--show-borrowed", action="store_true",
+                      help="list addresses a node took from a block affine to another node (or to none)")
 
     chk = sub.add_parser("check", help="look for leaked and inconsistent IPAM data")
     chk.add_argument("-o", "--output", metavar="FILE", help="also write a JSON report to FILE")
@@ -52,6 +54,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     conf = sub.add_parser("configure", help="change the IPAM configuration")
     conf.add_argument("--strictaffinity", type=_bool, help="true or false")
     conf.add_argument("--max-blocks-per-host", type=int, help="0 means the default (20)")
+
+    split = sub.add_parser("split", help="split an IP pool into N (a power of 2) equal pools; "
+                                         "needs `felixctl datastore migrate lock` first")
+    split.add_argument("number", metavar="N", type=int, help="how many pools (2, 4, 8, ...)")
+    which = split.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cidr", help="CIDR of the IP pool to split")
+    which.add_argument("--name", help="name of the IP pool to split")
     return parser
 
 
@@ -95,49 +104,85 @@ def _show(args: argparse.Namespace, store: Datastore, ipam: IPAM, out: TextIO) -
         for key, value in sorted(assignment.attrs.items()):
             print(f"  {key}: {value}", file=out)
         return 0
-    blocks: list[Block] = []
-    for kv in store.list(keys.block_prefix(4))[0]:
-        if (kv.value or {}).get("deleted"):
-            continue
-        try:
-            blocks.append(Block.from_json(kv.value))
-        except BlockError:
-            continue
-    blocks.sort(key=lambda b: int(b.cidr.network_address))
-    rows: list[list[str]] = []
-    for pool in sorted(ipam.pools(), key=lambda p: int(p.cidr.network_address)):
-        inside = [b for b in blocks if b.cidr.subnet_of(pool.cidr)]
-        total = pool.cidr.num_addresses
-        used = sum(b.in_use_count() for b in inside)
-        rows.append(["IP Pool", str(pool.cidr), str(total), _percent(used, total), _percent(total - used, total)])
+    if args.show_borrowed:
+        borrowed, unclassified = usage.borrowed(store)
+        rows = [[b.ip, b.borrowing_node, b.block, b.block_owner, b.type, b.allocated_to] for b in borrowed]
+        headers = ["IP", "BORROWING-NODE", "BLOCK", "BLOCK OWNER", "TYPE", "ALLOCATED-TO"]
+        print("\n".join(_table(headers, rows, [False] * len(headers))), file=out)
+        if unclassified:
+            print(f"\nNote: found {unclassified} IP allocations without an explicit node association. "
+                  "Unable to determine if they are borrowed.", file=out)
+        return 0
+    rows = []
+    for pool_use in usage.utilisation(store, ipam.pools(), ipam.reservations()):
+        rows.append(_usage_row("IP Pool", pool_use))
         if args.show_blocks:
-            for b in inside:
-                used_b = b.in_use_count()
-                rows.append(["Block", str(b.cidr), str(b.size), _percent(used_b, b.size),
-                             _percent(b.size - used_b, b.size)])
-    headers = ["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"]
-    print("\n".join(_table(headers, rows, [False, False, True, False, False])), file=out)
+            rows.extend(_usage_row("Block", b) for b in pool_use.blocks)
+    # IN USE counts allocated addresses and RESERVED those an IPReservation covers (an address
+    # allocated before it was reserved counts in both); FREE is what neither holds.
+    headers = ["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS RESERVED", "IPS FREE"]
+    print("\n".join(_table(headers, rows, [False, False, True, False, False, False])), file=out)
     return 0
+
+
+def _usage_row(grouping: str, use: usage.Utilisation) -> list[str]:
+    return [grouping, use.cidr, str(use.total), _percent(use.in_use, use.total),
+            _percent(use.reserved, use.total), _percent(use.free, use.total)]
 
 
 def _release(args: argparse.Namespace, store: Datastore, ipam: IPAM, out: TextIO) -> int:
     if args.ip:
         ip = ipaddress.ip_address(args.ip)
-        if ipam.get_assignment(str(ip)) is None:
+        assignment = ipam.get_assignment(str(ip))
+        if assignment is None:
             raise IPAMError(f"IP address {ip} is not assigned")
-        if ipam.release_ips([str(ip)]):  # released by someone else in between
+        # Guarded by what was just read: an address released and assigned again in between is
+        # somebody else's now and stays allocated.
+        outcome = ipam.release([ReleaseOptions(str(ip), assignment.handle, assignment.sequence_number)])
+        if outcome.stale:
+            raise IPAMError(outcome.stale[0])
+        if outcome.not_allocated:  # released by someone else in between
             raise IPAMError(f"IP address {ip} is not assigned")
         print(f"Successfully released IP address {ip}", file=out)
         return 0
     with open(args.from_report, encoding="utf-8") as f:
-        reported = set(json.load(f).get("leakedIPs") or [])
-    # Release only what is still leaked now: an address reused since the report is in use again.
+        report = json.load(f)
+    reported = {str(p["ip"]): p for p in report.get("problems") or []
+                if isinstance(p, dict) and p.get("kind") == LEAK and p.get("ip")}
+    for ip in report.get("leakedIPs") or []:  # reports without problem details name only the address
+        reported.setdefault(str(ip), {"ip": str(ip)})
+    # Release only what is still leaked now (an address in use again since the report stays),
+    # and only the very allocation the report saw: its handle and sequence number must match.
     still = [ip for ip in check(store).leaked_ips() if ip in reported]
-    not_released = ipam.release_ips(still)
-    for leaked in still:
-        if ipaddress.ip_address(leaked) not in not_released:
-            print(f"Successfully released IP address {leaked}", file=out)
-    print(f"Released {len(still) - len(not_released)} of {len(reported)} reported leaked IPs", file=out)
+    options = [ReleaseOptions(ip, reported[ip].get("handle"), _sequence(reported[ip].get("sequenceNumber")))
+               for ip in still]
+    outcome = ipam.release(options)
+    for released in outcome.released:
+        print(f"Successfully released IP address {released}", file=out)
+    for reason in outcome.stale:
+        print(f"Not released: {reason} (the report is out of date; run `ipam check -o` again)", file=out)
+    print(f"Released {len(outcome.released)} of {len(reported)} reported leaked IPs", file=out)
+    return 0
+
+
+def _sequence(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise IPAMError(f"invalid sequenceNumber {value!r} in the report")
+    return value
+
+
+def _split(args: argparse.Namespace, store: Datastore, out: TextIO) -> int:
+    from felixpy.ctl.migrate import is_locked
+
+    if not is_locked(store):
+        raise IPAMError("datastore is not locked: run `felixctl datastore migrate lock` before splitting an IP pool")
+    result = split_pool(store, args.number, name=args.name, cidr=args.cidr)
+    print(f"IP Pool {result.old_name} was successfully split into {len(result.created)} smaller pools.", file=out)
+    for name, cidr in result.created:
+        print(f"Created {name} with CIDR {cidr}.", file=out)
+    print("Unlock the datastore (`felixctl datastore migrate unlock`) when done.", file=out)
     return 0
 
 
@@ -175,6 +220,8 @@ def run(args: argparse.Namespace, store: Datastore, out: TextIO | None = None, e
             return _release(args, store, ipam, out)
         if args.ipam_command == "configure":
             return _configure(args, ipam, out)
+        if args.ipam_command == "split":
+            return _split(args, store, out)
         raise IPAMError(f"unknown ipam command {args.ipam_command!r}")
     except (IPAMError, DatastoreError, ValueError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -48,8 +48,9 @@ IPAM_KINDS = ("IPAMBlock", "IPAMHandle", "BlockAffinity")  # the order they are 
 
 # Dependency order: pools before nodes and endpoints, policies after the profiles they may name.
 EXPORT_ORDER = (
-    "IPPool", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "Profile", "Node",
+    "IPPool", "IPReservation", "BGPFilter", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "Profile", "Node",
     "BGPConfiguration", "FelixConfiguration", "IPAMConfiguration", "WorkloadEndpoint", "ClusterInformation",
+    "CalicoNodeStatus",
 )
 # Kinds whose presence does not make a target "non-empty": Nodes are the kubelet's in the
 # Kubernetes datastore, the rest are defaults every agent writes at start.

@@ -99,6 +99,8 @@ def _columns(kind: str, wide: bool, default_as: int) -> list[Column]:
     if kind == "BGPConfiguration" and wide:
         return [("NAME", _name), ("LOGSEVERITY", _field("logSeverityScreen")),
                 ("MESHENABLED", _field("nodeToNodeMeshEnabled")), ("ASNUMBER", _field("asNumber"))]
+    if kind == "IPReservation" and wide:
+        return [("NAME", _name), ("CIDRS", lambda res: ",".join(_spec(res).get("reservedCIDRs") or [])[:80])]
     if kind == "IPAMConfiguration" and wide:
         return [("NAME", _name), ("STRICTAFFINITY", _field("strictAffinity")),
                 ("AUTOALLOCATEBLOCKS", _field("autoAllocateBlocks")),

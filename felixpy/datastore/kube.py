@@ -175,8 +175,12 @@ class _Http:
         self._pool = urllib3.PoolManager(**kwargs)
         # A write that was sent is never re-sent (read=0): it must not be applied twice. Reads may
         # be retried once, e.g. on a pooled keep-alive connection the server closed meanwhile.
-        self._retries = urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0)
-        self._read_retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0)
+        # urllib3 would answer a 429 carrying Retry-After with MaxRetryError (status=0): the status
+        # is ours to read, and request()/stream() honour Retry-After themselves.
+        self._retries = urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0,
+                                      respect_retry_after_header=False)
+        self._read_retries = urllib3.Retry(total=2, connect=2, read=1, redirect=0, status=0, other=0,
+                                           respect_retry_after_header=False)
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "felixpy"}
@@ -243,7 +247,10 @@ class _Http:
             try:
                 resp = self._pool.request(
                     "GET", self.host + path, fields=query, headers=self._headers(None), preload_content=False,
-                    timeout=self._urllib3.Timeout(connect=self._timeout, read=read_timeout), retries=self._retries,
+                    # A watch is a GET: re-sending it over a fresh connection when a pooled one
+                    # turns out dead (the API server restarted) is safe.
+                    timeout=self._urllib3.Timeout(connect=self._timeout, read=read_timeout),
+                    retries=self._read_retries,
                 )
             except self._urllib3.exceptions.HTTPError as err:
                 raise Unavailable(f"watch {path}: Kubernetes API unreachable ({type(err).__name__})") from None

@@ -9,7 +9,9 @@ Pure functions and tables, no I/O: kube.py does the HTTP. The layout follows Cal
     /calico/ipam/v2/config                               ipamconfigs "default"
     .../nodes/<name>                                     core v1 Node: Calico fields in projectcalico.org/* annotations
     .../workloadendpoints/<ns>/<node>-k8s-<pod>-eth0     core v1 Pod (+ cni.projectcalico.org/* annotations)
-    .../profiles/kns.<ns>                                core v1 Namespace (read-only)
+    .../profiles/kns.<ns>                                core v1 Namespace (read-only; its labels as
+                                                         labelsToApply, its cni.projectcalico.org/*
+                                                         annotations, which the CNI plugin reads)
     .../networkpolicies/<ns>/knp.default.<name>          networking.k8s.io/v1 NetworkPolicy (read-only)
     .../kubernetesservices/<ns>/<name>                   core v1 Service (read-only; BGP service advertisement)
     .../kubernetesendpointslices/<ns>/<name>             discovery.k8s.io/v1 EndpointSlice (read-only)
@@ -64,6 +66,7 @@ ANN_NODE_LABELS = "projectcalico.org/labels"
 # The Calico v3 resources stored as CRDs: plural -> (kind, namespaced).
 CRD_RESOURCES: dict[str, tuple[str, bool]] = {
     "ippools": ("IPPool", False),
+    "ipreservations": ("IPReservation", False),
     "bgpconfigurations": ("BGPConfiguration", False),
     "bgppeers": ("BGPPeer", False),
     "felixconfigurations": ("FelixConfiguration", False),
@@ -517,15 +520,24 @@ WEP_REMOVE_PATCH: dict[str, Any] = {"metadata": {"annotations": {a: None for a i
 # Namespaces -> Profiles, NetworkPolicies -> Calico NetworkPolicies
 # --------------------------------------------------------------------------------------------
 
+# Namespace annotations the CNI plugin acts on (ipv4pools, ipFamilies); only these are carried to
+# the Profile, so that large unrelated annotations (last-applied-configuration) stay out of it.
+CNI_ANNOTATION_PREFIX = "cni.projectcalico.org/"
+
+
 def profile_value(obj: dict[str, Any]) -> dict[str, Any]:
     meta = _meta(obj)
     ns = meta.get("name", "")
     labels = {f"pcns.{k}": v for k, v in (meta.get("labels") or {}).items()}
     labels["pcns.projectcalico.org/name"] = ns
+    metadata: dict[str, Any] = {"name": PROFILE_PREFIX + ns}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(CNI_ANNOTATION_PREFIX)}
+    if annotations:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": CALICO_API_VERSION,
         "kind": "Profile",
-        "metadata": {"name": PROFILE_PREFIX + ns},
+        "metadata": metadata,
         "spec": {"ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}], "labelsToApply": labels},
     }
 

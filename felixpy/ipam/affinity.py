@@ -24,6 +24,7 @@ from felixpy.ipam.block import Block, host_affinity
 from felixpy.ipam.blockstore import BlockStore, live
 from felixpy.ipam.errors import IPAMError, TooManyConflictsError
 from felixpy.ipam.pools import Pool, seeded_block_order
+from felixpy.ipam.reservations import NO_RESERVATIONS, Reservations
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,12 @@ class Affinities:
         else:
             log.info("recreated missing block of confirmed affinity node=%s cidr=%s", node, cidr)
 
-    def find_and_claim(self, node: str, pools: Sequence[Pool], owned: set[str]) -> str | None:
-        """Claim one block for node in the given pools; None when every block CIDR is taken."""
+    def find_and_claim(self, node: str, pools: Sequence[Pool], owned: set[str],
+                       reserved: Reservations = NO_RESERVATIONS) -> str | None:
+        """Claim one block for node in the given pools; None when every block CIDR is taken.
+
+        A block CIDR that reservations cover entirely is never claimed (it could hold nothing).
+        """
         existing = {keys.parse_key(kv.key).name: block for kv, block in self._blocks.list_blocks()}
         for pool in pools:
             for net in seeded_block_order(pool, node):
@@ -155,7 +160,10 @@ class Affinities:
                 block = existing.get(cidr)
                 if cidr in owned:
                     continue
-                if block is None or (block.affinity == host_affinity(node) and block.free_count() > 0):
+                if reserved and reserved.covers(net):
+                    continue
+                if block is None or (block.affinity == host_affinity(node)
+                                     and block.free_count(reserved.overlapping(net) if reserved else None) > 0):
                     if self.claim(node, cidr):
                         return cidr
         # Nothing free: take over an empty block another node has held for long enough.

@@ -4,7 +4,9 @@ The algorithm is libcalico-go's (calico-reference.md §2); the package is split 
 
 * errors.py      IPAMError and its subclasses (one-line messages for users)
 * config.py      IPAMConfig: strict affinity, auto-allocate, maxBlocksPerHost
-* pools.py       which pools may serve a node, and the order a node walks a pool's blocks in
+* pools.py       which pools may serve a request (selectors, allowedUses), and the order a node
+                 walks a pool's blocks in
+* reservations.py  IPReservations: addresses automatic assignment skips
 * block.py       pure block arithmetic (the JSON layout of Calico's AllocationBlock)
 * blockstore.py  block KVs in the datastore, with the last-seen KV cache
 * handles.py     handle counts, incremented before and decremented after the block write
@@ -25,8 +27,14 @@ a duplicate address. Caches (per IPAM instance):
 * the last KV of every block we read or wrote (BlockStore): the hot path writes a block with one
   CAS and no read;
 * the node's affine block list (Affinities.known): used to find space fast;
-* pools and IPAM configuration for `cache_ttl` seconds (default 1 s; 0 disables). A pool that was
-  disabled less than cache_ttl ago may still serve this process, like Calico's informer caches.
+* pools, IPReservations and IPAM configuration for `cache_ttl` seconds (default 1 s; 0 disables).
+  A pool that was disabled (or an address reserved) less than cache_ttl ago may still serve this
+  process, like Calico's informer caches.
+
+Release: `release_ips` frees addresses; `release` takes ReleaseOptions that may also name the
+handle and sequence number the caller saw (Calico's ReleaseOptions), and then frees an address
+only while it is still that allocation: a leak found by a scan cannot free an address that was
+released and assigned to someone else before the release ran.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from felixpy.datastore import keys
 from felixpy.datastore.api import KV, Datastore, NotFound
 from felixpy.datastore.cas import KEEP
 from felixpy.ipam.affinity import Affinities
-from felixpy.ipam.block import Block, BlockError, host_affinity
+from felixpy.ipam.block import Block, BlockError, ReleaseGuard, StaleRelease, host_affinity
 from felixpy.ipam.blockstore import BlockStore, live
 from felixpy.ipam.config import IPAMConfig, read_config, write_config
 from felixpy.ipam.errors import (
@@ -53,10 +61,13 @@ from felixpy.ipam.errors import (
     IPAMError,
     NoQualifiedPoolError,
     PoolExhaustedError,
+    StaleReleaseError,
     StrictAffinityError,
 )
 from felixpy.ipam.handles import Handles
-from felixpy.ipam.pools import Pool, block_of, list_pools, resolve_pools
+from felixpy.ipam.lock import GuardedStore
+from felixpy.ipam.pools import USE_WORKLOAD, Pool, block_of, list_pools, resolve_pools
+from felixpy.ipam.reservations import Reservations, list_reservations
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +75,31 @@ IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
 
 
+Labels = Mapping[str, str] | Callable[[], Mapping[str, str]]
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
     handle: str | None
     attrs: Mapping[str, str]
     block_cidr: str
+    sequence_number: int | None = None  # the allocation's; a guarded release names it
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOptions:
+    """One address to release; handle / sequence_number, when given, must still be its own."""
+
+    address: str | IPv4Address
+    handle: str | None = None
+    sequence_number: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    released: tuple[IPv4Address, ...]
+    not_allocated: tuple[IPv4Address, ...]
+    stale: tuple[str, ...]  # one line per block whose release was refused (StaleRelease)
 
 
 @dataclass
@@ -98,7 +129,11 @@ class IPAM:
         clock: Callable[[], float] = time.time,
         cache_ttl: float = 1.0,
         pipeline_handle_writes: bool = True,
+        write_guard: Callable[[], None] | None = None,
     ) -> None:
+        if write_guard is not None:
+            # The migration lock (ipam/lock.py): every IPAM write below goes through this store.
+            store = GuardedStore(store, write_guard)
         self._store = store
         self._retries = retries
         self._rng = rng or random.Random()
@@ -108,6 +143,7 @@ class IPAM:
         self.handles = Handles(store, retries=retries)
         self.affinities = Affinities(store, self.blocks, retries=retries, clock=clock)
         self._pools: tuple[float, list[Pool]] | None = None
+        self._reservations: tuple[float, Reservations] | None = None
         self._config: tuple[float, IPAMConfig] | None = None
         self._pipeline = pipeline_handle_writes
         self._helpers: ThreadPoolExecutor | None = None
@@ -123,6 +159,14 @@ class IPAM:
         pools = list_pools(self._store)
         self._pools = (time.monotonic(), pools)
         return pools
+
+    def reservations(self) -> Reservations:
+        cached = self._reservations
+        if cached is not None and self._fresh(cached[0]):
+            return cached[1]
+        reserved = list_reservations(self._store)
+        self._reservations = (time.monotonic(), reserved)
+        return reserved
 
     def get_config(self) -> IPAMConfig:
         return read_config(self._store)
@@ -148,12 +192,19 @@ class IPAM:
         return dict(((kv.value or {}).get("metadata") or {}).get("labels") or {})
 
     def _resolve_pools(
-        self, requested: Sequence[str] | None, node: str, node_labels: Mapping[str, str] | None
+        self, requested: Sequence[str] | None, node: str, node_labels: Mapping[str, str] | None,
+        use: str, namespace: str | None, namespace_labels: Labels | None,
     ) -> list[Pool]:
         def labels() -> Mapping[str, str]:
             return node_labels if node_labels is not None else self._node_labels(node)
 
-        return resolve_pools(self.pools(), requested, node, labels)
+        def ns_labels() -> Mapping[str, str]:
+            if namespace_labels is None:
+                return {}
+            return namespace_labels() if callable(namespace_labels) else namespace_labels
+
+        return resolve_pools(self.pools(), requested, node, labels, use=use, namespace=namespace,
+                             namespace_labels=ns_labels)
 
     # -- automatic assignment -----------------------------------------------------------------
     def auto_assign(
@@ -165,16 +216,25 @@ class IPAM:
         node: str,
         node_labels: Mapping[str, str] | None = None,
         pools: Sequence[str] | None = None,
+        use: str = USE_WORKLOAD,
+        namespace_labels: Labels | None = None,
     ) -> list[IPv4Address]:
+        """Assign num addresses (pools.py says which pools qualify; reservations are skipped).
+
+        use: the pools' allowedUses must include it (Workload for pods, Tunnel for tunnel
+        addresses). namespace_labels: the pod's namespace labels for namespaceSelectors, or a
+        callable returning them (called only when a pool has a namespaceSelector).
+        """
         if num < 1:
             raise IPAMError(f"cannot assign {num} addresses")
         if not handle:
             raise IPAMError("an IPAM handle is required")
         config = self._cached_config()
-        chosen = self._resolve_pools(pools, node, node_labels)
+        chosen = self._resolve_pools(pools, node, node_labels, use, attrs.get("namespace"), namespace_labels)
+        reserved = self.reservations()
         progress = _Progress(need=num)
         try:
-            self._assign_affine(progress, handle, attrs, node, chosen, config)
+            self._assign_affine(progress, handle, attrs, node, chosen, config, reserved)
             if progress.need:
                 self._raise_if_short(progress, node, chosen, config)
         except BaseException:
@@ -187,7 +247,7 @@ class IPAM:
 
     def _assign_affine(
         self, progress: _Progress, handle: str, attrs: Mapping[str, str], node: str,
-        pools: list[Pool], config: IPAMConfig,
+        pools: list[Pool], config: IPAMConfig, reserved: Reservations,
     ) -> None:
         def in_pools(cidr: str) -> bool:
             net = IPv4Network(cidr)
@@ -196,7 +256,7 @@ class IPAM:
         # Fast path: the blocks we already know are ours, with their cached KVs.
         for cidr in self.affinities.known(node):
             if progress.need and in_pools(cidr):
-                self._take(progress, cidr, handle, attrs, node)
+                self._take(progress, cidr, handle, attrs, node, reserved)
         if not progress.need:
             return
         # Authoritative pass: the confirmed affinities and their blocks as they are now (another
@@ -207,7 +267,7 @@ class IPAM:
         for cidr in owned:
             if progress.need and in_pools(cidr):
                 self.affinities.ensure_block(node, cidr)
-                self._take(progress, cidr, handle, attrs, node)
+                self._take(progress, cidr, handle, attrs, node, reserved)
         # Claim new blocks while allowed.
         if config.auto_allocate_blocks:
             owned_set = set(owned)
@@ -215,29 +275,30 @@ class IPAM:
                 if len(owned_set) >= config.block_cap:
                     progress.cap_hit = True
                     break
-                claimed = self.affinities.find_and_claim(node, pools, owned_set)
+                claimed = self.affinities.find_and_claim(node, pools, owned_set, reserved)
                 if claimed is None:
                     progress.pool_full = True
                     break
                 owned_set.add(claimed)
-                self._take(progress, claimed, handle, attrs, node)
+                self._take(progress, claimed, handle, attrs, node, reserved)
         # Borrow from other blocks.
         if progress.need and not config.strict_affinity:
-            self._borrow(progress, handle, attrs, node, pools)
+            self._borrow(progress, handle, attrs, node, pools, reserved)
 
     def _borrow(
-        self, progress: _Progress, handle: str, attrs: Mapping[str, str], node: str, pools: list[Pool]
+        self, progress: _Progress, handle: str, attrs: Mapping[str, str], node: str, pools: list[Pool],
+        reserved: Reservations,
     ) -> None:
         candidates = []
         for kv, block in self.blocks.list_blocks():
-            if block.free_count() and any(block.cidr.subnet_of(p.cidr) for p in pools):
+            if block.free_count(reserved.overlapping(block.cidr)) and any(block.cidr.subnet_of(p.cidr) for p in pools):
                 self.blocks.remember(str(block.cidr), kv)
                 candidates.append(str(block.cidr))
         self._rng.shuffle(candidates)  # spread borrowers over the blocks, as Calico's random walk
         for cidr in candidates:
             if not progress.need:
                 return
-            self._take(progress, cidr, handle, attrs, None)
+            self._take(progress, cidr, handle, attrs, None, reserved)
             if progress.ips:
                 log.info("borrowed addresses node=%s block=%s", node, cidr)
 
@@ -251,8 +312,10 @@ class IPAM:
             f"pool exhausted: no free IPv4 address in pools [{pool_text}] for node {node} ({got}{reason})"
         )
 
-    def _take(self, progress: _Progress, cidr: str, handle: str, attrs: Mapping[str, str], owner: str | None) -> None:
-        got = self._assign_from_block(cidr, progress.need, handle, attrs, owner=owner)
+    def _take(self, progress: _Progress, cidr: str, handle: str, attrs: Mapping[str, str], owner: str | None,
+              reserved: Reservations) -> None:
+        skip = reserved.overlapping(IPv4Network(cidr)) if reserved else None
+        got = self._assign_from_block(cidr, progress.need, handle, attrs, owner=owner, skip=skip)
         progress.ips.extend(got)
         progress.need -= len(got)
 
@@ -264,11 +327,12 @@ class IPAM:
         attrs: Mapping[str, str],
         *,
         owner: str | None,
+        skip: Reservations | None = None,
     ) -> list[IPv4Address]:
         """Assign up to num addresses from one existing block with CAS; [] if it has no room.
 
         owner: when given, the block must still be affine to that node (the affine and claim
-        paths); None for borrowing, which takes from any block.
+        paths); None for borrowing, which takes from any block. skip: reserved addresses.
 
         The handle is incremented before the block is written (Calico's order). The first
         increment is sent on a helper thread at the same time as the block CAS: the two round
@@ -292,7 +356,7 @@ class IPAM:
             block = Block.from_json(value)
             if owner is not None and block.affinity != host_affinity(owner):
                 return KEEP, None
-            want = min(num, block.free_count())
+            want = min(num, block.free_count(skip))
             if want == 0:
                 return KEEP, []
             if want > counted:
@@ -302,7 +366,7 @@ class IPAM:
                     in_flight = self._settle(in_flight)
                     self.handles.add(handle, cidr, want - counted)
                 counted = want
-            ips = block.assign(want, handle, attrs)
+            ips = block.assign(want, handle, attrs, skip)
             return block.to_json(), ips
 
         try:
@@ -352,13 +416,23 @@ class IPAM:
             helpers.shutdown(wait=True)
 
     # -- assignment of a given address ----------------------------------------------------------
-    def assign_ip(self, ip: str | IPv4Address, *, handle: str, attrs: Mapping[str, str], node: str) -> None:
-        """Assign one specific address (claiming its block for node if nobody has it)."""
+    def assign_ip(self, ip: str | IPv4Address, *, handle: str, attrs: Mapping[str, str], node: str,
+                  use: str | None = None) -> None:
+        """Assign one specific address (claiming its block for node if nobody has it).
+
+        As Calico's AssignIP: the address must be in an enabled pool, whose allowedUses must
+        include use when one is given; reservations do not apply (they only keep automatic
+        assignment away).
+        """
         addr = _ipv4(ip)
         config = self._cached_config()
-        pool = next((p for p in self.pools() if addr in p.cidr), None)
+        pool = next((p for p in self.pools() if addr in p.cidr and not p.disabled), None)
         if pool is None:
-            raise NoQualifiedPoolError(f"address {addr} is not in any configured pool")
+            raise NoQualifiedPoolError(f"address {addr} is not in any enabled IP pool")
+        if use is not None and not pool.allows(use):
+            raise NoQualifiedPoolError(
+                f"address {addr} is in IP pool {pool.name}, which does not allow use {use} "
+                f"(allowedUses: {sorted(pool.allowed_uses)})")
         cidr = str(pool.block_for(addr))
         if self.blocks.read(cidr, fresh=True) is None:
             self.affinities.claim(node, cidr)
@@ -393,13 +467,26 @@ class IPAM:
     # -- release -------------------------------------------------------------------------------
     def release_ips(self, ips: Iterable[str | IPv4Address]) -> list[IPv4Address]:
         """Release addresses; returns those that were not allocated."""
-        addrs = [_ipv4(ip) for ip in ips]
+        return list(self.release([ReleaseOptions(ip) for ip in ips], strict=True).not_allocated)
+
+    def release(self, options: Sequence[ReleaseOptions], *, strict: bool = False) -> ReleaseOutcome:
+        """Release addresses, each only if it still has the handle / sequence number given.
+
+        A block whose addresses do not all match is left untouched and named in `stale`; the
+        other blocks are released. strict=True raises StaleReleaseError instead, after the
+        other blocks were released.
+        """
+        addrs = [_ipv4(o.address) for o in options]
+        guards = {_ipv4(o.address): ReleaseGuard(o.handle, o.sequence_number) for o in options
+                  if o.handle is not None or o.sequence_number is not None}
         pools = self.pools()
         listed: list[KV] | None = None
         if any(not any(a in p.cidr for p in pools) for a in addrs):
             listed = self.blocks.list_kvs()
         by_block: dict[str, list[IPv4Address]] = {}
         not_allocated: list[IPv4Address] = []
+        released: list[IPv4Address] = []
+        stale: list[str] = []
         for addr in addrs:
             cidr = block_of(addr, pools, listed)
             if cidr is None:
@@ -407,23 +494,39 @@ class IPAM:
             else:
                 by_block.setdefault(cidr, []).append(addr)
         for cidr, block_ips in by_block.items():
-            missing, per_handle = self._release_in_block(cidr, block_ips)
+            block_guards = {a: guards[a] for a in block_ips if a in guards}
+            try:
+                missing, per_handle = self._release_in_block(cidr, block_ips, block_guards)
+            except StaleRelease as err:
+                log.warning("release refused block=%s reason=%s", cidr, err)
+                stale.append(str(err))
+                continue
             not_allocated.extend(missing)
+            released.extend(a for a in block_ips if a not in missing)
             for handle, count in per_handle.items():
                 self.handles.add(handle, cidr, -count)
         if not_allocated:
             log.info("release of addresses that were not allocated ips=%s", not_allocated)
         order = {addr: i for i, addr in reversed(list(enumerate(addrs)))}
-        return sorted(not_allocated, key=lambda a: order.get(a, len(addrs)))
+        outcome = ReleaseOutcome(
+            released=tuple(dict.fromkeys(released)),
+            not_allocated=tuple(sorted(not_allocated, key=lambda a: order.get(a, len(addrs)))),
+            stale=tuple(stale),
+        )
+        if strict and stale:
+            raise StaleReleaseError(stale[0])
+        return outcome
 
-    def _release_in_block(self, cidr: str, ips: list[IPv4Address]) -> tuple[list[IPv4Address], dict[str, int]]:
+    def _release_in_block(
+        self, cidr: str, ips: list[IPv4Address], guards: Mapping[IPv4Address, ReleaseGuard] | None = None,
+    ) -> tuple[list[IPv4Address], dict[str, int]]:
         """-> (the addresses that were not allocated, released count per handle)."""
 
         def release(value: Any) -> tuple[Any, tuple[list[IPv4Address], dict[str, int]]]:
             if not live(value):
                 return KEEP, (list(ips), {})
             block = Block.from_json(value)
-            missing, per_handle = block.release_counting(ips)
+            missing, per_handle = block.release_counting(ips, guards)
             changed = bool(per_handle) or len(missing) != len(ips)
             return (block.to_json() if changed else KEEP), (missing, per_handle)
 
@@ -477,7 +580,8 @@ class IPAM:
         found = Block.from_json(kv.value).allocation(addr)
         if found is None:
             return None
-        return Assignment(handle=found.handle, attrs=found.attrs, block_cidr=cidr)
+        return Assignment(handle=found.handle, attrs=found.attrs, block_cidr=cidr,
+                          sequence_number=found.sequence_number)
 
     # -- affinities (affinity.Affinities does the work) ------------------------------------------
     def affine_blocks(self, node: str) -> list[str]:

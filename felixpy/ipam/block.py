@@ -11,7 +11,9 @@ A block is a power-of-two slice of an IP pool (a /26 by default). Its datastore 
                                  appends, so the address that has been free longest is reused first
     attributes                   [{"handle_id": ..., "secondary": {node, namespace, pod, ...}}]
     sequenceNumber               bumped on every assignment (ABA protection for releases)
-    sequenceNumberForAllocation  ordinal (as a string) -> sequenceNumber when it was assigned
+    sequenceNumberForAllocation  ordinal (as a string) -> sequenceNumber when it was assigned; a
+                                 release that names the number it saw frees the address only if
+                                 it is still that allocation (not one made since)
     deleted                      soft-delete flag (Kubernetes datastore); readers ignore such blocks
 
 Allocations that share the same handle and attributes share one attributes entry; entries no
@@ -28,7 +30,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 IPv4Address = ipaddress.IPv4Address
 IPv4Network = ipaddress.IPv4Network
@@ -62,6 +64,25 @@ class AddressNotInBlock(BlockError):
 
 class BlockFull(BlockError):
     pass
+
+
+class StaleRelease(BlockError):
+    """A release named a handle or sequence number the address no longer has: it was released
+    and assigned again since the caller looked, so it is not the caller's to free."""
+
+
+class AddressFilter(Protocol):
+    """Addresses automatic assignment must skip (reservations.Reservations)."""
+
+    def matches(self, ip: IPv4Address) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseGuard:
+    """What a releaser believes an address holds; None = not checked."""
+
+    handle: str | None = None
+    sequence_number: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +221,12 @@ class Block:
         return IPv4Address(int(self.cidr.network_address) + ordinal)
 
     # -- counts -----------------------------------------------------------------------------
-    def free_count(self) -> int:
-        return len(self.unallocated)
+    def free_count(self, skip: AddressFilter | None = None) -> int:
+        """Free addresses; with skip, only those automatic assignment may hand out."""
+        if not skip:
+            return len(self.unallocated)
+        base = int(self.cidr.network_address)
+        return sum(1 for o in self.unallocated if not skip.matches(IPv4Address(base + o)))
 
     def in_use_count(self) -> int:
         return sum(1 for a in self.allocations if a is not None)
@@ -224,14 +249,31 @@ class Block:
         self.sequence_for_allocation[str(ordinal)] = self.sequence_number
         self.sequence_number += 1
 
-    def assign(self, num: int, handle: str | None, attrs: Mapping[str, str]) -> list[IPv4Address]:
-        """Take up to `num` free addresses from the front of the FIFO; may return fewer."""
+    def assign(self, num: int, handle: str | None, attrs: Mapping[str, str],
+               skip: AddressFilter | None = None) -> list[IPv4Address]:
+        """Take up to `num` free addresses from the front of the FIFO; may return fewer.
+
+        Addresses skip matches (reserved ones) stay where they are in the FIFO.
+        """
         if num < 0:
             raise BlockError(f"cannot assign {num} addresses")
-        take = self.unallocated[:num]
-        if not take:
-            return []
-        del self.unallocated[: len(take)]
+        if skip:
+            take: list[int] = []
+            keep: list[int] = []
+            base = int(self.cidr.network_address)
+            for ordinal in self.unallocated:
+                if len(take) < num and not skip.matches(IPv4Address(base + ordinal)):
+                    take.append(ordinal)
+                else:
+                    keep.append(ordinal)
+            if not take:
+                return []
+            self.unallocated = keep
+        else:
+            take = self.unallocated[:num]
+            if not take:
+                return []
+            del self.unallocated[: len(take)]
         index = self._attribute_index(handle, attrs)
         for ordinal in take:
             self._mark_assigned(ordinal, index)
@@ -249,14 +291,21 @@ class Block:
 
     # -- release ----------------------------------------------------------------------------
     def release_counting(
-        self, ips: Iterable[str | IPv4Address]
+        self, ips: Iterable[str | IPv4Address], guards: Mapping[IPv4Address, ReleaseGuard] | None = None,
     ) -> tuple[list[IPv4Address], dict[str, int]]:
-        """Release addresses; returns (those that were not allocated, released count per handle)."""
+        """Release addresses; returns (those that were not allocated, released count per handle).
+
+        guards: per address, the handle and sequence number the caller saw; if an allocated
+        address has another one, StaleRelease is raised and nothing is released (Calico fails
+        the block's release wholesale the same way).
+        """
+        addrs = [_as_address(ip) for ip in ips]
+        for guarded, guard in (guards or {}).items():
+            self._check_guard(guarded, guard)
         not_allocated: list[IPv4Address] = []
         per_handle: dict[str, int] = {}
         seen: set[int] = set()
-        for ip in ips:
-            addr = _as_address(ip)
+        for addr in addrs:
             ordinal = self.ordinal(addr)
             index = self.allocations[ordinal]
             if index is None or ordinal in seen:
@@ -272,6 +321,20 @@ class Block:
         if seen:
             self._compact_attributes()
         return not_allocated, per_handle
+
+    def _check_guard(self, addr: IPv4Address, guard: ReleaseGuard) -> None:
+        ordinal = self.ordinal(addr)
+        index = self.allocations[ordinal]
+        if index is None:
+            return  # free already: reported as not allocated, nothing to protect
+        if guard.sequence_number is not None:
+            current = self.sequence_for_allocation.get(str(ordinal))
+            if current != guard.sequence_number:
+                raise StaleRelease(f"address {addr} was assigned again since it was looked at "
+                                   f"(sequence number {current}, expected {guard.sequence_number}); not released")
+        if guard.handle is not None and self._handle_of(index) != guard.handle:
+            raise StaleRelease(f"address {addr} now belongs to handle {self._handle_of(index)}, "
+                               f"not {guard.handle}; not released")
 
     def release(self, ips: Iterable[str | IPv4Address]) -> list[IPv4Address]:
         """Release addresses; returns those that were not allocated (they are left alone)."""

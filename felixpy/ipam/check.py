@@ -3,7 +3,9 @@
 Like `calicoctl ipam check` (calico-reference.md §2.7) it loads blocks, pools, affinities, handles,
 Node tunnel addresses and WorkloadEndpoints, and reports:
 
-* leaks: addresses allocated in a block that no WorkloadEndpoint and no Node tunnel uses;
+* leaks: addresses allocated in a block that no WorkloadEndpoint and no Node tunnel uses (with the
+  allocation's handle and sequence number, so that a release from the report frees exactly that
+  allocation and never one made since);
 * in-use addresses (WorkloadEndpoint ipNetworks, Node tunnel addresses) with no allocation, or
   outside every IP pool, or claimed by more than one owner;
 * handles with no addresses, handles that blocks refer to but that do not exist, and handle
@@ -49,10 +51,12 @@ class Problem:
     ip: str | None = None
     handle: str | None = None
     block: str | None = None
+    sequence_number: int | None = None  # of a leaked allocation: `ipam release --from-report` names it
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in (("kind", self.kind), ("detail", self.detail), ("ip", self.ip),
-                                  ("handle", self.handle), ("block", self.block)) if v is not None}
+                                  ("handle", self.handle), ("block", self.block),
+                                  ("sequenceNumber", self.sequence_number)) if v is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +187,7 @@ def check(store: Datastore) -> CheckReport:
                 problems.append(Problem(
                     LEAK,
                     f"{ip} is allocated (handle {alloc.handle}, block {cidr}) but not in use",
-                    ip=ip, handle=alloc.handle, block=cidr,
+                    ip=ip, handle=alloc.handle, block=cidr, sequence_number=alloc.sequence_number,
                 ))
 
     for ip, owners in sorted(in_use.items(), key=lambda kv: ipaddress.IPv4Address(kv[0])):

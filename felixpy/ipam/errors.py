@@ -27,6 +27,10 @@ class AddressInUseError(IPAMError):
     """A specific address was requested that is already allocated."""
 
 
+class StaleReleaseError(IPAMError):
+    """A guarded release found the address assigned again (another handle or sequence number)."""
+
+
 class InvalidConfigError(IPAMError):
     """An IPAM configuration Calico's SetIPAMConfig would refuse."""
 

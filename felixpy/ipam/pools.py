@@ -1,8 +1,17 @@
-"""IP pools as IPAM sees them: parsing, which pools may serve a node, and a node's block order.
+"""IP pools as IPAM sees them: parsing, which pools may serve a request, and a node's block order.
 
-A pool serves automatic assignment when it is enabled, not assignmentMode Manual, and its
-nodeSelector selects the node; a request naming pools may use Manual pools but still only
-enabled ones that select the node (Calico's rules). Only IPv4 pools are used.
+Which pools an automatic assignment may use (libcalico-go's determinePools, then its filter by use):
+
+* pools the request names (CNI `ipam.ipv4_pools`, or the `cni.projectcalico.org/ipv4pools` pod or
+  namespace annotation), by name or CIDR: each must exist and be enabled; as in Calico, their
+  node and namespace selectors and assignmentMode are not consulted;
+* otherwise every enabled pool with assignmentMode Automatic whose nodeSelector selects the node
+  and whose namespaceSelector selects the pod's namespace (both must match; a request without a
+  namespace, like a tunnel address, is matched against no labels);
+* of those, only pools whose allowedUses include the request's use (`Workload` for pods, `Tunnel`
+  for tunnel addresses; Calico's default is both). A `[LoadBalancer]` pool never serves either.
+
+Only IPv4 pools are used.
 """
 
 from __future__ import annotations
@@ -25,6 +34,11 @@ IPv4Network = ipaddress.IPv4Network
 
 DEFAULT_BLOCK_SIZE = 26
 
+USE_WORKLOAD = "Workload"
+USE_TUNNEL = "Tunnel"
+USE_LOAD_BALANCER = "LoadBalancer"
+DEFAULT_ALLOWED_USES = frozenset({USE_WORKLOAD, USE_TUNNEL})
+
 
 @dataclass(frozen=True, slots=True)
 class Pool:
@@ -36,6 +50,8 @@ class Pool:
     disabled: bool = False
     node_selector: str = ""
     manual: bool = False  # assignmentMode: Manual pools only serve explicit requests
+    namespace_selector: str = ""
+    allowed_uses: frozenset[str] = DEFAULT_ALLOWED_USES
 
     @property
     def block_count(self) -> int:
@@ -50,6 +66,12 @@ class Pool:
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         return selector_matches(self.node_selector, labels)
+
+    def selects_namespace(self, labels: Mapping[str, str]) -> bool:
+        return selector_matches(self.namespace_selector, labels, what="namespaceSelector")
+
+    def allows(self, use: str) -> bool:
+        return use in self.allowed_uses
 
 
 def parse_pool(resource: Mapping[str, Any]) -> Pool | None:
@@ -74,6 +96,8 @@ def parse_pool(resource: Mapping[str, Any]) -> Pool | None:
         disabled=bool(spec.get("disabled", False)),
         node_selector=str(spec.get("nodeSelector") or ""),
         manual=spec.get("assignmentMode") == "Manual",
+        namespace_selector=str(spec.get("namespaceSelector") or ""),
+        allowed_uses=frozenset(str(u) for u in spec.get("allowedUses") or DEFAULT_ALLOWED_USES),
     )
 
 
@@ -82,49 +106,75 @@ def list_pools(store: Datastore) -> list[Pool]:
     return [p for p in (parse_pool(kv.value) for kv in kvs) if p is not None]
 
 
-def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+def selector_matches(selector: str, labels: Mapping[str, str], *, what: str = "nodeSelector") -> bool:
     text = selector.strip()
     if text in ("", "all()"):
         return True
     try:
         from policy.selectors import parse  # imported lazily: policy/ must not be needed otherwise
     except ImportError:
-        raise NoQualifiedPoolError(f"cannot evaluate nodeSelector {text!r}: policy.selectors is unavailable") from None
+        raise NoQualifiedPoolError(f"cannot evaluate {what} {text!r}: policy.selectors is unavailable") from None
     try:
         return bool(parse(text).evaluate(dict(labels)))
     except Exception as err:  # a bad selector disqualifies the pool, it must not break allocation
-        log.warning("invalid pool nodeSelector selector=%r error=%s", text, err)
+        log.warning("invalid pool %s selector=%r error=%s", what, text, err)
         return False
+
+
+def _trivial(selector: str) -> bool:
+    return selector.strip() in ("", "all()")
 
 
 def resolve_pools(
     all_pools: Sequence[Pool], requested: Sequence[str] | None, node: str,
-    node_labels: Callable[[], Mapping[str, str]],
+    node_labels: Callable[[], Mapping[str, str]], *, use: str = USE_WORKLOAD,
+    namespace: str | None = None, namespace_labels: Callable[[], Mapping[str, str]] | None = None,
 ) -> list[Pool]:
-    """The pools a request may use, in order; node_labels is called only if a selector needs them."""
-    labels_cache: list[Mapping[str, str]] = []
+    """The pools a request may use, in order (see the module docstring).
 
-    def selected(pool: Pool) -> bool:
-        if pool.node_selector.strip() in ("", "all()"):
-            return True
-        if not labels_cache:
-            labels_cache.append(node_labels())
-        return pool.selects(labels_cache[0])
-
+    node_labels and namespace_labels are called only if a selector needs them; a request without
+    namespace_labels (a tunnel address) is matched against no namespace labels, as in Calico.
+    """
     if requested:
         chosen: list[Pool] = []
         for want in requested:
             match = [p for p in all_pools if want in (p.name, str(p.cidr))]
             if not match or match[0].disabled:
                 raise NoQualifiedPoolError(f"the requested pool {want} does not exist or is not enabled")
-            if not selected(match[0]):
-                raise NoQualifiedPoolError(f"the requested pool {want} does not select node {node}")
-            chosen.append(match[0])
-        return chosen
-    chosen = [p for p in all_pools if not p.disabled and not p.manual and selected(p)]
+            if match[0] not in chosen:
+                chosen.append(match[0])
+        return _by_use(chosen, use, f"of the requested pools [{', '.join(requested)}]")
+
+    node_cache: list[Mapping[str, str]] = []
+    ns_cache: list[Mapping[str, str]] = []
+
+    def selects_node(pool: Pool) -> bool:
+        if _trivial(pool.node_selector):
+            return True
+        if not node_cache:
+            node_cache.append(node_labels())
+        return pool.selects(node_cache[0])
+
+    def selects_namespace(pool: Pool) -> bool:
+        if _trivial(pool.namespace_selector):
+            return True
+        if not ns_cache:
+            ns_cache.append(namespace_labels() if namespace_labels is not None else {})
+        return pool.selects_namespace(ns_cache[0])
+
+    chosen = [p for p in all_pools if not p.disabled and not p.manual and selects_node(p) and selects_namespace(p)]
     if not chosen:
-        raise NoQualifiedPoolError(f"no enabled IPv4 pool selects node {node}")
-    return chosen
+        where = f" and namespace {namespace}" if namespace else ""
+        raise NoQualifiedPoolError(f"no enabled IPv4 pool selects node {node}{where}")
+    return _by_use(chosen, use, f"of the pools selecting node {node}")
+
+
+def _by_use(pools: list[Pool], use: str, which: str) -> list[Pool]:
+    allowed = [p for p in pools if p.allows(use)]
+    if not allowed:
+        names = ", ".join(f"{p.name} {sorted(p.allowed_uses)}" for p in pools)
+        raise NoQualifiedPoolError(f"none {which} allows use {use} (allowedUses: {names})")
+    return allowed
 
 
 def seeded_block_order(pool: Pool, node: str) -> Iterator[IPv4Network]:

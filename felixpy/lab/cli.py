@@ -353,22 +353,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- namespaces, pods, labels -------------------------------------------------------------------
 
-def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None) -> bool:
-    """Record the namespace and write its profile; True when it was new."""
+def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | None,
+                      annotations: dict[str, str] | None = None) -> bool:
+    """Record the namespace and write its profile; True when it was new. annotations, when
+    given, replace the namespace's (None keeps them)."""
     new = namespace not in st.namespaces
     if labels is None:
         if not new:
             return False
         labels = {}
     st.namespaces[namespace] = pods.namespace_labels(namespace, labels)
+    if annotations is not None:
+        st.namespace_annotations[namespace] = dict(annotations)
     if st.datastore == "kubernetes":
         # A real Namespace: its Profile kns.<ns> is derived from it by the datastore.
-        kube.ensure_namespace(pods.kube_api(st.name), namespace, st.namespaces[namespace])
+        kube.ensure_namespace(pods.kube_api(st.name), namespace, st.namespaces[namespace],
+                              st.namespace_annotations.get(namespace))
         state.save(st)
         return new
     store = pods.open_datastore(st.name)
     try:
-        pods.write_profile(store, namespace, st.namespaces[namespace])
+        pods.write_profile(store, namespace, st.namespaces[namespace], st.namespace_annotations.get(namespace))
     finally:
         store.close()
     state.save(st)
@@ -378,9 +383,10 @@ def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | Non
 def cmd_ns_add(args: argparse.Namespace) -> int:
     namespace = topology.check_k8s_name("namespace", args.namespace)
     labels = topology.parse_labels(args.labels)
+    annotations = topology.parse_annotations(args.annotations) if args.annotations is not None else None
     with state.locked(args.name):
         st = state.load(args.name)
-        new = _ensure_namespace(st, namespace, labels)
+        new = _ensure_namespace(st, namespace, labels, annotations)
     say(f"namespace {namespace} {'created' if new else 'updated'}: {_labels_text(st.namespaces[namespace])}")
     return 0
 
@@ -388,6 +394,7 @@ def cmd_ns_add(args: argparse.Namespace) -> int:
 def cmd_pod_add(args: argparse.Namespace) -> int:
     ref = topology.parse_pod_ref(args.pod)
     labels = topology.parse_labels(args.labels)
+    annotations = topology.parse_annotations(args.annotations)
     served = topology.parse_serve(args.serve)
     with state.locked(args.name):
         st = state.load(args.name)
@@ -400,7 +407,7 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             say(f"namespace {ref.namespace} created")
         pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
                        netns=topology.pod_netns(st.name, ref.namespace, ref.name),
-                       container_id=secrets.token_hex(32), labels=labels,
+                       container_id=secrets.token_hex(32), labels=labels, annotations=annotations,
                        serve=[f"{p.name}={p.spec()}" for p in served])
         if pod.netns in procs.netns_list():
             raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
@@ -911,8 +918,13 @@ def cmd_apiserver(args: argparse.Namespace) -> int:
             if procs.alive(pid) and pid in procs.marked_pids(st.name):
                 raise LabUsageError(f"kube-apiserver already running (pid {pid})")
             cp = pods.kube_api(st.name)
+            cp.pids.update(st.kube_pids)
             try:
                 cp.start_apiserver()
+                # The controller-manager exits when the API server goes away while it is still
+                # starting its controllers; a kubelet would restart it: so does the lab.
+                for part in cp.ensure_running():
+                    say(f"{part} was not running: started")
             except kube.ControlPlaneError as e:
                 raise LabExit(1, str(e)) from None
             finally:
@@ -959,6 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ns_add)
     p.add_argument("namespace")
     p.add_argument("--labels", default="")
+    p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
+                   help="a namespace annotation, e.g. cni.projectcalico.org/ipv4pools='[\"pool\"]' (repeatable)")
 
     pod = add("pod", lambda a: 0, "pods")
     pod_sub = pod.add_subparsers(dest="pod_command", metavar="add|del", required=True)
@@ -967,6 +981,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pod", metavar="NS/POD")
     p.add_argument("--node", required=True)
     p.add_argument("--labels", default="")
+    p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
+                   help="a pod annotation, e.g. cni.projectcalico.org/ipAddrs='[\"10.244.1.7\"]' (repeatable)")
     p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
     p = pod_sub.add_parser("del", parents=[common], help="delete a pod (real CNI DEL)")
     p.set_defaults(func=cmd_pod_del)

@@ -267,6 +267,19 @@ class ControlPlane:
             "kube-controller-manager", self.controller_manager_argv(), self.path("kube-controller-manager.log"))
         self._wait("kube-controller-manager", deadline, self._controller_manager_ready)
 
+    def ensure_running(self) -> list[str]:
+        """Start again whatever part has exited, as kubelet restarts a static pod: the
+        controller-manager exits when the API server goes away while it is still starting its
+        controllers. Returns the parts started."""
+        started = []
+        for name, start in (("etcd", lambda: self.start_etcd(time.monotonic() + START_TIMEOUT)),
+                            ("kube-apiserver", self.start_apiserver),
+                            ("kube-controller-manager", self.start_controller_manager)):
+            if not self.alive(name):
+                start()
+                started.append(name)
+        return started
+
     def stop(self, *names: str) -> None:
         """Stop the named parts (all by default, the controller-manager first), by the pids this
         object started; SIGTERM, then SIGKILL after a bounded wait."""
@@ -328,7 +341,7 @@ class ControlPlane:
         """One call as the cluster admin; returns the decoded JSON. Raises ControlPlaneError with
         the server's message."""
         data = None if body is None else json.dumps(body).encode()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a restarted API server's caches take a while on a busy machine
         while True:
             req = urllib.request.Request(self.endpoints.server + path, data=data, method=method,
                                          headers={"Accept": "application/json", "Content-Type": content_type})

@@ -168,24 +168,41 @@ def renew_lease(cp: ControlPlane, node: str) -> None:
 
 # --- namespaces ---------------------------------------------------------------------------------
 
-def ensure_namespace(cp: ControlPlane, namespace: str, labels: dict[str, str]) -> None:
+def ensure_namespace(cp: ControlPlane, namespace: str, labels: dict[str, str],
+                     annotations: dict[str, str] | None = None) -> None:
     """Create the Namespace or set its labels (kubectl label semantics: the labels given are the
-    labels it has, kubernetes.io/metadata.name being the API server's own)."""
+    labels it has, kubernetes.io/metadata.name being the API server's own) and, when given, its
+    annotations (the ones given are the ones it has)."""
     path = f"/api/v1/namespaces/{namespace}"
     try:
         current = cp.request("GET", path)
     except ControlPlaneError as err:
         if ": 404 " not in str(err):
             raise KubeLabError(str(err)) from None
-        _call(cp, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                 "metadata": {"name": namespace, "labels": labels}})
+        metadata: dict[str, Any] = {"name": namespace, "labels": labels}
+        if annotations:
+            metadata["annotations"] = annotations
+        _call(cp, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
         _wait_default_service_account(cp, namespace)
         return
-    old = (current.get("metadata") or {}).get("labels") or {}
-    patch: dict[str, Any] = {k: v for k, v in labels.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k not in labels and k != "kubernetes.io/metadata.name"})
+    meta = current.get("metadata") or {}
+    patch: dict[str, Any] = {}
+    labels_patch = _map_patch(meta.get("labels") or {}, labels, keep=("kubernetes.io/metadata.name",))
+    if labels_patch:
+        patch["labels"] = labels_patch
+    if annotations is not None:
+        annotations_patch = _map_patch(meta.get("annotations") or {}, annotations)
+        if annotations_patch:
+            patch["annotations"] = annotations_patch
     if patch:
-        _call(cp, "PATCH", path, {"metadata": {"labels": patch}}, "application/merge-patch+json")
+        _call(cp, "PATCH", path, {"metadata": patch}, "application/merge-patch+json")
+
+
+def _map_patch(old: dict[str, str], new: dict[str, str], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merge patch turning map old into new (keys in keep are never removed)."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new and k not in keep})
+    return patch
 
 
 def _wait_default_service_account(cp: ControlPlane, namespace: str, timeout: float = 30.0) -> None:
@@ -215,7 +232,8 @@ def create_pod(cp: ControlPlane, pod: PodState, node_ip: str) -> None:
     if ports:
         container["ports"] = ports
     _call(cp, "POST", f"/api/v1/namespaces/{pod.namespace}/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod.name, "labels": dict(pod.labels)},
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "labels": dict(pod.labels), "annotations": dict(pod.annotations)},
         "spec": {"containers": [container]}})
     _call(cp, "POST", f"{pod_path(pod)}/binding", {
         "apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.name},

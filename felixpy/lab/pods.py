@@ -4,7 +4,10 @@ A pod is a netns plumbed by the real `felixpy-cni` exactly as kubelet runs it (e
 the node's netns). The agent allocates the IP, plumbs the veth and writes the WorkloadEndpoint;
 the lab then does what Calico's kube-controllers do: it keeps the WorkloadEndpoint's labels and
 named ports in step with the pod (compare-and-swap updates), and keeps one Profile `kns.<ns>` per
-namespace carrying the namespace's labels.
+namespace carrying the namespace's labels (and its `cni.projectcalico.org/*` annotations, as the
+Kubernetes datastore and felixpy-controllers' mirror carry them). A pod's annotations reach the
+agent the way containerd and CRI-O pass them to a plugin declaring the capability:
+`runtimeConfig["io.kubernetes.cri.pod-annotations"]` in the network config of each CNI call.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 CNI_NETWORK = "k8s-pod-network"
 CAS_ATTEMPTS = 10
 NS_LABEL = "kubernetes.io/metadata.name"
+CNI_ANNOTATION_PREFIX = "cni.projectcalico.org/"
+POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 
 
 class CNIError(Exception):
@@ -78,14 +83,19 @@ def namespace_labels(namespace: str, labels: dict[str, str]) -> dict[str, str]:
     return {**labels, NS_LABEL: namespace}
 
 
-def profile_for_namespace(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+def profile_for_namespace(namespace: str, labels: dict[str, str],
+                          annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """Calico's `kns.<ns>` profile: allow all, and hand the namespace's labels to its pods as pcns.*."""
     to_apply = {"pcns.projectcalico.org/name": namespace}
     to_apply.update({f"pcns.{k}": v for k, v in namespace_labels(namespace, labels).items()})
+    metadata: dict[str, Any] = {"name": f"kns.{namespace}"}
+    cni = {k: v for k, v in (annotations or {}).items() if k.startswith(CNI_ANNOTATION_PREFIX)}
+    if cni:
+        metadata["annotations"] = cni
     return {
         "apiVersion": "projectcalico.org/v3",
         "kind": "Profile",
-        "metadata": {"name": f"kns.{namespace}"},
+        "metadata": metadata,
         "spec": {
             "ingress": [{"action": "Allow"}],
             "egress": [{"action": "Allow"}],
@@ -94,8 +104,9 @@ def profile_for_namespace(namespace: str, labels: dict[str, str]) -> dict[str, A
     }
 
 
-def write_profile(store: Datastore, namespace: str, labels: dict[str, str]) -> None:
-    value = profile_for_namespace(namespace, labels)
+def write_profile(store: Datastore, namespace: str, labels: dict[str, str],
+                  annotations: dict[str, str] | None = None) -> None:
+    value = profile_for_namespace(namespace, labels, annotations)
     key = keys.resource_key("profiles", value["metadata"]["name"])
     for _ in range(CAS_ATTEMPTS):
         try:
@@ -119,9 +130,15 @@ def write_profile(store: Datastore, namespace: str, labels: dict[str, str]) -> N
 
 # --- CNI ----------------------------------------------------------------------------------------
 
-def cni_config(lab: str, node: str) -> dict[str, Any]:
-    return {"cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "felixpy",
-            "agent_socket": topology.cni_socket(lab, node), "mtu": 0}
+def cni_config(lab: str, node: str, pod: PodState | None = None) -> dict[str, Any]:
+    """The network config as the runtime hands it to the plugin: with the pod's annotations in
+    runtimeConfig, as containerd does for a plugin declaring the pod-annotations capability."""
+    config: dict[str, Any] = {"cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "felixpy",
+                              "agent_socket": topology.cni_socket(lab, node), "mtu": 0,
+                              "capabilities": {POD_ANNOTATIONS_CAPABILITY: True}}
+    if pod is not None:
+        config["runtimeConfig"] = {POD_ANNOTATIONS_CAPABILITY: dict(pod.annotations)}
+    return config
 
 
 def cni_env(command: str, pod: PodState) -> dict[str, str]:
@@ -161,7 +178,7 @@ def run_cni(lab: str, command: str, pod: PodState, timeout: float = 60.0) -> dic
     """Run the CNI plugin in the node's netns as kubelet would; returns the parsed result (ADD) or {}."""
     argv = ["ip", "netns", "exec", topology.node_netns(lab, pod.node), cni_plugin(lab)]
     try:
-        done = subprocess.run(argv, input=json.dumps(cni_config(lab, pod.node)),
+        done = subprocess.run(argv, input=json.dumps(cni_config(lab, pod.node, pod)),
                               env=cni_env(command, pod), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:

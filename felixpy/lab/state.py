@@ -37,6 +37,7 @@ class PodState:
     netns: str
     container_id: str
     labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)  # passed to the CNI plugin as the runtime does
     serve: list[str] = field(default_factory=list)  # "name=proto:port"
     ips: list[str] = field(default_factory=list)
     server_pid: int = 0
@@ -82,6 +83,7 @@ class LabState:
     nodes: list[NodeState] = field(default_factory=list)
     pods: list[PodState] = field(default_factory=list)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)  # ns -> labels
+    namespace_annotations: dict[str, dict[str, str]] = field(default_factory=dict)  # ns -> annotations
     netns: list[str] = field(default_factory=list)  # every netns the lab may have created
     etcd_pid: int = 0
     cross_subnet: bool = False  # even nodes on the fabric's second subnet; pools use CrossSubnet

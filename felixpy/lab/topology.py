@@ -220,6 +220,18 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+def parse_annotations(items: list[str] | None) -> dict[str, str]:
+    """`--annotations KEY=VALUE` (repeatable; the value is taken verbatim, commas and all, so JSON
+    such as `cni.projectcalico.org/ipAddrs=["10.244.1.7"]` needs no escaping) → dict."""
+    annotations: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LabUsageError(f'annotation "{item}": expected key=value')
+        annotations[check_label_key(key.strip())] = value
+    return annotations
+
+
 def apply_label_changes(current: dict[str, str], changes: list[str]) -> dict[str, str]:
     """kubectl-label semantics: `k=v` sets (overwriting), `k-` removes; returns the new labels."""
     if not changes:

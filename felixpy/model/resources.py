@@ -16,13 +16,17 @@ from __future__ import annotations
 import copy
 import datetime
 import ipaddress
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from felixpy.datastore import keys
+from felixpy.model import coverage
 from felixpy.model import schema as s
 from felixpy.model.schema import FieldError, q
+
+log = logging.getLogger(__name__)
 
 API_VERSION = "projectcalico.org/v3"
 DEFAULT_NAMESPACE = "default"
@@ -44,6 +48,12 @@ KINDS: dict[str, Kind] = {
     k.kind: k
     for k in (
         Kind("IPPool", "ippools", False, ("ippool", "ippools", "ipp", "ipps", "pool", "pools")),
+        Kind(
+            "IPReservation",
+            "ipreservations",
+            False,
+            ("ipreservation", "ipreservations", "reservation", "reservations"),
+        ),
         Kind(
             "IPAMConfiguration",
             "ipamconfigurations",
@@ -148,17 +158,7 @@ def _icmp_post(icmp: dict[str, Any], path: str) -> None:
         raise FieldError(s.join(path, "code"), "an ICMP code needs an ICMP type")
 
 
-def _unsupported(what: str) -> s.Checker:
-    """A Calico field the policy model cannot express: rejecting it beats silently ignoring it
-    (an ignored match condition would allow more than the user wrote)."""
-
-    def check(value: Any, path: str) -> Any:
-        raise FieldError(path, f"{what} is not supported by felixpy")
-
-    return check
-
-
-_ICMP = s.obj({"type": s.integer(0, 254), "code": s.integer(0, 255)}, post=_icmp_post)
+_ICMP = s.obj({"type": s.integer(0, 254), "code": s.integer(0, 255)}, post=_icmp_post, name="ICMPFields")
 
 _ENTITY_RULE = s.obj(
     {
@@ -169,10 +169,17 @@ _ENTITY_RULE = s.obj(
         "namespaceSelector": s.selector,
         "ports": s.list_of(s.port),
         "notPorts": s.list_of(s.port),
-        "serviceAccounts": _unsupported("service account matching"),
-        "services": _unsupported("service matching"),
-    }
+        "serviceAccounts": s.obj({"names": s.list_of(s.string()), "selector": s.selector}),
+        "services": s.obj({"name": s.string(), "namespace": s.string()}),
+    },
+    name="EntityRule",
 )
+
+
+def _ip_version(value: Any, path: str) -> int:
+    if value not in (4, 6) or isinstance(value, bool):
+        raise FieldError(path, "must be 4 or 6")
+    return int(value)
 
 
 def _rule_post(rule: dict[str, Any], path: str) -> None:
@@ -194,7 +201,7 @@ _RULE = s.obj(
         "action": s.string(enum=_ACTIONS),
         "protocol": _protocol,
         "notProtocol": _protocol,
-        "ipVersion": s.integer(4, 6),
+        "ipVersion": _ip_version,
         "icmp": _ICMP,
         "notICMP": _ICMP,
         "source": _ENTITY_RULE,
@@ -203,22 +210,11 @@ _RULE = s.obj(
     },
     required=("action",),
     post=_rule_post,
+    name="Rule",
 )
 
 
-def _ip_version_post(rule: dict[str, Any], path: str) -> None:
-    if rule.get("ipVersion") not in (None, 4, 6):
-        raise FieldError(s.join(path, "ipVersion"), "must be 4 or 6")
-    if rule.get("ipVersion") == 6:
-        # felixpy polices IPv4 only; an IPv6-only rule has no IPv4 meaning to compile.
-        raise FieldError(s.join(path, "ipVersion"), "IPv6 rules are not supported by felixpy")
-
-
-def _rules(value: Any, path: str) -> list[Any]:
-    rules: list[dict[str, Any]] = s.list_of(_RULE)(value, path)
-    for i, rule in enumerate(rules):
-        _ip_version_post(rule, f"{path}[{i}]")
-    return rules
+_rules = s.list_of(_RULE)
 
 
 def _policy_post(spec: dict[str, Any], path: str) -> None:
@@ -243,7 +239,7 @@ _POLICY_FIELDS: dict[str, s.Checker] = {
     "tier": s.string(),
     "order": s.number,
     "selector": s.selector,
-    "serviceAccountSelector": _unsupported("serviceAccountSelector"),
+    "serviceAccountSelector": s.selector,
     "types": s.list_of(s.string(enum=("Ingress", "Egress"))),
     "ingress": _rules,
     "egress": _rules,
@@ -319,6 +315,13 @@ _IPPOOL = s.obj(
     },
     post=_ippool_post,
 )
+
+
+# -- IPReservation -----------------------------------------------------------------------------------
+
+# Addresses automatic assignment never hands out (felixpy/ipam/reservations.py). Calico accepts
+# single addresses and CIDRs of either family; a CIDR with host bits set names the network it is in.
+_IP_RESERVATION = s.obj({"reservedCIDRs": s.list_of(s.cidr(strict=False, allow_ip=True))})
 
 
 # -- IPAMConfiguration ------------------------------------------------------------------------------
@@ -440,28 +443,6 @@ def _log_level(value: Any, path: str) -> str:
     return levels[value.lower()]
 
 
-def _refused(what: str, reason: str = "") -> s.Checker:
-    """A Calico field felixpy cannot honour: one line naming it beats silently ignoring it."""
-
-    def check(value: Any, path: str) -> Any:
-        raise FieldError(path, f"{what} is not supported by felixpy{'; ' + reason if reason else ''}")
-
-    return check
-
-
-def _only(allowed: tuple[str, ...], refused: Mapping[str, str]) -> s.Checker:
-    """An enum of which some values are honoured and the others refused with a reason."""
-    valid = s.string(enum=allowed + tuple(refused))
-
-    def check(value: Any, path: str) -> str:
-        text: str = valid(value, path)
-        if text in refused:
-            raise FieldError(path, f"{q(text)} is not supported by felixpy; {refused[text]}")
-        return text
-
-    return check
-
-
 def _bgp_configuration_post(spec: dict[str, Any], path: str) -> None:
     named = {c["name"] for c in spec.get("communities") or ()}
     for i, adv in enumerate(spec.get("prefixAdvertisements") or ()):
@@ -491,13 +472,11 @@ _BGP_CONFIGURATION = s.obj(
         "nodeMeshMaxRestartTime": s.duration,
         "bindMode": s.string(enum=("None", "NodeIP")),
         "ignoredInterfaces": s.list_of(s.string()),
-        "localWorkloadPeeringIPV4": _refused("localWorkloadPeeringIPV4", "felixpy does not peer with workloads"),
-        "localWorkloadPeeringIPV6": _refused("localWorkloadPeeringIPV6", "felixpy does not peer with workloads"),
-        "programClusterRoutes": _refused("programClusterRoutes",
-                                         "the agent programs every route it learns itself"),
-        "ipv4NormalRoutePriority": _refused("ipv4NormalRoutePriority",
-                                            "routes are programmed with the kernel's default metric"),
-        "ipv6NormalRoutePriority": _refused("ipv6NormalRoutePriority", "felixpy's BGP is IPv4 only"),
+        "localWorkloadPeeringIPV4": s.ip_address(4),
+        "localWorkloadPeeringIPV6": s.ip_address(6),
+        "programClusterRoutes": s.string(enum=("Disabled", "EnabledIPIPOnly", "EnabledNoEncapOnly", "Enabled")),
+        "ipv4NormalRoutePriority": s.integer(1, 2**31 - 1),
+        "ipv6NormalRoutePriority": s.integer(1, 2**31 - 1),
     },
     post=_bgp_configuration_post,
 )
@@ -558,18 +537,16 @@ _BGP_PEER = s.obj(
         "nextHopMode": s.string(enum=("Auto", "Self", "Keep")),
         "password": _SECRET_REF,
         "sourceAddress": s.string(enum=("UseNodeIP", "None")),
-        "failureDetectionMode": _only(("None",), {"BFDIfDirectlyConnected": "felixpy's speakers have no BFD"}),
-        "restartMode": _only(("GracefulRestart",), {
-            "LongLivedGracefulRestart": "felixpy's speakers do graceful restart only (RFC 4724)"}),
+        "failureDetectionMode": s.string(enum=("None", "BFDIfDirectlyConnected")),
+        "restartMode": s.string(enum=("GracefulRestart", "LongLivedGracefulRestart")),
         "maxRestartTime": s.duration,
         "keepaliveTime": _keepalive,
-        "birdGatewayMode": _only(("DirectIfDirectlyConnected",), {
-            "Recursive": "BGP next hops are programmed as direct gateways (DirectIfDirectlyConnected)"}),
+        "birdGatewayMode": s.string(enum=("Recursive", "DirectIfDirectlyConnected")),
         "numAllowedLocalASNumbers": s.integer(0, 10),
         "ttlSecurity": s.integer(0, 255),
         "reachableBy": s.ip_address(4),
         "filters": s.list_of(s.subdomain_name),
-        "localWorkloadSelector": _refused("localWorkloadSelector", "felixpy does not peer with workloads"),
+        "localWorkloadSelector": s.selector,
         "reversePeering": s.string(enum=("Auto", "Manual")),
     },
     post=_bgp_peer_post,
@@ -599,22 +576,24 @@ _FILTER_RULE = s.obj(
         "peerType": s.string(enum=("eBGP", "iBGP")),
         "communities": s.obj({"values": s.list_of(_community_value)}),
         "asPathPrefix": s.list_of(s.as_number),
-        "priority": _refused("priority", "felixpy programs no route priorities"),
+        "priority": s.integer(0, 2**31 - 1),
         "operations": s.list_of(s.obj({
             "addCommunity": s.obj({"value": _community_value}, required=("value",)),
             "prependASPath": s.obj({"prefix": s.list_of(s.as_number, min_items=1)}, required=("prefix",)),
-            "setPriority": _refused("setPriority", "felixpy programs no route priorities"),
+            "setPriority": s.obj({"value": s.integer(0, 2**31 - 1)}),
         })),
     },
     required=("action",),
     post=_filter_rule_post,
+    name="BGPFilterRule",
 )
 _BGP_FILTER = s.obj(
     {
         "exportV4": s.list_of(_FILTER_RULE),
         "importV4": s.list_of(_FILTER_RULE),
-        "exportV6": _refused("exportV6", "felixpy's BGP is IPv4 only"),
-        "importV6": _refused("importV6", "felixpy's BGP is IPv4 only"),
+        # IPv6 rules are refused (model/coverage.py); cidr there is IPv6, so not the V4 rule.
+        "exportV6": s.list_of(s.anything),
+        "importV6": s.list_of(s.anything),
     }
 )
 
@@ -748,6 +727,7 @@ _CLUSTER_INFORMATION = s.obj(
 
 _SPECS: dict[str, s.Checker] = {
     "IPPool": _IPPOOL,
+    "IPReservation": _IP_RESERVATION,
     "IPAMConfiguration": _IPAM_CONFIG,
     "Node": _NODE,
     "BGPConfiguration": _BGP_CONFIGURATION,
@@ -788,7 +768,17 @@ _METADATA = s.obj(
         "generation": s.integer(0),
     },
     required=("name",),
+    name="ObjectMeta",
 )
+
+
+# Which fields felixpy honours; the refusals of the others are attached to the field tables here.
+ROOTS: dict[str, tuple[tuple[str, s.Obj], ...]] = {
+    kind: (("spec", spec),) for kind, spec in _SPECS.items() if isinstance(spec, s.Obj)
+}
+ROOTS["Node"] = (("spec", _NODE), ("status", _NODE_STATUS))
+ROOTS["ObjectMeta"] = (("", _METADATA),)
+COVERAGE_PROBLEMS = coverage.install(ROOTS)
 
 
 # -- validate ----------------------------------------------------------------------------------------
@@ -807,10 +797,15 @@ def validate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise ValidationError(f"expected a resource object, got {type(obj).__name__}")
     where = describe(obj)
-    try:
-        return _validate(obj)
-    except FieldError as e:
-        raise ValidationError(f"{where}: {e}") from None
+    with s.collect_warnings() as warnings:
+        try:
+            resource = _validate(obj)
+        except FieldError as e:
+            raise ValidationError(f"{where}: {e}") from None
+    for warning in warnings:
+        # A field accepted with no effect (model/coverage.py: Tolerated); felixctl shows WARNING lines.
+        log.warning("%s: %s", where, warning)
+    return resource
 
 
 def _validate(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,18 +2,25 @@
 
 A checker is a function `(value, path) -> normalised value` that raises FieldError naming the
 field path (`spec.ingress[0].source.ports[1]`). `obj()` rejects unknown fields, fills defaults and
-runs cross-field checks, so a resource schema reads like the API's field table.
+runs cross-field checks, so a resource schema reads like the API's field table. `obj()` and
+`list_of()` build walkable checkers (`Obj.fields`, `ListOf.item`): nesting objects any other
+way would hide their fields from the field-coverage test (tests/unit/test_field_coverage.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import ipaddress
 import json
+import logging
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from policy import selectors
+
+log = logging.getLogger(__name__)
 
 Checker = Callable[[Any, str], Any]
 PostCheck = Callable[[dict[str, Any], str], None]
@@ -51,48 +58,117 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def obj(
-    fields: Mapping[str, Checker],
-    required: Iterable[str] = (),
-    defaults: Mapping[str, Any] | None = None,
-    post: PostCheck | None = None,
-) -> Checker:
-    required = tuple(required)
-    defaults = dict(defaults or {})
+class FieldSupport(Protocol):
+    """What felixpy does with a field (model/coverage.py): `check_present` runs before the field's
+    own checker (a refused field is refused whatever its value), `check_value` after it, on the
+    normalised value (a value felixpy does not support); either raises FieldError or warns."""
 
-    def check(value: Any, path: str) -> dict[str, Any]:
+    def check_present(self, value: Any, path: str) -> None: ...
+
+    def check_value(self, value: Any, path: str) -> None: ...
+
+
+class Obj:
+    """An object's field table: checks a dict against it (unknown fields rejected, refused fields
+    refused, defaults filled, then `post` for cross-field rules). Callable like any checker;
+    `fields` is public so the field-coverage walk (model/coverage.py) can enumerate every field a
+    resource accepts. `name` marks an object several kinds share (a policy Rule): its fields are
+    declared once, under that name. `support` is filled by coverage.install()."""
+
+    def __init__(
+        self,
+        fields: Mapping[str, Checker],
+        required: Iterable[str] = (),
+        defaults: Mapping[str, Any] | None = None,
+        post: PostCheck | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.fields: Mapping[str, Checker] = dict(fields)
+        self.required = tuple(required)
+        self.defaults = dict(defaults or {})
+        self.post = post
+        self.name = name
+        self.support: dict[str, FieldSupport] = {}
+
+    def __call__(self, value: Any, path: str) -> dict[str, Any]:
         if value is None:
             value = {}
         if not isinstance(value, dict):
             raise FieldError(path, f"expected an object, got {_type_name(value)}")
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str) or key not in fields:
+            if not isinstance(key, str) or key not in self.fields:
                 raise FieldError(join(path, str(key)), "unknown field")
             if item is None:
                 continue  # YAML `field:` with no value means unset, as in Go's decoder
-            out[key] = fields[key](item, join(path, key))
-        for key in required:
+            support = self.support.get(key)
+            if support is None:
+                out[key] = self.fields[key](item, join(path, key))
+                continue
+            support.check_present(item, join(path, key))
+            out[key] = self.fields[key](item, join(path, key))
+            support.check_value(out[key], join(path, key))
+        for key in self.required:
             if key not in out:
                 raise FieldError(join(path, key), "required field is missing")
-        for key, default in defaults.items():
+        for key, default in self.defaults.items():
             out.setdefault(key, copy.deepcopy(default))
-        if post is not None:
-            post(out, path)
+        if self.post is not None:
+            self.post(out, path)
         return out
 
-    return check
 
+class ListOf:
+    """A list whose items all pass `item`; walkable like Obj (`item`)."""
 
-def list_of(item: Checker, min_items: int = 0) -> Checker:
-    def check(value: Any, path: str) -> list[Any]:
+    def __init__(self, item: Checker, min_items: int = 0) -> None:
+        self.item = item
+        self.min_items = min_items
+
+    def __call__(self, value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
             raise FieldError(path, f"expected a list, got {_type_name(value)}")
-        if len(value) < min_items:
-            raise FieldError(path, f"needs at least {min_items} item(s)")
-        return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if len(value) < self.min_items:
+            raise FieldError(path, f"needs at least {self.min_items} item(s)")
+        return [self.item(v, f"{path}[{i}]") for i, v in enumerate(value)]
 
-    return check
+
+def obj(
+    fields: Mapping[str, Checker],
+    required: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    post: PostCheck | None = None,
+    name: str | None = None,
+) -> Obj:
+    return Obj(fields, required, defaults, post, name)
+
+
+# Warnings about accepted fields (model/coverage.py: Tolerated), collected per validation by
+# whoever asks (felixctl prints them); otherwise logged.
+_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("felixpy_schema_warnings", default=None)
+
+
+def warn(path: str, message: str) -> None:
+    collected = _warnings.get()
+    if collected is None:
+        log.warning("%s: %s", path, message)
+    elif f"{path}: {message}" not in collected:
+        collected.append(f"{path}: {message}")
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Within the block, field warnings are appended to the yielded list instead of logged."""
+    collected: list[str] = []
+    token = _warnings.set(collected)
+    try:
+        yield collected
+    finally:
+        _warnings.reset(token)
+
+
+def list_of(item: Checker, min_items: int = 0) -> ListOf:
+    return ListOf(item, min_items)
 
 
 def anything(value: Any, path: str) -> Any:

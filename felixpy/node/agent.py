@@ -50,16 +50,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from felixpy.calc.dispatcher import Dispatcher
+from felixpy import names
+from felixpy.calc.dispatcher import Dispatcher, Registrant
 from felixpy.calc.graph import CalcGraph
 from felixpy.calc.policy import PolicyCalc
 from felixpy.calc.updates import Kind, Update, WorkloadEndpoint
 from felixpy.dataplane.drivers.ipsets import IPSets
-from felixpy.dataplane.drivers.iptables import Backend, Table
+from felixpy.dataplane.drivers.iptables import Backend, InsertMode, Table
 from felixpy.dataplane.drivers.links import TunnelLinks
 from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers import Manager
-from felixpy.dataplane.managers.masq import MasqManager
+from felixpy.dataplane.managers.masq import MasqManager, NatSettings
 from felixpy.dataplane.managers.policy import PolicyManager
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
@@ -157,7 +158,10 @@ class Agent:
         networking_backend: str,
         route_refresh_interval: float,
         iptables_refresh_interval: float,
+        ipsets_refresh_interval: float | None = None,
         iptables_backend: Backend | None = None,
+        chain_insert_mode: InsertMode = "insert",
+        nat_settings: NatSettings = NatSettings(),
         route_table: RouteTable | None = None,
         nat_table: Table | None = None,
         filter_table: Table | None = None,
@@ -169,6 +173,9 @@ class Agent:
         links: TunnelLinks | None = None,
         vxlan_mtu: int = 0,
         ipip_mtu: int = 0,
+        vxlan_vni: int = names.VXLAN_VNI,
+        vxlan_port: int = names.VXLAN_PORT,
+        config_watch: Registrant | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -192,15 +199,18 @@ class Agent:
             bgp.register_with(self.dispatcher)
         if self._stats is not None:
             self._stats.register_with(self.dispatcher)
+        if config_watch is not None:
+            # FelixConfiguration and ClusterInformation (node/config_watch.py).
+            config_watch.register_with(self.dispatcher)
 
         self._routes = route_table or RouteTable(
             observe_read_back=metrics.observe_route_resync if metrics is not None else None)
-        self._nat = nat_table or Table("nat", backend=iptables_backend)
+        self._nat = nat_table or Table("nat", backend=iptables_backend, insert_mode=chain_insert_mode)
         # The filter table is real whenever the nat table is: a caller that injects its own
         # drivers (tests with fakes) and no filter table runs without policy rather than
         # writing to the host's real filter table behind its back.
         if filter_table is None and nat_table is None:
-            filter_table = Table("filter", backend=iptables_backend)
+            filter_table = Table("filter", backend=iptables_backend, insert_mode=chain_insert_mode)
         self._filter = filter_table
         self._ipsets = ipsets or IPSets()
         # Like the filter table: real tunnel devices whenever the route driver is real, none
@@ -208,12 +218,13 @@ class Agent:
         if links is None and route_table is None:
             links = TunnelLinks()
         self._links = links
-        self._tunnel_mgr = (TunnelManager(links, vxlan_mtu=vxlan_mtu, ipip_mtu=ipip_mtu)
+        self._tunnel_mgr = (TunnelManager(links, vxlan_mtu=vxlan_mtu, ipip_mtu=ipip_mtu,
+                                          vxlan_vni=vxlan_vni, vxlan_port=vxlan_port)
                             if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
         self._policy_mgr = PolicyManager(self._filter, self._ipsets) if self._filter is not None else None
         self._managers: tuple[Manager, ...] = tuple(
-            m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets),
+            m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets, nat_settings),
                         self._policy_mgr) if m is not None)
         filter_apply = self._filter.apply if self._filter is not None else None
         steps: dict[str, Callable[[_ApplyOutcome], object] | None] = {
@@ -229,6 +240,9 @@ class Agent:
 
         self._route_timer = _Timer(route_refresh_interval)
         self._iptables_timer = _Timer(iptables_refresh_interval)
+        # Felix's IpsetsRefreshInterval; None: resync the ipsets with the iptables tables.
+        self._ipsets_timer = _Timer(iptables_refresh_interval if ipsets_refresh_interval is None
+                                    else ipsets_refresh_interval)
         self._retry_at = float("inf")
         self._retry_delay = RETRY_MIN
         self.on_first_apply = on_first_apply
@@ -246,6 +260,7 @@ class Agent:
         now = time.monotonic()
         self._route_timer.schedule(now)
         self._iptables_timer.schedule(now)
+        self._ipsets_timer.schedule(now)
         try:
             while not self._stop.is_set():
                 self.status.last_tick = time.monotonic()
@@ -260,7 +275,7 @@ class Agent:
 
     # -- event handling --------------------------------------------------------------------
     def _next_batch(self) -> list[Any]:
-        due = min(self._route_timer.due, self._iptables_timer.due, self._retry_at)
+        due = min(self._route_timer.due, self._iptables_timer.due, self._ipsets_timer.due, self._retry_at)
         if self._bgp is not None:
             due = min(due, self._bgp.next_deadline() or due)
         timeout = max(0.0, due - time.monotonic())
@@ -334,8 +349,11 @@ class Agent:
             self._nat.queue_resync()
             if self._filter is not None:
                 self._filter.queue_resync()
-            self._ipsets.queue_resync()
             self._iptables_timer.schedule(now)
+            self.calc.dirty = True
+        if now >= self._ipsets_timer.due:
+            self._ipsets.queue_resync()
+            self._ipsets_timer.schedule(now)
             self.calc.dirty = True
         return self.calc.dirty or self.policy_calc.dirty or now >= self._retry_at
 

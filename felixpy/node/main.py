@@ -1,8 +1,17 @@
 """felixpy-node: the per-node agent's entry point (what calico-node is in Calico).
 
 Order: configuration from the environment (a bad value stops here with one line) → datastore →
-startup (node name, node IP, default pools and configuration) → the agent loop. The CNI socket
-opens after the first successful dataplane apply, so kubelet's first pod never races the agent.
+startup (node name, node IP, default pools and configuration, FelixConfiguration merged in) → the
+agent loop. The CNI socket opens after the first successful dataplane apply, so kubelet's first
+pod never races the agent.
+
+Configuration changes: when FelixConfiguration `default` or `node.<name>` changes a parameter
+(node/config_watch.py), the agent stops, leaving the dataplane as it is, and felixpy-node starts
+itself afresh with exec (same pid, new process image), which is what Felix's supervisor does
+after Felix exits for a config change: neither the lab nor a container without an init system
+has a supervisor that would restart it at once (kubelet backs a restarted container off by 10 s
+and more). As Felix, a process that had run less than RESTART_GUARD seconds waits 2 s first, so
+a configuration that keeps changing cannot spin.
 """
 
 from __future__ import annotations
@@ -15,6 +24,9 @@ import time
 from typing import Any
 
 from felixpy import __version__
+
+STARTED = time.monotonic()
+RESTART_GUARD = 10.0  # seconds: a younger process waits before restarting (Felix sleeps 2 s)
 
 
 def fail(message: str) -> int:
@@ -34,12 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(os.environ)
     except ConfigError as err:
         return fail(str(err))
-    from felixpy.logs import setup_logging
-
     try:
-        setup_logging(config.felix.log_severity_screen, config.agent.log_format,
-                      file_path=config.felix.log_file_path, file_level=config.felix.log_severity_file,
-                      debug_file_regex=config.felix.log_debug_filename_regex)
+        _setup_logging(config)
     except OSError as err:
         return fail(f"FELIX_LOGFILEPATH: {err.strerror or err}")
     log = logging.getLogger("felixpy.node")
@@ -79,11 +87,63 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("datastore not reachable during startup, retrying: %s", err)
             time.sleep(2)
 
+    if result.config is not None and result.config != config:
+        # FelixConfiguration default / node.<name> merged in: logging and health as configured.
+        previous, config = config, result.config
+        if _logging_settings(config) != _logging_settings(previous):
+            try:
+                _setup_logging(config)
+            except OSError as err:
+                return fail(f"logFilePath: {err.strerror or err}")
+        if _health_settings(config) != _health_settings(previous):
+            if health is not None:
+                health.stop()
+            health = None
+            if config.felix.health_enabled:
+                health = HealthServer(config.felix.health_host, config.felix.health_port)
+                try:
+                    health.start()
+                except OSError as err:
+                    return fail(str(err))
+
     from felixpy.node.reflector import reflector_mode
 
     if reflector_mode(os.environ):
         return run_route_reflector(config, store, result, health)
-    return run_agent(config, store, result, health)
+    rc = run_agent(config, store, result, health)
+    if rc == RESTART:
+        restart_process()
+    return rc
+
+
+RESTART = -1  # run_agent's answer when the configuration changed
+
+
+def _logging_settings(config: Any) -> tuple[Any, ...]:
+    f = config.felix
+    return f.log_severity_screen, f.log_file_path, f.log_severity_file, f.log_debug_filename_regex
+
+
+def _health_settings(config: Any) -> tuple[Any, ...]:
+    return config.felix.health_enabled, config.felix.health_host, config.felix.health_port
+
+
+def _setup_logging(config: Any) -> None:
+    from felixpy.logs import setup_logging
+
+    setup_logging(config.felix.log_severity_screen, config.agent.log_format,
+                  file_path=config.felix.log_file_path, file_level=config.felix.log_severity_file,
+                  debug_file_regex=config.felix.log_debug_filename_regex)
+
+
+def restart_process() -> None:
+    """felixpy-node again, from the start, in this process (see the module docstring)."""
+    log = logging.getLogger("felixpy.node")
+    if time.monotonic() - STARTED < RESTART_GUARD:
+        time.sleep(2.0)
+    log.warning("restarting felixpy-node for the configuration change pid=%d", os.getpid())
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None) -> int:
@@ -184,20 +244,38 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     metrics = Metrics(host=result.node_name, bgp_status=bgp_status, health=checks)
     # iptables-restore / ipset calls and errors, counted where every command runs.
     commands.add_observer(metrics.observe_command)
+    from felixpy.dataplane.managers.masq import NatSettings
+    from felixpy.node.config_watch import ConfigWatch
+
+    def on_restart(_changes: Any) -> None:
+        agent.stop()  # the loop returns; run_agent answers RESTART once everything is shut
+
+    # Startup waited until the datastore was unlocked; the watch follows ClusterInformation from here.
+    watch = ConfigWatch(node_name=result.node_name, env=config.raw, running=config.felix,
+                        felix_global=result.felix_global, felix_host=result.felix_host, ready=True,
+                        on_restart=on_restart)
     agent = Agent(
         store=store,
         node_name=result.node_name,
         networking_backend=backend,
         route_refresh_interval=config.felix.route_refresh_interval,
         iptables_refresh_interval=config.felix.iptables_refresh_interval,
+        ipsets_refresh_interval=config.felix.ipsets_refresh_interval,
         iptables_backend=None if iptables_backend == "auto" else iptables_backend,
+        chain_insert_mode=config.felix.chain_insert_mode,
+        nat_settings=NatSettings(config.felix.nat_outgoing_address, config.felix.nat_port_range),
         render_config=render_config(config),
         metrics=metrics,
         bgp=bgp,
+        vxlan_mtu=config.felix.vxlan_mtu,
+        ipip_mtu=config.felix.ipip_mtu,
+        vxlan_vni=config.felix.vxlan_vni,
+        vxlan_port=config.felix.vxlan_port,
+        config_watch=watch,
     )
     probe = add_agent_checks(checks, agent.status, store=store) if checks is not None else None
     if checks is not None and bgp is not None:
-        from felixpy.node.bgp import bgp_readiness, read_status
+        from felixpy.node.bgp import bgp_readiness
 
         started = time.monotonic()
         status_path = bgp.paths.status
@@ -219,6 +297,9 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
             return False, f"last dataplane apply failed: {agent.status.last_apply_error}"
         return True, ""
 
+    from felixpy.cni.ipam_request import kube_pod_annotations
+    from felixpy.node.k8s_node import kube_api_configured, open_kube_http
+
     handler = CNIHandler(
         store=store,
         node_name=result.node_name,
@@ -228,6 +309,11 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         ready=ready,
         iface_prefix=config.felix.interface_prefixes[0],
         observe=metrics.observe_cni,
+        datastore_ready=lambda: watch.datastore_ready,
+        # Pod annotations (ipAddrs, ipv4pools) come from the Kubernetes API when there is one,
+        # unless the container runtime passes them with the request.
+        pod_annotations=(kube_pod_annotations(lambda: open_kube_http(os.environ))
+                         if kube_api_configured(os.environ) else None),
     )
     server = CNIServer(config.agent.cni_socket, handler)
     # Like calico-node: once the first dataplane apply is done (with BGP, only after the sidecar's
@@ -264,7 +350,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         if metrics_server is not None:
             metrics_server.stop()
         store.close()
-    return 0
+    return RESTART if watch.restart_requested else 0
 
 
 if __name__ == "__main__":

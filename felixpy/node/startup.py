@@ -3,7 +3,8 @@
 This is calico-node's `startup.Run` (calico-reference.md §1.1–§1.7) for the etcd datastore:
 
 1. decide the node name (NODENAME > nodename file > HOSTNAME > OS hostname, lower-cased);
-2. optionally wait for the datastore (WAIT_FOR_DATASTORE=true);
+2. optionally wait for the datastore (WAIT_FOR_DATASTORE=true), and wait while a migration
+   holds it locked (ClusterInformation datastoreReady=false), as Felix waits;
 3. decide the node's IPv4/IPv6 address (IP / IP6 semantics: keep, autodetect, none, explicit)
    and refuse an IPv4 address another Node already has (unless DISABLE_NODE_IP_CHECK=true);
 4. create or compare-and-swap the Node resource, keeping what others wrote into it;
@@ -14,7 +15,10 @@ This is calico-node's `startup.Run` (calico-reference.md §1.1–§1.7) for the 
    pool has vxlanMode Always/CrossSubnet, for IPIP likewise, one address each from IPAM with
    handle `vxlan-tunnel-addr-<node>` / `ipip-tunnel-addr-<node>`, written to the Node with a
    VTEP MAC for VXLAN; kept across restarts, released when no pool needs it any more;
-8. write the nodename file and the pod MTU file the CNI plugin reads.
+8. read FelixConfiguration `default` and `node.<name>` and merge them into the configuration
+   with Felix's precedence (environment > node.<name> > default > built-in default), before
+   anything below uses a Felix parameter;
+9. write the nodename file and the pod MTU file the CNI plugin reads.
 
 Every datastore write is create-only (AlreadyExists means someone else did it, which is fine) or
 compare-and-swap with bounded retries, so two agents starting at once, or an agent restarting while
@@ -36,17 +40,24 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import felixpy
 from felixpy import names
-from felixpy.config import AutodetectMethod, Config, is_valid_node_name
+from felixpy.config import (
+    FELIX_PARAMS,
+    SOURCE_DEFAULT,
+    AutodetectMethod,
+    Config,
+    is_valid_node_name,
+    with_datastore_config,
+)
 from felixpy.datastore import keys
 from felixpy.datastore.api import AlreadyExists, Conflict, Datastore, DatastoreError, NotFound, Unavailable
 from felixpy.kernel import addresses
 from felixpy.ipam.allocator import IPAM
 from felixpy.ipam.errors import IPAMError
-from felixpy.ipam.pools import selector_matches
+from felixpy.ipam.pools import USE_TUNNEL, selector_matches
 from felixpy.kernel.addresses import AutodetectError, Interface, IPInterface
 from felixpy.model import resources
 
@@ -61,6 +72,7 @@ _PROBE_KEY = keys.resource_key("nodes", "foo")
 
 DetectFn = Callable[[AutodetectMethod, int], IPInterface]
 InterfacesFn = Callable[[], list[Interface]]
+KubeNodeFn = Callable[[str], Mapping[str, Any]]  # the Kubernetes Node object of that name
 
 
 class StartupError(Exception):
@@ -73,6 +85,11 @@ class StartupResult:
     node: dict[str, Any]  # the Node resource as stored
     ipv4: ipaddress.IPv4Interface | None
     mtu: int
+    # The configuration with FelixConfiguration `default` and `node.<name>` merged in (Felix's
+    # precedence, felixpy/config.py: felix_config), and the two specs it was merged from.
+    config: Config | None = None
+    felix_global: Mapping[str, Any] | None = None
+    felix_host: Mapping[str, Any] | None = None
 
 
 def startup(
@@ -84,6 +101,8 @@ def startup(
     os_hostname: Callable[[], str] = socket.gethostname,
     datastore_wait_timeout: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    lock_timeout: float | None = None,
+    kube_node: KubeNodeFn | None = None,
 ) -> StartupResult:
     """Run the startup sequence; raises StartupError with a one-line message.
 
@@ -94,7 +113,8 @@ def startup(
     for param in config.felix.unused_params():
         log.info("felix parameter not used by felixpy param=%s", param)
     try:
-        return _startup(store, config, detect, interfaces, os_hostname, datastore_wait_timeout, sleep)
+        return _startup(store, config, detect, interfaces, os_hostname, datastore_wait_timeout, sleep, lock_timeout,
+                        kube_node)
     except Unavailable:
         raise
     except (DatastoreError, AutodetectError, resources.ValidationError) as exc:
@@ -111,14 +131,18 @@ def _startup(
     os_hostname: Callable[[], str],
     wait_timeout: float | None,
     sleep: Callable[[float], None],
+    lock_timeout: float | None,
+    kube_node: KubeNodeFn | None,
 ) -> StartupResult:
     name = determine_node_name(config, os_hostname)
     log.info("node name name=%s", name)
     if config.datastore.wait_for_datastore:
         wait_for_datastore(store, wait_timeout, sleep)
+    wait_while_locked(store, lock_timeout, sleep)
 
     key = keys.resource_key("nodes", name)
     existing = _get(store, key)
+    detect = _with_kubernetes_internal_ip(detect, name, config, interfaces, kube_node)
     ipv4, ipv6 = _resolve_addresses(config, existing.value if existing else None, detect, interfaces)
     if ipv4 is not None and not config.node.disable_node_ip_check:
         _check_duplicate_ip(store, config, name, ipv4, existing)
@@ -128,6 +152,9 @@ def _startup(
     if config.ipv4_pool.create:
         ensure_default_ipv4_pool(store, config, interfaces)
     ensure_default_config(store, config, name)
+    felix_global, felix_host = read_felix_configuration(store, name)
+    config = with_datastore_config(config, felix_global, felix_host)
+    log_felix_config(config)
     if isinstance(ipv4, ipaddress.IPv4Interface):
         node = ensure_tunnel_addresses(store, name)
 
@@ -135,7 +162,8 @@ def _startup(
     mtu = _pod_mtu(store, config, interfaces)
     _write_file(config.agent.mtu_file, str(mtu))
     log.info("startup complete name=%s mtu=%d mtu_file=%s", name, mtu, config.agent.mtu_file)
-    return StartupResult(node_name=name, node=node, ipv4=ipv4 if isinstance(ipv4, ipaddress.IPv4Interface) else None, mtu=mtu)
+    return StartupResult(node_name=name, node=node, ipv4=ipv4 if isinstance(ipv4, ipaddress.IPv4Interface) else None,
+                         mtu=mtu, config=config, felix_global=felix_global, felix_host=felix_host)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +268,62 @@ def _resolve_one(
     if found.version != version:
         raise StartupError(f"{var}: autodetection returned {found}, not an IPv{version} address")
     return found
+
+
+def _kube_node_reader(env: Mapping[str, str]) -> KubeNodeFn:
+    """GET /api/v1/nodes/<name> on the Kubernetes API the environment names (the Kubernetes
+    datastore's configuration rules, also in etcd mode: calico-node reads the Node whenever a
+    kubeconfig is usable)."""
+    from felixpy.datastore.kube import KubeConfigError
+    from felixpy.node.k8s_node import open_kube_http
+
+    try:
+        http = open_kube_http(env)
+    except KubeConfigError as exc:
+        raise AutodetectError(f"kubernetes-internal-ip: {str(exc).splitlines()[0]}") from None
+    if http is None:
+        raise AutodetectError("IP_AUTODETECTION_METHOD=kubernetes-internal-ip needs the Kubernetes API: "
+                              "set KUBECONFIG (or run in a pod with a service account)")
+    return lambda name: dict(http.request("GET", f"/api/v1/nodes/{name}"))
+
+
+def kubernetes_internal_ip(node_name: str, version: int, read_node: KubeNodeFn,
+                           ifaces: Sequence[Interface]) -> IPInterface:
+    """calico-node's kubernetes-internal-ip: the first InternalIP of the family in the Kubernetes
+    Node's status.addresses, with the prefix of the local interface that carries it."""
+    try:
+        k8s_node = read_node(node_name)
+    except AutodetectError:
+        raise
+    except Exception as exc:  # the API layer's errors: one line, whatever their type
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AutodetectError(f"kubernetes-internal-ip: cannot read the Kubernetes Node {node_name}: {first}") from None
+    for item in (k8s_node.get("status") or {}).get("addresses") or []:
+        if not isinstance(item, Mapping) or item.get("type") != "InternalIP":
+            continue
+        try:
+            ip = ipaddress.ip_address(str(item.get("address", "")))
+        except ValueError:
+            continue
+        if ip.version != version:
+            continue
+        found = addresses.find_interface_address(ifaces, ip)
+        if found is None:
+            raise AutodetectError(f"kubernetes-internal-ip: InternalIP {ip} of the Kubernetes Node {node_name} "
+                                  "is not on any local interface")
+        iface, local = found
+        log.info("using the Kubernetes Node's InternalIP node=%s interface=%s address=%s", node_name, iface.name, local)
+        return local
+    raise AutodetectError(f"kubernetes-internal-ip: the Kubernetes Node {node_name} has no IPv{version} InternalIP")
+
+
+def _with_kubernetes_internal_ip(detect: DetectFn, node_name: str, config: Config, interfaces: InterfacesFn,
+                                 read_node: KubeNodeFn | None) -> DetectFn:
+    def wrapped(method: AutodetectMethod, version: int) -> IPInterface:
+        if method.kind != "kubernetes-internal-ip":
+            return detect(method, version)
+        return kubernetes_internal_ip(node_name, version, read_node or _kube_node_reader(config.raw), interfaces())
+    return wrapped
 
 
 def _resolve_addresses(
@@ -449,6 +533,62 @@ def ensure_default_config(store: Datastore, config: Config, name: str) -> None:
     _create_if_missing(store, keys.IPAM_CONFIG, {"strict_affinity": False, "auto_allocate_blocks": True, "maxBlocksPerHost": 0})
 
 
+def _spec(store: Datastore, plural: str, name: str) -> dict[str, Any] | None:
+    kv = _get(store, keys.resource_key(plural, name))
+    if kv is None or not isinstance(kv.value, dict):
+        return None
+    spec = kv.value.get("spec")
+    return dict(spec) if isinstance(spec, dict) else {}
+
+
+def read_felix_configuration(store: Datastore, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The specs of FelixConfiguration `default` and `node.<name>` (None: absent), as Felix's
+    loadConfigFromDatastore reads them before it starts."""
+    return _spec(store, "felixconfigurations", "default"), _spec(store, "felixconfigurations", f"node.{name}")
+
+
+def read_cluster_information(store: Datastore) -> dict[str, Any] | None:
+    """The spec of ClusterInformation `default` (None: absent)."""
+    return _spec(store, "clusterinformations", "default")
+
+
+def datastore_ready(spec: Mapping[str, Any] | None) -> bool:
+    """ClusterInformation `default` spec → is the datastore open for writes? Only an explicit
+    `datastoreReady: false` (felixctl datastore migrate lock) closes it; a datastore without the
+    resource is one nothing has locked."""
+    return not (spec is not None and spec.get("datastoreReady") is False)
+
+
+LOCK_LOG_INTERVAL = 10.0
+
+
+def wait_while_locked(store: Datastore, timeout: float | None, sleep: Callable[[float], None]) -> None:
+    """While ClusterInformation says datastoreReady=false (a migration holds the datastore), wait
+    before writing anything, as Felix waits ("Waiting for datastore to be initialized (or
+    migrated)"); forever unless `timeout`."""
+    started = time.monotonic()
+    logged = -LOCK_LOG_INTERVAL
+    while not datastore_ready(read_cluster_information(store)):
+        waited = time.monotonic() - started
+        if timeout is not None and waited >= timeout:
+            raise StartupError(f"the datastore is still locked for migration after {timeout:g}s "
+                               "(ClusterInformation datastoreReady=false); run `felixctl datastore migrate unlock`")
+        if waited - logged >= LOCK_LOG_INTERVAL:
+            log.warning("datastore is locked for migration (ClusterInformation datastoreReady=false): "
+                        "waiting for `felixctl datastore migrate unlock` waited=%.0fs", waited)
+            logged = waited
+        sleep(1.0)
+
+
+def log_felix_config(config: Config) -> None:
+    """One line per Felix parameter not at its default, naming where it came from."""
+    for param in FELIX_PARAMS:
+        source = config.felix.sources.get(param.attr, SOURCE_DEFAULT)
+        if source != SOURCE_DEFAULT:
+            log.info("felix parameter param=%s value=%r source=%s", param.field or param.name,
+                     getattr(config.felix, param.attr), source)
+
+
 # --------------------------------------------------------------------------------------------
 # Tunnel addresses
 # --------------------------------------------------------------------------------------------
@@ -525,7 +665,7 @@ def _tunnel_address(ipam: IPAM, node_name: str, tunnel: _Tunnel, current: str | 
         ipam.release_by_handle(handle)  # its pool is gone or no longer encapsulated
     try:
         ip = ipam.auto_assign(num=1, handle=handle, attrs={"type": tunnel.attr_type, "node": node_name},
-                              node=node_name, pools=[name for name, _ in pools])[0]
+                              node=node_name, pools=[name for name, _ in pools], use=USE_TUNNEL)[0]
     except IPAMError as exc:
         raise StartupError(f"cannot allocate the {tunnel.kind} tunnel address: {exc}") from exc
     log.info("allocated tunnel address kind=%s handle=%s ip=%s", tunnel.kind, handle, ip)
@@ -541,7 +681,7 @@ def _encap_pools(store: Datastore, mode_field: str, labels: dict[str, str]) -> l
             continue
         if spec.get(mode_field, "Never") == "Never":
             continue
-        if "Tunnel" not in (spec.get("allowedUses") or ["Workload", "Tunnel"]):
+        if USE_TUNNEL not in (spec.get("allowedUses") or ["Workload", "Tunnel"]):
             continue
         if not selector_matches(str(spec.get("nodeSelector") or ""), labels):
             continue

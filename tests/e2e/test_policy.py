@@ -1,8 +1,8 @@
 """Kubernetes NetworkPolicy in a real 3-node lab: every case of tests/policy_cases.py with real TCP
 and UDP probes, policy changes and label changes live, and drift repair.
 
-One lab for the module (3 nodes, FELIX_IPTABLESREFRESHINTERVAL short so drift is repaired within
-seconds); the 3 namespaces × 3 pods of policy_cases.py spread over the nodes so that every case has
+One lab for the module (3 nodes, FELIX_IPTABLESREFRESHINTERVAL and FELIX_IPSETSREFRESHINTERVAL
+short so drift is repaired within seconds); the 3 namespaces × 3 pods of policy_cases.py spread over the nodes so that every case has
 same-node and cross-node pairs. Each case applies its policies (`felixpy-lab apply -f`), waits
 (bounded) until `felixpy-lab matrix -o json` equals the expected reachability, then deletes them and
 waits until everything connects again.
@@ -135,16 +135,19 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
-    # The agents read FELIX_* from the environment `felixpy-lab up` runs in.
-    saved = os.environ.get("FELIX_IPTABLESREFRESHINTERVAL")
-    os.environ["FELIX_IPTABLESREFRESHINTERVAL"] = str(REFRESH_SECONDS)
+    # The agents read FELIX_* from the environment `felixpy-lab up` runs in; ipsets have their
+    # own refresh interval, as in Felix.
+    variables = ("FELIX_IPTABLESREFRESHINTERVAL", "FELIX_IPSETSREFRESHINTERVAL")
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update({name: str(REFRESH_SECONDS) for name in variables})
     try:
         lab: Lab = request.getfixturevalue("lab")
     finally:
-        if saved is None:
-            os.environ.pop("FELIX_IPTABLESREFRESHINTERVAL", None)
-        else:
-            os.environ["FELIX_IPTABLESREFRESHINTERVAL"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     for ns in pc.NAMESPACES:
         labels = ",".join(f"{k}={v}" for k, v in pc.default_namespace_labels(ns).items())
         lab.cli("ns", "add", ns, "--labels", labels)

@@ -264,3 +264,50 @@ def test_patch_errors_and_ipam_wiring(etcd_store: Any, etcd_endpoint: str) -> No
     assert etcd_store.get(keys.resource_key("ippools", "p")).value["spec"]["disabled"] is True
     # The ipam subcommand is felixctl's too: it reads the pool just written.
     assert "10.8.0.0/16" in ok(etcd_endpoint, "ipam", "show")
+
+
+def test_ip_reservations_and_ipam_split_borrowed(etcd_store: Any, etcd_endpoint: str, tmp_path: Path) -> None:
+    from felixpy.ipam.allocator import IPAM
+    from felixpy.ipam.reservations import Reservations
+
+    reservation: dict[str, Any] = {"apiVersion": "projectcalico.org/v3", "kind": "IPReservation", "metadata": {"name": "gw"},
+                   "spec": {"reservedCIDRs": ["10.30.0.1", "10.30.0.64/26"]}}
+    f = write(tmp_path, "r.yaml", [pool("p", "10.30.0.0/24", blockSize=26), pool("tiny", "10.31.0.0/26", blockSize=26),
+                                   reservation])
+    ok(etcd_endpoint, "apply", "-f", f)
+    table = ok(etcd_endpoint, "get", "ipreservations", "-o", "wide").splitlines()
+    assert table[0].split() == ["NAME", "CIDRS"] and table[1].split() == ["gw", "10.30.0.1,10.30.0.64/26"]
+    bad = reservation | {"spec": {"reservedCIDRs": ["10.30.0.999"]}}
+    before = snapshot(etcd_store)
+    result = felixctl(etcd_endpoint, "apply", "-f", "-", stdin=json.dumps(bad))
+    assert result.returncode == 1 and 'spec.reservedCIDRs[0]: invalid CIDR "10.30.0.999"' in result.stderr
+    assert result.stderr.count("\n") == 1 and snapshot(etcd_store) == before
+
+    ipam = IPAM(etcd_store, cache_ttl=0)
+    mine = ipam.auto_assign(num=2, handle="a", attrs={"node": "n1", "namespace": "x", "pod": "a"}, node="n1",
+                            pools=["p"])
+    reserved = Reservations.of(reservation["spec"]["reservedCIDRs"])
+    assert not any(reserved.matches(ip) for ip in mine)
+    ipam.auto_assign(num=1, handle="t", attrs={"node": "n1", "namespace": "x", "pod": "t"}, node="n1", pools=["tiny"])
+    # tiny has one block, n1's: n2 must borrow from it.
+    (borrowed,) = ipam.auto_assign(num=1, handle="b", attrs={"node": "n2", "namespace": "x", "pod": "b"}, node="n2",
+                                   pools=["tiny"])
+    show = [line for line in ok(etcd_endpoint, "ipam", "show").splitlines() if line.startswith("| ")]
+    assert show[0].split("|")[5].strip() == "IPS RESERVED"
+    assert [c.strip() for c in show[1].strip("|").split("|")] == [
+        "IP Pool", "10.30.0.0/24", "256", "2 (1%)", "65 (25%)", "189 (74%)"]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in ok(etcd_endpoint, "ipam", "show", "--show-borrowed").splitlines() if line.startswith("| ")]
+    assert rows[1:] == [[str(borrowed), "n2", "10.31.0.0/26", "n1", "pod", "x/b"]]
+
+    result = felixctl(etcd_endpoint, "ipam", "split", "2", "--name", "p")
+    assert result.returncode == 1 and "datastore is not locked" in result.stderr
+    ok(etcd_endpoint, "datastore", "migrate", "lock")
+    out = ok(etcd_endpoint, "ipam", "split", "2", "--name", "p")
+    assert "IP Pool p was successfully split into 2 smaller pools." in out
+    ok(etcd_endpoint, "datastore", "migrate", "unlock")
+    table = ok(etcd_endpoint, "get", "ippools").splitlines()
+    assert sorted(line.split()[:2] for line in table[1:]) == [
+        ["split-p-0", "10.30.0.0/25"], ["split-p-1", "10.30.0.128/25"], ["tiny", "10.31.0.0/26"]]
+    for ip in mine:  # allocations and blocks carried over
+        assert ipam.get_assignment(ip) is not None

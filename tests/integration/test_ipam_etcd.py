@@ -159,3 +159,57 @@ def test_killed_worker_leaks_and_release_cleans_up(etcd_store: Any, etcd_endpoin
     code, out, _ = felixctl_ipam(etcd_store, "check")
     assert out.splitlines()[-1] == "Check complete; found 0 problems."
     assert IPAM(etcd_store).get_assignment(leaked_ip) is None
+
+
+def apply(store: Any, *docs: dict[str, Any]) -> None:
+    from felixpy.model.store import apply_resources
+
+    apply_resources(store, [dict(d) for d in docs], "apply")
+
+
+def test_reservations_and_allowed_uses_hold_under_four_processes(etcd_store: Any, etcd_endpoint: str,
+                                                                  run_id: str, procs: list[Any]) -> None:
+    # The only workload pool has a quarter reserved; a LoadBalancer pool sits next to it.
+    apply(etcd_store,
+          {"kind": "IPPool", "metadata": {"name": "pods"}, "spec": {"cidr": "10.80.0.0/24", "blockSize": 28}},
+          {"kind": "IPPool", "metadata": {"name": "lb"},
+           "spec": {"cidr": "10.81.0.0/24", "blockSize": 28, "allowedUses": ["LoadBalancer"]}},
+          {"kind": "IPReservation", "metadata": {"name": "r"},
+           "spec": {"reservedCIDRs": ["10.80.0.0/27", "10.80.0.64/28", "10.80.0.130", "10.80.0.255"]}})
+    workers = [start_worker(procs, etcd_endpoint, f"{run_id}-n{i % 2}", 47, f"{run_id}-w{i}") for i in range(4)]
+    handles: dict[str, str] = {}
+    for w in workers:
+        handles.update(finish(w)["handles"])
+    reserved = [ipaddress.ip_network(n) for n in ("10.80.0.0/27", "10.80.0.64/28", "10.80.0.130/32", "10.80.0.255/32")]
+    ips = [ipaddress.IPv4Address(ip) for ip in handles.values()]
+    assert len(ips) == 188 == 256 - 32 - 16 - 2 - 18  # every unreserved address but 18, each once
+    assert not any(ip in net for ip in ips for net in reserved)
+    assert all(ip in ipaddress.ip_network("10.80.0.0/24") for ip in ips)
+    assert_consistent(etcd_store, handles)
+    # Fully reserved block CIDRs were never claimed.
+    claimed = {keys.parse_key(kv.key).name for kv in etcd_store.list(keys.block_prefix(4))[0]}
+    assert not claimed & {"10.80.0.0/28", "10.80.0.16/28", "10.80.0.64/28"}
+    ipam = IPAM(etcd_store, cache_ttl=0)
+    node = f"{run_id}-n0"
+    rest = ipam.auto_assign(num=18, handle="rest", attrs={"node": node}, node=node)
+    assert len(set(rest) | set(ips)) == 206
+    with pytest.raises(PoolExhaustedError):  # the LoadBalancer pool is still empty, and stays so
+        ipam.auto_assign(handle="one-more", attrs={"node": node}, node=node)
+
+
+def test_a_guarded_release_cannot_free_a_reassigned_address(etcd_store: Any) -> None:
+    from felixpy.ipam.allocator import ReleaseOptions
+
+    add_pool(etcd_store, "p", "10.82.0.0/24", 28)
+    scanner, cni = IPAM(etcd_store, cache_ttl=0), IPAM(etcd_store, cache_ttl=0)
+    (ip,) = cni.auto_assign(handle="old", attrs={"node": "n1"}, node="n1")
+    seen = scanner.get_assignment(ip)
+    assert seen is not None
+    cni.release_by_handle("old")
+    cni.assign_ip(ip, handle="new", attrs={"node": "n1"}, node="n1")  # same address, new allocation
+    outcome = scanner.release([ReleaseOptions(ip, seen.handle, seen.sequence_number)])
+    assert outcome.released == () and len(outcome.stale) == 1
+    assert cni.ips_by_handle("new") == [ip]
+    now = scanner.get_assignment(ip)
+    assert now is not None and now.sequence_number != seen.sequence_number
+    assert scanner.release([ReleaseOptions(ip, "new", now.sequence_number)]).released == (ip,)

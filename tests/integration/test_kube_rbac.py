@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from felixpy.config import AutodetectMethod, load_config
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore import kube_mapping as m
 from felixpy.datastore.api import DatastoreError
@@ -63,7 +64,9 @@ def test_every_object_in_deploy_is_accepted(kube: KubeCluster) -> None:
     workloads = []
     try:
         for path in sorted((REPO / "deploy").glob("*.yaml")):
-            objects = [o for o in manifest_objects(path) if not o["apiVersion"].startswith("projectcalico.org/")]
+            # alerts.yaml is a Prometheus rule file, not a Kubernetes object: no apiVersion.
+            objects = [o for o in manifest_objects(path)
+                       if "apiVersion" in o and not o["apiVersion"].startswith("projectcalico.org/")]
             kube.apply(objects)
             workloads += [o for o in objects if o["kind"] in ("DaemonSet", "Deployment")]
         for crd in manifest_objects(kinds=("CustomResourceDefinition",)):
@@ -120,9 +123,9 @@ def test_agent_works_with_the_node_token_and_is_refused_the_rest(kube: KubeClust
     ipam = IPAM(store)
     (ip,) = ipam.auto_assign(handle="k8s-pod-network.cid1", attrs={"node": "fxt-n1", "pod": "web",
                                                                    "namespace": "fxt-a"}, node="fxt-n1")
-    wep_key = keys.resource_key("workloadendpoints", m.wep_name("fxt-n1", "web"), "fxt-a")
+    wep_key = keys.resource_key("workloadendpoints", names.workload_endpoint_name("fxt-n1", "web"), "fxt-a")
     store.create(wep_key, {"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
-                           "metadata": {"name": m.wep_name("fxt-n1", "web"), "namespace": "fxt-a"},
+                           "metadata": {"name": names.workload_endpoint_name("fxt-n1", "web"), "namespace": "fxt-a"},
                            "spec": {"node": "fxt-n1", "pod": "web", "containerID": "cid1",
                                     "ipNetworks": [f"{ip}/32"]}})
     assert store.get(wep_key).value["spec"]["ipNetworks"] == [f"{ip}/32"]
@@ -171,7 +174,7 @@ def test_controllers_work_with_their_token_and_are_refused_the_rest(kube: KubeCl
         pod = f"web-{n}"
         (ip,) = ipam.auto_assign(handle=f"k8s-pod-network.{pod}", attrs={"node": n, "pod": pod, "namespace": "fxt-a"},
                                  node=n)
-        name = m.wep_name(n, pod)
+        name = names.workload_endpoint_name(n, pod)
         admin.create(keys.resource_key("workloadendpoints", name, "fxt-a"), {
             "apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
             "metadata": {"name": name, "namespace": "fxt-a"},
@@ -213,7 +216,7 @@ def test_controllers_work_with_their_token_and_are_refused_the_rest(kube: KubeCl
             "spec": {"cidr": "10.73.0.0/16"}})
     assert forbidden(err.value, "create", "ippools")
     with pytest.raises(DatastoreError) as err:
-        store.delete(keys.resource_key("workloadendpoints", m.wep_name("fxt-n1", "web-fxt-n1"), "fxt-a"))
+        store.delete(keys.resource_key("workloadendpoints", names.workload_endpoint_name("fxt-n1", "web-fxt-n1"), "fxt-a"))
     assert forbidden(err.value, "patch", "pods")
 
 

@@ -85,7 +85,7 @@ RESOURCES: list[dict[str, Any]] = [
               "allowedUses": ["Workload", "Tunnel"]}},
     {"apiVersion": "projectcalico.org/v3", "kind": "BGPConfiguration", "metadata": {"name": "default"},
      "spec": {"logSeverityScreen": "Info", "nodeToNodeMeshEnabled": True, "asNumber": 64512,
-              "serviceClusterIPs": [{"cidr": "10.96.0.0/16"}], "listenPort": 179,
+              "nodeMeshMaxRestartTime": "2m0s",
               "nodeMeshPassword": {"secretKeyRef": {"name": "bgp", "key": "mesh"}}}},
     {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadata": {"name": "tor"},
      "spec": {"peerIP": "192.0.2.254", "asNumber": 64513, "nodeSelector": "rack == 'a'",

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.etcd
 
 NS = "fxt-mig"
 HANDLE = "k8s-pod-network.0a1b2c3d"
-COMPARED = ("IPPool", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "BGPConfiguration",
+COMPARED = ("IPPool", "IPReservation", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "BGPConfiguration",
             "FelixConfiguration", "IPAMConfiguration")
 
 
@@ -68,6 +68,7 @@ def populate(store: Any) -> None:
     docs = [
         {"kind": "IPPool", "metadata": {"name": "pool-a"},
          "spec": {"cidr": "10.65.0.0/16", "blockSize": 26, "ipipMode": "Never", "natOutgoing": True}},
+        {"kind": "IPReservation", "metadata": {"name": "gw"}, "spec": {"reservedCIDRs": ["10.65.0.1", "10.65.9.0/28"]}},
         {"kind": "BGPPeer", "metadata": {"name": "rr"}, "spec": {"peerIP": "192.0.2.50", "asNumber": 64512}},
         {"kind": "GlobalNetworkPolicy", "metadata": {"name": "deny-db"},
          "spec": {"selector": "app == 'db'", "types": ["Ingress"], "ingress": [{"action": "Deny"}]}},
@@ -82,7 +83,7 @@ def populate(store: Any) -> None:
                   "orchRefs": [{"nodeName": "n1", "orchestrator": "k8s"}]}},
         {"kind": "BGPConfiguration", "metadata": {"name": "default"},
          "spec": {"nodeToNodeMeshEnabled": False, "asNumber": 64512}},
-        {"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "Debug"}},
+        {"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "Info"}},
         {"kind": "IPAMConfiguration", "metadata": {"name": "default"},
          "spec": {"strictAffinity": True, "maxBlocksPerHost": 7}},
     ]

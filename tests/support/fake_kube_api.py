@@ -63,6 +63,7 @@ from urllib.parse import parse_qs, urlsplit
 CRD_GROUP_VERSION = "crd.projectcalico.org/v1"
 CRD_RESOURCES: dict[str, tuple[str, bool]] = {  # plural -> (kind, namespaced)
     "ippools": ("IPPool", False),
+    "ipreservations": ("IPReservation", False),
     "ipamblocks": ("IPAMBlock", False),
     "blockaffinities": ("BlockAffinity", False),
     "ipamhandles": ("IPAMHandle", False),

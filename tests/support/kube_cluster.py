@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "deploy" / "felixpy.yaml"
 TEST_LABEL = "felixpy-test"
 TEST_NODE_PREFIX = "fxt-"
-CRD_PLURALS = ("ippools", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
+CRD_PLURALS = ("ippools", "ipreservations", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
                "bgppeers", "felixconfigurations", "networkpolicies", "globalnetworkpolicies",
                "clusterinformations", "bgpfilters", "caliconodestatuses")
 SYSTEM = "kube-system"
@@ -91,12 +91,14 @@ class KubeCluster:
         return KubeDatastore(load_settings(kubeconfig=kubeconfig or self.admin_kubeconfig), **kwargs)
 
     # -- objects the tests make -----------------------------------------------------------------
-    def namespace(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    def namespace(self, name: str, labels: dict[str, str] | None = None,
+                  annotations: dict[str, str] | None = None) -> dict[str, Any]:
         """A namespace, once it is usable: the ServiceAccount admission plugin refuses pods until
         the controller-manager has made the namespace's `default` ServiceAccount."""
         ns = self.request("POST", "/api/v1/namespaces", {
             "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "labels": {TEST_LABEL: "true", **(labels or {})}}})
+            "metadata": {"name": name, "labels": {TEST_LABEL: "true", **(labels or {})},
+                         "annotations": annotations or {}}})
         self.wait(f"ServiceAccount {name}/default", lambda: self._exists(
             f"/api/v1/namespaces/{name}/serviceaccounts/default"))
         return dict(ns)
@@ -130,7 +132,7 @@ class KubeCluster:
 
     def pod(self, namespace: str, name: str, node: str | None = None, *, labels: dict[str, str] | None = None,
             ports: list[dict[str, Any]] | None = None, host_network: bool = False,
-            service_account: str | None = None) -> dict[str, Any]:
+            service_account: str | None = None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
         """A Pod, bound to `node` the way the scheduler binds one (pods/binding)."""
         container: dict[str, Any] = {"name": "c", "image": "registry.invalid/pause:3.10"}
         if ports:
@@ -139,7 +141,8 @@ class KubeCluster:
         if service_account:
             spec["serviceAccountName"] = service_account
         pod = self.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels or {}}, "spec": spec})
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}}, "spec": spec})
         if node:
             self.request("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/binding", {
                 "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
@@ -161,6 +164,9 @@ class KubeCluster:
     # -- between tests ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Delete what tests create, and wait until it is gone (namespaces finish terminating)."""
+        # A test that stopped a part failed half-way, or the controller-manager exited while the
+        # API server restarted: the next test starts with all three running.
+        self.cp.ensure_running()
         for plural in CRD_PLURALS:
             if plural in m.CRD_RESOURCES and m.CRD_RESOURCES[plural][1]:
                 # A namespaced kind has no deletecollection across namespaces.
@@ -195,6 +201,25 @@ class KubeCluster:
         """Stop and start kube-apiserver (etcd keeps the data): its watch cache starts over."""
         self.cp.stop("kube-apiserver")
         self.cp.start_apiserver()
+        self.cp.ensure_running()
+
+
+def _spawn_tied_to_us(what: str, argv: list[str], log_path: str) -> int:
+    """Start a control-plane process that the kernel stops when this test process dies
+    (PR_SET_PDEATHSIG): a pytest killed by a timeout leaves no API server behind."""
+    import ctypes
+    import signal
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def die_with_parent() -> None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; its data is throwaway
+
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)
+    return proc.pid
 
 
 def start_cluster() -> Iterator[KubeCluster]:
@@ -204,7 +229,7 @@ def start_cluster() -> Iterator[KubeCluster]:
         raise RuntimeError(f"{', '.join(missing)} missing: run scripts/build-kube.sh (scripts/setup.sh does)")
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix="fxt-kube-", dir=shm)
-    cp = ControlPlane(workdir, loopback_endpoints())
+    cp = ControlPlane(workdir, loopback_endpoints(), spawn=_spawn_tied_to_us)
     try:
         cp.start()
         cluster = KubeCluster(cp)

@@ -37,7 +37,7 @@ def test_bgp_filter_validates_rules_and_refuses_what_felixpy_cannot_do() -> None
                    "asPathPrefix": [65001], "operations": [{"addCommunity": {"value": "1:2:3"}},
                                                           {"prependASPath": {"prefix": [65009]}}]}]))
     assert ok["spec"]["importV4"][0]["prefixLength"] == {"min": 30}
-    rejects(bgp_filter(exportV6=[{"action": "Reject"}]), 'BGPFilter "f": spec.exportV6: exportV6 is not supported')
+    rejects(bgp_filter(exportV6=[{"action": "Reject"}]), 'BGPFilter "f": spec.exportV6: felixpy does not support')
     rejects(bgp_filter(importV4=[{"action": "Reject", "priority": 512}]), "spec.importV4[0].priority")
     rejects(bgp_filter(importV4=[{"action": "Accept", "operations": [{"setPriority": {"value": 256}}]}]),
             "spec.importV4[0].operations[0].setPriority")
@@ -78,7 +78,7 @@ def test_bgp_configuration_fields() -> None:
     rejects(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/108"}]), "spec.serviceClusterIPs[0].cidr")
     for field, value in (("programClusterRoutes", "Enabled"), ("ipv4NormalRoutePriority", 1024),
                          ("localWorkloadPeeringIPV4", "169.254.0.1")):
-        rejects(bgp_configuration(**{field: value}), f"spec.{field}: {field} is not supported by felixpy")
+        rejects(bgp_configuration(**{field: value}), f"spec.{field}: felixpy does not support")
 
 
 def bgp_peer(**spec: Any) -> dict[str, Any]:
@@ -92,10 +92,10 @@ def test_bgp_peer_fields() -> None:
                       failureDetectionMode="None", restartMode="GracefulRestart",
                       birdGatewayMode="DirectIfDirectlyConnected"))
     rejects(bgp_peer(keepaliveTime="0s"), "spec.keepaliveTime: keepalive time must be 1s")
-    rejects(bgp_peer(failureDetectionMode="BFDIfDirectlyConnected"), "spec.failureDetectionMode")
-    rejects(bgp_peer(restartMode="LongLivedGracefulRestart"), "spec.restartMode")
-    rejects(bgp_peer(birdGatewayMode="Recursive"), "spec.birdGatewayMode")
-    rejects(bgp_peer(localWorkloadSelector="all()"), "spec.localWorkloadSelector")
+    rejects(bgp_peer(failureDetectionMode="BFDIfDirectlyConnected"), "spec.failureDetectionMode: felixpy does not")
+    rejects(bgp_peer(restartMode="LongLivedGracefulRestart"), "spec.restartMode: felixpy does not support")
+    rejects(bgp_peer(birdGatewayMode="Recursive"), "spec.birdGatewayMode: felixpy does not support")
+    rejects(bgp_peer(localWorkloadSelector="all()"), "spec.localWorkloadSelector: felixpy does not support")
     rejects(bgp_peer(reachableBy="fd00::1"), "spec.reachableBy")
 
 

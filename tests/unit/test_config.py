@@ -11,12 +11,18 @@ import pytest
 
 from felixpy.config import (
     DEFAULT_MTU_IFACE_PATTERN,
+    FELIX_PARAMS,
     VARIABLES,
     AutodetectMethod,
     ConfigError,
+    felix_changes,
+    felix_config,
     load_config,
+    parse_address_setting,
     render_docs,
+    with_datastore_config,
 )
+from felixpy.model.resources import validate
 
 ETCD = {"ETCD_ENDPOINTS": "http://127.0.0.1:2379"}
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -73,6 +79,83 @@ def test_config_is_frozen() -> None:
         c.felix.params["x"] = "y"  # type: ignore[index]
 
 
+# -- FelixConfiguration: Felix's precedence and the resource's field types -------------------------
+
+# Every Felix parameter felixpy reads, as FelixConfiguration spells it and as the typed config holds it.
+FELIX_FIELDS: list[tuple[str, object, str, object]] = [
+    ("routeRefreshInterval", "1m30s", "route_refresh_interval", 90.0),
+    ("iptablesRefreshInterval", "500ms", "iptables_refresh_interval", 0.5),
+    ("ipsetsRefreshInterval", "0", "ipsets_refresh_interval", 0.0),
+    ("logSeverityScreen", "Warning", "log_severity_screen", "WARNING"),
+    ("logFilePath", "/var/log/felixpy/felix.log", "log_file_path", "/var/log/felixpy/felix.log"),
+    ("logSeverityFile", "Debug", "log_severity_file", "DEBUG"),
+    ("logDebugFilenameRegex", "bgp\\.py", "log_debug_filename_regex", "bgp\\.py"),
+    ("ipv6Support", False, "ipv6_support", False),
+    ("vxlanMTU", 1410, "vxlan_mtu", 1410),
+    ("ipipMTU", 1440, "ipip_mtu", 1440),
+    ("vxlanVNI", 5000, "vxlan_vni", 5000),
+    ("vxlanPort", 8472, "vxlan_port", 8472),
+    ("mtuIfacePattern", "^ens", "mtu_iface_pattern", "^ens"),
+    ("iptablesBackend", "NFT", "iptables_backend", "nft"),
+    ("chainInsertMode", "Append", "chain_insert_mode", "append"),
+    ("defaultEndpointToHostAction", "Return", "default_endpoint_to_host_action", "RETURN"),
+    ("natOutgoingAddress", "192.0.2.7", "nat_outgoing_address", "192.0.2.7"),
+    ("natPortRange", 32768, "nat_port_range", (32768, 32768)),
+    ("healthEnabled", True, "health_enabled", True),
+    ("healthPort", 9199, "health_port", 9199),
+    ("healthHost", "0.0.0.0", "health_host", "0.0.0.0"),
+    ("prometheusMetricsEnabled", True, "prometheus_metrics_enabled", True),
+    ("prometheusMetricsPort", 9191, "prometheus_metrics_port", 9191),
+    ("prometheusMetricsHost", "127.0.0.1", "prometheus_metrics_host", "127.0.0.1"),
+    ("failsafeInboundHostPorts", [{"port": 22}, {"protocol": "UDP", "port": 68}], "failsafe_inbound",
+     (("tcp", 22), ("udp", 68))),
+    ("failsafeOutboundHostPorts", [], "failsafe_outbound", ()),
+    ("interfacePrefix", "tap", "interface_prefixes", ("tap",)),
+]
+
+
+def test_every_felix_parameter_reads_its_felix_configuration_field() -> None:
+    assert {f for f, *_ in FELIX_FIELDS} == {p.field for p in FELIX_PARAMS}
+    for field, value, attr, expected in FELIX_FIELDS:
+        for spec_of in ("global", "host"):
+            spec = {field: value}
+            felix = felix_config({}, spec if spec_of == "global" else None, spec if spec_of == "host" else None)
+            assert getattr(felix, attr) == expected, (field, spec_of)
+            assert felix.sources[attr] == f"datastore ({'global' if spec_of == 'global' else 'per-host'})"
+        # The resource's value validates, so felixctl accepts what the agent reads.
+        validate({"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {field: value}})
+
+
+def test_felix_precedence_is_environment_then_node_then_default_then_built_in() -> None:
+    env = {"FELIX_ROUTEREFRESHINTERVAL": "5"}
+    global_spec = {"routeRefreshInterval": "30s", "iptablesRefreshInterval": "60s", "vxlanVNI": 4100}
+    host_spec = {"routeRefreshInterval": "20s", "iptablesRefreshInterval": "40s"}
+    felix = felix_config(env, global_spec, host_spec)
+    assert (felix.route_refresh_interval, felix.iptables_refresh_interval, felix.vxlan_vni,
+            felix.ipsets_refresh_interval) == (5.0, 40.0, 4100, 90.0)
+    assert (felix.sources["route_refresh_interval"], felix.sources["iptables_refresh_interval"],
+            felix.sources["vxlan_vni"], felix.sources["ipsets_refresh_interval"]) == \
+        ("environment variable", "datastore (per-host)", "datastore (global)", "default")
+    # A blank variable is unset (calico-node's rule), so the datastore's value applies.
+    assert felix_config({"FELIX_ROUTEREFRESHINTERVAL": " "}, global_spec, host_spec).route_refresh_interval == 20.0
+    # The typed values only are compared: where they came from is not part of the configuration.
+    assert felix_config({}, {"vxlanVNI": 4096}) == felix_config({})
+    changes = felix_changes(felix_config({}), felix)
+    assert [p.field for p, _, _ in changes] == ["routeRefreshInterval", "iptablesRefreshInterval", "vxlanVNI"]
+    cfg = with_datastore_config(load(**env), global_spec, host_spec)
+    assert cfg.felix == felix and cfg.node == load(**env).node
+
+
+def test_invalid_felix_configuration_value_is_replaced_by_the_default(caplog: pytest.LogCaptureFixture) -> None:
+    # felixctl refuses it on write; one written some other way is logged and ignored, as Felix does.
+    felix = felix_config({}, {"vxlanVNI": 4100}, {"vxlanVNI": "lots", "chainInsertMode": "Sideways"})
+    assert (felix.vxlan_vni, felix.chain_insert_mode) == (4096, "insert")
+    assert "replacing invalid FelixConfiguration value with the default field=vxlanVNI" in caplog.text
+    # A bad environment variable still stops the agent.
+    with pytest.raises(ConfigError, match='^FELIX_CHAININSERTMODE="sideways": accepted values are insert, append'):
+        felix_config({"FELIX_CHAININSERTMODE": "sideways"})
+
+
 # -- good values --------------------------------------------------------------------------------
 
 
@@ -96,9 +179,13 @@ def test_ip(value: str, mode: str, address: str | None, has_prefix: bool) -> Non
 
 
 def test_ip6() -> None:
-    ip6 = load(IP6="2001:db8::1/64").node.ip6
+    ip6 = parse_address_setting("IP6", "2001:db8::1/64", 6)
     assert (ip6.mode, str(ip6.address), ip6.has_prefix) == ("explicit", "2001:db8::1/64", True)
-    assert load(IP6="autodetect").node.ip6.mode == "autodetect"
+    assert load(IP6="none").node.ip6.mode == "none"
+    # felixpy programs no IPv6: an IPv6 node address is refused, not stored to mean nothing.
+    for value in ("2001:db8::1/64", "autodetect"):
+        with pytest.raises(ConfigError, match=r'^IP6="[^"]+": felixpy does not support IPv6 yet'):
+            load(IP6=value)
 
 
 @pytest.mark.parametrize(

@@ -551,9 +551,9 @@ def test_felixctl_ipam_show_check_release_configure(store: MemoryDatastore, tmp_
     assert code == 0
     assert "| GROUPING |" in out and "IPS IN USE" in out
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
-    assert rows[0] == ["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"]
-    assert rows[1] == ["IP Pool", "10.0.0.0/24", "256", "4 (2%)", "252 (98%)"]
-    assert rows[2][0] == "Block" and rows[2][2:] == ["16", "4 (25%)", "12 (75%)"]
+    assert rows[0] == ["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS RESERVED", "IPS FREE"]
+    assert rows[1] == ["IP Pool", "10.0.0.0/24", "256", "4 (2%)", "0 (0%)", "252 (98%)"]
+    assert rows[2][0] == "Block" and rows[2][2:] == ["16", "4 (25%)", "0 (0%)", "12 (75%)"]
 
     code, out, _ = ctl(store, "ipam", "show", f"--ip={leaked}")
     assert code == 0 and f"IP {leaked} is in use" in out and "Handle: leaked" in out

@@ -426,3 +426,42 @@ def test_ipaddress_helper_sanity() -> None:
     c = Cluster(MemoryDatastore())
     c.add_node("n1")
     assert ipaddress.IPv4Address(c.add_pod("ns", "p", "n1")[0]) in ipaddress.IPv4Network("10.65.0.0/16")
+
+
+def _drop_handle(cluster: Cluster, ip: str, handle: str) -> None:
+    """Make the allocation of ip handle-less, as allocations of other IPAM consumers can be."""
+    from felixpy.ipam.block import Block
+
+    cidr = cluster.ipam.get_assignment(ip).block_cidr  # type: ignore[union-attr]
+    kv = cluster.store.get(keys.block_key(cidr))
+    block = Block.from_json(kv.value)
+    for attr in block.attributes:
+        if attr.get("handle_id") == handle:
+            attr["handle_id"] = None
+    cluster.store.update(kv.key, block.to_json(), kv.revision)
+    cluster.store.delete(keys.handle_key(handle))
+
+
+def test_handle_less_leak_is_released_by_sequence_number_never_a_newer_allocation(
+        cluster: Cluster, clock: FakeClock) -> None:
+    ip = cluster.add_pod("default", "old", "n1")[0]
+    _drop_handle(cluster, ip, cluster.ipam.get_assignment(ip).handle)  # type: ignore[arg-type,union-attr]
+    cluster.delete_endpoint("default", "old", "n1")
+    gc = collector(cluster, clock)
+    gc.reconcile()
+    clock.advance(GRACE)
+    still_leaked = gc._still_leaked
+
+    def reassigned_after_revalidation(handle: str | None, allocs: list, view: ClusterView) -> bool:
+        ok = still_leaked(handle, allocs, view)
+        # Released and handed to a new pod (handle-less again) after the last check: the release
+        # that follows names the old allocation's sequence number and must leave this one alone.
+        cluster.ipam.release_ips([ip])
+        cluster.ipam.assign_ip(ip, handle="new", attrs={"namespace": "default", "pod": "new", "node": "n1"}, node="n1")
+        _drop_handle(cluster, ip, "new")
+        return ok
+
+    gc._still_leaked = reassigned_after_revalidation  # type: ignore[method-assign]
+    result = gc.reconcile()
+    assert result.confirmed == 1 and result.released == ()
+    assert cluster.ipam.get_assignment(ip).attrs["pod"] == "new"  # type: ignore[union-attr]

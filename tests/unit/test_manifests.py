@@ -113,6 +113,7 @@ def test_everything_is_in_kube_system_or_cluster_scoped() -> None:
 # Calico's Kubernetes-datastore kinds (crd.projectcalico.org/v1): kind -> (plural, namespaced)
 CRD_KINDS = {
     "IPPool": ("ippools", False),
+    "IPReservation": ("ipreservations", False),
     "IPAMBlock": ("ipamblocks", False),
     "BlockAffinity": ("blockaffinities", False),
     "IPAMHandle": ("ipamhandles", False),
@@ -226,6 +227,7 @@ NODE_RULES: list[tuple[str, str, str, str]] = [
     (NET, "networkpolicies", "list watch", "Kubernetes NetworkPolicies, converted to Calico policy"),
     (CALICO, "ippools", "get list watch", "pools: IPAM, routes, natOutgoing"),
     (CALICO, "ippools", "create", "startup creates the default pool when none exists (create-only)"),
+    (CALICO, "ipreservations", "get list watch", "IPAM: addresses auto-assignment skips"),
     (CALICO, "ipamblocks", "get list watch", "IPAM and routes to every block"),
     (CALICO, "ipamblocks", "create update delete", "IPAM: claim, assign/release (CAS), release empty affine blocks"),
     (CALICO, "blockaffinities", "get list watch", "IPAM: this node's affine blocks"),
@@ -259,6 +261,7 @@ CONTROLLER_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "ipamhandles", "get list watch update delete", "IPAM GC releases all IPs of a handle together"),
     (CALICO, "ipamconfigs", "get list", "strictAffinity decides whether a released block is kept"),
     (CALICO, "ippools", "list", "releasing an address reads the pools (found missing on a real API server)"),
+    (CALICO, "ippools", "watch", "the IPAM metrics follow the pools (ipam_ippool_size, per-pool labels)"),
 ]
 
 

@@ -141,13 +141,20 @@ def test_endpoint_from_resources() -> None:
     assert ep.profiles == ("kns.prod",)
 
 
+def test_workload_name_falls_back_to_workload() -> None:
+    # A non-Kubernetes orchestrator names the workload in spec.workload: policy sees that name.
+    res = validate({"kind": "WorkloadEndpoint", "metadata": {"name": "n1-cni-abc-eth0", "namespace": "ops"},
+                    "spec": {"orchestrator": "cni", "workload": "backup-job", "ipNetworks": ["10.0.0.9/32"]}})
+    assert endpoint_from_resources(res, {}).id == "ops/backup-job"
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"ingress": [{"action": "Allow", "source": {"serviceAccounts": {"names": ["sa"]}}}]},
-     "spec.ingress[0].source.serviceAccounts: service account matching is not supported"),
+     "spec.ingress[0].source.serviceAccounts: felixpy does not support this field yet"),
     ({"ingress": [{"action": "Allow", "destination": {"services": {"name": "kubernetes"}}}]},
-     "spec.ingress[0].destination.services: service matching is not supported"),
-    ({"serviceAccountSelector": "all()"}, "spec.serviceAccountSelector: serviceAccountSelector is not supported"),
-    ({"egress": [{"action": "Allow", "ipVersion": 6}]}, "spec.egress[0].ipVersion: IPv6 rules are not supported"),
+     "spec.ingress[0].destination.services: felixpy does not support this field yet"),
+    ({"serviceAccountSelector": "all()"}, "spec.serviceAccountSelector: felixpy does not support this field yet"),
+    ({"egress": [{"action": "Allow", "ipVersion": 6}]}, "spec.egress[0].ipVersion: felixpy does not support 6 yet"),
     ({"ingress": [{"action": "Allow", "protocol": "TCPX"}]}, 'spec.ingress[0].protocol: invalid protocol "TCPX"'),
     ({"ingress": [{"action": "Allow", "source": {"nets": ["10.0.0.0/33"]}}]}, 'invalid CIDR "10.0.0.0/33"'),
     ({"ingress": [{"action": "Allow", "source": {"selector": "a =="}}]}, "source.selector: invalid selector"),

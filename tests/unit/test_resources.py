@@ -50,6 +50,7 @@ def rejects(obj: dict[str, Any], message: str) -> str:
 def test_kind_table() -> None:
     assert {k: (v.plural, v.namespaced) for k, v in KINDS.items()} == {
         "IPPool": ("ippools", False),
+        "IPReservation": ("ipreservations", False),
         "IPAMConfiguration": ("ipamconfigurations", False),
         "Node": ("nodes", False),
         "BGPConfiguration": ("bgpconfigurations", False),
@@ -135,7 +136,7 @@ def test_validate_does_not_mutate_input() -> None:
         ({"cidr": "10.0.0.0/16", "nodeSelector": "a == "},
          "spec.nodeSelector: invalid selector: expected a string literal at column 6"),
         ({"cidr": "10.0.0.0/16", "allowedUses": ["Pods"]}, "spec.allowedUses[0]: invalid value"),
-        ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer", "Workload"]}, "LoadBalancer cannot be combined"),
+        ({"cidr": "10.0.0.0/16", "allowedUses": ["LoadBalancer", "Workload"]}, "spec.allowedUses"),
     ],
 )
 def test_ippool_rejections(spec: dict[str, Any], message: str) -> None:
@@ -233,10 +234,10 @@ def test_ipam_config_rules() -> None:
 def test_node() -> None:
     out = validate({"kind": "Node", "metadata": {"name": "n1.example.com"},
                     "spec": {"bgp": {"ipv4Address": "192.0.2.11/24", "asNumber": "64512.7",
-                                     "routeReflectorClusterID": "244.0.0.1"}},
-                    "status": {"podCIDRs": ["10.244.1.0/24"]}})
+                                     "routeReflectorClusterID": "244.0.0.1"}}})
     assert out["spec"]["bgp"]["asNumber"] == 64512 * 65536 + 7
-    assert out["status"] == {"podCIDRs": ["10.244.1.0/24"]}
+    rejects({"kind": "Node", "metadata": {"name": "n1"}, "status": {"podCIDRs": ["10.244.1.0/24"]}},
+            "status.podCIDRs: felixpy does not support this field yet")
     rejects({"kind": "Node", "metadata": {"name": "n1"}, "spec": {"bgp": {"ipv4Address": "192.0.2.300/24"}}},
             'spec.bgp.ipv4Address: invalid address "192.0.2.300/24"')
     rejects({"kind": "Node", "metadata": {"name": "n1"}, "spec": {"bgp": {"ipv4Address": "fd00::1/64"}}},
@@ -247,14 +248,16 @@ def test_node() -> None:
 
 
 def test_bgp_configuration() -> None:
-    default = validate({"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "debug"}})
-    assert default["spec"] == {"logSeverityScreen": "Debug", "nodeToNodeMeshEnabled": True, "asNumber": 64512}
-    node = validate({"kind": "BGPConfiguration", "metadata": {"name": "node.n1"}, "spec": {"listenPort": 1179}})
-    assert node["spec"] == {"listenPort": 1179}
+    default = validate({"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "info"}})
+    assert default["spec"] == {"logSeverityScreen": "Info", "nodeToNodeMeshEnabled": True, "asNumber": 64512}
+    node = validate({"kind": "BGPConfiguration", "metadata": {"name": "node.n1"}, "spec": {"logSeverityScreen": "Info"}})
+    assert node["spec"] == {"logSeverityScreen": "Info"}
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "node.n1"}, "spec": {"asNumber": 65000}},
             "spec.asNumber: cannot be set in a node-specific BGPConfiguration")
+    validate({"kind": "BGPConfiguration", "metadata": {"name": "default"},
+              "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/24"}]}})  # honoured since issue #11
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "default"},
-             "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/333"}]}}, "spec.serviceClusterIPs[0].cidr")
+             "spec": {"programClusterRoutes": "Enabled"}}, "spec.programClusterRoutes: felixpy does not support")
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"bindMode": "All"}}, "spec.bindMode")
 
 
@@ -271,7 +274,9 @@ def test_bgp_configuration() -> None:
         ({"node": "n1", "nodeSelector": "all()", "peerSelector": "all()"}, "node and nodeSelector"),
         ({"nodeSelector": "all(", "peerSelector": "all()"}, "spec.nodeSelector: invalid selector"),
         ({"peerSelector": "x ="}, "spec.peerSelector: invalid selector"),
-        ({"peerIP": "192.0.2.1", "asNumber": 65001, "keepaliveTime": "soon"}, "spec.keepaliveTime: invalid duration"),
+        ({"peerIP": "192.0.2.1", "asNumber": 65001, "keepaliveTime": "90s"}, ""),
+        ({"peerIP": "192.0.2.1", "asNumber": 65001, "localWorkloadSelector": "all()"},
+         "spec.localWorkloadSelector: felixpy does not support"),
     ],
 )
 def test_bgp_peer(spec: dict[str, Any], message: str) -> None:
@@ -284,9 +289,8 @@ def test_bgp_peer(spec: dict[str, Any], message: str) -> None:
 
 def test_felix_configuration() -> None:
     out = validate({"kind": "FelixConfiguration", "metadata": {"name": "default"},
-                    "spec": {"reportingInterval": "0s", "logSeverityScreen": "Info", "iptablesRefreshInterval": "1m30s",
-                             "failsafeInboundHostPorts": [{"protocol": "tcp", "port": 22}]}})
-    assert out["spec"]["iptablesRefreshInterval"] == "1m30s"
+                    "spec": {"reportingInterval": "0s", "logSeverityScreen": "info"}})
+    assert out["spec"] == {"reportingInterval": "0s", "logSeverityScreen": "Info"}
     rejects({"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {"noSuchParam": True}},
             "spec.noSuchParam: unknown field")
     rejects({"kind": "FelixConfiguration", "metadata": {"name": "default"},
@@ -336,7 +340,7 @@ def test_policy_normalisation() -> None:
         ({"egress": [{"action": "Allow", "ipVersion": 5}]}, "spec.egress[0].ipVersion: must be 4 or 6"),
         ({"egress": [{"action": "Allow", "http": {}}]}, "spec.egress[0].http: unknown field"),
         ({"namespaceSelector": "all()"}, "spec.namespaceSelector: unknown field"),
-        ({"tier": "security"}, "tier \"security\" is not supported"),
+        ({"tier": "security"}, 'spec.tier: felixpy does not support "security" yet'),
         ({"order": "first"}, "spec.order: expected a number"),
     ],
 )
@@ -359,6 +363,40 @@ def test_profile_workload_endpoint_cluster_info() -> None:
               "spec": {"clusterGUID": "abc", "datastoreReady": True, "calicoVersion": "v3.28"}})
     rejects({"kind": "ClusterInformation", "metadata": {"name": "default"}, "spec": {"datastoreReady": "yes"}},
             "spec.datastoreReady")
+
+
+def test_informational_fields_are_stored_as_given() -> None:
+    # Fields Calico gives no dataplane meaning: their effect is that they are kept exactly and read
+    # back (felixctl get), including the store-managed uid and creationTimestamp.
+    store = MemoryDatastore()
+    info = {"kind": "ClusterInformation", "metadata": {"name": "default", "annotations": {"owner": "net team"},
+                                                         "generation": 3},
+            "spec": {"clusterGUID": "abc", "calicoVersion": "v3.28", "clusterType": "k8s,bgp", "variant": "Calico"}}
+    wep = {"kind": "WorkloadEndpoint", "metadata": {"name": "n1-k8s-a-eth0", "namespace": "prod"},
+           "spec": {"node": "n1", "pod": "a", "endpoint": "eth0", "interfaceName": "cali1234567890a",
+                    "mac": "ee:ee:ee:ee:ee:01", "ipNetworks": ["10.244.0.5/32"]}}
+    rule = {"action": "Allow", "metadata": {"annotations": {"why": "web tier"}}}
+    pol = {**policy(ingress=[rule]), "kind": "GlobalNetworkPolicy"}
+    felix = {"kind": "FelixConfiguration", "metadata": {"name": "default"},
+             "spec": {"reportingInterval": "0s", "logSeverityScreen": "Info"}}
+    bgp = {"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"logSeverityScreen": "Info"}}
+    ipam = {"kind": "IPAMConfiguration", "metadata": {"name": "default"},
+            "spec": {"kubeVirtVMAddressPersistence": "Disabled"}}
+    apply_resources(store, [info, wep, pol, felix, bgp, ipam], "create")
+    got = read_resource(store, "ClusterInformation", "default")
+    assert got is not None and got["spec"] == info["spec"]
+    assert got["metadata"]["annotations"] == {"owner": "net team"} and got["metadata"]["generation"] == 3
+    assert got["metadata"]["uid"] and got["metadata"]["creationTimestamp"].endswith("Z")
+    got = read_resource(store, "WorkloadEndpoint", "n1-k8s-a-eth0", "prod")
+    assert got is not None and (got["spec"]["endpoint"], got["spec"]["mac"]) == ("eth0", "ee:ee:ee:ee:ee:01")
+    got = read_resource(store, "GlobalNetworkPolicy", "pol")
+    assert got is not None and got["spec"]["ingress"][0]["metadata"] == {"annotations": {"why": "web tier"}}
+    got = read_resource(store, "FelixConfiguration", "default")
+    assert got is not None and got["spec"] == felix["spec"]
+    got = read_resource(store, "BGPConfiguration", "default")
+    assert got is not None and got["spec"]["logSeverityScreen"] == "Info"
+    got = read_resource(store, "IPAMConfiguration", "default")
+    assert got is not None and got["spec"]["kubeVirtVMAddressPersistence"] == "Disabled"
 
 
 # -- apply_resources against the in-memory datastore --------------------------------------------------

@@ -15,9 +15,10 @@ Design:
 - Our chains: rules from the first differing hash onwards are replaced in place (`-R`), extra
   ones deleted from the end (`-D chain N`, safe: nobody else writes our chains), missing ones
   appended. Unchanged rules keep their counters.
-- Built-ins (shared with kube-proxy, docker, ...): our rules must be the first N rules in order;
-  otherwise all of ours are deleted by their exact spec (never by position, which could hit a rule
-  someone inserted meanwhile) and re-inserted at the top.
+- Built-ins (shared with kube-proxy, docker, ...): our rules must be the first N rules in order
+  (Felix's ChainInsertMode "insert", the default) or the last N ("append"); otherwise all of ours
+  are deleted by their exact spec (never by position, which could hit a rule someone inserted
+  meanwhile) and re-inserted at the top, or appended at the bottom.
 - Ordering inside one restore: new chain declarations, removal of our built-in rules, flush of
   doomed chains, chain updates, built-in inserts, chain deletions, so references never dangle.
 
@@ -64,6 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Backend = Literal["nft", "legacy"]
+InsertMode = Literal["insert", "append"]
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -178,10 +180,14 @@ class Table:
         runner: Runner = commands.run,
         sleep: Callable[[float], None] = time.sleep,
         max_attempts: int = 3,
+        insert_mode: InsertMode = "insert",
     ) -> None:
         if name not in BUILTIN_CHAINS:
             raise ValueError(f"unknown iptables table {name!r} (one of {', '.join(BUILTIN_CHAINS)})")
+        if insert_mode not in ("insert", "append"):
+            raise ValueError(f"unknown chain insert mode {insert_mode!r} (insert or append)")
         self.name = name
+        self.insert_mode = insert_mode
         self._backend = backend
         self._run = runner
         self._sleep = sleep
@@ -216,7 +222,8 @@ class Table:
         return hashes
 
     def set_jump_rules(self, builtin_chain: str, rules: Iterable[Rule]) -> None:
-        """Our rules at the top of a built-in chain, in this order (empty: remove ours)."""
+        """Our rules in a built-in chain, in this order, at its top (insert mode) or bottom
+        (append mode); empty: remove ours."""
         if builtin_chain not in BUILTIN_CHAINS[self.name]:
             raise ValueError(f"{builtin_chain!r} is not a built-in chain of table {self.name}")
         rules = tuple(rules)
@@ -312,13 +319,20 @@ class Table:
             want_jumps = rule_hashes(builtin, jumps)
             present = kernel.builtins.get(builtin, [])
             ours = [r for r in present if r.hash is not None]
-            on_top = [r.hash for r in present[: len(want_jumps)]] == want_jumps
-            if on_top and len(ours) == len(want_jumps):
+            if self.insert_mode == "append":
+                in_place = [r.hash for r in present[len(present) - len(want_jumps):]] == want_jumps
+            else:
+                in_place = [r.hash for r in present[: len(want_jumps)]] == want_jumps
+            if in_place and len(ours) == len(want_jumps):
                 continue
             for old in ours:
                 unhook.append("-D" + old.line[2:])  # by exact spec, never by position
-            for jump, jump_hash in reversed(list(zip(jumps, want_jumps))):
-                hook.append(f"-I {builtin} 1 {_render_with_hash(jump, jump_hash)}")
+            if self.insert_mode == "append":
+                for jump, jump_hash in zip(jumps, want_jumps):
+                    hook.append(f"-A {builtin} {_render_with_hash(jump, jump_hash)}")
+            else:
+                for jump, jump_hash in reversed(list(zip(jumps, want_jumps))):
+                    hook.append(f"-I {builtin} 1 {_render_with_hash(jump, jump_hash)}")
 
         lines = declare + unhook + flush + update + hook + delete
         if not lines:
@@ -338,5 +352,5 @@ class Table:
                 for r, h in zip(rules, hashes)
             ]
             foreign = [r for r in kernel.builtins.get(builtin, []) if r.hash is None]
-            after.builtins[builtin] = ours + foreign
+            after.builtins[builtin] = foreign + ours if self.insert_mode == "append" else ours + foreign
         return after

@@ -8,9 +8,15 @@ Two ipsets and one chain in the nat table:
 
 so traffic from a natOutgoing pool to anything outside all pools leaves with the node's address,
 while pod-to-pod traffic across nodes keeps its pod source address.
+
+Felix's NATOutgoingAddress turns the MASQUERADE into `SNAT --to-source <address>`, and its
+NATPortRange puts TCP and UDP on those source ports (`--to-ports` / `<address>:<ports>`), each
+followed by a RETURN so the catch-all rule only sees the other protocols (felix/rules/nat.go).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from felixpy import names
 from felixpy.dataplane.drivers.ipsets import IPSets
@@ -23,17 +29,35 @@ POSTROUTING_CHAIN = names.check_chain_name(names.CHAIN_PREFIX + "POSTROUTING")
 NAT_OUTGOING_CHAIN = names.check_chain_name(names.CHAIN_PREFIX + "nat-outgoing")
 
 
-def nat_chains(nat: NatState) -> list[Chain]:
+@dataclass(frozen=True, slots=True)
+class NatSettings:
+    """Felix's NATOutgoingAddress and NATPortRange (None: MASQUERADE, any port)."""
+
+    outgoing_address: str | None = None
+    port_range: tuple[int, int] | None = None
+
+
+def _snat(settings: NatSettings, ports: str | None) -> str:
+    if settings.outgoing_address is not None:
+        target = f"{settings.outgoing_address}:{ports}" if ports else settings.outgoing_address
+        return f"-j SNAT --to-source {target} --random-fully"
+    return f"-j MASQUERADE --to-ports {ports} --random-fully" if ports else "-j MASQUERADE --random-fully"
+
+
+def nat_chains(nat: NatState, settings: NatSettings = NatSettings()) -> list[Chain]:
     """The nat-table chains for a NatState (pure)."""
     outgoing_rules: tuple[Rule, ...] = ()
     if nat.masq_pools:
-        outgoing_rules = (
-            Rule(
-                match=f"-m set --match-set {MASQ_SET} src -m set ! --match-set {ALL_POOLS_SET} dst",
-                action="-j MASQUERADE --random-fully",
-                comment="nat outgoing from natOutgoing pools",
-            ),
-        )
+        match = f"-m set --match-set {MASQ_SET} src -m set ! --match-set {ALL_POOLS_SET} dst"
+        comment = "nat outgoing from natOutgoing pools"
+        rules: list[Rule] = []
+        if settings.port_range is not None:
+            ports = f"{settings.port_range[0]}-{settings.port_range[1]}"
+            for proto in ("tcp", "udp"):
+                rules += [Rule(match=f"{match} -p {proto}", action=_snat(settings, ports), comment=comment),
+                          Rule(match=f"{match} -p {proto}", action="-j RETURN", comment=comment)]
+        rules.append(Rule(match=match, action=_snat(settings, None), comment=comment))
+        outgoing_rules = tuple(rules)
     return [
         Chain(POSTROUTING_CHAIN, (Rule(match="", action=f"-j {NAT_OUTGOING_CHAIN}"),)),
         Chain(NAT_OUTGOING_CHAIN, outgoing_rules),
@@ -41,9 +65,10 @@ def nat_chains(nat: NatState) -> list[Chain]:
 
 
 class MasqManager:
-    def __init__(self, nat_table: Table, ipsets: IPSets) -> None:
+    def __init__(self, nat_table: Table, ipsets: IPSets, settings: NatSettings = NatSettings()) -> None:
         self._nat = nat_table
         self._ipsets = ipsets
+        self._settings = settings
         self._desired: NatState | None = None
         self._dirty = True
 
@@ -58,7 +83,7 @@ class MasqManager:
         nat = self._desired
         self._ipsets.set_members(MASQ_SET, "hash:net", sorted(nat.masq_pools))
         self._ipsets.set_members(ALL_POOLS_SET, "hash:net", sorted(nat.all_pools))
-        for chain in nat_chains(nat):
+        for chain in nat_chains(nat, self._settings):
             self._nat.update_chain(chain)
         self._nat.set_jump_rules("POSTROUTING", [Rule(match="", action=f"-j {POSTROUTING_CHAIN}")])
         self._dirty = False

@@ -21,10 +21,13 @@ TUNNEL_DEVICES = frozenset({names.VXLAN_DEVICE, names.IPIP_DEVICE})
 
 
 class TunnelManager:
-    def __init__(self, links: TunnelLinks, *, vxlan_mtu: int = 0, ipip_mtu: int = 0) -> None:
+    def __init__(self, links: TunnelLinks, *, vxlan_mtu: int = 0, ipip_mtu: int = 0,
+                 vxlan_vni: int = names.VXLAN_VNI, vxlan_port: int = names.VXLAN_PORT) -> None:
         self._links = links
         self._vxlan_mtu = vxlan_mtu  # 0: parent MTU - 50
         self._ipip_mtu = ipip_mtu  # 0: parent MTU - 20
+        self._vxlan_vni = vxlan_vni  # Felix's VXLANVNI / VXLANPort
+        self._vxlan_port = vxlan_port
         self._vxlan: VxlanDevice | None = None
         self._vteps: frozenset[Vtep] = frozenset()
         self._ipip: IpipDevice | None = None
@@ -41,7 +44,8 @@ class TunnelManager:
         if encap.vxlan and local_ip:
             if encap.vxlan_mac:
                 want_vxlan = VxlanDevice(local_ip=local_ip, mac=encap.vxlan_mac,
-                                         address=encap.vxlan_address, mtu=self._vxlan_mtu)
+                                         address=encap.vxlan_address, mtu=self._vxlan_mtu,
+                                         vni=self._vxlan_vni, port=self._vxlan_port)
                 self._missing_mac_logged = False
             elif not self._missing_mac_logged:
                 # Startup writes the MAC with the tunnel address; until then there is no VTEP.
