@@ -547,7 +547,11 @@ def schedules(workload: dict[str, Any], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("labels,expected", [
     ({"kubernetes.io/os": "linux"}, "felixpy-node"),
     ({"kubernetes.io/os": "linux", "route-reflector": "false"}, "felixpy-node"),
-    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-route-reflector"),
+    # Calico's recipe: the reflector still runs pods, so the agent stays (and reflects itself).
+    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-node"),
+    ({"kubernetes.io/os": "linux", "route-reflector": "true", "felixpy.io/dedicated-route-reflector": "true"},
+     "felixpy-route-reflector"),
+    ({"kubernetes.io/os": "linux", "felixpy.io/dedicated-route-reflector": "false"}, "felixpy-node"),
 ])
 def test_each_node_runs_exactly_one_bgp_speaker(labels: dict[str, str], expected: str) -> None:
     # Both listen on the node's port 179 (hostNetwork).
