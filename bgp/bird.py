@@ -5,7 +5,8 @@ configuration: one `protocol bgp` per peer from `bgp.peers.select_peers` (its cl
 peers with `rr_client`, marked `rr client; rr cluster id`; other reflectors of the same cluster
 are plain iBGP, but with the cluster ID as their `rr cluster id` too, so that the CLUSTER_LIST a
 route carries names the cluster and not one reflector's router ID), reflection only — no kernel
-protocol, so BIRD never programs the FIB. Timers follow Calico's `bgp_template`
+protocol, so BIRD never programs the FIB (except BGPPeer `reachableBy` routes on a dedicated
+reflector). Timers follow Calico's `bgp_template`
 (calico-reference §3.6): `connect delay time 2; connect retry time 5; error wait time 5,30` (the
 last keeps a reconfigured peer from being held down for BIRD's default 60 s), graceful restart
 with the peer's restart time.
@@ -90,7 +91,7 @@ def _next_hop(peer: Peer, node_as: int) -> str:
     return "next hop keep;" if (not ebgp or peer.keep_original_next_hop) else "next hop self;"
 
 
-def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str | None,
+def _protocol(peer: Peer, *, local_address: str | None, as_number: int, cluster_id: str | None,
               multihop: bool, filter_order: Sequence[str], communities: bool, listen_port: int,
               calico_export: bool) -> list[str]:
     ipaddress.ip_address(peer.address)
@@ -101,7 +102,9 @@ def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str
     lines = [
         f"protocol bgp {peer.name} from felixpy_template {{",
         f'  description "{peer.type.value}";',
-        f"  local {local_address}{f' port {listen_port}' if listen_port != 179 else ''} as {local_as};",
+        # sourceAddress None: no address, the kernel picks the source (confd's `local as N`).
+        f"  local{f' {local_address}' if local_address else ''}"
+        f"{f' port {listen_port}' if listen_port != 179 else ''} as {local_as};",
         f"  {neighbor} as {peer.as_number};",
     ]
     hops = multihop or local or bool(peer.ttl_security)
@@ -187,7 +190,7 @@ def _calico_route_function(pools: Sequence[str], quiet_pools: Sequence[str], ser
 
 
 def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | None,
-                          peers: Sequence[Peer], local_address: str | None = None,
+                          peers: Sequence[Peer],
                           log_file: str | None = None, multihop: bool = False,
                           listen_address: str | None = None, listen_port: int = 179,
                           filters: Sequence[BGPFilter] = (), communities: Sequence[CommunityRule] = (),
@@ -199,7 +202,6 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
     `export_pools`: the IP pools whose routes are exported (None: every BGP route, no Calico
     export filter); `no_export_pools` the disableBGPExport ones; `service_cidrs` the Service
     ranges a reflector passes on (serviceLoadBalancerIPs and serviceExternalIPs)."""
-    """BIRD 2 configuration text for a reflector (deterministic for the same inputs)."""
     ipaddress.IPv4Address(router_id)
     if cluster_id is not None:
         ipaddress.IPv4Address(cluster_id)
@@ -207,7 +209,6 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
         raise ValueError(f"invalid AS number {as_number}")
     if not 0 < listen_port < 65536:
         raise ValueError(f"invalid listen port {listen_port}")
-    local = local_address or router_id
     has_local_agent = any(p.type is PeerType.LOCAL for p in peers)
     lines = ["# BIRD 2 route reflector, rendered by felixpy (bgp.bird). Do not edit."]
     if log_file is not None:
@@ -222,7 +223,17 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
         patterns = [f"-{_quoted(i, 'interface name')}" for i in ignored_interfaces]
         patterns += ['-"cali*"', '-"kube-ipvs*"', '"*"']
         lines.append(f"protocol direct {{ ipv4; interface {', '.join(patterns)}; }}")
-    lines.append("# No kernel protocol: a reflector never programs its own FIB.")
+    reachable = sorted({(p.address, p.reachable_by) for p in peers if p.reachable_by})
+    if reachable and not has_local_agent:
+        # BGPPeer reachableBy: a /32 to the peer via that gateway, as confd renders it. A
+        # dedicated reflector's BIRD programs it (its only kernel export); on a node with pods
+        # the agent programs it with the node's other routes.
+        lines += ["protocol static felixpy_reachable_by {", "  ipv4;",
+                  *(f"  route {address}/32 via {gateway};" for address, gateway in reachable), "}",
+                  "protocol kernel felixpy_kernel {",
+                  '  ipv4 { import none; export where proto = "felixpy_reachable_by"; };', "}"]
+    else:
+        lines.append("# No kernel protocol: a reflector never programs its own FIB.")
     filter_order = [f.name for f in filters]
     lines += ["", *render_bird_functions(filters)] if filters else []
     lines += ["", *_communities_function(communities)] if communities else []
@@ -246,7 +257,7 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
     ]
     for peer in sorted(peers, key=lambda p: int(ipaddress.ip_address(p.address))):
         lines.append("")
-        lines += _protocol(peer, local_address=(listen_address or peer.source_address or local),
+        lines += _protocol(peer, local_address=listen_address or peer.source_address,
                            as_number=as_number, cluster_id=cluster_id, multihop=multihop,
                            filter_order=filter_order, communities=bool(communities), listen_port=listen_port,
                            calico_export=calico_export)

@@ -334,7 +334,7 @@ class Reflector:
                                       node=self.node_name)]
             text = render_bird_reflector(
                 router_id=me.ipv4, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
-                local_address=me.ipv4, listen_port=port,
+                listen_port=port,
                 listen_address=me.ipv4 if settings.bind_mode_of(self.node_name) == "NodeIP" else None,
                 filters=filters, communities=rules, log_severity=severity,
                 export_pools=sorted(p.cidr for p in pools if not p.disable_bgp_export),

@@ -321,3 +321,31 @@ def test_bird_reflector_from_bgp_bird_reflects_between_clients(tmp_path: Path) -
         n4.wait("reflected withdraw", lambda: "10.244.3.0/26" not in n4.rib.best_routes())
     finally:
         lab.close()
+
+
+def test_dedicated_reflector_bird_programs_reachable_by_routes(tmp_path: Path) -> None:
+    # BGPPeer reachableBy on a dedicated reflector: its BIRD puts the /32 to the peer in the kernel
+    # (confd's static route), and takes it out again when the field goes.
+    lab = Lab(tmp_path)
+    try:
+        nodes = [NodeInfo("rr1", "192.0.2.2", rr_cluster_id="244.0.0.1")]
+        specs = [BGPPeerSpec("tor", peer_ip="198.51.100.1", as_number=65001, reachable_by="192.0.2.1")]
+        rr_ns = lab.host("rr", "192.0.2.2")
+
+        def render(peer_specs: list[BGPPeerSpec]) -> str:
+            return render_bird_reflector(router_id="192.0.2.2", as_number=AS_NODES, cluster_id="244.0.0.1",
+                                         peers=select_peers("rr1", nodes, BGPSettings(), peer_specs),
+                                         log_file=str(lab.dir("rr") / "bird.log"))
+
+        _, ctl = lab.bird("rr", rr_ns, render(specs))
+
+        def kernel_route() -> str:
+            return sh("ip", "-n", rr_ns, "route", "show", "198.51.100.1/32").strip()
+
+        wait_for("the reachableBy route", lambda: "via 192.0.2.1" in kernel_route() and "proto bird" in kernel_route(),
+                 10)
+        (lab.dir("rr") / "bird.conf").write_text(render([BGPPeerSpec("tor", peer_ip="198.51.100.1", as_number=65001)]))
+        assert "Reconfigur" in sh("birdc", "-s", ctl, "configure")  # "Reconfigured" or "... in progress"
+        wait_for("the route removed with the field", lambda: kernel_route() == "", 10)
+    finally:
+        lab.close()

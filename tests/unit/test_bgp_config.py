@@ -94,9 +94,11 @@ def test_env_file_keeps_the_helper_privileged_and_acks_on():
         render_exabgp_env(log_level="LOUD")
 
 
-CLIENT = Peer("192.0.2.11", 64512, PeerType.NODE, "Node_192_0_2_11", rr_client=True, password="pw")
-TWIN = Peer("192.0.2.3", 64512, PeerType.NODE, "Node_192_0_2_3", passive=True, max_restart_time=0)
-EBGP = Peer("198.51.100.1", 65001, PeerType.GLOBAL, "Global_198_51_100_1")
+CLIENT = Peer("192.0.2.11", 64512, PeerType.NODE, "Node_192_0_2_11", rr_client=True, password="pw",
+              source_address="192.0.2.2")
+TWIN = Peer("192.0.2.3", 64512, PeerType.NODE, "Node_192_0_2_3", passive=True, max_restart_time=0,
+            source_address="192.0.2.2")
+EBGP = Peer("198.51.100.1", 65001, PeerType.GLOBAL, "Global_198_51_100_1", source_address="192.0.2.2")
 
 
 def test_bird_reflector_renders_clients_and_plain_peers():
@@ -189,6 +191,24 @@ def test_bird_renders_the_per_session_fields():
     assert 'protocol direct { ipv4; interface -"eth9", -"cali*", -"kube-ipvs*", "*"; }' in text
     anywhere = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id=None, peers=peers[3:])
     assert "strict bind" not in anywhere and " port " not in anywhere  # bindMode None, port 179
+
+
+def test_bird_source_address_none_and_reachable_by():
+    peers = [Peer("198.51.100.1", 65001, PeerType.GLOBAL, "Tor", reachable_by="192.0.2.1"),  # sourceAddress None
+             Peer("192.0.2.11", 64512, PeerType.NODE, "Client", rr_client=True, source_address="192.0.2.2")]
+    text = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id="244.0.0.1", peers=peers)
+    tor = text[text.index("protocol bgp Tor "):].split("\n}\n")[0]
+    assert "  local as 64512;" in tor  # no address: the kernel picks the source, as confd renders None
+    assert "local 192.0.2.2 as 64512;" in text[text.index("protocol bgp Client "):]
+    # reachableBy: a dedicated reflector's BIRD programs the /32 to the peer, and nothing else.
+    assert "route 198.51.100.1/32 via 192.0.2.1;" in text
+    assert 'export where proto = "felixpy_reachable_by";' in text and "No kernel protocol" not in text
+    # On a node with pods the agent programs it with the node's other routes: BIRD stays out of the FIB.
+    local = Peer("127.0.0.2", 64512, PeerType.LOCAL, "Local_Agent", port=1790, source_address="192.0.2.2",
+                 rr_client=True)
+    node = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id="244.0.0.1",
+                                 peers=[*peers, local])
+    assert "protocol kernel" not in node and "reachable_by" not in node
 
 
 def test_bird_exports_what_calicos_filter_lets_out():
