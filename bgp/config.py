@@ -7,8 +7,11 @@ Pure text rendering (tested as strings). The choices follow the measured spike
 - `api.ack = true`: the sidecar relays every `done`/`error` to the agent, which waits for it.
 - `api.cli = false`: the CLI needs pre-created FIFOs and costs a 29 MB relay process.
 - `log.level = WARNING` by default: INFO writes one line per route and halves announce throughput.
-- Every neighbour `listen`s on the node address so a restarted peer reconnects at once instead of
-  waiting for ExaBGP's connect backoff (up to 60 s); a mesh pair's lower IP is `passive`.
+- Neighbours `listen` on the node address so a restarted peer reconnects at once instead of
+  waiting for ExaBGP's connect backoff (up to 60 s); a mesh pair's lower IP is `passive`. Not a
+  neighbour without a local address (`sourceAddress: None`: ExaBGP refuses `listen` there) nor a
+  GTSM one (ExaBGP puts its minimum TTL on the listening socket all neighbours share): those
+  only connect out, and are never passive.
 - Graceful restart with `manual-eor true`: the agent sends End-of-RIB after re-announcing, so a
   restart is hitless (gotcha 6). `maxRestartTime` 0 turns graceful restart off for that peer.
 - `route-refresh` so a respawned API process can ask peers to resend (gotcha 7).
