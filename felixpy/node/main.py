@@ -188,7 +188,9 @@ def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None
             return fail(f"metrics port {config.felix.prometheus_metrics_port}: {err}")
     log.info("felixpy-node %s node=%s ip=%s mode=route-reflector", __version__, result.node_name, result.ipv4)
     try:
-        run_reflector(store, result.node_name, paths, stop)
+        from felixpy.kernel.routeview import main_table_routes
+
+        run_reflector(store, result.node_name, paths, stop, kernel_routes=main_table_routes)
     finally:
         if metrics_server is not None:
             metrics_server.stop()

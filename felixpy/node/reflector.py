@@ -43,7 +43,10 @@ from bgp.filters import FilterError
 from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, select_peers
 from bgp.services import ServiceSettings
 from felixpy.kernel import commands
+from felixpy.calc.updates import Kind, decode
 from felixpy.node.bgp import BGPResources, StatusFile, apply_log_level, resolve_peering
+from felixpy.node.nodestatus import (KernelRoutes, NodeStatusReporter, PathView, Snapshot, StatusWriter,
+                                     parse_bird_status)
 from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
@@ -141,12 +144,47 @@ def parse_show_protocols(text: str) -> dict[str, ProtocolState]:
     return found
 
 
+@dataclass(frozen=True)
+class BirdRoute:
+    """One path of `birdc show route`: the prefix, the protocol it came from, best or not, next hop."""
+
+    prefix: str
+    protocol: str
+    best: bool
+    via: str
+
+
+# `10.244.1.0/26        unicast [Node_192_0_2_11 10:00:00.123 from 192.0.2.11] * (100) [i]`, the
+# prefix only on a prefix's first path; the next line is `\tvia 192.0.2.11 on eth0`.
+_ROUTE_RE = re.compile(r"^(\S+/\d+)?\s+\w+\s+\[(\S+)[^\]]*\]\s*(\*)?")
+_VIA_RE = re.compile(r"^\s+via\s+(\S+)")
+
+
+def parse_show_route(text: str) -> list[BirdRoute]:
+    """The paths in `birdc show route` output (BIRD 2), in BIRD's order."""
+    routes: list[BirdRoute] = []
+    prefix = ""
+    pending: tuple[str, str, bool] | None = None
+    for line in text.splitlines():
+        match = _ROUTE_RE.match(line)
+        if match and "[" in line:
+            prefix = match.group(1) or prefix
+            pending = (prefix, match.group(2), match.group(3) is not None)
+            continue
+        via = _VIA_RE.match(line)
+        if via and pending is not None:
+            routes.append(BirdRoute(pending[0], pending[1], pending[2], via.group(1)))
+            pending = None
+    return routes
+
+
 class Bird(Protocol):
     """What the reflector needs from BIRD (tests pass a fake)."""
 
     def configure(self) -> tuple[bool, str]: ...
     def show_protocols(self) -> str | None: ...
     def show_status(self) -> str | None: ...
+    def show_routes(self) -> str | None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
 
@@ -188,6 +226,13 @@ class BirdControl:
     def show_status(self) -> str | None:
         """`birdc show status`: version, router ID, boot and reconfiguration times."""
         done = self._birdc("show", "status")
+        if done is None or done[0] != 0:
+            return None
+        return done[1]
+
+    def show_routes(self) -> str | None:
+        """`birdc show route`: every path BIRD holds."""
+        done = self._birdc("show", "route")
         if done is None or done[0] != 0:
             return None
         return done[1]
@@ -433,19 +478,42 @@ class Reflector:
     def write_status(self) -> None:
         self._status_file.write(self.status())
 
+    def status_snapshot(self) -> Snapshot:
+        """A dedicated reflector's CalicoNodeStatus: BIRD, its sessions and the paths it holds."""
+        rows = self.peer_rows()
+        by_name = {peer.name: peer for peer in self._peers.values()}
+        best: list[PathView] = []
+        others: list[PathView] = []
+        for route in parse_show_route(self.bird.show_routes() or ""):
+            peer = by_name.get(route.protocol)
+            if peer is None:
+                continue  # not a BGP session's (direct, static)
+            view = PathView(route.prefix, peer.address, route.via, peer.type.value)
+            (best if route.best else others).append(view)
+        bird = self.bird
+        return Snapshot(speaker_ready=self._bird_up, version="BIRD", router_id=self.router_id or "",
+                        boot_time=None, reconfigured=self.last_configured, peers=tuple(rows), best=tuple(best),
+                        others=tuple(others), own_blocks=frozenset(),
+                        speaker=lambda: parse_bird_status(bird.show_status() or ""))
+
 
 _SECRETS_CHANGED = object()  # posted by the SecretWatcher onto the reflector's queue
 
 
 def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threading.Event,
-                  *, syncer_factory: Callable[..., Any] | None = None) -> None:
-    """The reflector's loop until `stop` is set: syncer batches → sync(); status every second."""
+                  *, syncer_factory: Callable[..., Any] | None = None,
+                  kernel_routes: KernelRoutes | None = None, bird: Bird | None = None) -> None:
+    """The reflector's loop until `stop` is set: syncer batches → sync(); status every second;
+    the CalicoNodeStatus resources naming this node when they are due."""
     from felixpy.datastore.syncer import Syncer
 
     events: "queue.Queue[SyncEvent | object]" = queue.Queue()
-    reflector = Reflector(node_name, paths)
+    reflector = Reflector(node_name, paths, bird=bird)
+    writer = StatusWriter(store, kernel_routes=kernel_routes)
+    reporter = NodeStatusReporter(node_name, writer)
     watcher = SecretWatcher(reflector.secrets, lambda: events.put(_SECRETS_CHANGED))
     syncer = (syncer_factory or Syncer)(store, events.put)
+    writer.start()
     syncer.start()
     log.info("route reflector running node=%s config=%s socket=%s", node_name, paths.config, paths.socket)
     next_poll = 0.0
@@ -465,6 +533,9 @@ def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threa
                 elif isinstance(event, list):
                     for update in event:
                         reflector.on_update(update)
+                        status_request = decode(update, (Kind.CALICO_NODE_STATUS,))
+                        if status_request is not None:
+                            reporter.on_resource(status_request)
                 try:
                     event = events.get_nowait()
                 except queue.Empty:
@@ -475,6 +546,10 @@ def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threa
                 reflector.poll()
                 reflector.sync()  # BIRD came back: hand it the current rendering
                 next_poll = time.monotonic() + STATUS_INTERVAL
+            due = reporter.next_deadline()
+            if due is not None and due <= time.monotonic():
+                reporter.report(reflector.status_snapshot)
     finally:
         watcher.stop()
         syncer.stop()
+        writer.stop()
