@@ -3,8 +3,10 @@
 ExaBGP cannot reflect routes (exabgp-notes §6), so a reflector runs BIRD 2 with this
 configuration: one `protocol bgp` per peer from `bgp.peers.select_peers` (its clients are the
 peers with `rr_client`, marked `rr client; rr cluster id`; other reflectors of the same cluster
-are plain iBGP, but with the cluster ID as their `rr cluster id` too, so that the CLUSTER_LIST a
-route carries names the cluster and not one reflector's router ID), reflection only — no kernel
+are plain iBGP, as in Calico: BIRD 2 takes the cluster ID it writes on a reflected route from the
+client side of the reflection, so routes between a client and another reflector carry the
+cluster's ID either way — an `rr cluster id` on a non-client session is parsed and unused),
+reflection only — no kernel
 protocol, so BIRD never programs the FIB (except BGPPeer `reachableBy` routes on a dedicated
 reflector). Timers follow Calico's `bgp_template`
 (calico-reference §3.6): `connect delay time 2; connect retry time 5; error wait time 5,30` (the
@@ -122,10 +124,6 @@ def _protocol(peer: Peer, *, local_address: str | None, as_number: int, cluster_
         if cluster_id is None:
             raise ValueError(f"peer {peer.address} is a route-reflector client but no cluster ID is set")
         lines += ["  rr client;", f"  rr cluster id {cluster_id};"]
-    elif cluster_id is not None and not ebgp and peer.remote_cluster_id == cluster_id:
-        # Another reflector of this cluster: not a client, but the CLUSTER_LIST it and we write
-        # names the cluster (BIRD's default for a non-client session is the router ID).
-        lines.append(f"  rr cluster id {cluster_id};")
     if peer.password:
         lines.append(f"  password {_quoted(peer.password, 'BGP password')};")
     if peer.keepalive_time:

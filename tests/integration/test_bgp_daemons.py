@@ -24,7 +24,7 @@ import pytest
 
 from bgp.bird import render_bird_reflector
 from bgp.client import SidecarClient
-from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, select_peers
+from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, select_peers
 from bgp.protocol import Event, OpenReceived, ReplayDone, StateChange
 from bgp.rib import Rib
 from tests.integration.bgplab import (AS_NODES, HAVE_BIRD, HAVE_EXABGP, HAVE_FRR, HAVE_GOBGP, FRR_BGPD, MD5,
@@ -319,6 +319,52 @@ def test_bird_reflector_from_bgp_bird_reflects_between_clients(tmp_path: Path) -
 
         n3.client.withdraw("10.244.3.0/26")
         n4.wait("reflected withdraw", lambda: "10.244.3.0/26" not in n4.rib.best_routes())
+    finally:
+        lab.close()
+
+
+def test_reflector_to_reflector_session_carries_the_cluster_id(tmp_path: Path) -> None:
+    # rr1 (BIRD) and rr2 share routeReflectorClusterID 244.0.0.1. What rr1 reflects between its
+    # client n3 and rr2, either way, carries the cluster's ID on its CLUSTER_LIST and not rr1's
+    # router ID: rr2 stands in as an ExaBGP speaker so that the list it receives is visible.
+    lab = Lab(tmp_path)
+    try:
+        reflector = {"route-reflector": "true"}
+        nodes = [NodeInfo("rr1", "192.0.2.2", labels=reflector, rr_cluster_id="244.0.0.1"),
+                 NodeInfo("rr2", "192.0.2.16", labels=reflector, rr_cluster_id="244.0.0.1"),
+                 NodeInfo("n3", "192.0.2.13")]
+        settings = BGPSettings(node_to_node_mesh=False)
+        specs = [BGPPeerSpec("to-rr", node_selector="all()", peer_selector="route-reflector == 'true'")]
+        rr_peers = select_peers("rr1", nodes, settings, specs)
+        twin = next(p for p in rr_peers if p.address == "192.0.2.16")
+        assert not twin.rr_client and twin.remote_cluster_id == "244.0.0.1"
+        rr_ns = lab.host("rr", "192.0.2.2")
+        lab.bird("rr", rr_ns, render_bird_reflector(
+            router_id="192.0.2.2", as_number=AS_NODES, cluster_id="244.0.0.1", peers=rr_peers,
+            log_file=str(lab.dir("rr") / "bird.log")))
+
+        def to_rr1(node: str) -> list[Peer]:  # n3 and rr2 each peer with rr1 alone here
+            return [p for p in select_peers(node, nodes, settings, specs) if p.address == "192.0.2.2"]
+
+        n3 = lab.node("n3", "192.0.2.13", to_rr1("n3"))
+        rr2 = lab.node("rr2", "192.0.2.16", to_rr1("rr2"))
+        n3.wait("n3's session to rr1", lambda: n3.states.get("192.0.2.2") == "up", timeout=20)
+        rr2.wait("rr2's session to rr1", lambda: rr2.states.get("192.0.2.2") == "up", timeout=20)
+
+        n3.client.announce("10.244.3.0/26", "192.0.2.13")
+        rr2.wait("the route reflected to rr2", lambda: "10.244.3.0/26" in rr2.rib.best_routes())
+        path = rr2.rib.best("10.244.3.0/26")
+        assert path is not None and path.peer == "192.0.2.2"
+        assert path.attributes.originator_id == "192.0.2.13"
+        assert path.attributes.cluster_list == ("244.0.0.1",)
+
+        # And the other way: rr2's own route, reflected by rr1 to its client n3.
+        rr2.client.announce("10.244.16.0/26", "192.0.2.16")
+        n3.wait("rr2's route reflected to n3", lambda: "10.244.16.0/26" in n3.rib.best_routes())
+        path = n3.rib.best("10.244.16.0/26")
+        assert path is not None and path.peer == "192.0.2.2"
+        assert path.attributes.originator_id == "192.0.2.16"
+        assert path.attributes.cluster_list == ("244.0.0.1",)
     finally:
         lab.close()
 

@@ -184,8 +184,8 @@ def test_bird_renders_the_per_session_fields():
                  "allow local as 1;", "next hop keep;"):
         assert line in tor, line
     assert "next hop self;" in block("Client") and "rr cluster id 244.0.0.1;" in block("Client")
-    twin = block("Twin")  # another reflector of the cluster: not a client, but the cluster's ID
-    assert "rr cluster id 244.0.0.1;" in twin and "rr client;" not in twin
+    twin = block("Twin")  # another reflector of the cluster: plain iBGP, as in Calico
+    assert "rr cluster id" not in twin and "rr client;" not in twin
     assert "next hop self;" in block("Ebgp")  # Auto on eBGP
     assert "strict bind yes;" in text  # bindMode NodeIP
     assert 'protocol direct { ipv4; interface -"eth9", -"cali*", -"kube-ipvs*", "*"; }' in text
