@@ -76,6 +76,10 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {  # plural -> (kind, namespaced)
     "clusterinformations": ("ClusterInformation", False),
     "bgpfilters": ("BGPFilter", False),
     "caliconodestatuses": ("CalicoNodeStatus", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
