@@ -348,7 +348,7 @@ class Agent:
                     self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
-            self._bgp.set_announcements(self.calc.bgp_announcements())
+            self._bgp.set_announcements(self.calc.bgp_announcements(), self.calc.local_endpoints)
             self._bgp.sync()
 
     def _on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:
