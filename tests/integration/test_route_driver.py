@@ -43,7 +43,12 @@ def ns() -> Iterator[str]:
 @pytest.fixture
 def table(ns: str) -> Iterator[RouteTable]:
     with netns.iproute_in(f"/run/netns/{ns}") as ipr:
-        yield RouteTable(netlink=Netlink(ipr))
+        # Link lookups over the raw socket, as the agent's own Netlink() does.
+        sock = netns.open_netlink_socket(f"/run/netns/{ns}")
+        try:
+            yield RouteTable(netlink=Netlink(ipr, rtnl_sock=sock))
+        finally:
+            sock.close()
 
 
 def our_routes(ns: str) -> list[str]:
@@ -153,3 +158,16 @@ def test_ipv6_off_never_reads_or_touches_ipv6_routes(ns: str) -> None:
         table.set_routes([Route("10.244.1.0/26", type="blackhole")])
         assert not table.apply().deleted
     assert our_routes6(ns)[0].startswith("blackhole fd00:99::/122")
+
+
+def test_link_lookups_agree_over_raw_rtnetlink_and_pyroute2(ns: str) -> None:
+    path = f"/run/netns/{ns}"
+    with netns.iproute_in(path) as ipr:
+        sock = netns.open_netlink_socket(path)
+        try:
+            raw, pyroute = Netlink(ipr, rtnl_sock=sock), Netlink(ipr)
+            for name in (f"{ns}a", f"{ns}b", "lo", "nosuchlink0"):
+                assert raw.link_index(name) == pyroute.link_index(name), name
+            assert raw.link_index("nosuchlink0") is None and raw.link_index("lo") == 1
+        finally:
+            sock.close()
