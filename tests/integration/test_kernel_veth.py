@@ -182,7 +182,7 @@ def test_dual_stack_pod_gets_calicos_ipv6_gateway_and_carries_ipv6_traffic(lab: 
     sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
     pod_ns = lab.pod(0)
     iface = lab.iface(0)
-    ips = [ip4("10.244.0.7/32"), ipaddress.IPv6Interface("fd00:10:244::7/128")]
+    ips: list[veth.IPInterface] = [ip4("10.244.0.7/32"), ipaddress.IPv6Interface("fd00:10:244::7/128")]
     result = lab.on_node(lambda: veth.setup_workload(netns_path=pod_ns, host_iface=iface, ips=ips, mtu=1400))
 
     for key in ("proxy_ndp", "forwarding"):
