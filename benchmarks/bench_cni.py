@@ -19,7 +19,13 @@ Printed: p50/p99 per plugin, the ratios to the baseline with the targets of issu
 agent's ADD and DEL (from its log lines), a no-op iptables-nft-restore in n1's namespace (the
 floor under each of the agent's filter-table writes), and the agent's RSS idle and with N local pods.
 
-    sudo .venv/bin/python benchmarks/bench_cni.py [--pods 60]
+`--family 4,6,dual` also times the static C plugin for IPv6-only and dual-stack pods in the same
+run (the lab is then dual-stack, mode routes: BGP does not carry IPv6 yet; the network config's
+ipam.assign_ipv4 / assign_ipv6 pick the families), beside IPv4 and the same reference baseline.
+Every address a felixpy ADD returns is probed (ICMPv6 echo for IPv6), so a dual-stack pod counts
+two probes.
+
+    sudo .venv/bin/python benchmarks/bench_cni.py [--pods 60] [--family 4,6,dual]
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ REFERENCE = "ptp + host-local (reference)"
 PRIMARY = "felixpy (static C plugin)"
 TARGETS = {"ADD p50": 2.0, "ADD p99": 3.0, "DEL p50": 1.5}
 PROBE_WAIT = 1.0  # seconds an echo may take to come back
+FAMILY_NAMES = {"4": "IPv4", "6": "IPv6", "dual": "dual-stack"}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -79,20 +86,25 @@ def agent_rss_kb(lab_name: str) -> int:
 # -- inside n1's namespace ------------------------------------------------------------------------
 
 class Prober:
-    """ICMP echoes from the other node's namespace; remembers which were answered in time."""
+    """ICMP and ICMPv6 echoes from the other node's namespace; remembers which were answered in time."""
 
     def __init__(self, netns_path: str) -> None:
         from felixpy.kernel import netns
 
         self.sock = netns.run_in_netns(
             netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
-        self.sock.settimeout(0.2)
+        # The kernel fills in an ICMPv6 checksum itself, and hands over no IPv6 header.
+        self.sock6 = netns.run_in_netns(
+            netns_path, lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
         self.ident = os.getpid() & 0xFFFF
         self.sent: dict[int, float] = {}
         self.answered: dict[int, float] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._receive, args=(sock, v6), daemon=True)
+                         for sock, v6 in ((self.sock, False), (self.sock6, True))]
+        for sock, thread in zip((self.sock, self.sock6), self._threads):
+            sock.settimeout(0.2)
+            thread.start()
 
     @staticmethod
     def _checksum(data: bytes) -> int:
@@ -101,20 +113,27 @@ class Prober:
         return ~(total + (total >> 16)) & 0xFFFF
 
     def send(self, seq: int, ip: str) -> None:
+        if ":" in ip:
+            self.sent[seq] = time.monotonic()
+            self.sock6.sendto(struct.pack("!BBHHH", 128, 0, 0, self.ident, seq) + b"felixpy!", (ip, 0))
+            return
         header = struct.pack("!BBHHH", 8, 0, 0, self.ident, seq) + b"felixpy!"
         packet = header[:2] + struct.pack("!H", self._checksum(header)) + header[4:]
         self.sent[seq] = time.monotonic()
         self.sock.sendto(packet, (ip, 0))
 
-    def _receive(self) -> None:
+    def _receive(self, sock: socket.socket, v6: bool) -> None:
+        reply = 129 if v6 else 0
         while not self._stop.is_set():
             try:
-                data = self.sock.recv(2048)
+                data = sock.recv(2048)
             except OSError:
                 continue
-            offset = (data[0] & 0x0F) * 4
+            offset = 0 if v6 else (data[0] & 0x0F) * 4
+            if len(data) < offset + 8:
+                continue
             kind, _code, _sum, ident, seq = struct.unpack_from("!BBHHH", data, offset)
-            if kind == 0 and ident == self.ident and seq not in self.answered:
+            if kind == reply and ident == self.ident and seq not in self.answered:
                 self.answered[seq] = time.monotonic()
 
     def reachable(self, seqs: list[int]) -> tuple[int, list[float]]:
@@ -128,8 +147,10 @@ class Prober:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(2)
+        for thread in self._threads:
+            thread.join(2)
         self.sock.close()
+        self.sock6.close()
 
 
 def run_plugin(plugin: str, command: str, cid: str, netns: str, conf: dict[str, Any], pod: str,
@@ -170,6 +191,12 @@ def inner(args: argparse.Namespace) -> None:
                    check=True)
     felixpy_conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "felixpy",
                     "agent_socket": args.socket, "mtu": 0}
+    # One more static C plugin run per extra family, its network config asking for those families.
+    family_runs = [
+        (f"{PRIMARY[:-1]}, {FAMILY_NAMES[f]})", os.path.join(shim_dir, "felixpy-cni"),
+         {**felixpy_conf, "ipam": {"type": "calico-ipam", "assign_ipv4": str(f != "6").lower(),
+                                   "assign_ipv6": str(f != "4").lower()}}, BIN)
+        for f in args.family.split(",") if f != "4"]
     ref_conf = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "mtu": 1500,
                 "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": os.path.join(tmp, "hl"),
                          "routes": [{"dst": "0.0.0.0/0"}]}}
@@ -182,12 +209,16 @@ def inner(args: argparse.Namespace) -> None:
         (PRIMARY, os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),  # runs[1]: also warms up
         ("felixpy (lean -IS plugin)", lean, felixpy_conf, BIN),
         ("felixpy-cni (console script)", os.path.join(BIN, "felixpy-cni"), felixpy_conf, BIN),
+        *family_runs,
         reference,
     ]
     prober = Prober(args.probe_netns)
-    # Warm up: the node's first block is claimed and announced to n2 before anything is timed.
+    # Warm up: the node's first block (of each family timed) is claimed and announced to n2
+    # before anything is timed.
     warm = f"/run/netns/{args.prefix}{args.pods}"
-    run_plugin(runs[1][1], "ADD", "warm" * 16, warm, felixpy_conf, "warm", BIN)
+    warm_conf = felixpy_conf if not family_runs else {
+        **felixpy_conf, "ipam": {"type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}}
+    run_plugin(runs[1][1], "ADD", "warm" * 16, warm, warm_conf, "warm", BIN)
     results: dict[str, Any] = {}
     for r, (label, plugin, conf, cni_path) in enumerate(runs):
         adds, dels, seqs, cids = [], [], [], []
@@ -195,9 +226,10 @@ def inner(args: argparse.Namespace) -> None:
             cid = secrets.token_hex(32)
             took, result = run_plugin(plugin, "ADD", cid, f"/run/netns/{args.prefix}{i}", conf, f"p{i}", cni_path)
             if label != REFERENCE:
-                seq = r * 1000 + i
-                prober.send(seq, result["ips"][0]["address"].split("/")[0])
-                seqs.append(seq)
+                for k, entry in enumerate(result["ips"]):  # every family the pod got
+                    seq = r * 2000 + i * 2 + k
+                    prober.send(seq, entry["address"].split("/")[0])
+                    seqs.append(seq)
             adds.append(took)
             cids.append(cid)
             if label == PRIMARY and i == args.pods - 1:
@@ -214,7 +246,7 @@ def inner(args: argparse.Namespace) -> None:
         done["reachable"] += reachable
         done["rtts"] += rtts
         done["passes"].append([statistics.median(adds), statistics.median(dels)])
-    run_plugin(runs[1][1], "DEL", "warm" * 16, warm, felixpy_conf, "warm", BIN)
+    run_plugin(runs[1][1], "DEL", "warm" * 16, warm, warm_conf, "warm", BIN)
     prober.close()
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results))
@@ -240,11 +272,11 @@ def stage_medians(log_path: str, command: str) -> dict[str, float]:
 def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log_path: str,
            restore_floor_ms: float) -> None:
     print(f"\nCNI latency over {pods} pods (ms), measured from n1's netns:")
-    print(f"{'plugin':32} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}  reachable at ADD return")
+    print(f"{'plugin':44} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}  reachable at ADD return")
     for label, r in results.items():
         reach = (f"{r['reachable']}/{r['probed']} (first echo rtt p50 {statistics.median(r['rtts']):.1f} ms)"
                  if r["probed"] and r["rtts"] else (f"0/{r['probed']}" if r["probed"] else "-"))
-        print(f"{label:32} {statistics.median(r['adds']):8.1f} {percentile(r['adds'], 99):8.1f} "
+        print(f"{label:44} {statistics.median(r['adds']):8.1f} {percentile(r['adds'], 99):8.1f} "
               f"{statistics.median(r['dels']):8.1f} {percentile(r['dels'], 99):8.1f}  {reach}")
     ref = results[REFERENCE]
     print(f"{REFERENCE} by pass (before, after felixpy): "
@@ -261,7 +293,7 @@ def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log
         for what, target in TARGETS.items():
             ratio = got[what] / base[what]
             cells.append(f"{what} {ratio:.2f}x (<= {target:g}x {'ok' if ratio <= target else 'MISSED'})")
-        print(f"  {label:32} " + "  ".join(cells))
+        print(f"  {label:44} " + "  ".join(cells))
     for command in ("ADD", "DEL"):
         medians = stage_medians(log_path, command)
         if medians:
@@ -282,15 +314,21 @@ def main() -> int:
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--lab", help=argparse.SUPPRESS)
     parser.add_argument("--probe-netns", help=argparse.SUPPRESS)
+    parser.add_argument("--family", default="4",
+                        help="comma list of 4, 6, dual: pod address families to time (default 4)")
     args = parser.parse_args()
+    families = args.family.split(",")
+    if not families or any(f not in FAMILY_NAMES for f in families):
+        raise SystemExit(f"--family {args.family}: expected a comma list of 4, 6, dual")
     if args.inner:
         inner(args)
         return 0
     if os.geteuid() != 0:
         raise SystemExit("run as root (network namespaces)")
     name = "bench" + secrets.token_hex(2)
-    print(f"bringing up lab {name} (2 nodes) ...", flush=True)
-    lab("up", "--name", name, "--nodes", "2")
+    dual = families != ["4"]
+    print(f"bringing up lab {name} (2 nodes{', dual-stack, mode routes' if dual else ''}) ...", flush=True)
+    lab("up", "--name", name, "--nodes", "2", *(("--mode", "routes", "--ip-family", "dual") if dual else ()))
     try:
         # The namespace's profile (kns.bench, allow all): without it a pod's policy drops everything.
         lab("ns", "add", "bench", "--name", name)
@@ -301,7 +339,7 @@ def main() -> int:
         out = subprocess.run(
             ["ip", "netns", "exec", f"{name}-n1", sys.executable, os.path.abspath(__file__), "--inner",
              "--pods", str(args.pods), "--socket", sock, "--prefix", f"{name}-bp", "--lab", name,
-             "--probe-netns", f"/run/netns/{name}-n2"],
+             "--probe-netns", f"/run/netns/{name}-n2", "--family", args.family],
             capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"benchmark failed: {out.stderr.strip()}")

@@ -102,10 +102,13 @@ _VARS: list[Variable] = [
              "startup stops with one line when there is no API, no such Node, no InternalIP or no such "
              "local address."),
     Variable("IP6", "Node", "unset", 'expected "", autodetect, none, an IPv6 address or an IPv6 CIDR',
-             "Node IPv6 address (`Node.spec.bgp.ipv6Address`). felixpy does not support IPv6 yet: "
-             "`autodetect` or an address stops the agent with that message."),
+             "Node IPv6 address, stored as a CIDR in `Node.spec.bgp.ipv6Address`. As `IP`, except that "
+             "unset never autodetects (it keeps the Node's address, or none): only `autodetect` does. "
+             "Other nodes route to this node's IPv6 blocks over it (vxlan backend: unencapsulated or "
+             "vxlan-v6.calico). With the bird backend an address or `autodetect` is refused: felixpy "
+             "does not do BGP over IPv6 yet."),
     Variable("IP6_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
-             "How the IPv6 address is detected when `IP6=autodetect`."),
+             "How the IPv6 address is detected when `IP6=autodetect` (global unicast addresses only)."),
     Variable("AS", "Node", "unset (keep the Node's value, else the global AS)",
              "expected an AS number from 1 to 4294967295, or asdot A.B with A and B from 0 to 65535",
              "The node's BGP AS number (`Node.spec.bgp.asNumber`)."),
@@ -134,7 +137,25 @@ _VARS: list[Variable] = [
     Variable("CALICO_IPV4POOL_DISABLE_BGP_EXPORT", "IPv4 pool", "`false`", BOOL_ACCEPTS,
              "`disableBGPExport` of the default pool."),
     Variable("NO_DEFAULT_POOLS", "IPv4 pool", "`false`", BOOL_ACCEPTS,
-             "`true` creates no default pool; an error together with `CALICO_IPV4POOL_CIDR`."),
+             "`true` creates no default pool; an error together with `CALICO_IPV4POOL_CIDR` or "
+             "`CALICO_IPV6POOL_CIDR`."),
+    # -- default IPv6 pool (§1.2)
+    Variable("CALICO_IPV6POOL_CIDR", "IPv6 pool", "a random RFC 4193 ULA /48 (`fdXX:XXXX:XXXX::/48`)",
+             'expected an IPv6 CIDR such as fd00:10:244::/48, at least as large as the block size, or "none"',
+             "CIDR of the default pool `default-ipv6-ippool`, created only when no IPv6 pool exists (never "
+             "updated) and IPv6 is supported (`FELIX_IPV6SUPPORT` true and the kernel has IPv6). `none` "
+             "creates no IPv6 pool."),
+    Variable("CALICO_IPV6POOL_BLOCK_SIZE", "IPv6 pool", "`122`", "expected an integer from 116 to 128",
+             "Prefix length of the IPAM blocks of the default IPv6 pool."),
+    Variable("CALICO_IPV6POOL_VXLAN", "IPv6 pool", "`Never`", ENCAP_ACCEPTS,
+             "`vxlanMode` of the default IPv6 pool (IPv6 pools have no IPIP)."),
+    Variable("CALICO_IPV6POOL_NAT_OUTGOING", "IPv6 pool", "`false`",
+             "false, 0, no, n, f (case-insensitive) mean false; any other value means true",
+             "`natOutgoing` of the default IPv6 pool."),
+    Variable("CALICO_IPV6POOL_NODE_SELECTOR", "IPv6 pool", "`all()`", 'expected a Calico selector such as all() or zone == "a"',
+             "`nodeSelector` of the default IPv6 pool."),
+    Variable("CALICO_IPV6POOL_DISABLE_BGP_EXPORT", "IPv6 pool", "`false`", BOOL_ACCEPTS,
+             "`disableBGPExport` of the default IPv6 pool."),
     # -- datastore (§1.5)
     Variable("DATASTORE_TYPE", "Datastore", "`etcdv3` if `ETCD_ENDPOINTS` is set, else `kubernetes`", "accepted values are etcdv3, kubernetes",
              "Datastore backend. Like every datastore variable also read as `CALICO_DATASTORE_TYPE` "
@@ -169,9 +190,14 @@ _VARS: list[Variable] = [
     Variable("FELIX_LOGDEBUGFILENAMEREGEX", "Felix", "unset", "expected a regular expression",
              "Debug (and trace) lines are kept only from source files whose base name matches, "
              "e.g. `bgp\\.py|secrets\\.py`; other levels are not filtered."),
-    Variable("FELIX_IPV6SUPPORT", "Felix", "`true`", BOOL_ACCEPTS, "Program IPv6 as well as IPv4."),
+    Variable("FELIX_IPV6SUPPORT", "Felix", "`true`", BOOL_ACCEPTS,
+             "Program IPv6 as well as IPv4: routes to IPv6 pods and blocks, vxlan-v6.calico, ip6tables "
+             "and IPv6 ipsets. `false` leaves every IPv6 route, rule and set alone and creates no "
+             "default IPv6 pool (calico-node's manifest sets `false`; felixpy's lab does not)."),
     Variable("FELIX_VXLANMTU", "Felix", "`0`", MTU_ACCEPTS,
              "Pod MTU when VXLAN is in use; 0 = host MTU - 50."),
+    Variable("FELIX_VXLANMTUV6", "Felix", "`0`", MTU_ACCEPTS,
+             "MTU of vxlan-v6.calico and the pod MTU when IPv6 VXLAN is in use; 0 = host MTU - 70."),
     Variable("FELIX_IPINIPMTU", "Felix", "`0`", MTU_ACCEPTS,
              "Pod MTU when IPIP is in use; 0 = host MTU - 20."),
     Variable("FELIX_VXLANVNI", "Felix", "`4096`", "expected an integer from 1 to 16777215",
@@ -287,10 +313,11 @@ class NodeConfig:
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """The default IPv4 pool; cidr None means "choose at startup" (it depends on host addresses)."""
+    """A default pool (IPv4 or IPv6); cidr None means "choose at startup" (IPv4: it depends on
+    host addresses; IPv6: a random ULA prefix)."""
 
-    create: bool  # False when CALICO_IPV4POOL_CIDR=none or NO_DEFAULT_POOLS=true
-    cidr: ipaddress.IPv4Network | None
+    create: bool  # False when CALICO_IPV<n>POOL_CIDR=none or NO_DEFAULT_POOLS=true
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     block_size: int
     ipip_mode: str  # Always | CrossSubnet | Never
     vxlan_mode: str
@@ -325,6 +352,7 @@ class FelixConfig:
     log_debug_filename_regex: str | None
     ipv6_support: bool
     vxlan_mtu: int  # 0 = auto
+    vxlan_mtu_v6: int  # 0 = auto
     ipip_mtu: int  # 0 = auto
     vxlan_vni: int
     vxlan_port: int
@@ -368,6 +396,7 @@ class Config:
     node: NodeConfig
     ipv4_pool: PoolConfig
     no_default_pools: bool
+    ipv6_pool: PoolConfig
     datastore: DatastoreConfig
     felix: FelixConfig
     agent: AgentConfig
@@ -552,18 +581,21 @@ def parse_as_number(name: str, value: str) -> int:
     return number
 
 
-def parse_pool_cidr(name: str, value: str, block_size: int) -> ipaddress.IPv4Network:
+_LINK_LOCAL = {4: ipaddress.ip_network("169.254.0.0/16"), 6: ipaddress.ip_network("fe80::/10")}
+
+
+def parse_pool_cidr(name: str, value: str, block_size: int,
+                    version: int = 4) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         network = ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
         raise _fail(name, value) from None
-    if network.version != 4:
-        raise _fail(name, value, "not an IPv4 CIDR")
+    if network.version != version:
+        raise _fail(name, value, f"not an IPv{version} CIDR")
     if network.prefixlen > block_size:
         raise _fail(name, value, f"smaller than the block size /{block_size}")
-    if network.is_multicast or network.is_loopback or network.overlaps(ipaddress.IPv4Network("169.254.0.0/16")):
+    if network.is_multicast or network.is_loopback or network.overlaps(_LINK_LOCAL[version]):  # type: ignore[arg-type]
         raise _fail(name, value, "multicast, loopback and link-local ranges cannot be pools")
-    assert isinstance(network, ipaddress.IPv4Network)
     return network
 
 
@@ -686,6 +718,12 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         backend = "bird" if backend == "bgp" else backend
     as_value = _set(env, "AS")
     check_value = _set(env, "DISABLE_NODE_IP_CHECK")
+    ip6 = parse_address_setting("IP6", env.get("IP6", ""), 6)
+    if backend == "bird" and ip6.mode in ("autodetect", "explicit"):
+        # Remote IPv6 blocks would need BGP over IPv6, which the ExaBGP sidecar does not speak
+        # yet: refused rather than accepted with IPv6 pods unreachable from other nodes.
+        raise ConfigError("IP6", f"IP6={json.dumps(env.get('IP6', ''))}: IPv6 routing over BGP is not supported "
+                                 "yet; use CALICO_NETWORKING_BACKEND=vxlan for IPv6 (or leave IP6 unset)")
     return NodeConfig(
         name=name.strip() if name else None,
         nodename_file=(
@@ -695,7 +733,7 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         ip=parse_address_setting("IP", env.get("IP", ""), 4),
         ip_autodetection_method=parse_autodetection_method(
             "IP_AUTODETECTION_METHOD", env.get("IP_AUTODETECTION_METHOD", "")),
-        ip6=_refuse_ipv6(parse_address_setting("IP6", env.get("IP6", ""), 6), env.get("IP6", "")),
+        ip6=ip6,
         ip6_autodetection_method=parse_autodetection_method(
             "IP6_AUTODETECTION_METHOD", env.get("IP6_AUTODETECTION_METHOD", "")),
         as_number=parse_as_number("AS", as_value) if as_value else None,
@@ -703,14 +741,6 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
         networking_backend=backend,
         cluster_type=env.get("CLUSTER_TYPE", "").strip(),
     )
-
-
-def _refuse_ipv6(setting: AddressSetting, value: str) -> AddressSetting:
-    """felixpy programs no IPv6 (routes, BGP, policy): an IPv6 node address would be accepted and
-    mean nothing, so it is refused rather than stored (docs/fields.md: Node spec.bgp.ipv6Address)."""
-    if setting.mode in ("autodetect", "explicit"):
-        raise ConfigError("IP6", f'IP6={json.dumps(value)}: felixpy does not support IPv6 yet (leave IP6 unset or "none")')
-    return setting
 
 
 def _load_pool(env: Mapping[str, str]) -> tuple[PoolConfig, bool]:
@@ -740,6 +770,13 @@ def _load_pool(env: Mapping[str, str]) -> tuple[PoolConfig, bool]:
     cidr = None
     if cidr_value and not skip:
         cidr = parse_pool_cidr("CALICO_IPV4POOL_CIDR", cidr_value, block_size)
+    v6_cidr_value = _set(env, "CALICO_IPV6POOL_CIDR")
+    if no_default_pools and v6_cidr_value:
+        raise ConfigError(
+            "NO_DEFAULT_POOLS",
+            f"NO_DEFAULT_POOLS={json.dumps(no_pools_value)}: cannot be combined with "
+            f"CALICO_IPV6POOL_CIDR={json.dumps(v6_cidr_value)} (unset one of them)",
+        )
     export_value = _set(env, "CALICO_IPV4POOL_DISABLE_BGP_EXPORT")
     pool = PoolConfig(
         create=not no_default_pools and not skip,
@@ -753,6 +790,34 @@ def _load_pool(env: Mapping[str, str]) -> tuple[PoolConfig, bool]:
         disable_bgp_export=parse_bool("CALICO_IPV4POOL_DISABLE_BGP_EXPORT", export_value) if export_value else False,
     )
     return pool, no_default_pools
+
+
+def _load_ipv6_pool(env: Mapping[str, str], no_default_pools: bool) -> PoolConfig:
+    """The default IPv6 pool (calico-node's configureIPPools): the same rules as IPv4, Calico's
+    IPv6 defaults (block /122, no NAT) and no IPIP; whether IPv6 is supported is startup's call."""
+    block_value = _set(env, "CALICO_IPV6POOL_BLOCK_SIZE")
+    block_size = _parse_int("CALICO_IPV6POOL_BLOCK_SIZE", block_value, 116, 128) if block_value else 122
+    vxlan = parse_encap_mode("CALICO_IPV6POOL_VXLAN", env.get("CALICO_IPV6POOL_VXLAN", ""))
+    cidr_value = _set(env, "CALICO_IPV6POOL_CIDR")
+    skip = cidr_value is not None and cidr_value.strip().lower() == "none"
+    cidr = None
+    if cidr_value and not skip:
+        cidr = parse_pool_cidr("CALICO_IPV6POOL_CIDR", cidr_value, block_size, version=6)
+    export_value = _set(env, "CALICO_IPV6POOL_DISABLE_BGP_EXPORT")
+    nat_value = env.get("CALICO_IPV6POOL_NAT_OUTGOING", "").strip().lower()
+    return PoolConfig(
+        create=not no_default_pools and not skip,
+        cidr=cidr,
+        block_size=block_size,
+        ipip_mode="Never",
+        vxlan_mode=vxlan,
+        # calico-node's evaluateENVBool with default false: unset is false, a "false" spelling is
+        # false, any other value (even "") is true.
+        nat_outgoing="CALICO_IPV6POOL_NAT_OUTGOING" in env and nat_value not in _FALSE,
+        node_selector=parse_node_selector(
+            "CALICO_IPV6POOL_NODE_SELECTOR", env.get("CALICO_IPV6POOL_NODE_SELECTOR", "")),
+        disable_bgp_export=parse_bool("CALICO_IPV6POOL_DISABLE_BGP_EXPORT", export_value) if export_value else False,
+    )
 
 
 def _load_datastore(env: Mapping[str, str]) -> DatastoreConfig:
@@ -894,6 +959,7 @@ FELIX_PARAMS: tuple[FelixParam, ...] = (
     FelixParam("log_debug_filename_regex", "logdebugfilenameregex", "logDebugFilenameRegex", _parse_regex, None),
     FelixParam("ipv6_support", "ipv6support", "ipv6Support", parse_bool, True),
     FelixParam("vxlan_mtu", "vxlanmtu", "vxlanMTU", lambda n, v: _parse_mtu(n, v), 0),
+    FelixParam("vxlan_mtu_v6", "vxlanmtuv6", "vxlanMTUV6", lambda n, v: _parse_mtu(n, v), 0),
     FelixParam("ipip_mtu", "ipinipmtu", "ipipMTU", lambda n, v: _parse_mtu(n, v), 0),
     FelixParam("vxlan_vni", "vxlanvni", "vxlanVNI", _int_range(1, 16777215), names.VXLAN_VNI),
     FelixParam("vxlan_port", "vxlanport", "vxlanPort", _int_range(1, 65535), names.VXLAN_PORT),
@@ -978,6 +1044,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         node=_load_node(env, state_dir),
         ipv4_pool=pool,
         no_default_pools=no_default_pools,
+        ipv6_pool=_load_ipv6_pool(env, no_default_pools),
         datastore=_load_datastore(env),
         felix=_load_felix(env),
         agent=agent,

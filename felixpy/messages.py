@@ -23,14 +23,16 @@ from policy.iptables import Chain, Rule
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _network(text: str) -> str:
+def _network(text: str) -> tuple[str, int]:
     # The calc graph builds the same destinations on every apply: parse each one once.
-    return str(ipaddress.IPv4Network(text, strict=False))
+    net = ipaddress.ip_network(text, strict=False)
+    return str(net), net.version
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def _address(text: str) -> str:
-    return str(ipaddress.IPv4Address(text))
+def _address(text: str) -> tuple[str, int]:
+    addr = ipaddress.ip_address(text)
+    return str(addr), addr.version
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Route:
 
     unicast needs a gateway, an iface, or both; blackhole needs neither. `dst` and `gateway` are
     normalised on construction, so two routes are the same route exactly when they are equal.
+    IPv4 and IPv6 routes are the same value; the gateway must be of the destination's family.
     """
 
     dst: str  # CIDR
@@ -48,7 +51,8 @@ class Route:
     onlink: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dst", _network(self.dst))
+        dst, version = _network(self.dst)
+        object.__setattr__(self, "dst", dst)
         if self.type == "blackhole":
             if self.gateway or self.iface or self.onlink:
                 raise ValueError(f"blackhole route {self.dst} cannot have a gateway or iface")
@@ -56,11 +60,18 @@ class Route:
             if not self.gateway and not self.iface:
                 raise ValueError(f"route {self.dst} needs a gateway or an iface")
             if self.gateway:
-                object.__setattr__(self, "gateway", _address(self.gateway))
+                gateway, gateway_version = _address(self.gateway)
+                if gateway_version != version:
+                    raise ValueError(f"route {self.dst}: gateway {gateway} is not an IPv{version} address")
+                object.__setattr__(self, "gateway", gateway)
             if self.onlink and not self.iface:
                 raise ValueError(f"onlink route {self.dst} needs an iface")
         else:
             raise ValueError(f"route {self.dst}: unknown type {self.type!r}")
+
+    @property
+    def version(self) -> int:
+        return _network(self.dst)[1]
 
     def describe(self) -> str:
         parts = [self.dst if self.type == "unicast" else f"blackhole {self.dst}"]
@@ -91,10 +102,10 @@ class LocalEndpoint:
 
 
 def pod_routes(iface: str, ips: tuple[str, ...]) -> tuple[Route, ...]:
-    """A local pod's /32s to its veth; none until the CNI plugin has named the interface."""
+    """A local pod's /32s (/128s) to its veth; none until the CNI plugin has named the interface."""
     if not iface:
         return ()
-    return tuple(Route(f"{ip}/32", iface=iface) for ip in ips)
+    return tuple(Route(f"{ip}/{128 if ':' in ip else 32}", iface=iface) for ip in ips)
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -135,7 +146,11 @@ class RemoteVtep:
 
 @dataclass(frozen=True, slots=True)
 class EncapState:
-    """Which tunnel devices this node needs, with what, and the remote VTEPs."""
+    """Which tunnel devices this node needs, with what, and the remote VTEPs.
+
+    vxlan.calico carries the IPv4 pools' VXLAN over the node's IPv4 address, vxlan-v6.calico
+    the IPv6 pools' over its IPv6 address (Felix's two VXLAN managers).
+    """
 
     local_ip: str | None = None
     vxlan: bool = False  # some enabled IPv4 pool has vxlanMode Always / CrossSubnet
@@ -144,13 +159,21 @@ class EncapState:
     vteps: frozenset[RemoteVtep] = frozenset()
     ipip: bool = False
     ipip_address: str | None = None
+    local_ipv6: str | None = None
+    vxlan_v6: bool = False  # some enabled IPv6 pool has vxlanMode Always / CrossSubnet
+    vxlan_v6_address: str | None = None
+    vxlan_v6_mac: str | None = None
+    vteps_v6: frozenset[RemoteVtep] = frozenset()
 
 
 # -- iptables and ipsets ---------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class NatState:
-    """natOutgoing: traffic from masq_pools to anywhere outside all_pools is masqueraded."""
+    """natOutgoing: traffic from masq_pools to anywhere outside all_pools is masqueraded.
+
+    Both families: each is programmed in its own nat table (iptables / ip6tables) and ipsets.
+    """
 
     masq_pools: frozenset[str]
     all_pools: frozenset[str]

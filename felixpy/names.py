@@ -20,6 +20,9 @@ from policy.names import RULE_HASH_PREFIX as RULE_HASH_PREFIX
 from policy.names import check_chain_name as check_chain_name
 from policy.names import check_ipset_name as check_ipset_name
 
+# Felix names its IPv6 sets like its IPv4 ones with "cali60" for "cali40".
+IPSET_PREFIX_V6 = "cali60"
+
 IFNAMSIZ = 15  # usable characters of a Linux interface name (IFNAMSIZ 16 with the NUL)
 
 # Calico's Felix uses proto 80 for the routes it owns besides workload routes (which use 3, "boot",
@@ -29,6 +32,7 @@ ROUTE_PROTO = 80
 
 WORKLOAD_IFACE_PREFIX = "cali"
 VXLAN_DEVICE = "vxlan.calico"
+VXLAN_V6_DEVICE = "vxlan-v6.calico"  # Felix's: same VNI and port as vxlan.calico, over the node's IPv6 address
 VXLAN_VNI = 4096
 VXLAN_PORT = 4789
 IPIP_DEVICE = "tunl0"
@@ -37,6 +41,9 @@ IPIP_DEVICE = "tunl0"
 # The pod's default gateway: never configured anywhere, the host side answers ARP for it (proxy_arp).
 POD_GATEWAY = "169.254.1.1"
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
+# The pod's IPv6 default gateway: the host veth's own link-local address, which the kernel derives
+# (EUI-64) from HOST_VETH_MAC, so every pod's is the same (Calico's CNI plugin routes via it).
+POD_GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"
 
 DEFAULT_NETWORK_NAME = "k8s-pod-network"
 DEFAULT_POD_IFACE = "eth0"
@@ -61,7 +68,7 @@ def ipam_handle(container_id: str, network: str = DEFAULT_NETWORK_NAME) -> str:
 
 
 def tunnel_handle(kind: str, node: str) -> str:
-    """IPAM handle of a node's tunnel address: kind is "ipip" or "vxlan"."""
+    """IPAM handle of a node's tunnel address: kind is "ipip", "vxlan" or "vxlan-v6"."""
     return f"{kind}-tunnel-addr-{node}"
 
 

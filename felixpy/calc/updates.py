@@ -120,7 +120,10 @@ class IPPool:
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """A Node's addresses as routing reads them; `resource` is the stored Node (BGP peering)."""
+    """A Node's addresses as routing reads them; `resource` is the stored Node (BGP peering).
+
+    Each family is independent: a node with only an IPv6 address is routed to over IPv6 only.
+    """
 
     name: str
     labels: tuple[tuple[str, str], ...]
@@ -130,6 +133,20 @@ class Node:
     vxlan_mac: str | None  # lower case
     ipip_tunnel_ip: str | None
     resource: Mapping[str, Any]
+    ipv6: str | None = None  # from spec.bgp.ipv6Address
+    ipv6_network: str | None = None
+    vxlan_tunnel_ip_v6: str | None = None  # spec.ipv6VXLANTunnelAddr
+    vxlan_mac_v6: str | None = None  # spec.vxlanTunnelMACAddrV6, lower case
+
+    def address(self, version: int) -> str | None:
+        return self.ipv4 if version == 4 else self.ipv6
+
+    def network(self, version: int) -> str | None:
+        return self.ipv4_network if version == 4 else self.ipv6_network
+
+    def vtep(self, version: int) -> tuple[str | None, str | None]:
+        """(VXLAN tunnel address, VTEP MAC) of one family."""
+        return (self.vxlan_tunnel_ip, self.vxlan_mac) if version == 4 else (self.vxlan_tunnel_ip_v6, self.vxlan_mac_v6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +173,11 @@ class WorkloadEndpoint:
     labels: tuple[tuple[str, str], ...]
     # As policy sees it, without its namespace's labels: joining those in is the policy calc's job.
     endpoint: Endpoint
+    ipv6s: tuple[str, ...] = ()  # bare IPv6 addresses
+
+    def ips(self, ipv6: bool = True) -> tuple[str, ...]:
+        """Every address routes go to: IPv4, then IPv6 (unless IPv6 is not programmed)."""
+        return self.ipv4s + self.ipv6s if ipv6 else self.ipv4s
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,22 +265,27 @@ def _node(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Node:
     labels = tuple(sorted((resource["metadata"].get("labels") or {}).items()))
     spec = resource.get("spec") or {}
     bgp = spec.get("bgp") or {}
-    address = bgp.get("ipv4Address")
-    if not address:
-        return Node(parsed.name, labels, None, None, None, None, None, resource)
-    iface = ipaddress.IPv4Interface(address)
-    vxlan_ip = spec.get("ipv4VXLANTunnelAddr")
-    ipip_ip = bgp.get("ipv4IPIPTunnelAddr")
-    mac = spec.get("vxlanTunnelMACAddr")
+    address, address6 = bgp.get("ipv4Address"), bgp.get("ipv6Address")
+    iface = ipaddress.IPv4Interface(address) if address else None
+    iface6 = ipaddress.IPv6Interface(address6) if address6 else None
+    vxlan_ip = spec.get("ipv4VXLANTunnelAddr") if iface else None
+    ipip_ip = bgp.get("ipv4IPIPTunnelAddr") if iface else None
+    mac = spec.get("vxlanTunnelMACAddr") if iface else None
+    vxlan_ip6 = spec.get("ipv6VXLANTunnelAddr") if iface6 else None
+    mac6 = spec.get("vxlanTunnelMACAddrV6") if iface6 else None
     return Node(
         name=parsed.name,
         labels=labels,
-        ipv4=str(iface.ip),
-        ipv4_network=str(iface.network),
+        ipv4=str(iface.ip) if iface else None,
+        ipv4_network=str(iface.network) if iface else None,
         vxlan_tunnel_ip=_addr(vxlan_ip) if vxlan_ip else None,
         vxlan_mac=str(mac).lower() if mac else None,
         ipip_tunnel_ip=_addr(ipip_ip) if ipip_ip else None,
         resource=resource,
+        ipv6=str(iface6.ip) if iface6 else None,
+        ipv6_network=str(iface6.network) if iface6 else None,
+        vxlan_tunnel_ip_v6=_addr(vxlan_ip6) if vxlan_ip6 else None,
+        vxlan_mac_v6=str(mac6).lower() if mac6 else None,
     )
 
 
@@ -287,6 +314,7 @@ def _workload_endpoint(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Work
         mac=str(spec.get("mac", "")),
         labels=tuple(sorted((meta.get("labels") or {}).items())),
         endpoint=calico.endpoint_from_resources(resource, {}),
+        ipv6s=tuple(_addr(n) for n in networks if ipaddress.ip_interface(n).version == 6),
     )
 
 

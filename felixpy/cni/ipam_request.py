@@ -11,11 +11,14 @@ Calico's CNI plugin (cni-plugin/pkg/k8s) reads, in this order of precedence:
 * `cni.projectcalico.org/ipv4pools`: the pools to allocate from, by name or CIDR; the pod's
   annotation wins over its namespace's, which wins over the network config's `ipam.ipv4_pools`;
   without any, every pool selecting the node and the namespace qualifies.
-* `cni.projectcalico.org/ipFamilies` (pod, else namespace): felixpy assigns IPv4 only, so it must
-  be `["IPv4"]`; anything asking for IPv6 is refused rather than silently given IPv4 alone.
+* `cni.projectcalico.org/ipv6pools`: the same for IPv6 pools (and `ipam.ipv6_pools`), used when
+  the pod gets an IPv6 address.
+* Which families: the network config's `ipam.assign_ipv4` (default "true") and `ipam.assign_ipv6`
+  (default "false"), strings as in Calico's config; "true" for both makes a dual-stack pod, one
+  address of each family under one IPAM handle. `cni.projectcalico.org/ipFamilies` (pod, else
+  namespace), e.g. `["IPv4", "IPv6"]`, overrides them for one pod.
 
-Values are JSON lists, as in Calico. felixpy assigns IPv4 only: an IPv6 address in ipAddrs is
-refused, and `ipv6pools` (which Calico only uses with `assign_ipv6`) has nothing to select.
+Values are JSON lists, as in Calico. ipAddrs / ipAddrsNoIpam take at most one address per family.
 
 Where the annotations come from: the pod's from the container runtime when it passes them
 (`runtimeConfig["io.kubernetes.cri.pod-annotations"]`, which containerd and CRI-O send to plugins
@@ -37,6 +40,7 @@ from felixpy.datastore.api import Datastore, NotFound
 
 ANNOTATION_PREFIX = "cni.projectcalico.org/"
 IPV4_POOLS = ANNOTATION_PREFIX + "ipv4pools"
+IPV6_POOLS = ANNOTATION_PREFIX + "ipv6pools"
 IP_ADDRS = ANNOTATION_PREFIX + "ipAddrs"
 IP_ADDRS_NO_IPAM = ANNOTATION_PREFIX + "ipAddrsNoIpam"
 IP_FAMILIES = ANNOTATION_PREFIX + "ipFamilies"
@@ -46,7 +50,8 @@ NAMESPACE_PROFILE_PREFIX = "kns."
 NAMESPACE_LABEL_PREFIX = "pcns."
 NAMESPACE_NAME_LABEL = "pcns.projectcalico.org/name"  # Calico's own, not one of the namespace's
 
-IPv4Address = ipaddress.IPv4Address
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_FAMILY_NAMES = {"IPv4": 4, "IPv6": 6}
 
 
 class RequestError(ValueError):
@@ -64,8 +69,10 @@ class IPRequest:
     """One pod's request: automatic (optionally from named pools), fixed addresses, or no IPAM."""
 
     pools: tuple[str, ...] | None = None  # automatic assignment from these pools (None: any qualifying)
-    ips: tuple[IPv4Address, ...] = ()  # fixed addresses
+    ips: tuple[IPAddress, ...] = ()  # fixed addresses
     bypass_ipam: bool = False  # ips are used as they are, IPAM is not asked (ipAddrsNoIpam)
+    families: tuple[int, ...] = (4,)  # automatic assignment: one address of each of these families
+    pools6: tuple[str, ...] | None = None  # the IPv6 pools, as `pools`
 
 
 def _json_list(value: str, what: str) -> list[str]:
@@ -78,21 +85,19 @@ def _json_list(value: str, what: str) -> list[str]:
     return parsed
 
 
-def _addresses(value: str, annotation: str) -> tuple[IPv4Address, ...]:
+def _addresses(value: str, annotation: str) -> tuple[IPAddress, ...]:
     items = _json_list(value, annotation)
     if not items:
         raise RequestError(f'annotation "{annotation}" specified but empty')
-    out: list[IPv4Address] = []
+    out: list[IPAddress] = []
     for item in items:
         try:
             addr = ipaddress.ip_address(item.strip())
         except ValueError:
             raise RequestError(f"{annotation}: invalid IP address {item!r}") from None
-        if not isinstance(addr, IPv4Address):
-            raise RequestError(f"{annotation}: {addr} is an IPv6 address; felixpy assigns IPv4 only")
+        if any(other.version == addr.version for other in out):
+            raise RequestError(f'cannot have more than one IPv{addr.version} address for "{annotation}" annotation')
         out.append(addr)
-    if len(out) > 1:
-        raise RequestError(f'cannot have more than one IPv4 address for "{annotation}" annotation')
     return tuple(out)
 
 
@@ -106,28 +111,52 @@ def _feature(config: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def config_pools(config: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """The network config's `ipam.ipv4_pools`; refuses an `ipam.type` other than Calico's."""
+def _ipam_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     ipam = config.get("ipam")
     if ipam is None:
-        return None
+        return {}
     if not isinstance(ipam, Mapping):
         raise RequestError("network config: ipam must be an object")
     kind = ipam.get("type", "calico-ipam")
     if kind != "calico-ipam":
         raise RequestError(f"network config: ipam.type {kind!r} is not supported: felixpy does Calico IPAM "
                            "itself (omit ipam or use calico-ipam)")
-    pools = ipam.get("ipv4_pools")
+    return ipam
+
+
+def config_pools(config: Mapping[str, Any], field_name: str = "ipv4_pools") -> tuple[str, ...] | None:
+    """The network config's `ipam.ipv4_pools` (or `ipv6_pools`); refuses an `ipam.type` other
+    than Calico's."""
+    pools = _ipam_config(config).get(field_name)
     if pools is None:
         return None
     if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
-        raise RequestError("network config: ipam.ipv4_pools must be a list of pool names or CIDRs")
+        raise RequestError(f"network config: ipam.{field_name} must be a list of pool names or CIDRs")
     return tuple(pools) or None
+
+
+def config_families(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """`ipam.assign_ipv4` (default "true") and `ipam.assign_ipv6` (default "false"): Calico's
+    strings "true" / "false"."""
+    ipam = _ipam_config(config)
+    families = []
+    for version, name, default in ((4, "assign_ipv4", "true"), (6, "assign_ipv6", "false")):
+        value = ipam.get(name, default)
+        if not isinstance(value, str) or value.lower() not in ("true", "false"):
+            raise RequestError(f'network config: ipam.{name} must be "true" or "false"')
+        if value.lower() == "true":
+            families.append(version)
+    if not families:
+        raise RequestError("network config: ipam.assign_ipv4 and ipam.assign_ipv6 are both false: "
+                           "the pod would get no address")
+    return tuple(families)
 
 
 def ip_request(pod: Mapping[str, str], namespace: Callable[[], Metadata], config: Mapping[str, Any]) -> IPRequest:
     """The request pod annotations, namespace annotations (read only if needed) and config make."""
-    from_config = config_pools(config)  # validated whether or not an annotation overrides it
+    # validated whether or not an annotation overrides them
+    from_config, from_config6 = config_pools(config), config_pools(config, "ipv6_pools")
+    families = config_families(config)
     no_ipam, fixed = pod.get(IP_ADDRS_NO_IPAM, ""), pod.get(IP_ADDRS, "")
     if no_ipam and fixed:
         raise RequestError("can't have both annotations: 'ipAddrs' and 'ipAddrsNoIpam' in use at the same time")
@@ -137,21 +166,23 @@ def ip_request(pod: Mapping[str, str], namespace: Callable[[], Metadata], config
         return IPRequest(ips=_addresses(no_ipam, IP_ADDRS_NO_IPAM), bypass_ipam=True)
     if fixed:
         return IPRequest(ips=_addresses(fixed, IP_ADDRS))
-    # Automatic assignment: the pod's ipFamilies and ipv4pools, else its namespace's.
-    families, pools_text = pod.get(IP_FAMILIES) or None, pod.get(IPV4_POOLS) or None
-    if families is None or pools_text is None:
+    # Automatic assignment: the pod's ipFamilies and ipv4pools / ipv6pools, else its namespace's.
+    families_text = pod.get(IP_FAMILIES) or None
+    pools_text, pools6_text = pod.get(IPV4_POOLS) or None, pod.get(IPV6_POOLS) or None
+    if families_text is None or pools_text is None or pools6_text is None:
         ns = namespace().annotations
-        families = families or ns.get(IP_FAMILIES) or None
+        families_text = families_text or ns.get(IP_FAMILIES) or None
         pools_text = pools_text or ns.get(IPV4_POOLS) or None
-    if families is not None:
-        wanted = _json_list(families, IP_FAMILIES)
-        if any(family not in ("IPv4", "IPv6") for family in wanted):
-            raise RequestError(f"error parsing ipFamilies: {families}")
-        if set(wanted) != {"IPv4"}:
-            raise RequestError(f"{IP_FAMILIES} {families}: felixpy assigns IPv4 only")
-    if pools_text is not None:  # an empty list, as in Calico, means every qualifying pool
-        return IPRequest(pools=tuple(_json_list(pools_text, IPV4_POOLS)) or None)
-    return IPRequest(pools=from_config)
+        pools6_text = pools6_text or ns.get(IPV6_POOLS) or None
+    if families_text is not None:
+        wanted = _json_list(families_text, IP_FAMILIES)
+        if not wanted or any(family not in _FAMILY_NAMES for family in wanted):
+            raise RequestError(f"error parsing ipFamilies: {families_text}")
+        families = tuple(sorted({_FAMILY_NAMES[f] for f in wanted}))
+    # An empty list, as in Calico, means every qualifying pool.
+    pools = tuple(_json_list(pools_text, IPV4_POOLS)) or None if pools_text is not None else from_config
+    pools6 = tuple(_json_list(pools6_text, IPV6_POOLS)) or None if pools6_text is not None else from_config6
+    return IPRequest(pools=pools, families=families, pools6=pools6)
 
 
 def runtime_pod_annotations(config: Mapping[str, Any]) -> Mapping[str, str] | None:

@@ -6,12 +6,13 @@ veth pair and host route, and the WorkloadEndpoint. Which addresses a pod gets f
 and namespace annotations and network config (cni/ipam_request.py).
 
 ADD, in order (docs/status.md has the profile behind it):
-  1. IPAM: one address from the node's cached affine block (one etcd transaction, the handle
-     created alongside, create-only: a repeated ADD finds it there and reuses its address);
-  2. the veth pair (created while IPAM works) and the pod's host /32 route, over raw netlink,
-     as Calico's CNI plugin writes it; the route is handed to the agent's route driver
-     (`adopt_routes`), which owns it from then on (same proto, same value: the loop finds it
-     already right);
+  1. IPAM: one address (per family: a dual-stack pod gets one of each under the same handle)
+     from the node's cached affine block (one etcd transaction, the handle created alongside,
+     create-only: a repeated ADD finds it there and reuses its addresses);
+  2. the veth pair (created while IPAM works; a pod with IPv6 then gets the host side's IPv6,
+     veth.enable_host_ipv6) and the pod's host /32 and /128 routes, over raw netlink, as Calico's
+     CNI plugin writes them; the routes are handed to the agent's route driver (`adopt_routes`),
+     which owns them from then on (same proto, same value: the loop finds them already right);
   3. the WorkloadEndpoint, create-only, written while the pod side gets its address and routes;
   4. wait until the agent's loop has programmed the endpoint: its routes are in the route
      driver's programmed set and, in the same apply, its policy chains are in the filter table.
@@ -123,6 +124,15 @@ class Request:
         return names.ipam_handle(self.container_id, self.network)
 
 
+def _host_interfaces(ips: Any) -> list[veth.IPInterface]:
+    """A pod's addresses as host routes' prefixes: /32 for IPv4, /128 for IPv6."""
+    out = []
+    for ip in ips:
+        addr = ipaddress.ip_address(str(ip).split("/")[0])
+        out.append(ipaddress.ip_interface(f"{addr}/{addr.max_prefixlen}"))
+    return out
+
+
 def parse_request(raw: dict[str, Any]) -> Request:
     env = raw.get("env") or {}
     config = raw.get("config")
@@ -167,15 +177,17 @@ class Plumbing(Protocol):
     def create(self, *, netns_path: str, host_iface: str, container_iface: str,
                mtu: int) -> veth.WorkloadPlumbing: ...
 
+    def enable_ipv6(self, plumbing: veth.WorkloadPlumbing, *, host_iface: str) -> None: ...
+
     def configure(self, plumbing: veth.WorkloadPlumbing, *, netns_path: str, host_iface: str,
-                  container_iface: str, ips: Sequence[ipaddress.IPv4Interface]) -> None: ...
+                  container_iface: str, ips: Sequence[veth.IPInterface]) -> None: ...
 
     def add_host_routes(self, routes: Sequence[KernelRoute]) -> None: ...
 
     def teardown(self, *, netns_path: str | None, container_iface: str, host_iface: str | None) -> bool: ...
 
     def check(self, *, netns_path: str, host_iface: str, container_iface: str,
-              ips: Sequence[ipaddress.IPv4Interface], container_mac: str | None,
+              ips: Sequence[veth.IPInterface], container_mac: str | None,
               route_proto: int | None) -> list[str]: ...
 
 
@@ -185,8 +197,11 @@ class KernelPlumbing:
         return veth.create_workload_link(netns_path=netns_path, host_iface=host_iface,
                                          container_iface=container_iface, mtu=mtu)
 
+    def enable_ipv6(self, plumbing: veth.WorkloadPlumbing, *, host_iface: str) -> None:
+        veth.enable_host_ipv6(plumbing, host_iface=host_iface)
+
     def configure(self, plumbing: veth.WorkloadPlumbing, *, netns_path: str, host_iface: str,
-                  container_iface: str, ips: Sequence[ipaddress.IPv4Interface]) -> None:
+                  container_iface: str, ips: Sequence[veth.IPInterface]) -> None:
         veth.configure_workload(plumbing, netns_path=netns_path, host_iface=host_iface,
                                 container_iface=container_iface, ips=ips)
 
@@ -198,7 +213,7 @@ class KernelPlumbing:
                                       host_iface=host_iface)
 
     def check(self, *, netns_path: str, host_iface: str, container_iface: str,
-              ips: Sequence[ipaddress.IPv4Interface], container_mac: str | None,
+              ips: Sequence[veth.IPInterface], container_mac: str | None,
               route_proto: int | None) -> list[str]:
         return veth.check_workload(netns_path=netns_path, host_iface=host_iface,
                                    container_iface=container_iface, ips=ips,
@@ -230,10 +245,6 @@ def _succeeded(future: Future[Any]) -> bool:
     return True
 
 
-def _interfaces(ips: Sequence[Any]) -> list[ipaddress.IPv4Interface]:
-    return [ipaddress.IPv4Interface(f"{ip}/32") for ip in ips]
-
-
 class CNIHandler:
     """Does the work of each CNI command; called from the server's threads."""
 
@@ -254,6 +265,7 @@ class CNIHandler:
         add_deadline: float = ADD_DEADLINE,
         datastore_ready: Callable[[], bool] = lambda: True,
         pod_annotations: Callable[[str, str], Mapping[str, str]] | None = None,
+        ipv6_refusal: str | None = None,
     ) -> None:
         self.store = store
         self._observe = observe  # (CNI command, seconds) for every request, e.g. a metrics histogram
@@ -274,6 +286,9 @@ class CNIHandler:
         # The pod's annotations from the Kubernetes API, when one is configured and the runtime
         # did not pass them (ipam_request.py); without either a pod has no annotations.
         self._pod_annotations = pod_annotations
+        # Why this node cannot give pods IPv6 addresses (None: it can): an IPv6 address it would
+        # not route is refused at ADD rather than handed out.
+        self._ipv6_refusal = ipv6_refusal
         # Like Calico's host-wide IPAM lock: pods on one node allocate one at a time, which keeps
         # compare-and-swap conflicts on the node's own blocks away from the hot path.
         self._ipam_lock = threading.Lock()
@@ -341,8 +356,12 @@ class CNIHandler:
             ips = self._assign(req)
             laps.lap("ipam")
             plumbing = link.result()
-            # The host end is up: its /32 goes in now and is handed to the route driver before
-            # the endpoint that wants it can exist, so the loop finds it already right.
+            ifaces = _host_interfaces(ips)
+            if any(iface.version == 6 for iface in ifaces):
+                # IPv6 on the host side (no DAD, the pod's gateway address) before its /128.
+                self._plumbing.enable_ipv6(plumbing, host_iface=host_iface)
+            # The host end is up: its /32 (/128) goes in now and is handed to the route driver
+            # before the endpoint that wants it can exist, so the loop finds it already right.
             routes = tuple(kernel_route(r, plumbing.host_ifindex)
                            for r in pod_routes(host_iface, tuple(str(ip) for ip in ips)))
             self._plumbing.add_host_routes(routes)
@@ -353,7 +372,7 @@ class CNIHandler:
             endpoint = self._helpers.submit(self._write_endpoint, req, host_iface, ips,
                                             plumbing.container_mac)
             self._plumbing.configure(plumbing, netns_path=req.netns, host_iface=host_iface,
-                                     container_iface=req.ifname, ips=_interfaces(ips))
+                                     container_iface=req.ifname, ips=ifaces)
             laps.lap("veth")
             written = endpoint.result()
             laps.lap("endpoint")
@@ -401,6 +420,9 @@ class CNIHandler:
                  "timestamp": time.strftime(TIMESTAMP_FORMAT, time.gmtime())}
         with self._ipam_lock:
             want = ipam_request.ip_request(pod, ns, req.config)
+            asks_v6 = 6 in want.families if not want.ips else any(ip.version == 6 for ip in want.ips)
+            if asks_v6 and self._ipv6_refusal:
+                raise ipam_request.RequestError(f"an IPv6 address was requested: {self._ipv6_refusal}")
             if want.bypass_ipam:
                 log.info("cni add without IPAM (ipAddrsNoIpam) pod=%s/%s ips=%s", req.namespace, req.pod,
                          ",".join(map(str, want.ips)))
@@ -414,18 +436,29 @@ class CNIHandler:
                     self.ipam.assign_ip(ip, handle=req.handle, attrs=attrs, node=self.node_name,
                                         use=USE_WORKLOAD)
                 return list(want.ips)
-            try:
+            # One address per family under one handle (Calico's AutoAssign with Num4 / Num6). The
+            # first family's write creates the handle (create-only); if a later family fails, the
+            # ADD's undo releases the handle and with it the first family's address.
+            def assign(version: int, new_handle: bool) -> list[Any]:
                 return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
-                                             node_labels=self._node_labels(), pools=want.pools,
-                                             use=USE_WORKLOAD, namespace_labels=lambda: ns().labels,
-                                             new_handle=True)
-            except HandleInUseError:
-                ips = self.ipam.ips_by_handle(req.handle)
-                if ips:
-                    return ips
-                return self.ipam.auto_assign(num=1, handle=req.handle, attrs=attrs, node=self.node_name,
-                                             node_labels=self._node_labels(), pools=want.pools,
-                                             use=USE_WORKLOAD, namespace_labels=lambda: ns().labels)
+                                             node_labels=self._node_labels(), use=USE_WORKLOAD,
+                                             pools=want.pools if version == 4 else want.pools6,
+                                             namespace_labels=lambda: ns().labels, version=version,
+                                             new_handle=new_handle)
+
+            ips: list[Any] = []
+            for version in want.families:
+                if ips:  # the first family's write created the handle
+                    ips += assign(version, new_handle=False)
+                    continue
+                try:
+                    ips += assign(version, new_handle=True)
+                except HandleInUseError:
+                    held = self.ipam.ips_by_handle(req.handle)
+                    if held:
+                        return held  # a repeated ADD: the first one's addresses, every family
+                    ips += assign(version, new_handle=False)
+            return ips
 
     def _release_previous_sandbox(self, req: Request) -> None:
         """With ipAddrs, an endpoint left by an earlier sandbox of the same pod still holds the
@@ -507,7 +540,7 @@ class CNIHandler:
                     "pod": req.pod,
                     "endpoint": req.ifname,
                     "interfaceName": host_iface,
-                    "ipNetworks": [f"{ip}/32" for ip in ips],
+                    "ipNetworks": [str(iface) for iface in _host_interfaces(ips)],
                     "mac": mac,
                     "profiles": [f"kns.{req.namespace}"],
                     "ports": list((old.get("spec") or {}).get("ports") or []),
@@ -550,11 +583,16 @@ class CNIHandler:
     def _result(self, req: Request, host_iface: str, ips: list[Any], mac: str) -> dict[str, Any]:
         old = req.version.startswith("0.3") or req.version.startswith("0.4")
         ip_entries = []
-        for ip in ips:
-            entry: dict[str, Any] = {"address": f"{ip}/32", "interface": 1}
+        ifaces = _host_interfaces(ips)
+        for iface in ifaces:
+            entry: dict[str, Any] = {"address": str(iface), "interface": 1}
             if old:
-                entry["version"] = "4"
+                entry["version"] = str(iface.version)
             ip_entries.append(entry)
+        families = {i.version for i in ifaces}
+        routes = [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}] if 4 in families else []
+        if 6 in families:
+            routes.append({"dst": "::/0", "gw": names.POD_GATEWAY_V6})
         return {
             "cniVersion": req.version,
             "interfaces": [
@@ -562,7 +600,7 @@ class CNIHandler:
                 {"name": req.ifname, "mac": mac, "sandbox": req.netns},
             ],
             "ips": ip_entries,
-            "routes": [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY}],
+            "routes": routes,
             "dns": {},
         }
 
@@ -635,7 +673,7 @@ class CNIHandler:
             req.namespace, req.pod, self._iface_prefix)
         container_mac, problems = self._compare_prev_result(req, prev, host_iface, ips)
         problems += self._plumbing.check(netns_path=req.netns, host_iface=host_iface,
-                                         container_iface=req.ifname, ips=_interfaces(ips),
+                                         container_iface=req.ifname, ips=_host_interfaces(ips),
                                          container_mac=container_mac, route_proto=names.ROUTE_PROTO)
         if not self._wait_programmed(endpoint.key, endpoint.revision, CHECK_CONVERGENCE):
             ok, why = self._ready()

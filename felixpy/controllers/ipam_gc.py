@@ -123,7 +123,7 @@ def classify(alloc: Allocation, view: ClusterView) -> tuple[Verdict, str]:
 
 
 def list_allocations(store: Datastore) -> list[Allocation]:
-    kvs, _ = store.list(keys.block_prefix(4))
+    kvs, _ = store.list(keys.BLOCKS)
     out = []
     for kv in kvs:
         if (kv.value or {}).get("deleted"):

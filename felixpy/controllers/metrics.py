@@ -46,7 +46,7 @@ NO_AFFINITY = "no_affinity"
 class _BlockSummary:
     """What the metrics need from one block: its network, affine node and allocations by node."""
 
-    network: ipaddress.IPv4Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
     affine_node: str | None
     by_node: Mapping[str, tuple[int, int]]  # allocation node -> (in use, borrowed)
     nodes_by_ip: Mapping[str, str]  # allocated address -> allocation node
@@ -77,7 +77,7 @@ class ControllerMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._blocks: dict[str, _BlockSummary] = {}  # block key -> summary
-        self._pools: dict[str, ipaddress.IPv4Network] = {}  # pool name -> CIDR
+        self._pools: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}  # pool name -> CIDR
         self._nodes: set[str] = set()
         self._candidates: dict[str, str | None] = {}  # leak candidate address -> its node (if known)
         self.registry = Registry()
@@ -129,7 +129,7 @@ class ControllerMetrics:
                     network = ipaddress.ip_network(str(cidr), strict=False) if cidr else None
                 except ValueError:
                     network = None
-                if isinstance(network, ipaddress.IPv4Network):
+                if network is not None:
                     self._pools[parsed.name] = network
                 else:
                     self._pools.pop(parsed.name, None)
@@ -154,10 +154,11 @@ class ControllerMetrics:
             self.pass_failures.inc()
 
     # -- lookups (lock held) --------------------------------------------------------------------------
-    def _pool_of(self, network: ipaddress.IPv4Network) -> str:
+    def _pool_of(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
         best: tuple[int, str] | None = None
         for name, pool in self._pools.items():
-            if network.subnet_of(pool) and (best is None or pool.prefixlen > best[0]):
+            inside = network.version == pool.version and network.subnet_of(pool)  # type: ignore[arg-type]
+            if inside and (best is None or pool.prefixlen > best[0]):
                 best = (pool.prefixlen, name)
         return best[1] if best else NO_POOL
 

@@ -60,14 +60,14 @@ class NodeCleanup:
 
     def reconcile(self) -> NodePass:
         affinity_kvs, _ = self._store.list(keys.HOSTS)
-        block_kvs, _ = self._store.list(keys.block_prefix(4))
+        block_kvs, _ = self._store.list(keys.BLOCKS)
         nodes = read_nodes(self._store)  # after the IPAM reads: see pods.py on read order
         now = self._clock()
 
         affinities: dict[str, dict[str, str]] = {}  # node -> cidr -> state
         for kv in affinity_kvs:
             parsed = keys.parse_key(kv.key)
-            if parsed.kind != "affinity" or (kv.value or {}).get("deleted") or ":" in parsed.name:
+            if parsed.kind != "affinity" or (kv.value or {}).get("deleted"):
                 continue
             affinities.setdefault(parsed.node, {})[parsed.name] = str((kv.value or {}).get("state", ""))
         blocks: dict[str, Block] = {}
@@ -113,11 +113,12 @@ class NodeCleanup:
     def _release_empty(self, blocks: dict[str, Block], affinities: dict[str, dict[str, str]],
                        nodes: set[str], now: float) -> list[str]:
         released: list[str] = []
-        for node in sorted(nodes):
+        for node, family in sorted((n, f) for n in nodes for f in (4, 6)):
             owned = sorted(c for c, state in affinities.get(node, {}).items()
-                           if state == AFFINITY_CONFIRMED and c in blocks and blocks[c].host == node)
+                           if state == AFFINITY_CONFIRMED and c in blocks and blocks[c].host == node
+                           and blocks[c].cidr.version == family)
             empty = [c for c in owned if blocks[c].is_empty()]
-            # Keep the node's last block: when every block is empty, the first one stays.
+            # Keep the node's last block of each family: when every one is empty, the first stays.
             if empty and len(empty) == len(owned):
                 self._empty_since.pop(empty[0], None)
                 empty = empty[1:]

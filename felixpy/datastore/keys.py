@@ -3,7 +3,9 @@
     /calico/resources/v3/projectcalico.org/<plural>/<name>               cluster-scoped resources
     /calico/resources/v3/projectcalico.org/<plural>/<namespace>/<name>   namespaced resources
     /calico/ipam/v2/assignment/ipv4/block/10.0.1.0-26                    IPAM block
+    /calico/ipam/v2/assignment/ipv6/block/fd00:10:244::-122              IPAM block (IPv6)
     /calico/ipam/v2/host/<node>/ipv4/block/10.0.1.0-26                   block affinity
+    /calico/ipam/v2/host/<node>/ipv6/block/fd00:10:244::-122             block affinity (IPv6)
     /calico/ipam/v2/handle/<handle id>                                   IPAM handle
     /calico/ipam/v2/config                                               IPAM configuration
 """
@@ -59,6 +61,11 @@ def affinity_key(node: str, cidr: str) -> str:
 
 def host_affinity_prefix(node: str, version: int = 4) -> str:
     return f"{HOSTS}{node}/ipv{version}/block/"
+
+
+def host_prefix(node: str) -> str:
+    """Every affinity of a node, both families."""
+    return f"{HOSTS}{node}/"
 
 
 def handle_key(handle_id: str) -> str:

@@ -1,4 +1,4 @@
-"""Block affinities (/calico/ipam/v2/host/<node>/ipv4/block/<cidr>): claiming and giving up blocks.
+"""Block affinities (/calico/ipam/v2/host/<node>/ipv{4,6}/block/<cidr>): claiming and giving up blocks.
 
 A node allocates from blocks it has a *confirmed* affinity to. An affinity without its block is
 crash debris of a claim and the block is recreated. A claim has two phases so that a crash never
@@ -75,8 +75,8 @@ class Affinities:
 
     # -- reading ---------------------------------------------------------------------------
     def list_kvs(self, node: str) -> list[KV]:
-        """The node's affinity KVs in any state."""
-        kvs, _ = self._store.list(keys.host_affinity_prefix(node))
+        """The node's affinity KVs of both families, in any state."""
+        kvs, _ = self._store.list(keys.host_prefix(node))
         return [kv for kv in kvs if not (kv.value or {}).get("deleted")]
 
     def confirmed(self, node: str) -> list[str]:

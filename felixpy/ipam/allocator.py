@@ -71,8 +71,7 @@ from felixpy.ipam.reservations import Reservations, list_reservations
 
 log = logging.getLogger(__name__)
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 Labels = Mapping[str, str] | Callable[[], Mapping[str, str]]
@@ -90,15 +89,15 @@ class Assignment:
 class ReleaseOptions:
     """One address to release; handle / sequence_number, when given, must still be its own."""
 
-    address: str | IPv4Address
+    address: str | IPAddress
     handle: str | None = None
     sequence_number: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseOutcome:
-    released: tuple[IPv4Address, ...]
-    not_allocated: tuple[IPv4Address, ...]
+    released: tuple[IPAddress, ...]
+    not_allocated: tuple[IPAddress, ...]
     stale: tuple[str, ...]  # one line per block whose release was refused (StaleRelease)
 
 
@@ -107,17 +106,19 @@ class _Progress:
     """What one auto_assign call has got so far (released again if the call fails)."""
 
     need: int
-    ips: list[IPv4Address] = field(default_factory=list)
+    ips: list[IPAddress] = field(default_factory=list)
     cap_hit: bool = False  # a claim was wanted but the node owns block_cap blocks
     pool_full: bool = False  # a claim was tried and found no free block CIDR
     fresh_handle: bool = False  # the handle must not exist yet (until this call first writes it)
 
 
-def _ipv4(ip: str | IPv4Address) -> IPv4Address:
-    addr = ipaddress.ip_address(str(ip).split("/")[0]) if not isinstance(ip, IPv4Address) else ip
-    if not isinstance(addr, IPv4Address):
-        raise IPAMError(f"{ip} is not an IPv4 address")
-    return addr
+def _ip(ip: str | IPAddress) -> IPAddress:
+    if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return ip
+    try:
+        return ipaddress.ip_address(str(ip).split("/")[0])
+    except ValueError:
+        raise IPAMError(f"{ip} is not an IP address") from None
 
 
 class IPAM:
@@ -194,7 +195,7 @@ class IPAM:
 
     def _resolve_pools(
         self, requested: Sequence[str] | None, node: str, node_labels: Mapping[str, str] | None,
-        use: str, namespace: str | None, namespace_labels: Labels | None,
+        use: str, namespace: str | None, namespace_labels: Labels | None, version: int = 4,
     ) -> list[Pool]:
         def labels() -> Mapping[str, str]:
             return node_labels if node_labels is not None else self._node_labels(node)
@@ -205,7 +206,7 @@ class IPAM:
             return namespace_labels() if callable(namespace_labels) else namespace_labels
 
         return resolve_pools(self.pools(), requested, node, labels, use=use, namespace=namespace,
-                             namespace_labels=ns_labels)
+                             namespace_labels=ns_labels, version=version)
 
     # -- automatic assignment -----------------------------------------------------------------
     def auto_assign(
@@ -219,29 +220,36 @@ class IPAM:
         pools: Sequence[str] | None = None,
         use: str = USE_WORKLOAD,
         namespace_labels: Labels | None = None,
+        version: int = 4,
         new_handle: bool = False,
-    ) -> list[IPv4Address]:
-        """Assign num addresses (pools.py says which pools qualify; reservations are skipped).
+    ) -> list[IPAddress]:
+        """Assign num addresses of IP family `version` (pools.py says which pools qualify;
+        reservations are skipped).
 
         use: the pools' allowedUses must include it (Workload for pods, Tunnel for tunnel
         addresses). namespace_labels: the pod's namespace labels for namespaceSelectors, or a
-        callable returning them (called only when a pool has a namespaceSelector).
+        callable returning them (called only when a pool has a namespaceSelector). A dual-stack
+        pod makes one call per family under the same handle, as Calico's AutoAssign does.
         new_handle: the caller expects the handle not to exist (a CNI ADD): its first write is
         then create-only, and an existing handle raises HandleInUseError with nothing assigned,
-        instead of a read before every assignment to find out.
+        instead of a read before every assignment to find out. (A dual-stack pod's second
+        family finds the handle its first created: only the first call passes it.)
         """
         if num < 1:
             raise IPAMError(f"cannot assign {num} addresses")
         if not handle:
             raise IPAMError("an IPAM handle is required")
+        if version not in (4, 6):
+            raise IPAMError(f"IP version {version}: expected 4 or 6")
         config = self._cached_config()
-        chosen = self._resolve_pools(pools, node, node_labels, use, attrs.get("namespace"), namespace_labels)
+        chosen = self._resolve_pools(pools, node, node_labels, use, attrs.get("namespace"), namespace_labels,
+                                     version)
         reserved = self.reservations()
         progress = _Progress(need=num, fresh_handle=new_handle)
         try:
             self._assign_affine(progress, handle, attrs, node, chosen, config, reserved)
             if progress.need:
-                self._raise_if_short(progress, node, chosen, config)
+                self._raise_if_short(progress, node, chosen, config, version)
         except BaseException:
             if progress.ips:
                 log.warning("releasing partial allocation handle=%s ips=%s", handle, progress.ips)
@@ -255,8 +263,8 @@ class IPAM:
         pools: list[Pool], config: IPAMConfig, reserved: Reservations,
     ) -> None:
         def in_pools(cidr: str) -> bool:
-            net = IPv4Network(cidr)
-            return any(net.subnet_of(p.cidr) for p in pools)
+            net = ipaddress.ip_network(cidr)
+            return any(net.version == p.version and net.subnet_of(p.cidr) for p in pools)  # type: ignore[arg-type]
 
         # Fast path: the blocks we already know are ours, with their cached KVs.
         for cidr in self.affinities.known(node):
@@ -296,7 +304,9 @@ class IPAM:
     ) -> None:
         candidates = []
         for kv, block in self.blocks.list_blocks():
-            if block.free_count(reserved.overlapping(block.cidr)) and any(block.cidr.subnet_of(p.cidr) for p in pools):
+            if block.free_count(reserved.overlapping(block.cidr)) and any(
+                    block.cidr.version == p.version and block.cidr.subnet_of(p.cidr)  # type: ignore[arg-type]
+                    for p in pools):
                 self.blocks.remember(str(block.cidr), kv)
                 candidates.append(str(block.cidr))
         self._rng.shuffle(candidates)  # spread borrowers over the blocks, as Calico's random walk
@@ -307,19 +317,20 @@ class IPAM:
             if progress.ips:
                 log.info("borrowed addresses node=%s block=%s", node, cidr)
 
-    def _raise_if_short(self, progress: _Progress, node: str, pools: list[Pool], config: IPAMConfig) -> None:
+    def _raise_if_short(self, progress: _Progress, node: str, pools: list[Pool], config: IPAMConfig,
+                        version: int = 4) -> None:
         pool_text = ", ".join(str(p.cidr) for p in pools)
         got = f"assigned {len(progress.ips)} of {len(progress.ips) + progress.need} addresses"
         if progress.cap_hit and not progress.pool_full:
             raise BlockLimitError(f"limit of {config.block_cap} blocks reached for node {node} ({got})")
         reason = "; auto_allocate_blocks is false" if not config.auto_allocate_blocks else ""
         raise PoolExhaustedError(
-            f"pool exhausted: no free IPv4 address in pools [{pool_text}] for node {node} ({got}{reason})"
+            f"pool exhausted: no free IPv{version} address in pools [{pool_text}] for node {node} ({got}{reason})"
         )
 
     def _take(self, progress: _Progress, cidr: str, handle: str, attrs: Mapping[str, str], owner: str | None,
               reserved: Reservations) -> None:
-        skip = reserved.overlapping(IPv4Network(cidr)) if reserved else None
+        skip = reserved.overlapping(ipaddress.ip_network(cidr)) if reserved else None
         first = self.handles.create if progress.fresh_handle else self.handles.add
         got = self._assign_from_block(cidr, progress.need, handle, attrs, owner=owner, skip=skip,
                                       first_count=first)
@@ -338,7 +349,7 @@ class IPAM:
         owner: str | None,
         skip: Reservations | None = None,
         first_count: Callable[[str, str, int], None] | None = None,
-    ) -> list[IPv4Address]:
+    ) -> list[IPAddress]:
         """Assign up to num addresses from one existing block with CAS; [] if it has no room.
 
         first_count: the handle write of the first increment (default Handles.add; create-only
@@ -358,7 +369,7 @@ class IPAM:
         in_flight: Future[None] | None = None
         first = first_count or self.handles.add
 
-        def take(value: Any) -> tuple[Any, list[IPv4Address] | None]:
+        def take(value: Any) -> tuple[Any, list[IPAddress] | None]:
             """-> (write, the addresses taken; None when the block is no longer owner's).
 
             Called again after a lost race: the handle is only ever counted up by the difference
@@ -430,7 +441,7 @@ class IPAM:
             helpers.shutdown(wait=True)
 
     # -- assignment of a given address ----------------------------------------------------------
-    def assign_ip(self, ip: str | IPv4Address, *, handle: str, attrs: Mapping[str, str], node: str,
+    def assign_ip(self, ip: str | IPAddress, *, handle: str, attrs: Mapping[str, str], node: str,
                   use: str | None = None) -> None:
         """Assign one specific address (claiming its block for node if nobody has it).
 
@@ -438,7 +449,7 @@ class IPAM:
         include use when one is given; reservations do not apply (they only keep automatic
         assignment away).
         """
-        addr = _ipv4(ip)
+        addr = _ip(ip)
         config = self._cached_config()
         pool = next((p for p in self.pools() if addr in p.cidr and not p.disabled), None)
         if pool is None:
@@ -479,7 +490,7 @@ class IPAM:
                 self.handles.add(handle, cidr, -1)
 
     # -- release -------------------------------------------------------------------------------
-    def release_ips(self, ips: Iterable[str | IPv4Address]) -> list[IPv4Address]:
+    def release_ips(self, ips: Iterable[str | IPAddress]) -> list[IPAddress]:
         """Release addresses; returns those that were not allocated."""
         return list(self.release([ReleaseOptions(ip) for ip in ips], strict=True).not_allocated)
 
@@ -490,16 +501,16 @@ class IPAM:
         other blocks are released. strict=True raises StaleReleaseError instead, after the
         other blocks were released.
         """
-        addrs = [_ipv4(o.address) for o in options]
-        guards = {_ipv4(o.address): ReleaseGuard(o.handle, o.sequence_number) for o in options
+        addrs = [_ip(o.address) for o in options]
+        guards = {_ip(o.address): ReleaseGuard(o.handle, o.sequence_number) for o in options
                   if o.handle is not None or o.sequence_number is not None}
         pools = self.pools()
         listed: list[KV] | None = None
         if any(not any(a in p.cidr for p in pools) for a in addrs):
             listed = self.blocks.list_kvs()
-        by_block: dict[str, list[IPv4Address]] = {}
-        not_allocated: list[IPv4Address] = []
-        released: list[IPv4Address] = []
+        by_block: dict[str, list[IPAddress]] = {}
+        not_allocated: list[IPAddress] = []
+        released: list[IPAddress] = []
         stale: list[str] = []
         for addr in addrs:
             cidr = block_of(addr, pools, listed)
@@ -532,11 +543,11 @@ class IPAM:
         return outcome
 
     def _release_in_block(
-        self, cidr: str, ips: list[IPv4Address], guards: Mapping[IPv4Address, ReleaseGuard] | None = None,
-    ) -> tuple[list[IPv4Address], dict[str, int]]:
+        self, cidr: str, ips: list[IPAddress], guards: Mapping[IPAddress, ReleaseGuard] | None = None,
+    ) -> tuple[list[IPAddress], dict[str, int]]:
         """-> (the addresses that were not allocated, released count per handle)."""
 
-        def release(value: Any) -> tuple[Any, tuple[list[IPv4Address], dict[str, int]]]:
+        def release(value: Any) -> tuple[Any, tuple[list[IPAddress], dict[str, int]]]:
             if not live(value):
                 return KEEP, (list(ips), {})
             block = Block.from_json(value)
@@ -547,13 +558,13 @@ class IPAM:
         _, outcome = self.blocks.swap(cidr, release, what=f"release addresses in block {cidr}")
         return outcome
 
-    def release_by_handle(self, handle: str) -> list[IPv4Address]:
+    def release_by_handle(self, handle: str) -> list[IPAddress]:
         """Release every address of a handle; a missing handle is success (returns [])."""
         kv = self.handles.read(handle)
         cidrs = self.handles.blocks_of(kv)
         if not cidrs:
             return []
-        released: list[IPv4Address] = []
+        released: list[IPAddress] = []
         for cidr in cidrs:
             released.extend(self._release_handle_in_block(cidr, handle))
         # The block writes left the handle as read: delete it against that revision, no re-read.
@@ -561,8 +572,8 @@ class IPAM:
         log.info("released by handle handle=%s ips=%s", handle, released)
         return released
 
-    def _release_handle_in_block(self, cidr: str, handle: str) -> list[IPv4Address]:
-        def release(value: Any) -> tuple[Any, list[IPv4Address]]:
+    def _release_handle_in_block(self, cidr: str, handle: str) -> list[IPAddress]:
+        def release(value: Any) -> tuple[Any, list[IPAddress]]:
             if not live(value):
                 return KEEP, []
             block = Block.from_json(value)
@@ -573,16 +584,16 @@ class IPAM:
         return ips
 
     # -- queries -------------------------------------------------------------------------------
-    def ips_by_handle(self, handle: str) -> list[IPv4Address]:
-        out: list[IPv4Address] = []
+    def ips_by_handle(self, handle: str) -> list[IPAddress]:
+        out: list[IPAddress] = []
         for cidr in self.handles.blocks(handle):
             bkv = self.blocks.read(cidr, fresh=True)
             if bkv is not None:
                 out.extend(Block.from_json(bkv.value).ips_for_handle(handle))
         return out
 
-    def get_assignment(self, ip: str | IPv4Address) -> Assignment | None:
-        addr = _ipv4(ip)
+    def get_assignment(self, ip: str | IPAddress) -> Assignment | None:
+        addr = _ip(ip)
         pools = self.pools()
         listed = None
         if not any(addr in p.cidr for p in pools):

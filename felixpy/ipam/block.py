@@ -1,7 +1,7 @@
 """Pure arithmetic on one IPAM allocation block, in the JSON layout of Calico's AllocationBlock.
 
-A block is a power-of-two slice of an IP pool (a /26 by default). Its datastore value, at
-/calico/ipam/v2/assignment/ipv4/block/<addr>-<len>, is:
+A block is a power-of-two slice of an IP pool (a /26 by default, a /122 in an IPv6 pool). Its
+datastore value, at /calico/ipam/v2/assignment/ipv4/block/<addr>-<len> (ipv6/ for IPv6), is:
 
     cidr                         "10.0.1.0/26"
     affinity                     "host:<node>" (or "virtual:<name>", or null when nobody owns it)
@@ -32,8 +32,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _KNOWN_FIELDS = frozenset(
     {
@@ -74,7 +74,7 @@ class StaleRelease(BlockError):
 class AddressFilter(Protocol):
     """Addresses automatic assignment must skip (reservations.Reservations)."""
 
-    def matches(self, ip: IPv4Address) -> bool: ...
+    def matches(self, ip: IPAddress) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ class ReleaseGuard:
 class Allocation:
     """One allocated address of a block, as reported to callers."""
 
-    ip: IPv4Address
+    ip: IPAddress
     handle: str | None
     attrs: Mapping[str, str]
     sequence_number: int | None
@@ -99,25 +99,19 @@ def host_affinity(node: str) -> str:
     return f"host:{node}"
 
 
-def _as_network(cidr: str | IPv4Network) -> IPv4Network:
-    net = ipaddress.ip_network(cidr) if isinstance(cidr, str) else cidr
-    if not isinstance(net, IPv4Network):
-        raise BlockError(f"block {cidr}: only IPv4 blocks are supported")
-    return net
+def _as_network(cidr: str | IPNetwork) -> IPNetwork:
+    return ipaddress.ip_network(cidr) if isinstance(cidr, str) else cidr
 
 
-def _as_address(ip: str | IPv4Address) -> IPv4Address:
-    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-    if not isinstance(addr, IPv4Address):
-        raise BlockError(f"address {ip}: only IPv4 is supported")
-    return addr
+def _as_address(ip: str | IPAddress) -> IPAddress:
+    return ipaddress.ip_address(ip) if isinstance(ip, str) else ip
 
 
 @dataclass
 class Block:
     """A mutable working copy of one block's value (read, change, CAS back)."""
 
-    cidr: IPv4Network
+    cidr: IPNetwork
     affinity: str | None = None
     affinity_claim_time: str | None = None
     allocations: list[int | None] = field(default_factory=list)
@@ -132,7 +126,7 @@ class Block:
     @classmethod
     def new(
         cls,
-        cidr: str | IPv4Network,
+        cidr: str | IPNetwork,
         affinity: str | None = None,
         claim_time: str | None = None,
     ) -> Block:
@@ -206,27 +200,27 @@ class Block:
             return self.affinity[len("host:"):]
         return None
 
-    def contains(self, ip: str | IPv4Address) -> bool:
+    def contains(self, ip: str | IPAddress) -> bool:
         return _as_address(ip) in self.cidr
 
-    def ordinal(self, ip: str | IPv4Address) -> int:
+    def ordinal(self, ip: str | IPAddress) -> int:
         addr = _as_address(ip)
         if addr not in self.cidr:
             raise AddressNotInBlock(f"address {addr} is not in block {self.cidr}")
         return int(addr) - int(self.cidr.network_address)
 
-    def address(self, ordinal: int) -> IPv4Address:
+    def address(self, ordinal: int) -> IPAddress:
         if not 0 <= ordinal < self.size:
             raise AddressNotInBlock(f"ordinal {ordinal} is outside block {self.cidr}")
-        return IPv4Address(int(self.cidr.network_address) + ordinal)
+        return self.cidr.network_address + ordinal
 
     # -- counts -----------------------------------------------------------------------------
     def free_count(self, skip: AddressFilter | None = None) -> int:
         """Free addresses; with skip, only those automatic assignment may hand out."""
         if not skip:
             return len(self.unallocated)
-        base = int(self.cidr.network_address)
-        return sum(1 for o in self.unallocated if not skip.matches(IPv4Address(base + o)))
+        base = self.cidr.network_address
+        return sum(1 for o in self.unallocated if not skip.matches(base + o))
 
     def in_use_count(self) -> int:
         return sum(1 for a in self.allocations if a is not None)
@@ -250,7 +244,7 @@ class Block:
         self.sequence_number += 1
 
     def assign(self, num: int, handle: str | None, attrs: Mapping[str, str],
-               skip: AddressFilter | None = None) -> list[IPv4Address]:
+               skip: AddressFilter | None = None) -> list[IPAddress]:
         """Take up to `num` free addresses from the front of the FIFO; may return fewer.
 
         Addresses skip matches (reserved ones) stay where they are in the FIFO.
@@ -260,9 +254,9 @@ class Block:
         if skip:
             take: list[int] = []
             keep: list[int] = []
-            base = int(self.cidr.network_address)
+            base = self.cidr.network_address
             for ordinal in self.unallocated:
-                if len(take) < num and not skip.matches(IPv4Address(base + ordinal)):
+                if len(take) < num and not skip.matches(base + ordinal):
                     take.append(ordinal)
                 else:
                     keep.append(ordinal)
@@ -279,7 +273,7 @@ class Block:
             self._mark_assigned(ordinal, index)
         return [self.address(o) for o in take]
 
-    def assign_ip(self, ip: str | IPv4Address, handle: str | None, attrs: Mapping[str, str]) -> IPv4Address:
+    def assign_ip(self, ip: str | IPAddress, handle: str | None, attrs: Mapping[str, str]) -> IPAddress:
         """Assign one specific address; AddressInUse if it is taken."""
         addr = _as_address(ip)
         ordinal = self.ordinal(addr)
@@ -291,8 +285,8 @@ class Block:
 
     # -- release ----------------------------------------------------------------------------
     def release_counting(
-        self, ips: Iterable[str | IPv4Address], guards: Mapping[IPv4Address, ReleaseGuard] | None = None,
-    ) -> tuple[list[IPv4Address], dict[str, int]]:
+        self, ips: Iterable[str | IPAddress], guards: Mapping[IPAddress, ReleaseGuard] | None = None,
+    ) -> tuple[list[IPAddress], dict[str, int]]:
         """Release addresses; returns (those that were not allocated, released count per handle).
 
         guards: per address, the handle and sequence number the caller saw; if an allocated
@@ -302,7 +296,7 @@ class Block:
         addrs = [_as_address(ip) for ip in ips]
         for guarded, guard in (guards or {}).items():
             self._check_guard(guarded, guard)
-        not_allocated: list[IPv4Address] = []
+        not_allocated: list[IPAddress] = []
         per_handle: dict[str, int] = {}
         seen: set[int] = set()
         for addr in addrs:
@@ -322,7 +316,7 @@ class Block:
             self._compact_attributes()
         return not_allocated, per_handle
 
-    def _check_guard(self, addr: IPv4Address, guard: ReleaseGuard) -> None:
+    def _check_guard(self, addr: IPAddress, guard: ReleaseGuard) -> None:
         ordinal = self.ordinal(addr)
         index = self.allocations[ordinal]
         if index is None:
@@ -336,11 +330,11 @@ class Block:
             raise StaleRelease(f"address {addr} now belongs to handle {self._handle_of(index)}, "
                                f"not {guard.handle}; not released")
 
-    def release(self, ips: Iterable[str | IPv4Address]) -> list[IPv4Address]:
+    def release(self, ips: Iterable[str | IPAddress]) -> list[IPAddress]:
         """Release addresses; returns those that were not allocated (they are left alone)."""
         return self.release_counting(ips)[0]
 
-    def release_by_handle(self, handle: str) -> list[IPv4Address]:
+    def release_by_handle(self, handle: str) -> list[IPAddress]:
         ips = self.ips_for_handle(handle)
         self.release(ips)
         return ips
@@ -359,7 +353,7 @@ class Block:
         handle = self.attributes[index].get("handle_id")
         return str(handle) if handle is not None else None
 
-    def ips_for_handle(self, handle: str) -> list[IPv4Address]:
+    def ips_for_handle(self, handle: str) -> list[IPAddress]:
         wanted = {i for i, a in enumerate(self.attributes) if a.get("handle_id") == handle}
         return [self.address(o) for o, a in enumerate(self.allocations) if a is not None and a in wanted]
 
@@ -372,7 +366,7 @@ class Block:
                     counts[handle] = counts.get(handle, 0) + 1
         return counts
 
-    def allocation(self, ip: str | IPv4Address) -> Allocation | None:
+    def allocation(self, ip: str | IPAddress) -> Allocation | None:
         addr = _as_address(ip)
         ordinal = self.ordinal(addr)
         index = self.allocations[ordinal]

@@ -97,9 +97,9 @@ class BlockStore:
         self.forget(keys.parse_key(kv.key).name)
 
     def list_blocks(self) -> list[tuple[KV, Block]]:
-        """Every live, parseable IPv4 block (malformed ones are skipped: `felixctl ipam check`
-        reports them)."""
-        kvs, _ = self._store.list(keys.block_prefix(4))
+        """Every live, parseable block of both families (malformed ones are skipped: `felixctl
+        ipam check` reports them)."""
+        kvs, _ = self._store.list(keys.BLOCKS)
         out = []
         for kv in kvs:
             if not live(kv.value):
@@ -111,5 +111,5 @@ class BlockStore:
         return out
 
     def list_kvs(self) -> list[KV]:
-        kvs, _ = self._store.list(keys.block_prefix(4))
+        kvs, _ = self._store.list(keys.BLOCKS)
         return kvs

@@ -123,7 +123,12 @@ def _ip_of(text: Any) -> str | None:
         addr = ipaddress.ip_interface(str(text)).ip
     except ValueError:
         return None
-    return str(addr) if addr.version == 4 else None
+    return str(addr)
+
+
+def _sort_key(ip: str) -> tuple[int, int]:
+    addr = ipaddress.ip_address(ip)
+    return addr.version, int(addr)
 
 
 def _in_use(store: Datastore) -> dict[str, list[str]]:
@@ -144,6 +149,7 @@ def _in_use(store: Datastore) -> dict[str, list[str]]:
         for label, text in (
             ("ipip tunnel", (spec.get("bgp") or {}).get("ipv4IPIPTunnelAddr")),
             ("vxlan tunnel", spec.get("ipv4VXLANTunnelAddr")),
+            ("vxlan-v6 tunnel", spec.get("ipv6VXLANTunnelAddr")),
         ):
             ip = _ip_of(text) if text else None
             if ip is not None:
@@ -159,7 +165,7 @@ def check(store: Datastore) -> CheckReport:
     active = [p for p in pools if not p.disabled]
 
     blocks: dict[str, Block] = {}
-    block_kvs, _ = store.list(keys.block_prefix(4))
+    block_kvs, _ = store.list(keys.BLOCKS)
     for kv in block_kvs:
         if (kv.value or {}).get("deleted"):
             continue
@@ -190,8 +196,8 @@ def check(store: Datastore) -> CheckReport:
                     ip=ip, handle=alloc.handle, block=cidr, sequence_number=alloc.sequence_number,
                 ))
 
-    for ip, owners in sorted(in_use.items(), key=lambda kv: ipaddress.IPv4Address(kv[0])):
-        addr = ipaddress.IPv4Address(ip)
+    for ip, owners in sorted(in_use.items(), key=lambda kv: _sort_key(kv[0])):
+        addr = ipaddress.ip_address(ip)
         if not any(addr in p.cidr for p in active):
             problems.append(Problem(OUTSIDE_POOLS, f"{ip} is used by {owners[0]} but is in no active IP pool", ip=ip))
         if ip not in allocated:
@@ -225,8 +231,6 @@ def check(store: Datastore) -> CheckReport:
             continue
         affinities[(parsed.node, parsed.name)] = str((kv.value or {}).get("state", ""))
     for (node, cidr), state in sorted(affinities.items()):
-        if ipaddress.ip_network(cidr).version != 4:
-            continue
         if cidr not in blocks:
             problems.append(Problem(
                 AFFINITY_WITHOUT_BLOCK, f"node {node} has a {state} affinity to {cidr} but the block does not exist",

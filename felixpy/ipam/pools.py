@@ -11,7 +11,9 @@ Which pools an automatic assignment may use (libcalico-go's determinePools, then
 * of those, only pools whose allowedUses include the request's use (`Workload` for pods, `Tunnel`
   for tunnel addresses; Calico's default is both). A `[LoadBalancer]` pool never serves either.
 
-Only IPv4 pools are used.
+Each request is for one IP family (Calico's AutoAssign takes IPv4 and IPv6 counts and resolves the
+pools of each family apart): only that family's pools are considered, and a requested pool of the
+other family is skipped, as libcalico-go's determinePools sorts them into v4 and v6 lists.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from felixpy.ipam.errors import NoQualifiedPoolError
 
 log = logging.getLogger(__name__)
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_BLOCK_SIZE = 26
+DEFAULT_BLOCK_SIZE_V6 = 122  # Calico's: 64 addresses, as a /26 holds
 
 USE_WORKLOAD = "Workload"
 USE_TUNNEL = "Tunnel"
@@ -45,7 +48,7 @@ class Pool:
     """The parts of a projectcalico.org/v3 IPPool that IPAM needs."""
 
     name: str
-    cidr: IPv4Network
+    cidr: IPNetwork
     block_size: int = DEFAULT_BLOCK_SIZE
     disabled: bool = False
     node_selector: str = ""
@@ -54,15 +57,19 @@ class Pool:
     allowed_uses: frozenset[str] = DEFAULT_ALLOWED_USES
 
     @property
+    def version(self) -> int:
+        return self.cidr.version
+
+    @property
     def block_count(self) -> int:
         return 1 << (self.block_size - self.cidr.prefixlen)
 
-    def block_cidr(self, index: int) -> IPv4Network:
-        step = 1 << (32 - self.block_size)
-        return IPv4Network((int(self.cidr.network_address) + index * step, self.block_size))
+    def block_cidr(self, index: int) -> IPNetwork:
+        step = 1 << (self.cidr.max_prefixlen - self.block_size)
+        return ipaddress.ip_network((self.cidr.network_address + index * step, self.block_size))
 
-    def block_for(self, ip: IPv4Address) -> IPv4Network:
-        return IPv4Network((int(ip) >> (32 - self.block_size) << (32 - self.block_size), self.block_size))
+    def block_for(self, ip: IPAddress) -> IPNetwork:
+        return ipaddress.ip_network((ip, self.block_size), strict=False)
 
     def selects(self, labels: Mapping[str, str]) -> bool:
         return selector_matches(self.node_selector, labels)
@@ -75,7 +82,7 @@ class Pool:
 
 
 def parse_pool(resource: Mapping[str, Any]) -> Pool | None:
-    """An IPv4 Pool from an IPPool resource; None for IPv6 or malformed pools (logged)."""
+    """A Pool from an IPPool resource (either family); None for a malformed pool (logged)."""
     name = str((resource.get("metadata") or {}).get("name", ""))
     spec = resource.get("spec") or {}
     try:
@@ -83,10 +90,9 @@ def parse_pool(resource: Mapping[str, Any]) -> Pool | None:
     except ValueError:
         log.warning("ignoring IP pool with invalid cidr pool=%s cidr=%s", name, spec.get("cidr"))
         return None
-    if not isinstance(net, IPv4Network):
-        return None
-    block_size = int(spec.get("blockSize") or DEFAULT_BLOCK_SIZE)
-    if not net.prefixlen <= block_size <= 32:
+    default = DEFAULT_BLOCK_SIZE if net.version == 4 else DEFAULT_BLOCK_SIZE_V6
+    block_size = int(spec.get("blockSize") or default)
+    if not net.prefixlen <= block_size <= net.max_prefixlen:
         log.warning("ignoring IP pool with invalid blockSize pool=%s blockSize=%s", name, block_size)
         return None
     return Pool(
@@ -129,8 +135,9 @@ def resolve_pools(
     all_pools: Sequence[Pool], requested: Sequence[str] | None, node: str,
     node_labels: Callable[[], Mapping[str, str]], *, use: str = USE_WORKLOAD,
     namespace: str | None = None, namespace_labels: Callable[[], Mapping[str, str]] | None = None,
+    version: int = 4,
 ) -> list[Pool]:
-    """The pools a request may use, in order (see the module docstring).
+    """The pools of IP family `version` a request may use, in order (see the module docstring).
 
     node_labels and namespace_labels are called only if a selector needs them; a request without
     namespace_labels (a tunnel address) is matched against no namespace labels, as in Calico.
@@ -138,12 +145,16 @@ def resolve_pools(
     if requested:
         chosen: list[Pool] = []
         for want in requested:
-            match = [p for p in all_pools if want in (p.name, str(p.cidr))]
+            # libcalico-go looks requested pools up among the enabled pools of the request's
+            # family: a pool of the other family is as good as missing.
+            match = [p for p in all_pools if want in (p.name, str(p.cidr)) and p.version == version]
             if not match or match[0].disabled:
-                raise NoQualifiedPoolError(f"the requested pool {want} does not exist or is not enabled")
+                raise NoQualifiedPoolError(
+                    f"the requested pool {want} does not exist or is not an enabled IPv{version} pool")
             if match[0] not in chosen:
                 chosen.append(match[0])
         return _by_use(chosen, use, f"of the requested pools [{', '.join(requested)}]")
+    all_pools = [p for p in all_pools if p.version == version]
 
     node_cache: list[Mapping[str, str]] = []
     ns_cache: list[Mapping[str, str]] = []
@@ -165,7 +176,7 @@ def resolve_pools(
     chosen = [p for p in all_pools if not p.disabled and not p.manual and selects_node(p) and selects_namespace(p)]
     if not chosen:
         where = f" and namespace {namespace}" if namespace else ""
-        raise NoQualifiedPoolError(f"no enabled IPv4 pool selects node {node}{where}")
+        raise NoQualifiedPoolError(f"no enabled IPv{version} pool selects node {node}{where}")
     return _by_use(chosen, use, f"of the pools selecting node {node}")
 
 
@@ -177,7 +188,7 @@ def _by_use(pools: list[Pool], use: str, which: str) -> list[Pool]:
     return allowed
 
 
-def seeded_block_order(pool: Pool, node: str) -> Iterator[IPv4Network]:
+def seeded_block_order(pool: Pool, node: str) -> Iterator[IPNetwork]:
     """The pool's block CIDRs from a start point derived from the node name, wrapping round.
 
     Nodes start their search for a free block at different places, so they spread over the pool
@@ -190,13 +201,13 @@ def seeded_block_order(pool: Pool, node: str) -> Iterator[IPv4Network]:
         yield pool.block_cidr((start + i) % count)
 
 
-def block_of(addr: IPv4Address, pools: Sequence[Pool], blocks: Sequence[KV] | None) -> str | None:
+def block_of(addr: IPAddress, pools: Sequence[Pool], blocks: Sequence[KV] | None) -> str | None:
     """The block CIDR addr belongs to: from its pool, else (a deleted pool) from the listed blocks."""
     for pool in pools:
         if addr in pool.cidr:
             return str(pool.block_for(addr))
     for kv in blocks or []:
         cidr = keys.parse_key(kv.key).name
-        if addr in IPv4Network(cidr):
+        if addr in ipaddress.ip_network(cidr):
             return cidr
     return None

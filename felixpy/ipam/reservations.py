@@ -27,44 +27,46 @@ from felixpy.datastore.api import Datastore
 
 log = logging.getLogger(__name__)
 
-IPv4Address = ipaddress.IPv4Address
-IPv4Network = ipaddress.IPv4Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
 class Reservations:
-    """The reserved IPv4 networks, merged (no two overlap or touch)."""
+    """The reserved networks of both families, merged per family (no two overlap or touch)."""
 
-    nets: tuple[IPv4Network, ...] = ()
+    nets: tuple[IPNetwork, ...] = ()
 
     @classmethod
-    def of(cls, cidrs: Iterable[str | IPv4Network]) -> Reservations:
-        nets: list[IPv4Network] = []
+    def of(cls, cidrs: Iterable[str | IPNetwork]) -> Reservations:
+        by_family: dict[int, list[IPNetwork]] = {4: [], 6: []}
         for cidr in cidrs:
             net = ipaddress.ip_network(str(cidr), strict=False)
-            if isinstance(net, IPv4Network):  # felixpy assigns IPv4 only: an IPv6 one has nothing to hold back
-                nets.append(net)
-        return cls(tuple(ipaddress.collapse_addresses(nets)))
+            by_family[net.version].append(net)
+        merged: list[IPNetwork] = []
+        for family in (4, 6):  # collapse_addresses refuses to mix families
+            merged.extend(ipaddress.collapse_addresses(by_family[family]))  # type: ignore[arg-type, type-var]
+        return cls(tuple(merged))
 
     def __bool__(self) -> bool:
         return bool(self.nets)
 
-    def matches(self, ip: IPv4Address) -> bool:
+    def matches(self, ip: IPAddress) -> bool:
         return any(ip in net for net in self.nets)
 
-    def overlapping(self, cidr: IPv4Network) -> Reservations:
+    def overlapping(self, cidr: IPNetwork) -> Reservations:
         """Only the reservations that touch cidr (a block), to test its addresses cheaply."""
         return Reservations(tuple(n for n in self.nets if n.overlaps(cidr)))
 
-    def reserved_count(self, cidr: IPv4Network) -> int:
+    def reserved_count(self, cidr: IPNetwork) -> int:
         """How many addresses of cidr are reserved (the merged networks never double count)."""
         total = 0
         for net in self.nets:
-            if net.overlaps(cidr):
-                total += (net if net.subnet_of(cidr) else cidr).num_addresses
+            if net.version == cidr.version and net.overlaps(cidr):
+                total += (net if net.subnet_of(cidr) else cidr).num_addresses  # type: ignore[arg-type]
         return total
 
-    def covers(self, cidr: IPv4Network) -> bool:
+    def covers(self, cidr: IPNetwork) -> bool:
         """True when every address of cidr is reserved (such a block is never claimed)."""
         return self.reserved_count(cidr) == cidr.num_addresses
 

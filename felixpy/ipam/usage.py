@@ -22,7 +22,7 @@ from felixpy.ipam.block import Block, BlockError
 from felixpy.ipam.pools import Pool
 from felixpy.ipam.reservations import Reservations
 
-IPv4Network = ipaddress.IPv4Network
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,18 +47,18 @@ class Borrowed:
 
 def _blocks(store: Datastore) -> list[Block]:
     out = []
-    for kv in store.list(keys.block_prefix(4))[0]:
+    for kv in store.list(keys.BLOCKS)[0]:
         if not live(kv.value):
             continue
         try:
             out.append(Block.from_json(kv.value))
         except BlockError:
             continue  # `felixctl ipam check` reports it
-    out.sort(key=lambda b: int(b.cidr.network_address))
+    out.sort(key=lambda b: (b.cidr.version, int(b.cidr.network_address)))
     return out
 
 
-def _count(cidr: IPv4Network, blocks: Sequence[Block], reserved: Reservations) -> tuple[int, int, int]:
+def _count(cidr: IPNetwork, blocks: Sequence[Block], reserved: Reservations) -> tuple[int, int, int]:
     """(in use, reserved, in use and reserved) within cidr."""
     in_use = both = 0
     for block in blocks:
@@ -71,7 +71,7 @@ def _count(cidr: IPv4Network, blocks: Sequence[Block], reserved: Reservations) -
     return in_use, reserved.reserved_count(cidr), both
 
 
-def _utilisation(cidr: IPv4Network, blocks: Sequence[Block], reserved: Reservations,
+def _utilisation(cidr: IPNetwork, blocks: Sequence[Block], reserved: Reservations,
                  children: tuple[Utilisation, ...] = ()) -> Utilisation:
     in_use, held, both = _count(cidr, blocks, reserved)
     total = cidr.num_addresses
@@ -83,8 +83,8 @@ def utilisation(store: Datastore, pools: Sequence[Pool], reserved: Reservations)
     """One entry per pool (by address), each with one entry per existing block inside it."""
     blocks = _blocks(store)
     out = []
-    for pool in sorted(pools, key=lambda p: int(p.cidr.network_address)):
-        inside = [b for b in blocks if b.cidr.subnet_of(pool.cidr)]
+    for pool in sorted(pools, key=lambda p: (p.version, int(p.cidr.network_address))):
+        inside = [b for b in blocks if b.cidr.version == pool.version and b.cidr.subnet_of(pool.cidr)]  # type: ignore[arg-type]
         children = tuple(_utilisation(b.cidr, [b], reserved) for b in inside)
         out.append(_utilisation(pool.cidr, inside, reserved, children))
     return out

@@ -43,6 +43,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 DEFAULT_HOST_MTU = 1460  # Felix's choice when no interface matches MTUIfacePattern
 IPIP_OVERHEAD = 20
 VXLAN_OVERHEAD = 50
+VXLAN_V6_OVERHEAD = 70  # the outer IPv6 header is 20 bytes longer
 
 _IFF_UP = 0x1
 
@@ -241,7 +242,8 @@ def host_mtu(pattern: str, *, netns: str | None = None) -> int:
     return pick_host_mtu(list_interfaces(netns=netns), pattern)
 
 
-def pod_mtu(host: int, *, ipip: bool, vxlan: bool, ipip_mtu: int = 0, vxlan_mtu: int = 0) -> int:
+def pod_mtu(host: int, *, ipip: bool, vxlan: bool, ipip_mtu: int = 0, vxlan_mtu: int = 0,
+            vxlan_v6: bool = False, vxlan_mtu_v6: int = 0) -> int:
     """Felix's pod MTU: the smallest over the enabled encapsulations, each either configured or
     host MTU minus its overhead; the host MTU when no encapsulation is enabled."""
     candidates = []
@@ -249,4 +251,6 @@ def pod_mtu(host: int, *, ipip: bool, vxlan: bool, ipip_mtu: int = 0, vxlan_mtu:
         candidates.append(ipip_mtu or host - IPIP_OVERHEAD)
     if vxlan:
         candidates.append(vxlan_mtu or host - VXLAN_OVERHEAD)
+    if vxlan_v6:
+        candidates.append(vxlan_mtu_v6 or host - VXLAN_V6_OVERHEAD)
     return min(candidates) if candidates else host

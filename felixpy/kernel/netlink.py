@@ -74,9 +74,15 @@ def _strerror(code: int) -> str:
         return "unknown error"
 
 
+AF_INET, AF_INET6 = 2, 10
+_FAMILIES = {4: AF_INET, 6: AF_INET6}
+# The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER); IPv4's is 0.
+IPV6_DEFAULT_PRIORITY = 1024
+
+
 @dataclass(frozen=True)
 class KernelRoute:
-    """One route as the kernel stores it (IPv4). `ifindex` None means "let the kernel choose"."""
+    """One route as the kernel stores it (IPv4 or IPv6). `ifindex` None means "let the kernel choose"."""
 
     dst: str  # normalised CIDR, "10.0.0.0/26"
     type: str = "unicast"  # "unicast" | "blackhole" | other kernel types when read back
@@ -129,9 +135,14 @@ def get_link_message(ipr: IPRoute, name: str) -> Any | None:
 
 
 class Netlink:
-    """The real RouteNetlink: one pyroute2 IPRoute socket in the current thread's network namespace."""
+    """The real RouteNetlink: one pyroute2 IPRoute socket in the current thread's network namespace.
 
-    def __init__(self, ipr: IPRoute | None = None, rtnl_sock: socket.socket | None = None) -> None:
+    `families`: the IP versions whose routes list_routes() reads back (4 and 6 by default); with
+    IPv6 support off the agent passes (4,) so that no IPv6 route is ever touched.
+    """
+
+    def __init__(self, ipr: IPRoute | None = None, rtnl_sock: socket.socket | None = None, *,
+                 families: tuple[int, ...] = (4, 6)) -> None:
         """ipr: an IPRoute (in some namespace); None creates one here. rtnl_sock: a NETLINK_ROUTE
         socket in the same namespace for link lookups; created here too when ipr is None. Without
         one, links are looked up through pyroute2."""
@@ -142,6 +153,7 @@ class Netlink:
         # Link lookups over raw rtnetlink: pyroute2 costs ~1.5 ms a lookup on this VM, the raw
         # socket a few microseconds, and a full route resync looks up every pod's veth.
         self._rtnl = Rtnl(rtnl_sock) if rtnl_sock is not None or ipr is None else None
+        self._families = families
 
     def close(self) -> None:
         self._ipr.close()
@@ -165,8 +177,10 @@ class Netlink:
         return self.link_index(name) is not None
 
     def list_routes(self, *, proto: int, table: int = MAIN_TABLE) -> list[KernelRoute]:
-        with attempt("route dump", f"table {table} proto {proto}"):
-            msgs = list(self._ipr.route("dump", table=table, proto=proto, family=2))
+        msgs = []
+        for version in self._families:
+            with attempt("route dump", f"table {table} proto {proto} ipv{version}"):
+                msgs.extend(self._ipr.route("dump", table=table, proto=proto, family=_FAMILIES[version]))
         routes = []
         for msg in msgs:
             # Filtering in the kernel needs strict checking; filter again so both paths agree.
@@ -194,10 +208,10 @@ def _table_of(msg: Any) -> int:
 
 
 def _from_message(msg: Any) -> KernelRoute:
-    dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+    dst = msg.get_attr("RTA_DST") or ("::" if msg["family"] == AF_INET6 else "0.0.0.0")
     oif = msg.get_attr("RTA_OIF")
     return KernelRoute(
-        dst=str(ipaddress.IPv4Network(f"{dst}/{msg['dst_len']}", strict=False)),
+        dst=str(ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)),
         type=_RTN_NAMES.get(msg["type"], f"type{msg['type']}"),
         gateway=msg.get_attr("RTA_GATEWAY"),
         ifindex=int(oif) if oif is not None else None,

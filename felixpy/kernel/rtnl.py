@@ -7,7 +7,8 @@ most of the plumbing time (docs/status.md has the profile). The route driver kee
 (kernel/netlink.py): it runs on the agent's loop, a few requests per apply.
 
 Scope: exactly the messages kernel/veth.py needs — links, addresses, neighbours, routes, and the
-kernel's FIB entry for one destination — built and parsed with struct. Every change request
+kernel's FIB entry for one destination — built and parsed with struct, IPv4 and IPv6 (the family
+of a request follows its address; a dump takes the family to list, AF_UNSPEC for both). Every change request
 carries NLM_F_ACK and every call returns once the kernel has answered; a failure raises
 kernel.netlink.NetlinkError naming the request and the errno.
 
@@ -43,6 +44,7 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 RTM_F_FIB_MATCH = 0x2000
@@ -96,8 +98,18 @@ def _mac_text(data: bytes) -> str:
     return ":".join(f"{b:02x}" for b in data)
 
 
-def _ipv4_bytes(ip: str) -> bytes:
-    return ipaddress.IPv4Address(ip).packed
+def _ip_bytes(ip: str) -> tuple[int, bytes]:
+    """(address family, packed address) of an IPv4 or IPv6 address."""
+    address = ipaddress.ip_address(ip)
+    return (socket.AF_INET6 if address.version == 6 else socket.AF_INET), address.packed
+
+
+def _ip_text(data: bytes) -> str:
+    """An address attribute's payload (4 or 16 bytes) as text."""
+    return str(ipaddress.ip_address(data))
+
+
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
@@ -234,53 +246,59 @@ class Rtnl:
         return True
 
     # -- addresses and neighbours ---------------------------------------------------------------
-    def replace_address(self, index: int, ip: str, prefixlen: int, what: str) -> None:
-        packed = _ipv4_bytes(ip)
-        body = (_IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, SCOPE_UNIVERSE, index)
+    def replace_address(self, index: int, ip: str, prefixlen: int, what: str, *,
+                        nodad: bool = False) -> None:
+        """nodad: an IPv6 address without duplicate address detection (never tentative)."""
+        family, packed = _ip_bytes(ip)
+        body = (_IFADDRMSG.pack(family, prefixlen, IFA_F_NODAD if nodad else 0, SCOPE_UNIVERSE, index)
                 + _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed))
         self._request("addr replace", f"{ip}/{prefixlen} dev {what}", RTM_NEWADDR,
                       NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
-    def addresses(self, index: int) -> set[tuple[str, int]]:
-        """(address, prefix length) of the IPv4 addresses on the interface."""
-        body = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+    def addresses(self, index: int, family: int = socket.AF_INET) -> set[tuple[str, int]]:
+        """(address, prefix length) of the interface's addresses of that family (AF_UNSPEC: both)."""
+        body = _IFADDRMSG.pack(family, 0, 0, 0, 0)
         found = set()
         for kind, payload in self._request("addr dump", f"ifindex {index}", RTM_GETADDR, NLM_F_DUMP, body):
-            _family, prefixlen, _flags, _scope, msg_index = _IFADDRMSG.unpack_from(payload)
+            msg_family, prefixlen, _flags, _scope, msg_index = _IFADDRMSG.unpack_from(payload)
             attrs = _attrs(payload, _IFADDRMSG.size)
-            if msg_index == index and IFA_ADDRESS in attrs:
-                found.add((str(ipaddress.IPv4Address(attrs[IFA_ADDRESS])), prefixlen))
+            if msg_index == index and msg_family in _INET_FAMILIES and IFA_ADDRESS in attrs:
+                found.add((_ip_text(attrs[IFA_ADDRESS]), prefixlen))
         return found
 
     def replace_neighbour(self, index: int, ip: str, mac: str, what: str) -> None:
-        """A permanent ARP entry ip -> mac on the interface."""
-        body = (_NDMSG.pack(socket.AF_INET, 0, 0, index, NUD_PERMANENT, 0, 0)
-                + _attr(NDA_DST, _ipv4_bytes(ip)) + _attr(NDA_LLADDR, _mac_bytes(mac)))
+        """A permanent neighbour entry (ARP or NDP) ip -> mac on the interface."""
+        family, packed = _ip_bytes(ip)
+        body = (_NDMSG.pack(family, 0, 0, index, NUD_PERMANENT, 0, 0)
+                + _attr(NDA_DST, packed) + _attr(NDA_LLADDR, _mac_bytes(mac)))
         self._request("neigh replace", f"{ip} lladdr {mac} dev {what}", RTM_NEWNEIGH,
                       NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
-    def permanent_neighbours(self, index: int) -> set[tuple[str, str]]:
-        """(address, MAC) of the interface's permanent IPv4 neighbour entries."""
-        body = _NDMSG.pack(socket.AF_INET, 0, 0, index, 0, 0, 0)
+    def permanent_neighbours(self, index: int, family: int = socket.AF_INET) -> set[tuple[str, str]]:
+        """(address, MAC) of the interface's permanent neighbour entries of that family
+        (AF_UNSPEC: ARP and NDP)."""
+        body = _NDMSG.pack(family, 0, 0, index, 0, 0, 0)
         found = set()
         for kind, payload in self._request("neigh dump", f"ifindex {index}", RTM_GETNEIGH, NLM_F_DUMP, body):
-            _family, _p1, _p2, msg_index, state, _flags, _type = _NDMSG.unpack_from(payload)
+            msg_family, _p1, _p2, msg_index, state, _flags, _type = _NDMSG.unpack_from(payload)
             attrs = _attrs(payload, _NDMSG.size)
-            if msg_index == index and state & NUD_PERMANENT and NDA_DST in attrs:
-                found.add((str(ipaddress.IPv4Address(attrs[NDA_DST])), _mac_text(attrs.get(NDA_LLADDR, b""))))
+            if (msg_index == index and msg_family in _INET_FAMILIES and state & NUD_PERMANENT
+                    and NDA_DST in attrs):
+                found.add((_ip_text(attrs[NDA_DST]), _mac_text(attrs.get(NDA_LLADDR, b""))))
         return found
 
     # -- routes -------------------------------------------------------------------------------
     def _route_body(self, route: KernelRoute) -> bytes:
-        net = ipaddress.IPv4Network(route.dst)
+        net = ipaddress.ip_network(route.dst)
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
         table = route.table if route.table < 256 else 252  # RT_TABLE_COMPAT; RTA_TABLE says which
-        body = _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, table, route.proto, route.scope,
+        body = _RTMSG.pack(family, net.prefixlen, 0, 0, table, route.proto, route.scope,
                            _RTN_NUMBERS.get(route.type, RTN_UNICAST), 4 if route.onlink else 0)
         body += _u32_attr(RTA_TABLE, route.table)
         if net.prefixlen:
             body += _attr(RTA_DST, net.network_address.packed)
         if route.gateway:
-            body += _attr(RTA_GATEWAY, _ipv4_bytes(route.gateway))
+            body += _attr(RTA_GATEWAY, _ip_bytes(route.gateway)[1])
         if route.ifindex is not None:
             body += _u32_attr(RTA_OIF, route.ifindex)
         if route.priority:
@@ -303,8 +321,9 @@ class Rtnl:
         """The unicast route the kernel would use for ip (RTM_F_FIB_MATCH: the entry itself, with
         its dst and proto), or None: no route, or a blackhole / unreachable / prohibit one (the
         kernel answers those lookups with EINVAL)."""
-        body = (_RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
-                + _attr(RTA_DST, _ipv4_bytes(ip)))
+        family, packed = _ip_bytes(ip)
+        body = (_RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
+                + _attr(RTA_DST, packed))
         try:
             replies = self._request("route get", ip, RTM_GETROUTE, NLM_F_ACK, body)
         except NetlinkError as exc:
@@ -313,13 +332,16 @@ class Rtnl:
                 return None
             raise
         routes = [self._parse_route(p) for kind, p in replies if kind == RTM_NEWROUTE]
-        return routes[0] if routes else None
+        # IPv6 answers a lookup that ends in a blackhole with that entry rather than an error.
+        return routes[0] if routes and routes[0].type == "unicast" else None
 
-    def routes(self, table: int = MAIN_TABLE) -> list[KernelRoute]:
-        """Every IPv4 route of a table."""
-        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+    def routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[KernelRoute]:
+        """Every route of a table of that family (AF_UNSPEC: IPv4 and IPv6)."""
+        body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
         found = []
         for kind, payload in self._request("route dump", f"table {table}", RTM_GETROUTE, NLM_F_DUMP, body):
+            if payload[0] not in _INET_FAMILIES:
+                continue  # AF_UNSPEC also lists the multicast routing tables' families
             route = self._parse_route(payload)
             if route.table == table:
                 found.append(route)
@@ -327,15 +349,16 @@ class Rtnl:
 
     @staticmethod
     def _parse_route(payload: bytes) -> KernelRoute:
-        (_family, dst_len, _src_len, _tos, table, proto, scope, rtype,
+        (family, dst_len, _src_len, _tos, table, proto, scope, rtype,
          flags) = _RTMSG.unpack_from(payload)
         attrs = _attrs(payload, _RTMSG.size)
-        dst = str(ipaddress.IPv4Address(attrs[RTA_DST])) if RTA_DST in attrs else "0.0.0.0"
+        unspecified = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        dst = _ip_text(attrs[RTA_DST]) if RTA_DST in attrs else unspecified
         oif = struct.unpack("=I", attrs[RTA_OIF][:4])[0] if RTA_OIF in attrs else None
         return KernelRoute(
-            dst=str(ipaddress.IPv4Network(f"{dst}/{dst_len}", strict=False)),
+            dst=str(ipaddress.ip_network(f"{dst}/{dst_len}", strict=False)),
             type=_RTN_NAMES.get(rtype, f"type{rtype}"),
-            gateway=str(ipaddress.IPv4Address(attrs[RTA_GATEWAY])) if RTA_GATEWAY in attrs else None,
+            gateway=_ip_text(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None,
             ifindex=oif,
             onlink=bool(flags & 4),
             scope=scope,

@@ -27,6 +27,11 @@ def iface_conf(iface: str, setting: str) -> str:
     return f"net/ipv4/conf/{iface}/{setting}"
 
 
+def iface_conf6(iface: str, setting: str) -> str:
+    """Key of net.ipv6.conf.<iface>.<setting>."""
+    return f"net/ipv6/conf/{iface}/{setting}"
+
+
 def iface_neigh(iface: str, setting: str) -> str:
     """Key of net.ipv4.neigh.<iface>.<setting>."""
     return f"net/ipv4/neigh/{iface}/{setting}"

@@ -24,7 +24,9 @@ __all__ = ["FdbEntry", "NeighEntry", "TunnelKernel", "TunnelLink", "TunnelNetlin
 log = logging.getLogger(__name__)
 
 AF_INET = 2
+AF_INET6 = 10
 AF_BRIDGE = 7
+IFA_F_NODAD = 0x02
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 IFF_UP = 0x1
@@ -40,7 +42,7 @@ class TunnelLink:
     mac: str
     mtu: int
     up: bool
-    addresses: frozenset[str]  # IPv4 "a.b.c.d/len"
+    addresses: frozenset[str]  # global ones, both families: "a.b.c.d/len", "fd00::1/128"
     vxlan_id: int | None = None
     vxlan_port: int | None = None
     vxlan_local: str | None = None
@@ -67,7 +69,7 @@ class FdbEntry:
 
 @dataclass(frozen=True, slots=True, order=True)
 class NeighEntry:
-    """A permanent ARP entry on a tunnel device: `ip` is at `mac`."""
+    """A permanent ARP (IPv4) or NDP (IPv6) entry on a tunnel device: `ip` is at `mac`."""
 
     ip: str
     mac: str
@@ -125,16 +127,23 @@ class TunnelKernel:
         return _link_from_message(msg, self._addresses(index))
 
     def _addresses(self, index: int) -> frozenset[str]:
-        with attempt("addr dump", f"ifindex {index}"):
-            msgs = list(self._ipr.addr("dump", family=AF_INET, index=index))
-        return frozenset(
-            f"{m.get_attr('IFA_LOCAL') or m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"
-            for m in msgs if m["index"] == index
-        )
+        msgs = []
+        for family in (AF_INET, AF_INET6):
+            with attempt("addr dump", f"ifindex {index}"):
+                msgs.extend(self._ipr.addr("dump", family=family, index=index))
+        out = set()
+        for m in msgs:
+            text = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+            # The kernel gives every IPv6 device a link-local address of its own: not ours.
+            if m["index"] == index and text and not ipaddress.ip_address(text).is_link_local:
+                out.add(f"{text}/{m['prefixlen']}")
+        return frozenset(out)
 
     def parent_of(self, ip: str) -> ParentLink | None:
+        family = AF_INET6 if ":" in ip else AF_INET
+        ip = str(ipaddress.ip_address(ip))
         with attempt("addr dump", f"owner of {ip}"):
-            msgs = list(self._ipr.addr("dump", family=AF_INET))
+            msgs = list(self._ipr.addr("dump", family=family))
         for msg in msgs:
             if (msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")) != ip:
                 continue
@@ -146,10 +155,11 @@ class TunnelKernel:
 
     def create_vxlan(self, name: str, *, vni: int, port: int, parent: int, local: str, mac: str,
                      mtu: int) -> None:
+        local_attr = "vxlan_local6" if ":" in local else "vxlan_local"
         with attempt("link add", f"{name} type vxlan id {vni} dstport {port} local {local}"):
             self._ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_port=port,
-                           vxlan_link=parent, vxlan_local=local, vxlan_learning=0,
-                           address=mac, mtu=mtu)
+                           vxlan_link=parent, vxlan_learning=0, address=mac, mtu=mtu,
+                           **{local_attr: local})
 
     def create_ipip(self, name: str) -> None:
         with attempt("link add", f"{name} type ipip"):
@@ -174,12 +184,15 @@ class TunnelKernel:
             self._ipr.link("set", index=index, **changes)
 
     def add_address(self, index: int, cidr: str) -> None:
-        iface = ipaddress.IPv4Interface(cidr)
+        iface = ipaddress.ip_interface(cidr)
+        # No duplicate address detection on a tunnel address: a tentative address could not be
+        # the source of the node's own traffic into the tunnel for the first second.
+        extra = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
         with attempt("addr add", f"{cidr} ifindex {index}"):
-            self._ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            self._ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
 
     def delete_address(self, index: int, cidr: str) -> None:
-        iface = ipaddress.IPv4Interface(cidr)
+        iface = ipaddress.ip_interface(cidr)
         with attempt("addr delete", f"{cidr} ifindex {index}"):
             self._ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
@@ -209,8 +222,10 @@ class TunnelKernel:
 
     # -- neighbours ------------------------------------------------------------------------
     def list_neigh(self, index: int) -> set[NeighEntry]:
-        with attempt("neigh dump", f"ifindex {index}"):
-            msgs = list(self._ipr.neigh("dump", ifindex=index, family=AF_INET))
+        msgs = []
+        for family in (AF_INET, AF_INET6):
+            with attempt("neigh dump", f"ifindex {index}"):
+                msgs.extend(self._ipr.neigh("dump", ifindex=index, family=family))
         entries = set()
         for msg in msgs:
             dst = msg.get_attr("NDA_DST")
@@ -221,12 +236,15 @@ class TunnelKernel:
         return entries
 
     def replace_neigh(self, index: int, entry: NeighEntry) -> None:
+        family = AF_INET6 if ":" in entry.ip else AF_INET
         with attempt("neigh replace", f"{entry.ip} lladdr {entry.mac} ifindex {index}"):
-            self._ipr.neigh("replace", ifindex=index, dst=entry.ip, lladdr=entry.mac, state=NUD_PERMANENT)
+            self._ipr.neigh("replace", ifindex=index, dst=entry.ip, lladdr=entry.mac, state=NUD_PERMANENT,
+                            family=family)
 
     def delete_neigh(self, index: int, entry: NeighEntry) -> None:
+        family = AF_INET6 if ":" in entry.ip else AF_INET
         with attempt("neigh delete", f"{entry.ip} ifindex {index}"):
-            self._ipr.neigh("del", ifindex=index, dst=entry.ip, lladdr=entry.mac)
+            self._ipr.neigh("del", ifindex=index, dst=entry.ip, lladdr=entry.mac, family=family)
 
 
 def _link_from_message(msg: Any, addresses: frozenset[str]) -> TunnelLink:
@@ -239,7 +257,7 @@ def _link_from_message(msg: Any, addresses: frozenset[str]) -> TunnelLink:
         vxlan = {
             "vxlan_id": data.get_attr("IFLA_VXLAN_ID"),
             "vxlan_port": data.get_attr("IFLA_VXLAN_PORT"),
-            "vxlan_local": data.get_attr("IFLA_VXLAN_LOCAL"),
+            "vxlan_local": data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6"),
             "vxlan_link": data.get_attr("IFLA_VXLAN_LINK"),
             "vxlan_learning": bool(learning) if learning is not None else None,
         }

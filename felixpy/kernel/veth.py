@@ -3,9 +3,20 @@
 Host side `cali<11 hex>` in the node's namespace (the agent's own): MAC ee:ee:ee:ee:ee:ee,
 proxy_arp=1 so it answers ARP for the pod's gateway 169.254.1.1 (configured nowhere), a permanent
 neighbour entry pod IP -> container MAC. Pod side `eth0`: the pod's /32 addresses, a link route to
-169.254.1.1 and a default route via it. The host /32 route to the pod is written by the CNI path
-(`add_host_routes`, with the route driver's proto and value, as Calico's CNI plugin writes it
-before Felix owns it) and from then on owned by the agent's route driver.
+169.254.1.1 and a default route via it. The host /32 (IPv6: /128) route to the pod is written by
+the CNI path (`add_host_routes`, with the route driver's proto and value, as Calico's CNI plugin
+writes it before Felix owns it) and from then on owned by the agent's route driver.
+
+IPv6 (a pod with an IPv6 address), as Calico's CNI plugin does it: the host side gets IPv6
+enabled, proxy_ndp=1 and forwarding=1, and its default gateway is the host side's own link-local
+address, fe80::ecee:eeff:feee:eeee (EUI-64 of ee:ee:ee:ee:ee:ee; added explicitly so that it does
+not depend on the node's addr_gen_mode); DAD is off on the host side (accept_dad=0) and the pod's
+/128 is added without DAD, so neither is tentative when the pod's first packet leaves. A
+permanent neighbour entry pod IPv6 -> container MAC, as for IPv4. The host side's IPv6 is its own
+step (`enable_host_ipv6`), taken only for a pod with an IPv6 address, after the link is created
+and before the host /128 route (which needs IPv6 enabled on the device) and the pod side: the
+host end is up from creation, but has no carrier until the pod end comes up, so the kernel starts
+no DAD on it before accept_dad=0 is in place. An IPv4-only pod pays nothing for it.
 
 Speed: every request goes over a raw rtnetlink socket (kernel/rtnl.py; pyroute2 costs ~40x more
 per request). The veth is created with its peer directly inside the pod namespace, already named
@@ -26,6 +37,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +53,7 @@ __all__ = [
     "check_workload",
     "configure_workload",
     "create_workload_link",
+    "enable_host_ipv6",
     "random_mac",
     "setup_workload",
     "teardown_workload",
@@ -49,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOOPBACK_IFINDEX = 1  # the kernel gives lo index 1 in every network namespace
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 RTPROT_BOOT = 3  # what `ip route add` and Calico's CNI plugin use for the pod's own routes
 
 
@@ -74,22 +88,26 @@ def setup_workload(
     netns_path: str,
     host_iface: str,
     container_iface: str = "eth0",
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     mtu: int,
     gateway: str = names.POD_GATEWAY,
     host_mac: str = names.HOST_VETH_MAC,
+    gateway_v6: str = names.POD_GATEWAY_V6,
     container_mac: str | None = None,
 ) -> WorkloadPlumbing:
     """Create (or re-create) the pod's veth pair and configure both ends; see the module docstring.
 
-    The two halves are also callable alone (create_workload_link, configure_workload): the CNI
-    path creates the link while IPAM is choosing the address.
+    The steps are also callable alone (create_workload_link, enable_host_ipv6 for a pod with an
+    IPv6 address, configure_workload): the CNI path creates the link while IPAM is choosing the
+    address, and writes the host routes between the host side and the pod side.
     """
     plumbing = create_workload_link(netns_path=netns_path, host_iface=host_iface,
                                     container_iface=container_iface, mtu=mtu, host_mac=host_mac,
                                     container_mac=container_mac)
+    if any(ip.version == 6 for ip in ips):
+        enable_host_ipv6(plumbing, host_iface=host_iface, gateway_v6=gateway_v6)
     configure_workload(plumbing, netns_path=netns_path, host_iface=host_iface,
-                       container_iface=container_iface, ips=ips, gateway=gateway)
+                       container_iface=container_iface, ips=ips, gateway=gateway, gateway_v6=gateway_v6)
     return plumbing
 
 
@@ -139,10 +157,12 @@ def configure_workload(
     netns_path: str,
     host_iface: str,
     container_iface: str = "eth0",
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     gateway: str = names.POD_GATEWAY,
+    gateway_v6: str = names.POD_GATEWAY_V6,
 ) -> None:
-    """The pod's addresses and routes, and the host's neighbour entries, on a created link.
+    """The pod's addresses and routes, and the host's neighbour entries, on a created link
+    (a pod with an IPv6 address: after enable_host_ipv6).
 
     On failure the pair is deleted (nothing half-configured stays behind).
     """
@@ -151,12 +171,34 @@ def configure_workload(
         try:
             for ip in ips:
                 host.replace_neighbour(plumbing.host_ifindex, str(ip.ip), plumbing.container_mac, host_iface)
-            _configure_pod_side(netns_path, container_iface, ips, gateway)
+            _configure_pod_side(netns_path, container_iface, ips, gateway, gateway_v6)
         except (NetlinkError, netns.NetnsError) as exc:
             _delete_quietly(host, host_iface)
             raise PlumbingError(f"{where}: {exc}") from None
     log.debug("workload plumbed iface=%s netns=%s ips=%s", host_iface, netns_path,
               ",".join(str(ip) for ip in ips))
+
+
+def enable_host_ipv6(plumbing: WorkloadPlumbing, *, host_iface: str,
+                     gateway_v6: str = names.POD_GATEWAY_V6) -> None:
+    """The host side's IPv6, for a pod with an IPv6 address: IPv6 on, no DAD, no RAs, proxy_ndp
+    and forwarding, and the pod's gateway as the host side's own link-local address.
+
+    Before the host /128 route (a route through a device with IPv6 disabled is refused) and
+    before configure_workload brings the pod end up (see the module docstring: no DAD ever
+    starts). On failure the pair is deleted.
+    """
+    where = f"pod veth {host_iface}"
+    with Rtnl() as host:
+        try:
+            # This thread never left the node's namespace, so /proc/sys here is the node's.
+            for setting, value in (("disable_ipv6", 0), ("accept_dad", 0), ("accept_ra", 0),
+                                   ("proxy_ndp", 1), ("forwarding", 1)):
+                sysctl.write(sysctl.iface_conf6(host_iface, setting), value)
+            host.replace_address(plumbing.host_ifindex, gateway_v6, 64, host_iface, nodad=True)
+        except (NetlinkError, sysctl.SysctlError) as exc:
+            _delete_quietly(host, host_iface)
+            raise PlumbingError(f"{where}: {exc}") from None
 
 
 def _delete_quietly(host: Rtnl, host_iface: str) -> None:
@@ -192,8 +234,8 @@ def _create_pair(host: Rtnl, ns_fd: int, netns_path: str, host_iface: str, conta
     return link.index
 
 
-def _configure_pod_side(netns_path: str, container_iface: str, ips: Sequence[ipaddress.IPv4Interface],
-                        gateway: str) -> None:
+def _configure_pod_side(netns_path: str, container_iface: str, ips: Sequence[IPInterface],
+                        gateway: str, gateway_v6: str) -> None:
     with Rtnl(netns.open_netlink_socket(netns_path)) as pod:
         pod.set_up(LOOPBACK_IFINDEX, "lo (pod)")
         link = pod.link(container_iface)
@@ -202,15 +244,21 @@ def _configure_pod_side(netns_path: str, container_iface: str, ips: Sequence[ipa
         where = f"{container_iface} (pod)"
         pod.set_up(link.index, where)
         for ip in ips:
-            pod.replace_address(link.index, str(ip.ip), 32, where)
-        pod.replace_route(KernelRoute(dst=f"{gateway}/32", ifindex=link.index, scope=SCOPE_LINK,
-                                      proto=RTPROT_BOOT))
-        pod.replace_route(KernelRoute(dst="0.0.0.0/0", gateway=gateway, ifindex=link.index,
-                                      proto=RTPROT_BOOT))
+            # IPv6 without DAD: usable at once, as the host side's gateway address.
+            pod.replace_address(link.index, str(ip.ip), ip.ip.max_prefixlen, where, nodad=ip.version == 6)
+        if any(ip.version == 4 for ip in ips):
+            pod.replace_route(KernelRoute(dst=f"{gateway}/32", ifindex=link.index, scope=SCOPE_LINK,
+                                          proto=RTPROT_BOOT))
+            pod.replace_route(KernelRoute(dst="0.0.0.0/0", gateway=gateway, ifindex=link.index,
+                                          proto=RTPROT_BOOT))
+        if any(ip.version == 6 for ip in ips):
+            # The gateway is link-local on eth0: no link route needed, only the interface.
+            pod.replace_route(KernelRoute(dst="::/0", gateway=gateway_v6, ifindex=link.index,
+                                          proto=RTPROT_BOOT))
 
 
 def add_host_routes(routes: Sequence[KernelRoute]) -> None:
-    """Write the pod's host-side /32 routes (create-only; replace only a route of the same proto).
+    """Write the pod's host-side /32 and /128 routes (create-only; replace only a route of the same proto).
 
     Like Calico's CNI plugin: a route of another owner at the pod's address is an error naming
     it, never overwritten. One of ours (the same proto: a learned /32 of a borrowed address now
@@ -272,18 +320,20 @@ def check_workload(
     netns_path: str,
     host_iface: str,
     container_iface: str = "eth0",
-    ips: Sequence[ipaddress.IPv4Interface],
+    ips: Sequence[IPInterface],
     gateway: str = names.POD_GATEWAY,
     host_mac: str = names.HOST_VETH_MAC,
+    gateway_v6: str = names.POD_GATEWAY_V6,
     container_mac: str | None = None,
     route_proto: int | None = None,
 ) -> list[str]:
     """Everything wrong with a pod's plumbing (CNI CHECK), one sentence each; [] means healthy.
 
     container_mac: the MAC the pod side must have (CHECK's prevResult); route_proto: also check
-    the host /32 route to each address through the host side, with that proto.
+    the host /32 (/128) route to each address through the host side, with that proto.
     """
     problems: list[str] = []
+    ipv6 = any(ip.version == 6 for ip in ips)
     try:
         with Rtnl() as host:
             host_link = host.link(host_iface)
@@ -293,11 +343,15 @@ def check_workload(
                 problems.append(f"host interface {host_iface} is down")
             if host_link.mac.lower() != host_mac.lower():
                 problems.append(f"host interface {host_iface} MAC is not {host_mac}")
-            for key in (sysctl.iface_conf(host_iface, "proxy_arp"),
-                        sysctl.iface_conf(host_iface, "forwarding")):
+            keys = [sysctl.iface_conf(host_iface, "proxy_arp"), sysctl.iface_conf(host_iface, "forwarding")]
+            if ipv6:
+                keys += [sysctl.iface_conf6(host_iface, "proxy_ndp"), sysctl.iface_conf6(host_iface, "forwarding")]
+            for key in keys:
                 if sysctl.read(key) != "1":
                     problems.append(f"sysctl {key} is not 1")
-            neighbours = host.permanent_neighbours(host_link.index)
+            # One dump covers both families (AF_UNSPEC) when the pod has IPv6.
+            family = socket.AF_UNSPEC if ipv6 else socket.AF_INET
+            neighbours = host.permanent_neighbours(host_link.index, family)
             host_routes = {ip: host.fib_entry(str(ip.ip)) for ip in ips} if route_proto is not None else {}
         with Rtnl(netns.open_netlink_socket(netns_path)) as pod:
             pod_link = pod.link(container_iface)
@@ -305,22 +359,24 @@ def check_workload(
                 return problems + [f"pod interface {container_iface} does not exist"]
             if not pod_link.up:
                 problems.append(f"pod interface {container_iface} is down")
-            addrs = pod.addresses(pod_link.index)
-            gateways = {r.gateway for r in pod.routes() if r.dst == "0.0.0.0/0"}
+            addrs = pod.addresses(pod_link.index, family)
+            gateways = {r.gateway for r in pod.routes(family=family) if r.dst in ("0.0.0.0/0", "::/0")}
         mac = pod_link.mac.lower()
         if container_mac is not None and mac != container_mac.lower():
             problems.append(f"pod interface {container_iface} MAC is {mac}, not {container_mac.lower()}")
         for ip in ips:
-            if (str(ip.ip), 32) not in addrs:
-                problems.append(f"pod interface {container_iface} lacks address {ip.ip}/32")
+            if (str(ip.ip), ip.ip.max_prefixlen) not in addrs:
+                problems.append(f"pod interface {container_iface} lacks address {ip.ip}/{ip.ip.max_prefixlen}")
             if (str(ip.ip), mac) not in neighbours:
                 problems.append(f"no permanent neighbour entry {ip.ip} -> {mac} on {host_iface}")
         for ip, route in host_routes.items():
-            if (route is None or route.dst != f"{ip.ip}/32" or route.ifindex != host_link.index
+            dst = f"{ip.ip}/{ip.ip.max_prefixlen}"
+            if (route is None or route.dst != dst or route.ifindex != host_link.index
                     or route.proto != route_proto):
-                problems.append(f"no route {ip.ip}/32 dev {host_iface} proto {route_proto} on the node")
-        if gateway not in gateways:
-            problems.append(f"pod has no default route via {gateway}")
+                problems.append(f"no route {dst} dev {host_iface} proto {route_proto} on the node")
+        for version, gw in ((4, gateway), (6, gateway_v6)):
+            if any(ip.version == version for ip in ips) and gw not in gateways:
+                problems.append(f"pod has no default route via {gw}")
     except (NetlinkError, netns.NetnsError, sysctl.SysctlError) as exc:
         problems.append(str(exc))
     return problems

@@ -63,6 +63,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise LabUsageError(f"--route-reflectors {args.route_reflectors}: expected 0-{topology.MAX_REFLECTORS}")
     if args.route_reflectors and args.mode != "bgp":
         raise LabUsageError("--route-reflectors needs --mode bgp")
+    if args.ip_family != "ipv4":
+        if args.mode not in ("routes", "vxlan"):
+            raise LabUsageError(f"--ip-family {args.ip_family} needs --mode routes or vxlan (BGP over IPv6 is "
+                                "not supported yet; IPIP carries IPv4 only)")
+        if args.cross_subnet or args.route_reflectors or args.datastore != "etcd":
+            raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet, "
+                                "--route-reflectors or --datastore kubernetes yet")
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)
@@ -75,7 +82,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with state.locked(lab, create=True):
         st = LabState(name=lab, mode=args.mode, pool=pool, block_size=args.block_size,
-                      cross_subnet=args.cross_subnet, datastore=args.datastore)
+                      cross_subnet=args.cross_subnet, datastore=args.datastore, ip_family=args.ip_family)
         st.remember_netns(topology.fabric_netns(lab))
         for node_name in topology.node_names(args.nodes):
             ns = topology.node_netns(lab, node_name)
@@ -91,9 +98,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         say(f"lab {lab}: {args.nodes} nodes, mode {args.mode}, pool {pool}, blocks /{args.block_size}"
             + (f", {args.route_reflectors} route reflectors (mesh off)" if args.route_reflectors else "")
             + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else "")
-            + (", datastore kubernetes" if kube_mode else ""))
+            + (", datastore kubernetes" if kube_mode else "")
+            + (f", ip-family {args.ip_family} (IPv6 pool {topology.POOL6}, blocks /{topology.POOL6_BLOCK_SIZE})"
+               if args.ip_family != "ipv4" else ""))
 
-        procs.build_fabric(lab, args.cross_subnet)
+        ipv6 = args.ip_family != "ipv4"
+        procs.build_fabric(lab, args.cross_subnet, ipv6=ipv6)
         if not kube_mode:
             st.etcd_pid = procs.start_etcd(lab)
             state.save(st)
@@ -101,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
                 + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
         for node in st.nodes:
-            procs.build_node(lab, node.name, args.cross_subnet)
+            procs.build_node(lab, node.name, args.cross_subnet, ipv6=ipv6 and not node.route_reflector)
         pods.enter_fabric(lab)
         if kube_mode:
             kube_started = time.monotonic()
@@ -129,7 +139,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             if args.mode == "bgp":
                 _start_speaker(st, node)
             node.agent_pid = procs.start_agent(lab, node.name, pool, args.block_size, mode=args.mode,
-                                               cross_subnet=args.cross_subnet, datastore=st.datastore)
+                                               cross_subnet=args.cross_subnet, datastore=st.datastore,
+                                               ip_family=st.ip_family)
             state.save(st)
             say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, agent pid {node.agent_pid}"
                 + (f", exabgp pid {node.exabgp_pid}" if args.mode == "bgp" else ""))
@@ -442,7 +453,7 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             if api is not None:
                 kube.create_pod(api, pod, node.ip)  # the user's Pod, bound by the "scheduler"
             procs.netns_add(pod.netns)
-            result = pods.run_cni(st.name, "ADD", pod)
+            result = pods.run_cni(st.name, "ADD", pod, ip_family=st.ip_family)
         except Exception:
             _forget_pod(st, pod)
             raise
@@ -467,7 +478,7 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
 def _forget_pod(st: LabState, pod: PodState) -> None:
     """Undo a pod add that failed half-way; its IP (if any) is the agent's to release on DEL."""
     try:
-        pods.run_cni(st.name, "DEL", pod, timeout=20)
+        pods.run_cni(st.name, "DEL", pod, timeout=20, ip_family=st.ip_family)
     except Exception as e:  # the ADD already failed; DEL is best effort
         log.debug("cleanup DEL failed pod=%s err=%s", pod.ref, e)
     procs.netns_del(pod.netns)
@@ -489,7 +500,7 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
         api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
         if api is not None:
             kube.begin_delete(api, pod)  # deletionTimestamp: the pod is Terminating
-        pods.run_cni(st.name, "DEL", pod)
+        pods.run_cni(st.name, "DEL", pod, ip_family=st.ip_family)
         pids = procs.netns_pids(pod.netns) if pod.netns in procs.netns_list() else set()
         procs.stop_pids(pids)
         procs.netns_del(pod.netns)
@@ -736,10 +747,30 @@ def cmd_apply(args: argparse.Namespace, delete: bool = False) -> int:
 
 # --- probe / matrix -----------------------------------------------------------------------------
 
-def _targets(proto: str, port: int | None, pod: PodState) -> str | None:
-    if not pod.ips:
+def _pod_ip(pod: PodState, family: int) -> str | None:
+    """The pod's address of one IP family, if it has one."""
+    return next((ip for ip in pod.ips if ipaddress.ip_address(ip).version == family), None)
+
+
+def _targets(proto: str, port: int | None, pod: PodState, family: int = 4) -> str | None:
+    ip = _pod_ip(pod, family)
+    if ip is None:
         return None
-    return f"icmp:{pod.ips[0]}" if proto == "icmp" else f"{proto}:{pod.ips[0]}:{port}"
+    return f"icmp:{ip}" if proto == "icmp" else f"{proto}:{ip}:{port}"
+
+
+def _result_key(proto: str, port: int | None, family: int) -> str:
+    """Matrix result keys: "tcp/80", "icmp" for IPv4; "tcp6/80", "icmp6" for IPv6."""
+    suffix = "6" if family == 6 else ""
+    return f"icmp{suffix}" if proto == "icmp" else f"{proto}{suffix}/{port}"
+
+
+def _families(arg: str | None, pods_: list[PodState]) -> list[int]:
+    """--family 4|6, else every family some pod has an address of (IPv4 first)."""
+    if arg:
+        return [int(arg)]
+    have = {ipaddress.ip_address(ip).version for p in pods_ for ip in p.ips}
+    return sorted(have) or [4]
 
 
 def _start_probe(lab: str, src: PodState, targets: list[str], timeout: float) -> subprocess.Popen[str]:
@@ -767,7 +798,7 @@ def _finish_probe(proc: subprocess.Popen[str], src: PodState, count: int, timeou
 
 def _ip_address(text: str) -> str | None:
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.ip_address(text))
     except ValueError:
         return None
 
@@ -780,41 +811,49 @@ def cmd_probe(args: argparse.Namespace) -> int:
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
     # DST may be an address (a node's, a NodePort's): the probe goes there as it would to a pod.
     address = _ip_address(args.dst)
+    probes: list[tuple[str, str]] = []  # (label, target)
     if address is not None:
-        label, target = address, (f"icmp:{address}" if proto == "icmp" else f"{proto}:{address}:{args.port}")
+        probes.append((address, f"icmp:{address}" if proto == "icmp" else f"{proto}:{address}:{args.port}"))
     else:
         dst_ref = topology.parse_pod_ref(args.dst)
         dst = st.pod(dst_ref.namespace, dst_ref.name)
-        found = _targets(proto, args.port, dst)
-        if found is None:
-            say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
-            return 1
-        label, target = f"{dst.ref} ({dst.ips[0]})", found
-    ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
-    say(f"{src.ref} -> {label} {what}: {'connected' if ok else 'blocked'}")
-    return 0 if ok else 1
+        # --family, else every family the destination has an address of.
+        for family in _families(args.family, [dst]):
+            found = _targets(proto, args.port, dst, family)
+            if found is None:
+                say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IPv{family} address)")
+                return 1
+            probes.append((f"{dst.ref} ({_pod_ip(dst, family)})", found))
+    oks = _finish_probe(_start_probe(st.name, src, [t for _, t in probes], args.timeout), src, len(probes),
+                        args.timeout)
+    for (label, _), ok in zip(probes, oks):
+        say(f"{src.ref} -> {label} {what}: {'connected' if ok else 'blocked'}")
+    return 0 if all(oks) else 1
 
 
-def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float) -> dict[str, Any]:
-    """Every ordered pair of distinct pods on every proto/port, one prober process per source pod."""
+def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float,
+           families: list[int] | None = None) -> dict[str, Any]:
+    """Every ordered pair of distinct pods on every proto/port of every family, one prober process
+    per source pod. Keys: "tcp/80", "icmp" (IPv4), "tcp6/80", "icmp6" (IPv6)."""
     all_pods = pods.all_pods(st)
-    keys = [("icmp", None) if proto == "icmp" else (proto, port)
+    keys = [("icmp", None, family) if proto == "icmp" else (proto, port, family)
+            for family in (families or _families(None, all_pods))
             for proto in protos for port in ([0] if proto == "icmp" else ports)]
     results: dict[str, dict[str, dict[str, bool]]] = {
-        ("icmp" if proto == "icmp" else f"{proto}/{port}"): {} for proto, port in keys}
+        _result_key(proto, port, family): {} for proto, port, family in keys}
     running: list[tuple[PodState, list[tuple[str, str]], subprocess.Popen[str]]] = []
     for src in all_pods:
         plan: list[tuple[str, str]] = []  # (result key, dst ref) for every target sent
         targets: list[str] = []
-        for proto, port in keys:
-            key = "icmp" if proto == "icmp" else f"{proto}/{port}"
+        for proto, port, family in keys:
+            key = _result_key(proto, port, family)
             results[key][src.ref] = {}
             for dst in all_pods:
                 if dst is src:
                     continue
                 results[key][src.ref][dst.ref] = False
-                target = _targets(proto, port, dst)
-                if target is not None and src.ips:
+                target = _targets(proto, port, dst, family)
+                if target is not None and _pod_ip(src, family) is not None:
                     plan.append((key, dst.ref))
                     targets.append(target)
         if targets:
@@ -827,7 +866,8 @@ def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float) ->
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     st = state.load(args.name)
-    data = matrix(st, topology.parse_csv_ports(args.ports), _protos(args.protos), args.timeout)
+    data = matrix(st, topology.parse_csv_ports(args.ports), _protos(args.protos), args.timeout,
+                  [int(args.family)] if args.family else None)
     if args.output == "json":
         print(json.dumps(data, indent=1))
         return 0
@@ -900,7 +940,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             else:
                 node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
-                                                   cross_subnet=st.cross_subnet, datastore=st.datastore)
+                                                   cross_subnet=st.cross_subnet, datastore=st.datastore,
+                                                   ip_family=st.ip_family)
                 state.save(st)
                 problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
             if problem:
@@ -995,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route-reflectors", type=int, default=0)
     p.add_argument("--pool", default="10.244.0.0/16")
     p.add_argument("--block-size", type=int, default=26)
+    p.add_argument("--ip-family", choices=topology.IP_FAMILIES, default="ipv4",
+                   help=f"pods' address families (ipv6, dual: nodes get fd00:192:0:2::/64 addresses, IPv6 pool "
+                        f"{topology.POOL6}); needs --mode routes or vxlan")
     p.add_argument("--datastore", choices=("etcd", "kubernetes"), default="etcd",
                    help="kubernetes: a real kube-apiserver in the lab's fabric (scripts/build-kube.sh)")
 
@@ -1047,15 +1091,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")
     p.add_argument("src", metavar="NS/A")
-    p.add_argument("dst", metavar="NS/B|IP", help="a pod, or an IPv4 address (a node's, a NodePort's)")
+    p.add_argument("dst", metavar="NS/B|IP", help="a pod, or an IP address (a node's, a NodePort's)")
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--proto", choices=("tcp", "udp", "icmp"), default="tcp")
     p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--family", choices=("4", "6"), default=None,
+                   help="probe this IP family only (default: every family the destination has)")
 
     p = add("matrix", cmd_matrix, "probe every ordered pair of pods")
     p.add_argument("--ports", default="80,81")
     p.add_argument("--protos", default="tcp,udp")
     p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--family", choices=("4", "6"), default=None,
+                   help="this IP family only (default: every family the pods have)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
     p = add("exec", cmd_exec, "run a command in a node's or pod's netns: exec n1 -- ip route")

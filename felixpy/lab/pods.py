@@ -142,12 +142,17 @@ def write_profile_value(store: Datastore, value: dict[str, Any]) -> None:
 
 # --- CNI ----------------------------------------------------------------------------------------
 
-def cni_config(lab: str, node: str, pod: PodState | None = None) -> dict[str, Any]:
+def cni_config(lab: str, node: str, pod: PodState | None = None, ip_family: str = "ipv4") -> dict[str, Any]:
     """The network config as the runtime hands it to the plugin: with the pod's annotations in
-    runtimeConfig, as containerd does for a plugin declaring the pod-annotations capability."""
+    runtimeConfig, as containerd does for a plugin declaring the pod-annotations capability.
+    IPv6 and dual-stack labs say which families with Calico's ipam.assign_ipv4 / assign_ipv6."""
     config: dict[str, Any] = {"cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "felixpy",
                               "agent_socket": topology.cni_socket(lab, node), "mtu": 0,
                               "capabilities": {POD_ANNOTATIONS_CAPABILITY: True}}
+    if ip_family != "ipv4":
+        wanted = topology.families(ip_family)
+        config["ipam"] = {"type": "calico-ipam", "assign_ipv4": str(4 in wanted).lower(),
+                          "assign_ipv6": str(6 in wanted).lower()}
     if pod is not None:
         config["runtimeConfig"] = {POD_ANNOTATIONS_CAPABILITY: dict(pod.annotations)}
     return config
@@ -186,11 +191,11 @@ def cni_plugin(lab: str) -> str:
     return path
 
 
-def run_cni(lab: str, command: str, pod: PodState, timeout: float = 60.0) -> dict[str, Any]:
+def run_cni(lab: str, command: str, pod: PodState, timeout: float = 60.0, ip_family: str = "ipv4") -> dict[str, Any]:
     """Run the CNI plugin in the node's netns as kubelet would; returns the parsed result (ADD) or {}."""
     argv = ["ip", "netns", "exec", topology.node_netns(lab, pod.node), cni_plugin(lab)]
     try:
-        done = subprocess.run(argv, input=json.dumps(cni_config(lab, pod.node, pod)),
+        done = subprocess.run(argv, input=json.dumps(cni_config(lab, pod.node, pod, ip_family)),
                               env=cni_env(command, pod), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -20,9 +20,16 @@ import sys
 def _open(spec: str) -> socket.socket:
     proto, _, port = spec.partition(":")
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        # One dual-stack socket serves the pod's IPv4 and IPv6 addresses alike.
+        sock = socket.socket(socket.AF_INET6, kind)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address: tuple[str, int] = ("::", int(port))
+    except OSError:  # a pod netns without IPv6
+        sock = socket.socket(socket.AF_INET, kind)
+        address = ("0.0.0.0", int(port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", int(port)))
+    sock.bind(address)
     if kind == socket.SOCK_STREAM:
         sock.listen(128)
     sock.setblocking(False)

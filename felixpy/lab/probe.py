@@ -29,7 +29,8 @@ def probe_tcp(ip: str, port: int, timeout: float) -> bool:
 
 
 def probe_udp(ip: str, port: int, timeout: float) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect((ip, port))
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="felixpy.lab.probe")
     parser.add_argument("--lab", default="", help="only marks the process as the lab's")
     parser.add_argument("--timeout", type=float, default=1.0)
-    parser.add_argument("targets", nargs="*", help="tcp:IP:PORT, udp:IP:PORT or icmp:IP")
+    parser.add_argument("targets", nargs="*", help="tcp:IP:PORT, udp:IP:PORT or icmp:IP (IPv4 or IPv6)")
     args = parser.parse_args(argv)
     print(json.dumps(probe_all(args.targets, args.timeout)))
     return 0

@@ -118,7 +118,7 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def build_fabric(lab: str, cross_subnet: bool = False) -> None:
+def build_fabric(lab: str, cross_subnet: bool = False, ipv6: bool = False) -> None:
     """The fabric netns: bridge fabric0 on 192.0.2.0/24 (etcd listens there).
 
     With `cross_subnet` a second bridge, fabric1 on 198.51.100.0/24, and IP forwarding: the
@@ -135,9 +135,12 @@ def build_fabric(lab: str, cross_subnet: bool = False) -> None:
         ip(ns, "link", "add", bridge, "type", "bridge")
         ip(ns, "addr", "add", f"{address}/{prefixlen}", "dev", bridge)
         ip(ns, "link", "set", bridge, "up")
+    if ipv6:
+        ip(ns, "addr", "add", f"{topology.FABRIC6_IP}/{topology.FABRIC6_SUBNET.prefixlen}", "dev",
+           topology.FABRIC_BRIDGE, "nodad")
 
 
-def build_node(lab: str, node: str, cross_subnet: bool = False) -> None:
+def build_node(lab: str, node: str, cross_subnet: bool = False, ipv6: bool = False) -> None:
     """A node netns with eth0 on its fabric bridge; the fabric side of the veth is named after the node."""
     fabric = topology.fabric_netns(lab)
     ns = topology.node_netns(lab, node)
@@ -146,6 +149,10 @@ def build_node(lab: str, node: str, cross_subnet: bool = False) -> None:
     ip(fabric, "link", "add", node, "type", "veth", "peer", "name", topology.NODE_IFACE, "netns", ns)
     ip(fabric, "link", "set", node, "master", link.bridge, "up")
     ip(ns, "addr", "add", f"{link.ip}/{link.prefixlen}", "dev", topology.NODE_IFACE)
+    if ipv6:
+        # nodad: the address is the node's from the first moment (IP6 autodetection finds it).
+        ip(ns, "addr", "add", f"{topology.node_ip6(node)}/{topology.FABRIC6_SUBNET.prefixlen}", "dev",
+           topology.NODE_IFACE, "nodad")
     ip(ns, "link", "set", topology.NODE_IFACE, "up")
     ip(ns, "route", "add", "default", "via", link.gateway)
 
@@ -219,7 +226,7 @@ def datastore_env(lab: str, datastore: str) -> dict[str, str]:
 
 def agent_env(lab: str, node: str, pool: str, block_size: int,
               outer_env: Mapping[str, str] | None = None, mode: str = "routes",
-              cross_subnet: bool = False, datastore: str = "etcd") -> dict[str, str]:
+              cross_subnet: bool = False, datastore: str = "etcd", ip_family: str = "ipv4") -> dict[str, str]:
     outer = os.environ if outer_env is None else outer_env
     nd = topology.node_dir(lab, node)
     env = base_env()
@@ -242,6 +249,22 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         "FELIXPY_STATE_DIR": f"{nd}/lib",
         "FELIXPY_SECRETS_DIR": f"{nd}/secrets",  # the lab's stand-in for a mounted secret volume
     })
+    if ip_family == "ipv4":
+        # calico-node's manifest for IPv4 clusters: no IPv6 pool, no IPv6 routes or rules.
+        env.setdefault("FELIX_IPV6SUPPORT", "false")
+    else:
+        env.update({
+            "IP6": "autodetect",
+            "IP6_AUTODETECTION_METHOD": f"interface={topology.NODE_IFACE}",
+            "CALICO_IPV6POOL_CIDR": topology.POOL6,
+            "CALICO_IPV6POOL_BLOCK_SIZE": str(topology.POOL6_BLOCK_SIZE),
+            # Mode vxlan: IPv6 pods' traffic between nodes goes through vxlan-v6.calico.
+            "CALICO_IPV6POOL_VXLAN": "Always" if mode == "vxlan" else "Never",
+        })
+    if ip_family == "ipv6":
+        # IPv6 only: the Node has no IPv4 address and there is no IPv4 pool (the agent still
+        # reaches etcd over the IPv4 fabric, the lab's control network).
+        env.update({"IP": "none", "CALICO_IPV4POOL_CIDR": "none"})
     if mode == "ipip":
         # IPIP without BGP: the agents route other nodes' blocks via tunl0 from the datastore.
         env["CALICO_IPV4POOL_IPIP"] = "Always"
@@ -320,7 +343,7 @@ def wait_exabgp(lab: str, node: str, pid: int, timeout: float) -> str | None:
 
 
 def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "routes",
-                cross_subnet: bool = False, datastore: str = "etcd") -> int:
+                cross_subnet: bool = False, datastore: str = "etcd", ip_family: str = "ipv4") -> int:
     nd = topology.node_dir(lab, node)
     os.makedirs(f"{nd}/lib", exist_ok=True)
     try:
@@ -330,7 +353,7 @@ def start_agent(lab: str, node: str, pool: str, block_size: int, mode: str = "ro
     argv = [sys.executable, "-m", "felixpy.node.main"]
     return _spawn(lab, topology.node_netns(lab, node), argv,
                   agent_env(lab, node, pool, block_size, mode=mode, cross_subnet=cross_subnet,
-                            datastore=datastore),
+                            datastore=datastore, ip_family=ip_family),
                   f"{nd}/agent.log")
 
 

@@ -94,6 +94,7 @@ class LabState:
     heartbeat_pid: int = 0  # kubernetes: the process renewing the nodes' Leases (the kubelets' part)
     services: list[ServiceState] = field(default_factory=list)
     tor: TorState | None = None
+    ip_family: str = "ipv4"  # ipv4 | ipv6 | dual (topology.IP_FAMILIES)
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:

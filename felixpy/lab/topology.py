@@ -6,7 +6,8 @@ runs) on one machine never collide:
     <lab>-fabric             the "physical" network: a bridge joining the nodes, and etcd; with
                              --cross-subnet a second bridge, and the namespace routes between them
     <lab>-n1 .. <lab>-nN     one per node, eth0 = 192.0.2.(10+i)/24 (--cross-subnet: even nodes
-                             on the second subnet, 198.51.100.(10+i)/24)
+                             on the second subnet, 198.51.100.(10+i)/24); with --ip-family ipv6
+                             or dual also fd00:192:0:2::(10+i)/64 (the fabric bridge has ::1)
     <lab>-rr1 .. <lab>-rrN   --route-reflectors: one per reflector, eth0 = 192.0.2.(220+i)/24
     <lab>-<ns>-<pod>         one per pod, plumbed by the CNI plugin
     /run/felixpy-lab/<lab>/  state.json, etcd data, per-node agent log, CNI socket and state dir,
@@ -41,6 +42,13 @@ MAX_REFLECTORS = 20  # reflector addresses are 192.0.2.221 .. 192.0.2.240
 RR_CLUSTER_ID = "244.0.0.1"  # every lab reflector shares it (redundant pair, Calico's usual example)
 RR_LABEL = "route-reflector"
 MODES = ("bgp", "routes", "vxlan", "ipip")
+# --ip-family: which families pods get. IPv6 and dual give nodes an IPv6 address on the fabric and
+# the pool below; the control plane (etcd) stays on the IPv4 fabric.
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
+FABRIC6_SUBNET = ipaddress.IPv6Network("fd00:192:0:2::/64")
+FABRIC6_IP = "fd00:192:0:2::1"
+POOL6 = "fd00:10:244::/64"
+POOL6_BLOCK_SIZE = 122  # Calico's default for IPv6 pools
 
 _LAB_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?$")
 # Kubernetes namespaces and pod names are DNS labels / subdomains; the lab accepts DNS labels.
@@ -330,3 +338,13 @@ def check_pool(cidr: str, block_size: int) -> str:
         raise LabUsageError(f"--block-size {block_size}: must be between "
                             f"{max(20, net.prefixlen)} and 32 for pool {net}")
     return str(net)
+
+
+def node_ip6(node: str) -> str:
+    """A node's IPv6 address on the fabric (--ip-family ipv6 / dual): the same digits as its IPv4."""
+    return f"fd00:192:0:2::{10 + node_index(node)}"
+
+
+def families(ip_family: str) -> tuple[int, ...]:
+    """The IP versions pods of a lab get."""
+    return {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}[ip_family]

@@ -135,6 +135,9 @@ _T_POOL_CLAIM = "tests/unit/test_ipam_allocator.py::test_first_allocation_claims
 _T_ROUTES = "tests/unit/test_calc_graph.py::test_routes_mode_programs_local_blackhole_remote_and_borrowed"
 _T_VXLAN = "tests/unit/test_tunnels_calc.py::test_vxlan_always_routes_every_remote_block_via_its_vtep"
 _T_IPIP = "tests/unit/test_tunnels_calc.py::test_ipip_always_and_cross_subnet"
+_T_ROUTES_V6 = "tests/unit/test_calc_ipv6.py::test_routes_mode_routes_ipv6_pods_blocks_and_remote_blocks"
+_T_IPV6_OFF = "tests/unit/test_calc_ipv6.py::test_ipv6_support_off_leaves_every_ipv6_thing_out"
+_T_VXLAN_V6 = "tests/unit/test_calc_ipv6.py::test_vxlan_v6_routes_every_remote_ipv6_block_via_its_vtep"
 _T_PEERS = "tests/unit/test_bgp_peers.py::test_global_and_node_peers"
 _T_FROM_RES = "tests/unit/test_bgp_peers.py::test_from_resources"
 _T_ENDPOINT = "tests/unit/test_policy_calico.py::test_endpoint_from_resources"
@@ -229,14 +232,14 @@ SUPPORT: dict[str, dict[str, Support]] = {
     "Node": {
         "spec.bgp.asNumber": Honoured(_T_FROM_RES),
         "spec.bgp.ipv4Address": Honoured(_T_ROUTES),
-        "spec.bgp.ipv6Address": Refused(_IPV6),
+        "spec.bgp.ipv6Address": Honoured(_T_ROUTES_V6),
         "spec.bgp.ipv4IPIPTunnelAddr": Honoured(_T_IPIP),
         "spec.bgp.routeReflectorClusterID": Honoured(
             "tests/unit/test_bgp_peers.py::test_route_reflector_client_peers_with_all_reflectors_only"),
         "spec.ipv4VXLANTunnelAddr": Honoured(_T_VXLAN),
-        "spec.ipv6VXLANTunnelAddr": Refused(_IPV6),
+        "spec.ipv6VXLANTunnelAddr": Honoured(_T_VXLAN_V6),
         "spec.vxlanTunnelMACAddr": Honoured(_T_VXLAN),
-        "spec.vxlanTunnelMACAddrV6": Refused(_IPV6),
+        "spec.vxlanTunnelMACAddrV6": Honoured(_T_VXLAN_V6),
         "spec.orchRefs[].nodeName": Honoured(_T_KUBE_NODES, "written from the Kubernetes Node, as calico-node does"),
         "spec.orchRefs[].orchestrator": Honoured(_T_KUBE_NODES),
         "spec.addresses[].address": Honoured(_T_KUBE_NODES, "written from the Kubernetes Node's addresses"),
@@ -275,7 +278,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.localWorkloadPeeringIPV6": Refused("peering with local workloads"),
         "spec.programClusterRoutes": Refused("choosing who programs cluster routes: the agent programs all"),
         "spec.ipv4NormalRoutePriority": Refused("route metrics"),
-        "spec.ipv6NormalRoutePriority": Refused(_IPV6),
+        "spec.ipv6NormalRoutePriority": Refused("route metrics"),
     },
     "BGPPeer": {
         "spec.node": Honoured(_T_PEERS),
@@ -373,7 +376,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.mtuIfacePattern": Honoured(_T_MERGE),
         "spec.interfacePrefix": HonouredIf("tests/unit/test_policy_render.py::test_custom_iface_prefix",
                                            _no_comma, "one prefix", "cali", "cali,tap"),
-        "spec.ipv6Support": _off(_T_OFF),
+        "spec.ipv6Support": Honoured(_T_IPV6_OFF, "false: nothing IPv6 is computed, read back or programmed"),
         "spec.ipForwarding": _off(_T_FELIX, "Enabled", "Disabled", "Enabled"),
         **{f"spec.{field}": Refused() for field in (
             "useInternalDataplaneDriver", "dataplaneDriver", "dataplaneWatchdogTimeout", "logPrefix",
@@ -409,8 +412,9 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.sidecarAccelerationEnabled": _off(_T_OFF),
         "spec.awsSrcDstCheck": _off(_T_OFF, "DoNothing", "Enable", "DoNothing"),
         "spec.floatingIPs": _off(_T_OFF, "Disabled", "Enabled", "Disabled"),
-        **{f"spec.{field}": Refused(_IPV6) for field in (
-            "deviceRouteSourceAddressIPv6", "ipv6ElevatedRoutePriority", "ipv6NormalRoutePriority", "vxlanMTUV6")},
+        "spec.vxlanMTUV6": Honoured(_T_MERGE),
+        **{f"spec.{field}": Refused("route metrics and source addresses") for field in (
+            "deviceRouteSourceAddressIPv6", "ipv6ElevatedRoutePriority", "ipv6NormalRoutePriority")},
         **{f"spec.{field}": Refused(_WIREGUARD) for field in (
             "prometheusWireGuardMetricsEnabled", "wireguardListeningPort", "wireguardListeningPortV6", "wireguardRoutingRulePriority",
             "wireguardInterfaceName", "wireguardInterfaceNameV6", "wireguardMTU", "wireguardMTUV6",
@@ -438,7 +442,7 @@ SUPPORT: dict[str, dict[str, Support]] = {
                                             "ksa.<ns>.<sa> profile's labels"),
         "spec.ipNetworks": Honoured(_T_ROUTES),
         "spec.ipv4Gateway": Refused("a per-endpoint gateway"),
-        "spec.ipv6Gateway": Refused(_IPV6),
+        "spec.ipv6Gateway": Refused("a per-endpoint gateway"),
         "spec.ipNATs": Refused("floating IPs (1:1 NAT)"),
         "spec.profiles": Honoured(_T_ENDPOINT),
         "spec.interfaceName": Honoured(_T_ROUTES),

@@ -64,6 +64,7 @@ from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers import Manager
 from felixpy.dataplane.managers.masq import MasqManager, NatSettings
 from felixpy.dataplane.managers.policy import PolicyManager
+from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard, policed_ifaces
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
@@ -192,6 +193,11 @@ class Agent:
         vxlan_vni: int = names.VXLAN_VNI,
         vxlan_port: int = names.VXLAN_PORT,
         config_watch: Registrant | None = None,
+        ipv6: bool = True,
+        vxlan_mtu_v6: int = 0,
+        nat6_table: Table | None = None,
+        ipsets6: IPSets | None = None,
+        filter6_table: Table | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -204,7 +210,8 @@ class Agent:
         # Without BGP ("vxlan" backend) the agent itself routes to other nodes' blocks from the
         # datastore; with BGP ("bird") those routes come from the BGP speaker instead, and with
         # "none" (policy-only) nobody routes them.
-        self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan")
+        # ipv6: Felix's Ipv6Support; off, nothing IPv6 is computed, read back or programmed.
+        self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan", ipv6=ipv6)
         self.policy_calc = PolicyCalc(node_name, render_config)
         self._stats = DatastoreStats(node_name, metrics) if metrics is not None else None
         self._bgp = bgp
@@ -220,7 +227,7 @@ class Agent:
             config_watch.register_with(self.dispatcher)
 
         self._routes = route_table or RouteTable(
-            observe_read_back=metrics.observe_route_resync if metrics is not None else None)
+            observe_read_back=metrics.observe_route_resync if metrics is not None else None, ipv6=ipv6)
         self._nat = nat_table or Table("nat", backend=iptables_backend, insert_mode=chain_insert_mode)
         # The filter table is real whenever the nat table is: a caller that injects its own
         # drivers (tests with fakes) and no filter table runs without policy rather than
@@ -232,31 +239,49 @@ class Agent:
         self._filter = filter_table
         self._policy_tables = tuple(t for t in (mangle_table, raw_table) if t is not None)
         self._ipsets = ipsets or IPSets()
+        # IPv6 natOutgoing: ip6tables' nat table and the cali60 sets, real whenever the IPv4 nat
+        # table is (a test injecting fakes passes its own or runs without).
+        if ipv6 and nat_table is None:
+            nat6_table = nat6_table or Table("nat", backend=iptables_backend, insert_mode=chain_insert_mode,
+                                             ip_version=6)
+            ipsets6 = ipsets6 or IPSets(ip_version=6)
+            filter6_table = filter6_table or Table("filter", backend=iptables_backend,
+                                                   insert_mode=chain_insert_mode, ip_version=6)
+        self._nat6 = nat6_table if ipv6 else None
+        # Policy is not rendered into ip6tables yet: the guard drops policed pods' IPv6 traffic
+        # rather than letting it through unpoliced (dataplane/managers/policy6.py).
+        self._filter6 = filter6_table if ipv6 else None
+        self._guard6 = Ipv6PolicyGuard(self._filter6) if self._filter6 is not None else None
+        self._ipsets6 = ipsets6 if ipv6 and nat6_table is not None else None
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
         if links is None and route_table is None:
             links = TunnelLinks()
         self._links = links
         self._tunnel_mgr = (TunnelManager(links, vxlan_mtu=vxlan_mtu, ipip_mtu=ipip_mtu,
-                                          vxlan_vni=vxlan_vni, vxlan_port=vxlan_port)
+                                          vxlan_vni=vxlan_vni, vxlan_port=vxlan_port, vxlan_mtu_v6=vxlan_mtu_v6)
                             if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
         self._policy_mgr = (PolicyManager(self._filter, self._ipsets, mangle_table=mangle_table, raw_table=raw_table)
                             if self._filter is not None else None)
         self._managers: tuple[Manager, ...] = tuple(
             m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets, nat_settings),
+                        MasqManager(self._nat6, self._ipsets6, nat_settings, ip_version=6)
+                        if self._nat6 is not None and self._ipsets6 is not None else None,
                         self._policy_mgr) if m is not None)
+        nat6, ipsets6_ = self._nat6, self._ipsets6
         filter_apply = self._filter.apply if self._filter is not None else None
         steps: dict[str, Callable[[_ApplyOutcome], object] | None] = {
             "links": self._apply_links if self._tunnel_mgr is not None else None,
             "deferred-work": self._complete_deferred_work,
-            "ipsets": lambda _: self._ipsets.apply(),
+            "ipsets": lambda _: (self._ipsets.apply(), ipsets6_.apply() if ipsets6_ is not None else None),
             "routes": self._apply_routes,
-            "filter": (lambda _: filter_apply()) if filter_apply is not None else None,
+            "filter": self._apply_filters if filter_apply is not None else None,
             "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
             "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
-            "nat": lambda _: self._nat.apply(),
-            "ipset-deletions": lambda _: self._ipsets.apply_deletions(),
+            "nat": lambda _: (self._nat.apply(), nat6.apply() if nat6 is not None else None),
+            "ipset-deletions": lambda _: (self._ipsets.apply_deletions(),
+                                          ipsets6_.apply_deletions() if ipsets6_ is not None else None),
         }
         self._steps = tuple((name, step) for name in APPLY_ORDER if (step := steps[name]) is not None)
 
@@ -348,7 +373,9 @@ class Agent:
                     self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
-            self._bgp.set_announcements(self.calc.bgp_announcements(), self.calc.local_endpoints)
+            # The ExaBGP sessions carry IPv4 unicast only (BGP over IPv6 is not done yet).
+            self._bgp.set_announcements((p for p in self.calc.bgp_announcements() if ":" not in p),
+                                        self.calc.local_endpoints)
             self._bgp.sync()
 
     def _on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:
@@ -379,14 +406,20 @@ class Agent:
             self.calc.dirty = True
         if now >= self._iptables_timer.due:
             self._nat.queue_resync()
+            if self._nat6 is not None:
+                self._nat6.queue_resync()
             if self._filter is not None:
                 self._filter.queue_resync()
+            if self._filter6 is not None:
+                self._filter6.queue_resync()
             for table in self._policy_tables:
                 table.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
         if now >= self._ipsets_timer.due:
             self._ipsets.queue_resync()
+            if self._ipsets6 is not None:
+                self._ipsets6.queue_resync()
             self._ipsets_timer.schedule(now)
             self.calc.dirty = True
         return self.calc.dirty or self.policy_calc.dirty or now >= self._retry_at
@@ -446,6 +479,9 @@ class Agent:
         if self._policy_mgr is not None and self.policy_calc.dirty:
             self.policy_calc.dirty = False
             yield self.policy_calc.filter_state()
+            if self._guard6 is not None:
+                self._guard6.set_endpoints(*policed_ifaces(self.policy_calc.endpoint_chains().values(),
+                                                           self.policy_calc.active_profiles()))
 
     def _send(self, message: Message) -> None:
         for manager in self._managers:
@@ -459,6 +495,13 @@ class Agent:
         if result.devices_changed:
             self._routes.queue_resync()  # the kernel took the routes through a deleted device along
         self._send(TunnelDevices(self._tunnel_mgr.blocked_devices()))
+
+    def _apply_filters(self, outcome: _ApplyOutcome) -> None:
+        assert self._filter is not None
+        self._filter.apply()
+        if self._guard6 is not None and self._filter6 is not None:
+            self._guard6.complete_deferred_work()
+            self._filter6.apply()
 
     def _complete_deferred_work(self, outcome: _ApplyOutcome) -> None:
         for manager in self._managers:

@@ -213,6 +213,16 @@ def render_config(config: Any) -> Any:
     )
 
 
+def ipv6_refusal(config: Any) -> str | None:
+    """Why pods on this node cannot get IPv6 addresses, or None when they can."""
+    if not config.felix.ipv6_support:
+        return "FELIX_IPV6SUPPORT (ipv6Support) is false on this node, so IPv6 is not programmed"
+    if config.node.networking_backend == "bird":
+        return ("IPv6 pods need BGP over IPv6 (CALICO_NETWORKING_BACKEND=bird), which felixpy does not do "
+                "yet; use CALICO_NETWORKING_BACKEND=vxlan")
+    return None
+
+
 def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     from felixpy.cni.server import CNIHandler, CNIServer
     from felixpy.kernel import commands, sysctl
@@ -222,6 +232,9 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
 
     log = logging.getLogger("felixpy.node")
     sysctl.write("net.ipv4.ip_forward", 1)
+    if config.felix.ipv6_support and os.path.exists("/proc/sys/net/ipv6"):
+        # IPv6 pods' traffic is forwarded like IPv4's (Felix with Ipv6Support sets both).
+        sysctl.write("net/ipv6/conf/all/forwarding", 1)
     backend = config.node.networking_backend
     iptables_backend = config.felix.iptables_backend
     bgp = None
@@ -275,6 +288,8 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         vxlan_vni=config.felix.vxlan_vni,
         vxlan_port=config.felix.vxlan_port,
         config_watch=watch,
+        ipv6=config.felix.ipv6_support,
+        vxlan_mtu_v6=config.felix.vxlan_mtu_v6,
     )
     probe = add_agent_checks(checks, agent.status, store=store) if checks is not None else None
     if checks is not None and bgp is not None:
@@ -318,6 +333,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         # unless the container runtime passes them with the request.
         pod_annotations=(kube_pod_annotations(lambda: open_kube_http(os.environ))
                          if kube_api_configured(os.environ) else None),
+        ipv6_refusal=ipv6_refusal(config),
     )
     server = CNIServer(config.agent.cni_socket, handler)
     # Like calico-node: once the first dataplane apply is done (with BGP, only after the sidecar's

@@ -6,15 +6,17 @@ This is calico-node's `startup.Run` (calico-reference.md §1.1–§1.7) for the 
 2. optionally wait for the datastore (WAIT_FOR_DATASTORE=true), and wait while a migration
    holds it locked (ClusterInformation datastoreReady=false), as Felix waits;
 3. decide the node's IPv4/IPv6 address (IP / IP6 semantics: keep, autodetect, none, explicit)
-   and refuse an IPv4 address another Node already has (unless DISABLE_NODE_IP_CHECK=true);
+   and refuse an address another Node already has (unless DISABLE_NODE_IP_CHECK=true);
 4. create or compare-and-swap the Node resource, keeping what others wrote into it;
-5. create the default IPv4 pool when no IPv4 pool exists (create-only: never overwritten);
+5. create the default IPv4 pool when no IPv4 pool exists, and the default IPv6 pool when no IPv6
+   pool exists and IPv6 is supported (FELIX_IPV6SUPPORT and /proc/sys/net/ipv6; create-only);
 6. create the default FelixConfiguration, per-node FelixConfiguration, BGPConfiguration,
    ClusterInformation and IPAM configuration when missing (create-only);
 7. allocate the node's tunnel addresses (calico-reference §2.5): for VXLAN when an enabled IPv4
-   pool has vxlanMode Always/CrossSubnet, for IPIP likewise, one address each from IPAM with
-   handle `vxlan-tunnel-addr-<node>` / `ipip-tunnel-addr-<node>`, written to the Node with a
-   VTEP MAC for VXLAN; kept across restarts, released when no pool needs it any more;
+   pool has vxlanMode Always/CrossSubnet, for IPv6 VXLAN when an enabled IPv6 pool does, for IPIP
+   likewise (IPv4 only), one address each from IPAM with handle `vxlan-tunnel-addr-<node>` /
+   `vxlan-v6-tunnel-addr-<node>` / `ipip-tunnel-addr-<node>`, written to the Node with a VTEP MAC
+   per VXLAN family; kept across restarts, released when no pool needs it any more;
 8. read FelixConfiguration `default` and `node.<name>` and merge them into the configuration
    with Felix's precedence (environment > node.<name> > default > built-in default), before
    anything below uses a Felix parameter;
@@ -65,6 +67,7 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "projectcalico.org/v3"
 DEFAULT_IPV4_POOL_NAME = "default-ipv4-ippool"
+DEFAULT_IPV6_POOL_NAME = "default-ipv6-ippool"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 CAS_RETRIES = 10
 # calico-node probes readiness with a Get of a Node that need not exist.
@@ -90,6 +93,7 @@ class StartupResult:
     config: Config | None = None
     felix_global: Mapping[str, Any] | None = None
     felix_host: Mapping[str, Any] | None = None
+    ipv6: ipaddress.IPv6Interface | None = None
 
 
 def startup(
@@ -144,18 +148,22 @@ def _startup(
     existing = _get(store, key)
     detect = _with_kubernetes_internal_ip(detect, name, config, interfaces, kube_node)
     ipv4, ipv6 = _resolve_addresses(config, existing.value if existing else None, detect, interfaces)
-    if ipv4 is not None and not config.node.disable_node_ip_check:
-        _check_duplicate_ip(store, config, name, ipv4, existing)
+    if not config.node.disable_node_ip_check:
+        for addr in (ipv4, ipv6):
+            if addr is not None:
+                _check_duplicate_ip(store, config, name, addr, existing)
     node = _write_node(store, key, name, ipv4, ipv6, config)
     log.info("node written name=%s ipv4=%s ipv6=%s", name, ipv4, ipv6)
 
     if config.ipv4_pool.create:
         ensure_default_ipv4_pool(store, config, interfaces)
+    if config.ipv6_pool.create and ipv6_supported(config):
+        ensure_default_ipv6_pool(store, config)
     ensure_default_config(store, config, name)
     felix_global, felix_host = read_felix_configuration(store, name)
     config = with_datastore_config(config, felix_global, felix_host)
     log_felix_config(config)
-    if isinstance(ipv4, ipaddress.IPv4Interface):
+    if ipv4 is not None or ipv6 is not None:
         node = ensure_tunnel_addresses(store, name)
 
     _write_file(config.node.nodename_file, name)
@@ -163,7 +171,8 @@ def _startup(
     _write_file(config.agent.mtu_file, str(mtu))
     log.info("startup complete name=%s mtu=%d mtu_file=%s", name, mtu, config.agent.mtu_file)
     return StartupResult(node_name=name, node=node, ipv4=ipv4 if isinstance(ipv4, ipaddress.IPv4Interface) else None,
-                         mtu=mtu, config=config, felix_global=felix_global, felix_host=felix_host)
+                         mtu=mtu, config=config, felix_global=felix_global, felix_host=felix_host,
+                         ipv6=ipv6 if isinstance(ipv6, ipaddress.IPv6Interface) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,39 +348,43 @@ def _resolve_addresses(
 
 
 def _check_duplicate_ip(
-    store: Datastore, config: Config, name: str, ipv4: IPInterface, existing: Any,
+    store: Datastore, config: Config, name: str, addr: IPInterface, existing: Any,
 ) -> None:
+    """calico-node's checkConflictingNodes for one family: another Node with the same address is
+    fatal; an autodetected stale copy of ours is cleared first, so the next start detects afresh."""
+    field, setting, var = (("ipv4Address", config.node.ip, "IP") if addr.version == 4
+                           else ("ipv6Address", config.node.ip6, "IP6"))
     nodes, _ = store.list(keys.resource_prefix("nodes"))
     for kv in nodes:
         other = kv.value or {}
         other_name = (other.get("metadata") or {}).get("name", keys.parse_key(kv.key).name)
         if other_name == name:
             continue
-        other_ip = _stored_address(other, "ipv4Address")
-        if other_ip is None or other_ip.ip != ipv4.ip:
+        other_ip = _stored_address(other, field)
+        if other_ip is None or other_ip.ip != addr.ip:
             continue
-        stored = _stored_address(existing.value if existing else None, "ipv4Address")
-        if existing is not None and stored is not None and stored.ip == ipv4.ip and config.node.ip.mode != "explicit":
+        stored = _stored_address(existing.value if existing else None, field)
+        if existing is not None and stored is not None and stored.ip == addr.ip and setting.mode != "explicit":
             # Clear our stale copy so the next start detects afresh instead of keeping the clash.
-            _clear_ipv4(store, keys.resource_key("nodes", name))
+            _clear_address(store, keys.resource_key("nodes", name), field)
         raise StartupError(
-            f'IPv4 address {ipv4.ip} is already used by node "{other_name}"; choose another with IP or '
-            "IP_AUTODETECTION_METHOD, or set DISABLE_NODE_IP_CHECK=true")
+            f'IPv{addr.version} address {addr.ip} is already used by node "{other_name}"; choose another with '
+            f"{var} or {var}_AUTODETECTION_METHOD, or set DISABLE_NODE_IP_CHECK=true")
 
 
-def _clear_ipv4(store: Datastore, key: str) -> None:
+def _clear_address(store: Datastore, key: str, field: str) -> None:
     for _ in range(CAS_RETRIES):
         kv = _get(store, key)
         if kv is None:
             return
         node = copy.deepcopy(kv.value)
         bgp = (node.get("spec") or {}).get("bgp") or {}
-        if "ipv4Address" not in bgp:
+        if field not in bgp:
             return
-        del bgp["ipv4Address"]
+        del bgp[field]
         try:
             store.update(key, node, kv.revision)
-            log.warning("cleared conflicting ipv4Address from node key=%s", key)
+            log.warning("cleared conflicting %s from node key=%s", field, key)
             return
         except (Conflict, NotFound):
             continue
@@ -504,6 +517,46 @@ def ensure_default_ipv4_pool(store: Datastore, config: Config, interfaces: Inter
     return pool
 
 
+def ipv6_supported(config: Config, proc_path: str = "/proc/sys/net/ipv6") -> bool:
+    """calico-node's ipv6Supported: FELIX_IPV6SUPPORT (the environment only) and a kernel with IPv6."""
+    return config.felix.ipv6_support and os.path.exists(proc_path)
+
+
+def random_ula_prefix(rng: random.Random | None = None) -> ipaddress.IPv6Network:
+    """An RFC 4193 ULA /48: fd followed by 40 random bits (calico-node's GenerateIPv6ULAPrefix)."""
+    global_id = (rng or random.SystemRandom()).getrandbits(40)
+    return ipaddress.IPv6Network(((0xFD << 120) | (global_id << 80), 48))
+
+
+def ensure_default_ipv6_pool(store: Datastore, config: Config,
+                             rng: random.Random | None = None) -> dict[str, Any] | None:
+    """Create `default-ipv6-ippool` when no IPv6 pool exists; returns the pool created, if any."""
+    existing = [pool for pool, net in _pool_cidrs(store) if net.version == 6]
+    if existing:
+        log.info("IPv6 pool exists, not creating the default IPv6 pool count=%d", len(existing))
+        return None
+    settings = config.ipv6_pool
+    cidr = settings.cidr or random_ula_prefix(rng)
+    pool = resources.validate(_new_resource("IPPool", DEFAULT_IPV6_POOL_NAME, {
+        "cidr": str(cidr),
+        "blockSize": settings.block_size,
+        "ipipMode": "Never",
+        "vxlanMode": settings.vxlan_mode,
+        "natOutgoing": settings.nat_outgoing,
+        "nodeSelector": settings.node_selector,
+        "disableBGPExport": settings.disable_bgp_export,
+        "allowedUses": ["Workload", "Tunnel"],
+    }))
+    try:
+        store.create(keys.resource_key("ippools", DEFAULT_IPV6_POOL_NAME), pool)
+    except AlreadyExists:
+        log.info("default pool created concurrently name=%s", DEFAULT_IPV6_POOL_NAME)
+        return None
+    log.info("created default pool name=%s cidr=%s vxlan=%s nat_outgoing=%s", DEFAULT_IPV6_POOL_NAME, cidr,
+             settings.vxlan_mode, settings.nat_outgoing)
+    return pool
+
+
 def _create_if_missing(store: Datastore, key: str, value: dict[str, Any]) -> None:
     try:
         store.create(key, value)
@@ -600,13 +653,17 @@ class _Tunnel:
     pool_mode: str  # the IPPool field that enables it
     node_field: tuple[str, ...]  # where on the Node its address lives
     attr_type: str  # IPAM attribute "type" of the allocation, as calico-node sets it
+    version: int = 4  # the pools' (and the address's) IP family
+    mac_field: tuple[str, ...] | None = None  # VXLAN: where the node's VTEP MAC lives
 
 
 _TUNNELS = (
-    _Tunnel("vxlan", "vxlanMode", ("spec", "ipv4VXLANTunnelAddr"), "vxlanTunnelAddress"),
+    _Tunnel("vxlan", "vxlanMode", ("spec", "ipv4VXLANTunnelAddr"), "vxlanTunnelAddress",
+            mac_field=("spec", "vxlanTunnelMACAddr")),
+    _Tunnel("vxlan-v6", "vxlanMode", ("spec", "ipv6VXLANTunnelAddr"), "vxlanV6TunnelAddress", version=6,
+            mac_field=("spec", "vxlanTunnelMACAddrV6")),
     _Tunnel("ipip", "ipipMode", ("spec", "bgp", "ipv4IPIPTunnelAddr"), "ipipTunnelAddress"),
 )
-_VXLAN_MAC_FIELD = ("spec", "vxlanTunnelMACAddr")
 
 
 def random_vtep_mac(rng: random.Random | None = None) -> str:
@@ -634,7 +691,7 @@ def _set_field(node: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 
 def _tunnel_address(ipam: IPAM, node_name: str, tunnel: _Tunnel, current: str | None,
-                    pools: list[tuple[str, ipaddress.IPv4Network]]) -> str | None:
+                    pools: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]]) -> str | None:
     """The node's address for `tunnel`: kept if still valid, else (re)allocated; None if unused."""
     handle = names.tunnel_handle(tunnel.kind, node_name)
     if not pools:
@@ -645,11 +702,11 @@ def _tunnel_address(ipam: IPAM, node_name: str, tunnel: _Tunnel, current: str | 
         return None
     nets = [net for _, net in pools]
 
-    def usable(ip: ipaddress.IPv4Address) -> bool:
+    def usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip in net for net in nets)
 
     if current:
-        addr = ipaddress.IPv4Address(current)
+        addr = ipaddress.ip_address(current)
         assignment = ipam.get_assignment(addr) if usable(addr) else None
         if assignment is not None and assignment.handle == handle:
             return current
@@ -665,19 +722,22 @@ def _tunnel_address(ipam: IPAM, node_name: str, tunnel: _Tunnel, current: str | 
         ipam.release_by_handle(handle)  # its pool is gone or no longer encapsulated
     try:
         ip = ipam.auto_assign(num=1, handle=handle, attrs={"type": tunnel.attr_type, "node": node_name},
-                              node=node_name, pools=[name for name, _ in pools], use=USE_TUNNEL)[0]
+                              node=node_name, pools=[name for name, _ in pools], use=USE_TUNNEL,
+                              version=tunnel.version)[0]
     except IPAMError as exc:
         raise StartupError(f"cannot allocate the {tunnel.kind} tunnel address: {exc}") from exc
     log.info("allocated tunnel address kind=%s handle=%s ip=%s", tunnel.kind, handle, ip)
     return str(ip)
 
 
-def _encap_pools(store: Datastore, mode_field: str, labels: dict[str, str]) -> list[tuple[str, ipaddress.IPv4Network]]:
-    """Enabled IPv4 pools using this encapsulation that allow tunnel addresses and select the node."""
+def _encap_pools(store: Datastore, mode_field: str, labels: dict[str, str],
+                 version: int = 4) -> list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    """Enabled pools of one IP family using this encapsulation that allow tunnel addresses and
+    select the node."""
     out = []
     for pool, net in _pool_cidrs(store):
         spec = pool.get("spec") or {}
-        if not isinstance(net, ipaddress.IPv4Network) or spec.get("disabled"):
+        if net.version != version or spec.get("disabled"):
             continue
         if spec.get(mode_field, "Never") == "Never":
             continue
@@ -691,10 +751,13 @@ def _encap_pools(store: Datastore, mode_field: str, labels: dict[str, str]) -> l
 
 def ensure_tunnel_addresses(store: Datastore, name: str, *, ipam: IPAM | None = None,
                             new_mac: Callable[[], str] = random_vtep_mac) -> dict[str, Any]:
-    """calico-node's tunnel address allocator for IPv4 VXLAN and IPIP; returns the stored Node.
+    """calico-node's tunnel address allocator for VXLAN (IPv4 and IPv6) and IPIP; returns the
+    stored Node.
 
     Idempotent: an address already on the Node (and allocated to our handle from a pool that
-    still uses its encapsulation) is kept, and so is the VTEP MAC.
+    still uses its encapsulation) is kept, and so are the VTEP MACs. Calico's Felix derives a
+    missing VTEP MAC from a hash of the node name; felixpy writes a random one to the Node with
+    the address, so every node reads its peers' MACs from the datastore.
     """
     ipam = ipam or IPAM(store, cache_ttl=0)
     key = keys.resource_key("nodes", name)
@@ -706,21 +769,24 @@ def ensure_tunnel_addresses(store: Datastore, name: str, *, ipam: IPAM | None = 
     for tunnel in _TUNNELS:
         current = _field(kv.value, tunnel.node_field)
         wanted[tunnel.node_field] = _tunnel_address(ipam, name, tunnel, current,
-                                                    _encap_pools(store, tunnel.pool_mode, labels))
+                                                    _encap_pools(store, tunnel.pool_mode, labels, tunnel.version))
     for _ in range(CAS_RETRIES):
         node = copy.deepcopy(kv.value)
         for path, value in wanted.items():
             _set_field(node, path, value)
-        vxlan = wanted[_TUNNELS[0].node_field] is not None
-        mac = _field(node, _VXLAN_MAC_FIELD) if vxlan else None
-        _set_field(node, _VXLAN_MAC_FIELD, (mac or new_mac()) if vxlan else None)
+        for tunnel in _TUNNELS:
+            if tunnel.mac_field is None:
+                continue
+            used = wanted[tunnel.node_field] is not None
+            mac = _field(node, tunnel.mac_field) if used else None
+            _set_field(node, tunnel.mac_field, (mac or new_mac()) if used else None)
         if node == kv.value:
             return dict(kv.value)
         try:
             stored = dict(store.update(key, resources.validate(node), kv.revision).value)
-            log.info("node tunnel addresses written name=%s vxlan=%s vxlan_mac=%s ipip=%s", name,
-                     _field(stored, _TUNNELS[0].node_field), _field(stored, _VXLAN_MAC_FIELD),
-                     _field(stored, _TUNNELS[1].node_field))
+            log.info("node tunnel addresses written name=%s %s", name, " ".join(
+                f"{t.kind}={_field(stored, t.node_field)}"
+                + (f" {t.kind}_mac={_field(stored, t.mac_field)}" if t.mac_field else "") for t in _TUNNELS))
             return stored
         except (Conflict, NotFound):
             kv = _get(store, key)
@@ -735,16 +801,22 @@ def ensure_tunnel_addresses(store: Datastore, name: str, *, ipam: IPAM | None = 
 
 
 def _pod_mtu(store: Datastore, config: Config, interfaces: InterfacesFn) -> int:
+    """Felix's pod MTU: the smallest over the enabled encapsulations of both families (IPv6
+    VXLAN only with IPv6 support), else the host MTU."""
     host = addresses.pick_host_mtu(interfaces(), config.felix.mtu_iface_pattern)
-    ipip = vxlan = False
+    ipip = vxlan = vxlan_v6 = False
     for pool, net in _pool_cidrs(store):
         spec = pool.get("spec") or {}
-        if net.version != 4 or spec.get("disabled"):
+        if spec.get("disabled"):
+            continue
+        if net.version == 6:
+            vxlan_v6 = vxlan_v6 or (config.felix.ipv6_support and spec.get("vxlanMode", "Never") != "Never")
             continue
         ipip = ipip or spec.get("ipipMode", "Never") != "Never"
         vxlan = vxlan or spec.get("vxlanMode", "Never") != "Never"
-    mtu = addresses.pod_mtu(host, ipip=ipip, vxlan=vxlan, ipip_mtu=config.felix.ipip_mtu, vxlan_mtu=config.felix.vxlan_mtu)
-    log.info("pod mtu host_mtu=%d ipip=%s vxlan=%s mtu=%d", host, ipip, vxlan, mtu)
+    mtu = addresses.pod_mtu(host, ipip=ipip, vxlan=vxlan, ipip_mtu=config.felix.ipip_mtu, vxlan_mtu=config.felix.vxlan_mtu,
+                            vxlan_v6=vxlan_v6, vxlan_mtu_v6=config.felix.vxlan_mtu_v6)
+    log.info("pod mtu host_mtu=%d ipip=%s vxlan=%s vxlan_v6=%s mtu=%d", host, ipip, vxlan, vxlan_v6, mtu)
     return mtu
 
 

@@ -1,14 +1,13 @@
 """A stateful fake of the CNI server's kernel side (cni/server.Plumbing): pods' veths and host routes.
 
 It keeps what the kernel would after each call (one veth per host name, its pod end in a named
-sandbox, the host /32 routes through it), refuses what the kernel refuses (a sandbox that does
+sandbox, the host /32 and /128 routes through it), refuses what the kernel refuses (a sandbox that does
 not exist, a host route of another owner) and removes a veth's routes with it. The real-kernel
 counterpart is tests/integration/test_cni_server.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -26,6 +25,7 @@ class FakeVeth:
     index: int
     mac: str
     ips: list[str] = field(default_factory=list)
+    ipv6: bool = False  # enable_ipv6 was called (the host side's IPv6 before any /128)
 
 
 class FakePlumbing:
@@ -50,17 +50,27 @@ class FakePlumbing:
         self.veths[host_iface] = link
         return veth.WorkloadPlumbing(container_mac=link.mac, host_ifindex=link.index)
 
+    def enable_ipv6(self, plumbing: veth.WorkloadPlumbing, *, host_iface: str) -> None:
+        self.calls.append(("enable_ipv6", host_iface))
+        self.veths[host_iface].ipv6 = True
+
     def configure(self, plumbing: veth.WorkloadPlumbing, *, netns_path: str, host_iface: str,
-                  container_iface: str, ips: Sequence[ipaddress.IPv4Interface]) -> None:
+                  container_iface: str, ips: Sequence[veth.IPInterface]) -> None:
         self.calls.append(("configure", host_iface))
         if self.fail_configure:
             self._remove(host_iface)
             raise veth.PlumbingError(f"pod veth {host_iface} ({netns_path}): injected failure")
-        self.veths[host_iface].ips = [str(ip.ip) for ip in ips]
+        link = self.veths[host_iface]
+        if any(ip.version == 6 for ip in ips) and not link.ipv6:
+            raise veth.PlumbingError(f"pod veth {host_iface}: IPv6 address without the host side's IPv6")
+        link.ips = [str(ip.ip) for ip in ips]
 
     def add_host_routes(self, routes: Sequence[KernelRoute]) -> None:
         for route in routes:
             self.calls.append(("add_host_route", route.dst))
+            if ":" in route.dst and not any(v.ipv6 for v in self.veths.values() if v.index == route.ifindex):
+                # The kernel refuses a route through a device whose IPv6 is disabled.
+                raise veth.PlumbingError(f"pod route {route.dst}: IPv6 is disabled on the device")
             existing = self.routes.get(route.dst)
             if existing is not None and existing.proto != route.proto:
                 raise veth.PlumbingError(f"pod route {route.dst}: a route of another owner exists")
@@ -79,7 +89,7 @@ class FakePlumbing:
         return False
 
     def check(self, *, netns_path: str, host_iface: str, container_iface: str,
-              ips: Sequence[ipaddress.IPv4Interface], container_mac: str | None,
+              ips: Sequence[veth.IPInterface], container_mac: str | None,
               route_proto: int | None) -> list[str]:
         link = self.veths.get(host_iface)
         if link is None:
@@ -88,11 +98,12 @@ class FakePlumbing:
         if container_mac is not None and link.mac != container_mac.lower():
             problems.append(f"pod interface {container_iface} MAC is {link.mac}, not {container_mac}")
         for ip in ips:
+            dst = f"{ip.ip}/{ip.ip.max_prefixlen}"
             if str(ip.ip) not in link.ips:
-                problems.append(f"pod interface {container_iface} lacks address {ip.ip}/32")
-            route = self.routes.get(f"{ip.ip}/32")
+                problems.append(f"pod interface {container_iface} lacks address {dst}")
+            route = self.routes.get(dst)
             if route_proto is not None and (route is None or route.ifindex != link.index):
-                problems.append(f"no route {ip.ip}/32 dev {host_iface} proto {route_proto} on the node")
+                problems.append(f"no route {dst} dev {host_iface} proto {route_proto} on the node")
         return problems
 
     # -- test helpers -------------------------------------------------------------------------

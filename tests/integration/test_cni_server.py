@@ -234,3 +234,69 @@ def test_repeated_add_reuses_its_address_and_leaks_nothing(node: Node) -> None:
     from felixpy.ipam import check as ipam_check
 
     assert ipam_check.check(node.store).problems == ()
+
+
+def test_dual_stack_add_writes_both_host_routes_and_the_driver_keeps_them(node: Node) -> None:
+    """A dual-stack pod: the CNI path writes the /32 and the /128 with the route driver's value
+    and hands both over; the driver (told of them, or reading them back) changes nothing."""
+    from felixpy.dataplane.drivers.routes import RouteTable
+    from felixpy.kernel.netlink import Netlink
+    from felixpy.messages import Route
+
+    node.store.create(keys.resource_key("ippools", "p6"), {
+        "apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "p6"},
+        "spec": {"cidr": "fd00:10:244::/64", "blockSize": 122}})
+    sh("ip", "-n", node.ns, "addr", "add", "2001:db8::1/64", "dev", f"{node.prefix}u", "nodad")
+    sandbox = node.sandbox(0)
+    cid = secrets.token_hex(32)
+    ipam = {"type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}
+    prev = node.cni("ADD", cid=cid, netns_path=sandbox, pod="a", ipam=ipam)["result"]
+    addrs = [entry["address"] for entry in prev["ips"]]
+    ip4, ip6 = (a.split("/")[0] for a in addrs)
+    assert addrs == [f"{ip4}/32", f"{ip6}/128"] and ipaddress.ip_address(ip6).version == 6
+    assert {"dst": "::/0", "gw": names.POD_GATEWAY_V6} in prev["routes"]
+    iface = node.host_iface("a")
+    route6 = sh("ip", "-6", "-n", node.ns, "route", "show", f"{ip6}/128", "proto", str(names.ROUTE_PROTO))
+    assert f"dev {iface}" in route6 and "metric 1024" in route6
+    assert [r.dst for r in node.adopted] == [f"{ip4}/32", f"{ip6}/128"]
+    host_addrs = sh("ip", "-6", "-n", node.ns, "addr", "show", "dev", iface)
+    assert f"inet6 {names.POD_GATEWAY_V6}/64 scope link" in host_addrs and "tentative" not in host_addrs
+    # Both families both ways at once, the pod's IPv6 through the fe80 gateway (no DAD to wait for).
+    pod = os.path.basename(sandbox)
+    sh("ip", "netns", "exec", node.ns, "ping", "-6", "-c1", "-W2", ip6)
+    sh("ip", "netns", "exec", pod, "ping", "-6", "-c1", "-W2", "2001:db8::1")
+    sh("ip", "netns", "exec", pod, "ping", "-c1", "-W2", "192.0.2.1")
+    assert node.cni("CHECK", cid=cid, netns_path=sandbox, pod="a", ipam=ipam, prevResult=prev) == {"result": {}}
+
+    wanted = [Route(f"{ip4}/32", iface=iface), Route(f"{ip6}/128", iface=iface)]
+
+    def adopted_apply() -> Any:
+        with Netlink() as nl:
+            table = RouteTable(netlink=nl)
+            table.adopt(node.adopted, hold=5.0, iface=iface)
+            table.set_routes(wanted)
+            first = table.apply()
+            table.queue_resync()
+            return first, table.apply()
+
+    first, resynced = node.on_node(adopted_apply)
+    for outcome in (first, resynced):
+        assert not outcome.changed and outcome.failed == {}, outcome
+
+    def fresh_apply() -> Any:
+        with Netlink() as nl:
+            table = RouteTable(netlink=nl)
+            table.set_routes(wanted)
+            return table.apply()
+
+    outcome = node.on_node(fresh_apply)
+    assert not outcome.changed and outcome.failed == {}, outcome
+
+    # CHECK notices the /128 gone; DEL leaves nothing of either family.
+    sh("ip", "-6", "-n", node.ns, "route", "del", f"{ip6}/128")
+    details = node.cni("CHECK", cid=cid, netns_path=sandbox, pod="a", ipam=ipam, prevResult=prev)["error"]["details"]
+    assert f"no route {ip6}/128 dev {iface}" in details
+    assert node.cni("DEL", cid=cid, netns_path=sandbox, pod="a", ipam=ipam) == {"result": {}}
+    assert sh("ip", "-n", node.ns, "link", "show", iface, check=False) == ""
+    kvs, _ = node.store.list(keys.block_prefix(6))
+    assert allocated(node.store) == [] and not any(Block.from_json(kv.value).allocated() for kv in kvs)

@@ -177,6 +177,42 @@ def test_parallel_setup_never_moves_the_calling_threads(lab: Lab) -> None:
         assert f"inet 10.244.1.{i + 1}/32" in sh("ip", "-n", os.path.basename(path), "addr")
 
 
+def test_dual_stack_pod_gets_calicos_ipv6_gateway_and_carries_ipv6_traffic(lab: Lab) -> None:
+    sh("ip", "-n", lab.node, "addr", "add", "2001:db8::1/64", "dev", f"{lab.prefix}u", "nodad")
+    sh("ip", "netns", "exec", lab.node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    pod_ns = lab.pod(0)
+    iface = lab.iface(0)
+    ips: list[veth.IPInterface] = [ip4("10.244.0.7/32"), ipaddress.IPv6Interface("fd00:10:244::7/128")]
+    result = lab.on_node(lambda: veth.setup_workload(netns_path=pod_ns, host_iface=iface, ips=ips, mtu=1400))
+
+    for key in ("proxy_ndp", "forwarding"):
+        assert sh("ip", "netns", "exec", lab.node, "sysctl", "-n", f"net.ipv6.conf.{iface}.{key}").strip() == "1"
+    host_addrs = sh("ip", "-n", lab.node, "-6", "addr", "show", "dev", iface)
+    assert f"inet6 {names.POD_GATEWAY_V6}/64 scope link" in host_addrs and "tentative" not in host_addrs
+    assert "state UP" in sh("ip", "-n", lab.node, "link", "show", iface)
+    assert f"fd00:10:244::7 lladdr {result.container_mac} PERMANENT" in sh(
+        "ip", "-n", lab.node, "-6", "neigh", "show", "dev", iface)
+    pod = os.path.basename(pod_ns)
+    pod_addrs = sh("ip", "-n", pod, "-6", "addr", "show", "eth0")
+    # The pod's /128 is usable at once (its own link-local may still be in DAD: not used here).
+    line = [line for line in pod_addrs.splitlines() if "inet6 fd00:10:244::7/128 " in line]
+    assert line and "tentative" not in line[0], pod_addrs
+    assert f"default via {names.POD_GATEWAY_V6} dev eth0" in sh("ip", "-n", pod, "-6", "route", "show")
+    assert "default via 169.254.1.1 dev eth0" in sh("ip", "-n", pod, "route", "show")
+    assert lab.on_node(lambda: veth.check_workload(netns_path=pod_ns, host_iface=iface, ips=ips)) == []
+
+    # IPv6 both ways once the node has the pod's /128 (the route driver's job), right away.
+    sh("ip", "-n", lab.node, "-6", "route", "add", "fd00:10:244::7/128", "dev", iface)
+    sh("ip", "-n", lab.node, "route", "add", "10.244.0.7/32", "dev", iface, "scope", "link")
+    sh("ip", "netns", "exec", pod, "ping", "-6", "-c1", "-W2", "2001:db8::1")
+    sh("ip", "netns", "exec", lab.node, "ping", "-6", "-c1", "-W2", "fd00:10:244::7")
+    sh("ip", "netns", "exec", pod, "ping", "-c1", "-W2", "192.0.2.1")
+    # CHECK notices a missing IPv6 default route.
+    sh("ip", "-n", pod, "-6", "route", "del", "default")
+    problems = lab.on_node(lambda: veth.check_workload(netns_path=pod_ns, host_iface=iface, ips=ips))
+    assert problems == [f"pod has no default route via {names.POD_GATEWAY_V6}"]
+
+
 def test_host_route_is_written_once_and_never_over_another_owners(lab: Lab) -> None:
     from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute
 

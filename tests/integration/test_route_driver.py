@@ -111,6 +111,55 @@ def test_route_waits_for_its_interface(ns: str, table: RouteTable) -> None:
     assert our_routes(ns) == [f"10.244.1.9 dev {pod_iface} scope link"]
 
 
+def our_routes6(ns: str) -> list[str]:
+    out = sh("ip", "-6", "-n", ns, "route", "show", "table", "main", "proto", str(names.ROUTE_PROTO))
+    return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+
+def test_ipv6_routes_program_read_back_unchanged_and_sweep(ns: str, table: RouteTable) -> None:
+    up = f"{ns}a"
+    sh("ip", "-n", ns, "addr", "add", "2001:db8::1/64", "dev", up, "nodad")
+    sh("ip", "-n", ns, "route", "add", "blackhole", "fd00:99::/122", "proto", str(names.ROUTE_PROTO))
+    sh("ip", "-n", ns, "route", "add", "fd00:98::/64", "via", "2001:db8::9", "proto", "static")
+    desired = [
+        Route("fd00:10:244::40/122", type="blackhole"),
+        Route("fd00:10:244::41/128", iface=up),
+        Route("fd00:10:244::80/122", gateway="2001:db8::12"),
+        Route("fd00:10:244::c0/122", gateway="fd00:10:244::c0", iface=up, onlink=True),
+        Route("10.244.1.0/26", type="blackhole"),  # one table for both families
+    ]
+    table.set_routes(desired)
+    result = table.apply()
+    assert not result.failed and result.deleted == ("fd00:99::/122",)
+    routes = our_routes6(ns)
+    assert any(r.startswith("blackhole fd00:10:244::40/122") for r in routes)
+    assert any(r.startswith(f"fd00:10:244::41 dev {up}") for r in routes)
+    assert any(r.startswith(f"fd00:10:244::80/122 via 2001:db8::12 dev {up}") for r in routes)
+    assert any(r.startswith(f"fd00:10:244::c0/122 via fd00:10:244::c0 dev {up}") and "onlink" in r for r in routes)
+    assert "fd00:98::/64 via 2001:db8::9" in sh("ip", "-6", "-n", ns, "route")  # not ours: untouched
+    # A full read-back finds exactly what is desired: no change at all (metric and scope agree).
+    table.queue_resync()
+    again = table.apply()
+    assert not again.changed and not again.failed
+    assert {dst for dst, r in table.programmed.items()} == {r.dst for r in desired}
+    # Drift repair and removal.
+    sh("ip", "-n", ns, "route", "del", "fd00:10:244::41/128")
+    table.set_routes(desired[:2])
+    table.queue_resync()
+    result = table.apply()
+    assert result.added == ("fd00:10:244::41/128",)
+    assert set(result.deleted) == {"fd00:10:244::80/122", "fd00:10:244::c0/122", "10.244.1.0/26"}
+
+
+def test_ipv6_off_never_reads_or_touches_ipv6_routes(ns: str) -> None:
+    sh("ip", "-n", ns, "route", "add", "blackhole", "fd00:99::/122", "proto", str(names.ROUTE_PROTO))
+    with netns.iproute_in(f"/run/netns/{ns}") as ipr:
+        table = RouteTable(netlink=Netlink(ipr, families=(4,)))
+        table.set_routes([Route("10.244.1.0/26", type="blackhole")])
+        assert not table.apply().deleted
+    assert our_routes6(ns)[0].startswith("blackhole fd00:99::/122")
+
+
 def test_link_lookups_agree_over_raw_rtnetlink_and_pyroute2(ns: str) -> None:
     path = f"/run/netns/{ns}"
     with netns.iproute_in(path) as ipr:

@@ -132,7 +132,8 @@ def test_pool_is_created_once_and_never_overwritten(store: Datastore, tmp_path: 
     result = run(store, cfg, Detector("192.0.2.12/24"))
     assert store.get(POOL_KEY) == first
     pools, _ = store.list(keys.resource_prefix("ippools"))
-    assert len(pools) == 1
+    # One IPv4 pool, as the first node made it (and the first node's default IPv6 pool).
+    assert sorted(kv.value["metadata"]["name"] for kv in pools) == ["default-ipv4-ippool", "default-ipv6-ippool"]
     assert result.mtu == 1480  # the IPIP pool decides the MTU, not this node's environment
 
 
@@ -140,16 +141,40 @@ def test_no_default_pool_when_any_ipv4_pool_exists(store: Datastore, tmp_path: p
     mine = {"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "mine"},
             "spec": {"cidr": "10.9.0.0/16", "vxlanMode": "Always"}}
     store.create(keys.resource_key("ippools", "mine"), mine)
-    result = run(store, config(tmp_path))
+    result = run(store, config(tmp_path, CALICO_IPV6POOL_CIDR="none"))
     pools, _ = store.list(keys.resource_prefix("ippools"))
     assert [kv.value["metadata"]["name"] for kv in pools] == ["mine"]
     assert result.mtu == 1450
 
 
-@pytest.mark.parametrize("env", [{"NO_DEFAULT_POOLS": "true"}, {"CALICO_IPV4POOL_CIDR": "none"}])
-def test_pool_creation_disabled(store: Datastore, tmp_path: pathlib.Path, env: dict[str, str]) -> None:
+@pytest.mark.parametrize("env, created", [
+    ({"NO_DEFAULT_POOLS": "true"}, []),
+    ({"CALICO_IPV4POOL_CIDR": "none"}, ["default-ipv6-ippool"]),
+    ({"CALICO_IPV6POOL_CIDR": "none"}, ["default-ipv4-ippool"]),
+    # calico-node's manifest: no IPv6 support, no IPv6 pool.
+    ({"FELIX_IPV6SUPPORT": "false"}, ["default-ipv4-ippool"]),
+])
+def test_pool_creation_disabled(store: Datastore, tmp_path: pathlib.Path, env: dict[str, str],
+                                created: list[str]) -> None:
     run(store, config(tmp_path, **env))
-    assert store.list(keys.resource_prefix("ippools"))[0] == []
+    assert [kv.value["metadata"]["name"] for kv in store.list(keys.resource_prefix("ippools"))[0]] == created
+
+
+def test_default_ipv6_pool_is_a_random_ula_48_or_as_configured(store: Datastore, tmp_path: pathlib.Path) -> None:
+    run(store, config(tmp_path))
+    spec = value(store, keys.resource_key("ippools", "default-ipv6-ippool"))["spec"]
+    cidr = ipaddress.IPv6Network(spec["cidr"])
+    assert cidr.prefixlen == 48 and cidr.subnet_of(ipaddress.IPv6Network("fd00::/8"))
+    assert (spec["blockSize"], spec["natOutgoing"], spec["vxlanMode"], spec["ipipMode"]) == (122, False, "Never", "Never")
+    # A second node finds an IPv6 pool and creates none.
+    run(store, config(tmp_path, NODENAME="n2", CALICO_IPV6POOL_CIDR="fd00:99::/64"), Detector("192.0.2.12/24"))
+    assert value(store, keys.resource_key("ippools", "default-ipv6-ippool"))["spec"]["cidr"] == str(cidr)
+    store.delete(keys.resource_key("ippools", "default-ipv6-ippool"))
+    run(store, config(tmp_path, CALICO_IPV6POOL_CIDR="fd00:10:244::/64", CALICO_IPV6POOL_BLOCK_SIZE="120",
+                      CALICO_IPV6POOL_VXLAN="Always", CALICO_IPV6POOL_NAT_OUTGOING="true"))
+    spec = value(store, keys.resource_key("ippools", "default-ipv6-ippool"))["spec"]
+    assert (spec["cidr"], spec["blockSize"], spec["vxlanMode"], spec["natOutgoing"]) == \
+        ("fd00:10:244::/64", 120, "Always", True)
 
 
 def test_default_cidr_avoids_host_networks() -> None:

@@ -174,6 +174,49 @@ def test_repeated_add_reuses_the_address() -> None:
     assert first == second
 
 
+DUAL = {"type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}
+
+
+def add_pool6(store: MemoryDatastore) -> None:
+    store.create(keys.resource_key("ippools", "p6"),
+                 {"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "p6"},
+                  "spec": {"cidr": "fd00:10:244::/64", "blockSize": 122}})
+
+
+def test_dual_stack_add_enables_ipv6_then_writes_and_hands_over_both_host_routes() -> None:
+    h = Harness()
+    add_pool6(h.store)
+    result = h.request("ADD", ipam=DUAL)["result"]
+    ip4, ip6 = (entry["address"] for entry in result["ips"])
+    assert ip4.endswith("/32") and ip6.startswith("fd00:10:244:") and ip6.endswith("/128")
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": names.POD_GATEWAY},
+                                {"dst": "::/0", "gw": names.POD_GATEWAY_V6}]
+    iface = h.plumbing.pod_iface("x", "a")
+    # The host side's IPv6 before the /128 (the kernel refuses a route through a device without it).
+    assert [c for c in h.plumbing.calls if c[0] != "teardown"] == [
+        ("create", iface), ("enable_ipv6", iface), ("add_host_route", ip4), ("add_host_route", ip6),
+        ("configure", iface)]
+    assert [r.dst for r in h.adopted] == [ip4, ip6]
+    # The /128 has the route driver's own value (metric 1024, as IPv6 reads back): no flap.
+    assert h.adopted[1].priority == 1024 and h.adopted[1].proto == names.ROUTE_PROTO
+    assert h.endpoint()["spec"]["ipNetworks"] == [ip4, ip6]
+    # A repeated ADD (the create-only handle exists) reuses both addresses.
+    assert h.request("ADD", ipam=DUAL)["result"]["ips"] == result["ips"]
+
+
+def test_ipv4_only_add_never_enables_ipv6() -> None:
+    h = Harness()
+    assert "result" in h.request("ADD")
+    assert not any(call[0] == "enable_ipv6" for call in h.plumbing.calls)
+
+
+def test_dual_stack_add_without_an_ipv6_pool_fails_and_releases_the_ipv4_address() -> None:
+    h = Harness()
+    code, _ = error_of(h.request("ADD", ipam=DUAL))
+    assert code == plugin.IO_FAILURE
+    assert not h.handle_exists() and h.plumbing.veths == {} and h.endpoint() is None
+
+
 # -- DEL -----------------------------------------------------------------------------------------
 
 def test_del_removes_everything_and_is_idempotent() -> None:

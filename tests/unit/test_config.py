@@ -92,6 +92,7 @@ FELIX_FIELDS: list[tuple[str, object, str, object]] = [
     ("logDebugFilenameRegex", "bgp\\.py", "log_debug_filename_regex", "bgp\\.py"),
     ("ipv6Support", False, "ipv6_support", False),
     ("vxlanMTU", 1410, "vxlan_mtu", 1410),
+    ("vxlanMTUV6", 1390, "vxlan_mtu_v6", 1390),
     ("ipipMTU", 1440, "ipip_mtu", 1440),
     ("vxlanVNI", 5000, "vxlan_vni", 5000),
     ("vxlanPort", 8472, "vxlan_port", 8472),
@@ -182,10 +183,44 @@ def test_ip6() -> None:
     ip6 = parse_address_setting("IP6", "2001:db8::1/64", 6)
     assert (ip6.mode, str(ip6.address), ip6.has_prefix) == ("explicit", "2001:db8::1/64", True)
     assert load(IP6="none").node.ip6.mode == "none"
-    # felixpy programs no IPv6: an IPv6 node address is refused, not stored to mean nothing.
+    vxlan = {"CALICO_NETWORKING_BACKEND": "vxlan"}
+    assert load(IP6="autodetect", **vxlan).node.ip6.mode == "autodetect"
+    assert str(load(IP6="2001:db8::1/64", **vxlan).node.ip6.address) == "2001:db8::1/64"
+    # No BGP over IPv6 yet: with the bird backend an IPv6 node address is refused, not ignored.
     for value in ("2001:db8::1/64", "autodetect"):
-        with pytest.raises(ConfigError, match=r'^IP6="[^"]+": felixpy does not support IPv6 yet'):
+        with pytest.raises(ConfigError, match=r'^IP6="[^"]+": IPv6 routing over BGP is not supported yet'):
             load(IP6=value)
+    with pytest.raises(ConfigError, match=r'^IP6="10.0.0.1": .*\(not an IPv6 address\)'):
+        load(IP6="10.0.0.1")
+    assert load(IP6_AUTODETECTION_METHOD="interface=eth0").node.ip6_autodetection_method.args == ("eth0",)
+
+
+def test_default_ipv6_pool() -> None:
+    pool = load().ipv6_pool
+    # Calico's defaults: a random ULA /48 chosen at startup, /122 blocks, no NAT, no encapsulation.
+    assert (pool.create, pool.cidr, pool.block_size, pool.nat_outgoing, pool.vxlan_mode, pool.ipip_mode,
+            pool.node_selector, pool.disable_bgp_export) == (True, None, 122, False, "Never", "Never", "all()", False)
+    pool = load(CALICO_IPV6POOL_CIDR="fd00:10:244::/48", CALICO_IPV6POOL_BLOCK_SIZE="120",
+                CALICO_IPV6POOL_VXLAN="always", CALICO_IPV6POOL_NAT_OUTGOING="true",
+                CALICO_IPV6POOL_NODE_SELECTOR='zone == "a"', CALICO_IPV6POOL_DISABLE_BGP_EXPORT="true").ipv6_pool
+    assert (str(pool.cidr), pool.block_size, pool.vxlan_mode, pool.nat_outgoing, pool.node_selector,
+            pool.disable_bgp_export) == ("fd00:10:244::/48", 120, "Always", True, 'zone == "a"', True)
+    # evaluateENVBool: set to anything but a false spelling is true, even "".
+    assert load(CALICO_IPV6POOL_NAT_OUTGOING="").ipv6_pool.nat_outgoing is True
+    assert load(CALICO_IPV6POOL_NAT_OUTGOING="no").ipv6_pool.nat_outgoing is False
+    assert load(CALICO_IPV6POOL_CIDR="none").ipv6_pool.create is False
+    assert load(NO_DEFAULT_POOLS="true").ipv6_pool.create is False
+    for env, message in (
+        ({"CALICO_IPV6POOL_CIDR": "10.0.0.0/16"}, r'^CALICO_IPV6POOL_CIDR="10.0.0.0/16": .*\(not an IPv6 CIDR\)'),
+        ({"CALICO_IPV6POOL_CIDR": "fe80::/64"}, "link-local ranges cannot be pools"),
+        ({"CALICO_IPV6POOL_CIDR": "fd00::/124"}, r"smaller than the block size /122"),
+        ({"CALICO_IPV6POOL_BLOCK_SIZE": "115"}, r'^CALICO_IPV6POOL_BLOCK_SIZE="115": expected an integer from 116 to 128'),
+        ({"CALICO_IPV6POOL_VXLAN": "sometimes"}, r'^CALICO_IPV6POOL_VXLAN="sometimes": accepted values are Always'),
+        ({"NO_DEFAULT_POOLS": "true", "CALICO_IPV6POOL_CIDR": "fd00::/48"},
+         r"^NO_DEFAULT_POOLS=\"true\": cannot be combined with CALICO_IPV6POOL_CIDR"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load(**env)
 
 
 @pytest.mark.parametrize(

@@ -150,12 +150,10 @@ def test_limited_fields_take_the_values_they_honour(table: str, path: str, suppo
 def test_switches_of_missing_features_are_accepted_off_and_refused_on() -> None:
     # FelixConfiguration switches for features felixpy does not have: off is what felixpy does.
     off = {"usageReportingEnabled": False, "endpointReportingEnabled": False, "bpfEnabled": False,
-           "ipv6Support": False,
            "wireguardEnabled": False, "xdpEnabled": False, "nftablesMode": "Disabled",
            "floatingIPs": "Disabled", "awsSrcDstCheck": "DoNothing", "sidecarAccelerationEnabled": False}
     validate({"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": off})
-    for field, value in {"usageReportingEnabled": True, "bpfEnabled": True, "nftablesMode": "Enabled",
-                         "ipv6Support": True}.items():
+    for field, value in {"usageReportingEnabled": True, "bpfEnabled": True, "nftablesMode": "Enabled"}.items():
         with pytest.raises(ValidationError, match=f"spec.{field}: felixpy does not support"):
             validate({"kind": "FelixConfiguration", "metadata": {"name": "default"}, "spec": {field: value}})
 

@@ -66,11 +66,14 @@ def test_fixed_addresses_and_no_ipam() -> None:
     ({ADDRS: "10.0.0.1"}, {}, "is not a JSON list of strings"),
     ({ADDRS: "[]"}, {}, 'annotation "cni.projectcalico.org/ipAddrs" specified but empty'),
     ({ADDRS: '["10.0.0.300"]'}, {}, "invalid IP address '10.0.0.300'"),
-    ({ADDRS: '["fd00::1"]'}, {}, "is an IPv6 address; felixpy assigns IPv4 only"),
+    ({ADDRS: '["fd00::1", "fd00::2"]'}, {}, "cannot have more than one IPv6 address"),
     ({ADDRS: '["10.0.0.1", "10.0.0.2"]'}, {}, "cannot have more than one IPv4 address"),
     ({POOLS: '"p1"'}, {}, "is not a JSON list of strings"),
-    ({FAMILIES: '["IPv4", "IPv6"]'}, {}, "felixpy assigns IPv4 only"),
+    ({FAMILIES: '[]'}, {}, "error parsing ipFamilies"),
     ({FAMILIES: '["IPv5"]'}, {}, "error parsing ipFamilies"),
+    ({}, {"ipam": {"assign_ipv6": True}}, 'ipam.assign_ipv6 must be "true" or "false"'),
+    ({}, {"ipam": {"assign_ipv4": "false"}}, "are both false"),
+    ({}, {"ipam": {"ipv6_pools": "p6"}}, "ipam.ipv6_pools must be a list"),
     ({}, {"ipam": {"type": "host-local"}}, "ipam.type 'host-local' is not supported"),
     ({}, {"ipam": {"ipv4_pools": "p1"}}, "ipam.ipv4_pools must be a list"),
     ({NO_IPAM: '["10.0.0.1"]'}, {"feature_control": {"ip_addrs_no_ipam": "yes"}}, "must be true or false"),
@@ -83,8 +86,20 @@ def test_bad_requests_are_one_line_errors(pod: Mapping[str, str], config: Mappin
 
 def test_ip_families_from_the_namespace() -> None:
     assert ir.ip_request({}, ns(ipFamilies='["IPv4"]'), {}) == ir.IPRequest()
-    with pytest.raises(ir.RequestError, match="IPv4 only"):
-        ir.ip_request({}, ns(ipFamilies='["IPv6"]'), {})
+    assert ir.ip_request({}, ns(ipFamilies='["IPv6"]'), {}) == ir.IPRequest(families=(6,))
+    assert ir.ip_request({FAMILIES: '["IPv6", "IPv4"]'}, ns(), {}).families == (4, 6)
+
+
+def test_assign_ipv6_makes_a_dual_stack_request_with_its_own_pools() -> None:
+    dual = {"ipam": {"type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true",
+                     "ipv4_pools": ["p4"], "ipv6_pools": ["p6"]}}
+    assert ir.ip_request({}, ns(), dual) == ir.IPRequest(pools=("p4",), families=(4, 6), pools6=("p6",))
+    v6_only = {"ipam": {"assign_ipv4": "false", "assign_ipv6": "true"}}
+    assert ir.ip_request({}, ns(), v6_only) == ir.IPRequest(families=(6,))
+    # The pod's ipv6pools annotation wins over the network config's.
+    assert ir.ip_request({"cni.projectcalico.org/ipv6pools": '["other"]'}, ns(), dual).pools6 == ("other",)
+    # ipAddrs: one address per family.
+    assert ir.ip_request({ADDRS: '["10.0.0.1", "fd00::1"]'}, ns(), {}).ips == (IP("10.0.0.1"), ipaddress.ip_address("fd00::1"))
 
 
 def test_runtime_pod_annotations() -> None:
@@ -224,3 +239,37 @@ def test_handler_refusal_is_a_cni_error_result() -> None:
     assert h.handle(raw) == {"error": {"code": 7, "msg": "requested feature is not enabled: ip_addrs_no_ipam",
                                        "details": ""}}
     assert store.list(keys.BLOCKS)[0] == []
+
+
+def test_node_refuses_ipv6_pods_it_would_not_route() -> None:
+    from types import SimpleNamespace
+
+    from felixpy.node.main import ipv6_refusal
+
+    def cfg(backend: str, v6: bool = True) -> Any:
+        return SimpleNamespace(felix=SimpleNamespace(ipv6_support=v6), node=SimpleNamespace(networking_backend=backend))
+
+    assert ipv6_refusal(cfg("vxlan")) is None and ipv6_refusal(cfg("none")) is None
+    assert "BGP over IPv6" in (ipv6_refusal(cfg("bird")) or "")
+    assert "FELIX_IPV6SUPPORT" in (ipv6_refusal(cfg("vxlan", v6=False)) or "")
+
+
+def test_cni_add_asking_for_ipv6_on_such_a_node_is_one_line_and_allocates_nothing() -> None:
+    from felixpy.cni.server import CNIHandler
+    from felixpy.datastore import keys
+    from felixpy.datastore.memory import MemoryDatastore
+
+    store = MemoryDatastore()
+    store.create(keys.resource_key("ippools", "p6"), {"spec": {"cidr": "fd00:10:244::/64", "blockSize": 122}})
+    handler = CNIHandler(store=store, node_name="n1", mtu=1450, node_labels=dict,
+                         wait_programmed=lambda *a: True, ready=lambda: (True, ""),
+                         ipv6_refusal="BGP over IPv6 is not done yet")
+    before = store.revision
+    reply = handler.handle({
+        "env": {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/proc/1/ns/net", "CNI_IFNAME": "eth0",
+                "CNI_ARGS": "K8S_POD_NAMESPACE=x;K8S_POD_NAME=a"},
+        "config": {"cniVersion": "1.0.0", "name": "k8s-pod-network",
+                   "ipam": {"type": "calico-ipam", "assign_ipv4": "false", "assign_ipv6": "true"}}})
+    details = reply["error"]["msg"] + " " + reply["error"].get("details", "")
+    assert "an IPv6 address was requested: BGP over IPv6 is not done yet" in details and "\n" not in details
+    assert store.revision == before

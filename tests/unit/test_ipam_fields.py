@@ -163,7 +163,7 @@ def test_requested_pools_skip_selectors_and_manual_mode_but_not_disabled(store: 
     ipam = new_ipam(store)
     assert pod(ipam, "a", pools=["zone-b"], node_labels={"zone": "a"})[0] in NET("10.1.0.0/24")
     assert pod(ipam, "b", pools=["10.2.0.0/24"])[0] in NET("10.2.0.0/24")
-    with pytest.raises(NoQualifiedPoolError, match="the requested pool off does not exist or is not enabled"):
+    with pytest.raises(NoQualifiedPoolError, match="the requested pool off does not exist or is not an enabled IPv4 pool"):
         pod(ipam, "c", pools=["off"])
     with pytest.raises(NoQualifiedPoolError, match="the requested pool 10.4.0.0/24 does not exist"):
         pod(ipam, "d", pools=["10.4.0.0/24"])
@@ -182,7 +182,10 @@ def test_reservation_validation() -> None:
 
 def test_reservations_merge_and_count() -> None:
     r = Reservations.of(["10.0.0.0/30", "10.0.0.2", "10.0.0.4/30", "fd00::1", "10.0.1.7/24"])
-    assert r.nets == (NET("10.0.0.0/29"), NET("10.0.1.0/24"))
+    # IPv6 reservations hold IPv6 addresses back (merged apart from the IPv4 ones).
+    assert r.nets == (NET("10.0.0.0/29"), NET("10.0.1.0/24"), ipaddress.ip_network("fd00::1/128"))
+    assert r.matches(ipaddress.ip_address("fd00::1")) and not r.matches(ipaddress.ip_address("fd00::2"))
+    assert r.reserved_count(ipaddress.ip_network("fd00::/122")) == 1
     assert r.reserved_count(NET("10.0.0.0/28")) == 8
     assert r.covers(NET("10.0.0.0/29")) and not r.covers(NET("10.0.0.0/28"))
     assert r.covers(NET("10.0.1.16/28"))

@@ -104,3 +104,39 @@ def test_state_round_trips() -> None:
         again.pod("x", "b")
     with pytest.raises(LabUsageError):
         again.node("n7")
+
+
+def test_ip_family_environment_and_cni_config() -> None:
+    from felixpy.lab import pods, procs
+
+    v4 = procs.agent_env("demo", "n1", "10.244.0.0/16", 26, outer_env={}, mode="vxlan")
+    assert v4["FELIX_IPV6SUPPORT"] == "false" and "IP6" not in v4
+    dual = procs.agent_env("demo", "n1", "10.244.0.0/16", 26, outer_env={}, mode="vxlan", ip_family="dual")
+    assert (dual["IP6"], dual["IP6_AUTODETECTION_METHOD"], dual["CALICO_IPV6POOL_CIDR"],
+            dual["CALICO_IPV6POOL_BLOCK_SIZE"], dual["CALICO_IPV6POOL_VXLAN"]) == \
+        ("autodetect", "interface=eth0", topology.POOL6, "122", "Always")
+    assert "FELIX_IPV6SUPPORT" not in dual and dual["IP"] == "autodetect"
+    only6 = procs.agent_env("demo", "n1", "10.244.0.0/16", 26, outer_env={}, mode="routes", ip_family="ipv6")
+    assert (only6["IP"], only6["CALICO_IPV4POOL_CIDR"], only6["CALICO_IPV6POOL_VXLAN"]) == ("none", "none", "Never")
+    assert "ipam" not in pods.cni_config("demo", "n1")
+    assert pods.cni_config("demo", "n1", ip_family="dual")["ipam"] == {
+        "type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}
+    assert pods.cni_config("demo", "n1", ip_family="ipv6")["ipam"]["assign_ipv4"] == "false"
+    assert topology.node_ip6("n3") == "fd00:192:0:2::13"
+
+
+def test_matrix_keys_and_families() -> None:
+    assert [cli._result_key(p, port, f) for p, port, f in
+            (("tcp", 80, 4), ("icmp", None, 4), ("udp", 81, 6), ("icmp", None, 6))] == \
+        ["tcp/80", "icmp", "udp6/81", "icmp6"]
+    a = PodState("x", "a", "n1", "lab-x-a", "c1", ips=["10.244.0.1", "fd00:10:244::1"])
+    b = PodState("x", "b", "n1", "lab-x-b", "c2", ips=["fd00:10:244::2"])
+    assert cli._families(None, [a, b]) == [4, 6] and cli._families("6", [a]) == [6]
+    assert cli._targets("tcp", 80, a, 6) == "tcp:fd00:10:244::1:80"
+    assert cli._targets("icmp", None, b, 4) is None
+
+
+def test_ip_family_needs_a_mode_without_bgp() -> None:
+    args = cli.parse_args(["up", "--name", "demo", "--mode", "bgp", "--ip-family", "dual"])
+    with pytest.raises(LabUsageError, match="--ip-family dual needs --mode routes or vxlan"):
+        cli.cmd_up(args)

@@ -152,8 +152,8 @@ class FakeLinks:
         self.unavailable: frozenset[str] = frozenset()
         self.dirty = False
 
-    def set_vxlan(self, device: object, vteps: object = ()) -> None:
-        self.calls.append(("vxlan", (device, vteps)))
+    def set_vxlan(self, device: object, vteps: object = (), *, version: int = 4) -> None:
+        self.calls.append(("vxlan" if version == 4 else "vxlan-v6", (device, vteps)))
 
     def set_ipip(self, device: object) -> None:
         self.calls.append(("ipip", device))
@@ -168,7 +168,8 @@ def test_manager_hands_the_driver_only_changes() -> None:
     mgr = TunnelManager(fake, vxlan_mtu=1410)  # type: ignore[arg-type]
     mgr.on_update(ENCAP)
     mgr.complete_deferred_work()
-    assert fake.calls == [("vxlan", (vxlan_device(mtu=1410), frozenset({V2}))), ("ipip", None)]
+    assert fake.calls == [("vxlan", (vxlan_device(mtu=1410), frozenset({V2}))), ("vxlan-v6", (None, frozenset())),
+                          ("ipip", None)]
     fake.calls.clear()
     mgr.on_update(ENCAP)
     mgr.complete_deferred_work()
@@ -184,11 +185,12 @@ def test_manager_waits_for_the_mac_and_blocks_unusable_devices() -> None:
     mgr.on_update(replace(ENCAP, vxlan_mac=None))
     mgr.complete_deferred_work()
     assert fake.calls[0] == ("vxlan", (None, frozenset()))
-    assert mgr.blocked_devices() == {names.VXLAN_DEVICE, names.IPIP_DEVICE}  # neither wanted
+    # none wanted (no IPv6 VXLAN pool either)
+    assert mgr.blocked_devices() == {names.VXLAN_DEVICE, names.VXLAN_V6_DEVICE, names.IPIP_DEVICE}
     mgr.on_update(replace(ENCAP, ipip=True))
-    assert mgr.blocked_devices() == frozenset()
+    assert mgr.blocked_devices() == {names.VXLAN_V6_DEVICE}
     fake.unavailable = frozenset({names.IPIP_DEVICE})  # wanted, but the driver could not build it
-    assert mgr.blocked_devices() == {names.IPIP_DEVICE}
+    assert mgr.blocked_devices() == {names.VXLAN_V6_DEVICE, names.IPIP_DEVICE}
 
 
 def test_route_manager_leaves_out_routes_through_blocked_devices() -> None:
@@ -211,3 +213,18 @@ def test_route_manager_leaves_out_routes_through_blocked_devices() -> None:
     mgr.complete_deferred_work()
     table.apply()
     assert mgr.desired == {vxlan, ipip, block} and nl.ours()[ipip.dst].ifindex == 9
+
+
+def test_manager_builds_vxlan_v6_over_the_nodes_ipv6_address() -> None:
+    fake = FakeLinks()
+    mgr = TunnelManager(fake, vxlan_mtu_v6=1390)  # type: ignore[arg-type]
+    encap = EncapState(local_ip="192.0.2.11", local_ipv6="2001:db8::11", vxlan_v6=True,
+                       vxlan_v6_address="fd00:10:244::40", vxlan_v6_mac=MAC,
+                       vteps_v6=frozenset({RemoteVtep("n2", "2001:db8::12", "fd00:10:244::80", V2.mac)}))
+    mgr.on_update(encap)
+    mgr.complete_deferred_work()
+    device = VxlanDevice(local_ip="2001:db8::11", mac=MAC, address="fd00:10:244::40", mtu=1390)
+    assert fake.calls == [("vxlan", (None, frozenset())),
+                          ("vxlan-v6", (device, frozenset({Vtep("fd00:10:244::80", V2.mac, "2001:db8::12")}))),
+                          ("ipip", None)]
+    assert mgr.blocked_devices() == {names.VXLAN_DEVICE, names.IPIP_DEVICE}

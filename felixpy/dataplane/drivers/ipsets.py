@@ -1,4 +1,5 @@
-"""The ipset driver: owns every IP set whose name starts with names.IPSET_PREFIX.
+"""The ipset driver: owns every IP set whose name starts with names.IPSET_PREFIX (IPv4 sets) or,
+for the IPv6 instance, names.IPSET_PREFIX_V6 (Felix's cali40 / cali60 naming, `family inet6`).
 
 API model: `set_members()` / `remove_set()` record desired state (no I/O); `apply()` creates and
 updates sets with ONE `ipset restore` per call; `apply_deletions()` destroys sets no longer
@@ -40,37 +41,53 @@ MAX_ELEMENTS = 1048576  # Felix's default MaxIpsetSize
 # Rewrite (temp + swap) instead of add/del once a change touches this many members and more than
 # half of the final set: cheaper for the kernel and atomic for packets.
 REWRITE_MIN_CHANGES = 64
-TEMP_PREFIX = names.IPSET_PREFIX[:-1] + ("1" if names.IPSET_PREFIX[-1] != "1" else "0")
+def _temp_prefix(prefix: str) -> str:
+    return prefix[:-1] + ("1" if prefix[-1] != "1" else "0")
 
 
-def temp_name(name: str) -> str:
+TEMP_PREFIX = _temp_prefix(names.IPSET_PREFIX)
+_PREFIXES = {4: names.IPSET_PREFIX, 6: names.IPSET_PREFIX_V6}
+_FAMILIES = {4: "inet", 6: "inet6"}
+
+
+def temp_name(name: str, ip_version: int = 4) -> str:
     """The temporary set used to rewrite `name`: same length, prefix digit flipped."""
-    return TEMP_PREFIX + name[len(names.IPSET_PREFIX) :]
+    prefix = _PREFIXES[ip_version]
+    return _temp_prefix(prefix) + name[len(prefix):]
 
 
-def check_our_set_name(name: str) -> str:
+def check_our_set_name(name: str, ip_version: int = 4) -> str:
     names.check_ipset_name(name)
-    if not name.startswith(names.IPSET_PREFIX):
-        raise ValueError(f"ipset name {name!r} must start with {names.IPSET_PREFIX!r}")
+    if not name.startswith(_PREFIXES[ip_version]):
+        raise ValueError(f"ipset name {name!r} must start with {_PREFIXES[ip_version]!r}")
     return name
 
 
-def normalise_member(set_type: str, member: str) -> str:
+def _addr(text: str, ip_version: int) -> str:
+    addr = ipaddress.ip_address(text)
+    if addr.version != ip_version:
+        raise ValueError(text)
+    return str(addr)
+
+
+def normalise_member(set_type: str, member: str, ip_version: int = 4) -> str:
     """A member in the exact form `ipset save` prints it, so desired and actual compare equal."""
     member = member.strip()
     try:
         if set_type == "hash:net":
-            net = ipaddress.IPv4Network(member, strict=False)
-            return str(net.network_address) if net.prefixlen == 32 else str(net)
+            net = ipaddress.ip_network(member, strict=False)
+            if net.version != ip_version:
+                raise ValueError(member)
+            return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
         if set_type == "hash:ip":
-            return str(ipaddress.IPv4Address(member))
+            return _addr(member, ip_version)
         if set_type == "hash:ip,port":
             ip, _, port_spec = member.partition(",")
             proto, _, port = port_spec.rpartition(":")
             proto = (proto or "tcp").lower()
             if proto not in ("tcp", "udp", "sctp") or not port.isdigit() or int(port) > 65535:
                 raise ValueError(member)
-            return f"{ipaddress.IPv4Address(ip)},{proto}:{int(port)}"
+            return f"{_addr(ip, ip_version)},{proto}:{int(port)}"
     except ValueError:
         raise ValueError(f"invalid {set_type} member {member!r}") from None
     raise ValueError(f"unsupported ipset type {set_type!r} (one of {', '.join(SET_TYPES)})")
@@ -83,14 +100,15 @@ class _SetState:
     maxelem: int = MAX_ELEMENTS
 
 
-def parse_save(text: str) -> dict[str, _SetState]:
-    """Our sets (main and temporary) from `ipset save` output."""
+def parse_save(text: str, ip_version: int = 4) -> dict[str, _SetState]:
+    """Our sets (main and temporary) of one family from `ipset save` output."""
+    ours = (_PREFIXES[ip_version], _temp_prefix(_PREFIXES[ip_version]))
     types: dict[str, str] = {}
     maxelems: dict[str, int] = {}
     members: dict[str, set[str]] = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 3 or not parts[1].startswith((names.IPSET_PREFIX, TEMP_PREFIX)):
+        if len(parts) < 3 or not parts[1].startswith(ours):
             continue
         if parts[0] == "create":
             types[parts[1]] = parts[2]
@@ -106,19 +124,23 @@ def parse_save(text: str) -> dict[str, _SetState]:
 
 
 class IPSets:
-    """Reconciles our IP sets with the declared desired sets; see the module docstring."""
+    """Reconciles our IP sets of one family with the declared desired sets; see the module docstring."""
 
-    def __init__(self, *, runner: Runner = commands.run) -> None:
+    def __init__(self, *, runner: Runner = commands.run, ip_version: int = 4) -> None:
+        if ip_version not in (4, 6):
+            raise ValueError(f"IP version {ip_version}: expected 4 or 6")
         self._run = runner
+        self.ip_version = ip_version
+        self._temp_prefix = _temp_prefix(_PREFIXES[ip_version])
         self._desired: dict[str, _SetState] = {}
         self._dirty: set[str] = set()
         self._kernel: dict[str, _SetState] | None = None  # None: read back before the next write
 
     def set_members(self, name: str, set_type: SetType, members: Iterable[str]) -> None:
-        check_our_set_name(name)
+        check_our_set_name(name, self.ip_version)
         if set_type not in SET_TYPES:
             raise ValueError(f"unsupported ipset type {set_type!r} (one of {', '.join(SET_TYPES)})")
-        state = _SetState(set_type, frozenset(normalise_member(set_type, m) for m in members))
+        state = _SetState(set_type, frozenset(normalise_member(set_type, m, self.ip_version) for m in members))
         if self._desired.get(name) != state:
             self._desired[name] = state
             self._dirty.add(name)
@@ -138,12 +160,12 @@ class IPSets:
         """Create and update sets (no deletions); returns the restore input ("" if nothing)."""
         if self._kernel is None:
             self._kernel = self._read_back()
-            todo = set(self._desired) | {n for n in self._kernel if n.startswith(TEMP_PREFIX)}
+            todo = set(self._desired) | {n for n in self._kernel if n.startswith(self._temp_prefix)}
         else:
             todo = set(self._dirty)
         lines: list[str] = []
         for name in sorted(todo):
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(self._temp_prefix):
                 lines.append(f"destroy {name}")  # left over by an interrupted rewrite
                 continue
             want = self._desired.get(name)
@@ -155,7 +177,7 @@ class IPSets:
         text = "\n".join(lines) + "\n"
         self._restore(text)
         for name in todo:
-            if name.startswith(TEMP_PREFIX):
+            if name.startswith(self._temp_prefix):
                 self._kernel.pop(name, None)
             elif name in self._desired:
                 self._kernel[name] = self._desired[name]
@@ -193,7 +215,7 @@ class IPSets:
         return destroyed
 
     def _read_back(self) -> dict[str, _SetState]:
-        return parse_save(self._run(["ipset", "save"]).stdout)
+        return parse_save(self._run(["ipset", "save"]).stdout, self.ip_version)
 
     def _restore(self, text: str) -> None:
         try:
@@ -203,7 +225,8 @@ class IPSets:
             raise
 
     def _update_lines(self, name: str, want: _SetState, have: _SetState | None) -> list[str]:
-        create = f"create {{}} {want.type} family inet maxelem {max(MAX_ELEMENTS, len(want.members))}"
+        family = _FAMILIES[self.ip_version]
+        create = f"create {{}} {want.type} family {family} maxelem {max(MAX_ELEMENTS, len(want.members))}"
         if have is None:
             return [create.format(name)] + [f"add {name} {m}" for m in sorted(want.members)]
         if have.type != want.type:
@@ -216,7 +239,7 @@ class IPSets:
         changes = len(adds) + len(dels)
         too_small = len(want.members) > have.maxelem
         if too_small or (changes >= REWRITE_MIN_CHANGES and changes > len(want.members) // 2):
-            temp = temp_name(name)
+            temp = temp_name(name, self.ip_version)
             return (
                 [create.format(temp)]
                 + [f"add {temp} {m}" for m in sorted(want.members)]

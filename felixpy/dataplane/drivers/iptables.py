@@ -26,7 +26,8 @@ Failure: a failed restore marks the table for read-back and is retried a bounded
 (re-reading in between); then `IptablesError` carries the command, its stderr and the input.
 
 Backend: "nft" or "legacy" (iptables-nft-* / iptables-legacy-*), or None to detect it the way
-kube-proxy's iptables-wrappers do (see `detect_backend`).
+kube-proxy's iptables-wrappers do (see `detect_backend`). A table of ip_version 6 drives the same
+table of ip6tables (ip6tables-nft-* / ip6tables-legacy-*), as Felix keeps one table per family.
 
 Thread ownership: the agent's main loop.
 """
@@ -132,8 +133,8 @@ def parse_save(text: str, table: str) -> _KernelTable:
     return kernel
 
 
-def _binary(backend: Backend, tool: str) -> str:
-    return f"iptables-{backend}-{tool}"
+def _binary(backend: Backend, tool: str, ip_version: int = 4) -> str:
+    return f"{'ip6tables' if ip_version == 6 else 'iptables'}-{backend}-{tool}"
 
 
 def detect_backend(runner: Runner = commands.run) -> Backend:
@@ -181,12 +182,16 @@ class Table:
         sleep: Callable[[float], None] = time.sleep,
         max_attempts: int = 3,
         insert_mode: InsertMode = "insert",
+        ip_version: int = 4,
     ) -> None:
+        if ip_version not in (4, 6):
+            raise ValueError(f"IP version {ip_version}: expected 4 or 6")
         if name not in BUILTIN_CHAINS:
             raise ValueError(f"unknown iptables table {name!r} (one of {', '.join(BUILTIN_CHAINS)})")
         if insert_mode not in ("insert", "append"):
             raise ValueError(f"unknown chain insert mode {insert_mode!r} (insert or append)")
         self.name = name
+        self.ip_version = ip_version
         self.insert_mode = insert_mode
         self._backend = backend
         self._run = runner
@@ -252,7 +257,7 @@ class Table:
                 return ""
             try:
                 self._run(
-                    [_binary(self.backend, "restore"), "--noflush", "--wait"], input=text
+                    [_binary(self.backend, "restore", self.ip_version), "--noflush", "--wait"], input=text
                 )
             except CommandFailed as exc:
                 last_error = exc
@@ -273,7 +278,7 @@ class Table:
         )
 
     def _read_back(self) -> _KernelTable:
-        out = self._run([_binary(self.backend, "save"), "-t", self.name]).stdout
+        out = self._run([_binary(self.backend, "save", self.ip_version), "-t", self.name]).stdout
         return parse_save(out, self.name)
 
     # -- diff -----------------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-"""The links driver: owns the tunnel devices vxlan.calico and tunl0, their address, FDB and neighbours.
+"""The links driver: owns the tunnel devices vxlan.calico, vxlan-v6.calico and tunl0, their address,
+FDB and neighbours.
 
 API model, like the route driver: `set_vxlan()` / `set_ipip()` declare the desired state (no I/O),
 `apply()` reconciles the kernel with it, `queue_resync()` makes the next apply read everything
 back even if nothing changed (periodic drift repair: a device, FDB entry or neighbour deleted by
 hand comes back).
 
-What is ours: the device names `names.VXLAN_DEVICE` and `names.IPIP_DEVICE`, every permanent FDB
-and neighbour entry on vxlan.calico, and the IPv4 addresses on both devices. A vxlan.calico whose
-VNI, port, parent or local address is wrong is deleted and recreated (its routes go with it, the
-route driver puts them back on its next apply).
+What is ours: the device names `names.VXLAN_DEVICE`, `names.VXLAN_V6_DEVICE` and
+`names.IPIP_DEVICE`, every permanent FDB and neighbour entry on the VXLAN devices, and the global
+addresses on all three (an IPv6 device's kernel-made link-local address is left alone). A VXLAN
+device whose VNI, port, parent or local address is wrong is deleted and recreated (its routes go
+with it, the route driver puts them back on its next apply).
+
+vxlan-v6.calico is Felix's IPv6 VTEP: the same VNI and UDP port as vxlan.calico, its local address
+the node's IPv6 address (so the two devices' sockets never clash), the Node's
+vxlanTunnelMACAddrV6 and ipv6VXLANTunnelAddr, IPv6 FDB destinations and NDP neighbour entries,
+and an MTU 70 bytes below its parent's (the outer IPv6 header is 20 bytes longer).
 
 IPIP: once the ipip module is loaded every namespace has a fallback tunl0 (`ipip any remote any`),
 which is adopted as it is; without the module the device cannot be created at all ("Unknown device
@@ -28,18 +35,19 @@ import errno
 import ipaddress
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 from felixpy import names
 from felixpy.kernel.netlink import NetlinkError
 from felixpy.kernel.tunnels import FdbEntry, NeighEntry, TunnelLink, TunnelNetlink
 
 __all__ = ["IpipDevice", "LinksResult", "TunnelLinks", "VxlanDevice", "Vtep",
-           "VXLAN_OVERHEAD", "IPIP_OVERHEAD", "IPIP_MISSING"]
+           "VXLAN_OVERHEAD", "VXLAN_V6_OVERHEAD", "IPIP_OVERHEAD", "IPIP_MISSING"]
 
 log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50
+VXLAN_V6_OVERHEAD = 70
 IPIP_OVERHEAD = 20
 IPIP_MISSING = ("IPIP encapsulation needs CONFIG_NET_IPIP (the ipip kernel module), which this kernel "
                 "lacks: tunl0 cannot be created, so blocks of IPIP pools are not routed")
@@ -47,7 +55,8 @@ IPIP_MISSING = ("IPIP encapsulation needs CONFIG_NET_IPIP (the ipip kernel modul
 
 @dataclass(frozen=True, slots=True)
 class VxlanDevice:
-    """This node's VTEP. `mtu` 0 means the parent's MTU minus VXLAN_OVERHEAD."""
+    """This node's VTEP of one family (local_ip's). `mtu` 0 means the parent's MTU minus
+    VXLAN_OVERHEAD (VXLAN_V6_OVERHEAD over IPv6)."""
 
     local_ip: str  # the node IP; its interface is the parent
     mac: str
@@ -58,6 +67,10 @@ class VxlanDevice:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mac", self.mac.lower())
+
+    @property
+    def version(self) -> int:
+        return 6 if ":" in self.local_ip else 4
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -100,8 +113,8 @@ class TunnelLinks:
 
             netlink = TunnelKernel()
         self._nl = netlink
-        self._vxlan: VxlanDevice | None = None
-        self._vteps: frozenset[Vtep] = frozenset()
+        self._vxlan: dict[int, VxlanDevice | None] = {4: None, 6: None}
+        self._vteps: dict[int, frozenset[Vtep]] = {4: frozenset(), 6: frozenset()}
         self._ipip: IpipDevice | None = None
         self._dirty = True
         self._unavailable: frozenset[str] = frozenset()
@@ -112,10 +125,13 @@ class TunnelLinks:
         """Wanted devices that are not usable (missing parent, no kernel support, failed)."""
         return self._unavailable
 
-    def set_vxlan(self, device: VxlanDevice | None, vteps: Iterable[Vtep] = ()) -> None:
+    def set_vxlan(self, device: VxlanDevice | None, vteps: Iterable[Vtep] = (), *, version: int = 4) -> None:
+        """vxlan.calico (version 4) or vxlan-v6.calico (version 6); None: no such device."""
         vteps = frozenset(vteps) if device is not None else frozenset()
-        if device != self._vxlan or vteps != self._vteps:
-            self._vxlan, self._vteps = device, vteps
+        if device is not None and device.version != version:
+            raise ValueError(f"VXLAN device for IPv{version} with local address {device.local_ip}")
+        if device != self._vxlan[version] or vteps != self._vteps[version]:
+            self._vxlan[version], self._vteps[version] = device, vteps
             self._dirty = True
 
     def set_ipip(self, device: IpipDevice | None) -> None:
@@ -138,7 +154,12 @@ class TunnelLinks:
         changes: list[str] = []
         unavailable: set[str] = set()
         failed: dict[str, str] = {}
-        for device, step in ((names.VXLAN_DEVICE, self._apply_vxlan), (names.IPIP_DEVICE, self._apply_ipip)):
+        steps: tuple[tuple[str, Callable[[list[str]], bool]], ...] = (
+            (names.VXLAN_DEVICE, lambda c: self._apply_vxlan(c, 4)),
+            (names.VXLAN_V6_DEVICE, lambda c: self._apply_vxlan(c, 6)),
+            (names.IPIP_DEVICE, self._apply_ipip),
+        )
+        for device, step in steps:
             try:
                 if not step(changes):
                     unavailable.add(device)
@@ -153,10 +174,10 @@ class TunnelLinks:
         devices_changed = any(c.startswith(("created ", "deleted ")) for c in changes)
         return LinksResult(tuple(changes), self._unavailable, failed, devices_changed)
 
-    # -- vxlan.calico ----------------------------------------------------------------------
-    def _apply_vxlan(self, changes: list[str]) -> bool:
-        name = names.VXLAN_DEVICE
-        want = self._vxlan
+    # -- vxlan.calico and vxlan-v6.calico ---------------------------------------------------
+    def _apply_vxlan(self, changes: list[str], version: int) -> bool:
+        name = names.VXLAN_DEVICE if version == 4 else names.VXLAN_V6_DEVICE
+        want = self._vxlan[version]
         have = self._nl.get_link(name)
         if want is None:
             if have is not None:
@@ -169,7 +190,7 @@ class TunnelLinks:
             self._report(name, f"no interface carries the node IP {want.local_ip}; {name} waits for it")
             self._dirty = True
             return False
-        mtu = want.mtu or parent.mtu - VXLAN_OVERHEAD
+        mtu = want.mtu or parent.mtu - (VXLAN_OVERHEAD if version == 4 else VXLAN_V6_OVERHEAD)
         if have is not None and not _vxlan_matches(have, want, parent.index):
             log.info("recreating %s: kind=%s vni=%s port=%s local=%s parent=%s", name, have.kind,
                      have.vxlan_id, have.vxlan_port, have.vxlan_local, have.vxlan_link)
@@ -190,8 +211,9 @@ class TunnelLinks:
             changes.append(f"{name} mac {want.mac}")
             have = replace(have, up=False)
         self._sync_mtu_up_address(name, have, mtu, want.address, changes)
-        self._sync_fdb(have.index, {FdbEntry(v.mac, v.node_ip) for v in self._vteps}, changes)
-        self._sync_neigh(have.index, {NeighEntry(v.tunnel_ip, v.mac) for v in self._vteps}, changes)
+        vteps = self._vteps[version]
+        self._sync_fdb(have.index, {FdbEntry(v.mac, v.node_ip) for v in vteps}, changes)
+        self._sync_neigh(have.index, {NeighEntry(v.tunnel_ip, v.mac) for v in vteps}, changes)
         self._reported.discard(name)
         return True
 
@@ -267,7 +289,8 @@ class TunnelLinks:
         self._sync_addresses(have, address, changes)
 
     def _sync_addresses(self, have: TunnelLink, address: str | None, changes: list[str]) -> None:
-        want = {f"{ipaddress.IPv4Address(address)}/32"} if address else set()
+        addr = ipaddress.ip_address(address) if address else None
+        want = {f"{addr}/{addr.max_prefixlen}"} if addr is not None else set()
         for cidr in sorted(have.addresses - want):
             self._nl.delete_address(have.index, cidr)
             changes.append(f"{have.name} addr del {cidr}")

@@ -14,9 +14,9 @@ are ever replaced or deleted; a route of another proto at a destination we want 
 fail (EEXIST) and is reported, never overwritten. A route whose interface does not exist yet is
 left pending and retried on every apply.
 
-Routes written by the CNI path: Calico's CNI plugin writes a new pod's /32 itself and Felix owns
-it from then on; felixpy's does the same (kernel/veth.add_host_routes, with `kernel_route`'s
-value and our proto) and hands the route to `adopt()` before the pod's WorkloadEndpoint exists.
+Routes written by the CNI path: Calico's CNI plugin writes a new pod's /32 (/128) itself and
+Felix owns it from then on; felixpy's does the same (kernel/veth.add_host_routes, with
+`kernel_route`'s value and our proto) and hands the route to `adopt()` before the pod's WorkloadEndpoint exists.
 The driver records it as programmed, so the apply that brings the endpoint finds it already right
 and writes nothing. Until the endpoint arrives the route is held: not deleted as unwanted for the
 hold time the CNI path gives (its ADD deadline); a route whose ADD failed is gone with its veth,
@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Mapping
 
 from felixpy import names
 from felixpy.kernel.netlink import (
+    IPV6_DEFAULT_PRIORITY,
     SCOPE_LINK,
     SCOPE_UNIVERSE,
     KernelRoute,
@@ -51,7 +52,14 @@ log = logging.getLogger(__name__)
 
 def kernel_route(want: Route, ifindex: int | None, proto: int = names.ROUTE_PROTO) -> KernelRoute:
     """The kernel form of a desired route: what the driver writes, and what the CNI path writes
-    for a pod's /32 before the driver owns it (so the driver finds it already right)."""
+    for a pod's /32 or /128 before the driver owns it (so the driver finds it already right)."""
+    if want.version == 6:
+        # IPv6 routes have no scope (the kernel reports universe for all of them) and get
+        # metric 1024 when added without one: ask for what reads back, or every resync
+        # would see a difference.
+        return KernelRoute(dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
+                           onlink=want.onlink, scope=SCOPE_UNIVERSE, proto=proto,
+                           priority=IPV6_DEFAULT_PRIORITY)
     scope = SCOPE_LINK if want.type == "unicast" and not want.gateway else SCOPE_UNIVERSE
     return KernelRoute(
         dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
@@ -78,11 +86,11 @@ class RouteTable:
     """Reconciles the kernel's main-table routes of one proto with a declared desired set."""
 
     def __init__(self, *, netlink: RouteNetlink | None = None, proto: int = names.ROUTE_PROTO,
-                 observe_read_back: Callable[[float], None] | None = None) -> None:
+                 observe_read_back: Callable[[float], None] | None = None, ipv6: bool = True) -> None:
         if netlink is None:
             from felixpy.kernel.netlink import Netlink
 
-            netlink = Netlink()
+            netlink = Netlink(families=(4, 6) if ipv6 else (4,))
         self._nl = netlink
         self._proto = proto
         self._desired: dict[str, Route] = {}
