@@ -30,11 +30,12 @@ from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.ipam.block import Block
 from policy import calico
-from policy.model import Action, Endpoint, Policy, Profile, Rule
+from policy.model import Action, Endpoint, HostEndpoint, Policy, Profile, Rule, Tier
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_PROFILE_PREFIX = "kns."
+SERVICE_ACCOUNT_PROFILE_PREFIX = "ksa."
 
 
 class Kind(StrEnum):
@@ -50,6 +51,10 @@ class Kind(StrEnum):
     GLOBAL_NETWORK_POLICY = "GlobalNetworkPolicy"
     BGP_CONFIGURATION = "BGPConfiguration"
     BGP_PEER = "BGPPeer"
+    TIER = "Tier"
+    NETWORK_SET = "NetworkSet"
+    GLOBAL_NETWORK_SET = "GlobalNetworkSet"
+    HOST_ENDPOINT = "HostEndpoint"
     FELIX_CONFIGURATION = "FelixConfiguration"
     CLUSTER_INFORMATION = "ClusterInformation"
 
@@ -63,6 +68,10 @@ _RESOURCE_KINDS = {
     "globalnetworkpolicies": Kind.GLOBAL_NETWORK_POLICY,
     "bgpconfigurations": Kind.BGP_CONFIGURATION,
     "bgppeers": Kind.BGP_PEER,
+    "tiers": Kind.TIER,
+    "networksets": Kind.NETWORK_SET,
+    "globalnetworksets": Kind.GLOBAL_NETWORK_SET,
+    "hostendpoints": Kind.HOST_ENDPOINT,
     "felixconfigurations": Kind.FELIX_CONFIGURATION,
     "clusterinformations": Kind.CLUSTER_INFORMATION,
 }
@@ -138,10 +147,21 @@ class WorkloadEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class NamedProfile:
-    """A Profile; for `kns.<ns>` also the labels it gives the namespace's pods (else None)."""
+    """A Profile; for `kns.<ns>` also the labels it gives the namespace's pods (else None), for
+    `ksa.<ns>.<sa>` the service account and the labels it gives the pods running as it."""
 
     profile: Profile
     namespace_labels: Mapping[str, str] | None
+    service_account: tuple[str, str] | None = None  # (namespace, name)
+    sa_labels: Mapping[str, str] | None = None
+
+
+def service_account_of_profile(name: str) -> tuple[str, str] | None:
+    """(namespace, service account) of a `ksa.<ns>.<sa>` profile name (namespaces have no dots)."""
+    if not name.startswith(SERVICE_ACCOUNT_PROFILE_PREFIX):
+        return None
+    namespace, dot, account = name[len(SERVICE_ACCOUNT_PROFILE_PREFIX):].partition(".")
+    return (namespace, account) if dot and namespace and account else None
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -273,9 +293,11 @@ def _profile(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> NamedProfile:
     labels = None
     if parsed.name.startswith(NAMESPACE_PROFILE_PREFIX):
         labels = dict(calico.namespace_labels_from_profile(resource))
+    account = service_account_of_profile(parsed.name)
+    sa_labels = dict(calico.service_account_labels_from_profile(resource)) if account else None
     profile = calico.profile_from_resource(resource)
     _check_actions(profile.ingress + profile.egress)
-    return NamedProfile(profile, labels)
+    return NamedProfile(profile, labels, account, sa_labels)
 
 
 def _policy(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Policy]:
@@ -284,6 +306,22 @@ def _policy(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Policy]
         _check_actions(policy.ingress + policy.egress)
         return policy
     return decode_policy
+
+
+def _tier(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Tier:
+    return calico.tier_from_resource(_resource(Kind.TIER, parsed, value))
+
+
+def _network_set(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Endpoint]:
+    def decode_network_set(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Endpoint:
+        # Without its namespace's labels: joining those in is the policy calc's job.
+        return calico.network_set_from_resource(_resource(kind, parsed, value), {})
+    return decode_network_set
+
+
+def _host_endpoint(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> HostEndpoint:
+    # Without its profiles' labels: the policy calc joins those in (it has the profiles).
+    return calico.host_endpoint_from_resource(_resource(Kind.HOST_ENDPOINT, parsed, value))
 
 
 def _as_stored(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Mapping[str, Any]]:
@@ -303,12 +341,21 @@ _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.GLOBAL_NETWORK_POLICY: _policy(Kind.GLOBAL_NETWORK_POLICY),
     Kind.BGP_CONFIGURATION: _as_stored(Kind.BGP_CONFIGURATION),
     Kind.BGP_PEER: _as_stored(Kind.BGP_PEER),
+    Kind.TIER: _tier,
+    Kind.NETWORK_SET: _network_set(Kind.NETWORK_SET),
+    Kind.GLOBAL_NETWORK_SET: _network_set(Kind.GLOBAL_NETWORK_SET),
+    Kind.HOST_ENDPOINT: _host_endpoint,
     Kind.FELIX_CONFIGURATION: _as_stored(Kind.FELIX_CONFIGURATION),
     Kind.CLUSTER_INFORMATION: _as_stored(Kind.CLUSTER_INFORMATION),
 }
 
 
-def with_namespace_labels(endpoint: Endpoint, labels: Mapping[str, str]) -> Endpoint:
-    """The endpoint as policy matches it: with its namespace's labels joined in."""
+def with_namespace_labels(endpoint: Endpoint, labels: Mapping[str, str],
+                          sa_labels: Mapping[str, str] | None = None) -> Endpoint:
+    """The endpoint as policy matches it: with its namespace's (and its service account's)
+    labels joined in."""
     joined = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
-    return endpoint if joined == endpoint.namespace_labels else replace(endpoint, namespace_labels=joined)
+    sa = tuple(sorted((str(k), str(v)) for k, v in (sa_labels or {}).items()))
+    if joined == endpoint.namespace_labels and sa == endpoint.sa_labels:
+        return endpoint
+    return replace(endpoint, namespace_labels=joined, sa_labels=sa)

@@ -9,7 +9,7 @@ Gone or a broken stream):
 | Namespace `<ns>` | Profile `kns.<ns>`: allow all, `labelsToApply` `pcns.<label>` + `pcns.projectcalico.org/name` |
 | ServiceAccount `<ns>/<sa>` | Profile `ksa.<ns>.<sa>`: no rules, `labelsToApply` `pcsa.<label>` + `pcsa.projectcalico.org/name` |
 | networking.k8s.io NetworkPolicy `<ns>/<name>` | NetworkPolicy `<ns>/knp.default.<name>` (policy/k8s.py) |
-| Pod `<ns>/<pod>` on node `<n>` | labels and named ports of the existing WorkloadEndpoint `<n>-k8s-<pod>-eth0` |
+| Pod `<ns>/<pod>` on node `<n>` | labels, named ports, serviceAccountName of the existing WorkloadEndpoint `<n>-k8s-<pod>-eth0` |
 
 WorkloadEndpoints are the CNI plugin's: the mirror never creates or deletes one, it only keeps
 the labels (pod labels plus projectcalico.org/namespace, orchestrator, serviceaccount) and named
@@ -138,11 +138,18 @@ def pod_ports(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def endpoint_with_pod(wep: Mapping[str, Any], pod: Mapping[str, Any]) -> dict[str, Any]:
-    """The endpoint value with the pod's labels and named ports; everything else as the CNI
+    """The endpoint value with the pod's labels, named ports and service account (policy's
+    serviceAccounts matches and ksa.<ns>.<sa> labels follow it); everything else as the CNI
     plugin wrote it."""
     out = json.loads(json.dumps(wep))  # a deep copy of plain JSON
     out.setdefault("metadata", {})["labels"] = pod_labels(pod)
-    out.setdefault("spec", {})["ports"] = pod_ports(pod)
+    spec = out.setdefault("spec", {})
+    spec["ports"] = pod_ports(pod)
+    account = (pod.get("spec") or {}).get("serviceAccountName")
+    if account:
+        spec["serviceAccountName"] = str(account)
+    else:
+        spec.pop("serviceAccountName", None)
     return out
 
 

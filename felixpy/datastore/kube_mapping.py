@@ -70,10 +70,15 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {
     "networkpolicies": ("NetworkPolicy", True),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", False),
     "clusterinformations": ("ClusterInformation", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 K8S_NP_PREFIX = "knp.default."
 PROFILE_PREFIX = "kns."
+SA_PROFILE_PREFIX = "ksa."
 MAX_NAME = 253
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -541,6 +546,32 @@ def _namespace_convert(obj: dict[str, Any]) -> Converted | None:
     return keys.resource_key("profiles", PROFILE_PREFIX + _meta(obj).get("name", "")), profile_value(obj)
 
 
+def sa_profile_name(namespace: str, account: str) -> str:
+    return f"{SA_PROFILE_PREFIX}{namespace}.{account}"
+
+
+def sa_profile_value(obj: dict[str, Any]) -> dict[str, Any]:
+    """The ksa.<ns>.<sa> Profile of a ServiceAccount, as libcalico-go's KDD exposes it: no rules
+    (the namespace profile carries the allow-all), its labels as pcsa.<key> plus
+    pcsa.projectcalico.org/name."""
+    meta = _meta(obj)
+    labels = {f"pcsa.{k}": v for k, v in (meta.get("labels") or {}).items()}
+    labels["pcsa.projectcalico.org/name"] = meta.get("name", "")
+    return {
+        "apiVersion": CALICO_API_VERSION,
+        "kind": "Profile",
+        "metadata": {"name": sa_profile_name(meta.get("namespace", ""), meta.get("name", ""))},
+        "spec": {"labelsToApply": labels},
+    }
+
+
+def _sa_convert(obj: dict[str, Any]) -> Converted | None:
+    meta = _meta(obj)
+    if not meta.get("name") or not meta.get("namespace"):
+        return None
+    return keys.resource_key("profiles", sa_profile_name(meta["namespace"], meta["name"])), sa_profile_value(obj)
+
+
 def _k8s_np_key(obj: dict[str, Any]) -> str | None:
     meta = _meta(obj)
     if not meta.get("name"):
@@ -596,13 +627,15 @@ PODS = _simple("core/pods", CORE_API, "pods", True, keys.resource_prefix("worklo
                derived=True, key_of=_pod_key)
 NAMESPACES = _simple("core/namespaces", CORE_API, "namespaces", False, keys.resource_prefix("profiles"),
                      _namespace_convert, writable=False, derived=True)
+SERVICE_ACCOUNTS = _simple("core/serviceaccounts", CORE_API, "serviceaccounts", True, keys.resource_prefix("profiles"),
+                           _sa_convert, writable=False, derived=True)
 K8S_NETWORK_POLICIES = _simple("networking/networkpolicies", NETWORKING_API, "networkpolicies", True,
                                keys.resource_prefix("networkpolicies"), _k8s_np_convert, writable=False,
                                derived=True, key_of=_k8s_np_key)
 
 ALL_KINDS: tuple[Kind, ...] = (
     *RESOURCE_KINDS.values(), BLOCKS, AFFINITIES, HANDLES, IPAM_CONFIG, NODES, PODS, NAMESPACES,
-    K8S_NETWORK_POLICIES,
+    K8S_NETWORK_POLICIES, SERVICE_ACCOUNTS,
 )
 
 
@@ -639,6 +672,10 @@ def locate(key: str) -> Location:
             return Location(PODS, wep[2], parsed.namespace, parsed)
         if parsed.plural == "profiles" and parsed.namespace is None and parsed.name.startswith(PROFILE_PREFIX):
             return Location(NAMESPACES, parsed.name[len(PROFILE_PREFIX):], None, parsed)
+        if parsed.plural == "profiles" and parsed.namespace is None and parsed.name.startswith(SA_PROFILE_PREFIX):
+            namespace, dot, account = parsed.name[len(SA_PROFILE_PREFIX):].partition(".")
+            if dot and namespace and account:
+                return Location(SERVICE_ACCOUNTS, account, namespace, parsed)
     elif parsed.kind == "block":
         return Location(BLOCKS, cidr_to_name(parsed.name), None, parsed)
     elif parsed.kind == "affinity":

@@ -7,6 +7,7 @@ interface (design.md §3.1); change them only additively.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -354,6 +355,28 @@ def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | Non
     return new
 
 
+def cmd_sa_add(args: argparse.Namespace) -> int:
+    """A ServiceAccount, as felixpy-controllers mirror one in etcd mode: its ksa.<ns>.<sa> profile
+    (the account's labels, as pcsa.<key>, for policy's service account selectors)."""
+    ref = topology.parse_pod_ref(args.account)
+    labels = topology.parse_labels(args.labels)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if _ensure_namespace(st, ref.namespace, None):
+            say(f"namespace {ref.namespace} created")
+    if st.datastore == "kubernetes":
+        # The ServiceAccount itself: the Kubernetes datastore serves it as the ksa profile.
+        kube.ensure_service_account(pods.kube_api(st.name), ref.namespace, ref.name, labels)
+    else:
+        store = pods.open_datastore(st.name)
+        try:
+            pods.write_profile_value(store, pods.profile_for_service_account(ref.namespace, ref.name, labels))
+        finally:
+            store.close()
+    say(f"service account {ref} written")
+    return 0
+
+
 def cmd_ns_add(args: argparse.Namespace) -> int:
     namespace = topology.check_k8s_name("namespace", args.namespace)
     labels = topology.parse_labels(args.labels)
@@ -379,10 +402,11 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             raise LabUsageError(f"pod {ref} already exists")
         if _ensure_namespace(st, ref.namespace, None):
             say(f"namespace {ref.namespace} created")
+        account = topology.check_k8s_name("service account", args.service_account) if args.service_account else ""
         pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
                        netns=topology.pod_netns(st.name, ref.namespace, ref.name),
                        container_id=secrets.token_hex(32), labels=labels, annotations=annotations,
-                       serve=[f"{p.name}={p.spec()}" for p in served])
+                       serve=[f"{p.name}={p.spec()}" for p in served], service_account=account)
         if pod.netns in procs.netns_list():
             raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
         st.pods.append(pod)
@@ -558,18 +582,33 @@ def _finish_probe(proc: subprocess.Popen[str], src: PodState, count: int, timeou
     return [bool(r) for r in result]
 
 
+def _ip_address(text: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
-    src_ref, dst_ref = topology.parse_pod_ref(args.src), topology.parse_pod_ref(args.dst)
+    src_ref = topology.parse_pod_ref(args.src)
     st = state.load(args.name)
-    src, dst = st.pod(src_ref.namespace, src_ref.name), st.pod(dst_ref.namespace, dst_ref.name)
+    src = st.pod(src_ref.namespace, src_ref.name)
     proto = args.proto.lower()
-    target = _targets(proto, args.port, dst)
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
-    if target is None:
-        say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
-        return 1
+    # DST may be an address (a node's, a NodePort's): the probe goes there as it would to a pod.
+    address = _ip_address(args.dst)
+    if address is not None:
+        label, target = address, (f"icmp:{address}" if proto == "icmp" else f"{proto}:{address}:{args.port}")
+    else:
+        dst_ref = topology.parse_pod_ref(args.dst)
+        dst = st.pod(dst_ref.namespace, dst_ref.name)
+        found = _targets(proto, args.port, dst)
+        if found is None:
+            say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
+            return 1
+        label, target = f"{dst.ref} ({dst.ips[0]})", found
     ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
-    say(f"{src.ref} -> {dst.ref} ({dst.ips[0]}) {what}: {'connected' if ok else 'blocked'}")
+    say(f"{src.ref} -> {label} {what}: {'connected' if ok else 'blocked'}")
     return 0 if ok else 1
 
 
@@ -790,6 +829,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
                    help="a namespace annotation, e.g. cni.projectcalico.org/ipv4pools='[\"pool\"]' (repeatable)")
 
+    sa = add("sa", lambda a: 0, "service accounts")
+    sa_sub = sa.add_subparsers(dest="sa_command", metavar="add", required=True)
+    p = sa_sub.add_parser("add", parents=[common], help="add (or relabel) a service account")
+    p.set_defaults(func=cmd_sa_add)
+    p.add_argument("account", metavar="NS/SA")
+    p.add_argument("--labels", default="")
+
     pod = add("pod", lambda a: 0, "pods")
     pod_sub = pod.add_subparsers(dest="pod_command", metavar="add|del", required=True)
     p = pod_sub.add_parser("add", parents=[common], help="add a pod (real CNI ADD)")
@@ -800,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
                    help="a pod annotation, e.g. cni.projectcalico.org/ipAddrs='[\"10.244.1.7\"]' (repeatable)")
     p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
+    p.add_argument("--service-account", default="", metavar="SA",
+                   help="the pod's serviceAccountName (its labels: `sa add`)")
     p = pod_sub.add_parser("del", parents=[common], help="delete a pod (real CNI DEL)")
     p.set_defaults(func=cmd_pod_del)
     p.add_argument("pod", metavar="NS/POD")
@@ -816,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")
     p.add_argument("src", metavar="NS/A")
-    p.add_argument("dst", metavar="NS/B")
+    p.add_argument("dst", metavar="NS/B|IP", help="a pod, or an IPv4 address (a node's, a NodePort's)")
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--proto", choices=("tcp", "udp", "icmp"), default="tcp")
     p.add_argument("--timeout", type=float, default=1.0)

@@ -41,6 +41,7 @@ class PodState:
     serve: list[str] = field(default_factory=list)  # "name=proto:port"
     ips: list[str] = field(default_factory=list)
     server_pid: int = 0
+    service_account: str = ""  # the pod's serviceAccountName ("": none)
 
     @property
     def ref(self) -> str:

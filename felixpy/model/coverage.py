@@ -144,6 +144,13 @@ _T_FULL_POLICY = "tests/unit/test_policy_calico.py::test_full_network_policy"
 _T_NOT = "tests/unit/test_policy_evaluate.py::test_not_selector_not_nets_not_ports_and_protocol_numbers"
 _T_ICMP = "tests/unit/test_policy_render.py::test_icmp_type_and_code"
 _T_FAILSAFE = "tests/unit/test_policy_render.py::test_static_chains_forward_and_failsafes"
+_T_TIERS = "tests/unit/test_calc_policy.py::test_tiers_order_the_chains_and_a_tier_change_reorders_them"
+_T_TIER_PASS = "tests/unit/test_policy_evaluate.py::test_tiers_run_in_order_and_pass_goes_to_the_next_tier"
+_T_SA = "tests/unit/test_calc_policy.py::test_service_account_selectors_follow_service_account_labels"
+_T_NETSETS = "tests/unit/test_calc_policy.py::test_network_sets_are_selector_ipset_members"
+_T_HEPS = "tests/unit/test_calc_policy.py::test_host_endpoints_one_per_interface_wildcard_and_profile_labels"
+_T_HEP_KERNEL = ("tests/integration/test_policy_host_endpoints.py::"
+                 "test_host_endpoint_default_deny_failsafe_and_forwarding")
 
 _T_OFF = "tests/unit/test_field_coverage.py::test_switches_of_missing_features_are_accepted_off_and_refused_on"
 _T_FELIX = ("tests/integration/test_felix_configuration.py::"
@@ -374,7 +381,8 @@ SUPPORT: dict[str, dict[str, Support]] = {
             "which sandbox the endpoint belongs to (CNI DEL and CHECK)"),
         "spec.pod": Honoured(_T_ENDPOINT),
         "spec.endpoint": Honoured(_T_STORED, "the interface name inside the pod, part of the endpoint's name"),
-        "spec.serviceAccountName": Refused("service account matching"),
+        "spec.serviceAccountName": Honoured(_T_SA, "the projectcalico.org/serviceaccount label and the "
+                                            "ksa.<ns>.<sa> profile's labels"),
         "spec.ipNetworks": Honoured(_T_ROUTES),
         "spec.ipv4Gateway": Refused("a per-endpoint gateway"),
         "spec.ipv6Gateway": Refused(_IPV6),
@@ -395,24 +403,28 @@ SUPPORT: dict[str, dict[str, Support]] = {
     },
     # -- Policy ------------------------------------------------------------------------------------
     "NetworkPolicy": {
-        "spec.tier": HonouredIf(_T_FULL_POLICY, _one_of("default"), "the default tier", "default", "security"),
+        "spec.tier": Honoured(_T_TIERS, "the tier must exist (felixctl); the default tier always does"),
         "spec.order": Honoured("tests/unit/test_policy_evaluate.py::test_order_then_first_matching_rule_decides"),
         "spec.selector": Honoured(_T_FULL_POLICY),
-        "spec.serviceAccountSelector": Refused("service account matching"),
+        "spec.serviceAccountSelector": Honoured(_T_SA, "over the ksa.<ns>.<sa> profile's labels (pcsa.<key>)"),
         "spec.types": Honoured("tests/unit/test_policy_render.py::test_endpoint_chain_skips_wrong_direction_and_fails_closed_on_missing_policy"),
         "spec.performanceHints": Tolerated("a hint for Calico's dataplane; the policy means the same without it"),
     },
     "GlobalNetworkPolicy": {
-        "spec.tier": HonouredIf(_T_FULL_POLICY, _one_of("default"), "the default tier", "default", "security"),
+        "spec.tier": Honoured(_T_TIERS, "the tier must exist (felixctl); the default tier always does"),
         "spec.order": Honoured("tests/unit/test_policy_evaluate.py::test_order_then_first_matching_rule_decides"),
         "spec.selector": Honoured("tests/unit/test_policy_calico.py::test_global_policy_scoping"),
-        "spec.serviceAccountSelector": Refused("service account matching"),
+        "spec.serviceAccountSelector": Honoured(_T_SA, "over the ksa.<ns>.<sa> profile's labels (pcsa.<key>)"),
         "spec.types": Honoured("tests/unit/test_policy_render.py::test_endpoint_chain_skips_wrong_direction_and_fails_closed_on_missing_policy"),
         "spec.performanceHints": Tolerated("a hint for Calico's dataplane; the policy means the same without it"),
         "spec.namespaceSelector": Honoured("tests/unit/test_policy_evaluate.py::test_global_policy_namespace_selector_and_icmp"),
-        "spec.doNotTrack": Refused("untracked policy for host endpoints"),
-        "spec.preDNAT": Refused("pre-DNAT policy for host endpoints"),
-        "spec.applyOnForward": Refused("policy for forwarded traffic through host endpoints"),
+        "spec.doNotTrack": Honoured(
+            "tests/integration/test_policy_host_endpoints.py::test_do_not_track_policy_leaves_no_conntrack_entry",
+            "host endpoints only (raw table); never a `*` one, as in Calico"),
+        "spec.preDNAT": Honoured(
+            "tests/integration/test_policy_host_endpoints.py::test_pre_dnat_policy_blocks_a_node_port_before_dnat",
+            "host endpoints only (mangle PREROUTING, before DNAT)"),
+        "spec.applyOnForward": Honoured(_T_HEP_KERNEL, "host endpoints' forwarded traffic"),
     },
     "Rule": {
         "action": Honoured("tests/unit/test_policy_render.py::test_allow_deny_pass_log_actions"),
@@ -433,8 +445,35 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "namespaceSelector": Honoured("tests/unit/test_policy_evaluate.py::test_reason_names_named_port_and_namespace_selector"),
         "ports": Honoured("tests/unit/test_policy_evaluate.py::test_reason_for_policy_allow"),
         "notPorts": Honoured(_T_NOT),
-        "serviceAccounts": Refused("service account matching"),
+        "serviceAccounts.names": Honoured(
+            "tests/unit/test_policy_evaluate.py::test_service_account_selectors",
+            "projectcalico.org/serviceaccount in {names}"),
+        "serviceAccounts.selector": Honoured(_T_SA, "over the ksa.<ns>.<sa> profile's labels (pcsa.<key>)"),
         "services": Refused("Service matching"),
+    },
+    # -- Tiers, network sets, host endpoints -----------------------------------------------------------
+    "Tier": {
+        "spec.order": Honoured(_T_TIERS),
+        "spec.defaultAction": Honoured(_T_TIER_PASS),
+    },
+    "NetworkSet": {
+        "spec.nets": Honoured(_T_NETSETS, "members of the selector ipsets that select the set"),
+    },
+    "GlobalNetworkSet": {
+        "spec.nets": Honoured(_T_NETSETS, "members of the selector ipsets that select the set"),
+    },
+    "HostEndpoint": {
+        "spec.node": Honoured(_T_HEPS, "only this node's host endpoints are policed"),
+        "spec.interfaceName": Honoured(_T_HEP_KERNEL, "required by felixpy (finding the interface by "
+                                       "expectedIPs alone is refused); `*` for every interface"),
+        "spec.expectedIPs": Honoured(_T_HEPS, "members of the selector ipsets that select the endpoint"),
+        "spec.profiles": Honoured(_T_HEPS, "jumped to after the policies; their labelsToApply are inherited"),
+        "spec.ports[].name": Honoured(
+            "tests/unit/test_calc_policy.py::test_host_endpoint_named_ports_are_named_port_set_members"),
+        "spec.ports[].protocol": Honoured(
+            "tests/unit/test_calc_policy.py::test_host_endpoint_named_ports_are_named_port_set_members"),
+        "spec.ports[].port": Honoured(
+            "tests/unit/test_calc_policy.py::test_host_endpoint_named_ports_are_named_port_set_members"),
     },
     # -- ClusterInformation --------------------------------------------------------------------------
     "ClusterInformation": {

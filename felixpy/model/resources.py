@@ -17,6 +17,7 @@ import copy
 import datetime
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -24,6 +25,8 @@ from felixpy.datastore import keys
 from felixpy.model import coverage
 from felixpy.model import schema as s
 from felixpy.model.schema import FieldError, q
+from policy.calico import default_types
+from policy.model import DEFAULT_TIER_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,15 @@ KINDS: dict[str, Kind] = {
             False,
             ("clusterinformation", "clusterinformations", "clusterinfo", "clusterinfos"),
         ),
+        Kind("Tier", "tiers", False, ("tier", "tiers")),
+        Kind("NetworkSet", "networksets", True, ("networkset", "networksets", "netset", "netsets")),
+        Kind(
+            "GlobalNetworkSet",
+            "globalnetworksets",
+            False,
+            ("globalnetworkset", "globalnetworksets", "gnetset", "gnetsets"),
+        ),
+        Kind("HostEndpoint", "hostendpoints", False, ("hostendpoint", "hostendpoints", "hep", "heps")),
     )
 }
 
@@ -152,6 +164,8 @@ def _icmp_post(icmp: dict[str, Any], path: str) -> None:
 
 _ICMP = s.obj({"type": s.integer(0, 254), "code": s.integer(0, 255)}, post=_icmp_post, name="ICMPFields")
 
+_SERVICE_ACCOUNT_MATCH = s.obj({"names": s.list_of(s.string()), "selector": s.selector})
+
 _ENTITY_RULE = s.obj(
     {
         "nets": s.list_of(s.cidr(strict=False, allow_ip=True)),
@@ -161,7 +175,7 @@ _ENTITY_RULE = s.obj(
         "namespaceSelector": s.selector,
         "ports": s.list_of(s.port),
         "notPorts": s.list_of(s.port),
-        "serviceAccounts": s.obj({"names": s.list_of(s.string()), "selector": s.selector}),
+        "serviceAccounts": _SERVICE_ACCOUNT_MATCH,
         "services": s.obj({"name": s.string(), "namespace": s.string()}),
     },
     name="EntityRule",
@@ -210,13 +224,10 @@ _rules = s.list_of(_RULE)
 
 
 def _policy_post(spec: dict[str, Any], path: str) -> None:
-    tier = spec.get("tier", "default")
-    if tier != "default":
-        raise FieldError(s.join(path, "tier"), f"tier {q(tier)} is not supported (only 'default')")
-    spec["tier"] = "default"
+    spec["tier"] = spec.get("tier") or "default"
     if "types" not in spec:
-        # Calico's default: Ingress always, Egress only when egress rules are present.
-        spec["types"] = ["Ingress"] + (["Egress"] if spec.get("egress") else [])
+        # Calico's default: Ingress, Egress when there are egress rules only, both when both.
+        spec["types"] = default_types(spec)
     if len(set(spec["types"])) != len(spec["types"]):
         raise FieldError(s.join(path, "types"), "contains duplicates")
     if spec.get("doNotTrack") and spec.get("preDNAT"):
@@ -227,8 +238,16 @@ def _policy_post(spec: dict[str, Any], path: str) -> None:
         raise FieldError(s.join(path, "egress"), "preDNAT policies cannot have egress rules")
 
 
+def _tier_name(value: Any, path: str) -> str:
+    """Tier names are DNS labels: no dots, since they appear inside other names (Calico)."""
+    if not isinstance(value, str) or len(value) > 63 or not s.DNS1123_LABEL.fullmatch(value):
+        raise FieldError(path, f"invalid tier name {q(value)}: must be a DNS-1123 label (lower-case letters, "
+                         "digits and '-', starting and ending with a letter or digit, at most 63)")
+    return value
+
+
 _POLICY_FIELDS: dict[str, s.Checker] = {
-    "tier": s.string(),
+    "tier": _tier_name,
     "order": s.number,
     "selector": s.selector,
     "serviceAccountSelector": s.selector,
@@ -249,6 +268,69 @@ _GLOBAL_NETWORK_POLICY = s.obj(
     },
     defaults={"selector": "all()"},
     post=_policy_post,
+)
+
+
+# -- Tier, NetworkSet, GlobalNetworkSet, HostEndpoint --------------------------------------------------
+
+# Calico's well-known tiers and the order and default action its API insists on (CEL rules of
+# the Tier type); "default" always exists, the other two come with AdminNetworkPolicy.
+WELL_KNOWN_TIERS: dict[str, tuple[float, str]] = {
+    "default": (DEFAULT_TIER_ORDER, "Deny"),
+    "kube-admin": (1_000.0, "Pass"),
+    "kube-baseline": (10_000_000.0, "Pass"),
+}
+
+_TIER = s.obj(
+    {"order": s.number, "defaultAction": s.string(enum=("Deny", "Pass"))},
+    # A Tier without order sorts with the default tier (libcalico-go's DefaultTierFields).
+    defaults={"order": DEFAULT_TIER_ORDER, "defaultAction": "Deny"},
+)
+
+_NETWORK_SET = s.obj({"nets": s.list_of(s.cidr(strict=False, allow_ip=True))})
+
+
+def _interface_name(value: Any, path: str) -> str:
+    if value == "*" or (isinstance(value, str) and _IFACE_NAME.fullmatch(value)):
+        return str(value)
+    raise FieldError(path, f"invalid interface name {q(value)} (an interface name of at most 15 characters, "
+                     "or \"*\" for all interfaces)")
+
+
+_IFACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}")
+
+
+def _host_endpoint_post(spec: dict[str, Any], path: str) -> None:
+    if not spec.get("interfaceName"):
+        if spec.get("expectedIPs"):
+            # Calico can find the interface by its addresses; felixpy does not watch the host's
+            # interfaces yet, and guessing would police the wrong one (or none).
+            raise FieldError(s.join(path, "interfaceName"), "required by felixpy: finding the interface by "
+                             "spec.expectedIPs alone is not supported yet")
+        raise FieldError(path, "at least one of interfaceName or expectedIPs must be specified")
+    names = [p.get("name") for p in spec.get("ports") or ()]
+    if len(set(names)) != len(names):
+        raise FieldError(s.join(path, "ports"), "port names must be unique")
+
+
+def _endpoint_port_post(port: dict[str, Any], path: str) -> None:
+    if port["protocol"] not in _PORT_PROTOCOLS:
+        raise FieldError(s.join(path, "protocol"), "must be TCP, UDP, SCTP or UDPLite (a protocol with ports)")
+
+
+_HOST_ENDPOINT = s.obj(
+    {
+        "node": s.subdomain_name,
+        "interfaceName": _interface_name,
+        "expectedIPs": s.list_of(s.ip_address()),
+        "profiles": s.list_of(s.subdomain_name),
+        "ports": s.list_of(s.obj(
+            {"name": s.string(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", what="port name"), "protocol": _protocol,
+             "port": s.integer(1, 65535)},
+            required=("name", "protocol", "port"), post=_endpoint_port_post)),
+    },
+    required=("node",),
+    post=_host_endpoint_post,
 )
 
 
@@ -643,6 +725,10 @@ _SPECS: dict[str, s.Checker] = {
     "NetworkPolicy": _NETWORK_POLICY,
     "GlobalNetworkPolicy": _GLOBAL_NETWORK_POLICY,
     "ClusterInformation": _CLUSTER_INFORMATION,
+    "Tier": _TIER,
+    "NetworkSet": _NETWORK_SET,
+    "GlobalNetworkSet": _NETWORK_SET,
+    "HostEndpoint": _HOST_ENDPOINT,
 }
 
 
@@ -735,6 +821,9 @@ def _validate(obj: Mapping[str, Any]) -> dict[str, Any]:
         del meta["namespace"]
     if "status" in obj and kind != "Node":
         raise FieldError("status", "unknown field")
+    if kind in ("NetworkSet", "GlobalNetworkSet") and "projectcalico.org/namespace" in meta.get("labels", {}):
+        # Calico: that label only carries the real namespace into the v1 model.
+        raise FieldError("metadata.labels", "projectcalico.org/namespace is not a valid label name")
     spec = _SPECS[kind](obj.get("spec"), "spec")
     _check_kind_rules(kind, meta["name"], spec)
     out: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": spec}
@@ -756,6 +845,16 @@ def _check_kind_rules(kind: str, name: str, spec: dict[str, Any]) -> None:
                 spec.setdefault(field, default)
     if kind == "NetworkPolicy" and "namespaceSelector" in spec:
         raise FieldError("spec.namespaceSelector", "unknown field")
+    if kind == "Tier":
+        if len(name) > 63 or not s.DNS1123_LABEL.fullmatch(name):
+            raise FieldError("metadata.name", f"invalid tier name {q(name)}: must be a DNS-1123 label "
+                             "(no dots: tier names appear inside other names)")
+        if name in WELL_KNOWN_TIERS:
+            order, action = WELL_KNOWN_TIERS[name]
+            if spec["order"] != order:
+                raise FieldError("spec.order", f"the {q(name)} tier's order must be {order:.0f}")
+            if spec["defaultAction"] != action:
+                raise FieldError("spec.defaultAction", f"the {q(name)} tier's default action must be {action}")
 
 
 # -- cross-resource checks ---------------------------------------------------------------------------

@@ -84,6 +84,8 @@ APPLY_ORDER: tuple[str, ...] = (
     "ipsets",           # creations and member changes, before the rules that reference them
     "routes",
     "filter",
+    "mangle",           # host endpoints' preDNAT policy and DNAT'd host output
+    "raw",              # host endpoints' doNotTrack policy
     "nat",
     "ipset-deletions",  # once no rule references them
 )
@@ -165,6 +167,8 @@ class Agent:
         route_table: RouteTable | None = None,
         nat_table: Table | None = None,
         filter_table: Table | None = None,
+        mangle_table: Table | None = None,
+        raw_table: Table | None = None,
         ipsets: IPSets | None = None,
         render_config: RenderConfig | None = None,
         on_first_apply: Callable[[], None] | None = None,
@@ -211,7 +215,10 @@ class Agent:
         # writing to the host's real filter table behind its back.
         if filter_table is None and nat_table is None:
             filter_table = Table("filter", backend=iptables_backend, insert_mode=chain_insert_mode)
+            mangle_table = mangle_table or Table("mangle", backend=iptables_backend, insert_mode=chain_insert_mode)
+            raw_table = raw_table or Table("raw", backend=iptables_backend, insert_mode=chain_insert_mode)
         self._filter = filter_table
+        self._policy_tables = tuple(t for t in (mangle_table, raw_table) if t is not None)
         self._ipsets = ipsets or IPSets()
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
@@ -222,7 +229,8 @@ class Agent:
                                           vxlan_vni=vxlan_vni, vxlan_port=vxlan_port)
                             if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
-        self._policy_mgr = PolicyManager(self._filter, self._ipsets) if self._filter is not None else None
+        self._policy_mgr = (PolicyManager(self._filter, self._ipsets, mangle_table=mangle_table, raw_table=raw_table)
+                            if self._filter is not None else None)
         self._managers: tuple[Manager, ...] = tuple(
             m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets, nat_settings),
                         self._policy_mgr) if m is not None)
@@ -233,6 +241,8 @@ class Agent:
             "ipsets": lambda _: self._ipsets.apply(),
             "routes": self._apply_routes,
             "filter": (lambda _: filter_apply()) if filter_apply is not None else None,
+            "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
+            "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
             "nat": lambda _: self._nat.apply(),
             "ipset-deletions": lambda _: self._ipsets.apply_deletions(),
         }
@@ -349,6 +359,8 @@ class Agent:
             self._nat.queue_resync()
             if self._filter is not None:
                 self._filter.queue_resync()
+            for table in self._policy_tables:
+                table.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
         if now >= self._ipsets_timer.due:
@@ -387,7 +399,8 @@ class Agent:
             self.metrics.observe_apply(time.monotonic() - started)
             self.metrics.routes_programmed(len(self._routes.programmed))
             self.metrics.dataplane_counts(
-                tables=[t for t in (self._filter, self._nat) if t is not None], ipsets=self._ipsets,
+                tables=[t for t in (self._filter, self._nat, *self._policy_tables) if t is not None],
+                ipsets=self._ipsets,
                 local_endpoints=len(self.calc.local_endpoints()),
                 active_policies=len(self.policy_calc.active_policies()),
                 active_selectors=len(self.policy_calc.ipsets()))

@@ -207,6 +207,7 @@ def render_config(config: Any) -> Any:
         default_endpoint_to_host_action=config.felix.default_endpoint_to_host_action,
         failsafe_inbound=config.felix.failsafe_inbound,
         failsafe_outbound=config.felix.failsafe_outbound,
+        vxlan_port=config.felix.vxlan_port,  # encapsulation between nodes passes host endpoint policy
     )
 
 

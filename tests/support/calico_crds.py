@@ -110,6 +110,13 @@ SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {  # plural -> (kind, scope,
     "clusterinformations": ("ClusterInformation", "Cluster", obj({
         "clusterGUID": STRING, "clusterType": STRING, "calicoVersion": STRING, "datastoreReady": BOOL,
         "variant": STRING, "cnxVersion": STRING})),
+    "tiers": ("Tier", "Cluster", obj({"order": {"type": "number"}, "defaultAction": STRING})),
+    "networksets": ("NetworkSet", "Namespaced", obj({"nets": STRINGS})),
+    "globalnetworksets": ("GlobalNetworkSet", "Cluster", obj({"nets": STRINGS})),
+    "hostendpoints": ("HostEndpoint", "Cluster", obj({
+        "node": STRING, "interfaceName": STRING, "expectedIPs": STRINGS, "profiles": STRINGS,
+        "ports": {"type": "array", "items": obj({"name": STRING, "protocol": PORT, "port": INT},
+                                                 required=["name", "port", "protocol"])}})),
 }
 
 

@@ -72,6 +72,10 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {  # plural -> (kind, namespaced)
     "networkpolicies": ("NetworkPolicy", True),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", False),
     "clusterinformations": ("ClusterInformation", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")

@@ -124,6 +124,10 @@ CRD_KINDS = {
     "NetworkPolicy": ("networkpolicies", True),
     "GlobalNetworkPolicy": ("globalnetworkpolicies", False),
     "ClusterInformation": ("clusterinformations", False),
+    "Tier": ("tiers", False),
+    "NetworkSet": ("networksets", True),
+    "GlobalNetworkSet": ("globalnetworksets", False),
+    "HostEndpoint": ("hostendpoints", False),
 }
 
 FORBIDDEN_KEYWORDS = {"$ref", "definitions", "dependencies", "additionalItems", "patternProperties", "id", "$schema"}
@@ -222,6 +226,7 @@ NODE_RULES: list[tuple[str, str, str, str]] = [
     (CORE, "pods", "get list watch", "workload endpoints: labels, IPs, named container ports"),
     (CORE, "pods", "patch", "CNI ADD/DEL: the pod's IPs and container ID as cni.projectcalico.org/* annotations"),
     (CORE, "namespaces", "get list watch", "profiles kns.<namespace> with the namespace's labels"),
+    (CORE, "serviceaccounts", "get list watch", "profiles ksa.<namespace>.<account> with the account's labels"),
     (NET, "networkpolicies", "list watch", "Kubernetes NetworkPolicies, converted to Calico policy"),
     (CALICO, "ippools", "get list watch", "pools: IPAM, routes, natOutgoing"),
     (CALICO, "ippools", "create", "startup creates the default pool when none exists (create-only)"),
@@ -242,6 +247,10 @@ NODE_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "networkpolicies", "get list watch", "Calico NetworkPolicies"),
     (CALICO, "globalnetworkpolicies", "get list watch", "Calico GlobalNetworkPolicies"),
     (CALICO, "clusterinformations", "get list watch", "datastoreReady (CNI refuses while false)"),
+    (CALICO, "tiers", "get list watch", "policy tiers: order and default action"),
+    (CALICO, "networksets", "get list watch", "NetworkSets: their nets are selector ipset members"),
+    (CALICO, "globalnetworksets", "get list watch", "GlobalNetworkSets: their nets are selector ipset members"),
+    (CALICO, "hostendpoints", "get list watch", "HostEndpoints: host interfaces' policy, expectedIPs in ipsets"),
     (CALICO, "clusterinformations", "create", "startup's ensureDefaultConfig (create-only)"),
 ]
 
@@ -255,6 +264,8 @@ CONTROLLER_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "ipamconfigs", "get list", "strictAffinity decides whether a released block is kept"),
     (CALICO, "ippools", "list", "releasing an address reads the pools (found missing on a real API server)"),
     (CALICO, "ippools", "watch", "the IPAM metrics follow the pools (ipam_ippool_size, per-pool labels)"),
+    (CALICO, "clusterinformations", "get", "a pass is skipped while the datastore is locked (datastoreReady, "
+     "found missing on a real API server)"),
 ]
 
 

@@ -61,6 +61,10 @@ def test_kind_table() -> None:
         "NetworkPolicy": ("networkpolicies", True),
         "GlobalNetworkPolicy": ("globalnetworkpolicies", False),
         "ClusterInformation": ("clusterinformations", False),
+        "Tier": ("tiers", False),
+        "NetworkSet": ("networksets", True),
+        "GlobalNetworkSet": ("globalnetworksets", False),
+        "HostEndpoint": ("hostendpoints", False),
     }
 
 
@@ -334,7 +338,7 @@ def test_policy_normalisation() -> None:
         ({"egress": [{"action": "Allow", "ipVersion": 5}]}, "spec.egress[0].ipVersion: must be 4 or 6"),
         ({"egress": [{"action": "Allow", "http": {}}]}, "spec.egress[0].http: unknown field"),
         ({"namespaceSelector": "all()"}, "spec.namespaceSelector: unknown field"),
-        ({"tier": "security"}, 'spec.tier: felixpy does not support "security" yet'),
+        ({"tier": "Security"}, "spec.tier: invalid tier name \"Security\""),
         ({"order": "first"}, "spec.order: expected a number"),
     ],
 )
