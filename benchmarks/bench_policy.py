@@ -274,6 +274,7 @@ def change_latency(prefix: str, pods: int, policies: int, changes: int, backend:
 
         samples = []
         before_restore = []  # datastore write → the restore starts (the agent's own work)
+        bare: list[float] = []  # the same change's restore input, run by hand
         for n in range(changes):
             target = (n * 37) % policies
             key, value = k8s_policy(target, port=20000 + n)
@@ -286,6 +287,12 @@ def change_latency(prefix: str, pods: int, policies: int, changes: int, backend:
             samples.append(stamps[1] - t0)
             before_restore.append(stamps[0] - t0)
             time.sleep(0.05)
+            # Baseline: the same restore input again, bare (it is -R/-A lines: idempotent).
+            text = next(t for _, t in runner.restores[since:] if str(20000 + n) in t)
+            b0 = time.perf_counter()
+            commands.run(["ip", "netns", "exec", ns, f"iptables-{backend}-restore", "--noflush", "--wait"],
+                         input=text, timeout=command_timeout)
+            bare.append(time.perf_counter() - b0)
         saved = commands.run(["ip", "netns", "exec", ns, f"iptables-{backend}-save", "-t", "filter"]).stdout
         assert str(20000 + changes - 1) in saved, "the last change is not in the kernel"
         ordered = sorted(samples)
@@ -296,6 +303,8 @@ def change_latency(prefix: str, pods: int, policies: int, changes: int, backend:
         print(f"  of which before the iptables-restore started (syncer, calc, render, diff) p50 "
               f"{1000 * statistics.median(before_restore):.1f} ms; the restore(s) p50 "
               f"{1000 * statistics.median(s - b for s, b in zip(samples, before_restore)):.1f} ms")
+        print(f"  baseline: the same change's restore input run bare p50 {1000 * statistics.median(bare):.1f} ms; "
+              f"ratio agent/bare {statistics.median(samples) / statistics.median(bare):.2f}x")
         return samples
     finally:
         if agent is not None:
