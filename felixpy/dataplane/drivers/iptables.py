@@ -367,11 +367,10 @@ class Table:
         else:
             after.ours = dict(kernel.ours)
             for name in only:
-                chain = self._chains.get(name)
-                if chain is None:
-                    after.ours.pop(name, None)
+                if name in self._chains:
+                    after.ours[name] = list(self._chain_hashes(self._chains[name]))
                 else:
-                    after.ours[name] = list(self._chain_hashes(chain))
+                    after.ours.pop(name, None)
         for builtin in set(kernel.builtins) | set(self._jumps):
             rules = self._jumps.get(builtin, ())
             hashes = rule_hashes(builtin, rules)
