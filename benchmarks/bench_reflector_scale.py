@@ -9,15 +9,17 @@ Two network namespaces joined by one veth, 10.200.0.0/16:
     one Calico Node per client. It renders bird.conf and runs `birdc configure`.
   * C: one worker process (this script, --worker) holding every client: a raw BGP-4 speaker per
     client address (asyncio, no RIB beyond the set of prefixes it received), each announcing
-    one /26 with itself as next hop. Neighbour entries are permanent on both sides, so the
+    one /26 with itself as next hop. The clients are passive (one listener on port 179): BIRD
+    dials them, `connect delay time 2` after a peer appears in its configuration, as it does
+    Calico nodes. (Clients that dial BIRD themselves while BIRD also dials them get refused
+    for BIRD's `error wait time` after each of its own failed attempts.) Neighbour entries are permanent on both sides, so the
     host-wide ARP table limits (sandbox.md) do not apply.
 
 "Converged" means: every client's session is Established and every client has received every
 other client's /26 (N-1 prefixes each; BIRD does not send a client its own route back).
 
 Measured, for N clients and then N+100:
-  felixpy   t0 = the Node resources are written to the datastore (the worker has been dialling
-            since before t0; BIRD refuses clients it is not configured for) → converged;
+  felixpy   t0 = the Node resources are written to the datastore → converged;
   baseline  the same bird.conf text felixpy rendered, written by hand + `birdc configure` on a
             fresh BIRD and fresh clients → converged. Same machine, same run.
 Both sides include the clients' own parsing (one Python process), so the ratio is what felixpy
@@ -37,6 +39,7 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -54,7 +57,6 @@ CLUSTER_ID = "244.0.0.1"
 PREFIX_BASE = int(ipaddress.IPv4Address("172.16.0.0"))
 HOLD_TIME = 240
 KEEPALIVE_EVERY = 60.0
-RETRY_EVERY = 0.2  # seconds between connection attempts of a client BIRD has not accepted yet
 
 
 def client_address(i: int) -> str:
@@ -101,6 +103,7 @@ def prefixes_in(data: bytes, start: int, end: int) -> list[bytes]:
 class Worker:
     def __init__(self) -> None:
         self.clients: dict[int, Client] = {}
+        self.by_address: dict[str, Client] = {}
         self.expected = 0  # prefixes each client must hold (active clients - 1)
         self.complete = 0  # clients holding `expected` prefixes
         self.established = 0
@@ -115,13 +118,12 @@ class Worker:
             print(f"converged {len(self.clients)} {time.monotonic():.6f}", flush=True)
 
     def add(self, first: int, count: int) -> None:
-        loop = asyncio.get_running_loop()
         for i in range(first, first + count):
-            self.clients[i] = Client(self, i)
+            client = Client(self, i)
+            self.clients[i] = client
+            self.by_address[client.address] = client
         self.expected = len(self.clients) - 1
         self.complete = sum(len(c.received) >= self.expected for c in self.clients.values())
-        for i in range(first, first + count):
-            loop.create_task(self.clients[i].dial())
 
     async def keepalives(self) -> None:
         while True:
@@ -132,6 +134,8 @@ class Worker:
 
 
 class Client(asyncio.Protocol):
+    """One client's state; it is also the protocol of the session BIRD opened to its address."""
+
     def __init__(self, worker: Worker, index: int) -> None:
         self.worker = worker
         self.index = index
@@ -141,32 +145,19 @@ class Client(asyncio.Protocol):
         self.buffer = b""
         self.up = False
         self.received: set[bytes] = set()
-        self.closed: asyncio.Future[None] | None = None
-
-    async def dial(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self.closed = loop.create_future()
-            try:
-                await loop.create_connection(lambda: self, RR_ADDRESS, 179, local_addr=(self.address, 0))
-            except OSError:
-                await asyncio.sleep(RETRY_EVERY)
-                continue
-            await self.closed
-            if self.up:
-                print(f"error session {self.address} went down after Established", flush=True)
-                return
-            await asyncio.sleep(RETRY_EVERY)
 
     def connection_made(self, transport: Any) -> None:
+        if self.transport is not None:  # BIRD dialled again while a session is open: keep that one
+            transport.close()
+            return
         self.transport = transport
         transport.write(open_message(self.address))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.up:
+            print(f"error session {self.address} went down after Established", flush=True)
         self.transport = None
         self.buffer = b""
-        if self.closed is not None and not self.closed.done():
-            self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer + data if self.buffer else data
@@ -207,10 +198,35 @@ class Client(asyncio.Protocol):
             self.worker.report()
 
 
+class Accepted(asyncio.Protocol):
+    """A connection BIRD opened: handed to the client whose address it reached."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.client: Client | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        client = self.worker.by_address.get(transport.get_extra_info("sockname")[0])
+        if client is None or client.transport is not None:
+            transport.close()
+            return
+        self.client = client
+        client.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is not None:
+            self.client.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.connection_lost(exc)
+
+
 async def worker_main() -> None:
     worker = Worker()
     loop = asyncio.get_running_loop()
     loop.create_task(worker.keepalives())
+    await loop.create_server(lambda: Accepted(worker), "0.0.0.0", 179, backlog=4096, reuse_address=True)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print("ready", flush=True)
@@ -411,7 +427,7 @@ def run_felixpy(lab: Lab, clients: int, add: int, timeout: float) -> tuple[dict[
         for first, count, step in ((0, clients, "initial"), (clients, add, "added")):
             total = first + count
             worker.send(f"add {first} {count}")
-            time.sleep(1.0)  # the new clients are dialling and being refused
+            time.sleep(0.5)  # the worker knows the new addresses before BIRD can dial them
             t0 = time.monotonic()
             apply_resources(store, [node(i) for i in range(first, total)], "apply")
             texts.append(wait_file_text(lab.config, lambda t: t.count("protocol bgp ") == total, timeout))
@@ -444,7 +460,7 @@ def run_bare(lab: Lab, clients: int, add: int, texts: list[str], timeout: float)
         for (first, count, step), text in zip(((0, clients, "initial"), (clients, add, "added")), texts):
             total = first + count
             worker.send(f"add {first} {count}")
-            time.sleep(1.0)
+            time.sleep(0.5)
             t0 = time.monotonic()
             with open(f"{lab.config}.tmp", "w", encoding="utf-8") as f:
                 f.write(text)
@@ -481,6 +497,7 @@ def main() -> int:
     if total > 250 * 255:
         print(f"bench_reflector_scale: at most {250 * 255} clients", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (finally) when killed
     # The reflector logs that BIRD is not up yet before this script starts it: expected here.
     logging.getLogger("felixpy").setLevel(logging.ERROR)
     prefix = "fxr" + secrets.token_hex(3)[:5]
