@@ -13,8 +13,8 @@ tcp:80, and reports:
   * CPU at idle over --idle seconds (utime + stime from /proc/PID/stat) per agent, per speaker,
     per reflector, against the same-run baseline of BIRD's own idle CPU in the same window.
     Target: an idle agent ≤ 1 % of a core.
-Then `felixpy-lab down`. The host-wide neighbour-table limits (sandbox.md: gc_thresh1/2/3 are
-global across namespaces) are raised first when they are too low for N nodes, and it says so.
+Then `felixpy-lab down`. `up` raises the host-wide neighbour-table limits when they are too low
+for N nodes (sandbox.md) and prints it.
 """
 
 from __future__ import annotations
@@ -99,20 +99,6 @@ def lab_processes(name: str) -> list[Proc]:
     return [p for p in out if p.pid]
 
 
-def raise_neighbour_limits(nodes: int) -> None:
-    """Each node's netns holds a neighbour entry per peer and pod; the limits count them all."""
-    wanted = max(4096, 8 * (nodes + 2) * 4)
-    path = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
-    current = [int(open(path.format(i), encoding="ascii").read()) for i in (1, 2, 3)]
-    if current[2] >= 2 * wanted:
-        return
-    for i, value in ((3, 2 * wanted), (2, wanted), (1, wanted // 2)):
-        with open(path.format(i), "w", encoding="ascii") as f:
-            f.write(str(max(value, current[i - 1])))
-    print(f"raised net.ipv4.neigh.default.gc_thresh1/2/3 from {'/'.join(map(str, current))} to "
-          f"{wanted // 2}/{wanted}/{2 * wanted} (host-wide; sandbox.md)")
-
-
 def matrix_connected(name: str, timeout: float) -> tuple[int, int]:
     data = json.loads(lab(name, "matrix", "--ports", "80", "--protos", "tcp", "--timeout", str(timeout),
                           "-o", "json", timeout=600))
@@ -135,11 +121,11 @@ def main() -> int:
         return 1
     print(f"{args.nodes} nodes, {args.route_reflectors} route reflectors; load average at start "
           f"{os.getloadavg()[0]:.2f} (2 cores, shared)")
-    raise_neighbour_limits(args.nodes)
     t0 = time.monotonic()
     try:
-        lab(args.name, "up", "--nodes", str(args.nodes), "--route-reflectors", str(args.route_reflectors),
-            timeout=1800)
+        out = lab(args.name, "up", "--nodes", str(args.nodes), "--route-reflectors", str(args.route_reflectors),
+                  timeout=1800)
+        print("".join(line.strip() + "\n" for line in out.splitlines() if "gc_thresh" in line), end="")
         up = time.monotonic() - t0
         print(f"lab up: {up:.1f} s ({up / args.nodes:.2f} s per node)")
         procs = lab_processes(args.name)

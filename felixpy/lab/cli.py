@@ -93,6 +93,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             + (", cross-subnet (vxlanMode CrossSubnet)" if args.cross_subnet else "")
             + (", datastore kubernetes" if kube_mode else ""))
 
+        raised = procs.raise_neighbour_limits(len(st.nodes))
+        if raised is not None:
+            say("  host: net.ipv4.neigh.default.gc_thresh1/2/3 raised from {} to {} (the neighbour table's "
+                "limits count every namespace's entries together; `down` leaves them)".format(
+                    "/".join(map(str, raised[0])), "/".join(map(str, raised[1]))))
         procs.build_fabric(lab, args.cross_subnet)
         if not kube_mode:
             st.etcd_pid = procs.start_etcd(lab)
