@@ -9,10 +9,11 @@ Two network namespaces joined by one veth, 10.200.0.0/16:
     one Calico Node per client. It renders bird.conf and runs `birdc configure`.
   * C: one worker process (this script, --worker) holding every client: a raw BGP-4 speaker per
     client address (asyncio, no RIB beyond the set of prefixes it received), each announcing
-    one /26 with itself as next hop. The clients are passive (one listener on port 179): BIRD
-    dials them, `connect delay time 2` after a peer appears in its configuration, as it does
-    Calico nodes. (Clients that dial BIRD themselves while BIRD also dials them get refused
-    for BIRD's `error wait time` after each of its own failed attempts.) Neighbour entries are permanent on both sides, so the
+    one /26 with itself as next hop. Who dials is Calico's rule (bgp.peers: the lexically higher
+    address initiates, the other side is `passive on`): BIRD dials the clients below its address
+    (`connect delay time 2` after a peer appears in its configuration; one listener on port 179
+    takes them), the clients above it dial BIRD every 0.2 s until it accepts them (a connection
+    without BIRD's OPEN within 3 s is dropped and dialled again). Neighbour entries are permanent on both sides, so the
     host-wide ARP table limits (sandbox.md) do not apply.
 
 "Converged" means: every client's session is Established and every client has received every
@@ -57,6 +58,8 @@ CLUSTER_ID = "244.0.0.1"
 PREFIX_BASE = int(ipaddress.IPv4Address("172.16.0.0"))
 HOLD_TIME = 240
 KEEPALIVE_EVERY = 60.0
+DIAL_EVERY = 0.2  # seconds between a client's attempts while BIRD does not know it yet
+OPEN_TIMEOUT = 3.0  # seconds a dialled connection may wait for BIRD's OPEN before it is dropped
 
 
 def client_address(i: int) -> str:
@@ -118,12 +121,16 @@ class Worker:
             print(f"converged {len(self.clients)} {time.monotonic():.6f}", flush=True)
 
     def add(self, first: int, count: int) -> None:
+        loop = asyncio.get_running_loop()
         for i in range(first, first + count):
             client = Client(self, i)
             self.clients[i] = client
             self.by_address[client.address] = client
         self.expected = len(self.clients) - 1
         self.complete = sum(len(c.received) >= self.expected for c in self.clients.values())
+        for i in range(first, first + count):
+            if self.clients[i].address > RR_ADDRESS:  # confd compares the strings
+                loop.create_task(self.clients[i].dial())
 
     async def keepalives(self) -> None:
         while True:
@@ -145,6 +152,28 @@ class Client(asyncio.Protocol):
         self.buffer = b""
         self.up = False
         self.received: set[bytes] = set()
+        self.closed: asyncio.Future[None] | None = None
+
+    async def dial(self) -> None:
+        """Until established: BIRD closes connections from peers it is not configured for."""
+        loop = asyncio.get_running_loop()
+        while not self.up:
+            if self.transport is None:
+                self.closed = loop.create_future()
+                try:
+                    await loop.create_connection(lambda: self, RR_ADDRESS, 179, local_addr=(self.address, 0))
+                except OSError:
+                    self.closed = None
+                else:
+                    # A connection BIRD took while it was reconfiguring can stay open with no
+                    # OPEN back: give up on it like a connect-retry timer would.
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self.closed), OPEN_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        if not self.up and self.transport is not None:
+                            self.transport.abort()
+                            await self.closed
+            await asyncio.sleep(DIAL_EVERY)
 
     def connection_made(self, transport: Any) -> None:
         if self.transport is not None:  # BIRD dialled again while a session is open: keep that one
@@ -158,6 +187,8 @@ class Client(asyncio.Protocol):
             print(f"error session {self.address} went down after Established", flush=True)
         self.transport = None
         self.buffer = b""
+        if self.closed is not None and not self.closed.done():
+            self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer + data if self.buffer else data
