@@ -351,8 +351,11 @@ def main() -> int:
     if runs:
         agent = statistics.median(a for a, _ in runs)
         bare = statistics.median(b for _, b in runs)
-        print(f"program everything, median of {len(runs)}: agent {1000 * agent:.0f} ms, bare {1000 * bare:.0f} ms, "
-              f"ratio {agent / bare:.2f}x (target <= 2x)")
+        # The median of the per-run ratios: each run's agent and bare parts are minutes apart at
+        # this size, and the load on a shared machine drifts in between.
+        ratio = statistics.median(a / b for a, b in runs)
+        print(f"program everything, median of {len(runs)}: agent {1000 * agent:.0f} ms, bare {1000 * bare:.0f} ms; "
+              f"per-run ratios {', '.join(f'{a / b:.2f}x' for a, b in runs)}, median {ratio:.2f}x (target <= 2x)")
     change_latency(prefix, args.pods, args.policies, args.changes, backend, args.command_timeout)
     if not args.skip_counts:
         rule_counts()
