@@ -409,12 +409,15 @@ def node(i: int) -> dict[str, Any]:
 
 
 def recipe() -> list[dict[str, Any]]:
-    """The lab's reflector recipe (felixpy/lab/cli.py) with this script's reflector Node."""
+    """The lab's reflector recipe (felixpy/lab/cli.py), the clients' pool, this script's reflector Node."""
     return [
         {"apiVersion": "projectcalico.org/v3", "kind": "BGPConfiguration", "metadata": {"name": "default"},
          "spec": {"nodeToNodeMeshEnabled": False, "asNumber": AS_NUMBER}},
         {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadata": {"name": "peer-with-route-reflectors"},
          "spec": {"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}},
+        # The reflector passes on routes inside IP pools only (confd's calico_export_to_bgp_peers).
+        {"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "clients"},
+         "spec": {"cidr": f"{ipaddress.IPv4Address(PREFIX_BASE)}/14", "blockSize": 26}},
         {"apiVersion": "projectcalico.org/v3", "kind": "Node",
          "metadata": {"name": "rr", "labels": {"route-reflector": "true"}},
          "spec": {"bgp": {"ipv4Address": f"{RR_ADDRESS}/16", "routeReflectorClusterID": CLUSTER_ID}}},
@@ -525,8 +528,8 @@ def main() -> int:
         print("bench_reflector_scale: needs BIRD 2 (apt-get install bird2)", file=sys.stderr)
         return 1
     total = args.clients + args.add
-    if total > 250 * 255:
-        print(f"bench_reflector_scale: at most {250 * 255} clients", file=sys.stderr)
+    if total > 4096:  # one /26 each inside the clients' /14 pool
+        print("bench_reflector_scale: at most 4096 clients", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (finally) when killed
     # The reflector logs that BIRD is not up yet before this script starts it: expected here.

@@ -10,10 +10,13 @@ go away) and never crashes the agent, and every consumer sees the same verdict.
 What "invalid" means per kind is what the consumers need to be true, not the full write-time
 validation of model/resources.py (felixctl and the other writers already ran that): a pool whose
 CIDR does not parse, a node whose spec.bgp.ipv4Address does not, a workload endpoint without
-spec.node or with an address or port policy cannot read. BGPConfiguration and BGPPeer values are
-handed on as stored: the BGP controller interprets them as a set and refuses a bad one by
-keeping its previous configuration and reporting the error (`felixctl node status`), which is
-what an operator needs there, rather than silently peering without it. FelixConfiguration and
+spec.node or with an address or port policy cannot read. Kubernetes Services and EndpointSlices
+(KubernetesService, KubernetesEndpointSlice: the Kubernetes objects, mirrored into etcd by
+felixpy-controllers or read from the API in the Kubernetes datastore) become bgp.services values.
+BGPConfiguration, BGPPeer, BGPFilter and CalicoNodeStatus values are handed on as stored: the BGP
+controller interprets them as a set and refuses a bad one by keeping its previous configuration
+and reporting the error (`felixctl node status`), which is what an operator needs there, rather
+than silently peering without it. FelixConfiguration and
 ClusterInformation are handed on as stored too: the agent's config watch (node/config_watch.py)
 parses each parameter the way startup did, so both read one value the same way.
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Callable, Container, Generic, Iterable, Mapping, TypeVar, get_args
 
+from bgp.services import EndpointSliceInfo, ServiceInfo
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.ipam.block import Block
@@ -51,6 +55,11 @@ class Kind(StrEnum):
     GLOBAL_NETWORK_POLICY = "GlobalNetworkPolicy"
     BGP_CONFIGURATION = "BGPConfiguration"
     BGP_PEER = "BGPPeer"
+    BGP_FILTER = "BGPFilter"
+    CALICO_NODE_STATUS = "CalicoNodeStatus"
+    # Kubernetes objects the BGP controller advertises (service addresses): Calico's model kinds.
+    KUBERNETES_SERVICE = "KubernetesService"
+    KUBERNETES_ENDPOINT_SLICE = "KubernetesEndpointSlice"
     TIER = "Tier"
     NETWORK_SET = "NetworkSet"
     GLOBAL_NETWORK_SET = "GlobalNetworkSet"
@@ -68,6 +77,10 @@ _RESOURCE_KINDS = {
     "globalnetworkpolicies": Kind.GLOBAL_NETWORK_POLICY,
     "bgpconfigurations": Kind.BGP_CONFIGURATION,
     "bgppeers": Kind.BGP_PEER,
+    "bgpfilters": Kind.BGP_FILTER,
+    "caliconodestatuses": Kind.CALICO_NODE_STATUS,
+    "kubernetesservices": Kind.KUBERNETES_SERVICE,
+    "kubernetesendpointslices": Kind.KUBERNETES_ENDPOINT_SLICE,
     "tiers": Kind.TIER,
     "networksets": Kind.NETWORK_SET,
     "globalnetworksets": Kind.GLOBAL_NETWORK_SET,
@@ -330,6 +343,23 @@ def _as_stored(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Mapp
     return decode_stored
 
 
+def _kubernetes_object(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    meta = dict(value.get("metadata") or {})
+    meta.setdefault("name", parsed.name)
+    meta.setdefault("namespace", parsed.namespace)
+    return {**value, "metadata": meta}
+
+
+def _kubernetes_service(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> ServiceInfo:
+    return ServiceInfo.from_object(_kubernetes_object(parsed, value))
+
+
+def _kubernetes_endpoint_slice(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> EndpointSliceInfo:
+    return EndpointSliceInfo.from_object(_kubernetes_object(parsed, value))
+
+
 _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.IP_POOL: _ip_pool,
     Kind.NODE: _node,
@@ -341,6 +371,10 @@ _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.GLOBAL_NETWORK_POLICY: _policy(Kind.GLOBAL_NETWORK_POLICY),
     Kind.BGP_CONFIGURATION: _as_stored(Kind.BGP_CONFIGURATION),
     Kind.BGP_PEER: _as_stored(Kind.BGP_PEER),
+    Kind.BGP_FILTER: _as_stored(Kind.BGP_FILTER),
+    Kind.CALICO_NODE_STATUS: _as_stored(Kind.CALICO_NODE_STATUS),
+    Kind.KUBERNETES_SERVICE: _kubernetes_service,
+    Kind.KUBERNETES_ENDPOINT_SLICE: _kubernetes_endpoint_slice,
     Kind.TIER: _tier,
     Kind.NETWORK_SET: _network_set(Kind.NETWORK_SET),
     Kind.GLOBAL_NETWORK_SET: _network_set(Kind.GLOBAL_NETWORK_SET),

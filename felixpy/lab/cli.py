@@ -19,8 +19,8 @@ import time
 from typing import Any, Callable
 
 from felixpy.datastore.api import DatastoreError, Unavailable
-from felixpy.lab import kube, pods, procs, state, topology
-from felixpy.lab.state import LabState, NodeState, PodState
+from felixpy.lab import kube, pods, procs, services, state, topology, tor
+from felixpy.lab.state import LabState, NodeState, PodState, ServiceState
 from felixpy.lab.topology import LabUsageError
 
 log = logging.getLogger(__name__)
@@ -256,10 +256,20 @@ def _bgp_sessions(st: LabState, node: NodeState) -> list[dict[str, Any]]:
              "since": p["since"], "routesReceived": p["routesReceived"]} for p in data.get("peers", [])]
 
 
+def _agent_reflects(st: LabState, node: NodeState) -> bool:
+    """An agent node whose Node has a cluster ID: BIRD speaks for it (its status file says so)."""
+    if st.mode != "bgp" or node.route_reflector:
+        return False
+    from felixpy.node.bgp import read_status
+
+    data = read_status(topology.bgp_status_file(st.name, node.name)) or {}
+    return bool(data.get("routeReflector"))
+
+
 def _status_data(st: LabState) -> dict[str, Any]:
     store = pods.open_datastore(st.name)
     try:
-        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": n.route_reflector,
+        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": n.route_reflector or _agent_reflects(st, n),
                   "blocks": pods.status_blocks(store, n.name), "bgp": _bgp_sessions(st, n),
                   "netns": n.netns, "agent": "running" if procs.alive(n.agent_pid) else "stopped",
                   **({"bird": "running" if procs.alive(n.bird_pid) else "stopped"} if n.route_reflector
@@ -273,7 +283,15 @@ def _status_data(st: LabState) -> dict[str, Any]:
                 for p in pods.all_pods(st)]
     data: dict[str, Any] = {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
                             "datastore": st.datastore, "etcd": topology.ETCD_ENDPOINT, "nodes": nodes,
-                            "pods": pod_list}
+                            "pods": pod_list,
+                            "services": [{"namespace": s.namespace, "name": s.name, "type": s.type,
+                                          "clusterIP": s.cluster_ip, "externalIPs": list(s.external_ips),
+                                          "loadBalancerIPs": list(s.load_balancer_ips),
+                                          "externalTrafficPolicy": "Local" if s.local else "Cluster",
+                                          "endpoints": list(s.endpoints)} for s in st.services]}
+    if st.tor is not None:
+        data["tor"] = {"address": topology.FABRIC_IP, "asNumber": st.tor.asn, "originate": list(st.tor.originate),
+                       "bgpd": "running" if procs.alive(st.tor.pid) else "stopped"}
     if st.datastore == "kubernetes":
         data["etcd"] = f"http://127.0.0.1:{kube.ETCD_PORT}"  # in the fabric netns, the API server's
         data["apiServer"] = kube.api_server()
@@ -311,7 +329,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.mode == "bgp":
         rows = [["NODE", "IP", "AGENT", "SPEAKER", "BGP", "BLOCKS"]]
         rows += [[n["name"] + (" (RR)" if n["routeReflector"] else ""), n["ip"], n["agent"],
-                  f"bird {n['bird']}" if n["routeReflector"] else f"exabgp {n['exabgp']}",
+                  f"bird {n['bird']}" if "bird" in n else
+                  f"exabgp {n['exabgp']}" + (" + bird" if n["routeReflector"] else ""),
                   f"{sum(s['state'] == 'Established' for s in n['bgp'])}/{len(n['bgp'])} established",
                   ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
     else:
@@ -328,6 +347,12 @@ def cmd_status(args: argparse.Namespace) -> int:
               _labels_text(p["labels"]), _serve_text(p["serve"])] for p in data["pods"]]
     for line in _table(rows):
         say(line)
+    if st.services:
+        say("")
+        for svc in st.services:
+            say(f"service {svc.ref}: {_service_line(svc)}")
+    if "tor" in data:
+        say(f"ToR {data['tor']['address']} AS {data['tor']['asNumber']}: bgpd {data['tor']['bgpd']}")
     return 0
 
 
@@ -479,7 +504,165 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
         if pod.netns in st.netns:
             st.netns.remove(pod.netns)
         state.save(st)
+        # The EndpointSlice controller's part: the pod is no longer an endpoint of any Service.
+        for svc in services.refresh_for_pod(st, pod):
+            say(f"service {svc.ref}: endpoint {ref} removed")
+        state.save(st)
     say(f"pod {ref} deleted")
+    return 0
+
+
+# --- services -----------------------------------------------------------------------------------
+
+def _endpoint_refs(st: LabState, text: str) -> list[str]:
+    refs = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        ref = topology.parse_pod_ref(item)
+        st.pod(ref.namespace, ref.name)  # must exist
+        refs.append(f"{ref.namespace}/{ref.name}")
+    return refs
+
+
+def _service_line(svc: ServiceState) -> str:
+    parts = [svc.type, f"cluster IP {svc.cluster_ip or '-'}"]
+    if svc.external_ips:
+        parts.append(f"external IPs {','.join(svc.external_ips)}")
+    if svc.load_balancer_ips:
+        parts.append(f"LoadBalancer IPs {','.join(svc.load_balancer_ips)}")
+    parts.append(f"externalTrafficPolicy {'Local' if svc.local else 'Cluster'}")
+    parts.append(f"endpoints {','.join(svc.endpoints) or '-'}")
+    return ", ".join(parts)
+
+
+def cmd_service_add(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.service)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if st.find_service(ref.namespace, ref.name):
+            raise LabUsageError(f"service {ref} already exists (felixpy-lab service del {ref})")
+        if ref.namespace not in st.namespaces:
+            raise LabUsageError(f"namespace {ref.namespace} is not in lab {st.name} (felixpy-lab ns add)")
+        svc = ServiceState(ref.namespace, ref.name, args.type,
+                           cluster_ip=services.parse_ips(args.cluster_ip, "--cluster-ip")[0] if args.cluster_ip else "",
+                           external_ips=services.parse_ips(args.external_ip, "--external-ip"),
+                           load_balancer_ips=services.parse_ips(args.lb_ip, "--lb-ip"), local=args.local,
+                           endpoints=_endpoint_refs(st, args.endpoints))
+        services.check(svc)
+        if st.datastore == "etcd" and not svc.cluster_ip:
+            svc.cluster_ip = services.free_cluster_ip(st)
+        services.write(st, svc, create=True)
+        st.services.append(svc)
+        state.save(st)
+    say(f"service {ref}: {_service_line(svc)}")
+    return 0
+
+
+def cmd_service_endpoints(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.service)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        svc = st.find_service(ref.namespace, ref.name)
+        if svc is None:
+            raise LabUsageError(f"service {ref} is not in lab {st.name} (felixpy-lab service add)")
+        svc.endpoints = _endpoint_refs(st, args.endpoints)
+        services.write(st, svc, create=False)
+        state.save(st)
+    say(f"service {ref}: endpoints {','.join(svc.endpoints) or '-'}")
+    return 0
+
+
+def cmd_service_del(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.service)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        svc = st.find_service(ref.namespace, ref.name)
+        if svc is None:
+            raise LabUsageError(f"service {ref} is not in lab {st.name}")
+        services.delete(st, svc)
+        st.services.remove(svc)
+        state.save(st)
+    say(f"service {ref} deleted")
+    return 0
+
+
+# --- the top-of-rack router -----------------------------------------------------------------------
+
+def _prefixes(text: str) -> list[str]:
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if item:
+            try:
+                out.append(str(ipaddress.IPv4Network(item)))
+            except ValueError:
+                raise LabUsageError(f'--originate "{item}": expected an IPv4 CIDR') from None
+    return out
+
+
+def _tor_peer(asn: int) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadata": {"name": tor.PEER_NAME},
+            "spec": {"peerIP": topology.FABRIC_IP, "asNumber": asn}}
+
+
+def cmd_tor(args: argparse.Namespace) -> int:
+    from felixpy.model.store import ApplyError, apply_resources
+
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if args.action == "up":
+            if st.mode != "bgp":
+                raise LabUsageError(f"lab {st.name} runs mode {st.mode}: the ToR needs BGP (--mode bgp)")
+            if st.tor is not None and procs.alive(st.tor.pid):
+                raise LabUsageError(f"the ToR is already up (pid {st.tor.pid}; felixpy-lab tor down)")
+            originate = _prefixes(args.originate)
+            st.tor = state.TorState(asn=args.asn, originate=originate)
+            state.save(st)
+            st.tor.pid = tor.start(st.name, args.asn, originate, st.cross_subnet)
+            state.save(st)
+            if not args.no_peer:
+                store = pods.open_datastore(st.name)
+                try:
+                    apply_resources(store, [_tor_peer(args.asn)], "apply")
+                except ApplyError as e:
+                    raise LabUsageError(str(e)) from None
+                finally:
+                    store.close()
+            say(f"ToR: FRR bgpd in {topology.fabric_netns(st.name)} at {topology.FABRIC_IP}, AS {args.asn} "
+                f"(pid {st.tor.pid}), originating {','.join(originate) or 'nothing'}"
+                + ("" if args.no_peer else f"; BGPPeer {tor.PEER_NAME}: every node peers with it"))
+            return 0
+        if st.tor is None:
+            raise LabUsageError(f"lab {st.name} has no ToR (felixpy-lab tor up)")
+        if args.action == "down":
+            procs.stop_pids({st.tor.pid} & procs.marked_pids(st.name))
+            asn, st.tor = st.tor.asn, None
+            state.save(st)
+            store = pods.open_datastore(st.name)
+            try:
+                apply_resources(store, [_tor_peer(asn)], "delete")
+            except ApplyError:
+                pass  # the peer was replaced or deleted by hand
+            finally:
+                store.close()
+            say("ToR stopped")
+            return 0
+    if args.action == "routes":
+        data: dict[str, Any] = tor.routes(args.name)
+    else:
+        data = tor.sessions(args.name)
+    if args.output == "json":
+        print(json.dumps(data, indent=1))
+        return 0
+    if args.action == "routes":
+        rows = [["PREFIX", "NEXT HOP", "AS PATH", "COMMUNITIES", "BEST"]]
+        rows += [[prefix, p["nextHop"], p["asPath"] or "-",
+                  " ".join(p["communities"] + p["largeCommunities"]) or "-", "*" if p["best"] else ""]
+                 for prefix, paths in data.items() for p in paths]
+    else:
+        rows = [["NODE ADDRESS", "STATE"]] + [[address, state_] for address, state_ in sorted(data.items())]
+    for line in _table(rows):
+        say(line)
     return 0
 
 
@@ -890,6 +1073,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("apiserver", cmd_apiserver, "--datastore kubernetes: stop, start or restart the lab's kube-apiserver")
     p.add_argument("action", choices=("stop", "start", "restart"))
 
+    svc = add("service", lambda a: 0, "Kubernetes Services (addresses advertised over BGP)")
+    svc_sub = svc.add_subparsers(dest="service_command", metavar="add|endpoints|del", required=True)
+    p = svc_sub.add_parser("add", parents=[common], help="add a Service whose endpoints are the pods named")
+    p.set_defaults(func=cmd_service_add)
+    p.add_argument("service", metavar="NS/NAME")
+    p.add_argument("--type", default="ClusterIP", choices=services.TYPES)
+    p.add_argument("--cluster-ip", default="", help="default: allocated from 10.96.0.0/16")
+    p.add_argument("--external-ip", default="", help="spec.externalIPs, comma separated")
+    p.add_argument("--lb-ip", default="", help="status.loadBalancer.ingress IPs (type LoadBalancer)")
+    p.add_argument("--local", action="store_true", help="externalTrafficPolicy: Local")
+    p.add_argument("--endpoints", default="", help="NS/POD,... (ready endpoints on their pods' nodes)")
+    p = svc_sub.add_parser("endpoints", parents=[common], help="set a Service's endpoints (empty: none)")
+    p.set_defaults(func=cmd_service_endpoints)
+    p.add_argument("service", metavar="NS/NAME")
+    p.add_argument("endpoints", nargs="?", default="", metavar="NS/POD,...")
+    p = svc_sub.add_parser("del", parents=[common], help="delete a Service")
+    p.set_defaults(func=cmd_service_del)
+    p.add_argument("service", metavar="NS/NAME")
+
+    p = add("tor", cmd_tor, "the fabric's top-of-rack BGP router (FRR): up, down, routes, sessions")
+    p.add_argument("action", choices=("up", "down", "routes", "sessions"))
+    p.add_argument("--asn", type=int, default=65000)
+    p.add_argument("--originate", default="", help="prefixes the ToR announces, comma separated")
+    p.add_argument("--no-peer", action="store_true", help="do not write the BGPPeer `tor`")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
     p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP (a reflector's BIRD)")
     p.add_argument("action", choices=("stop", "start", "restart"))
     p.add_argument("node")
@@ -931,6 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `felixpy-lab status | head`: the reader went away; nothing to report.
+        return 0
 
 
 if __name__ == "__main__":

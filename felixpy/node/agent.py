@@ -32,7 +32,9 @@ learns the whole desired state and then reconciles; routes and rules that are st
 never touched. A failed apply (a driver raised, or individual routes or tunnel devices failed) is
 retried with backoff through one path; a datastore outage leaves the dataplane as it is (the
 syncer just stops delivering updates until it has relisted). A pod's WorkloadEndpoint counts as
-programmed (the CNI waiter) once the route driver holds each of its routes, compared by value.
+programmed (the CNI waiter) once the route driver holds each of its routes, compared by value; the
+CNI path writes a new pod's route itself and hands it over first (adopt_routes), so that apply
+usually writes no route at all.
 
 BGP (backend "bird"): one BGPController (node/bgp.py) registered with the dispatcher for its
 peering resources; the loop feeds it the calc graph's announcements and the sidecar messages
@@ -66,6 +68,7 @@ from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import Syncer, SyncStatus
+from felixpy.kernel.netlink import KernelRoute
 from felixpy.messages import CalcRoutes, LearnedRoutes, Message, Route, TunnelDevices
 from felixpy.node.bgp import BGPController, SidecarMessage
 from felixpy.node.metrics import DatastoreStats, Metrics, update_kind
@@ -112,6 +115,15 @@ class EndpointWaiter:
                     return False
                 self._cond.wait(remaining)
             return True
+
+
+@dataclass(frozen=True)
+class _AdoptRoutes:
+    """Routes the CNI path has written for a new pod (see RouteTable.adopt), for the loop."""
+
+    routes: tuple[KernelRoute, ...]
+    hold: float
+    iface: str | None = None
 
 
 @dataclass
@@ -264,6 +276,13 @@ class Agent:
         self._stop.set()
         self._queue.put(None)
 
+    def adopt_routes(self, routes: tuple[KernelRoute, ...], hold: float, iface: str | None = None) -> None:
+        """Thread-safe: hand routes the CNI path wrote to the route driver (RouteTable.adopt).
+
+        Queued, so the loop sees them before any later event, such as the WorkloadEndpoint the
+        CNI path writes next."""
+        self._queue.put(_AdoptRoutes(routes, hold, iface))
+
     def run(self) -> None:
         log.info("agent starting node=%s", self.node_name)
         self._syncer.start()
@@ -307,6 +326,9 @@ class Agent:
         for event in batch:
             if event is None:
                 continue
+            if isinstance(event, _AdoptRoutes):
+                self._routes.adopt(event.routes, event.hold, event.iface)
+                continue
             if isinstance(event, SidecarMessage):
                 if self._bgp is not None:
                     self._bgp.on_message(event)
@@ -328,7 +350,7 @@ class Agent:
                     self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
-            self._bgp.set_announcements(self.calc.bgp_announcements())
+            self._bgp.set_announcements(self.calc.bgp_announcements(), self.calc.local_endpoints)
             self._bgp.sync()
 
     def _on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:

@@ -120,6 +120,8 @@ CRD_KINDS = {
     "IPAMConfig": ("ipamconfigs", False),
     "BGPConfiguration": ("bgpconfigurations", False),
     "BGPPeer": ("bgppeers", False),
+    "BGPFilter": ("bgpfilters", False),
+    "CalicoNodeStatus": ("caliconodestatuses", False),
     "FelixConfiguration": ("felixconfigurations", False),
     "NetworkPolicy": ("networkpolicies", True),
     "GlobalNetworkPolicy": ("globalnetworkpolicies", False),
@@ -216,7 +218,7 @@ def test_structural_check_catches_violations() -> None:
 # RBAC: exactly what the code calls
 # --------------------------------------------------------------------------------------------
 
-CORE, NET, CALICO = "", "networking.k8s.io", "crd.projectcalico.org"
+CORE, NET, CALICO, DISCOVERY = "", "networking.k8s.io", "crd.projectcalico.org", "discovery.k8s.io"
 
 # (apiGroup, resource, verbs) -> why felixpy-node needs it.
 NODE_RULES: list[tuple[str, str, str, str]] = [
@@ -242,6 +244,11 @@ NODE_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "bgpconfigurations", "get list watch", "AS number, mesh on/off"),
     (CALICO, "bgpconfigurations", "create", "startup's ensureDefaultConfig (create-only)"),
     (CALICO, "bgppeers", "get list watch", "explicit BGP peers"),
+    (CALICO, "bgpfilters", "get list watch", "BGPFilters named by BGPPeers"),
+    (CALICO, "caliconodestatuses", "get list watch", "CalicoNodeStatus requests for this node"),
+    (CALICO, "caliconodestatuses", "update", "the agent writes the status of its node's CalicoNodeStatus"),
+    (CORE, "services", "get list watch", "BGP service advertisement: cluster, external and LoadBalancer IPs"),
+    (DISCOVERY, "endpointslices", "get list watch", "BGP service advertisement: Local services' endpoints"),
     (CALICO, "felixconfigurations", "get list watch", "datastore Felix parameters"),
     (CALICO, "felixconfigurations", "create", "startup's ensureDefaultConfig (create-only)"),
     (CALICO, "networkpolicies", "get list watch", "Calico NetworkPolicies"),
@@ -551,7 +558,11 @@ def schedules(workload: dict[str, Any], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("labels,expected", [
     ({"kubernetes.io/os": "linux"}, "felixpy-node"),
     ({"kubernetes.io/os": "linux", "route-reflector": "false"}, "felixpy-node"),
-    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-route-reflector"),
+    # Calico's recipe: the reflector still runs pods, so the agent stays (and reflects itself).
+    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-node"),
+    ({"kubernetes.io/os": "linux", "route-reflector": "true", "felixpy.io/dedicated-route-reflector": "true"},
+     "felixpy-route-reflector"),
+    ({"kubernetes.io/os": "linux", "felixpy.io/dedicated-route-reflector": "false"}, "felixpy-node"),
 ])
 def test_each_node_runs_exactly_one_bgp_speaker(labels: dict[str, str], expected: str) -> None:
     # Both listen on the node's port 179 (hostNetwork).

@@ -131,7 +131,7 @@ def test_resync_waits_for_every_kind_then_deletes_stale_owned_copies() -> None:
     m = make(store)
     m._replace(source("namespaces"), [ns_obj(NS)])
     assert not m.in_sync  # pods, service accounts and policies not listed yet
-    for name in ("serviceaccounts", "networkpolicies", "pods"):
+    for name in ("serviceaccounts", "networkpolicies", "pods", "services", "endpointslices"):
         m._replace(source(name), [])
     assert m.in_sync
     result = m.resync()

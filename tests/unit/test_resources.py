@@ -55,6 +55,8 @@ def test_kind_table() -> None:
         "Node": ("nodes", False),
         "BGPConfiguration": ("bgpconfigurations", False),
         "BGPPeer": ("bgppeers", False),
+        "BGPFilter": ("bgpfilters", False),
+        "CalicoNodeStatus": ("caliconodestatuses", False),
         "FelixConfiguration": ("felixconfigurations", False),
         "WorkloadEndpoint": ("workloadendpoints", True),
         "Profile": ("profiles", False),
@@ -256,8 +258,10 @@ def test_bgp_configuration() -> None:
     assert node["spec"] == {"logSeverityScreen": "Info"}
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "node.n1"}, "spec": {"asNumber": 65000}},
             "spec.asNumber: cannot be set in a node-specific BGPConfiguration")
+    validate({"kind": "BGPConfiguration", "metadata": {"name": "default"},
+              "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/24"}]}})  # honoured since issue #11
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "default"},
-             "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/24"}]}}, "spec.serviceClusterIPs: felixpy does not support")
+             "spec": {"programClusterRoutes": "Enabled"}}, "spec.programClusterRoutes: felixpy does not support")
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"bindMode": "All"}}, "spec.bindMode")
 
 
@@ -274,7 +278,9 @@ def test_bgp_configuration() -> None:
         ({"node": "n1", "nodeSelector": "all()", "peerSelector": "all()"}, "node and nodeSelector"),
         ({"nodeSelector": "all(", "peerSelector": "all()"}, "spec.nodeSelector: invalid selector"),
         ({"peerSelector": "x ="}, "spec.peerSelector: invalid selector"),
-        ({"peerIP": "192.0.2.1", "asNumber": 65001, "keepaliveTime": "90s"}, "spec.keepaliveTime: felixpy does not support"),
+        ({"peerIP": "192.0.2.1", "asNumber": 65001, "keepaliveTime": "90s"}, ""),
+        ({"peerIP": "192.0.2.1", "asNumber": 65001, "localWorkloadSelector": "all()"},
+         "spec.localWorkloadSelector: felixpy does not support"),
     ],
 )
 def test_bgp_peer(spec: dict[str, Any], message: str) -> None:
