@@ -143,7 +143,9 @@ class PolicyCalc:
         # -- rendering memos (value -> chains)
         self._policy_memo: dict[str, tuple[Policy, tuple[Chain, ...]]] = {}
         self._profile_memo: dict[str, tuple[Profile, tuple[Chain, ...]]] = {}
-        self._ep_memo: dict[str, tuple[render.EndpointChains, tuple[Chain, ...]]] = {}
+        # Per interface: its EndpointChains, their rendering, and the policy ids they use (a
+        # frozenset: the union over 5,000 endpoints costs a few ms instead of ~40 ms of generators).
+        self._ep_memo: dict[str, tuple[render.EndpointChains, tuple[Chain, ...], frozenset[str]]] = {}
         self._hep_memo: dict[str, tuple[render.HostEndpointChains, render.HostChains]] = {}
         self._dispatch_memo: tuple[frozenset[str], tuple[Chain, ...]] | None = None
         self._hep_dispatch_memo: _HostDispatchMemo | None = None
@@ -509,6 +511,7 @@ class PolicyCalc:
 
     # -- outputs ---------------------------------------------------------------------------
     def _flush(self) -> None:
+        endpoints_changed = bool(self._dirty_local)
         for key in self._dirty_local:
             self._endpoint_chains.pop(key, None)
             self._host_chains.pop(key, None)
@@ -530,7 +533,11 @@ class PolicyCalc:
                 continue
             self._endpoint_chains[key] = self._chains_for(member)
         self._dirty_local.clear()
-        self._flush_profiles()
+        if endpoints_changed:
+            # The active profiles change only with some endpoint's chains (a profile's own update
+            # marks the endpoints that use it dirty): at 5,000 endpoints walking them all on every
+            # flush cost ~10 ms, several times per policy change (benchmarks/bench_policy.py).
+            self._flush_profiles()
         self._flush_ipsets()
 
     def _flush_profiles(self) -> None:
@@ -644,11 +651,11 @@ class PolicyCalc:
             tables[table].update(dispatch.chains)
         used: dict[str, set[str]] = {t: set() for t in TABLES}
         for ec in by_iface.values():
-            used["filter"].update(ec.policy_ids())
             ememo = self._ep_memo.get(ec.iface)
             if ememo is None or ememo[0] != ec:
-                ememo = (ec, tuple(render.endpoint_chains(ec, policies)))
+                ememo = (ec, tuple(render.endpoint_chains(ec, policies)), frozenset(ec.policy_ids()))
                 self._ep_memo[ec.iface] = ememo
+            used["filter"].update(ememo[2])
             for chain in ememo[1]:
                 tables["filter"][chain.name] = chain
         for hc in heps:

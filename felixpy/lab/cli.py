@@ -102,6 +102,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             + (f", ip-family {args.ip_family} (IPv6 pool {topology.POOL6}, blocks /{topology.POOL6_BLOCK_SIZE})"
                if args.ip_family != "ipv4" else ""))
 
+        raised = procs.raise_neighbour_limits(len(st.nodes))
+        if raised is not None:
+            say("  host: net.ipv4.neigh.default.gc_thresh1/2/3 raised from {} to {} (the neighbour table's "
+                "limits count every namespace's entries together; `down` leaves them)".format(
+                    "/".join(map(str, raised[0])), "/".join(map(str, raised[1]))))
         ipv6 = args.ip_family != "ipv4"
         procs.build_fabric(lab, args.cross_subnet, ipv6=ipv6)
         if not kube_mode:

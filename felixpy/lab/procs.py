@@ -118,6 +118,32 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
+NEIGH_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
+
+
+def neighbour_limits_needed(nodes: int) -> int:
+    """gc_thresh2 for a lab of `nodes` namespaces: every node may hold a neighbour entry for
+    every other node and its pods, and the limits count the entries of all namespaces together
+    (sandbox.md: 30 nodes behind 2 reflectors overflow the defaults). Twice that, as a power of
+    two, leaves room for the host and other labs."""
+    entries = 2 * ((nodes + 2) ** 2 + 4 * nodes)
+    return 1 << max(entries - 1, 1).bit_length()
+
+
+def raise_neighbour_limits(nodes: int) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """Raise net.ipv4.neigh.default.gc_thresh1/2/3 (never lower them) when gc_thresh2 is below
+    what `nodes` need; returns (before, after), or None when nothing changed."""
+    before = tuple(int(open(NEIGH_SYSCTL.format(i), encoding="ascii").read()) for i in (1, 2, 3))
+    thresh2 = neighbour_limits_needed(nodes)
+    if before[1] >= thresh2 and before[2] >= 2 * thresh2:
+        return None
+    after = (max(before[0], thresh2 // 2), max(before[1], thresh2), max(before[2], 2 * thresh2))
+    for i, value in zip((3, 2, 1), (after[2], after[1], after[0])):
+        with open(NEIGH_SYSCTL.format(i), "w", encoding="ascii") as f:
+            f.write(str(value))
+    return (before[0], before[1], before[2]), after
+
+
 def build_fabric(lab: str, cross_subnet: bool = False, ipv6: bool = False) -> None:
     """The fabric netns: bridge fabric0 on 192.0.2.0/24 (etcd listens there).
 

@@ -153,6 +153,32 @@ def test_resync_repairs_drift_inside_our_chain() -> None:
     assert [hashed(r) for r in fake.chain("filter", "cali-fw")] == ["-p tcp -j ACCEPT", "-j DROP"]
 
 
+def test_apply_after_a_write_diffs_only_the_chains_changed_since() -> None:
+    """At 12,000 chains, walking them all per apply cost ~250 ms of a one-policy change."""
+    fake = FakeIptables()
+    table = Table("filter", backend="nft", runner=fake)
+    chains = [Chain(f"cali-c{i}", (Rule(f"-s 10.0.{i}.0/24", "ACCEPT"),)) for i in range(5)]
+    for chain in chains:
+        table.update_chain(chain)
+    table.apply()
+    table.update_chain(chains[1])  # the same object again: not a change
+    assert table.apply() == ""
+    table.update_chain(Chain("cali-c2", (Rule("-s 10.9.9.0/24", "DROP"),)))
+    table.update_chain(Chain("cali-new", (Rule("", "RETURN"),)))
+    table.remove_chain("cali-c4")
+    text = table.apply()
+    assert [line.split(" ")[:2] for line in text.splitlines()[1:-1]] == [
+        [":cali-new", "-"], ["-F", "cali-c4"], ["-R", "cali-c2"], ["-A", "cali-new"], ["-X", "cali-c4"],
+    ]
+    assert [hashed(r) for r in fake.chain("filter", "cali-c2")] == ["-s 10.9.9.0/24 -j DROP"]
+    assert table.apply() == ""
+    # A resync still compares every chain with what the kernel holds.
+    fake.chain("filter", "cali-c0")[0] = "-j ACCEPT"
+    table.queue_resync()
+    assert "-R cali-c0 1" in table.apply()
+    assert [hashed(r) for r in fake.chain("filter", "cali-c0")] == ["-s 10.0.0.0/24 -j ACCEPT"]
+
+
 def test_failed_restore_is_retried_after_a_read_back_then_raises_with_evidence() -> None:
     fake = FakeIptables()
     sleeps: list[float] = []

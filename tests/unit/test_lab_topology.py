@@ -140,3 +140,13 @@ def test_ip_family_needs_a_mode_without_bgp() -> None:
     args = cli.parse_args(["up", "--name", "demo", "--mode", "bgp", "--ip-family", "dual"])
     with pytest.raises(LabUsageError, match="--ip-family dual needs --mode routes or vxlan"):
         cli.cmd_up(args)
+
+
+def test_neighbour_limits_grow_with_the_lab_and_leave_small_labs_alone() -> None:
+    from felixpy.lab.procs import neighbour_limits_needed
+
+    # The kernel's defaults (gc_thresh2 512, gc_thresh3 1024) fit up to 10 namespaces: no change.
+    assert neighbour_limits_needed(3) <= 512 and neighbour_limits_needed(10) <= 512
+    # sandbox.md: 30 nodes + 2 reflectors needed gc_thresh2 4096 / gc_thresh3 8192.
+    assert neighbour_limits_needed(32) == 4096
+    assert neighbour_limits_needed(52) == 8192

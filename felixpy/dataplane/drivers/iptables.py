@@ -204,6 +204,10 @@ class Table:
         # hashing every rule of a 40,000-rule table costs ~100 ms, and most applies change a few
         # chains only.
         self._hash_cache: dict[str, tuple[Chain, list[str]]] = {}
+        # Chains updated or removed since the last successful write; None: compare them all (after
+        # a read-back). With 12,000 chains, walking every chain on each apply cost ~250 ms of a
+        # one-policy change (benchmarks/bench_policy.py at 5,000 endpoints x 1,000 policies).
+        self._dirty: set[str] | None = None
 
     @property
     def backend(self) -> Backend:
@@ -212,11 +216,16 @@ class Table:
         return self._backend
 
     def update_chain(self, chain: Chain) -> None:
-        self._chains[chain.name] = chain
+        if self._chains.get(chain.name) is not chain:
+            self._chains[chain.name] = chain
+            if self._dirty is not None:
+                self._dirty.add(chain.name)
 
     def remove_chain(self, name: str) -> None:
         self._chains.pop(name, None)
         self._hash_cache.pop(name, None)
+        if self._dirty is not None:
+            self._dirty.add(name)
 
     def _chain_hashes(self, chain: Chain) -> list[str]:
         cached = self._hash_cache.get(chain.name)
@@ -239,6 +248,7 @@ class Table:
 
     def queue_resync(self) -> None:
         self._kernel = None
+        self._dirty = None
 
     def counts(self) -> tuple[int, int]:
         """(our chains, our rules: in our chains plus ours in built-ins), Felix's
@@ -252,8 +262,10 @@ class Table:
         for attempt in range(1, self._max_attempts + 1):
             if self._kernel is None:
                 self._kernel = self._read_back()
-            text = self.render_delta(self._kernel)
+                self._dirty = None
+            text = self.render_delta(self._kernel, self._dirty)
             if not text:
+                self._dirty = set()  # the kernel holds what we want: only later changes differ
                 return ""
             try:
                 self._run(
@@ -262,14 +274,17 @@ class Table:
             except CommandFailed as exc:
                 last_error = exc
                 self._kernel = None
+                self._dirty = None
+                # The input can be tens of MB at scale: log its size and head, not all of it.
                 log.warning(
-                    "iptables-restore failed table=%s attempt=%d error=%s input=%r",
-                    self.name, attempt, exc, text,
+                    "iptables-restore failed table=%s attempt=%d error=%s input_lines=%d input_head=%r",
+                    self.name, attempt, exc, text.count("\n"), text[:2000],
                 )
                 if attempt < self._max_attempts:
                     self._sleep(0.05 * 2 ** (attempt - 1))
                 continue
-            self._kernel = self._expected_after_write(self._kernel)
+            self._kernel = self._expected_after_write(self._kernel, self._dirty)
+            self._dirty = set()
             log.info("iptables applied table=%s lines=%d", self.name, text.count("\n") - 2)
             return text
         raise IptablesError(
@@ -283,8 +298,10 @@ class Table:
 
     # -- diff -----------------------------------------------------------------------------------
 
-    def render_delta(self, kernel: _KernelTable) -> str:
-        """The iptables-restore input that turns `kernel` into the desired state ("" if equal)."""
+    def render_delta(self, kernel: _KernelTable, only: set[str] | None = None) -> str:
+        """The iptables-restore input that turns `kernel` into the desired state ("" if equal).
+
+        `only`: the chains that may differ (the rest match `kernel`); None compares every chain."""
         declare: list[str] = []
         unhook: list[str] = []
         flush: list[str] = []
@@ -292,7 +309,8 @@ class Table:
         hook: list[str] = []
         delete: list[str] = []
 
-        for name in sorted(self._chains):
+        names = self._chains if only is None else [n for n in only if n in self._chains]
+        for name in sorted(names):
             chain = self._chains[name]
             want = self._chain_hashes(chain)
             if name not in kernel.ours:
@@ -312,7 +330,8 @@ class Table:
             for i in range(len(have), len(want), -1):
                 update.append(f"-D {name} {i}")
 
-        for name in sorted(set(kernel.ours) - set(self._chains)):
+        gone = set(kernel.ours) if only is None else {n for n in only if n in kernel.ours}
+        for name in sorted(gone - set(self._chains)):
             flush.append(f"-F {name}")
             delete.append(f"-X {name}")
 
@@ -344,11 +363,19 @@ class Table:
             return ""
         return "\n".join([f"*{self.name}", *lines, "COMMIT", ""])
 
-    def _expected_after_write(self, kernel: _KernelTable) -> _KernelTable:
-        """What the table holds after a successful restore of render_delta(kernel)."""
+    def _expected_after_write(self, kernel: _KernelTable, only: set[str] | None = None) -> _KernelTable:
+        """What the table holds after a successful restore of render_delta(kernel, only)."""
         after = _KernelTable()
-        for name, chain in self._chains.items():
-            after.ours[name] = list(self._chain_hashes(chain))
+        if only is None:
+            for name, chain in self._chains.items():
+                after.ours[name] = list(self._chain_hashes(chain))
+        else:
+            after.ours = dict(kernel.ours)
+            for name in only:
+                if name in self._chains:
+                    after.ours[name] = list(self._chain_hashes(self._chains[name]))
+                else:
+                    after.ours.pop(name, None)
         for builtin in set(kernel.builtins) | set(self._jumps):
             rules = self._jumps.get(builtin, ())
             hashes = rule_hashes(builtin, rules)
