@@ -565,16 +565,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
     proto = args.proto.lower()
     target = _targets(proto, args.port, dst)
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
-    if target is None:
-        say(f"{src.ref} -> {dst.ref} {what}: blocked (destination has no IP)")
-        return 1
+    for pod in (src, dst):
+        if not pod.ips:
+            # Not "blocked": nothing was probed. A pod without an address is a broken ADD.
+            raise LabExit(2, _no_ip(pod))
+    assert target is not None
     ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
     say(f"{src.ref} -> {dst.ref} ({dst.ips[0]}) {what}: {'connected' if ok else 'blocked'}")
     return 0 if ok else 1
 
 
+def _no_ip(pod: PodState) -> str:
+    return (f"pod {pod.ref} has no IP address (its CNI ADD returned none): nothing can be probed; "
+            f"felixpy-lab pod del {pod.ref} and add it again")
+
+
 def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float) -> dict[str, Any]:
-    """Every ordered pair of distinct pods on every proto/port, one prober process per source pod."""
+    """Every ordered pair of distinct pods on every proto/port, one prober process per source pod.
+
+    A pair with a pod that has no IP is not probed: it stays false in `results` and the pod is
+    listed in `errors` (pod -> why), which makes `matrix` exit 1."""
     all_pods = pods.all_pods(st)
     keys = [("icmp", None) if proto == "icmp" else (proto, port)
             for proto in protos for port in ([0] if proto == "icmp" else ports)]
@@ -600,28 +610,36 @@ def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float) ->
     for src, plan, proc in running:
         for (key, dst_ref), ok in zip(plan, _finish_probe(proc, src, len(plan), timeout)):
             results[key][src.ref][dst_ref] = ok
-    return {"pods": [p.ref for p in all_pods], "results": results}
+    data: dict[str, Any] = {"pods": [p.ref for p in all_pods], "results": results}
+    errors = {p.ref: _no_ip(p) for p in all_pods if not p.ips}
+    if errors:
+        data["errors"] = errors
+    return data
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     st = state.load(args.name)
     data = matrix(st, topology.parse_csv_ports(args.ports), _protos(args.protos), args.timeout)
+    errors: dict[str, str] = data.get("errors", {})
     if args.output == "json":
         print(json.dumps(data, indent=1))
-        return 0
+        return 1 if errors else 0
     refs = data["pods"]
     if len(refs) < 2:
         say("matrix: needs at least two pods")
-        return 0
+        return 1 if errors else 0
     for key, rows in data["results"].items():
-        say(f"{key}  (row = from, column = to; + connected, . blocked)")
+        say(f"{key}  (row = from, column = to; + connected, . blocked, ! not probed: a pod without IP)")
         grid = [["", *refs]]
-        grid += [[src, *("" if src == dst else ("+" if rows[src][dst] else ".") for dst in refs)]
+        grid += [[src, *("" if src == dst else "!" if src in errors or dst in errors
+                         else ("+" if rows[src][dst] else ".") for dst in refs)]
                  for src in refs]
         for line in _table(grid):
             say("  " + line)
         say("")
-    return 0
+    for message in errors.values():
+        print(f"{PROG}: {message}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _protos(text: str) -> list[str]:
