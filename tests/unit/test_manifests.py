@@ -679,14 +679,36 @@ def test_exabgp_entry_point_keeps_the_agents_config_and_clears_stale_files(tmp_p
     assert record.exists()
 
 
+def _children_named(pid: int, comm: str) -> set[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for child in children:
+        try:
+            if Path(f"/proc/{child}/comm").read_text().strip() == comm:
+                found.add(int(child))
+        except FileNotFoundError:  # it just exited
+            continue
+    return found
+
+
 def test_bird_entry_point_waits_for_the_reflectors_first_rendering(tmp_path: Path) -> None:
     run_dir = tmp_path / "bird"
     env = entry_point_env(tmp_path, FELIXPY_BIRD_CONFIG=f"{run_dir}/bird.conf", FELIXPY_BIRD_SOCKET=f"{run_dir}/bird.ctl")
     record = fake_daemon(tmp_path / "fakebin", "bird")
     proc = subprocess.Popen([str(ENTRY_POINTS / "felixpy-bird")], env=env)
     try:
-        time.sleep(1.5)
-        assert proc.poll() is None and not record.exists(), "BIRD started without a configuration"
+        # The positive event: the entry point checked for the configuration and went back to sleep
+        # twice (two distinct `sleep` children), so it had its chances to start BIRD too early.
+        naps: set[int] = set()
+        deadline = time.monotonic() + 10
+        while len(naps) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the entry point is not waiting"
+            naps |= _children_named(proc.pid, "sleep")
+            time.sleep(0.05)
+        assert not record.exists(), "BIRD started without a configuration"
         (run_dir / "bird.ctl").write_text("")  # stale
         (run_dir / "bird.conf").write_text("router id 192.0.2.1;\n")
         assert proc.wait(timeout=10) == 0
