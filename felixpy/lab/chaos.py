@@ -60,6 +60,7 @@ LINK_GRACE = 2.0
 MAX_CHURN_PODS = 12
 CLI_TIMEOUT = 180.0  # one CLI call: a pod add may wait for its agent (60 s) and retry DEL
 SETTLE_TIMEOUT = 120.0
+DEL_RETRY_SECONDS = 120.0
 LABELS = ("web", "db", "cache")
 
 # The run's policies: they select only pods of chaos-churn, so the steady pods are never isolated.
@@ -379,7 +380,15 @@ class Chaos:
         return True
 
     def _del_pod(self, pod: PodState) -> bool:
+        """A failed DEL is retried until it succeeds (up to DEL_RETRY_SECONDS), as kubelet does: a
+        DEL cut short by an etcd kill may have released the address but not yet removed the
+        endpoint and the veth, and the pod is not gone until a DEL has succeeded."""
+        deadline = time.monotonic() + DEL_RETRY_SECONDS
         done = self.cli("pod", "del", pod.ref)
+        while done.returncode != 0 and time.monotonic() < deadline:
+            self.event("churn", f"pod del {pod.ref} failed, retrying: {_last_line(done)}")
+            time.sleep(1.0)
+            done = self.cli("pod", "del", pod.ref)
         ok = done.returncode == 0
         self._tally("pod-del", ok)
         if ok:
@@ -483,6 +492,11 @@ class Chaos:
             with self._lock:
                 self._busy.add(key)
             self._fault(kind, target, down, key)
+            # A fault is over when the cluster is whole again: a second ExaBGP kill before the
+            # first restart's sessions are back is a double failure graceful restart does not cover
+            # (RFC 4724: the peer drops the stale routes), as the 30-minute run showed.
+            if self.mode == "bgp" and not _wait(self._all_established, SETTLE_TIMEOUT, 0.5):
+                self.problem(f"{kind} {target}: BGP sessions not all Established {SETTLE_TIMEOUT:g} s after the restore")
             self._stop.wait(rng.uniform(1.0, 3.0))
 
     @staticmethod
@@ -588,20 +602,21 @@ class Chaos:
             self.problem(text)
 
     # -- after the faults -----------------------------------------------------------------------
+    def _all_established(self) -> bool:
+        from felixpy.node.bgp import read_status
+
+        for node in self.state().nodes:
+            data = read_status(topology.bgp_status_file(self.lab, node.name)) or {}
+            peers = data.get("peers", [])
+            if not peers or any(p.get("state") != "Established" for p in peers):
+                return False
+        return True
+
     def _settle(self) -> None:
         """Every agent answers and, in mode bgp, every session is Established again."""
         if self.mode != "bgp":
             return
-        from felixpy.node.bgp import read_status
-
-        def established() -> bool:
-            for node in self.state().nodes:
-                data = read_status(topology.bgp_status_file(self.lab, node.name)) or {}
-                peers = data.get("peers", [])
-                if not peers or any(p.get("state") != "Established" for p in peers):
-                    return False
-            return True
-        if not _wait(established, SETTLE_TIMEOUT, 0.5):
+        if not _wait(self._all_established, SETTLE_TIMEOUT, 0.5):
             self.problem(f"BGP sessions not all Established {SETTLE_TIMEOUT:g} s after the faults stopped")
         else:
             self.event("check", "every BGP session Established")
