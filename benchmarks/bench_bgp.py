@@ -11,11 +11,17 @@ Reflector: the same trials in a 2-node lab with `--route-reflectors 2` (mesh off
 recipe): n1's ExaBGP → BIRD reflectors rr1 and rr2 → n2's ExaBGP; the first reflected copy to
 reach n2 installs the route.
 
+Reflector node: the same 2-node lab made a reflector cluster with Calico's recipe through felixctl
+(n1 gets a cluster ID and the route-reflector=true label, a BGPPeer peers every node with it, the
+mesh is turned off): n1 runs pods and reflects, its BIRD holding the session to n2 and its ExaBGP
+a local session to that BIRD. Timed both ways: a block of n1 (agent → ExaBGP → BIRD → n2) and a
+block of n2 (n2 → BIRD → n1's ExaBGP → n1's agent → kernel).
+
 Anchor, same run, same machine: two BIRD 2 speakers in their own namespaces (iBGP over a veth);
 A's block appears as a static route (static include file re-rendered + `birdc configure`, Calico's
 confd path minus confd) and B's kernel protocol installs it.
 
-    sudo .venv/bin/python benchmarks/bench_bgp.py [--trials 50] [--no-reflector]
+    sudo .venv/bin/python benchmarks/bench_bgp.py [--trials 50] [--no-reflector] [--no-reflector-node]
 """
 
 from __future__ import annotations
@@ -138,6 +144,84 @@ def bench_felixpy(trials: int, spacing: float, reflectors: int = 0) -> tuple[lis
         subprocess.run([*cli, "down", "--name", lab], capture_output=True, timeout=60)
 
 
+def reflector_node_ready(lab: str) -> bool:
+    """n1 reflects (BIRD's session to n2 and ExaBGP's local one Established), n2 peers with n1."""
+    try:
+        with open(f"/run/felixpy-lab/{lab}/n1/lib/bgp-status.json", encoding="utf-8") as f:
+            n1 = json.load(f)
+    except (OSError, ValueError):
+        return False
+    agent = n1.get("agentSession") or {}
+    return (bool(n1.get("routeReflector")) and agent.get("state") == "Established"
+            and sessions_up(lab, "n1", 1) and sessions_up(lab, "n2", 1))
+
+
+def bench_reflector_node(trials: int, spacing: float) -> dict[str, tuple[list[float], list[float]]]:
+    """Trials in a 2-node lab where n1 is a reflector that runs pods: n1's blocks to n2, n2's to n1."""
+    lab = "bgpn" + secrets.token_hex(2)
+    cli = [sys.executable, "-m", "felixpy.lab.cli"]
+    monitors: dict[str, RouteMonitor] = {}
+    work = tempfile.mkdtemp(prefix="bench-bgp-")
+
+    def run(*args: str) -> None:
+        # --name is an option of the subcommand, before exec's `--`.
+        cut = args.index("--") if "--" in args else len(args)
+        argv = [*cli, *args[:cut], "--name", lab, *args[cut:]]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"felixpy-lab {args[0]} failed: {done.stderr.strip()[-300:]}")
+
+    try:
+        run("up", "--nodes", "2", "--mode", "bgp")
+        # Calico's recipe, through felixctl on a node (calicoctl's verbs).
+        felixctl = ("exec", "n1", "--", "felixctl")
+        run(*felixctl, "patch", "node", "n1", "-p",
+            '{"spec":{"bgp":{"routeReflectorClusterID":"244.0.0.1"}}}')
+        run(*felixctl, "label", "node", "n1", "route-reflector=true")
+        peer = f"{work}/peer.yaml"
+        with open(peer, "w", encoding="utf-8") as f:
+            f.write("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: peer-with-route-reflectors}\n"
+                    "spec: {nodeSelector: all(), peerSelector: route-reflector == 'true'}\n")
+        run("apply", "-f", peer)
+        run(*felixctl, "patch", "bgpconfiguration", "default", "-p",
+            '{"spec":{"nodeToNodeMeshEnabled":false}}')
+        deadline = time.monotonic() + 60
+        while not reflector_node_ready(lab):
+            if time.monotonic() > deadline:
+                raise SystemExit("n1 did not become a reflector with its sessions up")
+            time.sleep(0.2)
+        from felixpy.datastore import keys
+        from felixpy.lab import pods
+
+        store = pods.open_datastore(lab)
+        monitors = {node: RouteMonitor(f"{lab}-{node}") for node in ("n1", "n2")}
+        results: dict[str, tuple[list[float], list[float]]] = {}
+        for owner, other, octet in (("n1", "n2", 150), ("n2", "n1", 170)):
+            announce, withdraw = [], []
+            monitor = monitors[other]
+            for i in range(trials):
+                cidr = f"10.244.{octet + i // 4}.{(i % 4) * 64}/26"
+                key = keys.affinity_key(owner, cidr)
+                monitor.drain()
+                start = time.monotonic()
+                store.create(key, {"state": "confirmed", "deleted": False})
+                announce.append(monitor.wait(cidr, deleted=False) - start)
+                time.sleep(spacing)
+                monitor.drain()
+                start = time.monotonic()
+                store.delete(key)
+                withdraw.append(monitor.wait(cidr, deleted=True) - start)
+                time.sleep(spacing)
+            results[owner] = (announce, withdraw)
+        store.close()
+        return results
+    finally:
+        for monitor in monitors.values():
+            monitor.stop()
+        subprocess.run([*cli, "down", "--name", lab], capture_output=True, timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 BIRD_CONF = """
 router id {me};
 protocol device {{ scan time 10; }}
@@ -256,6 +340,8 @@ def main() -> int:
     parser.add_argument("--reflectors", type=int, default=2,
                         help="BIRD route reflectors for the reflector run (default 2)")
     parser.add_argument("--no-reflector", action="store_true", help="skip the run through reflectors")
+    parser.add_argument("--no-reflector-node", action="store_true",
+                        help="skip the run with a reflector node that runs pods")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_bgp: needs root (network namespaces)", file=sys.stderr)
@@ -265,12 +351,18 @@ def main() -> int:
     bird_rr = bench_bird(args.trials, args.spacing, reflector=True) if have_bird and not args.no_reflector else None
     announce, withdraw = bench_felixpy(args.trials, args.spacing)
     rr = None if args.no_reflector else bench_felixpy(args.trials, args.spacing, reflectors=args.reflectors)
+    rr_node = None if args.no_reflector_node else bench_reflector_node(args.trials, args.spacing)
     print(f"BGP convergence, block claim on A -> route in B's kernel ({args.trials} trials)")
     report("felixpy mesh (etcd -> agent -> ExaBGP -> ExaBGP -> agent)", announce)
     report("felixpy mesh withdraw (affinity deleted)", withdraw)
     if rr is not None:
         report(f"felixpy via {args.reflectors} BIRD reflectors (mesh off)", rr[0])
         report("felixpy via reflectors, withdraw", rr[1])
+    if rr_node is not None:
+        report("reflector node n1 -> n2 (ExaBGP -> local BIRD -> n2)", rr_node["n1"][0])
+        report("reflector node n1 -> n2, withdraw", rr_node["n1"][1])
+        report("n2 -> reflector node n1 (BIRD -> ExaBGP -> kernel)", rr_node["n2"][0])
+        report("n2 -> reflector node n1, withdraw", rr_node["n2"][1])
     if bird is not None:
         report("BIRD 2 -> BIRD 2 (static + birdc configure)", bird[0])
         report("BIRD 2 withdraw", bird[1])
@@ -279,7 +371,9 @@ def main() -> int:
         report("BIRD 2 via reflector, withdraw", bird_rr[1])
     if bird is not None:
         anchor = statistics.median(bird[0])
-        for label, values in (("mesh", announce), ("reflector", rr[0] if rr else None)):
+        for label, values in (("mesh", announce), ("reflector", rr[0] if rr else None),
+                              ("reflector node n1 -> n2", rr_node["n1"][0] if rr_node else None),
+                              ("n2 -> reflector node n1", rr_node["n2"][0] if rr_node else None)):
             if values is None:
                 continue
             p50 = statistics.median(values)

@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""CNI ADD/DEL latency of felixpy against the reference plugins, and the agent's memory.
+"""CNI ADD/DEL latency of felixpy against the reference plugins, whether a pod is reachable from
+another node the moment ADD returns, where ADD's time goes, and the agent's memory.
 
-Brings up a one-node felixpy-lab, then from inside the node's network namespace (where kubelet
-would run) times N pod ADDs and DELs with:
-  * felixpy: the static C plugin (cni-shim/, what install-cni ships) talking to the agent, which does
-    IPAM (etcd), the veth pair, the WorkloadEndpoint and waits for the pod's route;
-  * the same through the lean Python plugin (`python -IS`, for hosts that have Python);
-  * felixpy-cni: the same through the pip console script (site-packages start-up);
-  * baseline: the reference `ptp` + `host-local` plugins from containernetworking-plugins.
-Also prints the agent's RSS idle and with N local pods.
+Brings up a two-node felixpy-lab (BGP mode, the lab's default). From inside n1's network namespace
+(where kubelet would run) it times N pod ADDs and then N DELs with:
+  * felixpy (static C plugin): cni-shim/, what install-cni ships;
+  * felixpy (lean -IS plugin): the same protocol in Python, for hosts that have Python;
+  * felixpy-cni (console script): the same through the pip entry point (site-packages start-up);
+  * ptp + host-local (reference): containernetworking-plugins, the baseline of the same run.
+Right after each felixpy ADD returns, one ICMP echo is sent to the pod from n2's namespace (the
+other node); the pod counts as reachable when that very first echo is answered (within 1 s), so a
+route or policy programmed after ADD returned shows up as unreachable. The probes are sent from
+a thread, so they never delay the next ADD.
 
-    sudo .venv/bin/python benchmarks/bench_cni.py [--pods 100]
+The reference runs before and after the felixpy plugins; its two passes are pooled.
+Printed: p50/p99 per plugin, the ratios to the baseline with the targets of issue #12 (ADD p50
+<= 2x, p99 <= 3x, DEL p50 <= 1.5x), the fraction reachable, the median time of each stage of the
+agent's ADD and DEL (from its log lines), a no-op iptables-nft-restore in n1's namespace (the
+floor under each of the agent's filter-table writes), and the agent's RSS idle and with N local pods.
+
+    sudo .venv/bin/python benchmarks/bench_cni.py [--pods 60]
 """
 
 from __future__ import annotations
@@ -18,16 +27,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
+REFERENCE = "ptp + host-local (reference)"
+PRIMARY = "felixpy (static C plugin)"
+TARGETS = {"ADD p50": 2.0, "ADD p99": 3.0, "DEL p50": 1.5}
+PROBE_WAIT = 1.0  # seconds an echo may take to come back
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -51,19 +69,74 @@ def agent_rss_kb(lab_name: str) -> int:
             environ = open(f"/proc/{pid}/environ", "rb").read()
         except OSError:
             continue
-        if b"felixpy.node.main" in cmdline and f"/run/felixpy-lab/{lab_name}/".encode() in environ:
+        if b"felixpy.node.main" in cmdline and f"/run/felixpy-lab/{lab_name}/n1".encode() in environ:
             for line in open(f"/proc/{pid}/status"):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
     raise SystemExit("agent process not found")
 
 
-def run_plugin(plugin: str, command: str, cid: str, netns: str, conf: dict, ns: str, pod: str,
-               cni_path: str) -> float:
+# -- inside n1's namespace ------------------------------------------------------------------------
+
+class Prober:
+    """ICMP echoes from the other node's namespace; remembers which were answered in time."""
+
+    def __init__(self, netns_path: str) -> None:
+        from felixpy.kernel import netns
+
+        self.sock = netns.run_in_netns(
+            netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+        self.sock.settimeout(0.2)
+        self.ident = os.getpid() & 0xFFFF
+        self.sent: dict[int, float] = {}
+        self.answered: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+
+    def send(self, seq: int, ip: str) -> None:
+        header = struct.pack("!BBHHH", 8, 0, 0, self.ident, seq) + b"felixpy!"
+        packet = header[:2] + struct.pack("!H", self._checksum(header)) + header[4:]
+        self.sent[seq] = time.monotonic()
+        self.sock.sendto(packet, (ip, 0))
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(2048)
+            except OSError:
+                continue
+            offset = (data[0] & 0x0F) * 4
+            kind, _code, _sum, ident, seq = struct.unpack_from("!BBHHH", data, offset)
+            if kind == 0 and ident == self.ident and seq not in self.answered:
+                self.answered[seq] = time.monotonic()
+
+    def reachable(self, seqs: list[int]) -> tuple[int, list[float]]:
+        """(how many of seqs were answered within PROBE_WAIT, their round trips in ms)."""
+        deadline = max(self.sent[s] for s in seqs) + PROBE_WAIT
+        while time.monotonic() < deadline and not all(s in self.answered for s in seqs):
+            time.sleep(0.01)
+        rtts = [(self.answered[s] - self.sent[s]) * 1000 for s in seqs
+                if s in self.answered and self.answered[s] - self.sent[s] <= PROBE_WAIT]
+        return len(rtts), rtts
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def run_plugin(plugin: str, command: str, cid: str, netns: str, conf: dict[str, Any], pod: str,
+               cni_path: str) -> tuple[float, dict[str, Any]]:
     env = {
         "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
-        "CNI_PATH": cni_path,
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod}",
+        "CNI_PATH": cni_path, "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod}",
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     }
     started = time.perf_counter()
@@ -71,11 +144,23 @@ def run_plugin(plugin: str, command: str, cid: str, netns: str, conf: dict, ns: 
     elapsed = (time.perf_counter() - started) * 1000
     if out.returncode != 0:
         raise SystemExit(f"{plugin} {command} failed: {out.stdout} {out.stderr}")
-    return elapsed
+    return elapsed, (json.loads(out.stdout) if out.stdout.strip() else {})
+
+
+def restore_floor(times: int = 15) -> float:
+    """Median ms of a no-op `iptables-nft-restore --noflush` here (n1's namespace, the pods' chains
+    in place): what the agent's apply for a new pod pays at least for its filter-table write."""
+    took = []
+    for _ in range(times):
+        started = time.perf_counter()
+        subprocess.run(["iptables-nft-restore", "--noflush", "--wait"], input="*filter\nCOMMIT\n", text=True,
+                       check=True)
+        took.append((time.perf_counter() - started) * 1000)
+    return statistics.median(took)
 
 
 def inner(args: argparse.Namespace) -> None:
-    """Runs inside the node's netns: times each plugin on fresh pod namespaces."""
+    """Runs inside n1's netns: times each plugin on fresh pod namespaces."""
     from felixpy.cni.install import install_plugin
 
     tmp = tempfile.mkdtemp(prefix="fxbench-")
@@ -88,76 +173,154 @@ def inner(args: argparse.Namespace) -> None:
     ref_conf = {"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "mtu": 1500,
                 "ipam": {"type": "host-local", "subnet": "10.99.0.0/16", "dataDir": os.path.join(tmp, "hl"),
                          "routes": [{"dst": "0.0.0.0/0"}]}}
+    reference = (REFERENCE, "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni")
+    # The reference runs first and last and its two passes are pooled: on a machine whose load
+    # drifts during the run, the baseline then brackets the felixpy plugins instead of
+    # catching only one end of the drift (each pass's p50 is printed too).
     runs = [
-        ("felixpy (static C plugin)", os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),
+        reference,
+        (PRIMARY, os.path.join(shim_dir, "felixpy-cni"), felixpy_conf, BIN),  # runs[1]: also warms up
         ("felixpy (lean -IS plugin)", lean, felixpy_conf, BIN),
         ("felixpy-cni (console script)", os.path.join(BIN, "felixpy-cni"), felixpy_conf, BIN),
-        ("ptp + host-local (reference)", "/usr/lib/cni/ptp", ref_conf, "/usr/lib/cni"),
+        reference,
     ]
-    results = {}
-    # The pod namespaces were created by the outer process: `ip netns add` run in here would
-    # mount them only in this private mount namespace (ip netns exec unshares one), invisible to
-    # the agent.
-    for label, plugin, conf, cni_path in runs:
-        adds, dels = [], []
+    prober = Prober(args.probe_netns)
+    # Warm up: the node's first block is claimed and announced to n2 before anything is timed.
+    warm = f"/run/netns/{args.prefix}{args.pods}"
+    run_plugin(runs[1][1], "ADD", "warm" * 16, warm, felixpy_conf, "warm", BIN)
+    results: dict[str, Any] = {}
+    for r, (label, plugin, conf, cni_path) in enumerate(runs):
+        adds, dels, seqs, cids = [], [], [], []
         for i in range(args.pods):
-            netns = f"/run/netns/{args.prefix}{i}"
             cid = secrets.token_hex(32)
-            adds.append(run_plugin(plugin, "ADD", cid, netns, conf, "bench", f"p{i}", cni_path))
-            if label.startswith("felixpy (static") and i == args.pods - 1:
-                results["rss_with_pods_kb"] = args.rss_probe()
-            dels.append(cid)
-        del_times = []
-        for i, cid in enumerate(dels):
-            del_times.append(run_plugin(plugin, "DEL", cid, f"/run/netns/{args.prefix}{i}", conf,
-                                        "bench", f"p{i}", cni_path))
-        results[label] = (adds, del_times)
+            took, result = run_plugin(plugin, "ADD", cid, f"/run/netns/{args.prefix}{i}", conf, f"p{i}", cni_path)
+            if label != REFERENCE:
+                seq = r * 1000 + i
+                prober.send(seq, result["ips"][0]["address"].split("/")[0])
+                seqs.append(seq)
+            adds.append(took)
+            cids.append(cid)
+            if label == PRIMARY and i == args.pods - 1:
+                results["rss_with_pods_kb"] = agent_rss_kb(args.lab)
+                results["restore_floor_ms"] = restore_floor()
+        reachable, rtts = prober.reachable(seqs) if seqs else (0, [])
+        for i, cid in enumerate(cids):
+            dels.append(run_plugin(plugin, "DEL", cid, f"/run/netns/{args.prefix}{i}", conf, f"p{i}", cni_path)[0])
+        done = results.setdefault(label, {"adds": [], "dels": [], "probed": 0, "reachable": 0, "rtts": [],
+                                          "passes": []})
+        done["adds"] += adds
+        done["dels"] += dels
+        done["probed"] += len(seqs)
+        done["reachable"] += reachable
+        done["rtts"] += rtts
+        done["passes"].append([statistics.median(adds), statistics.median(dels)])
+    run_plugin(runs[1][1], "DEL", "warm" * 16, warm, felixpy_conf, "warm", BIN)
+    prober.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({k: v for k, v in results.items()}))
+    print(json.dumps(results))
+
+
+# -- outside --------------------------------------------------------------------------------------
+
+def stage_medians(log_path: str, command: str) -> dict[str, float]:
+    """Median of each stage the agent logged for command ('cni ADD ok ... ipam=1.23ms ...')."""
+    stages: dict[str, list[float]] = {}
+    pattern = re.compile(rf"cni {command} ok .*? seconds=([0-9.]+)((?: \w+=[0-9.]+ms)*)")
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            match = pattern.search(line)
+            if not match or "pod=bench/p" not in line:
+                continue
+            stages.setdefault("total", []).append(float(match.group(1)) * 1000)
+            for name, ms in re.findall(r"(\w+)=([0-9.]+)ms", match.group(2)):
+                stages.setdefault(name, []).append(float(ms))
+    return {name: statistics.median(values) for name, values in stages.items()}
+
+
+def report(results: dict[str, Any], pods: int, rss_idle: int, rss_pods: int, log_path: str,
+           restore_floor_ms: float) -> None:
+    print(f"\nCNI latency over {pods} pods (ms), measured from n1's netns:")
+    print(f"{'plugin':32} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}  reachable at ADD return")
+    for label, r in results.items():
+        reach = (f"{r['reachable']}/{r['probed']} (first echo rtt p50 {statistics.median(r['rtts']):.1f} ms)"
+                 if r["probed"] and r["rtts"] else (f"0/{r['probed']}" if r["probed"] else "-"))
+        print(f"{label:32} {statistics.median(r['adds']):8.1f} {percentile(r['adds'], 99):8.1f} "
+              f"{statistics.median(r['dels']):8.1f} {percentile(r['dels'], 99):8.1f}  {reach}")
+    ref = results[REFERENCE]
+    print(f"{REFERENCE} by pass (before, after felixpy): "
+          + ", ".join(f"ADD p50 {a:.1f} / DEL p50 {d:.1f}" for a, d in ref["passes"]))
+    base = {"ADD p50": statistics.median(ref["adds"]), "ADD p99": percentile(ref["adds"], 99),
+            "DEL p50": statistics.median(ref["dels"])}
+    print(f"\nratio to {REFERENCE} (target in brackets):")
+    for label, r in results.items():
+        if label == REFERENCE:
+            continue
+        got = {"ADD p50": statistics.median(r["adds"]), "ADD p99": percentile(r["adds"], 99),
+               "DEL p50": statistics.median(r["dels"])}
+        cells = []
+        for what, target in TARGETS.items():
+            ratio = got[what] / base[what]
+            cells.append(f"{what} {ratio:.2f}x (<= {target:g}x {'ok' if ratio <= target else 'MISSED'})")
+        print(f"  {label:32} " + "  ".join(cells))
+    for command in ("ADD", "DEL"):
+        medians = stage_medians(log_path, command)
+        if medians:
+            print(f"agent {command} stages, median ms over every felixpy {command}: "
+                  + "  ".join(f"{name}={ms:.2f}" for name, ms in medians.items()))
+    print(f"a no-op iptables-nft-restore in n1's namespace with {pods} pods (the floor of each of the "
+          f"agent's filter writes): {restore_floor_ms:.1f} ms")
+    print(f"\nagent RSS: idle {rss_idle / 1024:.1f} MB, with {pods} local pods {rss_pods / 1024:.1f} MB")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pods", type=int, default=100)
+    parser.add_argument("--pods", type=int, default=60)
+    parser.add_argument("--agent-log", help="keep a copy of n1's agent log here (for profiling; "
+                        "FELIX_LOGSEVERITYSCREEN=DEBUG adds each apply's duration)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--lab", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-netns", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        args.rss_probe = lambda: agent_rss_kb(args.lab)
         inner(args)
         return 0
     if os.geteuid() != 0:
         raise SystemExit("run as root (network namespaces)")
     name = "bench" + secrets.token_hex(2)
-    print(f"bringing up lab {name} (1 node) ...", flush=True)
-    lab("up", "--name", name, "--nodes", "1")
+    print(f"bringing up lab {name} (2 nodes) ...", flush=True)
+    lab("up", "--name", name, "--nodes", "2")
     try:
-        time.sleep(2)
+        # The namespace's profile (kns.bench, allow all): without it a pod's policy drops everything.
+        lab("ns", "add", "bench", "--name", name)
         rss_idle = agent_rss_kb(name)
         sock = f"/run/felixpy-lab/{name}/n1/cni.sock"
-        for i in range(args.pods):
+        for i in range(args.pods + 1):  # + the warm-up pod
             subprocess.run(["ip", "netns", "add", f"{name}-bp{i}"], check=True)
         out = subprocess.run(
             ["ip", "netns", "exec", f"{name}-n1", sys.executable, os.path.abspath(__file__), "--inner",
-             "--pods", str(args.pods), "--socket", sock, "--prefix", f"{name}-bp", "--lab", name],
+             "--pods", str(args.pods), "--socket", sock, "--prefix", f"{name}-bp", "--lab", name,
+             "--probe-netns", f"/run/netns/{name}-n2"],
             capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"benchmark failed: {out.stderr.strip()}")
         results = json.loads(out.stdout.strip().splitlines()[-1])
+        log_copy = tempfile.NamedTemporaryFile(prefix="fxbench-agent-", suffix=".log", delete=False).name
+        shutil.copy(f"/run/felixpy-lab/{name}/n1/agent.log", log_copy)
+        if args.agent_log:
+            shutil.copy(log_copy, args.agent_log)
     finally:
         lab("down", "--name", name)  # also deletes the lab-named pod namespaces
-        for i in range(args.pods):
+        for i in range(args.pods + 1):
             if os.path.exists(f"/run/netns/{name}-bp{i}"):
                 subprocess.run(["ip", "netns", "del", f"{name}-bp{i}"])
     rss_pods = results.pop("rss_with_pods_kb")
-    print(f"\nCNI latency over {args.pods} pods (ms), measured from the node's netns:")
-    print(f"{'plugin':32} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}")
-    for label, (adds, dels) in results.items():
-        print(f"{label:32} {statistics.median(adds):8.1f} {percentile(adds, 99):8.1f} "
-              f"{statistics.median(dels):8.1f} {percentile(dels, 99):8.1f}")
-    print(f"\nagent RSS: idle {rss_idle / 1024:.1f} MB, with {args.pods} local pods {rss_pods / 1024:.1f} MB")
+    restore_floor_ms = results.pop("restore_floor_ms")
+    try:
+        report(results, args.pods, rss_idle, rss_pods, log_copy, restore_floor_ms)
+    finally:
+        os.unlink(log_copy)
     return 0
 
 

@@ -79,7 +79,7 @@ def main() -> None:
     while len(ifaces) < args.pods:
         ifaces.add("cali" + "".join(rng.choice("0123456789abcdef") for _ in range(11)))
     endpoints = [
-        render.EndpointChains(iface, ingress=tuple(rng.sample(ids, args.per_pod)),
+        render.EndpointChains.default_tier(iface, ingress=tuple(rng.sample(ids, args.per_pod)),
                               egress=tuple(rng.sample(ids, args.per_pod)), profiles=(f"kns.ns{n % 20}",))
         for n, iface in enumerate(sorted(ifaces))
     ]

@@ -1,16 +1,40 @@
 """Render BIRD 2 configuration for a felixpy route reflector.
 
-ExaBGP cannot reflect routes (exabgp-notes §6), so a node in route-reflector mode runs BIRD 2 with
-this configuration: one `protocol bgp` per peer from `bgp.peers.select_peers` (its clients are the
-peers with `rr_client`, marked `rr client; rr cluster id`; other reflectors of the same cluster are
-plain iBGP), reflection only — no kernel protocol, so the reflector never programs its own FIB, and
-only BGP-learned routes are exported. Timers follow Calico's `bgp_template` (calico-reference §3.6):
-`connect delay time 2; connect retry time 5; error wait time 5,30` (the last keeps a reconfigured
-peer from being held down for BIRD's default 60 s), graceful restart with the peer's restart time.
+ExaBGP cannot reflect routes (exabgp-notes §6), so a reflector runs BIRD 2 with this
+configuration: one `protocol bgp` per peer from `bgp.peers.select_peers` (its clients are the
+peers with `rr_client`, marked `rr client; rr cluster id`; other reflectors of the same cluster
+are plain iBGP, as in Calico: BIRD 2 takes the cluster ID it writes on a reflected route from the
+client side of the reflection, so routes between a client and another reflector carry the
+cluster's ID either way — an `rr cluster id` on a non-client session is parsed and unused),
+reflection only — no kernel
+protocol, so BIRD never programs the FIB (except BGPPeer `reachableBy` routes on a dedicated
+reflector). Timers follow Calico's `bgp_template`
+(calico-reference §3.6): `connect delay time 2; connect retry time 5; error wait time 5,30` (the
+last keeps a reconfigured peer from being held down for BIRD's default 60 s), graceful restart
+with the peer's restart time.
 
 Peers on the reflector's own L2 segment are `direct` with `gateway direct` (BIRD makes iBGP
 multihop by default and would then try to resolve next hops recursively, with no IGP to do it).
 Pass `multihop=True` for reflectors that reach clients through routers.
+
+The BGPPeer and BGPConfiguration fields render as confd renders them: `localASNumber` (`local
+as`), `keepaliveTime` (`keepalive time`), `ttlSecurity` (`ttl security on; multihop N`),
+`numAllowedLocalASNumbers` (`allow local as N`), `nextHopMode` (`next hop self|keep`), BGPFilters
+(one function per filter and direction, bgp.filters, called in the BGPPeer's order ahead of the
+default), prefixAdvertisement communities (added to everything reflected that no filter
+decided), `listenPort` (`local … port P`) and `bindMode NodeIP` (`strict bind`: BIRD 2 binds the
+listening socket to the sessions' local address; without it to every address, Calico's None).
+
+A reflector that is also a node running pods (`local_agent`) has one more session: its own agent's
+ExaBGP, over loopback (`Local_Agent`, an rr client: the agent announces the node's own routes into
+BIRD and learns everything BIRD reflects). Its next hops are resolved through `protocol direct`.
+
+What is exported is Calico's choice (confd's `calico_export_to_bgp_peers`), after the BGPFilters:
+routes inside an IP pool that exports to BGP, and on a reflector the routes inside the
+serviceLoadBalancerIPs and serviceExternalIPs ranges; a reflector node's own routes (from its
+agent) always. Routes from elsewhere (a ToR's default route, say) are not passed on. The session
+to the node's own agent stands in for BIRD's kernel protocol in calico-node: it gets everything
+BIRD learned, as the kernel would.
 
 Apply a new rendering with `birdc configure`: BIRD keeps unchanged sessions up.
 BIRD strings have no escapes, so passwords containing `"` or a newline are refused.
@@ -19,10 +43,37 @@ Pure text rendering.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+from dataclasses import dataclass
 from typing import Sequence
 
-from bgp.peers import Peer
+from bgp.advertise import CommunityRule
+from bgp.filters import BGPFilter, bird_calls, render_bird_functions
+from bgp.peers import Peer, PeerType
+
+LOCAL_AGENT_NAME = "Local_Agent"
+# BIRD's log levels per BGPConfiguration logSeverityScreen, as confd maps them (debug/info; the rest
+# only errors): `debug` statements of the BGP protocols.
+_DEBUG = {"Debug": "all", "Trace": "all", "Info": "{ states }"}
+
+
+@dataclass(frozen=True)
+class LocalAgent:
+    """The node's own ExaBGP, seen from its BIRD: where it connects from and listens."""
+
+    address: str  # a loopback address the agent's ExaBGP binds, e.g. 127.0.0.2
+    port: int  # where that ExaBGP listens, so BIRD can connect too (it holds the BGP port itself)
+
+
+def hashed_router_id(name: str, *, avoid: str = "") -> str:
+    """A stable IPv4 router ID from a name (Calico's CALICO_ROUTER_ID=hash idea), never `avoid`."""
+    digest = hashlib.sha256(name.encode()).digest()
+    for i in range(0, len(digest) - 3):
+        candidate = str(ipaddress.IPv4Address(digest[i:i + 4]))
+        if candidate not in (avoid, "0.0.0.0", "255.255.255.255"):
+            return candidate
+    raise ValueError(f"no router ID for {name!r}")  # pragma: no cover - 29 candidates
 
 
 def _quoted(value: str, what: str) -> str:
@@ -31,70 +82,172 @@ def _quoted(value: str, what: str) -> str:
     return f'"{value}"'
 
 
-def _protocol(peer: Peer, *, local_address: str, as_number: int, cluster_id: str | None,
-              multihop: bool) -> list[str]:
+def _next_hop(peer: Peer, node_as: int) -> str:
+    if peer.next_hop_mode == "Self":
+        return "next hop self;"
+    if peer.next_hop_mode == "Keep":
+        return "next hop keep;"
+    # Auto: reflection keeps the client's next hop on iBGP; eBGP only keeps it when asked to
+    # (keepOriginalNextHop, which confd honours for eBGP peers only).
+    ebgp = peer.is_ebgp(node_as)
+    return "next hop keep;" if (not ebgp or peer.keep_original_next_hop) else "next hop self;"
+
+
+def _protocol(peer: Peer, *, local_address: str | None, as_number: int, cluster_id: str | None,
+              multihop: bool, filter_order: Sequence[str], communities: bool, listen_port: int,
+              calico_export: bool) -> list[str]:
     ipaddress.ip_address(peer.address)
     neighbor = f"neighbor {peer.address}" + (f" port {peer.port}" if peer.port != 179 else "")
+    local_as = peer.local_as_for(as_number)
+    ebgp = peer.is_ebgp(as_number)
+    local = peer.type is PeerType.LOCAL
     lines = [
         f"protocol bgp {peer.name} from felixpy_template {{",
         f'  description "{peer.type.value}";',
-        f"  local {local_address} as {as_number};",
+        # sourceAddress None: no address, the kernel picks the source (confd's `local as N`).
+        f"  local{f' {local_address}' if local_address else ''}"
+        f"{f' port {listen_port}' if listen_port != 179 else ''} as {local_as};",
         f"  {neighbor} as {peer.as_number};",
-        "  multihop;" if multihop else "  direct;",
     ]
-    if peer.rr_client:
+    hops = multihop or local or bool(peer.ttl_security)
+    if peer.ttl_security:
+        lines += ["  ttl security on;", f"  multihop {peer.ttl_security};"]
+    else:
+        lines.append("  multihop;" if hops else "  direct;")
+    if peer.rr_client and local:
+        # The node's own agent is a client with this BIRD's own cluster ID (its router ID, BIRD's
+        # default), not the cluster's: BIRD never reflects a route to a client of a cluster that
+        # is already on the route's CLUSTER_LIST, and what another reflector of the same cluster
+        # passes on must still reach this node's kernel (calico-node's BIRD programs it directly).
+        lines.append("  rr client;")
+    elif peer.rr_client:
         if cluster_id is None:
             raise ValueError(f"peer {peer.address} is a route-reflector client but no cluster ID is set")
         lines += ["  rr client;", f"  rr cluster id {cluster_id};"]
     if peer.password:
         lines.append(f"  password {_quoted(peer.password, 'BGP password')};")
+    if peer.keepalive_time:
+        lines.append(f"  keepalive time {peer.keepalive_time};")
+    if peer.num_allowed_local_as:
+        lines.append(f"  allow local as {peer.num_allowed_local_as};")
     if peer.max_restart_time > 0:
         lines += ["  graceful restart on;", f"  graceful restart time {peer.max_restart_time};"]
     else:
         lines.append("  graceful restart off;")
     if peer.passive:
         lines.append("  passive on;")
-    # iBGP reflection keeps the client's next hop by default; eBGP needs it asked for.
-    next_hop = "next hop keep;" if (peer.keep_original_next_hop or peer.as_number == as_number) else "next hop self;"
+    if local:
+        # The node's own agent: reconnect at once after its ExaBGP restarts.
+        lines += ["  connect delay time 1;", "  connect retry time 1;", "  error wait time 1, 2;"]
+    import_calls = bird_calls(peer.filters, filter_order, "import", ebgp=ebgp)
+    export_calls = bird_calls(peer.filters, filter_order, "export", ebgp=ebgp)
+    tag = "felixpy_communities(); " if communities else ""
+    if local or not calico_export:
+        default_export = "if source = RTS_BGP then accept;"
+    else:
+        default_export = (f'if proto = "{LOCAL_AGENT_NAME}" then {{ {tag}accept; }} '
+                          f"if source = RTS_BGP && felixpy_calico_route() then {{ {tag}accept; }}")
     lines += [
         "  ipv4 {",
-        "    import all;",
-        "    export where source = RTS_BGP;",
-        f"    {next_hop}",
-        "    gateway recursive;" if multihop else "    gateway direct;",
+        # The node's own routes win over copies of the same prefix from other nodes (a Service
+        # range every node announces), as calico-node's static routes (preference 200) do over BGP.
+        *(["    preference 200;"] if local else []),
+        "    import " + ("all;" if not import_calls else "filter { " + " ".join(import_calls) + " accept; };"),
+        "    export filter { " + " ".join(export_calls + [default_export, "reject;"]) + " };",
+        f"    {_next_hop(peer, as_number)}",
+        "    gateway recursive;" if hops else "    gateway direct;",
         "  };",
         "}",
     ]
     return lines
 
 
+def _communities_function(rules: Sequence[CommunityRule]) -> list[str]:
+    lines = ["# prefixAdvertisements: communities on what is exported and no BGPFilter decided",
+             "function felixpy_communities() {"]
+    for rule in rules:
+        adds = [f"bgp_community.add(({c.replace(':', ', ')}));" for c in rule.communities]
+        adds += [f"bgp_large_community.add(({c.replace(':', ', ')}));" for c in rule.large_communities]
+        if adds:
+            lines.append(f"  if net ~ {rule.cidr} then {{ {' '.join(adds)} }}")
+    lines.append("}")
+    return lines
+
+
+def _calico_route_function(pools: Sequence[str], quiet_pools: Sequence[str], service_cidrs: Sequence[str]) -> list[str]:
+    lines = ["# Calico's routes: what confd's calico_export_to_bgp_peers lets out",
+             "function felixpy_calico_route() {"]
+    if quiet_pools:
+        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in quiet_pools)} ] then return false;")
+    if pools:
+        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in pools)} ] then return true;")
+    if service_cidrs:
+        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in service_cidrs)} ] then return true;")
+    lines += ["  return false;", "}"]
+    return lines
+
+
 def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | None,
-                          peers: Sequence[Peer], local_address: str | None = None,
-                          log_file: str | None = None, multihop: bool = False) -> str:
-    """BIRD 2 configuration text for a reflector (deterministic for the same inputs)."""
+                          peers: Sequence[Peer],
+                          log_file: str | None = None, multihop: bool = False,
+                          listen_address: str | None = None, listen_port: int = 179,
+                          filters: Sequence[BGPFilter] = (), communities: Sequence[CommunityRule] = (),
+                          log_severity: str = "Info", export_pools: Sequence[str] | None = None,
+                          no_export_pools: Sequence[str] = (), service_cidrs: Sequence[str] = (),
+                          ignored_interfaces: Sequence[str] = ()) -> str:
+    """BIRD 2 configuration text for a reflector (deterministic for the same inputs).
+
+    `export_pools`: the IP pools whose routes are exported (None: every BGP route, no Calico
+    export filter); `no_export_pools` the disableBGPExport ones; `service_cidrs` the Service
+    ranges a reflector passes on (serviceLoadBalancerIPs and serviceExternalIPs)."""
     ipaddress.IPv4Address(router_id)
     if cluster_id is not None:
         ipaddress.IPv4Address(cluster_id)
     if not 0 < as_number < 2**32:
         raise ValueError(f"invalid AS number {as_number}")
-    local = local_address or router_id
+    if not 0 < listen_port < 65536:
+        raise ValueError(f"invalid listen port {listen_port}")
+    has_local_agent = any(p.type is PeerType.LOCAL for p in peers)
     lines = ["# BIRD 2 route reflector, rendered by felixpy (bgp.bird). Do not edit."]
     if log_file is not None:
         lines.append(f"log {_quoted(log_file, 'log file')} all;")
     else:
         lines.append("log stderr { warning, error, fatal };")
+    lines.append(f"router id {router_id};")
+    lines += ["", "protocol device { scan time 10; }"]
+    if multihop or has_local_agent:
+        # Recursive next-hop resolution needs the connected routes in BIRD's table; like confd's
+        # direct template, never the pods' veths, kube-proxy's dummy, nor ignoredInterfaces.
+        patterns = [f"-{_quoted(i, 'interface name')}" for i in ignored_interfaces]
+        patterns += ['-"cali*"', '-"kube-ipvs*"', '"*"']
+        lines.append(f"protocol direct {{ ipv4; interface {', '.join(patterns)}; }}")
+    reachable = sorted({(p.address, p.reachable_by) for p in peers if p.reachable_by})
+    if reachable and not has_local_agent:
+        # BGPPeer reachableBy: a /32 to the peer via that gateway, as confd renders it. A
+        # dedicated reflector's BIRD programs it (its only kernel export); on a node with pods
+        # the agent programs it with the node's other routes.
+        lines += ["protocol static felixpy_reachable_by {", "  ipv4;",
+                  *(f"  route {address}/32 via {gateway};" for address, gateway in reachable), "}",
+                  "protocol kernel felixpy_kernel {",
+                  '  ipv4 { import none; export where proto = "felixpy_reachable_by"; };', "}"]
+    else:
+        lines.append("# No kernel protocol: a reflector never programs its own FIB.")
+    filter_order = [f.name for f in filters]
+    lines += ["", *render_bird_functions(filters)] if filters else []
+    lines += ["", *_communities_function(communities)] if communities else []
+    calico_export = export_pools is not None
+    if calico_export:
+        assert export_pools is not None
+        lines += ["", *_calico_route_function(export_pools, no_export_pools,
+                                              service_cidrs if cluster_id is not None else ())]
+    debug = _DEBUG.get(log_severity)
     lines += [
-        f"router id {router_id};",
-        "",
-        "protocol device { scan time 10; }",
-    ]
-    if multihop:
-        # Recursive next-hop resolution needs the connected routes in BIRD's table.
-        lines.append("protocol direct { ipv4; }")
-    lines += [
-        "# No kernel protocol: a reflector never programs its own FIB.",
         "",
         "template bgp felixpy_template {",
+        *([f"  debug {debug};"] if debug else []),
+        # bindMode NodeIP: listen on the node's address only (BIRD binds every session's
+        # `local` address; without it, every address).
+        *(["  strict bind yes;"] if listen_address is not None else []),
         "  connect delay time 2;",
         "  connect retry time 5;",
         "  error wait time 5, 30;",
@@ -102,6 +255,8 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
     ]
     for peer in sorted(peers, key=lambda p: int(ipaddress.ip_address(p.address))):
         lines.append("")
-        lines += _protocol(peer, local_address=local, as_number=as_number, cluster_id=cluster_id,
-                           multihop=multihop)
+        lines += _protocol(peer, local_address=listen_address or peer.source_address,
+                           as_number=as_number, cluster_id=cluster_id, multihop=multihop,
+                           filter_order=filter_order, communities=bool(communities), listen_port=listen_port,
+                           calico_export=calico_export)
     return "\n".join(lines) + "\n"

@@ -7,8 +7,11 @@ Pure text rendering (tested as strings). The choices follow the measured spike
 - `api.ack = true`: the sidecar relays every `done`/`error` to the agent, which waits for it.
 - `api.cli = false`: the CLI needs pre-created FIFOs and costs a 29 MB relay process.
 - `log.level = WARNING` by default: INFO writes one line per route and halves announce throughput.
-- Every neighbour `listen`s on the node address so a restarted peer reconnects at once instead of
-  waiting for ExaBGP's connect backoff (up to 60 s); a mesh pair's lower IP is `passive`.
+- Neighbours `listen` on the node address so a restarted peer reconnects at once instead of
+  waiting for ExaBGP's connect backoff (up to 60 s); a mesh pair's lower IP is `passive`. Not a
+  neighbour without a local address (`sourceAddress: None`: ExaBGP refuses `listen` there) nor a
+  GTSM one (ExaBGP puts its minimum TTL on the listening socket all neighbours share): those
+  only connect out, and are never passive.
 - Graceful restart with `manual-eor true`: the agent sends End-of-RIB after re-announcing, so a
   restart is hitless (gotcha 6). `maxRestartTime` 0 turns graceful restart off for that peer.
 - `route-refresh` so a respawned API process can ask peers to resend (gotcha 7).
@@ -16,6 +19,13 @@ Pure text rendering (tested as strings). The choices follow the measured spike
   negotiated graceful restart.
 - MD5 passwords are written base64-encoded (`md5-base64 true`), so any secret survives ExaBGP's
   tokeniser unquoted and unescaped.
+- Per-session BGPPeer knobs: `localASNumber` is the neighbour's `local-as`; `ttlSecurity N` is
+  GTSM, `incoming-ttl 256-N` (ExaBGP then sends with TTL 255, as BIRD's `ttl security on`);
+  `keepaliveTime K` becomes `hold-time 3K`: ExaBGP 5.0.15 has no keepalive setting of its own and
+  sends keepalives every negotiated hold time / 3 (measured: exabgp/bgp/timer.py), so this is how
+  keepalives go out every K seconds. The session's listen port is the node's BGP listen port.
+- The listening socket is bound to the node address (ExaBGP binds `md5-ip`, which is also the
+  source of its outgoing connections), whatever BGPConfiguration bindMode says; see docs/bgp.md.
 
 Neighbours are static in ExaBGP: change them by re-rendering the file and sending SIGUSR1 (never
 SIGHUP, which shuts ExaBGP down). Changing an existing neighbour's stanza tears its session down
@@ -49,7 +59,6 @@ class SpeakerConfig:
     sidecar_socket: str  # unix socket the sidecar serves the agent on
     python: str = sys.executable  # interpreter that runs `-m bgp.sidecar`
     hold_time: int = DEFAULT_HOLD_TIME
-    listen_port: int = 179
 
 
 def sidecar_command(python: str, socket_path: str) -> str:
@@ -68,6 +77,12 @@ def _md5_base64(password: str) -> str:
     return base64.b64encode(raw).decode()
 
 
+def hold_time_for(peer: Peer, default: int = DEFAULT_HOLD_TIME) -> int:
+    """The hold time ExaBGP offers on `peer`'s session: 3 × keepaliveTime when one is set (ExaBGP
+    sends keepalives every hold time / 3 and has no separate keepalive setting)."""
+    return 3 * peer.keepalive_time if peer.keepalive_time else default
+
+
 def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
     ipaddress.ip_address(peer.address)
     lines = [
@@ -78,15 +93,26 @@ def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
     if peer.source_address is not None:
         lines.append(f"    local-address {peer.source_address};")
     lines += [
-        f"    local-as {cfg.as_number};",
+        f"    local-as {peer.local_as_for(cfg.as_number)};",
         f"    peer-as {peer.as_number};",
-        f"    hold-time {cfg.hold_time};",
-        f"    listen {cfg.listen_port};",
+        f"    hold-time {hold_time_for(peer, cfg.hold_time)};",
     ]
+    # ExaBGP listens on one socket per local address and port for every neighbour, and puts a
+    # neighbour's incoming-ttl on that shared socket: a GTSM neighbour listening there would hold
+    # every other session's connections to its minimum TTL (measured: the mesh peer's SYNs, TTL
+    # 64, were dropped). So a ttlSecurity session is one we connect out on, where ExaBGP sets the
+    # minimum on that session's own socket. A listening neighbour also needs a local address.
+    listening = bool(peer.listen_port) and peer.source_address is not None and not peer.ttl_security
+    if listening:
+        lines.append(f"    listen {peer.listen_port};")
     if peer.port != 179:
         lines.append(f"    connect {peer.port};")
-    if peer.passive:
+    if peer.passive and listening:
         lines.append("    passive true;")
+    if peer.ttl_security:
+        # GTSM (RFC 5082): the peer is at most N hops away, so its packets arrive with TTL
+        # 256-N or more; ExaBGP sends with 255 when only incoming-ttl is set.
+        lines.append(f"    incoming-ttl {256 - peer.ttl_security};")
     if peer.password:
         lines += [f"    md5-password {_md5_base64(peer.password)};", "    md5-base64 true;"]
     graceful = peer.max_restart_time > 0

@@ -20,6 +20,12 @@ Rules, as confd applies them:
   as plain iBGP.
 - Never a session to our own address. When several rules name the same address, the most specific
   wins: node-scoped BGPPeer, then global BGPPeer, then mesh.
+- The port of a session to a Calico node is that node's BGP listen port (BGPConfiguration
+  `node.<name>` listenPort, else the global one, else 179); a BGPPeer's `peerIP` may carry its own.
+- `reversePeering: Manual` turns the reverse half off: the selected nodes need their own BGPPeer.
+- The per-session knobs of a BGPPeer (localASNumber, keepaliveTime, ttlSecurity,
+  numAllowedLocalASNumbers, reachableBy, filters, nextHopMode) travel on its `Peer`; mesh
+  sessions have none of them (confd renders the mesh with `ttl security off` and no filters).
 
 Pure: no I/O, imports only the selector language.
 """
@@ -38,6 +44,8 @@ DEFAULT_AS_NUMBER = 64512
 DEFAULT_PORT = 179
 # Calico's default graceful-restart time (BIRD `graceful restart` without a time).
 DEFAULT_RESTART_TIME = 120
+# A keepalive interval the BGP hold time (3 × keepalive, at most 65535 s) can carry.
+MAX_KEEPALIVE = 65535 // 3
 
 
 class PeerType(str, enum.Enum):
@@ -47,6 +55,7 @@ class PeerType(str, enum.Enum):
     GLOBAL = "global"
     NODE = "node"
     REFLECTOR = "reflector"  # the remote side is a Calico route reflector (has a cluster ID)
+    LOCAL = "local"  # a reflector node's own agent, peering with its BIRD over loopback
 
 
 @dataclass(frozen=True)
@@ -78,24 +87,68 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class BGPSettings:
-    """The global BGPConfiguration (`default`) fields that shape peering."""
+    """The BGPConfiguration fields that shape peering: `default`, plus the per-node overrides
+    (`node.<name>`) of the listen port and bind mode."""
 
     node_to_node_mesh: bool = True
     as_number: int = DEFAULT_AS_NUMBER
     node_mesh_password: str | None = field(default=None, repr=False)  # resolved secret value: never in a repr
     node_mesh_max_restart_time: int | None = None  # seconds; None means the default
+    listen_port: int = DEFAULT_PORT
+    node_listen_ports: Mapping[str, int] = field(default_factory=dict)  # node name → its override
+    bind_mode: str = "None"  # None: listen on every address; NodeIP: on the node's address only
+    node_bind_modes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_resource(cls, obj: Mapping[str, Any] | None, *,
-                      node_mesh_password: str | None = None) -> "BGPSettings":
+                      node_mesh_password: str | None = None,
+                      node_configs: Mapping[str, Mapping[str, Any]] | None = None) -> "BGPSettings":
+        """`obj` is BGPConfiguration `default`; `node_configs` maps node names to their
+        `node.<name>` BGPConfigurations."""
         spec = (obj or {}).get("spec") or {}
         mesh = spec.get("nodeToNodeMeshEnabled")
+        ports: dict[str, int] = {}
+        binds: dict[str, str] = {}
+        for node, config in (node_configs or {}).items():
+            node_spec = (config or {}).get("spec") or {}
+            if node_spec.get("listenPort") is not None:
+                ports[node] = _port(node_spec["listenPort"], f'BGPConfiguration "node.{node}"')
+            if node_spec.get("bindMode"):
+                binds[node] = _bind_mode(node_spec["bindMode"], f'BGPConfiguration "node.{node}"')
         return cls(
             node_to_node_mesh=True if mesh is None else bool(mesh),
             as_number=_as_number(spec.get("asNumber")) or DEFAULT_AS_NUMBER,
             node_mesh_password=node_mesh_password,
             node_mesh_max_restart_time=parse_duration(spec.get("nodeMeshMaxRestartTime")),
+            listen_port=(_port(spec["listenPort"], 'BGPConfiguration "default"')
+                         if spec.get("listenPort") is not None else DEFAULT_PORT),
+            node_listen_ports=ports,
+            bind_mode=_bind_mode(spec.get("bindMode") or "None", 'BGPConfiguration "default"'),
+            node_bind_modes=binds,
         )
+
+    def listen_port_of(self, node: str) -> int:
+        """The port a Calico node's speaker listens on (and its peers connect to)."""
+        return self.node_listen_ports.get(node, self.listen_port)
+
+    def bind_mode_of(self, node: str) -> str:
+        return self.node_bind_modes.get(node, self.bind_mode)
+
+
+def _port(value: object, resource: str) -> int:
+    try:
+        port = int(str(value))
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise PeeringError(f"{resource}: spec.listenPort: invalid port {value!r}")
+    return port
+
+
+def _bind_mode(value: object, resource: str) -> str:
+    if value not in ("None", "NodeIP"):
+        raise PeeringError(f"{resource}: spec.bindMode must be None or NodeIP")
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -112,12 +165,21 @@ class BGPPeerSpec:
     source_address: str = "UseNodeIP"  # or "None": let the kernel choose the source
     keep_original_next_hop: bool = False
     max_restart_time: int | None = None  # seconds
+    next_hop_mode: str = "Auto"  # Auto | Self | Keep
+    local_as_number: int | None = None  # localASNumber: the AS this node presents on these sessions
+    keepalive_time: int | None = None  # seconds between keepalives; None: hold time / 3
+    ttl_security: int = 0  # GTSM: accept only packets from at most this many hops away; 0 = off
+    num_allowed_local_as: int = 0  # how often our own AS may appear in a received AS path
+    reachable_by: str | None = None  # gateway of a /32 route to the peer
+    filters: tuple[str, ...] = ()  # BGPFilter names, in order
+    reverse_peering: str = "Auto"  # Auto | Manual
 
     @classmethod
     def from_resource(cls, obj: Mapping[str, Any], *, password: str | None = None) -> "BGPPeerSpec":
         spec = obj.get("spec") or {}
+        name = str((obj.get("metadata") or {})["name"])
         return cls(
-            name=str((obj.get("metadata") or {})["name"]),
+            name=name,
             node=spec.get("node") or None,
             node_selector=spec.get("nodeSelector") or None,
             peer_selector=spec.get("peerSelector") or None,
@@ -125,9 +187,16 @@ class BGPPeerSpec:
             as_number=_as_number(spec.get("asNumber")),
             password=password,
             source_address=spec.get("sourceAddress") or "UseNodeIP",
-            keep_original_next_hop=bool(spec.get("keepOriginalNextHop", False))
-            or spec.get("nextHopMode") == "Keep",
+            keep_original_next_hop=bool(spec.get("keepOriginalNextHop", False)),
             max_restart_time=parse_duration(spec.get("maxRestartTime")),
+            next_hop_mode=str(spec.get("nextHopMode") or "Auto"),
+            local_as_number=_as_number(spec.get("localASNumber")),
+            keepalive_time=parse_duration(spec.get("keepaliveTime")),
+            ttl_security=int(spec.get("ttlSecurity") or 0),
+            num_allowed_local_as=int(spec.get("numAllowedLocalASNumbers") or 0),
+            reachable_by=spec.get("reachableBy") or None,
+            filters=tuple(str(f) for f in spec.get("filters") or ()),
+            reverse_peering=str(spec.get("reversePeering") or "Auto"),
         )
 
 
@@ -147,6 +216,22 @@ class Peer:
     passive: bool = False  # wait for the peer to connect (the lower IP of a mesh pair)
     rr_client: bool = False  # this node reflects routes to and from this peer
     node: str | None = None  # the Calico node behind the address, when there is one
+    next_hop_mode: str = "Auto"  # Auto | Self | Keep
+    local_as: int | None = None  # localASNumber; None: the node's AS
+    keepalive_time: int | None = None  # seconds; None: hold time / 3
+    ttl_security: int = 0  # GTSM hops; 0 = off
+    num_allowed_local_as: int = 0
+    reachable_by: str | None = None
+    filters: tuple[str, ...] = ()  # BGPFilter names, in order
+    listen_port: int = DEFAULT_PORT  # where this node accepts the session
+    remote_cluster_id: str | None = None  # the peer node's routeReflectorClusterID
+
+    def local_as_for(self, node_as: int) -> int:
+        """The AS this node presents on this session."""
+        return self.local_as or node_as
+
+    def is_ebgp(self, node_as: int) -> bool:
+        return self.as_number != self.local_as_for(node_as)
 
 
 @dataclass(frozen=True)
@@ -250,6 +335,22 @@ def _check_spec(spec: BGPPeerSpec) -> None:
         raise PeeringError(f'BGPPeer "{spec.name}": spec.asNumber is required with spec.peerIP')
     if spec.source_address not in ("UseNodeIP", "None"):
         raise PeeringError(f'BGPPeer "{spec.name}": spec.sourceAddress must be UseNodeIP or None')
+    if spec.next_hop_mode not in ("Auto", "Self", "Keep"):
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.nextHopMode must be Auto, Self or Keep')
+    if spec.reverse_peering not in ("Auto", "Manual"):
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.reversePeering must be Auto or Manual')
+    if not 0 <= spec.ttl_security <= 255:
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.ttlSecurity must be 0-255')
+    if not 0 <= spec.num_allowed_local_as <= 10:
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.numAllowedLocalASNumbers must be 0-10')
+    if spec.keepalive_time is not None and not 1 <= spec.keepalive_time <= MAX_KEEPALIVE:
+        raise PeeringError(f'BGPPeer "{spec.name}": spec.keepaliveTime must be 1s to {MAX_KEEPALIVE}s')
+    if spec.reachable_by is not None:
+        try:
+            ipaddress.IPv4Address(spec.reachable_by)
+        except ValueError:
+            raise PeeringError(f'BGPPeer "{spec.name}": spec.reachableBy: invalid IPv4 address '
+                               f'{spec.reachable_by!r}') from None
     for selector in (spec.node_selector, spec.peer_selector):
         if selector:
             try:
@@ -266,6 +367,7 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
     if me is None:
         raise PeeringError(f'Node "{node_name}" does not exist')
     local = local_speaker(me, settings)
+    my_port = settings.listen_port_of(node_name)
     specs = list(bgp_peers)
     for spec in specs:
         _check_spec(spec)
@@ -285,26 +387,21 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
         as_number = other.as_number or settings.as_number
         if kind is not PeerType.MESH and other.rr_cluster_id and other.rr_cluster_id != local.rr_cluster_id:
             kind = PeerType.REFLECTOR
+        port = settings.listen_port_of(other.name)
+        common = dict(address=other.ipv4, as_number=as_number, type=kind,
+                      name=protocol_name(kind, other.ipv4, port), port=port, listen_port=my_port,
+                      # Both ends are Calico nodes: the higher IP initiates (confd compares the strings).
+                      passive=other.ipv4 > local.address, node=other.name,
+                      remote_cluster_id=other.rr_cluster_id)
         if spec is None:
-            password, restart, keep, source = (settings.node_mesh_password,
-                                               settings.node_mesh_max_restart_time, False, "UseNodeIP")
-        else:
-            password, restart, keep, source = (spec.password, spec.max_restart_time,
-                                               spec.keep_original_next_hop, spec.source_address)
-        return Peer(
-            address=other.ipv4,
-            as_number=as_number,
-            type=kind,
-            name=protocol_name(kind, other.ipv4),
-            password=password,
-            source_address=local.address if source == "UseNodeIP" else None,
-            keep_original_next_hop=keep,
-            max_restart_time=DEFAULT_RESTART_TIME if restart is None else restart,
-            # Both ends are Calico nodes: the higher IP initiates (confd compares the strings).
-            passive=other.ipv4 > local.address,
-            rr_client=_is_rr_client(local, as_number, other.rr_cluster_id),
-            node=other.name,
-        )
+            return Peer(**common, password=settings.node_mesh_password,  # type: ignore[arg-type]
+                        source_address=local.address,
+                        max_restart_time=_restart(settings.node_mesh_max_restart_time),
+                        rr_client=_is_rr_client(local.rr_cluster_id, local.as_number, as_number,
+                                                other.rr_cluster_id))
+        return Peer(**common, **_spec_fields(spec, local.address),  # type: ignore[arg-type]
+                    rr_client=_is_rr_client(local.rr_cluster_id, spec.local_as_number or local.as_number,
+                                            as_number, other.rr_cluster_id))
 
     if settings.node_to_node_mesh and not local.rr_cluster_id:
         for other in others:
@@ -324,20 +421,18 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
                     type=kind,
                     name=protocol_name(kind, address, port),
                     port=port,
-                    password=spec.password,
-                    source_address=local.address if spec.source_address == "UseNodeIP" else None,
-                    keep_original_next_hop=spec.keep_original_next_hop,
-                    max_restart_time=(DEFAULT_RESTART_TIME if spec.max_restart_time is None
-                                      else spec.max_restart_time),
-                    rr_client=_is_rr_client(local, spec.as_number, None),
+                    listen_port=my_port,
+                    rr_client=_is_rr_client(local.rr_cluster_id, spec.local_as_number or local.as_number,
+                                            spec.as_number, None),
+                    **_spec_fields(spec, local.address),  # type: ignore[arg-type]
                 ))
             else:
                 assert spec.peer_selector
                 for other in others:
                     if _selects(spec.peer_selector, other.labels):
                         add(rank, node_peer(kind, other, spec))
-        # Reverse peering: the selected nodes configure their end of the same sessions.
-        if spec.peer_selector and _selects(spec.peer_selector, me.labels):
+        # Reverse peering (Auto): the selected nodes configure their end of the same sessions.
+        if spec.peer_selector and spec.reverse_peering == "Auto" and _selects(spec.peer_selector, me.labels):
             for other in others:
                 if _applies_to(spec, other):
                     add(rank, node_peer(kind, other, spec))
@@ -345,8 +440,30 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
     return [peer for _, peer in sorted(found.values(), key=lambda item: _address_key(item[1].address))]
 
 
-def _is_rr_client(local: LocalSpeaker, peer_as: int, peer_cluster_id: str | None) -> bool:
-    return bool(local.rr_cluster_id) and peer_as == local.as_number and peer_cluster_id != local.rr_cluster_id
+def _restart(value: int | None) -> int:
+    return DEFAULT_RESTART_TIME if value is None else value
+
+
+def _spec_fields(spec: BGPPeerSpec, local_address: str) -> dict[str, Any]:
+    """The Peer fields a BGPPeer sets, the same whether it names an IP or selects nodes."""
+    return dict(
+        password=spec.password,
+        source_address=local_address if spec.source_address == "UseNodeIP" else None,
+        keep_original_next_hop=spec.keep_original_next_hop,
+        max_restart_time=_restart(spec.max_restart_time),
+        next_hop_mode=spec.next_hop_mode,
+        local_as=spec.local_as_number,
+        keepalive_time=spec.keepalive_time,
+        ttl_security=spec.ttl_security,
+        num_allowed_local_as=spec.num_allowed_local_as,
+        reachable_by=spec.reachable_by,
+        filters=spec.filters,
+    )
+
+
+def _is_rr_client(cluster_id: str | None, local_as: int, peer_as: int, peer_cluster_id: str | None) -> bool:
+    """confd's rule: this node reflects for an iBGP peer unless the peer shares its cluster ID."""
+    return bool(cluster_id) and peer_as == local_as and peer_cluster_id != cluster_id
 
 
 def _address_key(address: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Sequence, Union
 
 FAMILY = "ipv4 unicast"
 # exabgp-notes §5b measured 500 prefixes per batched command; larger lines gain nothing.
@@ -48,8 +48,18 @@ def _address(value: str) -> str:
         raise ValueError(f"invalid IPv4 address {value!r}") from None
 
 
-def _selector(neighbor: str | None) -> str:
-    return "" if neighbor is None else f"neighbor {_address(neighbor)} "
+def _selector(neighbor: str | Sequence[str] | None) -> str:
+    """ExaBGP's neighbour selector: one (`neighbor A `) or several (`neighbor A , neighbor B `)."""
+    if neighbor is None:
+        return ""
+    if isinstance(neighbor, str):
+        return f"neighbor {_address(neighbor)} "
+    if not neighbor:
+        raise ValueError("an empty neighbour selector would address every neighbour")
+    return " , ".join(f"neighbor {_address(n)}" for n in neighbor) + " "
+
+
+Neighbors = Union[str, Sequence[str], None]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Attributes:
     med: int | None = None
     communities: tuple[str, ...] = ()  # "aa:nn"
     as_path: tuple[int, ...] = ()
+    large_communities: tuple[str, ...] = ()  # "aa:nn:mm" (RFC 8092)
 
     def render(self) -> str:
         parts = []
@@ -69,26 +80,34 @@ class Attributes:
             parts.append(f"med {int(self.med)}")
         if self.communities:
             for community in self.communities:
-                high, _, low = community.partition(":")
-                if not (high.isdigit() and low.isdigit()):
-                    raise ValueError(f"invalid community {community!r}")
+                _check_community(community, 2, 0xFFFF)
             parts.append("community [ " + " ".join(self.communities) + " ]")
+        if self.large_communities:
+            for community in self.large_communities:
+                _check_community(community, 3, 0xFFFFFFFF)
+            parts.append("large-community [ " + " ".join(self.large_communities) + " ]")
         if self.as_path:
             parts.append("as-path [ " + " ".join(str(int(a)) for a in self.as_path) + " ]")
         return " ".join(parts)
 
 
+def _check_community(community: str, count: int, limit: int) -> None:
+    parts = community.split(":")
+    if len(parts) != count or not all(p.isdigit() and int(p) <= limit for p in parts):
+        raise ValueError(f"invalid community {community!r}")
+
+
 NO_ATTRIBUTES = Attributes()
 
 
-def announce_route(prefix: str, next_hop: str, *, neighbor: str | None = None,
+def announce_route(prefix: str, next_hop: str, *, neighbor: Neighbors = None,
                    attributes: Attributes = NO_ATTRIBUTES) -> str:
     extra = attributes.render()
     line = f"{_selector(neighbor)}announce route {_prefix(prefix)} next-hop {_address(next_hop)}"
     return f"{line} {extra}" if extra else line
 
 
-def withdraw_route(prefix: str, *, neighbor: str | None = None) -> str:
+def withdraw_route(prefix: str, *, neighbor: Neighbors = None) -> str:
     return f"{_selector(neighbor)}withdraw route {_prefix(prefix)}"
 
 
@@ -97,7 +116,7 @@ def _batches(prefixes: Iterable[str], size: int) -> list[list[str]]:
     return [clean[i:i + size] for i in range(0, len(clean), size)]
 
 
-def announce_routes(prefixes: Iterable[str], next_hop: str, *, neighbor: str | None = None,
+def announce_routes(prefixes: Iterable[str], next_hop: str, *, neighbor: Neighbors = None,
                     attributes: Attributes = NO_ATTRIBUTES, batch_size: int = BATCH_SIZE) -> list[str]:
     """Batched announces sharing one next hop and attribute set: one command per `batch_size`."""
     extra = attributes.render()
@@ -107,19 +126,19 @@ def announce_routes(prefixes: Iterable[str], next_hop: str, *, neighbor: str | N
     return [f"{head} nlri {' '.join(batch)}" for batch in _batches(prefixes, batch_size)]
 
 
-def withdraw_routes(prefixes: Iterable[str], next_hop: str, *, neighbor: str | None = None,
+def withdraw_routes(prefixes: Iterable[str], next_hop: str, *, neighbor: Neighbors = None,
                     batch_size: int = BATCH_SIZE) -> list[str]:
     """Batched withdraws (ExaBGP's `withdraw attributes` grammar still wants a next hop)."""
     head = f"{_selector(neighbor)}withdraw attributes next-hop {_address(next_hop)}"
     return [f"{head} nlri {' '.join(batch)}" for batch in _batches(prefixes, batch_size)]
 
 
-def end_of_rib(*, neighbor: str | None = None) -> str:
+def end_of_rib(*, neighbor: Neighbors = None) -> str:
     """Send End-of-RIB by hand (neighbours use `manual-eor`); ExaBGP errors if none is established."""
     return f"{_selector(neighbor)}announce eor ipv4 unicast"
 
 
-def route_refresh(*, neighbor: str | None = None) -> str:
+def route_refresh(*, neighbor: Neighbors = None) -> str:
     return f"{_selector(neighbor)}announce route-refresh ipv4 unicast"
 
 
@@ -137,6 +156,7 @@ class PathAttributes:
     originator_id: str | None = None
     cluster_list: tuple[str, ...] = ()
     communities: tuple[str, ...] = ()
+    large_communities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,9 +260,14 @@ def _attributes(raw: dict[str, Any]) -> PathAttributes:
         as_path=_as_path(raw.get("as-path")),
         originator_id=raw.get("originator-id"),
         cluster_list=tuple(str(c) for c in raw.get("cluster-list") or ()),
-        communities=tuple(f"{c[0]}:{c[1]}" if isinstance(c, list) else str(c)
-                          for c in raw.get("community") or ()),
+        communities=tuple(_community(c) for c in raw.get("community") or ()),
+        large_communities=tuple(_community(c) for c in raw.get("large-community") or ()),
     )
+
+
+def _community(raw: Any) -> str:
+    """ExaBGP writes a community as a JSON list of its parts: [65000, 100] or [1, 2, 3]."""
+    return ":".join(str(int(p)) for p in raw) if isinstance(raw, list) else str(raw)
 
 
 def _as_path(raw: Any) -> tuple[int, ...]:
@@ -373,7 +398,8 @@ def _attributes_from_dict(raw: dict[str, Any]) -> PathAttributes:
     return PathAttributes(
         origin=raw["origin"], local_preference=raw["local_preference"], med=raw["med"],
         as_path=tuple(raw["as_path"]), originator_id=raw["originator_id"],
-        cluster_list=tuple(raw["cluster_list"]), communities=tuple(raw["communities"]))
+        cluster_list=tuple(raw["cluster_list"]), communities=tuple(raw["communities"]),
+        large_communities=tuple(raw.get("large_communities") or ()))
 
 
 def encode_command(command_id: int, command: str) -> str:

@@ -18,6 +18,12 @@ its End-of-RIB drops whatever stayed stale (or `stale_path_time` after re-establ
 never comes). Without GR the peer's paths are flushed at once. `suspend` covers the agent losing the
 sidecar itself: everything goes stale for a while and the sidecar's replay refreshes it.
 
+Import policy: every received path passes the policy (`set_import_policy`) before it can be
+selected: the BGPFilter import rules of the session that brought it, and the AS-path loop check
+(a path carrying our own AS more often than the session's `numAllowedLocalASNumbers` is
+dropped, RFC 4271 §9.1.2). What arrived is kept as received, so a changed policy re-decides
+every path at once without asking the peers to resend.
+
 Pure and single-threaded: time is passed in (`now`), nothing here reads a clock.
 """
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 from bgp.protocol import (EndOfRib, Event, OpenReceived, PathAttributes, ReceivedRoute, RoutesReceived,
                           StateChange)
@@ -34,6 +40,8 @@ from bgp.protocol import (EndOfRib, Event, OpenReceived, PathAttributes, Receive
 log = logging.getLogger(__name__)
 
 Delta = dict[str, "str | None"]
+# (peer, prefix, attributes as received) → the attributes to use, or None to drop the path.
+ImportPolicy = Callable[[str, str, "PathAttributes"], "PathAttributes | None"]
 
 _ORIGIN_RANK = {"igp": 0, "egp": 1, "incomplete": 2}
 DEFAULT_STALE_PATH_TIME = 360.0  # BIRD's default for the post-restart wait for End-of-RIB
@@ -71,7 +79,9 @@ class Rib:
     def __init__(self, *, stale_path_time: float = DEFAULT_STALE_PATH_TIME) -> None:
         self._stale_path_time = stale_path_time
         self._peers: dict[str, _PeerState] = {}
-        self._adj: dict[str, dict[str, Path]] = {}  # peer → prefix → path
+        self._received: dict[str, dict[str, Path]] = {}  # peer → prefix → path as received
+        self._adj: dict[str, dict[str, Path]] = {}  # peer → prefix → path the import policy accepted
+        self._policy: ImportPolicy | None = None
         self._paths: dict[str, dict[str, Path]] = {}  # prefix → peer → path
         self._best: dict[str, Path] = {}
 
@@ -85,7 +95,46 @@ class Rib:
         return {prefix: path.next_hop for prefix, path in self._best.items()}
 
     def adj_rib_in(self, peer: str) -> dict[str, Path]:
+        """The peer's paths the import policy accepted."""
         return dict(self._adj.get(peer, {}))
+
+    def received(self, peer: str) -> dict[str, Path]:
+        """Everything the peer sent, before the import policy."""
+        return dict(self._received.get(peer, {}))
+
+    def paths(self, prefix: str) -> list[Path]:
+        """Every accepted path to `prefix`, best first."""
+        return sorted((self._paths.get(str(ipaddress.IPv4Network(prefix))) or {}).values(), key=Path.sort_key)
+
+    def prefixes(self) -> list[str]:
+        return list(self._paths)
+
+    def set_import_policy(self, policy: ImportPolicy | None) -> Delta:
+        """Install a new import policy and re-decide every received path under it."""
+        self._policy = policy
+        touched: dict[str, str | None] = {}
+        for peer, received in self._received.items():
+            adj = self._adj.setdefault(peer, {})
+            for prefix, raw in received.items():
+                accepted = self._accept(raw)
+                if accepted == adj.get(prefix):
+                    continue
+                self._note(touched, prefix)
+                if accepted is None:
+                    del adj[prefix]
+                    del self._paths[prefix][peer]
+                else:
+                    adj[prefix] = accepted
+                    self._paths.setdefault(prefix, {})[peer] = accepted
+        return self._reselect(touched)
+
+    def _accept(self, raw: Path) -> Path | None:
+        if self._policy is None:
+            return raw
+        attributes = self._policy(raw.peer, raw.prefix, raw.attributes)
+        if attributes is None:
+            return None
+        return raw if attributes is raw.attributes else replace(raw, attributes=attributes)
 
     def is_up(self, peer: str) -> bool:
         state = self._peers.get(peer)
@@ -139,6 +188,7 @@ class Rib:
         delta = self._drop(peer, stale_only=False)
         self._peers.pop(peer, None)
         self._adj.pop(peer, None)
+        self._received.pop(peer, None)
         return delta
 
     def suspend(self, *, now: float, hold: float) -> Delta:
@@ -167,16 +217,26 @@ class Rib:
     def update(self, peer: str, announced: Iterable[ReceivedRoute] = (), withdrawn: Iterable[str] = ()) -> Delta:
         state = self._peers.setdefault(peer, _PeerState())
         adj = self._adj.setdefault(peer, {})
+        received = self._received.setdefault(peer, {})
         touched: dict[str, str | None] = {}
         for prefix in withdrawn:
             prefix = str(ipaddress.IPv4Network(prefix))
+            received.pop(prefix, None)
             if prefix in adj:
                 self._note(touched, prefix)
                 del adj[prefix]
                 del self._paths[prefix][peer]
         for route in announced:
             prefix = str(ipaddress.IPv4Network(route.prefix))
-            path = Path(prefix, peer, route.next_hop, route.attributes, state.router_id)
+            raw = Path(prefix, peer, route.next_hop, route.attributes, state.router_id)
+            received[prefix] = raw
+            path = self._accept(raw)
+            if path is None:
+                if prefix in adj:
+                    self._note(touched, prefix)
+                    del adj[prefix]
+                    del self._paths[prefix][peer]
+                continue
             self._note(touched, prefix)
             adj[prefix] = path
             self._paths.setdefault(prefix, {})[peer] = path
@@ -202,7 +262,7 @@ class Rib:
     # -- internals ------------------------------------------------------------------------------
 
     def _has_stale(self, peer: str) -> bool:
-        return any(p.stale for p in self._adj.get(peer, {}).values())
+        return any(p.stale for p in self._received.get(peer, {}).values())
 
     def _note(self, touched: dict[str, str | None], prefix: str) -> None:
         if prefix not in touched:
@@ -210,6 +270,10 @@ class Rib:
             touched[prefix] = best.next_hop if best else None
 
     def _mark_stale(self, peer: str) -> Delta:
+        received = self._received.get(peer, {})
+        for prefix, path in list(received.items()):
+            if not path.stale:
+                received[prefix] = replace(path, stale=True)
         adj = self._adj.get(peer, {})
         for prefix, path in list(adj.items()):
             if not path.stale:
@@ -221,6 +285,10 @@ class Rib:
         return {}
 
     def _drop(self, peer: str, *, stale_only: bool) -> Delta:
+        received = self._received.get(peer, {})
+        for prefix, path in list(received.items()):
+            if path.stale or not stale_only:
+                del received[prefix]
         adj = self._adj.get(peer, {})
         touched: dict[str, str | None] = {}
         for prefix, path in list(adj.items()):

@@ -9,19 +9,34 @@
  * details}} is printed as the CNI result (exit 0) or a CNI error object (exit 1). DEL, STATUS and
  * GC print nothing on success.
  *
- * POSIX and libc only, so `gcc -O2 -static` gives one file that runs on any Linux node. The stdin
- * JSON is validated by a small scanner (strict JSON plus Python's NaN/Infinity, as json.loads
+ * The agent answers every connection at once with one space (ACCEPTED), then with its reply:
+ * connecting, sending and that first byte must take at most ACCEPT_TIMEOUT seconds, the rest of the
+ * reply at most REPLY_TIMEOUT. When the agent cannot be reached, STATUS answers 50 (not available),
+ * ADD, CHECK and GC answer 11, and DEL still succeeds: the pod's veth is removed from inside its
+ * network namespace (setns + netlink, only a veth named CNI_IFNAME) and the request is left in
+ * <agent_socket>.pending/ for the agent to finish (release the addresses, delete the endpoint).
+ * plugin.py's docstring says why.
+ *
+ * POSIX, Linux and libc only, so `gcc -O2 -static` gives one file that runs on any Linux node. The
+ * stdin JSON is validated by a small scanner (strict JSON plus Python's NaN/Infinity, as json.loads
  * accepts them) and forwarded verbatim, so the agent sees the very object plugin.py would send.
  */
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/if_link.h>
+#include <net/if.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -30,7 +45,15 @@
  * that every one of them equals its namesake there. */
 #define DEFAULT_SOCKET "/var/run/calico/felixpy-cni.sock"
 #define DEFAULT_VERSION "1.0.0" /* the answer's cniVersion when stdin has no readable one */
-#define TIMEOUT_SECONDS 120 /* plugin.py's TIMEOUT: per connect, send and receive */
+#ifndef ACCEPT_TIMEOUT /* tests build the shim with shorter ones (-D) */
+#define ACCEPT_TIMEOUT 3 /* seconds to connect, send and get the agent's ACCEPTED byte */
+#endif
+#ifndef REPLY_TIMEOUT
+#define REPLY_TIMEOUT 30 /* seconds for the rest of the reply */
+#endif
+#define ACCEPTED " " /* the agent's first byte on every connection */
+#define PENDING_SUFFIX ".pending" /* <agent_socket>.pending/: DELs the agent has to finish */
+#define HINT " (is felixpy-node running on this node?)"
 #define MAX_INPUT ((size_t)64 << 20) /* stdin and the reply; a network config is a few KiB */
 #define MAX_DEPTH 512 /* nesting limit of the JSON scanner, so recursion stays bounded */
 
@@ -41,6 +64,7 @@
 #define DECODE_FAILURE 6
 #define INVALID_CONFIG 7
 #define TRY_AGAIN_LATER 11
+#define NOT_AVAILABLE 50
 
 #define STRINGIFY_(x) #x
 #define STRINGIFY(x) STRINGIFY_(x)
@@ -580,28 +604,36 @@ static void errno_text(struct buf *b, int err)
     buf_adds(b, strerror(err));
 }
 
-/* Send request to the unix socket at path and read the whole reply. Returns 0, or -1 with why. */
+static void set_timeouts(int fd, int seconds)
+{
+    struct timeval tv = {seconds, 0};
+    /* Linux applies SO_SNDTIMEO to a blocking AF_UNIX connect as well as to send. */
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+/*
+ * Send request to the unix socket at path and read the whole reply. Returns 0, or -1 with why
+ * set to plugin.py's Unreachable text ("<path>: <reason>[ (hint)]").
+ */
 static int ask_agent(const char *path, size_t path_len, const struct buf *request, struct buf *reply, struct buf *why)
 {
     struct sockaddr_un addr;
+    int fd = -1, err = 0, accepting = 1;
+    buf_add(why, path, path_len);
+    buf_adds(why, ": ");
     if (memchr(path, '\0', path_len)) {
-        buf_adds(why, "embedded null byte");
+        buf_adds(why, "embedded null byte" HINT);
         return -1;
     }
     if (path_len > sizeof addr.sun_path) {
-        buf_adds(why, "AF_UNIX path too long");
+        buf_adds(why, "AF_UNIX path too long" HINT);
         return -1;
     }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        errno_text(why, errno);
-        return -1;
-    }
-    struct timeval tv = {TIMEOUT_SECONDS, 0};
-    /* Linux applies SO_SNDTIMEO to a blocking AF_UNIX connect as well as to send. */
-    if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0)
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
         goto fail;
+    set_timeouts(fd, ACCEPT_TIMEOUT);
     memset(&addr, 0, sizeof addr);
     addr.sun_family = AF_UNIX;
     memcpy(addr.sun_path, path, path_len);
@@ -619,17 +651,287 @@ static int ask_agent(const char *path, size_t path_len, const struct buf *reques
     }
     if (shutdown(fd, SHUT_WR) < 0)
         goto fail;
-    int err = read_all(fd, reply);
-    if (err) {
-        errno = err;
-        goto fail;
+    for (;;) { /* the first byte: the agent is there */
+        buf_reserve(reply, 65536);
+        ssize_t r = read(fd, reply->data + reply->len, reply->cap - reply->len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            goto fail;
+        reply->len += (size_t)r;
+        break;
+    }
+    accepting = 0;
+    if (reply->len > 0) {
+        set_timeouts(fd, REPLY_TIMEOUT);
+        err = read_all(fd, reply);
+        if (err) {
+            errno = err;
+            goto fail;
+        }
     }
     close(fd);
     return 0;
 fail:
-    errno_text(why, errno);
-    close(fd);
+    err = errno;
+    if (fd >= 0)
+        close(fd);
+    if (err == EAGAIN || err == EWOULDBLOCK) { /* SO_SNDTIMEO / SO_RCVTIMEO expired */
+        char text[96];
+        if (accepting)
+            snprintf(text, sizeof text, "the agent did not accept the request within %d s" HINT, ACCEPT_TIMEOUT);
+        else
+            snprintf(text, sizeof text, "the agent did not answer within %d s", REPLY_TIMEOUT);
+        buf_adds(why, text);
+        return -1;
+    }
+    errno_text(why, err);
+    buf_adds(why, HINT);
     return -1;
+}
+
+/* ---------------------------------------------------------------- DEL without the agent */
+
+/* "<what>: [Errno N] <strerror>", plugin.py's _errno_text. */
+static void failed_text(struct buf *b, const char *what, int err)
+{
+    char text[64];
+    buf_adds(b, what);
+    snprintf(text, sizeof text, ": [Errno %d] ", err);
+    buf_adds(b, text);
+    buf_adds(b, strerror(err));
+}
+
+/*
+ * One netlink request on fd. GETLINK goes without NLM_F_ACK (the kernel answers with the link or
+ * an error), DELLINK with it. Returns 0 with the answer in ans (a GETLINK's RTM_NEWLINK), or an
+ * errno value (ENODEV: no such interface).
+ */
+static int nl_call(int fd, unsigned short type, unsigned seq, const void *body, size_t len, char *ans, size_t cap,
+                   size_t *ans_len)
+{
+    char req[256];
+    struct nlmsghdr hdr = {0};
+    if (NLMSG_HDRLEN + len > sizeof req)
+        return EINVAL;
+    hdr.nlmsg_len = (unsigned)(NLMSG_HDRLEN + len);
+    hdr.nlmsg_type = type;
+    hdr.nlmsg_flags = (unsigned short)(NLM_F_REQUEST | (type == RTM_GETLINK ? 0 : NLM_F_ACK));
+    hdr.nlmsg_seq = seq;
+    memcpy(req, &hdr, sizeof hdr);
+    memcpy(req + NLMSG_HDRLEN, body, len);
+    if (send(fd, req, hdr.nlmsg_len, 0) < 0)
+        return errno;
+    for (;;) {
+        ssize_t n = recv(fd, ans, cap, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        for (size_t off = 0; off + NLMSG_HDRLEN <= (size_t)n;) {
+            struct nlmsghdr m;
+            memcpy(&m, ans + off, sizeof m);
+            if (m.nlmsg_len < NLMSG_HDRLEN || off + m.nlmsg_len > (size_t)n)
+                return EBADMSG;
+            if (m.nlmsg_seq == seq) {
+                if (m.nlmsg_type == NLMSG_ERROR) {
+                    int code;
+                    memcpy(&code, ans + off + NLMSG_HDRLEN, sizeof code);
+                    return -code;
+                }
+                memmove(ans, ans + off, m.nlmsg_len);
+                *ans_len = m.nlmsg_len;
+                return 0;
+            }
+            off += NLMSG_ALIGN(m.nlmsg_len);
+        }
+    }
+}
+
+static void put_attr(char *at, unsigned short type, const void *data, size_t len)
+{
+    struct rtattr a = {(unsigned short)RTA_LENGTH(len), type};
+    memcpy(at, &a, sizeof a);
+    memcpy(at + RTA_LENGTH(0), data, len);
+}
+
+/* Whether the link message (an RTM_NEWLINK) has IFLA_LINKINFO / IFLA_INFO_KIND "veth". */
+static int link_is_veth(const char *msg, size_t len)
+{
+    for (size_t off = NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct ifinfomsg)); off + RTA_LENGTH(0) <= len;) {
+        struct rtattr a;
+        memcpy(&a, msg + off, sizeof a);
+        if (a.rta_len < RTA_LENGTH(0) || off + a.rta_len > len)
+            return 0;
+        if ((a.rta_type & NLA_TYPE_MASK) == IFLA_LINKINFO) {
+            for (size_t in = off + RTA_LENGTH(0); in + RTA_LENGTH(0) <= off + a.rta_len;) {
+                struct rtattr b;
+                memcpy(&b, msg + in, sizeof b);
+                if (b.rta_len < RTA_LENGTH(0) || in + b.rta_len > off + a.rta_len)
+                    return 0;
+                if ((b.rta_type & NLA_TYPE_MASK) == IFLA_INFO_KIND)
+                    return b.rta_len - RTA_LENGTH(0) >= 4 && memcmp(msg + in + RTA_LENGTH(0), "veth", 4) == 0 &&
+                           (b.rta_len - RTA_LENGTH(0) == 4 || msg[in + RTA_LENGTH(0) + 4] == '\0');
+                in += RTA_ALIGN(b.rta_len);
+            }
+            return 0;
+        }
+        off += RTA_ALIGN(a.rta_len);
+    }
+    return 0;
+}
+
+/* Delete the veth called ifname inside the netns at path (nothing if absent or not a veth).
+ * Returns 0, or fills details and returns 1. */
+static int remove_pod_veth(const char *netns, const char *ifname, struct buf *details)
+{
+    static char ans[16384];
+    size_t ans_len = 0, name_len = strlen(ifname) + 1;
+    char body[128] = {0};
+    struct ifinfomsg ifi = {0};
+    int ns = open(netns, O_RDONLY | O_CLOEXEC);
+    if (ns < 0) {
+        failed_text(details, netns, errno);
+        return 1;
+    }
+    if (setns(ns, CLONE_NEWNET) < 0) {
+        int err = errno;
+        close(ns);
+        buf_adds(details, "setns ");
+        failed_text(details, netns, err);
+        return 1;
+    }
+    close(ns);
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) {
+        failed_text(details, "netlink socket", errno);
+        return 1;
+    }
+    if (name_len > IFNAMSIZ) {
+        close(fd);
+        return 0; /* no interface can have that name */
+    }
+    ifi.ifi_family = AF_UNSPEC;
+    memcpy(body, &ifi, sizeof ifi);
+    put_attr(body + NLMSG_ALIGN(sizeof ifi), IFLA_IFNAME, ifname, name_len);
+    int err = nl_call(fd, RTM_GETLINK, 1, body, NLMSG_ALIGN(sizeof ifi) + RTA_SPACE(name_len), ans, sizeof ans, &ans_len);
+    if (err == 0 && ans_len >= NLMSG_HDRLEN + sizeof ifi) {
+        struct ifinfomsg found;
+        memcpy(&found, ans + NLMSG_HDRLEN, sizeof found);
+        if (!link_is_veth(ans, ans_len)) {
+            close(fd);
+            return 0; /* not ours to remove */
+        }
+        ifi.ifi_index = found.ifi_index;
+        err = nl_call(fd, RTM_DELLINK, 2, &ifi, sizeof ifi, ans, sizeof ans, &ans_len);
+        if (err) {
+            close(fd);
+            if (err == ENODEV)
+                return 0;
+            failed_text(details, "netlink link delete", err);
+            return 1;
+        }
+    } else if (err && err != ENODEV) {
+        close(fd);
+        failed_text(details, "netlink link get", err);
+        return 1;
+    }
+    close(fd);
+    return 0;
+}
+
+/* <containerID>.<ifname>.json, every byte outside [A-Za-z0-9_-] as %XX (plugin.py's _spool_name). */
+static void spool_name(struct buf *b, const char *cid, const char *ifname)
+{
+    const char *parts[2] = {cid, ifname};
+    char esc[4];
+    for (int i = 0; i < 2; i++) {
+        for (const unsigned char *p = (const unsigned char *)parts[i]; *p; p++) {
+            if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_' ||
+                *p == '-') {
+                buf_add(b, (const char *)p, 1);
+            } else {
+                snprintf(esc, sizeof esc, "%%%02X", *p);
+                buf_adds(b, esc);
+            }
+        }
+        buf_adds(b, i == 0 ? "." : ".json");
+    }
+}
+
+/* Write the request into <path>.pending/. Returns 1 written, 0 no directory (no agent ever ran
+ * here), -1 with details filled. */
+static int leave_for_agent(const char *path, const struct buf *request, struct buf *details)
+{
+    struct buf dir = {0}, name = {0}, final = {0}, temp = {0};
+    struct stat st;
+    const char *cid = getenv("CNI_CONTAINERID"), *ifname = getenv("CNI_IFNAME");
+    int rc = 1;
+    buf_adds(&dir, path);
+    buf_adds(&dir, PENDING_SUFFIX);
+    if (stat(dir.data, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        rc = 0;
+        goto out;
+    }
+    spool_name(&name, cid ? cid : "", ifname ? ifname : "");
+    if (name.len > 200) {
+        failed_text(details, "pending file name for CNI_CONTAINERID", ENAMETOOLONG);
+        rc = -1;
+        goto out;
+    }
+    buf_adds(&final, dir.data);
+    buf_adds(&final, "/");
+    buf_adds(&final, name.data);
+    buf_adds(&temp, dir.data);
+    buf_adds(&temp, "/.");
+    buf_adds(&temp, name.data);
+    buf_adds(&temp, ".tmp");
+    int fd = open(temp.data, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int err = fd < 0 ? errno : 0;
+    for (size_t done = 0; !err && done < request->len;) {
+        ssize_t w = write(fd, request->data + done, request->len - done);
+        if (w < 0 && errno != EINTR)
+            err = errno;
+        else if (w > 0)
+            done += (size_t)w;
+    }
+    if (!err && fsync(fd) < 0)
+        err = errno;
+    if (fd >= 0 && close(fd) < 0 && !err)
+        err = errno;
+    if (!err && rename(temp.data, final.data) < 0) /* the agent never sees half a file */
+        err = errno;
+    if (err) {
+        unlink(temp.data);
+        failed_text(details, dir.data, err);
+        rc = -1;
+    }
+out:
+    free(dir.data);
+    free(name.data);
+    free(final.data);
+    free(temp.data);
+    return rc;
+}
+
+/* DEL when the agent is unreachable: see the top of this file. Returns the exit code. */
+static int delete_without_agent(struct span version, const char *path, const struct buf *request, const struct buf *why)
+{
+    const char *netns = getenv("CNI_NETNS"), *ifname = getenv("CNI_IFNAME");
+    struct buf details = {0};
+    struct stat st;
+    if (netns && *netns && ifname && *ifname && stat(netns, &st) == 0 &&
+        remove_pod_veth(netns, ifname, &details))
+        return emit_error(version, IO_FAILURE, "failed to remove the pod's network interface without the agent",
+                          details.data, details.len);
+    int spooled = leave_for_agent(path, request, &details);
+    if (spooled < 0)
+        return emit_error(version, IO_FAILURE, "failed to record the DEL for the felixpy agent", details.data,
+                          details.len);
+    fprintf(stderr, "felixpy-cni: agent unreachable (%s); pod veth removed, %s\n", why->data,
+            spooled ? "address release left to the agent" : "no agent ever ran here");
+    return 0;
 }
 
 /* ---------------------------------------------------------------- the plugin */
@@ -804,26 +1106,25 @@ int main(void)
     struct buf request = {0}, reply = {0}, why = {0};
     build_request(&request, config);
     struct span reply_obj = {0}, result = {0}, error = {0};
-    int failed = ask_agent(path.data, path.len, &request, &reply, &why) < 0;
-    if (!failed) {
-        reply_obj.p = reply.data ? reply.data : "";
-        reply_obj.n = reply.len;
-        if (!json_valid(reply_obj, &error_at)) {
-            failed = 1;
-        } else {
-            struct scan s = {reply_obj.p, reply_obj.p + reply_obj.n};
-            skip_ws(&s);
-            failed = s.p >= s.end || *s.p != '{';
-        }
-        if (failed)
-            buf_adds(&why, "the agent's reply is not a JSON object");
+    if (ask_agent(path.data, path.len, &request, &reply, &why) < 0) {
+        if (strcmp(command, "STATUS") == 0)
+            return emit_error(version, NOT_AVAILABLE, "felixpy agent is not reachable", why.data, why.len);
+        if (strcmp(command, "DEL") == 0)
+            return delete_without_agent(version, path.data, &request, &why);
+        return emit_error(version, TRY_AGAIN_LATER, "felixpy agent is not reachable", why.data, why.len);
     }
-    if (failed) {
+    reply_obj.p = reply.data ? reply.data : "";
+    reply_obj.n = reply.len;
+    int is_reply_object = json_valid(reply_obj, &error_at);
+    if (is_reply_object) {
+        struct scan s = {reply_obj.p, reply_obj.p + reply_obj.n};
+        skip_ws(&s);
+        is_reply_object = s.p < s.end && *s.p == '{';
+    }
+    if (!is_reply_object) {
         struct buf details = {0};
         buf_add(&details, path.data, path.len);
-        buf_adds(&details, ": ");
-        buf_add(&details, why.data, why.len);
-        buf_adds(&details, " (is felixpy-node running on this node?)");
+        buf_adds(&details, ": the agent's reply is not a JSON object" HINT);
         return emit_error(version, TRY_AGAIN_LATER, "felixpy agent is not reachable", details.data, details.len);
     }
     if (object_get(reply_obj, "error", &error)) {

@@ -9,7 +9,7 @@ keeps the messages it understands and ignores the rest, as Go Felix's managers d
     TunnelDevices ─┘
     EncapState ───► TunnelManager ──► TunnelLinks
     NatState ─────► MasqManager ──► nat Table, IPSets
-    FilterState ──► PolicyManager ──► filter Table, IPSets
+    FilterState ──► PolicyManager ──► filter, mangle and raw Tables, IPSets
 """
 
 from __future__ import annotations
@@ -165,12 +165,23 @@ class IPSetState:
 
 
 @dataclass(frozen=True)
+class TableState:
+    """Our chains and our jump rules (per built-in chain) in one iptables table."""
+
+    chains: Mapping[str, Chain] = field(default_factory=dict)
+    jumps: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FilterState:
-    """Everything the filter table and the policy ipsets should hold on this node."""
+    """Everything policy should hold on this node: the filter table, the policy ipsets, and the
+    mangle and raw tables' chains (host endpoints' preDNAT and doNotTrack policy)."""
 
     chains: Mapping[str, Chain]
     jumps: Mapping[str, tuple[Rule, ...]]
     ipsets: Mapping[str, IPSetState]
+    mangle: TableState = field(default_factory=TableState)
+    raw: TableState = field(default_factory=TableState)
 
 
 Message = Union[CalcRoutes, LearnedRoutes, TunnelDevices, EncapState, NatState, FilterState]

@@ -1,8 +1,9 @@
 """The IP sets policy rules match against: their names, what they hold, and which rule needs which.
 
 Two kinds, as in Felix:
-* selector sets (`hash:net`, named `cali40s:<23 chars>`): the addresses of every endpoint an
-  EndpointMatch selects; a rule's source/destination selector becomes `-m set --match-set`.
+* selector sets (`hash:net`, named `cali40s:<23 chars>`): the addresses of everything an
+  EndpointMatch selects: pods' IPs, network sets' nets (a CIDR is one member), host endpoints'
+  expectedIPs; a rule's source/destination selector becomes `-m set --match-set`.
 * named-port sets (`hash:ip,port`, named `cali40n:<23 chars>`): "ip,proto:port" for every
   endpoint the match selects (None: every endpoint) that declares a container port with that
   name and protocol. Kubernetes named ports are resolved per destination pod, so one iptables

@@ -1,25 +1,45 @@
-"""Render the policy model into Felix-style filter-table chains, jump rules and IP set specs.
+"""Render the policy model into Felix-style chains (filter, mangle, raw), jump rules and IP set specs.
 
 Pure: model values in, `policy.iptables` Chain / Rule values and `IPSetSpec`s out; no I/O and no
-imports from felixpy. The agent feeds the result to the Table and IPSets drivers.
+imports from felixpy. The agent feeds the result to one Table driver per table and to IPSets.
 
-Packet walk (calico-reference §4.3, filter table, IPv4):
-* FORWARD → cali-FORWARD: clear the accept and pass marks; `-i cali+` → cali-from-wl-dispatch
-  (egress policy of the source pod); `-o cali+` → cali-to-wl-dispatch (ingress policy of the
-  destination pod); accept when the accept mark is set. Endpoint chains RETURN on accept, so a
-  pod→pod packet on one node gets the source's egress AND the destination's ingress; traffic
-  that involves no workload interface passes through untouched.
+Packet walk (calico-reference §4.3, Felix's rules/static.go and rules/endpoints.go, IPv4):
+* raw PREROUTING → cali-PREROUTING: clear our marks; traffic not from a workload goes to
+  cali-from-host-endpoint (host endpoints with doNotTrack policy); ACCEPT once the accept mark is
+  set. raw OUTPUT → cali-OUTPUT: clear marks, cali-to-host-endpoint, ACCEPT on the accept mark.
+  An untracked Allow sets the accept mark and NOTRACKs the packet: no conntrack entry.
+* mangle PREROUTING → cali-PREROUTING: established traffic and packets raw accepted are
+  ACCEPTed; then cali-from-host-endpoint (host endpoints with preDNAT policy, before the nat
+  table's DNAT); ACCEPT on the accept mark. mangle POSTROUTING → cali-POSTROUTING: host-originated
+  traffic that was DNAT'd gets the normal egress policy of its host endpoint here (its output
+  interface is only known now).
+* FORWARD → cali-FORWARD: clear the pass and scratch marks (the accept mark carries raw/mangle's
+  verdict); unless already accepted, the ingress host endpoint's applyOnForward policy
+  (cali-from-hep-forward); `-i cali+` → cali-from-wl-dispatch (egress policy of the source
+  pod); `-o cali+` → cali-to-wl-dispatch (ingress policy of the destination pod); the egress host
+  endpoint's applyOnForward policy (cali-to-hep-forward); ACCEPT when the accept mark is set,
+  else set it (so mangle POSTROUTING leaves forwarded traffic alone). Endpoint chains RETURN on
+  accept, so a pod→pod packet on one node gets the source's egress AND the destination's
+  ingress.
 * INPUT → cali-INPUT: `-i cali+` → goto cali-wl-to-host (egress policy, then
-  DefaultEndpointToHostAction); then the failsafe inbound ports RETURN to the host's own rules,
-  so no felixpy policing that is ever added after them (host endpoints) can cut a node off. They
-  RETURN rather than ACCEPT: an ACCEPT would bypass the host's own firewall on those ports.
-* OUTPUT → cali-OUTPUT: `-o cali+` RETURN (host→pod is not policed); failsafe outbound ports.
+  DefaultEndpointToHostAction); ACCEPT what raw/mangle accepted; then the host endpoint of the
+  input interface (cali-from-host-endpoint) and ACCEPT on its accept mark.
+* OUTPUT → cali-OUTPUT: ACCEPT what raw accepted; `-o cali+` RETURN (host→pod is not policed);
+  traffic that was not DNAT'd gets its host endpoint's egress policy (cali-to-host-endpoint).
+* Host endpoint chains cali-fh-/cali-th-<iface> jump to cali-failsafe-in/-out first: those
+  ports (FELIX_FAILSAFEINBOUNDHOSTPORTS / OUTBOUND) are ACCEPTed whatever the policy says, so
+  no policy can cut a node off. A host endpoint with interfaceName "*" is every interface's
+  default (Felix's "any-interface-at-all" chains); doNotTrack policy does not apply to it.
 * Dispatch chains are a prefix tree over interface names (`-g` to the endpoint chain); an unknown
-  interface is dropped (fail closed).
-* Endpoint chains cali-tw-<if> (ingress) / cali-fw-<if> (egress): conntrack RELATED,ESTABLISHED
-  accept, INVALID drop, clear marks, each applicable policy (`-j cali-pi/po-<id>` while the pass
-  mark is clear, RETURN once the accept mark is set), an end-of-tier DROP when at least one policy
-  applies in that direction, then the profiles, then DROP "Drop if no profiles matched".
+  workload interface is dropped (fail closed), an interface without a host endpoint is not
+  policed.
+* Endpoint chains: conntrack RELATED,ESTABLISHED accept, INVALID drop (not in raw), the failsafe
+  jump (host endpoints), clear marks, then tier by tier (Felix's tiers): "Start of tier" clears
+  the pass mark (the first tier's is the clear just before), each applicable policy
+  (`-j cali-pi/po-<id>` while the pass mark is clear, RETURN once the accept mark is set), and
+  an end-of-tier DROP unless the tier's default action is Pass (never in raw/mangle: the filter
+  table still has its say); then the profiles and DROP "Drop if no profiles matched" (normal
+  chains only). Forward chains with no policy accept ("Allow forwarded traffic by default").
 * Policy chains: each model Rule becomes zero or more iptables rules (OR-ed nets / ports / named
   ports are expanded); Allow sets the accept mark and returns, Pass the pass mark, Deny drops, Log
   logs. A rule that can never match (ports without a port protocol, an IPv6-only net, ICMP
@@ -38,7 +58,7 @@ import ipaddress
 import itertools
 import logging
 import re
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,15 +74,25 @@ from policy.names import MAX_CHAIN_NAME, check_chain_name
 
 __all__ = [
     "ACCEPT_MARK",
+    "ALL_HOSTS_SET",
+    "ALL_INTERFACES_NAME",
     "PASS_MARK",
     "SCRATCH_MARK",
     "EndpointChains",
     "FilterTable",
+    "HostEncap",
+    "HostEndpointChains",
     "IPSetSpec",
     "RenderConfig",
+    "TableChains",
+    "TierPolicies",
     "dispatch_chains",
     "endpoint_chain_name",
     "endpoint_chains",
+    "host_dispatch_chains",
+    "host_endpoint_chains",
+    "mangle_static_chains",
+    "raw_static_chains",
     "ipsets_for_policy",
     "ipsets_for_profile",
     "jump_rules",
@@ -74,6 +104,8 @@ __all__ = [
     "render_filter_table",
     "restore_text",
     "static_chains",
+    "table_jump_rules",
+    "tier_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,11 +123,17 @@ DISPATCH_FANOUT = 16  # a dispatch chain with more interfaces than this is split
 CHAIN_INPUT = "cali-INPUT"
 CHAIN_FORWARD = "cali-FORWARD"
 CHAIN_OUTPUT = "cali-OUTPUT"
+CHAIN_PREROUTING = "cali-PREROUTING"
+CHAIN_POSTROUTING = "cali-POSTROUTING"
 CHAIN_WL_TO_HOST = "cali-wl-to-host"
 CHAIN_FAILSAFE_IN = "cali-failsafe-in"
 CHAIN_FAILSAFE_OUT = "cali-failsafe-out"
 CHAIN_FROM_WL_DISPATCH = "cali-from-wl-dispatch"
 CHAIN_TO_WL_DISPATCH = "cali-to-wl-dispatch"
+CHAIN_FROM_HOST_ENDPOINT = "cali-from-host-endpoint"
+CHAIN_TO_HOST_ENDPOINT = "cali-to-host-endpoint"
+CHAIN_FROM_HEP_FORWARD = "cali-from-hep-forward"
+CHAIN_TO_HEP_FORWARD = "cali-to-hep-forward"
 
 POLICY_IN_PREFIX = "cali-pi-"
 POLICY_OUT_PREFIX = "cali-po-"
@@ -103,6 +141,13 @@ PROFILE_IN_PREFIX = "cali-pri-"
 PROFILE_OUT_PREFIX = "cali-pro-"
 TO_WORKLOAD_PREFIX = "cali-tw-"
 FROM_WORKLOAD_PREFIX = "cali-fw-"
+TO_HOST_PREFIX = "cali-th-"
+FROM_HOST_PREFIX = "cali-fh-"
+TO_HOST_FORWARD_PREFIX = "cali-thfw-"
+FROM_HOST_FORWARD_PREFIX = "cali-fhfw-"
+# Felix's chain-name stand-in for a `*` host endpoint: longer than IFNAMSIZ, so no real
+# interface can have it.
+ALL_INTERFACES_NAME = "any-interface-at-all"
 
 EndpointToHostAction = Literal["DROP", "RETURN", "ACCEPT"]
 _ENDPOINT_TO_HOST_ACTIONS = ("DROP", "RETURN", "ACCEPT")
@@ -120,23 +165,79 @@ _MULTIPORT_PROTOCOLS = ("tcp", "udp", "sctp", "udplite")
 
 
 @dataclass(frozen=True)
+class TierPolicies:
+    """One tier of an endpoint chain: the policy ids that apply, in evaluation order, per direction."""
+
+    name: str
+    default_action: model.TierAction = "Deny"
+    ingress: tuple[str, ...] = ()
+    egress: tuple[str, ...] = ()
+
+    def ids(self, direction: model.Direction) -> tuple[str, ...]:
+        return self.ingress if direction == "Ingress" else self.egress
+
+
+Tiers = tuple[TierPolicies, ...]
+
+
+def tier_ids(tiers: Iterable[TierPolicies]) -> Iterable[str]:
+    for tier in tiers:
+        yield from tier.ingress
+        yield from tier.egress
+
+
+@dataclass(frozen=True)
 class EndpointChains:
-    """What one local endpoint needs: its interface and the policies/profiles that apply, in order."""
+    """What one local workload endpoint needs: its interface, the tiers of policies that apply
+    (in Felix's tier order, tiers without an applicable policy left out) and its profiles."""
 
     iface: str
-    ingress: tuple[str, ...] = ()  # policy ids, already in evaluation order
-    egress: tuple[str, ...] = ()
+    tiers: Tiers = ()
     profiles: tuple[str, ...] = ()
 
+    @classmethod
+    def default_tier(cls, iface: str, ingress: Sequence[str] = (), egress: Sequence[str] = (),
+                     profiles: Sequence[str] = ()) -> EndpointChains:
+        """An endpoint whose policies are all in the default tier."""
+        tiers = (TierPolicies(model.DEFAULT_TIER, "Deny", tuple(ingress), tuple(egress)),) if ingress or egress else ()
+        return cls(iface, tiers, tuple(profiles))
 
-_DEFAULT_FAILSAFE_IN: tuple[tuple[str, int], ...] = (
-    ("tcp", 22), ("udp", 68), ("tcp", 179), ("tcp", 2379), ("tcp", 2380), ("tcp", 5473),
-    ("tcp", 6443), ("tcp", 6666), ("tcp", 6667),
-)
-_DEFAULT_FAILSAFE_OUT: tuple[tuple[str, int], ...] = (
-    ("udp", 53), ("udp", 67), ("tcp", 179), ("tcp", 2379), ("tcp", 2380), ("tcp", 5473),
-    ("tcp", 6443), ("tcp", 6666), ("tcp", 6667),
-)
+    def policy_ids(self) -> Iterable[str]:
+        return tier_ids(self.tiers)
+
+    @property
+    def ingress(self) -> tuple[str, ...]:
+        """Every ingress policy id, tier after tier."""
+        return tuple(pid for tier in self.tiers for pid in tier.ingress)
+
+    @property
+    def egress(self) -> tuple[str, ...]:
+        return tuple(pid for tier in self.tiers for pid in tier.egress)
+
+
+@dataclass(frozen=True)
+class HostEndpointChains:
+    """What one active host endpoint of this node needs (Felix's endpoint manager splits its
+    policies by kind): `iface` is the interface, or "*" for all of them."""
+
+    iface: str
+    normal: Tiers = ()  # filter INPUT/OUTPUT, and mangle POSTROUTING for DNAT'd output
+    forward: Tiers = ()  # applyOnForward: filter FORWARD
+    pre_dnat: Tiers = ()  # ingress only: mangle PREROUTING
+    untracked: Tiers = ()  # doNotTrack: raw PREROUTING/OUTPUT (never for "*")
+    profiles: tuple[str, ...] = ()
+
+    @property
+    def chain_iface(self) -> str:
+        return ALL_INTERFACES_NAME if self.iface == model.ALL_INTERFACES else self.iface
+
+    def policy_ids(self) -> Iterable[str]:
+        for tiers in (self.normal, self.forward, self.pre_dnat, self.untracked):
+            yield from tier_ids(tiers)
+
+
+_DEFAULT_FAILSAFE_IN = model.DEFAULT_FAILSAFE_INBOUND
+_DEFAULT_FAILSAFE_OUT = model.DEFAULT_FAILSAFE_OUTBOUND
 
 
 @dataclass(frozen=True)
@@ -145,6 +246,7 @@ class RenderConfig:
     default_endpoint_to_host_action: EndpointToHostAction = "DROP"
     failsafe_inbound: tuple[tuple[str, int], ...] = _DEFAULT_FAILSAFE_IN
     failsafe_outbound: tuple[tuple[str, int], ...] = _DEFAULT_FAILSAFE_OUT
+    vxlan_port: int = 4789
 
     def __post_init__(self) -> None:
         if not _IFACE_RE.fullmatch(self.iface_prefix):
@@ -157,15 +259,41 @@ class RenderConfig:
         for proto, port in (*self.failsafe_inbound, *self.failsafe_outbound):
             if proto not in PORT_PROTOCOLS or not 1 <= port <= 65535:
                 raise ValueError(f"invalid failsafe port {proto}:{port}")
+        if not 1 <= self.vxlan_port <= 65535:
+            raise ValueError(f"invalid VXLAN port {self.vxlan_port}")
+
+
+@dataclass(frozen=True)
+class HostEncap:
+    """Which encapsulations the cluster's pools use: their packets between the nodes are allowed
+    before any host endpoint policy (Felix's "Allow IPIP/VXLAN packets from/to Calico hosts"),
+    so that a host endpoint's policy cannot cut the pod network."""
+
+    vxlan: bool = False
+    ipip: bool = False
+
+
+ALL_HOSTS_SET = "cali40all-hosts-net"  # every node's address (Felix's all-hosts-net set)
+
+
+@dataclass(frozen=True)
+class TableChains:
+    """Our chains and our jump rules in one iptables table."""
+
+    chains: dict[str, Chain] = field(default_factory=dict)
+    jumps: dict[str, list[Rule]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class FilterTable:
-    """Everything the filter table needs: our chains, our jump rules, the IP sets they use."""
+    """Everything policy needs: the filter table's chains and jump rules, the raw and mangle
+    tables' (host endpoints), and the IP sets all of them use."""
 
     chains: dict[str, Chain] = field(default_factory=dict)
     jumps: dict[str, list[Rule]] = field(default_factory=dict)
     ipsets: dict[str, IPSetSpec] = field(default_factory=dict)
+    raw: TableChains = field(default_factory=TableChains)
+    mangle: TableChains = field(default_factory=TableChains)
 
 
 # -- names -----------------------------------------------------------------------------------------
@@ -526,48 +654,100 @@ def ipsets_for_profile(profile: model.Profile) -> dict[str, IPSetSpec]:
 # -- endpoint chains -------------------------------------------------------------------------------
 
 _CONNTRACK_ACCEPT = Rule("-m conntrack --ctstate RELATED,ESTABLISHED", "ACCEPT")
+_CONNTRACK_MARK = Rule("-m conntrack --ctstate RELATED,ESTABLISHED", _set_mark(ACCEPT_MARK))
+_CONNTRACK_RETURN = Rule("-m conntrack --ctstate RELATED,ESTABLISHED", "RETURN")
 _CONNTRACK_DROP = Rule("-m conntrack --ctstate INVALID", "DROP")
 _CLEAR_MARKS = Rule("", _clear_mark(ACCEPT_MARK | PASS_MARK))
 _POLICY_ACCEPTED = Rule(_mark(ACCEPT_MARK), "RETURN", "Return if policy accepted")
-_END_OF_TIER = Rule(
-    _mark_clear(PASS_MARK), "DROP", f"End of tier {TIER}. Drop if no policies passed packet"
-)
+_NOTRACK = Rule(_mark(ACCEPT_MARK), "NOTRACK")
 _PROFILE_ACCEPTED = Rule(_mark(ACCEPT_MARK), "RETURN", "Return if profile accepted")
 _NO_PROFILE = Rule("", "DROP", "Drop if no profiles matched")
+_FORWARD_DEFAULT = (
+    Rule("", _set_mark(ACCEPT_MARK), "Allow forwarded traffic by default"),
+    Rule("", "RETURN", "Return for accepted forward traffic"),
+)
+
+ChainType = Literal["normal", "forward", "untracked", "pre-dnat"]
+
+
+@functools.lru_cache(maxsize=16384)
+def _policy_jump(chain: str) -> Rule:
+    """The jump to a policy chain while the pass mark is clear (one shared value per policy)."""
+    return Rule(_mark_clear(PASS_MARK), chain)
+
+
+@functools.lru_cache(maxsize=256)
+def _tier_rules(tier: str) -> tuple[Rule, Rule]:
+    start = Rule("", _clear_mark(PASS_MARK), f"Start of tier {tier}")
+    end = Rule(_mark_clear(PASS_MARK), "DROP", f"End of tier {tier}. Drop if no policies passed packet")
+    return start, end
 
 
 def _endpoint_chain(
     name: str,
     direction: model.Direction,
-    policy_ids: Sequence[str],
+    tiers: Tiers,
     policies: Mapping[str, model.Policy],
     profiles: Sequence[str],
     known_profiles: Container[str] | None,
+    *,
+    chain_type: ChainType = "normal",
+    failsafe: str | None = None,
+    allow: str = "ACCEPT",
 ) -> Chain:
-    rules = [_CONNTRACK_ACCEPT, _CONNTRACK_DROP, _CLEAR_MARKS]
-    applying = 0
-    for policy_id in policy_ids:
-        policy = policies.get(policy_id)
-        if policy is None:
-            # Fail closed: count it (so the end-of-tier DROP stays) but do not jump to a chain
-            # that does not exist.
-            log.warning("endpoint policy missing chain=%s policy=%s", name, policy_id)
+    """One endpoint chain, as Felix's endpointIptablesChain renders it (see the module docstring).
+
+    `allow` is what established traffic gets: ACCEPT, or RETURN with the accept mark set (the
+    mangle table's egress chains, which must leave the verdict to the filter table)."""
+    rules: list[Rule] = []
+    if chain_type != "untracked":
+        rules.extend((_CONNTRACK_ACCEPT,) if allow == "ACCEPT" else (_CONNTRACK_MARK, _CONNTRACK_RETURN))
+        rules.append(_CONNTRACK_DROP)
+    if failsafe is not None:
+        rules.append(Rule("", failsafe))
+    rules.append(_CLEAR_MARKS)
+    rendered_tiers = 0
+    for tier in tiers:
+        ids = tier.ingress if direction == "Ingress" else tier.egress
+        if not ids:
+            continue
+        mark = len(rules)
+        if rendered_tiers:
+            # Felix clears the pass mark at the start of every tier; the first tier's clear is
+            # the one just above.
+            rules.append(_tier_rules(tier.name)[0])
+        applying = 0
+        for policy_id in ids:
+            policy = policies.get(policy_id)
+            if policy is None:
+                # Fail closed: count it (so the end-of-tier DROP stays) but do not jump to a
+                # chain that does not exist.
+                log.warning("endpoint policy missing chain=%s policy=%s", name, policy_id)
+                applying += 1
+                continue
+            if direction not in policy.types:
+                continue
             applying += 1
+            rules.append(_policy_jump(policy_chain_name(policy.id, direction)))
+            if chain_type == "untracked":
+                rules.append(_NOTRACK)
+            rules.append(_POLICY_ACCEPTED)
+        if not applying:
+            del rules[mark:]  # Felix skips a tier with no policy for this direction
             continue
-        if direction not in policy.types:
-            continue
-        applying += 1
-        rules.append(Rule(_mark_clear(PASS_MARK), policy_chain_name(policy.id, direction)))
-        rules.append(_POLICY_ACCEPTED)
-    if applying:
-        rules.append(_END_OF_TIER)
-    for profile in profiles:
-        if known_profiles is not None and profile not in known_profiles:
-            log.warning("endpoint profile missing chain=%s profile=%s", name, profile)
-            continue
-        rules.append(Rule("", profile_chain_name(profile, direction)))
-        rules.append(_PROFILE_ACCEPTED)
-    rules.append(_NO_PROFILE)
+        rendered_tiers += 1
+        if chain_type in ("normal", "forward") and tier.default_action != "Pass":
+            rules.append(_tier_rules(tier.name)[1])
+    if chain_type == "forward" and not rendered_tiers:
+        rules.extend(_FORWARD_DEFAULT)
+    if chain_type == "normal":
+        for profile in profiles:
+            if known_profiles is not None and profile not in known_profiles:
+                log.warning("endpoint profile missing chain=%s profile=%s", name, profile)
+                continue
+            rules.append(Rule("", profile_chain_name(profile, direction)))
+            rules.append(_PROFILE_ACCEPTED)
+        rules.append(_NO_PROFILE)
     return Chain(name, tuple(rules))
 
 
@@ -577,22 +757,67 @@ def endpoint_chains(
     *,
     known_profiles: Container[str] | None = None,
 ) -> list[Chain]:
-    """cali-tw-<iface> (ingress) and cali-fw-<iface> (egress) for one endpoint.
+    """cali-tw-<iface> (ingress) and cali-fw-<iface> (egress) for one workload endpoint.
 
     `policies` maps policy id → Policy for (at least) the ids the endpoint lists; a listed id
     missing from it keeps the end-of-tier DROP without a jump (fail closed). With
     `known_profiles`, jumps to profiles outside it are left out (their chains would not exist).
     """
     return [
-        _endpoint_chain(
-            endpoint_chain_name(ep.iface, "Ingress"), "Ingress", ep.ingress, policies,
-            ep.profiles, known_profiles,
-        ),
-        _endpoint_chain(
-            endpoint_chain_name(ep.iface, "Egress"), "Egress", ep.egress, policies,
-            ep.profiles, known_profiles,
-        ),
+        _endpoint_chain(endpoint_chain_name(ep.iface, "Ingress"), "Ingress", ep.tiers, policies,
+                        ep.profiles, known_profiles),
+        _endpoint_chain(endpoint_chain_name(ep.iface, "Egress"), "Egress", ep.tiers, policies,
+                        ep.profiles, known_profiles),
     ]
+
+
+def host_chain_name(prefix: str, iface: str) -> str:
+    """cali-fh-/cali-th-/cali-fhfw-/cali-thfw-<iface> (hashed when too long, as for "*")."""
+    if iface != ALL_INTERFACES_NAME:
+        _check_iface(iface)
+    return check_chain_name(length_limited_name(prefix, iface))
+
+
+@dataclass(frozen=True)
+class HostChains:
+    """A host endpoint's chains, per table."""
+
+    filter: tuple[Chain, ...] = ()
+    mangle: tuple[Chain, ...] = ()
+    raw: tuple[Chain, ...] = ()
+
+
+def host_endpoint_chains(
+    hep: HostEndpointChains,
+    policies: Mapping[str, model.Policy],
+    *,
+    known_profiles: Container[str] | None = None,
+) -> HostChains:
+    """Felix's HostEndpointToFilterChains, ...ToMangleEgressChains, ...ToMangleIngressChains and
+    ...ToRawChains for one host endpoint."""
+    iface = hep.chain_iface
+    th, fh = host_chain_name(TO_HOST_PREFIX, iface), host_chain_name(FROM_HOST_PREFIX, iface)
+
+    def chain(name: str, direction: model.Direction, tiers: Tiers, chain_type: ChainType,
+              failsafe: str | None, allow: str = "ACCEPT") -> Chain:
+        profiles = hep.profiles if chain_type == "normal" else ()
+        return _endpoint_chain(name, direction, tiers, policies, profiles, known_profiles,
+                               chain_type=chain_type, failsafe=failsafe, allow=allow)
+
+    filter_chains = (
+        chain(th, "Egress", hep.normal, "normal", CHAIN_FAILSAFE_OUT),
+        chain(fh, "Ingress", hep.normal, "normal", CHAIN_FAILSAFE_IN),
+        chain(host_chain_name(TO_HOST_FORWARD_PREFIX, iface), "Egress", hep.forward, "forward", None),
+        chain(host_chain_name(FROM_HOST_FORWARD_PREFIX, iface), "Ingress", hep.forward, "forward", None),
+    )
+    mangle = [chain(th, "Egress", hep.normal, "normal", CHAIN_FAILSAFE_OUT, allow="RETURN")]
+    if hep.pre_dnat:
+        mangle.append(chain(fh, "Ingress", hep.pre_dnat, "pre-dnat", CHAIN_FAILSAFE_IN))
+    raw: tuple[Chain, ...] = ()
+    if hep.untracked and hep.iface != model.ALL_INTERFACES:
+        raw = (chain(th, "Egress", hep.untracked, "untracked", CHAIN_FAILSAFE_OUT),
+               chain(fh, "Ingress", hep.untracked, "untracked", CHAIN_FAILSAFE_IN))
+    return HostChains(filter_chains, tuple(mangle), raw)
 
 
 # -- dispatch chains -------------------------------------------------------------------------------
@@ -609,14 +834,19 @@ def _common_prefix(names: Sequence[str]) -> str:
 
 
 def _dispatch_tree(
-    root: str, flag: str, direction: model.Direction, ifaces: Sequence[str], iface_prefix: str
+    root: str,
+    flag: str,
+    leaf_chain: Callable[[str], str],
+    ifaces: Sequence[str],
+    iface_prefix: str,
+    end_rules: Sequence[Rule],
 ) -> list[Chain]:
     order: list[str] = []  # pre-order: a chain before its sub-chains
     seen: set[str] = set()
     built: dict[str, Chain] = {}
 
     def leaf(iface: str) -> Rule:
-        return Rule(f"{flag} {iface}", f"-g {endpoint_chain_name(iface, direction)}")
+        return Rule(f"{flag} {iface}", f"-g {leaf_chain(iface)}")
 
     def build(name: str, prefix: str, names: list[str]) -> None:
         if name in seen:
@@ -643,7 +873,7 @@ def _dispatch_tree(
                 sub = check_chain_name(length_limited_name(root + "-", label))
                 rules.append(Rule(f"{flag} {sub_prefix}+", f"-g {sub}"))
                 build(sub, sub_prefix, group)
-        rules.append(_UNKNOWN_INTERFACE)
+        rules.extend(end_rules)
         built[name] = Chain(name, tuple(rules))
 
     names = sorted(ifaces)
@@ -658,60 +888,203 @@ def dispatch_chains(ifaces: Iterable[str], config: RenderConfig = RenderConfig()
     if len(set(names)) != len(names):
         raise ValueError("duplicate interface names in dispatch")
     return [
-        *_dispatch_tree(CHAIN_FROM_WL_DISPATCH, "-i", "Egress", names, config.iface_prefix),
-        *_dispatch_tree(CHAIN_TO_WL_DISPATCH, "-o", "Ingress", names, config.iface_prefix),
+        *_dispatch_tree(CHAIN_FROM_WL_DISPATCH, "-i", lambda i: endpoint_chain_name(i, "Egress"), names,
+                        config.iface_prefix, (_UNKNOWN_INTERFACE,)),
+        *_dispatch_tree(CHAIN_TO_WL_DISPATCH, "-o", lambda i: endpoint_chain_name(i, "Ingress"), names,
+                        config.iface_prefix, (_UNKNOWN_INTERFACE,)),
     ]
+
+
+def _host_dispatch(root: str, flag: str, prefix: str, ifaces: Sequence[str], default: bool,
+                   before_default: Sequence[Rule] = ()) -> list[Chain]:
+    """A host endpoint dispatch tree: `flag iface -g <prefix><iface>`; an interface without a
+    host endpoint falls through unpoliced, or goes to the `*` host endpoint's chain (default)."""
+    end: list[Rule] = []
+    if default:
+        end.extend(before_default)
+        end.append(Rule("", f"-g {host_chain_name(prefix, ALL_INTERFACES_NAME)}"))
+    return _dispatch_tree(root, flag, lambda i: host_chain_name(prefix, i), ifaces, "", end)
+
+
+def host_dispatch_chains(
+    heps: Iterable[HostEndpointChains], config: RenderConfig = RenderConfig()
+) -> dict[str, TableChains]:
+    """The host endpoint dispatch chains of all three tables, as Felix's endpoint manager builds
+    them: filter (normal and forward, every active host endpoint), mangle (from: those with
+    preDNAT policy; to: every one, for DNAT'd output), raw (those with doNotTrack policy, never
+    the `*` one). Keyed by table name."""
+    heps = list(heps)
+    named = sorted(h.iface for h in heps if h.iface != model.ALL_INTERFACES)
+    if len(set(named)) != len(named):
+        raise ValueError("two host endpoints for one interface")
+    wildcard = next((h for h in heps if h.iface == model.ALL_INTERFACES), None)
+    pre_dnat = sorted(h.iface for h in heps if h.pre_dnat and h.iface != model.ALL_INTERFACES)
+    untracked = sorted(h.iface for h in heps if h.untracked and h.iface != model.ALL_INTERFACES)
+    skip_workloads = (Rule(f"-o {config.iface_prefix}+", "RETURN",
+                           "Skip egress WHEP policy for traffic to local workload"),)
+    chains = {
+        "filter": [
+            *_host_dispatch(CHAIN_FROM_HOST_ENDPOINT, "-i", FROM_HOST_PREFIX, named, wildcard is not None),
+            *_host_dispatch(CHAIN_TO_HOST_ENDPOINT, "-o", TO_HOST_PREFIX, named, wildcard is not None),
+            *_host_dispatch(CHAIN_FROM_HEP_FORWARD, "-i", FROM_HOST_FORWARD_PREFIX, named, wildcard is not None),
+            *_host_dispatch(CHAIN_TO_HEP_FORWARD, "-o", TO_HOST_FORWARD_PREFIX, named, wildcard is not None),
+        ],
+        "mangle": [
+            *_host_dispatch(CHAIN_FROM_HOST_ENDPOINT, "-i", FROM_HOST_PREFIX, pre_dnat,
+                            wildcard is not None and bool(wildcard.pre_dnat)),
+            *_host_dispatch(CHAIN_TO_HOST_ENDPOINT, "-o", TO_HOST_PREFIX, named, wildcard is not None,
+                            skip_workloads),
+        ],
+        "raw": [
+            *_host_dispatch(CHAIN_FROM_HOST_ENDPOINT, "-i", FROM_HOST_PREFIX, untracked, False),
+            *_host_dispatch(CHAIN_TO_HOST_ENDPOINT, "-o", TO_HOST_PREFIX, untracked, False),
+        ],
+    }
+    return {table: TableChains({c.name: c for c in cs}) for table, cs in chains.items()}
 
 
 # -- static chains and jumps -----------------------------------------------------------------------
 
 
-def _failsafe_rules(ports: Sequence[tuple[str, int]], comment: str) -> tuple[Rule, ...]:
+def _failsafe_rules(ports: Sequence[tuple[str, int]], flag: str, comment: str) -> tuple[Rule, ...]:
     by_proto: dict[str, list[model.PortRange]] = {}
     for proto, port in ports:
         by_proto.setdefault(proto, []).append(model.PortRange(port, port))
     return tuple(
-        Rule(f"-p {proto} -m multiport --dports {chunk}", "RETURN", comment)
+        Rule(f"-p {proto} -m multiport {flag} {chunk}", "ACCEPT", comment)
         for proto, group in by_proto.items()
         for chunk in _multiport_chunks(group)
     )
 
 
-def static_chains(config: RenderConfig = RenderConfig()) -> list[Chain]:
-    """cali-INPUT, cali-FORWARD, cali-OUTPUT, cali-wl-to-host and the failsafe chains."""
+def _failsafe_chains(config: RenderConfig, table: str) -> list[Chain]:
+    """cali-failsafe-in / -out: ACCEPT the failsafe ports (only host endpoint chains jump here).
+    In the raw table, before conntrack, the replies are let through too (the other direction's
+    ports as source ports), so a doNotTrack policy can never untrack half a failsafe connection."""
+    inbound = list(_failsafe_rules(config.failsafe_inbound, "--dports", "Failsafe inbound"))
+    outbound = list(_failsafe_rules(config.failsafe_outbound, "--dports", "Failsafe outbound"))
+    if table == "raw":
+        inbound += _failsafe_rules(config.failsafe_outbound, "--sports", "Failsafe outbound reply")
+        outbound += _failsafe_rules(config.failsafe_inbound, "--sports", "Failsafe inbound reply")
+    return [Chain(CHAIN_FAILSAFE_IN, tuple(inbound)), Chain(CHAIN_FAILSAFE_OUT, tuple(outbound))]
+
+
+_ALL_MARKS = ACCEPT_MARK | PASS_MARK | SCRATCH_MARK
+_ACCEPTED = Rule(_mark(ACCEPT_MARK), "ACCEPT")
+_HEP_ACCEPTED = Rule(_mark(ACCEPT_MARK), "ACCEPT", "Host endpoint policy accepted packet")
+_HEP_ACCEPTED_RETURN = Rule(_mark(ACCEPT_MARK), "RETURN", "Host endpoint policy accepted packet")
+
+
+def _encap_rules(config: RenderConfig, encap: HostEncap, direction: str) -> tuple[Rule, ...]:
+    """Encapsulated pod traffic between the nodes, allowed before host endpoint policy."""
+    if direction == "in":
+        peer, local, word = f"-m set --match-set {ALL_HOSTS_SET} src", "-m addrtype --dst-type LOCAL", "from"
+    else:
+        peer, local, word = f"-m set --match-set {ALL_HOSTS_SET} dst", "-m addrtype --src-type LOCAL", "to"
+    rules: list[Rule] = []
+    if encap.ipip:
+        rules.append(Rule(f"-p 4 {peer} {local}", "ACCEPT", f"Allow IPIP packets {word} Calico hosts"))
+    if encap.vxlan:
+        rules.append(Rule(f"-p udp -m multiport --dports {config.vxlan_port} {peer} {local}", "ACCEPT",
+                          f"Allow IPv4 VXLAN packets {word} Calico hosts"))
+    return tuple(rules)
+
+
+def static_chains(config: RenderConfig = RenderConfig(), encap: HostEncap = HostEncap()) -> list[Chain]:
+    """The filter table's cali-INPUT, cali-FORWARD, cali-OUTPUT, cali-wl-to-host and failsafe chains."""
     wl = f"{config.iface_prefix}+"
     return [
         Chain(CHAIN_FORWARD, (
-            Rule("", _clear_mark(ACCEPT_MARK | PASS_MARK)),
+            # The accept mark is raw's / mangle's verdict on this packet: keep it.
+            Rule("", _clear_mark(PASS_MARK | SCRATCH_MARK)),
+            Rule(_mark_clear(ACCEPT_MARK), CHAIN_FROM_HEP_FORWARD, "Ingress host endpoint: forward policy"),
             Rule(f"-i {wl}", CHAIN_FROM_WL_DISPATCH, "From workload: egress policy"),
             Rule(f"-o {wl}", CHAIN_TO_WL_DISPATCH, "To workload: ingress policy"),
+            Rule("", CHAIN_TO_HEP_FORWARD, "Egress host endpoint: forward policy"),
             Rule(_mark(ACCEPT_MARK), "ACCEPT", "Policy explicitly accepted packet"),
+            # Tells mangle POSTROUTING this was forwarded: no host endpoint egress policy there.
+            Rule("", _set_mark(ACCEPT_MARK)),
         )),
         Chain(CHAIN_INPUT, (
+            *_encap_rules(config, encap, "in"),
             Rule(f"-i {wl}", f"-g {CHAIN_WL_TO_HOST}"),
-            Rule("", CHAIN_FAILSAFE_IN),
+            Rule(_mark(ACCEPT_MARK), "ACCEPT", "Accepted by raw or mangle host endpoint policy"),
+            Rule("", _clear_mark(_ALL_MARKS)),
+            Rule("", CHAIN_FROM_HOST_ENDPOINT),
+            _HEP_ACCEPTED,
         )),
         Chain(CHAIN_OUTPUT, (
+            Rule(_mark(ACCEPT_MARK), "ACCEPT", "Accepted by raw host endpoint policy"),
             Rule(f"-o {wl}", "RETURN", "Host to workload traffic is not policed"),
-            Rule("", CHAIN_FAILSAFE_OUT),
+            *_encap_rules(config, encap, "out"),
+            Rule("", _clear_mark(_ALL_MARKS)),
+            # DNAT'd output is policed in mangle POSTROUTING, once its interface is known.
+            Rule("-m conntrack ! --ctstate DNAT", CHAIN_TO_HOST_ENDPOINT),
+            _HEP_ACCEPTED,
         )),
         Chain(CHAIN_WL_TO_HOST, (
             Rule("", CHAIN_FROM_WL_DISPATCH),
             Rule("", config.default_endpoint_to_host_action,
                  "Configured DefaultEndpointToHostAction"),
         )),
-        Chain(CHAIN_FAILSAFE_IN, _failsafe_rules(config.failsafe_inbound, "Failsafe inbound")),
-        Chain(CHAIN_FAILSAFE_OUT, _failsafe_rules(config.failsafe_outbound, "Failsafe outbound")),
+        *_failsafe_chains(config, "filter"),
     ]
+
+
+def mangle_static_chains(config: RenderConfig = RenderConfig()) -> list[Chain]:
+    """The mangle table's cali-PREROUTING (preDNAT policy) and cali-POSTROUTING (egress policy of
+    DNAT'd host output), and its failsafe chains."""
+    return [
+        Chain(CHAIN_PREROUTING, (
+            Rule("-m conntrack --ctstate RELATED,ESTABLISHED", "ACCEPT"),
+            _ACCEPTED,
+            Rule("", CHAIN_FROM_HOST_ENDPOINT),
+            _HEP_ACCEPTED,
+        )),
+        Chain(CHAIN_POSTROUTING, (
+            Rule(_mark(ACCEPT_MARK), "RETURN"),
+            Rule("", _clear_mark(_ALL_MARKS)),
+            Rule("-m conntrack --ctstate DNAT", CHAIN_TO_HOST_ENDPOINT),
+            _HEP_ACCEPTED_RETURN,
+        )),
+        *_failsafe_chains(config, "mangle"),
+    ]
+
+
+def raw_static_chains(config: RenderConfig = RenderConfig()) -> list[Chain]:
+    """The raw table's cali-PREROUTING and cali-OUTPUT (doNotTrack policy), and its failsafe chains."""
+    return [
+        Chain(CHAIN_PREROUTING, (
+            # Clear our marks first: the filter and mangle tables trust the accept mark.
+            Rule("", _clear_mark(_ALL_MARKS)),
+            Rule(f"-i {config.iface_prefix}+", "RETURN", "Workload traffic: no untracked policy"),
+            Rule("", CHAIN_FROM_HOST_ENDPOINT),
+            _ACCEPTED,
+        )),
+        Chain(CHAIN_OUTPUT, (
+            Rule("", _clear_mark(_ALL_MARKS)),
+            Rule("", CHAIN_TO_HOST_ENDPOINT),
+            _ACCEPTED,
+        )),
+        *_failsafe_chains(config, "raw"),
+    ]
+
+
+_JUMPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "filter": {"INPUT": (CHAIN_INPUT,), "FORWARD": (CHAIN_FORWARD,), "OUTPUT": (CHAIN_OUTPUT,)},
+    "mangle": {"PREROUTING": (CHAIN_PREROUTING,), "POSTROUTING": (CHAIN_POSTROUTING,)},
+    "raw": {"PREROUTING": (CHAIN_PREROUTING,), "OUTPUT": (CHAIN_OUTPUT,)},
+}
+
+
+def table_jump_rules(table: str) -> dict[str, list[Rule]]:
+    """Our rules at the top of a table's built-in chains."""
+    return {builtin: [Rule("", chain) for chain in chains] for builtin, chains in _JUMPS[table].items()}
 
 
 def jump_rules() -> dict[str, list[Rule]]:
     """Our rules at the top of the filter table's built-in chains."""
-    return {
-        "INPUT": [Rule("", CHAIN_INPUT)],
-        "FORWARD": [Rule("", CHAIN_FORWARD)],
-        "OUTPUT": [Rule("", CHAIN_OUTPUT)],
-    }
+    return table_jump_rules("filter")
 
 
 # -- everything ------------------------------------------------------------------------------------
@@ -722,55 +1095,87 @@ def render_filter_table(
     policies: Mapping[str, model.Policy],
     profiles: Mapping[str, model.Profile],
     config: RenderConfig = RenderConfig(),
+    host_endpoints: Iterable[HostEndpointChains] = (),
+    encap: HostEncap = HostEncap(),
 ) -> FilterTable:
-    """The whole filter table for these local endpoints.
+    """The filter, mangle and raw tables for these local workload and host endpoints.
 
     Only the policies and profiles some endpoint references are rendered (others would be dead
-    chains), and only the IP sets those reference are returned.
+    chains), each in the tables that use it, and only the IP sets those reference are returned.
     """
-    chains: dict[str, Chain] = {}
+    tables: dict[str, dict[str, Chain]] = {"filter": {}, "mangle": {}, "raw": {}}
     ipsets: dict[str, IPSetSpec] = {}
 
-    def add(chain: Chain) -> None:
+    def add(table: str, chain: Chain) -> None:
+        chains = tables[table]
         if chain.name in chains and chains[chain.name] != chain:
-            raise ValueError(f"two different chains named {chain.name!r}")
+            raise ValueError(f"two different chains named {chain.name!r} in table {table}")
         chains[chain.name] = chain
 
     eps = list(endpoints)
-    for chain in static_chains(config):
-        add(chain)
+    heps = list(host_endpoints)
+    for chain in static_chains(config, encap):
+        add("filter", chain)
+    if encap.vxlan or encap.ipip:
+        ipsets[ALL_HOSTS_SET] = IPSetSpec("hash:net", None)
+    for chain in mangle_static_chains(config):
+        add("mangle", chain)
+    for chain in raw_static_chains(config):
+        add("raw", chain)
     for chain in dispatch_chains([ep.iface for ep in eps], config):
-        add(chain)
-    used_policies: dict[str, None] = {}
+        add("filter", chain)
+    for table, dispatch in host_dispatch_chains(heps, config).items():
+        for chain in dispatch.chains.values():
+            add(table, chain)
+    used: dict[str, dict[str, None]] = {"filter": {}, "mangle": {}, "raw": {}}
     used_profiles: dict[str, None] = {}
+    mangle_profiles: dict[str, None] = {}  # the mangle egress chains of host endpoints jump to these
     for ep in eps:
         for chain in endpoint_chains(ep, policies, known_profiles=profiles):
-            add(chain)
-        used_policies.update(dict.fromkeys(ep.ingress))
-        used_policies.update(dict.fromkeys(ep.egress))
+            add("filter", chain)
+        used["filter"].update(dict.fromkeys(ep.policy_ids()))
         used_profiles.update(dict.fromkeys(ep.profiles))
-    for policy_id in used_policies:
-        policy = policies.get(policy_id)
-        if policy is None:
-            continue
-        for direction, rules in _directions(policy):
-            add(Chain(policy_chain_name(policy.id, direction), _render_rules(rules, ipsets)))
+    for hep in heps:
+        hep_chains = host_endpoint_chains(hep, policies, known_profiles=profiles)
+        for table in ("filter", "mangle", "raw"):
+            for chain in getattr(hep_chains, table):
+                add(table, chain)
+        normal = list(tier_ids(hep.normal))
+        used["filter"].update(dict.fromkeys(normal + list(tier_ids(hep.forward))))
+        used["mangle"].update(dict.fromkeys(normal + list(tier_ids(hep.pre_dnat))))
+        if hep.iface != model.ALL_INTERFACES:
+            used["raw"].update(dict.fromkeys(tier_ids(hep.untracked)))
+        used_profiles.update(dict.fromkeys(hep.profiles))
+        mangle_profiles.update(dict.fromkeys(hep.profiles))
+    for table, ids in used.items():
+        for policy_id in ids:
+            policy = policies.get(policy_id)
+            if policy is None:
+                continue
+            for direction, rules in _directions(policy):
+                add(table, Chain(policy_chain_name(policy.id, direction), _render_rules(rules, ipsets)))
     for name in used_profiles:
         profile = profiles.get(name)
         if profile is None:
             continue
-        add(Chain(profile_chain_name(profile.name, "Ingress"), _render_rules(profile.ingress, ipsets)))
-        add(Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
-    return FilterTable(chains=chains, jumps=jump_rules(), ipsets=ipsets)
+        add("filter", Chain(profile_chain_name(profile.name, "Ingress"), _render_rules(profile.ingress, ipsets)))
+        add("filter", Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
+        if name in mangle_profiles:
+            add("mangle", Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
+    return FilterTable(
+        chains=tables["filter"], jumps=jump_rules(), ipsets=ipsets,
+        raw=TableChains(tables["raw"], table_jump_rules("raw")),
+        mangle=TableChains(tables["mangle"], table_jump_rules("mangle")),
+    )
 
 
-def restore_text(table: FilterTable) -> str:
-    """The whole filter table as one `iptables-restore --noflush` input for a table that has none
-    of our chains yet (goldens, benchmarks, kernel tests); the agent uses the Table driver."""
-    lines = ["*filter"]
-    lines.extend(f":{name} - [0:0]" for name in sorted(table.chains))
-    for name in sorted(table.chains):
-        lines.extend(render_chain(table.chains[name]))
+def restore_text(table: FilterTable | TableChains, name: str = "filter") -> str:
+    """One table as one `iptables-restore --noflush` input for a table that has none of our
+    chains yet (goldens, benchmarks, kernel tests); the agent uses the Table driver."""
+    lines = [f"*{name}"]
+    lines.extend(f":{chain} - [0:0]" for chain in sorted(table.chains))
+    for chain in sorted(table.chains):
+        lines.extend(render_chain(table.chains[chain]))
     for builtin in sorted(table.jumps):
         rules = table.jumps[builtin]
         for position, (rule, rule_hash) in enumerate(zip(rules, rule_hashes(builtin, rules)), 1):

@@ -189,6 +189,39 @@ def or_(*terms: Selector) -> Selector:
     return flat[0] if len(flat) == 1 else Or(tuple(flat))
 
 
+def prefixed(sel: Selector, prefix: str) -> Selector:
+    """The selector with every label key prefixed (libcalico-go's PrefixVisitor): how a
+    namespaceSelector becomes a selector over `pcns.<key>` labels and a serviceAccountSelector
+    one over `pcsa.<key>` labels."""
+    if isinstance(sel, Has):
+        return Has(prefix + sel.key)
+    if isinstance(sel, Compare):
+        return Compare(prefix + sel.key, sel.op, sel.value)
+    if isinstance(sel, In):
+        return In(prefix + sel.key, sel.values, sel.negated)
+    if isinstance(sel, Not):
+        return Not(prefixed(sel.operand, prefix))
+    if isinstance(sel, And):
+        return and_(*(prefixed(t, prefix) for t in sel.terms))
+    if isinstance(sel, Or):
+        return or_(*(prefixed(t, prefix) for t in sel.terms))
+    return sel  # all(), global()
+
+
+def replace_all(sel: Selector, replacement: Selector) -> Selector:
+    """Every all() in the selector replaced (libcalico-go turns a namespaceSelector's all() into
+    has(projectcalico.org/namespace): "every namespace", not "everything")."""
+    if isinstance(sel, All):
+        return replacement
+    if isinstance(sel, Not):
+        return Not(replace_all(sel.operand, replacement))
+    if isinstance(sel, And):
+        return and_(*(replace_all(t, replacement) for t in sel.terms))
+    if isinstance(sel, Or):
+        return or_(*(replace_all(t, replacement) for t in sel.terms))
+    return sel
+
+
 # -- the parser ------------------------------------------------------------------------------------
 
 

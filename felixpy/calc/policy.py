@@ -1,30 +1,40 @@
-"""The policy part of the calculation graph: datastore updates in, the node's filter table out.
+"""The policy part of the calculation graph: datastore updates in, the node's policy tables out.
 
 Registered with the same dispatcher as calc/graph.py (calc/dispatcher.py), which hands it
-decoded WorkloadEndpoints of ALL nodes (ipset members are cluster-wide), Profiles (`kns.<ns>`
-carries the namespace's labels), NetworkPolicies and GlobalNetworkPolicies. It produces:
+decoded WorkloadEndpoints of ALL nodes, NetworkSets, GlobalNetworkSets and HostEndpoints of all
+nodes (ipset members are cluster-wide), Profiles (`kns.<ns>` carries the namespace's labels,
+`ksa.<ns>.<sa>` the service account's), Tiers, NetworkPolicies and GlobalNetworkPolicies. It
+produces:
 
-  * for each LOCAL endpoint (spec.node == this node) the ordered ingress / egress policy ids and
-    its existing profiles (`render.EndpointChains`);
+  * for each LOCAL workload endpoint (spec.node == this node) its tiers of ordered ingress /
+    egress policy ids and its existing profiles (`render.EndpointChains`); preDNAT and
+    doNotTrack policies never apply to workloads;
+  * for each active LOCAL host endpoint its normal, applyOnForward, preDNAT and doNotTrack tiers
+    and profiles (`render.HostEndpointChains`); one host endpoint per interface (the first by
+    name, as Felix resolves them), one `*` host endpoint at most;
   * the active policies (those that apply to at least one local endpoint) and active profiles;
-  * the ipsets the active policies reference, with their members;
-  * all of it rendered as iptables chains (`filter_state()`, a messages.FilterState), for the
-    PolicyManager.
+  * the ipsets the active policies reference, with their members: the addresses of the
+    workloads, network sets (their nets) and host endpoints (their expectedIPs) they select;
+  * all of it rendered as iptables chains of the filter, mangle and raw tables
+    (`filter_state()`, a messages.FilterState), for the PolicyManager.
 
 Synchronous, no I/O. It is incremental because the agent must follow one policy change within
 ~100 ms at 1,000 local endpoints and 500 policies (kube-router's full rebuild per change is what
 we must not be):
 
-  * an endpoint update matches that endpoint against every policy (not every pair);
-  * a policy update matches that policy against every local endpoint;
-  * a namespace label change re-matches the endpoints of that namespace only;
-  * ipset members are kept per (set, endpoint) so an endpoint update touches only its own
-    contribution, and a set is computed over all endpoints only when it first becomes active;
+  * an endpoint update matches that endpoint against its namespace's and the global policies;
+  * a policy update matches that policy against the local endpoints of its namespace (all of
+    them for a GlobalNetworkPolicy);
+  * a namespace or service account label change re-matches the members of that namespace or
+    service account only; a profile's labelsToApply change the host endpoints that list it;
+  * ipset members are kept per (set, member) so an update touches only that member's
+    contribution, and a set is computed over all members only when it first becomes active;
+  * a Tier change re-orders the chains of the local endpoints (tiers change rarely);
   * rendering is memoised by value (a Policy, a Profile, an EndpointChains, the interface set),
     so unchanged chains are the very same objects and the manager diffs them by identity.
 
-An invalid policy, profile or endpoint arrives as a deletion (calc/updates.py decides and logs
-it); an endpoint whose interface name cannot carry a chain is left out and fails closed.
+An invalid resource arrives as a deletion (calc/updates.py decides and logs it); an endpoint
+whose interface name cannot carry a chain is left out and fails closed.
 The invariant (checked by tests/unit/test_calc_policy.py): `filter_state()` equals
 `render.render_filter_table()` over the same index.
 """
@@ -33,21 +43,24 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
-from felixpy.calc.updates import (NAMESPACE_PROFILE_PREFIX, Kind, NamedProfile, Update, WorkloadEndpoint,
-                                  with_namespace_labels)
-from felixpy.messages import FilterState, IPSetState
-from policy import evaluate, render
+from felixpy.calc.updates import (NAMESPACE_PROFILE_PREFIX, IPPool, Kind, NamedProfile, Node, Update,
+                                  WorkloadEndpoint, service_account_of_profile, with_namespace_labels)
+from felixpy.messages import FilterState, IPSetState, TableState
+from policy import calico, evaluate, render
 from policy import ipsets as policy_ipsets
 from policy.iptables import Chain
-from policy.model import Endpoint, Policy, Profile
+from policy.model import ALL_INTERFACES, Endpoint, HostEndpoint, Policy, Profile, Tier
 
 if TYPE_CHECKING:
     from felixpy.calc.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
+
+TABLES = ("filter", "mangle", "raw")
+_HostDispatchMemo = tuple[tuple[render.HostEndpointChains, ...], dict[str, render.TableChains]]
 
 
 def _profile_ref(name: str) -> str:
@@ -56,22 +69,37 @@ def _profile_ref(name: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Workload:
+class _Member:
+    """Something selectors pick out: a workload, a network set or a host endpoint."""
+
     key: str
-    decoded: WorkloadEndpoint  # as stored, kept to rebuild on namespace label changes
-    endpoint: Endpoint  # with its namespace's labels
+    kind: Kind
+    raw: Endpoint  # as decoded, without the labels joined in from namespaces, accounts, profiles
+    endpoint: Endpoint  # as policy matches it
+    iface: str = ""  # workloads: the veth; host endpoints: the interface or "*"
+    node: str | None = None  # workloads and host endpoints
 
     @property
-    def node(self) -> str:
-        return self.decoded.node
+    def namespace(self) -> str | None:
+        return self.raw.namespace
 
     @property
-    def namespace(self) -> str:
-        return self.decoded.namespace
+    def service_account(self) -> tuple[str, str] | None:
+        account = dict(self.raw.labels).get(calico.SERVICE_ACCOUNT_LABEL)
+        if self.kind is not Kind.WORKLOAD_ENDPOINT or account is None or self.raw.namespace is None:
+            return None
+        return (self.raw.namespace, account)
 
-    @property
-    def iface(self) -> str:
-        return self.decoded.iface
+
+def _tiers_of(policies: Iterable[Policy], tiers: Mapping[str, Tier]) -> render.Tiers:
+    return tuple(
+        render.TierPolicies(
+            tier.name, tier.default_action,
+            tuple(p.id for p in group if "Ingress" in p.types),
+            tuple(p.id for p in group if "Egress" in p.types),
+        )
+        for tier, group in evaluate.tiered(policies, tiers)
+    )
 
 
 class PolicyCalc:
@@ -82,37 +110,55 @@ class PolicyCalc:
         self.config = config or render.RenderConfig()
         self.dirty = True
         # -- the index
-        self._workloads: dict[str, _Workload] = {}  # WEP key -> workload (all nodes)
-        self._ns_workloads: dict[str, set[str]] = {}  # namespace -> WEP keys
-        self._profiles: dict[str, Profile] = {}
+        self._members: dict[str, _Member] = {}  # key -> workload / network set / host endpoint (all nodes)
+        self._ns_members: dict[str, set[str]] = {}  # namespace -> member keys
+        self._sa_members: dict[tuple[str, str], set[str]] = {}  # (namespace, account) -> workload keys
+        self._profile_heps: dict[str, set[str]] = {}  # profile -> host endpoint keys listing it
+        self._local_heps: dict[str, dict[str, str]] = {}  # interface -> this node's host endpoints (key -> name)
+        self._profiles: dict[str, Profile] = {calico.DEFAULT_ALLOW_PROFILE: calico.DEFAULT_ALLOW}
         self._ns_labels: dict[str, dict[str, str]] = {}  # from the kns.<ns> profiles
+        self._sa_labels: dict[tuple[str, str], dict[str, str]] = {}  # from the ksa.<ns>.<sa> profiles
+        self._tiers: dict[str, Tier] = {}
         self._policies: dict[str, Policy] = {}  # policy id -> policy
         # A NetworkPolicy only ever selects endpoints of its own namespace: matching an endpoint
         # needs its namespace's policies and the global ones, not all of them.
         self._ns_policies: dict[str | None, set[str]] = {}  # namespace (None: global) -> ids
         self._policy_ids: dict[str, str] = {}  # datastore key -> policy id
-        # -- local endpoints and which policies apply to them
-        self._matches: dict[str, set[str]] = {}  # local WEP key -> policy ids that apply
-        self._applied_to: dict[str, set[str]] = {}  # policy id -> local WEP keys (non-empty = active)
-        self._endpoint_chains: dict[str, render.EndpointChains] = {}  # local WEP key -> ...
+        # -- local policed endpoints (workloads and host endpoints) and which policies apply
+        self._matches: dict[str, set[str]] = {}  # local key -> policy ids that apply
+        self._applied_to: dict[str, set[str]] = {}  # policy id -> local keys (non-empty = active)
+        self._endpoint_chains: dict[str, render.EndpointChains] = {}  # local workload key -> ...
+        self._host_chains: dict[str, render.HostEndpointChains] = {}  # local host endpoint key -> ...
         self._dirty_local: set[str] = set()
         # -- ipsets
         self._set_specs: dict[str, policy_ipsets.IPSetSpec] = {}  # active sets
         self._set_refs: dict[str, set[str]] = {}  # set name -> active policy ids using it
         self._policy_sets: dict[str, dict[str, policy_ipsets.IPSetSpec]] = {}  # active policy id -> its sets
-        self._set_contrib: dict[str, dict[str, frozenset[str]]] = {}  # set -> WEP key -> members
+        self._set_contrib: dict[str, dict[str, frozenset[str]]] = {}  # set -> member key -> members
         self._set_counts: dict[str, Counter[str]] = {}
         self._set_cache: dict[str, IPSetState] = {}
         self._new_sets: set[str] = set()
-        self._dirty_members: set[str] = set()  # WEP keys whose contributions must be recomputed
+        self._dirty_members: set[str] = set()  # member keys whose contributions must be recomputed
         self._active_profiles: dict[str, Profile] = {}  # profiles local endpoint chains jump to
         # -- rendering memos (value -> chains)
         self._policy_memo: dict[str, tuple[Policy, tuple[Chain, ...]]] = {}
         self._profile_memo: dict[str, tuple[Profile, tuple[Chain, ...]]] = {}
         self._ep_memo: dict[str, tuple[render.EndpointChains, tuple[Chain, ...]]] = {}
+        self._hep_memo: dict[str, tuple[render.HostEndpointChains, render.HostChains]] = {}
         self._dispatch_memo: tuple[frozenset[str], tuple[Chain, ...]] | None = None
-        self._static = tuple(render.static_chains(self.config))
-        self._jumps = {b: tuple(rules) for b, rules in render.jump_rules().items()}
+        self._hep_dispatch_memo: _HostDispatchMemo | None = None
+        # Encapsulated traffic between nodes is allowed before host endpoint policy: which
+        # encapsulations the enabled pools use, and every node's address.
+        self._pool_encap: dict[str, render.HostEncap] = {}
+        self._node_ips: dict[str, str] = {}
+        self._encap = render.HostEncap()
+        self._static = {
+            "filter": tuple(render.static_chains(self.config)),
+            "mangle": tuple(render.mangle_static_chains(self.config)),
+            "raw": tuple(render.raw_static_chains(self.config)),
+        }
+        self._jumps = {t: {b: tuple(rules) for b, rules in render.table_jump_rules(t).items()} for t in TABLES}
+        self._warned: set[str] = set()
 
     # -- input -----------------------------------------------------------------------------
     def register_with(self, dispatcher: Dispatcher) -> None:
@@ -120,42 +166,138 @@ class PolicyCalc:
         dispatcher.register(Kind.PROFILE, self.on_profile)
         dispatcher.register(Kind.NETWORK_POLICY, self.on_policy)
         dispatcher.register(Kind.GLOBAL_NETWORK_POLICY, self.on_policy)
+        dispatcher.register(Kind.TIER, self.on_tier)
+        dispatcher.register(Kind.NETWORK_SET, self.on_network_set)
+        dispatcher.register(Kind.GLOBAL_NETWORK_SET, self.on_network_set)
+        dispatcher.register(Kind.HOST_ENDPOINT, self.on_host_endpoint)
+        dispatcher.register(Kind.IP_POOL, self.on_pool)
+        dispatcher.register(Kind.NODE, self.on_node)
+
+    def on_pool(self, update: Update[IPPool]) -> None:
+        pool = update.value
+        if pool is None or pool.disabled or ":" in pool.cidr:  # our rules are IPv4
+            self._pool_encap.pop(update.key, None)
+        else:
+            self._pool_encap[update.key] = render.HostEncap(vxlan=pool.vxlan_mode != "Never",
+                                                            ipip=pool.ipip_mode != "Never")
+        encap = render.HostEncap(vxlan=any(e.vxlan for e in self._pool_encap.values()),
+                                 ipip=any(e.ipip for e in self._pool_encap.values()))
+        if encap != self._encap:
+            self._encap = encap
+            self._static["filter"] = tuple(render.static_chains(self.config, encap))
+            self.dirty = True
+
+    def on_node(self, update: Update[Node]) -> None:
+        address = update.value.ipv4 if update.value is not None else None
+        if address is None:
+            changed = self._node_ips.pop(update.key, None) is not None
+        else:
+            changed = self._node_ips.get(update.key) != address
+            self._node_ips[update.key] = address
+        if changed:
+            self._set_cache.pop(render.ALL_HOSTS_SET, None)
+            self.dirty = True
 
     def on_workload(self, update: Update[WorkloadEndpoint]) -> None:
-        workload = None
+        member = None
         if update.value is not None:
-            workload = self._workload_from(update.key, update.value)
-        self._set_workload(update.key, workload)
+            decoded = update.value
+            member = self._joined(_Member(update.key, Kind.WORKLOAD_ENDPOINT, decoded.endpoint, decoded.endpoint,
+                                          decoded.iface, decoded.node))
+        self._set_member(update.key, member)
         self.dirty = True
 
-    def _workload_from(self, key: str, decoded: WorkloadEndpoint) -> _Workload:
-        labels = self._ns_labels.get(decoded.namespace, {})
-        return _Workload(key, decoded, with_namespace_labels(decoded.endpoint, labels))
+    def on_network_set(self, update: Update[Endpoint]) -> None:
+        member = None
+        if update.value is not None:
+            member = self._joined(_Member(update.key, update.kind, update.value, update.value))
+        self._set_member(update.key, member)
+        self.dirty = True
+
+    def on_host_endpoint(self, update: Update[HostEndpoint]) -> None:
+        member = None
+        if update.value is not None:
+            hep = update.value
+            member = self._joined(_Member(update.key, Kind.HOST_ENDPOINT, hep.endpoint, hep.endpoint,
+                                          hep.iface, hep.node))
+        # One host endpoint per interface is in force (the first by name, as Felix resolves
+        # them); the others are not policed and reference nothing, until they win.
+        old = self._members.get(update.key)
+        touched = set()
+        if old is not None and old.node == self.node_name:
+            self._local_heps.get(old.iface, {}).pop(update.key, None)
+            touched.add(old.iface)
+        if member is not None and member.node == self.node_name:
+            self._local_heps.setdefault(member.iface, {})[update.key] = member.raw.name
+            touched.add(member.iface)
+        self._set_member(update.key, member)
+        for iface in sorted(touched):
+            for key in sorted(self._local_heps.get(iface, {})):
+                if key != update.key and self._is_local(self._members[key]) != (key in self._matches):
+                    self._set_member(key, self._members[key])
+        self.dirty = True
+
+    def _joined(self, member: _Member) -> _Member:
+        """The member as policy matches it: the labels it inherits joined in."""
+        raw = member.raw
+        if member.kind is Kind.HOST_ENDPOINT:
+            inherited: dict[str, str] = {}
+            for name in reversed(raw.profiles):
+                profile = self._profiles.get(name)
+                if profile is not None:
+                    inherited.update(profile.labels_to_apply)
+            labels = tuple(sorted(inherited.items()))
+            endpoint = raw if labels == raw.profile_labels else replace(raw, profile_labels=labels)
+            return replace(member, endpoint=endpoint)
+        if raw.namespace is None:
+            return member  # a GlobalNetworkSet: its own labels only
+        ns_labels = self._ns_labels.get(raw.namespace, {})
+        account = member.service_account
+        sa_labels = self._sa_labels.get(account) if account is not None else None
+        return replace(member, endpoint=with_namespace_labels(raw, ns_labels, sa_labels))
 
     def on_profile(self, update: Update[NamedProfile]) -> None:
         name = update.name
-        profile = update.value.profile if update.value is not None else None
-        labels = update.value.namespace_labels if update.value is not None else None
+        value = update.value
+        profile = value.profile if value is not None else None
+        old = self._profiles.get(name)
         if profile is None:
-            self._profiles.pop(name, None)
-        else:
+            if name == calico.DEFAULT_ALLOW_PROFILE:
+                profile = calico.DEFAULT_ALLOW  # built in: a stored one only overrides it
+            else:
+                self._profiles.pop(name, None)
+        if profile is not None:
             self._profiles[name] = profile
         # Endpoints that reference the profile: their profile list (existing profiles only) may change.
-        for key, workload in self._workloads.items():
-            if key in self._matches and name in workload.endpoint.profiles:
+        for key in self._matches:
+            if name in self._members[key].endpoint.profiles:
                 self._dirty_local.add(key)
+        if (old.labels_to_apply if old else ()) != (profile.labels_to_apply if profile else ()):
+            self._rejoin(self._profile_heps.get(name, ()))
         if name.startswith(NAMESPACE_PROFILE_PREFIX):
             namespace = name[len(NAMESPACE_PROFILE_PREFIX):]
+            labels = value.namespace_labels if value is not None else None
             if (labels or {}) != self._ns_labels.get(namespace, {}):
                 if labels is None:
                     self._ns_labels.pop(namespace, None)
                 else:
                     self._ns_labels[namespace] = dict(labels)
-                # The namespace's labels are part of each of its endpoints: rebuild them.
-                for key in sorted(self._ns_workloads.get(namespace, ())):
-                    old = self._workloads[key]
-                    self._set_workload(key, self._workload_from(key, old.decoded))
+                # The namespace's labels are part of each of its members: rebuild them.
+                self._rejoin(self._ns_members.get(namespace, ()))
+        account = value.service_account if value is not None else service_account_of_profile(name)
+        if account is not None:
+            sa_labels = value.sa_labels if value is not None else None
+            if (sa_labels or {}) != self._sa_labels.get(account, {}):
+                if sa_labels is None:
+                    self._sa_labels.pop(account, None)
+                else:
+                    self._sa_labels[account] = dict(sa_labels)
+                self._rejoin(self._sa_members.get(account, ()))
         self.dirty = True
+
+    def _rejoin(self, keys_: Iterable[str]) -> None:
+        for key in sorted(keys_):
+            self._set_member(key, self._joined(self._members[key]))
 
     def on_policy(self, update: Update[Policy]) -> None:
         new = update.value
@@ -168,31 +310,70 @@ class PolicyCalc:
             self._set_policy(new.id, new)
         self.dirty = True
 
-    # -- index maintenance -----------------------------------------------------------------
-    def _is_local(self, workload: _Workload | None) -> bool:
-        return workload is not None and workload.node == self.node_name
-
-    def _set_workload(self, key: str, workload: _Workload | None) -> None:
-        old = self._workloads.get(key)
-        if old is not None:
-            self._ns_workloads.get(old.namespace, set()).discard(key)
-        if workload is None:
-            self._workloads.pop(key, None)
+    def on_tier(self, update: Update[Tier]) -> None:
+        if update.value is None:
+            self._tiers.pop(update.name, None)
         else:
-            self._workloads[key] = workload
-            self._ns_workloads.setdefault(workload.namespace, set()).add(key)
+            self._tiers[update.name] = update.value
+        # Tier order and default action shape the chains of every local endpoint with a policy.
+        self._dirty_local |= {key for key, pids in self._matches.items() if pids}
+        self.dirty = True
+
+    # -- index maintenance -----------------------------------------------------------------
+    def _is_local(self, member: _Member | None) -> bool:
+        """A workload of this node, or the host endpoint of this node in force on its interface."""
+        if member is None or member.node != self.node_name:
+            return False
+        if member.kind is Kind.HOST_ENDPOINT:
+            on_iface = self._local_heps.get(member.iface, {})
+            return bool(on_iface) and min(on_iface.items(), key=lambda item: (item[1], item[0]))[0] == member.key
+        return member.kind is Kind.WORKLOAD_ENDPOINT
+
+    def _wanted(self, policy: Policy, member: _Member) -> bool:
+        """Does this policy apply to this local endpoint in some chain of it?"""
+        if member.kind is Kind.WORKLOAD_ENDPOINT:
+            if not policy.for_workloads:
+                return False
+        elif policy.do_not_track and member.iface == ALL_INTERFACES:
+            if policy.id not in self._warned:
+                self._warned.add(policy.id)
+                log.warning("doNotTrack policy is not supported for a host endpoint with interfaceName * "
+                            "(as in Calico); ignoring it there policy=%s", policy.id)
+            return False
+        return evaluate.applies(policy, member.endpoint)
+
+    def _set_member(self, key: str, member: _Member | None) -> None:
+        old = self._members.get(key)
+        if old is not None:
+            if old.namespace is not None:
+                self._ns_members.get(old.namespace, set()).discard(key)
+            if old.service_account is not None:
+                self._sa_members.get(old.service_account, set()).discard(key)
+            if old.kind is Kind.HOST_ENDPOINT:
+                for name in old.raw.profiles:
+                    self._profile_heps.get(name, set()).discard(key)
+        if member is None:
+            self._members.pop(key, None)
+        else:
+            self._members[key] = member
+            if member.namespace is not None:
+                self._ns_members.setdefault(member.namespace, set()).add(key)
+            if member.service_account is not None:
+                self._sa_members.setdefault(member.service_account, set()).add(key)
+            if member.kind is Kind.HOST_ENDPOINT:
+                for name in member.raw.profiles:
+                    self._profile_heps.setdefault(name, set()).add(key)
         self._dirty_members.add(key)
-        was_local, is_local = key in self._matches, self._is_local(workload)
+        was_local, is_local = key in self._matches, self._is_local(member)
         if not was_local and not is_local:
             return
         self._dirty_local.add(key)
         before = self._matches.pop(key, set())
         after: set[str] = set()
         if is_local:
-            assert workload is not None
-            ep = workload.endpoint
-            candidates = self._ns_policies.get(ep.namespace, set()) | self._ns_policies.get(None, set())
-            after = {pid for pid in candidates if evaluate.applies(self._policies[pid], ep)}
+            assert member is not None
+            candidates = self._ns_policies.get(member.namespace, set()) | self._ns_policies.get(None, set())
+            after = {pid for pid in candidates if self._wanted(self._policies[pid], member)}
             self._matches[key] = after
         for pid in before - after:
             self._unapply(pid, key)
@@ -227,16 +408,17 @@ class PolicyCalc:
         else:
             self._policies[pid] = policy
             self._ns_policies.setdefault(policy.namespace, set()).add(pid)
-            candidates = self._matches if policy.namespace is None else (
-                self._ns_workloads.get(policy.namespace, set()) & self._matches.keys())
+            candidates = self._matches.keys() if policy.namespace is None else (
+                self._ns_members.get(policy.namespace, set()) & self._matches.keys())
             for key in candidates:
-                if evaluate.applies(policy, self._workloads[key].endpoint):
+                if self._wanted(policy, self._members[key]):
                     after.add(key)
         for key in before - after:
             self._matches[key].discard(pid)
         for key in after - before:
             self._matches[key].add(pid)
-        # Order and types shape every selected endpoint's chain, not only the newly selected ones.
+        # Order, tier, kind and types shape every selected endpoint's chain, not only the newly
+        # selected ones.
         self._dirty_local |= before | after
         if before and after:
             assert policy is not None
@@ -282,7 +464,7 @@ class PolicyCalc:
             self._new_sets.discard(name)
 
     @staticmethod
-    def _members(spec: policy_ipsets.IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:
+    def _members_of(spec: policy_ipsets.IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:
         return policy_ipsets.ipset_members(spec, endpoints)
 
     def _contribute(self, name: str, key: str, members: frozenset[str]) -> None:
@@ -306,13 +488,13 @@ class PolicyCalc:
         for name in sorted(self._new_sets):
             spec = self._set_specs[name]
             namespace = spec.match.namespace if spec.match is not None else None
-            scope = self._workloads.keys() if namespace is None else self._ns_workloads.get(namespace, set())
+            scope = self._members.keys() if namespace is None else self._ns_members.get(namespace, set())
             for key in scope:
-                found = self._members(spec, (self._workloads[key].endpoint,))
+                found = self._members_of(spec, (self._members[key].endpoint,))
                 if found:
                     self._contribute(name, key, frozenset(found))
         for key in self._dirty_members:
-            changed = self._workloads.get(key)
+            changed = self._members.get(key)
             endpoints = () if changed is None else (changed.endpoint,)
             for name, spec in self._set_specs.items():
                 if name in self._new_sets:
@@ -320,7 +502,7 @@ class PolicyCalc:
                 members: frozenset[str] = frozenset()  # also: a namespace-scoped set, other namespace
                 if endpoints and (spec.match is None or spec.match.namespace is None
                                   or spec.match.namespace == endpoints[0].namespace):
-                    members = frozenset(self._members(spec, endpoints))
+                    members = frozenset(self._members_of(spec, endpoints))
                 self._contribute(name, key, members)
         self._new_sets.clear()
         self._dirty_members.clear()
@@ -328,21 +510,25 @@ class PolicyCalc:
     # -- outputs ---------------------------------------------------------------------------
     def _flush(self) -> None:
         for key in self._dirty_local:
+            self._endpoint_chains.pop(key, None)
+            self._host_chains.pop(key, None)
             if key not in self._matches:
-                self._endpoint_chains.pop(key, None)
                 continue
-            workload = self._workloads[key]
-            if not workload.iface:
-                self._endpoint_chains.pop(key, None)  # not plumbed yet: nothing to police
+            member = self._members[key]
+            if member.kind is Kind.HOST_ENDPOINT:
+                hep = self._host_chains_for(member)
+                if hep is not None:
+                    self._host_chains[key] = hep
                 continue
+            if not member.iface:
+                continue  # not plumbed yet: nothing to police
             try:
-                render.endpoint_chain_name(workload.iface, "Ingress")
+                render.endpoint_chain_name(member.iface, "Ingress")
             except ValueError as err:
                 # Its traffic hits the dispatch chains' "Unknown interface" DROP: fail closed.
                 log.warning("workload endpoint has an unusable interface key=%s error=%s", key, err)
-                self._endpoint_chains.pop(key, None)
                 continue
-            self._endpoint_chains[key] = self._chains_for(workload)
+            self._endpoint_chains[key] = self._chains_for(member)
         self._dirty_local.clear()
         self._flush_profiles()
         self._flush_ipsets()
@@ -350,6 +536,7 @@ class PolicyCalc:
     def _flush_profiles(self) -> None:
         """Profiles some local endpoint jumps to: their ipsets are referenced like a policy's."""
         wanted = {name: self._profiles[name] for ec in self._endpoint_chains.values() for name in ec.profiles}
+        wanted.update((name, self._profiles[name]) for hc in self._host_chains.values() for name in hc.profiles)
         for name in [n for n in self._active_profiles if n not in wanted]:
             del self._active_profiles[name]
             self._deactivate(_profile_ref(name))
@@ -358,20 +545,42 @@ class PolicyCalc:
                 self._active_profiles[name] = profile
                 self._activate_sets(_profile_ref(name), render.ipsets_for_profile(profile))
 
-    def _chains_for(self, workload: _Workload) -> render.EndpointChains:
-        ordered = sorted((self._policies[pid] for pid in self._matches[workload.key]),
-                         key=Policy.sort_key)
-        return render.EndpointChains(
-            iface=workload.iface,
-            ingress=tuple(p.id for p in ordered if "Ingress" in p.types),
-            egress=tuple(p.id for p in ordered if "Egress" in p.types),
-            profiles=tuple(p for p in workload.endpoint.profiles if p in self._profiles),
+    def _existing_profiles(self, member: _Member) -> tuple[str, ...]:
+        return tuple(p for p in member.endpoint.profiles if p in self._profiles)
+
+    def _chains_for(self, member: _Member) -> render.EndpointChains:
+        policies = [self._policies[pid] for pid in self._matches[member.key]]
+        return render.EndpointChains(member.iface, _tiers_of(policies, self._tiers), self._existing_profiles(member))
+
+    def _host_chains_for(self, member: _Member) -> render.HostEndpointChains | None:
+        try:
+            if member.iface != ALL_INTERFACES:
+                render.host_chain_name(render.FROM_HOST_PREFIX, member.iface)
+        except ValueError as err:
+            log.warning("host endpoint has an unusable interface key=%s error=%s", member.key, err)
+            return None
+        policies = [self._policies[pid] for pid in self._matches[member.key]]
+        normal = [p for p in policies if p.for_workloads]
+        return render.HostEndpointChains(
+            iface=member.iface,
+            normal=_tiers_of(normal, self._tiers),
+            forward=_tiers_of((p for p in normal if p.apply_on_forward), self._tiers),
+            pre_dnat=_tiers_of((replace(p, types=p.types & {"Ingress"}) for p in policies if p.pre_dnat),
+                               self._tiers),
+            untracked=_tiers_of((p for p in policies if p.do_not_track), self._tiers),
+            profiles=self._existing_profiles(member),
         )
 
     def endpoint_chains(self) -> dict[str, render.EndpointChains]:
-        """Local WEP key -> the policies and profiles its chains run, in order."""
+        """Local workload key -> the tiers of policies and the profiles its chains run, in order."""
         self._flush()
         return dict(self._endpoint_chains)
+
+    def host_endpoint_chains(self) -> dict[str, render.HostEndpointChains]:
+        """Local host endpoint key -> its chains' policies, for the host endpoints in force: one
+        per interface (the first by name, Felix's rule) and at most one for "*"."""
+        self._flush()
+        return {key: self._host_chains[key] for key in sorted(self._host_chains)}
 
     def active_policies(self) -> dict[str, Policy]:
         self._flush()
@@ -381,10 +590,20 @@ class PolicyCalc:
         self._flush()
         return dict(self._active_profiles)
 
+    def tiers(self) -> dict[str, Tier]:
+        return dict(self._tiers)
+
     def ipsets(self) -> dict[str, IPSetState]:
-        """The sets the active policies reference, with their members (cluster-wide)."""
+        """The sets the active policies reference, with their members (cluster-wide), and the
+        set of node addresses when encapsulated traffic between nodes must be allowed."""
         self._flush()
         out = {}
+        if self._encap.vxlan or self._encap.ipip:
+            state = self._set_cache.get(render.ALL_HOSTS_SET)
+            if state is None:
+                state = IPSetState("hash:net", frozenset(self._node_ips.values()))
+                self._set_cache[render.ALL_HOSTS_SET] = state
+            out[render.ALL_HOSTS_SET] = state
         for name, spec in self._set_specs.items():
             state = self._set_cache.get(name)
             if state is None:
@@ -394,17 +613,17 @@ class PolicyCalc:
         return out
 
     def endpoints(self) -> list[Endpoint]:
-        """Every usable endpoint of the cluster (for explain-style checks and tests)."""
-        return [w.endpoint for w in self._workloads.values()]
+        """Every workload, network set and host endpoint of the cluster (for explain-style checks
+        and tests)."""
+        return [m.endpoint for m in self._members.values()]
 
     def filter_state(self) -> FilterState:
-        """All chains, jump rules and ipsets of the filter table, memoised by value."""
+        """All chains, jump rules and ipsets of the filter, mangle and raw tables, memoised by value."""
         endpoint_chains = self.endpoint_chains()
+        host_chains = self.host_endpoint_chains()
         policies = self.active_policies()
         profiles = self.active_profiles()
-        chains: dict[str, Chain] = {}
-        for chain in self._static:
-            chains[chain.name] = chain
+        tables: dict[str, dict[str, Chain]] = {t: {c.name: c for c in self._static[t]} for t in TABLES}
         by_iface: dict[str, render.EndpointChains] = {}
         for key in sorted(endpoint_chains):
             ec = endpoint_chains[key]
@@ -417,26 +636,60 @@ class PolicyCalc:
         if self._dispatch_memo is None or self._dispatch_memo[0] != ifaces:
             self._dispatch_memo = (ifaces, tuple(render.dispatch_chains(sorted(ifaces), self.config)))
         for chain in self._dispatch_memo[1]:
-            chains[chain.name] = chain
-        for pid, policy in policies.items():
-            for chain in _memoised(self._policy_memo, pid, policy, render.policy_chains):
-                chains[chain.name] = chain
-        for name, profile in profiles.items():
-            for chain in _memoised(self._profile_memo, name, profile, render.profile_chains):
-                chains[chain.name] = chain
+            tables["filter"][chain.name] = chain
+        heps = tuple(host_chains[k] for k in sorted(host_chains))
+        if self._hep_dispatch_memo is None or self._hep_dispatch_memo[0] != heps:
+            self._hep_dispatch_memo = (heps, render.host_dispatch_chains(heps, self.config))
+        for table, dispatch in self._hep_dispatch_memo[1].items():
+            tables[table].update(dispatch.chains)
+        used: dict[str, set[str]] = {t: set() for t in TABLES}
         for ec in by_iface.values():
+            used["filter"].update(ec.policy_ids())
             ememo = self._ep_memo.get(ec.iface)
             if ememo is None or ememo[0] != ec:
                 ememo = (ec, tuple(render.endpoint_chains(ec, policies)))
                 self._ep_memo[ec.iface] = ememo
             for chain in ememo[1]:
-                chains[chain.name] = chain
+                tables["filter"][chain.name] = chain
+        for hc in heps:
+            hmemo = self._hep_memo.get(hc.iface)
+            if hmemo is None or hmemo[0] != hc:
+                hmemo = (hc, render.host_endpoint_chains(hc, policies, known_profiles=profiles))
+                self._hep_memo[hc.iface] = hmemo
+            for table in TABLES:
+                tables[table].update((c.name, c) for c in getattr(hmemo[1], table))
+            normal = set(render.tier_ids(hc.normal))
+            used["filter"] |= normal | set(render.tier_ids(hc.forward))
+            used["mangle"] |= normal | set(render.tier_ids(hc.pre_dnat))
+            if hc.iface != ALL_INTERFACES:
+                used["raw"] |= set(render.tier_ids(hc.untracked))
+        for pid in sorted(set().union(*used.values())):
+            policy = policies.get(pid)
+            if policy is None:
+                continue
+            chains = _memoised(self._policy_memo, pid, policy, render.policy_chains)
+            for table in TABLES:
+                if pid in used[table]:
+                    tables[table].update((c.name, c) for c in chains)
+        hep_profiles = {name for hc in heps for name in hc.profiles}
+        for name, profile in profiles.items():
+            for chain in _memoised(self._profile_memo, name, profile, render.profile_chains):
+                tables["filter"][chain.name] = chain
+                if name in hep_profiles and chain.name.startswith(render.PROFILE_OUT_PREFIX):
+                    tables["mangle"][chain.name] = chain  # host endpoints' mangle egress chains
         # Forget memos of things that went away, so memory follows the cluster.
-        for memo_table, live in ((self._policy_memo, policies), (self._profile_memo, profiles),
-                                 (self._ep_memo, ifaces)):
+        live_heps = {hc.iface for hc in heps}
+        memos: tuple[tuple[dict[str, Any], Any], ...] = (
+            (self._policy_memo, policies), (self._profile_memo, profiles), (self._ep_memo, ifaces),
+            (self._hep_memo, live_heps))
+        for memo_table, live in memos:
             for gone in [k for k in memo_table if k not in live]:
                 del memo_table[gone]
-        return FilterState(chains=chains, jumps=self._jumps, ipsets=self.ipsets())
+        return FilterState(
+            chains=tables["filter"], jumps=self._jumps["filter"], ipsets=self.ipsets(),
+            mangle=TableState(tables["mangle"], self._jumps["mangle"]),
+            raw=TableState(tables["raw"], self._jumps["raw"]),
+        )
 
 
 V = TypeVar("V")

@@ -10,10 +10,13 @@ go away) and never crashes the agent, and every consumer sees the same verdict.
 What "invalid" means per kind is what the consumers need to be true, not the full write-time
 validation of model/resources.py (felixctl and the other writers already ran that): a pool whose
 CIDR does not parse, a node whose spec.bgp.ipv4Address does not, a workload endpoint without
-spec.node or with an address or port policy cannot read. BGPConfiguration and BGPPeer values are
-handed on as stored: the BGP controller interprets them as a set and refuses a bad one by
-keeping its previous configuration and reporting the error (`felixctl node status`), which is
-what an operator needs there, rather than silently peering without it. FelixConfiguration and
+spec.node or with an address or port policy cannot read. Kubernetes Services and EndpointSlices
+(KubernetesService, KubernetesEndpointSlice: the Kubernetes objects, mirrored into etcd by
+felixpy-controllers or read from the API in the Kubernetes datastore) become bgp.services values.
+BGPConfiguration, BGPPeer, BGPFilter and CalicoNodeStatus values are handed on as stored: the BGP
+controller interprets them as a set and refuses a bad one by keeping its previous configuration
+and reporting the error (`felixctl node status`), which is what an operator needs there, rather
+than silently peering without it. FelixConfiguration and
 ClusterInformation are handed on as stored too: the agent's config watch (node/config_watch.py)
 parses each parameter the way startup did, so both read one value the same way.
 """
@@ -26,15 +29,17 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Callable, Container, Generic, Iterable, Mapping, TypeVar, get_args
 
+from bgp.services import EndpointSliceInfo, ServiceInfo
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.ipam.block import Block
 from policy import calico
-from policy.model import Action, Endpoint, Policy, Profile, Rule
+from policy.model import Action, Endpoint, HostEndpoint, Policy, Profile, Rule, Tier
 
 log = logging.getLogger(__name__)
 
 NAMESPACE_PROFILE_PREFIX = "kns."
+SERVICE_ACCOUNT_PROFILE_PREFIX = "ksa."
 
 
 class Kind(StrEnum):
@@ -50,6 +55,15 @@ class Kind(StrEnum):
     GLOBAL_NETWORK_POLICY = "GlobalNetworkPolicy"
     BGP_CONFIGURATION = "BGPConfiguration"
     BGP_PEER = "BGPPeer"
+    BGP_FILTER = "BGPFilter"
+    CALICO_NODE_STATUS = "CalicoNodeStatus"
+    # Kubernetes objects the BGP controller advertises (service addresses): Calico's model kinds.
+    KUBERNETES_SERVICE = "KubernetesService"
+    KUBERNETES_ENDPOINT_SLICE = "KubernetesEndpointSlice"
+    TIER = "Tier"
+    NETWORK_SET = "NetworkSet"
+    GLOBAL_NETWORK_SET = "GlobalNetworkSet"
+    HOST_ENDPOINT = "HostEndpoint"
     FELIX_CONFIGURATION = "FelixConfiguration"
     CLUSTER_INFORMATION = "ClusterInformation"
 
@@ -63,6 +77,14 @@ _RESOURCE_KINDS = {
     "globalnetworkpolicies": Kind.GLOBAL_NETWORK_POLICY,
     "bgpconfigurations": Kind.BGP_CONFIGURATION,
     "bgppeers": Kind.BGP_PEER,
+    "bgpfilters": Kind.BGP_FILTER,
+    "caliconodestatuses": Kind.CALICO_NODE_STATUS,
+    "kubernetesservices": Kind.KUBERNETES_SERVICE,
+    "kubernetesendpointslices": Kind.KUBERNETES_ENDPOINT_SLICE,
+    "tiers": Kind.TIER,
+    "networksets": Kind.NETWORK_SET,
+    "globalnetworksets": Kind.GLOBAL_NETWORK_SET,
+    "hostendpoints": Kind.HOST_ENDPOINT,
     "felixconfigurations": Kind.FELIX_CONFIGURATION,
     "clusterinformations": Kind.CLUSTER_INFORMATION,
 }
@@ -138,10 +160,21 @@ class WorkloadEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class NamedProfile:
-    """A Profile; for `kns.<ns>` also the labels it gives the namespace's pods (else None)."""
+    """A Profile; for `kns.<ns>` also the labels it gives the namespace's pods (else None), for
+    `ksa.<ns>.<sa>` the service account and the labels it gives the pods running as it."""
 
     profile: Profile
     namespace_labels: Mapping[str, str] | None
+    service_account: tuple[str, str] | None = None  # (namespace, name)
+    sa_labels: Mapping[str, str] | None = None
+
+
+def service_account_of_profile(name: str) -> tuple[str, str] | None:
+    """(namespace, service account) of a `ksa.<ns>.<sa>` profile name (namespaces have no dots)."""
+    if not name.startswith(SERVICE_ACCOUNT_PROFILE_PREFIX):
+        return None
+    namespace, dot, account = name[len(SERVICE_ACCOUNT_PROFILE_PREFIX):].partition(".")
+    return (namespace, account) if dot and namespace and account else None
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -273,9 +306,11 @@ def _profile(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> NamedProfile:
     labels = None
     if parsed.name.startswith(NAMESPACE_PROFILE_PREFIX):
         labels = dict(calico.namespace_labels_from_profile(resource))
+    account = service_account_of_profile(parsed.name)
+    sa_labels = dict(calico.service_account_labels_from_profile(resource)) if account else None
     profile = calico.profile_from_resource(resource)
     _check_actions(profile.ingress + profile.egress)
-    return NamedProfile(profile, labels)
+    return NamedProfile(profile, labels, account, sa_labels)
 
 
 def _policy(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Policy]:
@@ -286,10 +321,43 @@ def _policy(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Policy]
     return decode_policy
 
 
+def _tier(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Tier:
+    return calico.tier_from_resource(_resource(Kind.TIER, parsed, value))
+
+
+def _network_set(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Endpoint]:
+    def decode_network_set(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Endpoint:
+        # Without its namespace's labels: joining those in is the policy calc's job.
+        return calico.network_set_from_resource(_resource(kind, parsed, value), {})
+    return decode_network_set
+
+
+def _host_endpoint(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> HostEndpoint:
+    # Without its profiles' labels: the policy calc joins those in (it has the profiles).
+    return calico.host_endpoint_from_resource(_resource(Kind.HOST_ENDPOINT, parsed, value))
+
+
 def _as_stored(kind: Kind) -> Callable[[keys.ParsedKey, Mapping[str, Any]], Mapping[str, Any]]:
     def decode_stored(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> Mapping[str, Any]:
         return _resource(kind, parsed, value)
     return decode_stored
+
+
+def _kubernetes_object(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    meta = dict(value.get("metadata") or {})
+    meta.setdefault("name", parsed.name)
+    meta.setdefault("namespace", parsed.namespace)
+    return {**value, "metadata": meta}
+
+
+def _kubernetes_service(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> ServiceInfo:
+    return ServiceInfo.from_object(_kubernetes_object(parsed, value))
+
+
+def _kubernetes_endpoint_slice(parsed: keys.ParsedKey, value: Mapping[str, Any]) -> EndpointSliceInfo:
+    return EndpointSliceInfo.from_object(_kubernetes_object(parsed, value))
 
 
 _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
@@ -303,12 +371,25 @@ _DECODERS: dict[Kind, Callable[[keys.ParsedKey, Any], Any]] = {
     Kind.GLOBAL_NETWORK_POLICY: _policy(Kind.GLOBAL_NETWORK_POLICY),
     Kind.BGP_CONFIGURATION: _as_stored(Kind.BGP_CONFIGURATION),
     Kind.BGP_PEER: _as_stored(Kind.BGP_PEER),
+    Kind.BGP_FILTER: _as_stored(Kind.BGP_FILTER),
+    Kind.CALICO_NODE_STATUS: _as_stored(Kind.CALICO_NODE_STATUS),
+    Kind.KUBERNETES_SERVICE: _kubernetes_service,
+    Kind.KUBERNETES_ENDPOINT_SLICE: _kubernetes_endpoint_slice,
+    Kind.TIER: _tier,
+    Kind.NETWORK_SET: _network_set(Kind.NETWORK_SET),
+    Kind.GLOBAL_NETWORK_SET: _network_set(Kind.GLOBAL_NETWORK_SET),
+    Kind.HOST_ENDPOINT: _host_endpoint,
     Kind.FELIX_CONFIGURATION: _as_stored(Kind.FELIX_CONFIGURATION),
     Kind.CLUSTER_INFORMATION: _as_stored(Kind.CLUSTER_INFORMATION),
 }
 
 
-def with_namespace_labels(endpoint: Endpoint, labels: Mapping[str, str]) -> Endpoint:
-    """The endpoint as policy matches it: with its namespace's labels joined in."""
+def with_namespace_labels(endpoint: Endpoint, labels: Mapping[str, str],
+                          sa_labels: Mapping[str, str] | None = None) -> Endpoint:
+    """The endpoint as policy matches it: with its namespace's (and its service account's)
+    labels joined in."""
     joined = tuple(sorted((str(k), str(v)) for k, v in labels.items()))
-    return endpoint if joined == endpoint.namespace_labels else replace(endpoint, namespace_labels=joined)
+    sa = tuple(sorted((str(k), str(v)) for k, v in (sa_labels or {}).items()))
+    if joined == endpoint.namespace_labels and sa == endpoint.sa_labels:
+        return endpoint
+    return replace(endpoint, namespace_labels=joined, sa_labels=sa)

@@ -9,7 +9,9 @@ Gone or a broken stream):
 | Namespace `<ns>` | Profile `kns.<ns>`: allow all, `labelsToApply` `pcns.<label>` + `pcns.projectcalico.org/name` |
 | ServiceAccount `<ns>/<sa>` | Profile `ksa.<ns>.<sa>`: no rules, `labelsToApply` `pcsa.<label>` + `pcsa.projectcalico.org/name` |
 | networking.k8s.io NetworkPolicy `<ns>/<name>` | NetworkPolicy `<ns>/knp.default.<name>` (policy/k8s.py) |
-| Pod `<ns>/<pod>` on node `<n>` | labels and named ports of the existing WorkloadEndpoint `<n>-k8s-<pod>-eth0` |
+| Pod `<ns>/<pod>` on node `<n>` | labels, named ports, serviceAccountName of the existing WorkloadEndpoint `<n>-k8s-<pod>-eth0` |
+| Service `<ns>/<name>` | `kubernetesservices/<ns>/<name>`: the fields BGP service advertisement reads |
+| discovery.k8s.io EndpointSlice `<ns>/<name>` | `kubernetesendpointslices/<ns>/<name>`: its Service, endpoints' nodes and readiness |
 
 WorkloadEndpoints are the CNI plugin's: the mirror never creates or deletes one, it only keeps
 the labels (pod labels plus projectcalico.org/namespace, orchestrator, serviceaccount) and named
@@ -138,12 +140,39 @@ def pod_ports(pod: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def endpoint_with_pod(wep: Mapping[str, Any], pod: Mapping[str, Any]) -> dict[str, Any]:
-    """The endpoint value with the pod's labels and named ports; everything else as the CNI
+    """The endpoint value with the pod's labels, named ports and service account (policy's
+    serviceAccounts matches and ksa.<ns>.<sa> labels follow it); everything else as the CNI
     plugin wrote it."""
     out = json.loads(json.dumps(wep))  # a deep copy of plain JSON
     out.setdefault("metadata", {})["labels"] = pod_labels(pod)
-    out.setdefault("spec", {})["ports"] = pod_ports(pod)
+    spec = out.setdefault("spec", {})
+    spec["ports"] = pod_ports(pod)
+    account = (pod.get("spec") or {}).get("serviceAccountName")
+    if account:
+        spec["serviceAccountName"] = str(account)
+    else:
+        spec.pop("serviceAccountName", None)
     return out
+
+
+def service_copy(obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(key, value) of a Service in etcd: the fields BGP service advertisement reads."""
+    from felixpy.datastore.kube_mapping import SERVICE_PLURAL, service_value
+
+    meta = _meta(obj)
+    key = keys.resource_key(SERVICE_PLURAL, str(meta.get("name", "")), str(meta.get("namespace") or "default"))
+    return key, service_value(dict(obj))
+
+
+def endpoint_slice_copy(obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    from felixpy.datastore.kube_mapping import ENDPOINT_SLICE_PLURAL, endpoint_slice_value
+
+    meta = _meta(obj)
+    key = keys.resource_key(ENDPOINT_SLICE_PLURAL, str(meta.get("name", "")), str(meta.get("namespace") or "default"))
+    return key, endpoint_slice_value(dict(obj))
+
+
+COPIED_PLURALS = ("kubernetesservices", "kubernetesendpointslices")
 
 
 def owned_key(key: str) -> bool:
@@ -151,6 +180,8 @@ def owned_key(key: str) -> bool:
     parsed = keys.parse_key(key)
     if parsed.kind != "resource":
         return False
+    if parsed.plural in COPIED_PLURALS:
+        return True
     if parsed.plural == "profiles":
         return parsed.name.startswith((NAMESPACE_PROFILE_PREFIX, SERVICE_ACCOUNT_PROFILE_PREFIX))
     return parsed.plural == "networkpolicies" and parsed.name.startswith(K8S_POLICY_PREFIX)
@@ -172,6 +203,8 @@ SOURCES = (
     Source("serviceaccounts", "/api/v1/serviceaccounts"),
     Source("networkpolicies", "/apis/networking.k8s.io/v1/networkpolicies"),
     Source("pods", "/api/v1/pods"),
+    Source("services", "/api/v1/services"),
+    Source("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices"),
 )
 
 
@@ -441,6 +474,11 @@ class Mirror:
             self._put_or_delete(policy_key(ns, name), value)
         elif kind == "pods" and obj is not None:
             self._label_endpoint(obj)
+        elif kind in ("services", "endpointslices"):
+            plural = COPIED_PLURALS[0] if kind == "services" else COPIED_PLURALS[1]
+            copy = service_copy if kind == "services" else endpoint_slice_copy
+            self._put_or_delete(keys.resource_key(plural, name, ns or "default"),
+                                None if obj is None else copy(obj)[1])
 
     def _put_or_delete(self, key: str, value: dict[str, Any] | None) -> bool:
         """Write value (or delete the key when None); True when the datastore changed."""
@@ -509,6 +547,12 @@ class Mirror:
         for obj in snapshot["networkpolicies"].values():
             key, policy = network_policy(obj)
             wanted[key] = policy
+        for obj in snapshot["services"].values():
+            key, copied = service_copy(obj)
+            wanted[key] = copied
+        for obj in snapshot["endpointslices"].values():
+            key, copied = endpoint_slice_copy(obj)
+            wanted[key] = copied
         written = deleted = 0
         for key, value in wanted.items():
             if self._put_or_delete(key, value):
@@ -516,6 +560,8 @@ class Mirror:
                 deleted += value is None
         existing = self._store.list(keys.resource_prefix("profiles"))[0] + \
             self._store.list(keys.resource_prefix("networkpolicies"))[0]
+        for plural in COPIED_PLURALS:
+            existing += self._store.list(keys.resource_prefix(plural))[0]
         for kv in existing:
             if owned_key(kv.key) and kv.key not in wanted:
                 try:

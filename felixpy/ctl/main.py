@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import felixpy
@@ -212,9 +213,23 @@ def cmd_label(args: argparse.Namespace, store: Datastore) -> int:
     return 0
 
 
-def _load_policy_world(store: Datastore) -> tuple[list[Any], list[Any], list[Any]]:
-    """Endpoints, policies and profiles from the datastore, through the conversions the agent
-    uses. A stored resource that does not convert is skipped with a warning on stderr."""
+@dataclass
+class _PolicyWorld:
+    """The stored policy world, through the conversions the agent uses."""
+
+    endpoints: list[Any]  # workload endpoints
+    policies: list[Any]
+    profiles: list[Any]
+    tiers: list[Any]
+    host_endpoints: list[Any]
+    network_sets: list[Any]
+
+
+def _load_policy_world(store: Datastore) -> _PolicyWorld:
+    """Workload endpoints (with their namespace's and service account's labels), policies,
+    profiles (Calico's built-in projectcalico-default-allow too), tiers, host endpoints (with
+    their profiles' labels) and network sets. A stored resource that does not convert is skipped
+    with a warning on stderr."""
     from policy import calico
 
     def converted(kind: str, convert: Any, items: list[dict[str, Any]]) -> list[Any]:
@@ -229,42 +244,88 @@ def _load_policy_world(store: Datastore) -> tuple[list[Any], list[Any], list[Any
         return out
 
     profile_res, _ = ms.list_resources(store, "Profile")
-    namespace_labels = {
-        p["metadata"]["name"][len("kns."):]: calico.namespace_labels_from_profile(p)
-        for p in profile_res
-        if str(p["metadata"].get("name", "")).startswith("kns.")
-    }
-    weps, _ = ms.list_resources(store, "WorkloadEndpoint")
-    endpoints = converted(
-        "WorkloadEndpoint",
-        lambda w: calico.endpoint_from_resources(
-            w, namespace_labels.get((w.get("metadata") or {}).get("namespace") or r.DEFAULT_NAMESPACE, {})),
-        weps,
-    )
+    namespace_labels: dict[str, dict[str, str]] = {}
+    sa_labels: dict[tuple[str, str], dict[str, str]] = {}
+    for p in profile_res:
+        name = str(p["metadata"].get("name", ""))
+        if name.startswith("kns."):
+            namespace_labels[name[len("kns."):]] = calico.namespace_labels_from_profile(p)
+        ns, dot, account = name[len("ksa."):].partition(".") if name.startswith("ksa.") else ("", "", "")
+        if dot and ns and account:
+            sa_labels[(ns, account)] = calico.service_account_labels_from_profile(p)
+
+    def endpoint(wep: dict[str, Any]) -> Any:
+        ns = (wep.get("metadata") or {}).get("namespace") or r.DEFAULT_NAMESPACE
+        base = calico.endpoint_from_resources(wep, {})
+        account = dict(base.labels).get(calico.SERVICE_ACCOUNT_LABEL)
+        return calico.endpoint_from_resources(wep, namespace_labels.get(ns, {}), sa_labels.get((ns, account or "")))
+
+    endpoints = converted("WorkloadEndpoint", endpoint, ms.list_resources(store, "WorkloadEndpoint")[0])
     policy_res = ms.list_resources(store, "NetworkPolicy")[0] + ms.list_resources(store, "GlobalNetworkPolicy")[0]
     policies = converted("policy", calico.policy_from_resource, policy_res)
     profiles = converted("Profile", calico.profile_from_resource, profile_res)
-    return endpoints, policies, profiles
+    if not any(p.name == calico.DEFAULT_ALLOW_PROFILE for p in profiles):
+        profiles.append(calico.DEFAULT_ALLOW)
+    by_name = {p.name: p for p in profiles}
+    tiers = converted("Tier", calico.tier_from_resource, ms.list_resources(store, "Tier")[0])
+    heps = converted("HostEndpoint", lambda h: calico.host_endpoint_from_resource(h, by_name),
+                     ms.list_resources(store, "HostEndpoint")[0])
+    sets = converted("NetworkSet", lambda n: calico.network_set_from_resource(
+        n, namespace_labels.get((n.get("metadata") or {}).get("namespace") or "", {})),
+        ms.list_resources(store, "NetworkSet")[0] + ms.list_resources(store, "GlobalNetworkSet")[0])
+    return _PolicyWorld(endpoints, policies, profiles, tiers, heps, sets)
 
 
-def _find_peer(ref: str, endpoints: list[Any]) -> Any:
-    """An Endpoint for NS/POD or for a pod's IP; any other IP stays a plain address."""
+_HOST_ENDPOINT_PREFIXES = ("hostendpoint/", "hep/")
+
+
+def _find_host_endpoint(ref: str, world: _PolicyWorld) -> Any:
+    name = ref.split("/", 1)[1]
+    for hep in world.host_endpoints:
+        if hep.name == name:
+            return hep
+    raise UserError(f'host endpoint "{name}" not found')
+
+
+def _find_peer(ref: str, world: _PolicyWorld) -> Any:
+    """An Endpoint for NS/POD or for a pod's IP, a HostEndpoint for hostendpoint/NAME or one of
+    its expectedIPs; any other IP stays a plain address."""
     import ipaddress
 
+    if ref.startswith(_HOST_ENDPOINT_PREFIXES):
+        return _find_host_endpoint(ref, world)
     try:
         ip = ipaddress.ip_address(ref)
     except ValueError:
         ns, slash, pod = ref.partition("/")
         if not slash or not ns or not pod:
-            raise UserError(f'"{ref}": expected NAMESPACE/POD or an IP address') from None
-        for ep in endpoints:
+            raise UserError(f'"{ref}": expected NAMESPACE/POD, hostendpoint/NAME or an IP address') from None
+        for ep in world.endpoints:
             if ep.namespace == ns and ep.name == pod:
                 return ep
         raise UserError(f'pod "{ref}" not found: no WorkloadEndpoint for pod "{pod}" in namespace "{ns}"') from None
-    for ep in endpoints:
+    for ep in world.endpoints:
         if any(ipaddress.ip_interface(a).ip == ip for a in ep.ips):
             return ep
+    for hep in sorted(world.host_endpoints, key=lambda h: h.name):
+        if any(ipaddress.ip_address(a) == ip for a in hep.endpoint.ips):
+            return hep
     return str(ip)
+
+
+def _failsafe_ports() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+    """The failsafe ports the agent on this host uses: FELIX_FAILSAFE*HOSTPORTS, else Calico's."""
+    from felixpy.config import ConfigError, load_config
+    from policy.model import DEFAULT_FAILSAFE_INBOUND, DEFAULT_FAILSAFE_OUTBOUND
+
+    env = {k: v for k, v in os.environ.items() if k.upper().startswith("FELIX_FAILSAFE")}
+    if not env:
+        return DEFAULT_FAILSAFE_INBOUND, DEFAULT_FAILSAFE_OUTBOUND
+    try:
+        felix = load_config(env).felix
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    return felix.failsafe_inbound, felix.failsafe_outbound
 
 
 def cmd_policy(args: argparse.Namespace, store: Datastore) -> int:
@@ -279,17 +340,28 @@ def cmd_policy(args: argparse.Namespace, store: Datastore) -> int:
         port = args.port
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: expected 1..65535")
-    endpoints, policies, profiles = _load_policy_world(store)
-    src = _find_peer(args.src, endpoints)
-    dst = _find_peer(args.dst, endpoints)
-    verdict = explain(src, dst, port, proto, policies=policies, profiles=profiles)
+    world = _load_policy_world(store)
+    src = _find_peer(args.src, world)
+    dst = _find_peer(args.dst, world)
+    via = None
+    if args.via:
+        if not args.via.startswith(_HOST_ENDPOINT_PREFIXES):
+            raise UserError(f'--via "{args.via}": expected hostendpoint/NAME')
+        via = _find_host_endpoint(args.via, world)
+    failsafe_in, failsafe_out = _failsafe_ports()
+    verdict = explain(src, dst, port, proto, policies=world.policies, profiles=world.profiles, tiers=world.tiers,
+                      via=via, others=[*world.network_sets, *(h.endpoint for h in world.host_endpoints)],
+                      failsafe_inbound=failsafe_in, failsafe_outbound=failsafe_out)
     if args.output == "json":
         print(json.dumps(verdict.to_dict(), indent=2))
     else:
         what = proto if proto == "icmp" else f"{proto}/{port}"
         print(f"{verdict.src} -> {verdict.dst} {what}: {'ALLOWED' if verdict.allowed else 'DENIED'}")
-        for label, side, dv in (("egress ", verdict.src, verdict.egress), ("ingress", verdict.dst, verdict.ingress)):
-            reason = dv.reason if dv is not None else "not a workload endpoint: not policed here"
+        lines = [("egress ", verdict.src, verdict.egress), ("ingress", verdict.dst, verdict.ingress)]
+        if via is not None:
+            lines.append(("forward", f"via hostendpoint/{via.name}", verdict.forward))
+        for label, side, dv in lines:
+            reason = dv.reason if dv is not None else "not a workload or host endpoint: not policed here"
             print(f"  {label} ({side}): {reason}")
     return 0 if verdict.allowed else 1
 
@@ -450,8 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="is SRC -> DST allowed, and which policy, rule and selector decided it",
         description="Evaluate the stored policies for one connection, as the agent compiles them. "
         "Exits 0 when allowed, 1 when denied.")
-    explain.add_argument("src", metavar="SRC", help="NAMESPACE/POD or an IP address")
-    explain.add_argument("dst", metavar="DST", help="NAMESPACE/POD or an IP address")
+    explain.add_argument("src", metavar="SRC", help="NAMESPACE/POD, hostendpoint/NAME (the host, out through "
+                         "that interface) or an IP address")
+    explain.add_argument("dst", metavar="DST", help="NAMESPACE/POD, hostendpoint/NAME (the host, in through "
+                         "that interface) or an IP address")
+    explain.add_argument("--via", metavar="hostendpoint/NAME",
+                         help="the packet enters the node through this host endpoint and is forwarded to DST "
+                         "(doNotTrack, preDNAT and applyOnForward policy)")
     explain.add_argument("--port", type=int, help="destination port (not for icmp)")
     explain.add_argument("--proto", default="tcp", type=str.lower, choices=("tcp", "udp", "sctp", "icmp"),
                          help="protocol (default tcp)")

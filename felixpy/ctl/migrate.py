@@ -48,8 +48,9 @@ IPAM_KINDS = ("IPAMBlock", "IPAMHandle", "BlockAffinity")  # the order they are 
 
 # Dependency order: pools before nodes and endpoints, policies after the profiles they may name.
 EXPORT_ORDER = (
-    "IPPool", "IPReservation", "BGPPeer", "GlobalNetworkPolicy", "NetworkPolicy", "Profile", "Node",
-    "BGPConfiguration", "FelixConfiguration", "IPAMConfiguration", "WorkloadEndpoint", "ClusterInformation",
+    "IPPool", "IPReservation", "BGPFilter", "BGPPeer", "Tier", "GlobalNetworkPolicy", "NetworkPolicy", "Profile",
+    "GlobalNetworkSet", "NetworkSet", "HostEndpoint", "Node", "BGPConfiguration", "FelixConfiguration",
+    "IPAMConfiguration", "WorkloadEndpoint", "ClusterInformation", "CalicoNodeStatus",
 )
 # Kinds whose presence does not make a target "non-empty": Nodes are the kubelet's in the
 # Kubernetes datastore, the rest are defaults every agent writes at start.

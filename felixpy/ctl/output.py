@@ -96,6 +96,19 @@ def _columns(kind: str, wide: bool, default_as: int) -> list[Column]:
         if wide:
             cols += [("ORDER", _field("order")), ("SELECTOR", _field("selector"))]
         return cols
+    if kind == "Tier":
+        cols = [("NAME", _name), ("ORDER", _field("order"))]
+        return cols + ([("DEFAULTACTION", _field("defaultAction"))] if wide else [])
+    if kind == "HostEndpoint":
+        cols = [("NAME", _name), ("NODE", _field("node"))]
+        if wide:
+            cols += [("INTERFACE", _field("interfaceName")),
+                     ("IPS", lambda res: ",".join(_spec(res).get("expectedIPs") or [])),
+                     ("PROFILES", lambda res: ",".join(_spec(res).get("profiles") or []))]
+        return cols
+    if kind in ("NetworkSet", "GlobalNetworkSet"):
+        cols = ([("NAMESPACE", _namespace)] if kind == "NetworkSet" else []) + [("NAME", _name)]
+        return cols + ([("NETS", lambda res: ",".join(_spec(res).get("nets") or []))] if wide else [])
     if kind == "BGPConfiguration" and wide:
         return [("NAME", _name), ("LOGSEVERITY", _field("logSeverityScreen")),
                 ("MESHENABLED", _field("nodeToNodeMeshEnabled")), ("ASNUMBER", _field("asNumber"))]

@@ -336,7 +336,9 @@ class KubeDatastore:
         return KV(key, converted[1], m.revision_of(obj))
 
     def _read_only(self, what: str, loc: m.Location) -> DatastoreError:
-        source = "Namespace" if loc.kind is m.NAMESPACES else "Kubernetes NetworkPolicy"
+        source = {m.NAMESPACES.id: "Namespace", m.SERVICE_ACCOUNTS.id: "ServiceAccount",
+                  m.SERVICES.id: "Kubernetes Service", m.ENDPOINT_SLICES.id: "Kubernetes EndpointSlice"}.get(
+            loc.kind.id, "Kubernetes NetworkPolicy")
         return DatastoreError(f"{what}: derived from the {source} and read-only in the Kubernetes datastore")
 
     # -- reads -----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ Pure functions and tables, no I/O: kube.py does the HTTP. The layout follows Cal
                                                          labelsToApply, its cni.projectcalico.org/*
                                                          annotations, which the CNI plugin reads)
     .../networkpolicies/<ns>/knp.default.<name>          networking.k8s.io/v1 NetworkPolicy (read-only)
+    .../kubernetesservices/<ns>/<name>                   core v1 Service (read-only; BGP service advertisement)
+    .../kubernetesendpointslices/<ns>/<name>             discovery.k8s.io/v1 EndpointSlice (read-only)
 
 A Kind knows its collection path, which keys it owns, and how to turn one API object into the
 (key, value) it stands for; `locate(key)` finds the Kind and object name a key is stored as.
@@ -35,6 +37,7 @@ CRD_API_VERSION = "crd.projectcalico.org/v1"
 CALICO_API_VERSION = "projectcalico.org/v3"
 CORE_API = "/api/v1"
 NETWORKING_API = "/apis/networking.k8s.io/v1"
+DISCOVERY_API = "/apis/discovery.k8s.io/v1"
 
 # Pod annotations the CNI plugin writes in KDD mode (calico-reference §6.2 step 6).
 ANN_POD_IP = "cni.projectcalico.org/podIP"
@@ -70,10 +73,17 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {
     "networkpolicies": ("NetworkPolicy", True),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", False),
     "clusterinformations": ("ClusterInformation", False),
+    "bgpfilters": ("BGPFilter", False),
+    "caliconodestatuses": ("CalicoNodeStatus", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 K8S_NP_PREFIX = "knp.default."
 PROFILE_PREFIX = "kns."
+SA_PROFILE_PREFIX = "ksa."
 MAX_NAME = 253
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -541,6 +551,32 @@ def _namespace_convert(obj: dict[str, Any]) -> Converted | None:
     return keys.resource_key("profiles", PROFILE_PREFIX + _meta(obj).get("name", "")), profile_value(obj)
 
 
+def sa_profile_name(namespace: str, account: str) -> str:
+    return f"{SA_PROFILE_PREFIX}{namespace}.{account}"
+
+
+def sa_profile_value(obj: dict[str, Any]) -> dict[str, Any]:
+    """The ksa.<ns>.<sa> Profile of a ServiceAccount, as libcalico-go's KDD exposes it: no rules
+    (the namespace profile carries the allow-all), its labels as pcsa.<key> plus
+    pcsa.projectcalico.org/name."""
+    meta = _meta(obj)
+    labels = {f"pcsa.{k}": v for k, v in (meta.get("labels") or {}).items()}
+    labels["pcsa.projectcalico.org/name"] = meta.get("name", "")
+    return {
+        "apiVersion": CALICO_API_VERSION,
+        "kind": "Profile",
+        "metadata": {"name": sa_profile_name(meta.get("namespace", ""), meta.get("name", ""))},
+        "spec": {"labelsToApply": labels},
+    }
+
+
+def _sa_convert(obj: dict[str, Any]) -> Converted | None:
+    meta = _meta(obj)
+    if not meta.get("name") or not meta.get("namespace"):
+        return None
+    return keys.resource_key("profiles", sa_profile_name(meta["namespace"], meta["name"])), sa_profile_value(obj)
+
+
 def _k8s_np_key(obj: dict[str, Any]) -> str | None:
     meta = _meta(obj)
     if not meta.get("name"):
@@ -563,6 +599,69 @@ def _k8s_np_convert(obj: dict[str, Any]) -> Converted | None:
         # The API server validated it; a policy we cannot express is dropped (Calico reports
         # unconvertible rules the same way). kube.py logs it once per resourceVersion.
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Services and EndpointSlices (BGP service advertisement), read-only
+# --------------------------------------------------------------------------------------------
+
+SERVICE_PLURAL = "kubernetesservices"
+ENDPOINT_SLICE_PLURAL = "kubernetesendpointslices"
+
+
+def service_value(obj: dict[str, Any]) -> dict[str, Any]:
+    """A Service as the BGP controller reads it (bgp.services.ServiceInfo): only the fields that
+    decide its advertisement, so that nothing else about it is stored or watched for."""
+    meta, spec = _meta(obj), obj.get("spec") or {}
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    kept = {k: spec[k] for k in ("type", "clusterIP", "clusterIPs", "externalIPs", "externalTrafficPolicy")
+            if spec.get(k) not in (None, "", [])}
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": meta.get("name", ""), "namespace": meta.get("namespace", "")},
+            "spec": kept,
+            "status": {"loadBalancer": {"ingress": [{"ip": i["ip"]} for i in ingress
+                                                    if isinstance(i, dict) and i.get("ip")]}}}
+
+
+def endpoint_slice_value(obj: dict[str, Any]) -> dict[str, Any]:
+    """An EndpointSlice as the BGP controller reads it: its Service, and each endpoint's
+    addresses, node and readiness."""
+    meta = _meta(obj)
+    service = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+    endpoints = []
+    for endpoint in obj.get("endpoints") or []:
+        if not isinstance(endpoint, dict):
+            continue
+        kept: dict[str, Any] = {"addresses": list(endpoint.get("addresses") or [])}
+        if endpoint.get("nodeName"):
+            kept["nodeName"] = endpoint["nodeName"]
+        ready = (endpoint.get("conditions") or {}).get("ready")
+        if ready is not None:
+            kept["conditions"] = {"ready": bool(ready)}
+        endpoints.append(kept)
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": meta.get("name", ""), "namespace": meta.get("namespace", ""),
+                         "labels": {"kubernetes.io/service-name": service} if service else {}},
+            "addressType": obj.get("addressType", "IPv4"), "endpoints": endpoints}
+
+
+def _namespaced_key(plural: str) -> Callable[[dict[str, Any]], str | None]:
+    def key_of(obj: dict[str, Any]) -> str | None:
+        meta = _meta(obj)
+        if not meta.get("name") or not meta.get("namespace"):
+            return None
+        return keys.resource_key(plural, meta["name"], meta["namespace"])
+    return key_of
+
+
+def _service_convert(obj: dict[str, Any]) -> Converted | None:
+    key = _namespaced_key(SERVICE_PLURAL)(obj)
+    return None if key is None else (key, service_value(obj))
+
+
+def _endpoint_slice_convert(obj: dict[str, Any]) -> Converted | None:
+    key = _namespaced_key(ENDPOINT_SLICE_PLURAL)(obj)
+    return None if key is None else (key, endpoint_slice_value(obj))
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,13 +695,22 @@ PODS = _simple("core/pods", CORE_API, "pods", True, keys.resource_prefix("worklo
                derived=True, key_of=_pod_key)
 NAMESPACES = _simple("core/namespaces", CORE_API, "namespaces", False, keys.resource_prefix("profiles"),
                      _namespace_convert, writable=False, derived=True)
+SERVICE_ACCOUNTS = _simple("core/serviceaccounts", CORE_API, "serviceaccounts", True, keys.resource_prefix("profiles"),
+                           _sa_convert, writable=False, derived=True)
 K8S_NETWORK_POLICIES = _simple("networking/networkpolicies", NETWORKING_API, "networkpolicies", True,
                                keys.resource_prefix("networkpolicies"), _k8s_np_convert, writable=False,
                                derived=True, key_of=_k8s_np_key)
+# derived: a Service or EndpointSlice carries more than the fields kept, and changes to the rest
+# are no-ops for us.
+SERVICES = _simple("core/services", CORE_API, "services", True, keys.resource_prefix(SERVICE_PLURAL),
+                   _service_convert, writable=False, derived=True, key_of=_namespaced_key(SERVICE_PLURAL))
+ENDPOINT_SLICES = _simple("discovery/endpointslices", DISCOVERY_API, "endpointslices", True,
+                          keys.resource_prefix(ENDPOINT_SLICE_PLURAL), _endpoint_slice_convert, writable=False,
+                          derived=True, key_of=_namespaced_key(ENDPOINT_SLICE_PLURAL))
 
 ALL_KINDS: tuple[Kind, ...] = (
     *RESOURCE_KINDS.values(), BLOCKS, AFFINITIES, HANDLES, IPAM_CONFIG, NODES, PODS, NAMESPACES,
-    K8S_NETWORK_POLICIES,
+    K8S_NETWORK_POLICIES, SERVICE_ACCOUNTS, SERVICES, ENDPOINT_SLICES,
 )
 
 
@@ -639,6 +747,14 @@ def locate(key: str) -> Location:
             return Location(PODS, wep[2], parsed.namespace, parsed)
         if parsed.plural == "profiles" and parsed.namespace is None and parsed.name.startswith(PROFILE_PREFIX):
             return Location(NAMESPACES, parsed.name[len(PROFILE_PREFIX):], None, parsed)
+        if parsed.plural == "profiles" and parsed.namespace is None and parsed.name.startswith(SA_PROFILE_PREFIX):
+            namespace, dot, account = parsed.name[len(SA_PROFILE_PREFIX):].partition(".")
+            if dot and namespace and account:
+                return Location(SERVICE_ACCOUNTS, account, namespace, parsed)
+        if parsed.plural == SERVICE_PLURAL and parsed.namespace is not None:
+            return Location(SERVICES, parsed.name, parsed.namespace, parsed)
+        if parsed.plural == ENDPOINT_SLICE_PLURAL and parsed.namespace is not None:
+            return Location(ENDPOINT_SLICES, parsed.name, parsed.namespace, parsed)
     elif parsed.kind == "block":
         return Location(BLOCKS, cidr_to_name(parsed.name), None, parsed)
     elif parsed.kind == "affinity":

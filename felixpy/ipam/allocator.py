@@ -110,6 +110,7 @@ class _Progress:
     ips: list[IPv4Address] = field(default_factory=list)
     cap_hit: bool = False  # a claim was wanted but the node owns block_cap blocks
     pool_full: bool = False  # a claim was tried and found no free block CIDR
+    fresh_handle: bool = False  # the handle must not exist yet (until this call first writes it)
 
 
 def _ipv4(ip: str | IPv4Address) -> IPv4Address:
@@ -218,12 +219,16 @@ class IPAM:
         pools: Sequence[str] | None = None,
         use: str = USE_WORKLOAD,
         namespace_labels: Labels | None = None,
+        new_handle: bool = False,
     ) -> list[IPv4Address]:
         """Assign num addresses (pools.py says which pools qualify; reservations are skipped).
 
         use: the pools' allowedUses must include it (Workload for pods, Tunnel for tunnel
         addresses). namespace_labels: the pod's namespace labels for namespaceSelectors, or a
         callable returning them (called only when a pool has a namespaceSelector).
+        new_handle: the caller expects the handle not to exist (a CNI ADD): its first write is
+        then create-only, and an existing handle raises HandleInUseError with nothing assigned,
+        instead of a read before every assignment to find out.
         """
         if num < 1:
             raise IPAMError(f"cannot assign {num} addresses")
@@ -232,7 +237,7 @@ class IPAM:
         config = self._cached_config()
         chosen = self._resolve_pools(pools, node, node_labels, use, attrs.get("namespace"), namespace_labels)
         reserved = self.reservations()
-        progress = _Progress(need=num)
+        progress = _Progress(need=num, fresh_handle=new_handle)
         try:
             self._assign_affine(progress, handle, attrs, node, chosen, config, reserved)
             if progress.need:
@@ -315,9 +320,13 @@ class IPAM:
     def _take(self, progress: _Progress, cidr: str, handle: str, attrs: Mapping[str, str], owner: str | None,
               reserved: Reservations) -> None:
         skip = reserved.overlapping(IPv4Network(cidr)) if reserved else None
-        got = self._assign_from_block(cidr, progress.need, handle, attrs, owner=owner, skip=skip)
+        first = self.handles.create if progress.fresh_handle else self.handles.add
+        got = self._assign_from_block(cidr, progress.need, handle, attrs, owner=owner, skip=skip,
+                                      first_count=first)
         progress.ips.extend(got)
         progress.need -= len(got)
+        if got:
+            progress.fresh_handle = False  # it exists now: later blocks count up
 
     def _assign_from_block(
         self,
@@ -328,8 +337,12 @@ class IPAM:
         *,
         owner: str | None,
         skip: Reservations | None = None,
+        first_count: Callable[[str, str, int], None] | None = None,
     ) -> list[IPv4Address]:
         """Assign up to num addresses from one existing block with CAS; [] if it has no room.
+
+        first_count: the handle write of the first increment (default Handles.add; create-only
+        Handles.create for a handle that must be new, whose failure undoes the block write).
 
         owner: when given, the block must still be affine to that node (the affine and claim
         paths); None for borrowing, which takes from any block. skip: reserved addresses.
@@ -343,6 +356,7 @@ class IPAM:
         """
         counted = 0  # what the handle has been (or is being) incremented by for this block
         in_flight: Future[None] | None = None
+        first = first_count or self.handles.add
 
         def take(value: Any) -> tuple[Any, list[IPv4Address] | None]:
             """-> (write, the addresses taken; None when the block is no longer owner's).
@@ -361,10 +375,10 @@ class IPAM:
                 return KEEP, []
             if want > counted:
                 if counted == 0 and in_flight is None and self._pipeline:
-                    in_flight = self._executor().submit(self.handles.add, handle, cidr, want)
+                    in_flight = self._executor().submit(first, handle, cidr, want)
                 else:
                     in_flight = self._settle(in_flight)
-                    self.handles.add(handle, cidr, want - counted)
+                    (first if counted == 0 else self.handles.add)(handle, cidr, want - counted)
                 counted = want
             ips = block.assign(want, handle, attrs, skip)
             return block.to_json(), ips
@@ -535,13 +549,15 @@ class IPAM:
 
     def release_by_handle(self, handle: str) -> list[IPv4Address]:
         """Release every address of a handle; a missing handle is success (returns [])."""
-        cidrs = self.handles.blocks(handle)
+        kv = self.handles.read(handle)
+        cidrs = self.handles.blocks_of(kv)
         if not cidrs:
             return []
         released: list[IPv4Address] = []
         for cidr in cidrs:
             released.extend(self._release_handle_in_block(cidr, handle))
-        self.handles.drop_blocks(handle, cidrs)
+        # The block writes left the handle as read: delete it against that revision, no re-read.
+        self.handles.drop_blocks(handle, cidrs, current=kv)
         log.info("released by handle handle=%s ips=%s", handle, released)
         return released
 

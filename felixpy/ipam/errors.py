@@ -37,3 +37,7 @@ class InvalidConfigError(IPAMError):
 
 class TooManyConflictsError(IPAMError):
     """A compare-and-swap kept losing races with other writers (bounded retries ran out)."""
+
+
+class HandleInUseError(IPAMError):
+    """auto_assign(new_handle=True) found the handle already there (its holder is asking again)."""

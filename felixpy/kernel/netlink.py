@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
@@ -130,12 +131,22 @@ def get_link_message(ipr: IPRoute, name: str) -> Any | None:
 class Netlink:
     """The real RouteNetlink: one pyroute2 IPRoute socket in the current thread's network namespace."""
 
-    def __init__(self, ipr: IPRoute | None = None) -> None:
+    def __init__(self, ipr: IPRoute | None = None, rtnl_sock: socket.socket | None = None) -> None:
+        """ipr: an IPRoute (in some namespace); None creates one here. rtnl_sock: a NETLINK_ROUTE
+        socket in the same namespace for link lookups; created here too when ipr is None. Without
+        one, links are looked up through pyroute2."""
+        from felixpy.kernel.rtnl import Rtnl  # rtnl imports this module's values
+
         # groups=0: we never read multicast events, so do not let the kernel queue them for us.
         self._ipr = ipr if ipr is not None else IPRoute(groups=0)
+        # Link lookups over raw rtnetlink: pyroute2 costs ~1.5 ms a lookup on this VM, the raw
+        # socket a few microseconds, and a full route resync looks up every pod's veth.
+        self._rtnl = Rtnl(rtnl_sock) if rtnl_sock is not None or ipr is None else None
 
     def close(self) -> None:
         self._ipr.close()
+        if self._rtnl is not None:
+            self._rtnl.close()
 
     def __enter__(self) -> Netlink:
         return self
@@ -144,6 +155,9 @@ class Netlink:
         self.close()
 
     def link_index(self, name: str) -> int | None:
+        if self._rtnl is not None:
+            link = self._rtnl.link(name)
+            return link.index if link is not None else None
         msg = get_link_message(self._ipr, name)
         return int(msg["index"]) if msg is not None else None
 

@@ -7,6 +7,7 @@ interface (design.md §3.1); change them only additively.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -18,8 +19,8 @@ import time
 from typing import Any, Callable
 
 from felixpy.datastore.api import DatastoreError, Unavailable
-from felixpy.lab import kube, pods, procs, state, topology
-from felixpy.lab.state import LabState, NodeState, PodState
+from felixpy.lab import kube, pods, procs, services, state, topology, tor
+from felixpy.lab.state import LabState, NodeState, PodState, ServiceState
 from felixpy.lab.topology import LabUsageError
 
 log = logging.getLogger(__name__)
@@ -250,10 +251,20 @@ def _bgp_sessions(st: LabState, node: NodeState) -> list[dict[str, Any]]:
              "since": p["since"], "routesReceived": p["routesReceived"]} for p in data.get("peers", [])]
 
 
+def _agent_reflects(st: LabState, node: NodeState) -> bool:
+    """An agent node whose Node has a cluster ID: BIRD speaks for it (its status file says so)."""
+    if st.mode != "bgp" or node.route_reflector:
+        return False
+    from felixpy.node.bgp import read_status
+
+    data = read_status(topology.bgp_status_file(st.name, node.name)) or {}
+    return bool(data.get("routeReflector"))
+
+
 def _status_data(st: LabState) -> dict[str, Any]:
     store = pods.open_datastore(st.name)
     try:
-        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": n.route_reflector,
+        nodes = [{"name": n.name, "ip": n.ip, "routeReflector": n.route_reflector or _agent_reflects(st, n),
                   "blocks": pods.status_blocks(store, n.name), "bgp": _bgp_sessions(st, n),
                   "netns": n.netns, "agent": "running" if procs.alive(n.agent_pid) else "stopped",
                   **({"bird": "running" if procs.alive(n.bird_pid) else "stopped"} if n.route_reflector
@@ -267,7 +278,15 @@ def _status_data(st: LabState) -> dict[str, Any]:
                 for p in pods.all_pods(st)]
     data: dict[str, Any] = {"name": st.name, "mode": st.mode, "pool": st.pool, "blockSize": st.block_size,
                             "datastore": st.datastore, "etcd": topology.ETCD_ENDPOINT, "nodes": nodes,
-                            "pods": pod_list}
+                            "pods": pod_list,
+                            "services": [{"namespace": s.namespace, "name": s.name, "type": s.type,
+                                          "clusterIP": s.cluster_ip, "externalIPs": list(s.external_ips),
+                                          "loadBalancerIPs": list(s.load_balancer_ips),
+                                          "externalTrafficPolicy": "Local" if s.local else "Cluster",
+                                          "endpoints": list(s.endpoints)} for s in st.services]}
+    if st.tor is not None:
+        data["tor"] = {"address": topology.FABRIC_IP, "asNumber": st.tor.asn, "originate": list(st.tor.originate),
+                       "bgpd": "running" if procs.alive(st.tor.pid) else "stopped"}
     if st.datastore == "kubernetes":
         data["etcd"] = f"http://127.0.0.1:{kube.ETCD_PORT}"  # in the fabric netns, the API server's
         data["apiServer"] = kube.api_server()
@@ -305,7 +324,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.mode == "bgp":
         rows = [["NODE", "IP", "AGENT", "SPEAKER", "BGP", "BLOCKS"]]
         rows += [[n["name"] + (" (RR)" if n["routeReflector"] else ""), n["ip"], n["agent"],
-                  f"bird {n['bird']}" if n["routeReflector"] else f"exabgp {n['exabgp']}",
+                  f"bird {n['bird']}" if "bird" in n else
+                  f"exabgp {n['exabgp']}" + (" + bird" if n["routeReflector"] else ""),
                   f"{sum(s['state'] == 'Established' for s in n['bgp'])}/{len(n['bgp'])} established",
                   ",".join(n["blocks"]) or "-"] for n in data["nodes"]]
     else:
@@ -322,6 +342,12 @@ def cmd_status(args: argparse.Namespace) -> int:
               _labels_text(p["labels"]), _serve_text(p["serve"])] for p in data["pods"]]
     for line in _table(rows):
         say(line)
+    if st.services:
+        say("")
+        for svc in st.services:
+            say(f"service {svc.ref}: {_service_line(svc)}")
+    if "tor" in data:
+        say(f"ToR {data['tor']['address']} AS {data['tor']['asNumber']}: bgpd {data['tor']['bgpd']}")
     return 0
 
 
@@ -354,6 +380,28 @@ def _ensure_namespace(st: LabState, namespace: str, labels: dict[str, str] | Non
     return new
 
 
+def cmd_sa_add(args: argparse.Namespace) -> int:
+    """A ServiceAccount, as felixpy-controllers mirror one in etcd mode: its ksa.<ns>.<sa> profile
+    (the account's labels, as pcsa.<key>, for policy's service account selectors)."""
+    ref = topology.parse_pod_ref(args.account)
+    labels = topology.parse_labels(args.labels)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if _ensure_namespace(st, ref.namespace, None):
+            say(f"namespace {ref.namespace} created")
+    if st.datastore == "kubernetes":
+        # The ServiceAccount itself: the Kubernetes datastore serves it as the ksa profile.
+        kube.ensure_service_account(pods.kube_api(st.name), ref.namespace, ref.name, labels)
+    else:
+        store = pods.open_datastore(st.name)
+        try:
+            pods.write_profile_value(store, pods.profile_for_service_account(ref.namespace, ref.name, labels))
+        finally:
+            store.close()
+    say(f"service account {ref} written")
+    return 0
+
+
 def cmd_ns_add(args: argparse.Namespace) -> int:
     namespace = topology.check_k8s_name("namespace", args.namespace)
     labels = topology.parse_labels(args.labels)
@@ -382,10 +430,11 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
             raise LabUsageError(f"pod {ref} already exists")
         if _ensure_namespace(st, ref.namespace, None):
             say(f"namespace {ref.namespace} created")
+        account = topology.check_k8s_name("service account", args.service_account) if args.service_account else ""
         pod = PodState(namespace=ref.namespace, name=ref.name, node=node.name,
                        netns=topology.pod_netns(st.name, ref.namespace, ref.name),
                        container_id=secrets.token_hex(32), labels=labels, annotations=annotations,
-                       serve=[f"{p.name}={p.spec()}" for p in served])
+                       serve=[f"{p.name}={p.spec()}" for p in served], service_account=account)
         if pod.netns in procs.netns_list():
             raise LabUsageError(f"netns {pod.netns} already exists (another pod name maps to it)")
         st.pods.append(pod)
@@ -478,7 +527,165 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
         if pod.netns in st.netns:
             st.netns.remove(pod.netns)
         state.save(st)
+        # The EndpointSlice controller's part: the pod is no longer an endpoint of any Service.
+        for svc in services.refresh_for_pod(st, pod):
+            say(f"service {svc.ref}: endpoint {ref} removed")
+        state.save(st)
     say(f"pod {ref} deleted")
+    return 0
+
+
+# --- services -----------------------------------------------------------------------------------
+
+def _endpoint_refs(st: LabState, text: str) -> list[str]:
+    refs = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        ref = topology.parse_pod_ref(item)
+        st.pod(ref.namespace, ref.name)  # must exist
+        refs.append(f"{ref.namespace}/{ref.name}")
+    return refs
+
+
+def _service_line(svc: ServiceState) -> str:
+    parts = [svc.type, f"cluster IP {svc.cluster_ip or '-'}"]
+    if svc.external_ips:
+        parts.append(f"external IPs {','.join(svc.external_ips)}")
+    if svc.load_balancer_ips:
+        parts.append(f"LoadBalancer IPs {','.join(svc.load_balancer_ips)}")
+    parts.append(f"externalTrafficPolicy {'Local' if svc.local else 'Cluster'}")
+    parts.append(f"endpoints {','.join(svc.endpoints) or '-'}")
+    return ", ".join(parts)
+
+
+def cmd_service_add(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.service)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if st.find_service(ref.namespace, ref.name):
+            raise LabUsageError(f"service {ref} already exists (felixpy-lab service del {ref})")
+        if ref.namespace not in st.namespaces:
+            raise LabUsageError(f"namespace {ref.namespace} is not in lab {st.name} (felixpy-lab ns add)")
+        svc = ServiceState(ref.namespace, ref.name, args.type,
+                           cluster_ip=services.parse_ips(args.cluster_ip, "--cluster-ip")[0] if args.cluster_ip else "",
+                           external_ips=services.parse_ips(args.external_ip, "--external-ip"),
+                           load_balancer_ips=services.parse_ips(args.lb_ip, "--lb-ip"), local=args.local,
+                           endpoints=_endpoint_refs(st, args.endpoints))
+        services.check(svc)
+        if st.datastore == "etcd" and not svc.cluster_ip:
+            svc.cluster_ip = services.free_cluster_ip(st)
+        services.write(st, svc, create=True)
+        st.services.append(svc)
+        state.save(st)
+    say(f"service {ref}: {_service_line(svc)}")
+    return 0
+
+
+def cmd_service_endpoints(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.service)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        svc = st.find_service(ref.namespace, ref.name)
+        if svc is None:
+            raise LabUsageError(f"service {ref} is not in lab {st.name} (felixpy-lab service add)")
+        svc.endpoints = _endpoint_refs(st, args.endpoints)
+        services.write(st, svc, create=False)
+        state.save(st)
+    say(f"service {ref}: endpoints {','.join(svc.endpoints) or '-'}")
+    return 0
+
+
+def cmd_service_del(args: argparse.Namespace) -> int:
+    ref = topology.parse_pod_ref(args.service)
+    with state.locked(args.name):
+        st = state.load(args.name)
+        svc = st.find_service(ref.namespace, ref.name)
+        if svc is None:
+            raise LabUsageError(f"service {ref} is not in lab {st.name}")
+        services.delete(st, svc)
+        st.services.remove(svc)
+        state.save(st)
+    say(f"service {ref} deleted")
+    return 0
+
+
+# --- the top-of-rack router -----------------------------------------------------------------------
+
+def _prefixes(text: str) -> list[str]:
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if item:
+            try:
+                out.append(str(ipaddress.IPv4Network(item)))
+            except ValueError:
+                raise LabUsageError(f'--originate "{item}": expected an IPv4 CIDR') from None
+    return out
+
+
+def _tor_peer(asn: int) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": "BGPPeer", "metadata": {"name": tor.PEER_NAME},
+            "spec": {"peerIP": topology.FABRIC_IP, "asNumber": asn}}
+
+
+def cmd_tor(args: argparse.Namespace) -> int:
+    from felixpy.model.store import ApplyError, apply_resources
+
+    with state.locked(args.name):
+        st = state.load(args.name)
+        if args.action == "up":
+            if st.mode != "bgp":
+                raise LabUsageError(f"lab {st.name} runs mode {st.mode}: the ToR needs BGP (--mode bgp)")
+            if st.tor is not None and procs.alive(st.tor.pid):
+                raise LabUsageError(f"the ToR is already up (pid {st.tor.pid}; felixpy-lab tor down)")
+            originate = _prefixes(args.originate)
+            st.tor = state.TorState(asn=args.asn, originate=originate)
+            state.save(st)
+            st.tor.pid = tor.start(st.name, args.asn, originate, st.cross_subnet)
+            state.save(st)
+            if not args.no_peer:
+                store = pods.open_datastore(st.name)
+                try:
+                    apply_resources(store, [_tor_peer(args.asn)], "apply")
+                except ApplyError as e:
+                    raise LabUsageError(str(e)) from None
+                finally:
+                    store.close()
+            say(f"ToR: FRR bgpd in {topology.fabric_netns(st.name)} at {topology.FABRIC_IP}, AS {args.asn} "
+                f"(pid {st.tor.pid}), originating {','.join(originate) or 'nothing'}"
+                + ("" if args.no_peer else f"; BGPPeer {tor.PEER_NAME}: every node peers with it"))
+            return 0
+        if st.tor is None:
+            raise LabUsageError(f"lab {st.name} has no ToR (felixpy-lab tor up)")
+        if args.action == "down":
+            procs.stop_pids({st.tor.pid} & procs.marked_pids(st.name))
+            asn, st.tor = st.tor.asn, None
+            state.save(st)
+            store = pods.open_datastore(st.name)
+            try:
+                apply_resources(store, [_tor_peer(asn)], "delete")
+            except ApplyError:
+                pass  # the peer was replaced or deleted by hand
+            finally:
+                store.close()
+            say("ToR stopped")
+            return 0
+    if args.action == "routes":
+        data: dict[str, Any] = tor.routes(args.name)
+    else:
+        data = tor.sessions(args.name)
+    if args.output == "json":
+        print(json.dumps(data, indent=1))
+        return 0
+    if args.action == "routes":
+        rows = [["PREFIX", "NEXT HOP", "AS PATH", "COMMUNITIES", "BEST"]]
+        rows += [[prefix, p["nextHop"], p["asPath"] or "-",
+                  " ".join(p["communities"] + p["largeCommunities"]) or "-", "*" if p["best"] else ""]
+                 for prefix, paths in data.items() for p in paths]
+    else:
+        rows = [["NODE ADDRESS", "STATE"]] + [[address, state_] for address, state_ in sorted(data.items())]
+    for line in _table(rows):
+        say(line)
     return 0
 
 
@@ -586,20 +793,36 @@ def _finish_probe(proc: subprocess.Popen[str], src: PodState, count: int, timeou
     return [bool(r) for r in result]
 
 
+def _ip_address(text: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
-    src_ref, dst_ref = topology.parse_pod_ref(args.src), topology.parse_pod_ref(args.dst)
+    src_ref = topology.parse_pod_ref(args.src)
     st = state.load(args.name)
-    src, dst = st.pod(src_ref.namespace, src_ref.name), st.pod(dst_ref.namespace, dst_ref.name)
+    src = st.pod(src_ref.namespace, src_ref.name)
     proto = args.proto.lower()
-    target = _targets(proto, args.port, dst)
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
-    for pod in (src, dst):
-        if not pod.ips:
+    if not src.ips:
+        raise LabExit(2, _no_ip(src))
+    # DST may be an address (a node's, a NodePort's): the probe goes there as it would to a pod.
+    address = _ip_address(args.dst)
+    if address is not None:
+        label, target = address, (f"icmp:{address}" if proto == "icmp" else f"{proto}:{address}:{args.port}")
+    else:
+        dst_ref = topology.parse_pod_ref(args.dst)
+        dst = st.pod(dst_ref.namespace, dst_ref.name)
+        if not dst.ips:
             # Not "blocked": nothing was probed. A pod without an address is a broken ADD.
-            raise LabExit(2, _no_ip(pod))
-    assert target is not None
+            raise LabExit(2, _no_ip(dst))
+        found = _targets(proto, args.port, dst)
+        assert found is not None
+        label, target = f"{dst.ref} ({dst.ips[0]})", found
     ok = _finish_probe(_start_probe(st.name, src, [target], args.timeout), src, 1, args.timeout)[0]
-    say(f"{src.ref} -> {dst.ref} ({dst.ips[0]}) {what}: {'connected' if ok else 'blocked'}")
+    say(f"{src.ref} -> {label} {what}: {'connected' if ok else 'blocked'}")
     return 0 if ok else 1
 
 
@@ -866,6 +1089,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
                    help="a namespace annotation, e.g. cni.projectcalico.org/ipv4pools='[\"pool\"]' (repeatable)")
 
+    sa = add("sa", lambda a: 0, "service accounts")
+    sa_sub = sa.add_subparsers(dest="sa_command", metavar="add", required=True)
+    p = sa_sub.add_parser("add", parents=[common], help="add (or relabel) a service account")
+    p.set_defaults(func=cmd_sa_add)
+    p.add_argument("account", metavar="NS/SA")
+    p.add_argument("--labels", default="")
+
     pod = add("pod", lambda a: 0, "pods")
     pod_sub = pod.add_subparsers(dest="pod_command", metavar="add|del", required=True)
     p = pod_sub.add_parser("add", parents=[common], help="add a pod (real CNI ADD)")
@@ -876,6 +1106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", action="append", metavar="KEY=VALUE",
                    help="a pod annotation, e.g. cni.projectcalico.org/ipAddrs='[\"10.244.1.7\"]' (repeatable)")
     p.add_argument("--serve", default="", help="tcp:80,udp:80,web=tcp:8080")
+    p.add_argument("--service-account", default="", metavar="SA",
+                   help="the pod's serviceAccountName (its labels: `sa add`)")
     p = pod_sub.add_parser("del", parents=[common], help="delete a pod (real CNI DEL)")
     p.set_defaults(func=cmd_pod_del)
     p.add_argument("pod", metavar="NS/POD")
@@ -892,7 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("probe", cmd_probe, "one connection attempt: exit 0 connected, 1 blocked")
     p.add_argument("src", metavar="NS/A")
-    p.add_argument("dst", metavar="NS/B")
+    p.add_argument("dst", metavar="NS/B|IP", help="a pod, or an IPv4 address (a node's, a NodePort's)")
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--proto", choices=("tcp", "udp", "icmp"), default="tcp")
     p.add_argument("--timeout", type=float, default=1.0)
@@ -917,6 +1149,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     p.add_argument("--keep", action="store_true", help="leave the run's pods and policies for inspection")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    svc = add("service", lambda a: 0, "Kubernetes Services (addresses advertised over BGP)")
+    svc_sub = svc.add_subparsers(dest="service_command", metavar="add|endpoints|del", required=True)
+    p = svc_sub.add_parser("add", parents=[common], help="add a Service whose endpoints are the pods named")
+    p.set_defaults(func=cmd_service_add)
+    p.add_argument("service", metavar="NS/NAME")
+    p.add_argument("--type", default="ClusterIP", choices=services.TYPES)
+    p.add_argument("--cluster-ip", default="", help="default: allocated from 10.96.0.0/16")
+    p.add_argument("--external-ip", default="", help="spec.externalIPs, comma separated")
+    p.add_argument("--lb-ip", default="", help="status.loadBalancer.ingress IPs (type LoadBalancer)")
+    p.add_argument("--local", action="store_true", help="externalTrafficPolicy: Local")
+    p.add_argument("--endpoints", default="", help="NS/POD,... (ready endpoints on their pods' nodes)")
+    p = svc_sub.add_parser("endpoints", parents=[common], help="set a Service's endpoints (empty: none)")
+    p.set_defaults(func=cmd_service_endpoints)
+    p.add_argument("service", metavar="NS/NAME")
+    p.add_argument("endpoints", nargs="?", default="", metavar="NS/POD,...")
+    p = svc_sub.add_parser("del", parents=[common], help="delete a Service")
+    p.set_defaults(func=cmd_service_del)
+    p.add_argument("service", metavar="NS/NAME")
+
+    p = add("tor", cmd_tor, "the fabric's top-of-rack BGP router (FRR): up, down, routes, sessions")
+    p.add_argument("action", choices=("up", "down", "routes", "sessions"))
+    p.add_argument("--asn", type=int, default=65000)
+    p.add_argument("--originate", default="", help="prefixes the ToR announces, comma separated")
+    p.add_argument("--no-peer", action="store_true", help="do not write the BGPPeer `tor`")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
     p = add("speaker", cmd_speaker, "mode bgp: stop, start or restart one node's ExaBGP (a reflector's BIRD)")
@@ -960,6 +1218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `felixpy-lab status | head`: the reader went away; nothing to report.
+        return 0
 
 
 if __name__ == "__main__":

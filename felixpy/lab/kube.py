@@ -205,6 +205,25 @@ def _map_patch(old: dict[str, str], new: dict[str, str], keep: tuple[str, ...] =
     return patch
 
 
+def ensure_service_account(cp: ControlPlane, namespace: str, name: str, labels: dict[str, str]) -> None:
+    """Create the ServiceAccount or set its labels (the labels given are the labels it has): the
+    Kubernetes datastore serves it as the ksa.<ns>.<sa> profile policy selects by."""
+    path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}"
+    try:
+        current = cp.request("GET", path)
+    except ControlPlaneError as err:
+        if ": 404 " not in str(err):
+            raise KubeLabError(str(err)) from None
+        _call(cp, "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", {
+            "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}})
+        return
+    old = (current.get("metadata") or {}).get("labels") or {}
+    patch: dict[str, Any] = {k: v for k, v in labels.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in labels})
+    if patch:
+        _call(cp, "PATCH", path, {"metadata": {"labels": patch}}, "application/merge-patch+json")
+
+
 def _wait_default_service_account(cp: ControlPlane, namespace: str, timeout: float = 30.0) -> None:
     """The ServiceAccount admission plugin refuses pods until the controller-manager has made the
     namespace's `default` ServiceAccount."""
@@ -231,10 +250,13 @@ def create_pod(cp: ControlPlane, pod: PodState, node_ip: str) -> None:
     container: dict[str, Any] = {"name": "pod", "image": POD_IMAGE}
     if ports:
         container["ports"] = ports
+    spec: dict[str, Any] = {"containers": [container]}
+    if pod.service_account:
+        spec["serviceAccountName"] = pod.service_account  # must exist (`sa add`): admission checks
     _call(cp, "POST", f"/api/v1/namespaces/{pod.namespace}/pods", {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.name, "labels": dict(pod.labels), "annotations": dict(pod.annotations)},
-        "spec": {"containers": [container]}})
+        "spec": spec})
     _call(cp, "POST", f"{pod_path(pod)}/binding", {
         "apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.name},
         "target": {"apiVersion": "v1", "kind": "Node", "name": pod.node}})

@@ -3,10 +3,11 @@
 A pod is a netns plumbed by the real `felixpy-cni` exactly as kubelet runs it (env + stdin, inside
 the node's netns). The agent allocates the IP, plumbs the veth and writes the WorkloadEndpoint;
 the lab then does what Calico's kube-controllers do: it keeps the WorkloadEndpoint's labels and
-named ports in step with the pod (compare-and-swap updates), and keeps one Profile `kns.<ns>` per
-namespace carrying the namespace's labels (and its `cni.projectcalico.org/*` annotations, as the
-Kubernetes datastore and felixpy-controllers' mirror carry them). A pod's annotations reach the
-agent the way containerd and CRI-O pass them to a plugin declaring the capability:
+named ports (and service account) in step with the pod (compare-and-swap updates), and keeps one
+Profile `kns.<ns>` per namespace carrying the namespace's labels (and its `cni.projectcalico.org/*`
+annotations, as the Kubernetes datastore and felixpy-controllers' mirror carry them) and one
+`ksa.<ns>.<sa>` per service account (`sa add`) carrying the account's. A pod's annotations reach
+the agent the way containerd and CRI-O pass them to a plugin declaring the capability:
 `runtimeConfig["io.kubernetes.cri.pod-annotations"]` in the network config of each CNI call.
 """
 
@@ -104,9 +105,20 @@ def profile_for_namespace(namespace: str, labels: dict[str, str],
     }
 
 
+def profile_for_service_account(namespace: str, account: str, labels: dict[str, str]) -> dict[str, Any]:
+    """Calico's `ksa.<ns>.<sa>` profile: no rules, the account's labels for its pods as pcsa.*."""
+    to_apply = {"pcsa.projectcalico.org/name": account, **{f"pcsa.{k}": v for k, v in labels.items()}}
+    return {"apiVersion": "projectcalico.org/v3", "kind": "Profile",
+            "metadata": {"name": f"ksa.{namespace}.{account}"}, "spec": {"labelsToApply": to_apply}}
+
+
 def write_profile(store: Datastore, namespace: str, labels: dict[str, str],
                   annotations: dict[str, str] | None = None) -> None:
-    value = profile_for_namespace(namespace, labels, annotations)
+    write_profile_value(store, profile_for_namespace(namespace, labels, annotations))
+
+
+def write_profile_value(store: Datastore, value: dict[str, Any]) -> None:
+    """Create or update one Profile, compare-and-swap, bounded retries."""
     key = keys.resource_key("profiles", value["metadata"]["name"])
     for _ in range(CAS_ATTEMPTS):
         try:
@@ -210,8 +222,11 @@ def wep_key(pod: PodState) -> str:
 
 
 def wep_labels(pod: PodState) -> dict[str, str]:
-    return {**pod.labels, "projectcalico.org/namespace": pod.namespace,
-            "projectcalico.org/orchestrator": "k8s"}
+    labels = {**pod.labels, "projectcalico.org/namespace": pod.namespace,
+              "projectcalico.org/orchestrator": "k8s"}
+    if pod.service_account:
+        labels["projectcalico.org/serviceaccount"] = pod.service_account
+    return labels
 
 
 def wep_ports(pod: PodState) -> list[dict[str, object]]:
@@ -238,6 +253,10 @@ def sync_workload_endpoint(store: Datastore, pod: PodState, wait: float = 10.0) 
             spec["ports"] = ports
         else:
             spec.pop("ports", None)
+        if pod.service_account:
+            spec["serviceAccountName"] = pod.service_account
+        else:
+            spec.pop("serviceAccountName", None)
         if value == current.value:
             return
         try:

@@ -161,6 +161,11 @@ def _spawn(lab: str, netns: str, argv: list[str], env: dict[str, str], log_path:
     return proc.pid
 
 
+def spawn_in_fabric(lab: str, argv: list[str], log_path: str) -> int:
+    """A process of the lab in its fabric namespace (the ToR's bgpd), marked as the lab's."""
+    return _spawn(lab, topology.fabric_netns(lab), argv, base_env(), log_path)
+
+
 def base_env() -> dict[str, str]:
     env = {"PATH": f"{bin_dir()}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
            "PYTHONUNBUFFERED": "1", "LANG": os.environ.get("LANG", "C.UTF-8")}
@@ -257,6 +262,11 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
             "FELIXPY_EXABGP_PIDFILE": paths["pid"],
             "FELIXPY_BGP_SOCKET": paths["socket"],
             "FELIXPY_BGP_STATUS": topology.bgp_status_file(lab, node),
+            # A node whose Node gets a routeReflectorClusterID runs BIRD for its sessions, started by
+            # its agent (docs/bgp.md): it inherits the lab's mark, so `down` stops it too.
+            "FELIXPY_BIRD_CONFIG": f"{topology.bird_dir(lab, node)}/bird.conf",
+            "FELIXPY_BIRD_SOCKET": f"{topology.bird_dir(lab, node)}/bird.ctl",
+            "FELIXPY_BIRD_START": "true",
         })
     return env
 

@@ -41,10 +41,38 @@ class PodState:
     serve: list[str] = field(default_factory=list)  # "name=proto:port"
     ips: list[str] = field(default_factory=list)
     server_pid: int = 0
+    service_account: str = ""  # the pod's serviceAccountName ("": none)
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class ServiceState:
+    """A Kubernetes Service the lab made (`felixpy-lab service add`), with the pods it selects."""
+
+    namespace: str
+    name: str
+    type: str  # ClusterIP | NodePort | LoadBalancer
+    cluster_ip: str = ""
+    external_ips: list[str] = field(default_factory=list)
+    load_balancer_ips: list[str] = field(default_factory=list)
+    local: bool = False  # externalTrafficPolicy: Local
+    endpoints: list[str] = field(default_factory=list)  # pod refs "ns/pod"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class TorState:
+    """The fabric's top-of-rack BGP router (`felixpy-lab tor up`): FRR's bgpd in the fabric netns."""
+
+    asn: int
+    pid: int = 0
+    originate: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +92,8 @@ class LabState:
     datastore: str = "etcd"  # etcd | kubernetes (a real control plane in the fabric: lab/kube.py)
     kube_pids: dict[str, int] = field(default_factory=dict)  # etcd, kube-apiserver, kube-controller-manager
     heartbeat_pid: int = 0  # kubernetes: the process renewing the nodes' Leases (the kubelets' part)
+    services: list[ServiceState] = field(default_factory=list)
+    tor: TorState | None = None
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:
@@ -96,7 +126,15 @@ class LabState:
         data = dict(data)
         nodes = [NodeState(**n) for n in data.pop("nodes", [])]
         pods = [PodState(**p) for p in data.pop("pods", [])]
-        return cls(nodes=nodes, pods=pods, **data)
+        services = [ServiceState(**s) for s in data.pop("services", [])]
+        tor = data.pop("tor", None)
+        return cls(nodes=nodes, pods=pods, services=services, tor=TorState(**tor) if tor else None, **data)
+
+    def find_service(self, namespace: str, name: str) -> ServiceState | None:
+        for s in self.services:
+            if s.namespace == namespace and s.name == name:
+                return s
+        return None
 
 
 class LabNotFound(topology.LabUsageError):

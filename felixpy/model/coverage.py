@@ -144,6 +144,13 @@ _T_FULL_POLICY = "tests/unit/test_policy_calico.py::test_full_network_policy"
 _T_NOT = "tests/unit/test_policy_evaluate.py::test_not_selector_not_nets_not_ports_and_protocol_numbers"
 _T_ICMP = "tests/unit/test_policy_render.py::test_icmp_type_and_code"
 _T_FAILSAFE = "tests/unit/test_policy_render.py::test_static_chains_forward_and_failsafes"
+_T_TIERS = "tests/unit/test_calc_policy.py::test_tiers_order_the_chains_and_a_tier_change_reorders_them"
+_T_TIER_PASS = "tests/unit/test_policy_evaluate.py::test_tiers_run_in_order_and_pass_goes_to_the_next_tier"
+_T_SA = "tests/unit/test_calc_policy.py::test_service_account_selectors_follow_service_account_labels"
+_T_NETSETS = "tests/unit/test_calc_policy.py::test_network_sets_are_selector_ipset_members"
+_T_HEPS = "tests/unit/test_calc_policy.py::test_host_endpoints_one_per_interface_wildcard_and_profile_labels"
+_T_HEP_KERNEL = ("tests/integration/test_policy_host_endpoints.py::"
+                 "test_host_endpoint_default_deny_failsafe_and_forwarding")
 
 _T_OFF = "tests/unit/test_field_coverage.py::test_switches_of_missing_features_are_accepted_off_and_refused_on"
 _T_FELIX = ("tests/integration/test_felix_configuration.py::"
@@ -151,6 +158,21 @@ _T_FELIX = ("tests/integration/test_felix_configuration.py::"
 _T_REFRESH = "tests/unit/test_felix_params.py::test_refresh_intervals_from_felix_configuration_drive_the_resyncs"
 _T_MERGE = "tests/unit/test_felix_params.py::test_startup_merges_felix_configuration_before_using_it"
 _T_IPTABLES = "tests/integration/test_policy_render_kernel.py::test_rendered_table_and_ipsets_load_into_the_kernel"
+
+_T_BGP_LOG = "tests/unit/test_bgp_controller.py::test_log_severity_sets_the_speaker_log_level"
+_T_SVC_RANGES = "tests/unit/test_bgp_policy.py::test_every_node_advertises_the_ranges_but_not_single_address_entries"
+_T_SVC_LOCAL = "tests/e2e/test_bgp_onprem.py::test_local_service_is_advertised_where_its_endpoint_is"
+_T_SVC_CLUSTER = "tests/unit/test_bgp_policy.py::test_cluster_policy_single_address_entries_and_disabled_aggregation"
+_T_COMMUNITIES = "tests/integration/test_bgp_fields.py::test_communities_and_local_as_reach_frr"
+_T_LISTEN = "tests/unit/test_bgp_peers.py::test_listen_port_global_and_per_node"
+_T_BIRD_FIELDS = "tests/unit/test_bgp_config.py::test_bird_renders_the_per_session_fields"
+_T_WIRE_SESSIONS = "tests/integration/test_bgp_fields.py::test_sessions_establish_including_local_as_and_gtsm"
+_T_IMPORT = "tests/integration/test_bgp_fields.py::test_import_filter_and_as_path_loop"
+_T_FILTER_FIRST = "tests/unit/test_bgp_policy.py::test_first_match_wins_across_rules_and_filters_and_no_match_accepts"
+_T_FILTER_MATCH = "tests/unit/test_bgp_policy.py::test_match_operators_and_prefix_length"
+_T_FILTER_FIELDS = "tests/unit/test_bgp_policy.py::test_peer_type_source_interface_community_as_path"
+_T_FILTER_OPS = "tests/unit/test_bgp_policy.py::test_operations_add_communities_and_prepend"
+_T_NODE_STATUS = "tests/unit/test_bgp_resources.py::test_reporter_writes_own_node_at_once_then_every_period"
 
 _IPV6 = "IPv6"
 _WIREGUARD = "WireGuard encryption"
@@ -225,29 +247,33 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "status.wireguardPublicKeyV6": Refused(_WIREGUARD),
         "status.podCIDRs": Refused("host-local IPAM from the Kubernetes Node's podCIDR"),
     },
-    # -- BGP (issue #11 owns these) -----------------------------------------------------------------
+    # -- BGP (issue #11) ----------------------------------------------------------------------------
     "BGPConfiguration": {
-        "spec.logSeverityScreen": HonouredIf(_T_STORED, _ci("Info"), "Info", "Info", "Debug"),
+        "spec.logSeverityScreen": Honoured(_T_BGP_LOG, "the BGP speaker's log level (agent and BIRD debug)"),
         "spec.nodeToNodeMeshEnabled": Honoured("tests/unit/test_bgp_peers.py::test_mesh_disabled_gives_no_peers"),
         "spec.asNumber": Honoured(_T_FROM_RES),
-        "spec.serviceClusterIPs": Refused("advertising Service cluster IPs"),
-        "spec.serviceExternalIPs": Refused("advertising Service external IPs"),
-        "spec.serviceLoadBalancerIPs": Refused("advertising Service load-balancer IPs"),
-        "spec.serviceLoadBalancerAggregation": Refused("advertising Service load-balancer IPs"),
-        "spec.communities": Refused("BGP communities"),
-        "spec.prefixAdvertisements": Refused("BGP communities"),
-        "spec.listenPort": Refused("a BGP port other than 179"),
+        "spec.serviceClusterIPs[].cidr": Honoured(_T_SVC_RANGES),
+        "spec.serviceExternalIPs[].cidr": Honoured(_T_SVC_RANGES),
+        "spec.serviceLoadBalancerIPs[].cidr": Honoured(_T_SVC_LOCAL),
+        "spec.serviceLoadBalancerAggregation": Honoured(_T_SVC_CLUSTER),
+        "spec.communities[].name": Honoured(_T_COMMUNITIES),
+        "spec.communities[].value": Honoured(_T_COMMUNITIES),
+        "spec.prefixAdvertisements[].cidr": Honoured(_T_COMMUNITIES),
+        "spec.prefixAdvertisements[].communities": Honoured(_T_COMMUNITIES),
+        "spec.listenPort": Honoured(_T_LISTEN),
         "spec.nodeMeshPassword.secretKeyRef.name": Honoured(
             "tests/unit/test_bgp_peers.py::test_mesh_settings_password_and_restart_time"),
         "spec.nodeMeshPassword.secretKeyRef.key": Honoured(
             "tests/unit/test_bgp_peers.py::test_mesh_settings_password_and_restart_time"),
         "spec.nodeMeshMaxRestartTime": Honoured(
             "tests/unit/test_bgp_peers.py::test_mesh_settings_password_and_restart_time"),
-        "spec.bindMode": Refused("binding BGP to the node IP"),
-        "spec.ignoredInterfaces": Refused("excluding interfaces from BGP"),
+        "spec.bindMode": Honoured(_T_BIRD_FIELDS, "NodeIP: the node's address only (BIRD strict bind); None: BIRD "
+                                                  "listens on every address, ExaBGP on the node's (docs/bgp.md)"),
+        "spec.ignoredInterfaces": Honoured(_T_BIRD_FIELDS, "kept out of BIRD's direct protocol; ExaBGP nodes "
+                                                           "import no interface routes at all"),
         "spec.localWorkloadPeeringIPV4": Refused("peering with local workloads"),
         "spec.localWorkloadPeeringIPV6": Refused("peering with local workloads"),
-        "spec.programClusterRoutes": Refused("choosing who programs cluster routes"),
+        "spec.programClusterRoutes": Refused("choosing who programs cluster routes: the agent programs all"),
         "spec.ipv4NormalRoutePriority": Refused("route metrics"),
         "spec.ipv6NormalRoutePriority": Refused(_IPV6),
     },
@@ -257,23 +283,57 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.peerIP": Honoured(_T_PEERS),
         "spec.asNumber": Honoured(_T_PEERS),
         "spec.peerSelector": Honoured("tests/unit/test_bgp_peers.py::test_route_reflector_client_peers_with_all_reflectors_only"),
-        "spec.localASNumber": Refused("a local AS number per peering"),
-        "spec.keepOriginalNextHop": Honoured(_T_PEERS),
-        "spec.nextHopMode": HonouredIf(_T_FROM_RES, _one_of("Auto", "Keep"), "Auto and Keep", "Keep", "Self"),
+        "spec.localASNumber": Honoured(_T_WIRE_SESSIONS),
+        "spec.keepOriginalNextHop": Honoured(_T_BIRD_FIELDS, "routes a reflector passes on (felixpy nodes "
+                                                             "announce only their own, next hop self)"),
+        "spec.nextHopMode": Honoured(_T_BIRD_FIELDS, "routes a reflector passes on (felixpy nodes announce only "
+                                                     "their own, next hop self)"),
         "spec.password.secretKeyRef.name": Honoured(_T_PEERS),
         "spec.password.secretKeyRef.key": Honoured(_T_PEERS),
         "spec.sourceAddress": Honoured(_T_PEERS),
-        "spec.failureDetectionMode": Refused("BFD"),
-        "spec.restartMode": Refused("choosing the graceful restart mode"),
+        "spec.failureDetectionMode": HonouredIf(_T_FROM_RES, _one_of("None"), "None: felixpy's speakers have no BFD",
+                                                "None", "BFDIfDirectlyConnected"),
+        "spec.restartMode": HonouredIf("tests/unit/test_bgp_rib.py::test_graceful_restart_keeps_stale_until_end_of_rib",
+                                       _one_of("GracefulRestart"), "GracefulRestart (RFC 4724)", "GracefulRestart",
+                                       "LongLivedGracefulRestart"),
         "spec.maxRestartTime": Honoured(_T_FROM_RES),
-        "spec.keepaliveTime": Refused("BGP keepalive timers"),
-        "spec.birdGatewayMode": Refused("BIRD gateway modes"),
-        "spec.numAllowedLocalASNumbers": Refused("allowas-in"),
-        "spec.ttlSecurity": Refused("BGP TTL security"),
-        "spec.reachableBy": Refused("peers reached through a gateway"),
-        "spec.filters": Refused("BGPFilter"),
+        "spec.keepaliveTime": Honoured(_T_WIRE_SESSIONS, "ExaBGP offers hold time 3 × keepaliveTime (docs/bgp.md)"),
+        "spec.birdGatewayMode": HonouredIf(
+            "tests/unit/test_bgp_controller.py::test_learned_routes_never_override_own_routes",
+            _one_of("DirectIfDirectlyConnected"), "DirectIfDirectlyConnected: next hops are programmed as gateways",
+            "DirectIfDirectlyConnected", "Recursive"),
+        "spec.numAllowedLocalASNumbers": Honoured(_T_IMPORT),
+        "spec.ttlSecurity": Honoured(_T_WIRE_SESSIONS),
+        "spec.reachableBy": Honoured("tests/integration/test_bgp_fields.py::test_reachable_by_route"),
+        "spec.filters": Honoured(_T_IMPORT),
         "spec.localWorkloadSelector": Refused("peering with local workloads"),
-        "spec.reversePeering": Refused("reverse peering modes"),
+        "spec.reversePeering": Honoured(
+            "tests/unit/test_bgp_peers.py::test_reverse_peering_manual_needs_the_other_side_configured"),
+    },
+    "BGPFilter": {
+        "spec.exportV6": Refused(_IPV6),
+        "spec.importV6": Refused(_IPV6),
+    },
+    "BGPFilterRule": {
+        "action": Honoured(_T_FILTER_FIRST),
+        "matchOperator": Honoured(_T_FILTER_MATCH),
+        "cidr": Honoured(_T_FILTER_MATCH),
+        "prefixLength.min": Honoured(_T_FILTER_MATCH),
+        "prefixLength.max": Honoured(_T_FILTER_MATCH),
+        "source": Honoured(_T_FILTER_FIELDS),
+        "interface": Honoured(_T_FILTER_FIELDS),
+        "peerType": Honoured(_T_FILTER_FIELDS),
+        "communities.values": Honoured(_T_FILTER_FIELDS),
+        "asPathPrefix": Honoured(_T_FILTER_FIELDS),
+        "priority": Refused("route priorities"),
+        "operations[].addCommunity.value": Honoured(_T_FILTER_OPS),
+        "operations[].prependASPath.prefix": Honoured(_T_FILTER_OPS),
+        "operations[].setPriority": Refused("route priorities"),
+    },
+    "CalicoNodeStatus": {
+        "spec.node": Honoured(_T_NODE_STATUS),
+        "spec.classes": Honoured(_T_NODE_STATUS),
+        "spec.updatePeriodSeconds": Honoured(_T_NODE_STATUS),
     },
     # -- FelixConfiguration ------------------------------------------------------------------------
     "FelixConfiguration": {
@@ -374,7 +434,8 @@ SUPPORT: dict[str, dict[str, Support]] = {
             "which sandbox the endpoint belongs to (CNI DEL and CHECK)"),
         "spec.pod": Honoured(_T_ENDPOINT),
         "spec.endpoint": Honoured(_T_STORED, "the interface name inside the pod, part of the endpoint's name"),
-        "spec.serviceAccountName": Refused("service account matching"),
+        "spec.serviceAccountName": Honoured(_T_SA, "the projectcalico.org/serviceaccount label and the "
+                                            "ksa.<ns>.<sa> profile's labels"),
         "spec.ipNetworks": Honoured(_T_ROUTES),
         "spec.ipv4Gateway": Refused("a per-endpoint gateway"),
         "spec.ipv6Gateway": Refused(_IPV6),
@@ -395,24 +456,28 @@ SUPPORT: dict[str, dict[str, Support]] = {
     },
     # -- Policy ------------------------------------------------------------------------------------
     "NetworkPolicy": {
-        "spec.tier": HonouredIf(_T_FULL_POLICY, _one_of("default"), "the default tier", "default", "security"),
+        "spec.tier": Honoured(_T_TIERS, "the tier must exist (felixctl); the default tier always does"),
         "spec.order": Honoured("tests/unit/test_policy_evaluate.py::test_order_then_first_matching_rule_decides"),
         "spec.selector": Honoured(_T_FULL_POLICY),
-        "spec.serviceAccountSelector": Refused("service account matching"),
+        "spec.serviceAccountSelector": Honoured(_T_SA, "over the ksa.<ns>.<sa> profile's labels (pcsa.<key>)"),
         "spec.types": Honoured("tests/unit/test_policy_render.py::test_endpoint_chain_skips_wrong_direction_and_fails_closed_on_missing_policy"),
         "spec.performanceHints": Tolerated("a hint for Calico's dataplane; the policy means the same without it"),
     },
     "GlobalNetworkPolicy": {
-        "spec.tier": HonouredIf(_T_FULL_POLICY, _one_of("default"), "the default tier", "default", "security"),
+        "spec.tier": Honoured(_T_TIERS, "the tier must exist (felixctl); the default tier always does"),
         "spec.order": Honoured("tests/unit/test_policy_evaluate.py::test_order_then_first_matching_rule_decides"),
         "spec.selector": Honoured("tests/unit/test_policy_calico.py::test_global_policy_scoping"),
-        "spec.serviceAccountSelector": Refused("service account matching"),
+        "spec.serviceAccountSelector": Honoured(_T_SA, "over the ksa.<ns>.<sa> profile's labels (pcsa.<key>)"),
         "spec.types": Honoured("tests/unit/test_policy_render.py::test_endpoint_chain_skips_wrong_direction_and_fails_closed_on_missing_policy"),
         "spec.performanceHints": Tolerated("a hint for Calico's dataplane; the policy means the same without it"),
         "spec.namespaceSelector": Honoured("tests/unit/test_policy_evaluate.py::test_global_policy_namespace_selector_and_icmp"),
-        "spec.doNotTrack": Refused("untracked policy for host endpoints"),
-        "spec.preDNAT": Refused("pre-DNAT policy for host endpoints"),
-        "spec.applyOnForward": Refused("policy for forwarded traffic through host endpoints"),
+        "spec.doNotTrack": Honoured(
+            "tests/integration/test_policy_host_endpoints.py::test_do_not_track_policy_leaves_no_conntrack_entry",
+            "host endpoints only (raw table); never a `*` one, as in Calico"),
+        "spec.preDNAT": Honoured(
+            "tests/integration/test_policy_host_endpoints.py::test_pre_dnat_policy_blocks_a_node_port_before_dnat",
+            "host endpoints only (mangle PREROUTING, before DNAT)"),
+        "spec.applyOnForward": Honoured(_T_HEP_KERNEL, "host endpoints' forwarded traffic"),
     },
     "Rule": {
         "action": Honoured("tests/unit/test_policy_render.py::test_allow_deny_pass_log_actions"),
@@ -433,8 +498,35 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "namespaceSelector": Honoured("tests/unit/test_policy_evaluate.py::test_reason_names_named_port_and_namespace_selector"),
         "ports": Honoured("tests/unit/test_policy_evaluate.py::test_reason_for_policy_allow"),
         "notPorts": Honoured(_T_NOT),
-        "serviceAccounts": Refused("service account matching"),
+        "serviceAccounts.names": Honoured(
+            "tests/unit/test_policy_evaluate.py::test_service_account_selectors",
+            "projectcalico.org/serviceaccount in {names}"),
+        "serviceAccounts.selector": Honoured(_T_SA, "over the ksa.<ns>.<sa> profile's labels (pcsa.<key>)"),
         "services": Refused("Service matching"),
+    },
+    # -- Tiers, network sets, host endpoints -----------------------------------------------------------
+    "Tier": {
+        "spec.order": Honoured(_T_TIERS),
+        "spec.defaultAction": Honoured(_T_TIER_PASS),
+    },
+    "NetworkSet": {
+        "spec.nets": Honoured(_T_NETSETS, "members of the selector ipsets that select the set"),
+    },
+    "GlobalNetworkSet": {
+        "spec.nets": Honoured(_T_NETSETS, "members of the selector ipsets that select the set"),
+    },
+    "HostEndpoint": {
+        "spec.node": Honoured(_T_HEPS, "only this node's host endpoints are policed"),
+        "spec.interfaceName": Honoured(_T_HEP_KERNEL, "required by felixpy (finding the interface by "
+                                       "expectedIPs alone is refused); `*` for every interface"),
+        "spec.expectedIPs": Honoured(_T_HEPS, "members of the selector ipsets that select the endpoint"),
+        "spec.profiles": Honoured(_T_HEPS, "jumped to after the policies; their labelsToApply are inherited"),
+        "spec.ports[].name": Honoured(
+            "tests/unit/test_calc_policy.py::test_host_endpoint_named_ports_are_named_port_set_members"),
+        "spec.ports[].protocol": Honoured(
+            "tests/unit/test_calc_policy.py::test_host_endpoint_named_ports_are_named_port_set_members"),
+        "spec.ports[].port": Honoured(
+            "tests/unit/test_calc_policy.py::test_host_endpoint_named_ports_are_named_port_set_members"),
     },
     # -- ClusterInformation --------------------------------------------------------------------------
     "ClusterInformation": {

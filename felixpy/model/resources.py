@@ -17,6 +17,7 @@ import copy
 import datetime
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -24,6 +25,8 @@ from felixpy.datastore import keys
 from felixpy.model import coverage
 from felixpy.model import schema as s
 from felixpy.model.schema import FieldError, q
+from policy.calico import default_types
+from policy.model import DEFAULT_TIER_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,13 @@ KINDS: dict[str, Kind] = {
             ("bgpconfiguration", "bgpconfigurations", "bgpconfig", "bgpconfigs"),
         ),
         Kind("BGPPeer", "bgppeers", False, ("bgppeer", "bgppeers", "bgpp", "bgpps", "bp", "bps")),
+        Kind("BGPFilter", "bgpfilters", False, ("bgpfilter", "bgpfilters")),
+        Kind(
+            "CalicoNodeStatus",
+            "caliconodestatuses",
+            False,
+            ("caliconodestatus", "caliconodestatuses", "cns", "cnss"),
+        ),
         Kind(
             "FelixConfiguration",
             "felixconfigurations",
@@ -98,6 +108,15 @@ KINDS: dict[str, Kind] = {
             False,
             ("clusterinformation", "clusterinformations", "clusterinfo", "clusterinfos"),
         ),
+        Kind("Tier", "tiers", False, ("tier", "tiers")),
+        Kind("NetworkSet", "networksets", True, ("networkset", "networksets", "netset", "netsets")),
+        Kind(
+            "GlobalNetworkSet",
+            "globalnetworksets",
+            False,
+            ("globalnetworkset", "globalnetworksets", "gnetset", "gnetsets"),
+        ),
+        Kind("HostEndpoint", "hostendpoints", False, ("hostendpoint", "hostendpoints", "hep", "heps")),
     )
 }
 
@@ -152,6 +171,8 @@ def _icmp_post(icmp: dict[str, Any], path: str) -> None:
 
 _ICMP = s.obj({"type": s.integer(0, 254), "code": s.integer(0, 255)}, post=_icmp_post, name="ICMPFields")
 
+_SERVICE_ACCOUNT_MATCH = s.obj({"names": s.list_of(s.string()), "selector": s.selector})
+
 _ENTITY_RULE = s.obj(
     {
         "nets": s.list_of(s.cidr(strict=False, allow_ip=True)),
@@ -161,7 +182,7 @@ _ENTITY_RULE = s.obj(
         "namespaceSelector": s.selector,
         "ports": s.list_of(s.port),
         "notPorts": s.list_of(s.port),
-        "serviceAccounts": s.obj({"names": s.list_of(s.string()), "selector": s.selector}),
+        "serviceAccounts": _SERVICE_ACCOUNT_MATCH,
         "services": s.obj({"name": s.string(), "namespace": s.string()}),
     },
     name="EntityRule",
@@ -210,13 +231,10 @@ _rules = s.list_of(_RULE)
 
 
 def _policy_post(spec: dict[str, Any], path: str) -> None:
-    tier = spec.get("tier", "default")
-    if tier != "default":
-        raise FieldError(s.join(path, "tier"), f"tier {q(tier)} is not supported (only 'default')")
-    spec["tier"] = "default"
+    spec["tier"] = spec.get("tier") or "default"
     if "types" not in spec:
-        # Calico's default: Ingress always, Egress only when egress rules are present.
-        spec["types"] = ["Ingress"] + (["Egress"] if spec.get("egress") else [])
+        # Calico's default: Ingress, Egress when there are egress rules only, both when both.
+        spec["types"] = default_types(spec)
     if len(set(spec["types"])) != len(spec["types"]):
         raise FieldError(s.join(path, "types"), "contains duplicates")
     if spec.get("doNotTrack") and spec.get("preDNAT"):
@@ -227,8 +245,16 @@ def _policy_post(spec: dict[str, Any], path: str) -> None:
         raise FieldError(s.join(path, "egress"), "preDNAT policies cannot have egress rules")
 
 
+def _tier_name(value: Any, path: str) -> str:
+    """Tier names are DNS labels: no dots, since they appear inside other names (Calico)."""
+    if not isinstance(value, str) or len(value) > 63 or not s.DNS1123_LABEL.fullmatch(value):
+        raise FieldError(path, f"invalid tier name {q(value)}: must be a DNS-1123 label (lower-case letters, "
+                         "digits and '-', starting and ending with a letter or digit, at most 63)")
+    return value
+
+
 _POLICY_FIELDS: dict[str, s.Checker] = {
-    "tier": s.string(),
+    "tier": _tier_name,
     "order": s.number,
     "selector": s.selector,
     "serviceAccountSelector": s.selector,
@@ -249,6 +275,69 @@ _GLOBAL_NETWORK_POLICY = s.obj(
     },
     defaults={"selector": "all()"},
     post=_policy_post,
+)
+
+
+# -- Tier, NetworkSet, GlobalNetworkSet, HostEndpoint --------------------------------------------------
+
+# Calico's well-known tiers and the order and default action its API insists on (CEL rules of
+# the Tier type); "default" always exists, the other two come with AdminNetworkPolicy.
+WELL_KNOWN_TIERS: dict[str, tuple[float, str]] = {
+    "default": (DEFAULT_TIER_ORDER, "Deny"),
+    "kube-admin": (1_000.0, "Pass"),
+    "kube-baseline": (10_000_000.0, "Pass"),
+}
+
+_TIER = s.obj(
+    {"order": s.number, "defaultAction": s.string(enum=("Deny", "Pass"))},
+    # A Tier without order sorts with the default tier (libcalico-go's DefaultTierFields).
+    defaults={"order": DEFAULT_TIER_ORDER, "defaultAction": "Deny"},
+)
+
+_NETWORK_SET = s.obj({"nets": s.list_of(s.cidr(strict=False, allow_ip=True))})
+
+
+def _interface_name(value: Any, path: str) -> str:
+    if value == "*" or (isinstance(value, str) and _IFACE_NAME.fullmatch(value)):
+        return str(value)
+    raise FieldError(path, f"invalid interface name {q(value)} (an interface name of at most 15 characters, "
+                     "or \"*\" for all interfaces)")
+
+
+_IFACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}")
+
+
+def _host_endpoint_post(spec: dict[str, Any], path: str) -> None:
+    if not spec.get("interfaceName"):
+        if spec.get("expectedIPs"):
+            # Calico can find the interface by its addresses; felixpy does not watch the host's
+            # interfaces yet, and guessing would police the wrong one (or none).
+            raise FieldError(s.join(path, "interfaceName"), "required by felixpy: finding the interface by "
+                             "spec.expectedIPs alone is not supported yet")
+        raise FieldError(path, "at least one of interfaceName or expectedIPs must be specified")
+    names = [p.get("name") for p in spec.get("ports") or ()]
+    if len(set(names)) != len(names):
+        raise FieldError(s.join(path, "ports"), "port names must be unique")
+
+
+def _endpoint_port_post(port: dict[str, Any], path: str) -> None:
+    if port["protocol"] not in _PORT_PROTOCOLS:
+        raise FieldError(s.join(path, "protocol"), "must be TCP, UDP, SCTP or UDPLite (a protocol with ports)")
+
+
+_HOST_ENDPOINT = s.obj(
+    {
+        "node": s.subdomain_name,
+        "interfaceName": _interface_name,
+        "expectedIPs": s.list_of(s.ip_address()),
+        "profiles": s.list_of(s.subdomain_name),
+        "ports": s.list_of(s.obj(
+            {"name": s.string(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", what="port name"), "protocol": _protocol,
+             "port": s.integer(1, 65535)},
+            required=("name", "protocol", "port"), post=_endpoint_port_post)),
+    },
+    required=("node",),
+    post=_host_endpoint_post,
 )
 
 
@@ -411,9 +500,20 @@ _SECRET_REF = s.obj(
     {"secretKeyRef": s.obj({"name": s.string(), "key": s.string()}, required=("name", "key"))},
     required=("secretKeyRef",),
 )
-_CIDR_ITEM = s.obj({"cidr": s.cidr(strict=False, allow_ip=True)}, required=("cidr",))
+_V4_CIDR = s.cidr(strict=False, version=4, allow_ip=True)
+_CIDR_ITEM = s.obj({"cidr": _V4_CIDR}, required=("cidr",))
 _COMMUNITY_VALUE = s.string(r"\d+:\d+(:\d+)?", what="community")
 _NODE_SPECIFIC_BGP_FIELDS = {"logSeverityScreen", "listenPort", "prefixAdvertisements", "bindMode"}
+
+
+def _community_value(value: Any, path: str) -> str:
+    """A standard (16-bit aa:nn) or large (32-bit aa:nn:mm) community value."""
+    text: str = _COMMUNITY_VALUE(value, path)
+    parts = [int(p) for p in text.split(":")]
+    limit = 0xFFFF if len(parts) == 2 else 0xFFFFFFFF
+    if any(p > limit for p in parts):
+        raise FieldError(path, f"community {q(text)} is out of range ({'16' if len(parts) == 2 else '32'}-bit parts)")
+    return text
 
 
 def _log_level(value: Any, path: str) -> str:
@@ -422,6 +522,17 @@ def _log_level(value: Any, path: str) -> str:
     if not isinstance(value, str) or value.lower() not in levels:
         raise FieldError(path, f"invalid log level {q(value)} (one of {', '.join(levels.values())})")
     return levels[value.lower()]
+
+
+def _bgp_configuration_post(spec: dict[str, Any], path: str) -> None:
+    named = {c["name"] for c in spec.get("communities") or ()}
+    for i, adv in enumerate(spec.get("prefixAdvertisements") or ()):
+        for j, value in enumerate(adv.get("communities") or ()):
+            if value not in named and not re.fullmatch(r"\d+:\d+(:\d+)?", value):
+                raise FieldError(s.join(path, f"prefixAdvertisements[{i}].communities[{j}]"),
+                                 f"{q(value)} is neither a community value nor a name in spec.communities")
+            if value not in named:
+                _community_value(value, s.join(path, f"prefixAdvertisements[{i}].communities[{j}]"))
 
 
 _BGP_CONFIGURATION = s.obj(
@@ -433,9 +544,9 @@ _BGP_CONFIGURATION = s.obj(
         "serviceExternalIPs": s.list_of(_CIDR_ITEM),
         "serviceLoadBalancerIPs": s.list_of(_CIDR_ITEM),
         "serviceLoadBalancerAggregation": s.string(enum=("Enabled", "Disabled")),
-        "communities": s.list_of(s.obj({"name": s.string(), "value": _COMMUNITY_VALUE}, required=("name", "value"))),
+        "communities": s.list_of(s.obj({"name": s.string(), "value": _community_value}, required=("name", "value"))),
         "prefixAdvertisements": s.list_of(
-            s.obj({"cidr": s.cidr(strict=False), "communities": s.list_of(s.string())}, required=("cidr",))
+            s.obj({"cidr": s.cidr(strict=False, version=4), "communities": s.list_of(s.string())}, required=("cidr",))
         ),
         "listenPort": s.integer(1, 65535),
         "nodeMeshPassword": _SECRET_REF,
@@ -447,7 +558,8 @@ _BGP_CONFIGURATION = s.obj(
         "programClusterRoutes": s.string(enum=("Disabled", "EnabledIPIPOnly", "EnabledNoEncapOnly", "Enabled")),
         "ipv4NormalRoutePriority": s.integer(1, 2**31 - 1),
         "ipv6NormalRoutePriority": s.integer(1, 2**31 - 1),
-    }
+    },
+    post=_bgp_configuration_post,
 )
 # confd's effective defaults for the global configuration, made explicit in the stored resource.
 _BGP_GLOBAL_DEFAULTS = {"logSeverityScreen": "Info", "nodeToNodeMeshEnabled": True, "asNumber": 64512}
@@ -472,6 +584,16 @@ def _peer_ip(value: Any, path: str) -> str:
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise FieldError(path, f"invalid port in peer IP {q(value)}")
     return value
+
+
+def _keepalive(value: Any, path: str) -> str:
+    text: str = s.duration(value, path)
+    from bgp.peers import MAX_KEEPALIVE, parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is None or not 1 <= seconds <= MAX_KEEPALIVE:
+        raise FieldError(path, f"keepalive time must be 1s to {MAX_KEEPALIVE}s")
+    return text
 
 
 def _bgp_peer_post(spec: dict[str, Any], path: str) -> None:
@@ -499,16 +621,70 @@ _BGP_PEER = s.obj(
         "failureDetectionMode": s.string(enum=("None", "BFDIfDirectlyConnected")),
         "restartMode": s.string(enum=("GracefulRestart", "LongLivedGracefulRestart")),
         "maxRestartTime": s.duration,
-        "keepaliveTime": s.duration,
+        "keepaliveTime": _keepalive,
         "birdGatewayMode": s.string(enum=("Recursive", "DirectIfDirectlyConnected")),
         "numAllowedLocalASNumbers": s.integer(0, 10),
         "ttlSecurity": s.integer(0, 255),
-        "reachableBy": s.ip_address(),
+        "reachableBy": s.ip_address(4),
         "filters": s.list_of(s.subdomain_name),
         "localWorkloadSelector": s.selector,
         "reversePeering": s.string(enum=("Auto", "Manual")),
     },
     post=_bgp_peer_post,
+)
+
+
+def _filter_rule_post(rule: dict[str, Any], path: str) -> None:
+    from bgp.filters import FilterError, _rule
+
+    try:
+        _rule(rule, path)
+    except FilterError as err:
+        message = str(err)
+        if message.startswith(path):
+            message = message[len(path):].lstrip(".: ")
+        raise FieldError(path, message) from None
+
+
+_FILTER_RULE = s.obj(
+    {
+        "action": s.string(enum=("Accept", "Reject")),
+        "matchOperator": s.string(enum=("Equal", "NotEqual", "In", "NotIn")),
+        "cidr": s.cidr(strict=False, version=4),
+        "prefixLength": s.obj({"min": s.integer(0, 32), "max": s.integer(0, 32)}),
+        "source": s.string(enum=("RemotePeers",)),
+        "interface": s.string(),
+        "peerType": s.string(enum=("eBGP", "iBGP")),
+        "communities": s.obj({"values": s.list_of(_community_value)}),
+        "asPathPrefix": s.list_of(s.as_number),
+        "priority": s.integer(0, 2**31 - 1),
+        "operations": s.list_of(s.obj({
+            "addCommunity": s.obj({"value": _community_value}, required=("value",)),
+            "prependASPath": s.obj({"prefix": s.list_of(s.as_number, min_items=1)}, required=("prefix",)),
+            "setPriority": s.obj({"value": s.integer(0, 2**31 - 1)}),
+        })),
+    },
+    required=("action",),
+    post=_filter_rule_post,
+    name="BGPFilterRule",
+)
+_BGP_FILTER = s.obj(
+    {
+        "exportV4": s.list_of(_FILTER_RULE),
+        "importV4": s.list_of(_FILTER_RULE),
+        # IPv6 rules are refused (model/coverage.py); cidr there is IPv6, so not the V4 rule.
+        "exportV6": s.list_of(s.anything),
+        "importV6": s.list_of(s.anything),
+    }
+)
+
+_CALICO_NODE_STATUS = s.obj(
+    {
+        "node": s.subdomain_name,
+        "classes": s.list_of(s.string(enum=("Agent", "BGP", "Routes")), min_items=1),
+        "updatePeriodSeconds": s.integer(0, 86400),
+    },
+    required=("node", "classes", "updatePeriodSeconds"),
 )
 
 
@@ -637,12 +813,18 @@ _SPECS: dict[str, s.Checker] = {
     "Node": _NODE,
     "BGPConfiguration": _BGP_CONFIGURATION,
     "BGPPeer": _BGP_PEER,
+    "BGPFilter": _BGP_FILTER,
+    "CalicoNodeStatus": _CALICO_NODE_STATUS,
     "FelixConfiguration": _FELIX_CONFIGURATION,
     "WorkloadEndpoint": _WORKLOAD_ENDPOINT,
     "Profile": _PROFILE,
     "NetworkPolicy": _NETWORK_POLICY,
     "GlobalNetworkPolicy": _GLOBAL_NETWORK_POLICY,
     "ClusterInformation": _CLUSTER_INFORMATION,
+    "Tier": _TIER,
+    "NetworkSet": _NETWORK_SET,
+    "GlobalNetworkSet": _NETWORK_SET,
+    "HostEndpoint": _HOST_ENDPOINT,
 }
 
 
@@ -733,13 +915,19 @@ def _validate(obj: Mapping[str, Any]) -> dict[str, Any]:
         if meta["namespace"]:
             raise FieldError("metadata.namespace", f"{kind} is not namespaced")
         del meta["namespace"]
-    if "status" in obj and kind != "Node":
+    if "status" in obj and kind not in ("Node", "CalicoNodeStatus"):
         raise FieldError("status", "unknown field")
+    if kind in ("NetworkSet", "GlobalNetworkSet") and "projectcalico.org/namespace" in meta.get("labels", {}):
+        # Calico: that label only carries the real namespace into the v1 model.
+        raise FieldError("metadata.labels", "projectcalico.org/namespace is not a valid label name")
     spec = _SPECS[kind](obj.get("spec"), "spec")
     _check_kind_rules(kind, meta["name"], spec)
     out: dict[str, Any] = {"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": spec}
     if kind == "Node" and obj.get("status") is not None:
         out["status"] = _NODE_STATUS(obj["status"], "status")
+    if kind == "CalicoNodeStatus" and isinstance(obj.get("status"), Mapping):
+        # Written by the agent (node/nodestatus.py); kept so that `get -o yaml | apply -f -` works.
+        out["status"] = copy.deepcopy(dict(obj["status"]))
     return out
 
 
@@ -756,6 +944,16 @@ def _check_kind_rules(kind: str, name: str, spec: dict[str, Any]) -> None:
                 spec.setdefault(field, default)
     if kind == "NetworkPolicy" and "namespaceSelector" in spec:
         raise FieldError("spec.namespaceSelector", "unknown field")
+    if kind == "Tier":
+        if len(name) > 63 or not s.DNS1123_LABEL.fullmatch(name):
+            raise FieldError("metadata.name", f"invalid tier name {q(name)}: must be a DNS-1123 label "
+                             "(no dots: tier names appear inside other names)")
+        if name in WELL_KNOWN_TIERS:
+            order, action = WELL_KNOWN_TIERS[name]
+            if spec["order"] != order:
+                raise FieldError("spec.order", f"the {q(name)} tier's order must be {order:.0f}")
+            if spec["defaultAction"] != action:
+                raise FieldError("spec.defaultAction", f"the {q(name)} tier's default action must be {action}")
 
 
 # -- cross-resource checks ---------------------------------------------------------------------------

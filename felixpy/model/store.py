@@ -217,6 +217,7 @@ def apply_resources(
         _check_preconditions(p, mode, skip_exists, skip_not_exists)
 
     _check_pools(store, plans)
+    _check_tiers(store, plans)
 
     outcomes: list[Outcome] = []
     for done, p in enumerate(plans):
@@ -306,6 +307,41 @@ def _check_pools(store: Datastore, plans: list[_Planned]) -> None:
             pools.append(p.resource)
         elif p.action == "skipped" and p.current is not None:
             pools.append(_current_resource(p))  # create --skip-exists keeps the stored pool
+
+
+def _check_tiers(store: Datastore, plans: list[_Planned]) -> None:
+    """libcalico-go's tier rules: a policy can only be written into a tier that exists (the
+    default tier always does) and a tier can only be deleted once no policy is in it; the
+    default tier cannot be deleted. The same input may create a tier and its policies, or
+    delete both."""
+    policy_kinds = ("NetworkPolicy", "GlobalNetworkPolicy")
+    writes = [p for p in plans if p.kind in policy_kinds and p.action in ("created", "updated")]
+    tier_deletes = [p for p in plans if p.kind == "Tier" and p.action == "deleted"]
+    for p in tier_deletes:
+        if p.name in r.WELL_KNOWN_TIERS:
+            raise ApplyError(f"{p.source}: Tier \"{p.name}\" cannot be deleted")
+    if not writes and not tier_deletes:
+        return
+    stored_tiers = {t["metadata"]["name"] for t in list_resources(store, "Tier")[0]}
+    written = {p.name for p in plans if p.kind == "Tier" and p.action in ("created", "updated", "skipped")}
+    tiers = (stored_tiers | written | {"default"}) - {p.name for p in tier_deletes}
+    for p in writes:
+        assert p.resource is not None
+        tier = p.resource["spec"].get("tier") or "default"
+        if tier not in tiers:
+            raise ApplyError(f"{p.source}: {_label(p.kind, p.name, p.namespace)}: spec.tier: "
+                             f"tier \"{tier}\" does not exist (create the Tier first)")
+    if not tier_deletes:
+        return
+    deleting = {(p.kind, p.name, p.namespace) for p in plans if p.action == "deleted"}
+    doomed = {p.name for p in tier_deletes}
+    for kind in policy_kinds:
+        for policy in list_resources(store, kind)[0]:
+            meta = policy["metadata"]
+            tier = (policy.get("spec") or {}).get("tier") or "default"
+            ident = (kind, meta["name"], meta.get("namespace") if kind == "NetworkPolicy" else None)
+            if tier in doomed and ident not in deleting:
+                raise ApplyError(f"Tier \"{tier}\" cannot be deleted: {_label(*ident)} is in it")
 
 
 def _write(store: Datastore, p: _Planned) -> None:

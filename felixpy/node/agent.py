@@ -32,7 +32,9 @@ learns the whole desired state and then reconciles; routes and rules that are st
 never touched. A failed apply (a driver raised, or individual routes or tunnel devices failed) is
 retried with backoff through one path; a datastore outage leaves the dataplane as it is (the
 syncer just stops delivering updates until it has relisted). A pod's WorkloadEndpoint counts as
-programmed (the CNI waiter) once the route driver holds each of its routes, compared by value.
+programmed (the CNI waiter) once the route driver holds each of its routes, compared by value; the
+CNI path writes a new pod's route itself and hands it over first (adopt_routes), so that apply
+usually writes no route at all.
 
 BGP (backend "bird"): one BGPController (node/bgp.py) registered with the dispatcher for its
 peering resources; the loop feeds it the calc graph's announcements and the sidecar messages
@@ -66,6 +68,7 @@ from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
 from felixpy.datastore.syncer import Syncer, SyncStatus
+from felixpy.kernel.netlink import KernelRoute
 from felixpy.messages import CalcRoutes, LearnedRoutes, Message, TunnelDevices
 from felixpy.node.bgp import BGPController, SidecarMessage
 from felixpy.node.metrics import DatastoreStats, Metrics, update_kind
@@ -84,6 +87,8 @@ APPLY_ORDER: tuple[str, ...] = (
     "ipsets",           # creations and member changes, before the rules that reference them
     "routes",
     "filter",
+    "mangle",           # host endpoints' preDNAT policy and DNAT'd host output
+    "raw",              # host endpoints' doNotTrack policy
     "nat",
     "ipset-deletions",  # once no rule references them
 )
@@ -110,6 +115,15 @@ class EndpointWaiter:
                     return False
                 self._cond.wait(remaining)
             return True
+
+
+@dataclass(frozen=True)
+class _AdoptRoutes:
+    """Routes the CNI path has written for a new pod (see RouteTable.adopt), for the loop."""
+
+    routes: tuple[KernelRoute, ...]
+    hold: float
+    iface: str | None = None
 
 
 @dataclass
@@ -165,6 +179,8 @@ class Agent:
         route_table: RouteTable | None = None,
         nat_table: Table | None = None,
         filter_table: Table | None = None,
+        mangle_table: Table | None = None,
+        raw_table: Table | None = None,
         ipsets: IPSets | None = None,
         render_config: RenderConfig | None = None,
         on_first_apply: Callable[[], None] | None = None,
@@ -211,7 +227,10 @@ class Agent:
         # writing to the host's real filter table behind its back.
         if filter_table is None and nat_table is None:
             filter_table = Table("filter", backend=iptables_backend, insert_mode=chain_insert_mode)
+            mangle_table = mangle_table or Table("mangle", backend=iptables_backend, insert_mode=chain_insert_mode)
+            raw_table = raw_table or Table("raw", backend=iptables_backend, insert_mode=chain_insert_mode)
         self._filter = filter_table
+        self._policy_tables = tuple(t for t in (mangle_table, raw_table) if t is not None)
         self._ipsets = ipsets or IPSets()
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
@@ -222,7 +241,8 @@ class Agent:
                                           vxlan_vni=vxlan_vni, vxlan_port=vxlan_port)
                             if links is not None else None)
         self._route_mgr = RouteManager(self._routes)
-        self._policy_mgr = PolicyManager(self._filter, self._ipsets) if self._filter is not None else None
+        self._policy_mgr = (PolicyManager(self._filter, self._ipsets, mangle_table=mangle_table, raw_table=raw_table)
+                            if self._filter is not None else None)
         self._managers: tuple[Manager, ...] = tuple(
             m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets, nat_settings),
                         self._policy_mgr) if m is not None)
@@ -233,6 +253,8 @@ class Agent:
             "ipsets": lambda _: self._ipsets.apply(),
             "routes": self._apply_routes,
             "filter": (lambda _: filter_apply()) if filter_apply is not None else None,
+            "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
+            "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
             "nat": lambda _: self._nat.apply(),
             "ipset-deletions": lambda _: self._ipsets.apply_deletions(),
         }
@@ -251,6 +273,13 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self._queue.put(None)
+
+    def adopt_routes(self, routes: tuple[KernelRoute, ...], hold: float, iface: str | None = None) -> None:
+        """Thread-safe: hand routes the CNI path wrote to the route driver (RouteTable.adopt).
+
+        Queued, so the loop sees them before any later event, such as the WorkloadEndpoint the
+        CNI path writes next."""
+        self._queue.put(_AdoptRoutes(routes, hold, iface))
 
     def run(self) -> None:
         log.info("agent starting node=%s", self.node_name)
@@ -295,6 +324,9 @@ class Agent:
         for event in batch:
             if event is None:
                 continue
+            if isinstance(event, _AdoptRoutes):
+                self._routes.adopt(event.routes, event.hold, event.iface)
+                continue
             if isinstance(event, SidecarMessage):
                 if self._bgp is not None:
                     self._bgp.on_message(event)
@@ -316,7 +348,7 @@ class Agent:
                     self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
-            self._bgp.set_announcements(self.calc.bgp_announcements())
+            self._bgp.set_announcements(self.calc.bgp_announcements(), self.calc.local_endpoints)
             self._bgp.sync()
 
     def _on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:
@@ -349,6 +381,8 @@ class Agent:
             self._nat.queue_resync()
             if self._filter is not None:
                 self._filter.queue_resync()
+            for table in self._policy_tables:
+                table.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
         if now >= self._ipsets_timer.due:
@@ -387,7 +421,8 @@ class Agent:
             self.metrics.observe_apply(time.monotonic() - started)
             self.metrics.routes_programmed(len(self._routes.programmed))
             self.metrics.dataplane_counts(
-                tables=[t for t in (self._filter, self._nat) if t is not None], ipsets=self._ipsets,
+                tables=[t for t in (self._filter, self._nat, *self._policy_tables) if t is not None],
+                ipsets=self._ipsets,
                 local_endpoints=len(self.calc.local_endpoints()),
                 active_policies=len(self.policy_calc.active_policies()),
                 active_selectors=len(self.policy_calc.ipsets()))

@@ -48,19 +48,29 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
+from bgp.advertise import (CommunityRule, LocalRoute, PeerExport, community_rules, exports,
+                           import_policy)
+from bgp.announcer import Announcer
 from bgp.client import SidecarClient, SidecarUnavailable
 from bgp.config import SpeakerConfig, render_exabgp_conf
-from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeeringError, select_peers
-from bgp.protocol import (CommandResult, Event, Notification, ReplayDone, StateChange, announce_routes,
-                          end_of_rib, withdraw_routes)
+from bgp.filters import BGPFilter, FilterError, resolve
+from bgp.bird import LocalAgent, hashed_router_id
+from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeerType, PeeringError, select_peers
+from bgp.protocol import Attributes, CommandResult, Event, Notification, ReplayDone, StateChange
 from bgp.rib import Rib
+from bgp.services import (EXCLUDE_LABEL, EndpointSliceInfo, ServiceInfo, ServiceRoutes, ServiceSettings,
+                          service_routes)
 from felixpy.calc.updates import Kind, Update, decode
 from felixpy.calc.updates import Node as NodeValue
 from felixpy.datastore.syncer import KVUpdate
+from felixpy.node.nodestatus import (BirdTimes, KernelRoutes, NodeStatusReporter, PathView, Snapshot, StatusWriter,
+                                     exabgp_start_time, parse_bird_status)
 from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher, secret_ref
 
 if TYPE_CHECKING:
     from felixpy.calc.dispatcher import Dispatcher
+    from felixpy.datastore.api import Datastore
+    from felixpy.node.reflector import Bird, Reflector, ReflectorPaths
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +84,22 @@ DEFAULT_SYNC_TIMEOUT = 10.0
 SUSPEND_HOLD = 120.0
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
+# Reflector mode: the node's ExaBGP peers with its own BIRD over loopback. BIRD holds the BGP port,
+# so ExaBGP binds a loopback address of its own and listens on another port, for BIRD to connect
+# to when it (re)starts; ExaBGP connects to BIRD's port too.
+LOCAL_AGENT_ADDRESS = "127.0.0.2"
+LOCAL_AGENT_PORT = 1790
+LOCAL_BIRD_NAME = "Local_BIRD"
+BIRD_POLL_INTERVAL = 1.0
 
 _PREFIX_RE = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}/\d{1,2})\b")
+_SELECTED_RE = re.compile(r"neighbor (\S+)")
+NODE_CONFIG_PREFIX = "node."
+# Python loggers of the BGP speaker side, whose level follows BGPConfiguration logSeverityScreen
+# (Calico's BIRD/confd log level; felixpy's speaker logic is this controller, the sidecar client and bgp/).
+BGP_LOGGERS = ("felixpy.node.bgp", "felixpy.node.reflector", "bgp")
+_LOG_LEVELS = {"Trace": logging.DEBUG, "Debug": logging.DEBUG, "Info": logging.INFO, "Warning": logging.WARNING,
+               "Error": logging.ERROR, "Fatal": logging.CRITICAL, "None": logging.CRITICAL + 10}
 
 
 @dataclass(frozen=True)
@@ -142,11 +166,20 @@ class SidecarEvent(SidecarMessage):
 
 @dataclass(frozen=True)
 class CommandsFailed(SidecarMessage):
-    """A pipelined command was rejected or lost; the loop re-announces everything."""
+    """A pipelined command was rejected or lost: the loop re-announces everything, or, for a
+    command addressed to some neighbours, refreshes those when they next come up."""
 
     generation: int
     command: str
     error: str
+    peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BirdPolled(SidecarMessage):
+    """Reflector mode: BIRD's `show protocols all` (None: BIRD did not answer)."""
+
+    text: str | None
 
 
 @dataclass(frozen=True)
@@ -205,34 +238,52 @@ def signal_exabgp(pid_file: str) -> bool:
 
 
 class BGPResources:
-    """The datastore resources BGP peering is computed from: Nodes, BGPConfigurations, BGPPeers.
+    """The datastore resources BGP is computed from: Nodes, BGPConfigurations, BGPPeers and
+    BGPFilters (peering), and Kubernetes Services and EndpointSlices (service advertisement).
 
     Shared by the agent's BGP controller (registered with the agent's dispatcher) and the route
     reflector (which feeds it the syncer's updates through `on_update`); both recompute their
-    peers when `changed` is set. Values are the stored resources: bgp.peers reads them.
+    peers when `changed` is set, the agent its service routes when `services_changed` is.
+    Values are the stored resources: bgp.peers reads them.
     """
 
-    KINDS = (Kind.NODE, Kind.BGP_CONFIGURATION, Kind.BGP_PEER)
+    KINDS = (Kind.NODE, Kind.BGP_CONFIGURATION, Kind.BGP_PEER, Kind.BGP_FILTER, Kind.IP_POOL,
+             Kind.KUBERNETES_SERVICE, Kind.KUBERNETES_ENDPOINT_SLICE)
 
     def __init__(self) -> None:
         self.nodes: dict[str, Mapping[str, Any]] = {}
         self.configs: dict[str, Mapping[str, Any]] = {}
         self.peers: dict[str, Mapping[str, Any]] = {}
+        self.filters: dict[str, Mapping[str, Any]] = {}
+        self.pools: dict[str, Any] = {}  # name → calc.updates.IPPool (what a reflector exports)
+        self.services: dict[str, ServiceInfo] = {}  # by datastore key
+        self.slices: dict[str, EndpointSliceInfo] = {}
         self.changed = True
+        self.services_changed = True
 
     def register_with(self, dispatcher: Dispatcher) -> None:
         for kind in self.KINDS:
             dispatcher.register(kind, self.on_resource)
 
     def on_resource(self, update: Update[Any]) -> None:
-        index = {Kind.NODE: self.nodes, Kind.BGP_CONFIGURATION: self.configs,
-                 Kind.BGP_PEER: self.peers}[update.kind]
+        if update.kind in (Kind.KUBERNETES_SERVICE, Kind.KUBERNETES_ENDPOINT_SLICE):
+            table: dict[str, Any] = self.services if update.kind is Kind.KUBERNETES_SERVICE else self.slices
+            if update.value is None:
+                table.pop(update.key, None)
+            else:
+                table[update.key] = update.value
+            self.services_changed = True
+            return
+        index = {Kind.NODE: self.nodes, Kind.BGP_CONFIGURATION: self.configs, Kind.BGP_PEER: self.peers,
+                 Kind.BGP_FILTER: self.filters, Kind.IP_POOL: self.pools}[update.kind]
         value = update.value.resource if isinstance(update.value, NodeValue) else update.value
         if value is None:
             index.pop(update.name, None)
         else:
             index[update.name] = value
         self.changed = True
+        if update.kind in (Kind.NODE, Kind.BGP_CONFIGURATION):
+            self.services_changed = True  # the node's exclusion label, the service CIDRs
 
     def on_update(self, update: KVUpdate) -> bool:
         """Index one raw update (the route reflector's syncer); True when it concerned BGP peering."""
@@ -240,7 +291,33 @@ class BGPResources:
         if typed is None:
             return False
         self.on_resource(typed)
-        return True
+        return typed.kind not in (Kind.KUBERNETES_SERVICE, Kind.KUBERNETES_ENDPOINT_SLICE)
+
+    def node_configs(self) -> dict[str, Mapping[str, Any]]:
+        """node name → its `node.<name>` BGPConfiguration."""
+        return {name[len(NODE_CONFIG_PREFIX):]: value for name, value in self.configs.items()
+                if name.startswith(NODE_CONFIG_PREFIX)}
+
+    def bgp_filters(self) -> dict[str, BGPFilter]:
+        """The BGPFilters by name; raises FilterError (one line) for one that cannot be used."""
+        return {name: BGPFilter.from_resource(value) for name, value in sorted(self.filters.items())}
+
+
+@functools.lru_cache(maxsize=1)
+def _exabgp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("exabgp")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def apply_log_level(severity: str) -> None:
+    """BGPConfiguration logSeverityScreen → the level of the BGP speaker's loggers."""
+    level = _LOG_LEVELS.get(severity, logging.INFO)
+    for name in BGP_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def resolve_peering(resources: BGPResources, secrets: SecretResolver
@@ -251,7 +328,7 @@ def resolve_peering(resources: BGPResources, secrets: SecretResolver
     mesh_ref = ((default or {}).get("spec") or {}).get("nodeMeshPassword")
     refs = {secret_ref(mesh_ref)}
     settings = BGPSettings.from_resource(default, node_mesh_password=secrets.resolve_ref(
-        mesh_ref, what="BGPConfiguration default nodeMeshPassword"))
+        mesh_ref, what="BGPConfiguration default nodeMeshPassword"), node_configs=resources.node_configs())
     specs = []
     for value in resources.peers.values():
         ref = (value.get("spec") or {}).get("password")
@@ -272,6 +349,10 @@ class BGPController:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         secrets: SecretResolver | None = None,
+        bird_paths: "ReflectorPaths | None" = None,
+        bird: "Bird | None" = None,
+        status_store: "Datastore | None" = None,
+        kernel_routes: "KernelRoutes | None" = None,
     ) -> None:
         self.node_name = node_name
         self.paths = paths
@@ -286,26 +367,51 @@ class BGPController:
         self._wall = wall_clock
         self._post: Callable[[Any], None] | None = None
         self._thread: threading.Thread | None = None
+        self._poller: threading.Thread | None = None
         self._stop = threading.Event()
         self._started_at = clock()
+        self.last_reload: float | None = None  # wall time the ExaBGP configuration last changed
 
         # datastore index
         self._resources = BGPResources()
         self._datastore_synced = False
 
         # configuration state
-        self._peers: dict[str, Peer] = {}
+        self._peers: dict[str, Peer] = {}  # ExaBGP's sessions
         self._node_ip: str | None = None
+        self._node_as: int | None = None
+        self._router_id: str | None = None
         self._config_text: str | None = None
         self._config_error = ""
+        self._filters: dict[str, BGPFilter] = {}
+        self._community_rules: tuple[CommunityRule, ...] = ()
+        self._peer_exports: dict[str, PeerExport] = {}
+        self._needs_interfaces = False
+        self._static_routes: dict[str, str] = {}  # reachableBy: peer/32 → gateway
+        self._service_settings = ServiceSettings()
+        self._service_routes = ServiceRoutes(frozenset(), frozenset())
+        self._reject_nets: tuple[ipaddress.IPv4Network, ...] = ()
+
+        # route reflector mode: this node's Node has a cluster ID, BIRD speaks for it
+        self._bird_paths = bird_paths
+        self._bird_control = bird
+        self._reflector: "Reflector | None" = None
+        self.reflector_mode = False
+        self._reflector_polling = threading.Event()
+
+        # what to announce
+        self._own: frozenset[str] = frozenset()
+        self._endpoints: Callable[[], Iterable[Any]] | None = None
+        self._desired: dict[str, dict[str, Attributes]] = {}
+        self._exports_dirty = True
 
         # sidecar session state
         self._generation = 0  # of the connection the loop currently trusts
         self._connected = False
         self._replayed = False  # ReplayDone seen on the current connection
         self._ever_replayed = False
-        self._announced: set[str] = set()
-        self._desired: frozenset[str] = frozenset()
+        self._announcer = Announcer()
+        self._read_back = False
         self._full_announce_needed = True
         self._eor_pending: set[str] = set()  # established peers still owed announcements + EoR
         self._sessions: dict[str, _Session] = {}
@@ -314,6 +420,11 @@ class BGPController:
         self.rib = Rib()
         self.routes_dirty = False  # learned routes changed since the loop last asked
         self._status_file = StatusFile(self.paths.status)
+
+        # CalicoNodeStatus: the resources naming this node, written by a thread of their own
+        self._status_writer = (StatusWriter(status_store, kernel_routes=kernel_routes, wall=wall_clock)
+                               if status_store is not None else None)
+        self.node_status = NodeStatusReporter(node_name, self._status_writer, clock=clock)
 
     # -- lifecycle (thread) --------------------------------------------------------------------
     def start(self, post: Callable[[Any], None]) -> None:
@@ -324,10 +435,18 @@ class BGPController:
         self._secret_watcher.watch(self._secret_refs)
         self._thread = threading.Thread(target=self._run_link, name="bgp-link", daemon=True)
         self._thread.start()
+        if self._bird_paths is not None:
+            self._poller = threading.Thread(target=self._run_bird_poller, name="bird-status", daemon=True)
+            self._poller.start()
+        if self._status_writer is not None:
+            self._status_writer.start()
         self.write_status()
 
     def stop(self) -> None:
         self._stop.set()
+        self._reflector_polling.set()
+        if self._status_writer is not None:
+            self._status_writer.stop()
         if self._secret_watcher is not None:
             self._secret_watcher.stop()
         self._link.close()
@@ -356,13 +475,32 @@ class BGPController:
             except SidecarUnavailable as err:
                 self._post(SidecarLost(generation, str(err)))
 
+    def _run_bird_poller(self) -> None:
+        """Reflector mode only: BIRD's sessions every second, read off the loop (birdc may hang)."""
+        while not self._stop.is_set():
+            self._reflector_polling.wait()
+            if self._stop.is_set():
+                return
+            reflector = self._reflector
+            if reflector is not None and self.reflector_mode and self._post is not None:
+                self._post(BirdPolled(reflector.bird.show_protocols()))
+            self._stop.wait(BIRD_POLL_INTERVAL)
+
     # -- datastore input -----------------------------------------------------------------------
     def register_with(self, dispatcher: Dispatcher) -> None:
         self._resources.register_with(dispatcher)
+        self.node_status.register_with(dispatcher)
 
-    def set_announcements(self, prefixes: Iterable[str]) -> None:
-        """The prefixes this node should announce (calc graph output); no I/O."""
-        self._desired = frozenset(prefixes)
+    def set_announcements(self, prefixes: Iterable[str],
+                          endpoints: Callable[[], Iterable[Any]] | None = None) -> None:
+        """The prefixes this node should announce (calc graph output), and where its local
+        endpoints are (`LocalEndpoint`s: the veths of borrowed /32s, for BGPFilter `interface`
+        rules; only read when a filter asks). No I/O."""
+        own = frozenset(prefixes)
+        if own != self._own:
+            self._own = own
+            self._exports_dirty = True
+        self._endpoints = endpoints
 
     def datastore_in_sync(self) -> None:
         self._datastore_synced = True
@@ -372,12 +510,22 @@ class BGPController:
         now = self._clock()
         if isinstance(message, SecretsChanged):
             self._resources.changed = True  # sync() renders with the new value and reloads ExaBGP
+            if self._reflector is not None:
+                self._reflector.secrets_changed()
+            return
+        if isinstance(message, BirdPolled):
+            if self._reflector is not None and self.reflector_mode:
+                was_up = self._reflector.bird_up
+                self._reflector.apply_protocols(message.text)
+                if self._reflector.bird_up and not was_up:
+                    self._reflector.sync()  # BIRD came back: hand it the current rendering
             return
         if isinstance(message, SidecarConnected):
             self._generation = message.generation
             self._connected = True
             self._replayed = False
-            self._announced = set()
+            self._announcer.reset()
+            self._read_back = True
             self._full_announce_needed = True
             log.info("bgp sidecar connected generation=%d", message.generation)
             return
@@ -388,21 +536,26 @@ class BGPController:
                         message.reason)
             self._connected = False
             self._replayed = False
-            self._announced = set()
+            self._announcer.reset()
             self._eor_pending = set()
             self._note_delta(self.rib.suspend(now=now, hold=SUSPEND_HOLD))
             for session in self._sessions.values():
                 self._set_state(session, "Idle", "sidecar not connected")
         elif isinstance(message, CommandsFailed):
-            log.warning("bgp command failed, re-announcing everything command=%r error=%s",
-                        message.command[:120], message.error)
-            self._full_announce_needed = True
+            if message.peers:
+                log.info("bgp command to some neighbours failed; they get everything when they come up "
+                         "peers=%s command=%r", ",".join(message.peers), message.command[:120])
+                self._announcer.forget(message.peers)
+            else:
+                log.warning("bgp command failed, re-announcing everything command=%r error=%s",
+                            message.command[:120], message.error)
+                self._full_announce_needed = True
         elif isinstance(message, AdjRibOut):
-            stale = set(message.prefixes) - set(self._desired) - self._announced
+            stale = set(message.prefixes) - self._announcer.announced()
             if stale:
                 log.info("withdrawing announcements left from before the restart prefixes=%s",
                          ",".join(sorted(stale)))
-                self._announced |= stale  # so that the next sync withdraws them
+            self._announcer.seen_announced(message.prefixes)
         elif isinstance(message, SidecarEvent):
             self._on_event(message.event, now)
 
@@ -451,24 +604,63 @@ class BGPController:
 
     # -- outputs --------------------------------------------------------------------------------
     def learned_routes(self) -> dict[str, str]:
-        """prefix → next hop of every best BGP path (stale ones included)."""
+        """prefix → next hop of every route BGP puts in the kernel: the best paths (stale ones
+        included) outside the Service ranges (kube-proxy owns those), and the reachableBy routes
+        to peers."""
         self.routes_dirty = False
-        return self.rib.best_routes()
+        routes = {prefix: hop for prefix, hop in self.rib.best_routes().items() if not self._rejected(prefix)}
+        routes.update(self._static_routes)
+        return routes
+
+    def _rejected(self, prefix: str) -> bool:
+        if not self._reject_nets:
+            return False
+        net = ipaddress.IPv4Network(prefix)
+        return any(net.subnet_of(reject) for reject in self._reject_nets)
 
     def ready_for_dataplane(self) -> bool:
         """True once the learned routes are complete (replay done), or the wait timed out."""
         return self._ever_replayed or self._clock() - self._started_at >= self.paths.sync_timeout
 
     def next_deadline(self) -> float | None:
-        """Monotonic time at which `expire()` has work (graceful-restart timers)."""
-        deadline = self.rib.next_deadline()
+        """Monotonic time at which `expire()` has work (graceful-restart timers, CalicoNodeStatus)."""
+        deadlines = [d for d in (self.rib.next_deadline(), self.node_status.next_deadline()) if d is not None]
         first = self._started_at + self.paths.sync_timeout
         if not self._ever_replayed and self._clock() < first:
-            deadline = first if deadline is None else min(deadline, first)
-        return deadline
+            deadlines.append(first)
+        return min(deadlines) if deadlines else None
 
     def expire(self) -> None:
         self._note_delta(self.rib.expire(self._clock()))
+        if self._datastore_synced:
+            self.node_status.report(self.status_snapshot)
+
+    def status_snapshot(self) -> Snapshot:
+        """The BGP state a CalicoNodeStatus reports, copied for its writer thread."""
+        peer_types = {p.address: p.type.value for p in self._peers.values()}
+        if self.reflector_mode and self._reflector is not None:
+            rows = self._reflector.peer_rows()
+            peer_types.update({r["peer"]: r["type"] for r in rows})
+            bird = self._reflector.bird
+            speaker: Callable[[], BirdTimes] | None = lambda: parse_bird_status(bird.show_status() or "")
+            ready, version = self._reflector.bird_up, "BIRD"
+            router_id = self._reflector.router_id or ""
+        else:
+            rows = self.status()["peers"]
+            pid_file = self.paths.pid_file
+            speaker = lambda: BirdTimes(boot=exabgp_start_time(pid_file))  # noqa: E731
+            ready, version, router_id = self._connected, f"ExaBGP {_exabgp_version()} (felixpy)", self._router_id or ""
+        best: list[PathView] = []
+        others: list[PathView] = []
+        for prefix in self.rib.prefixes():
+            for i, path in enumerate(self.rib.paths(prefix)):
+                view = PathView(prefix, path.peer, path.next_hop, peer_types.get(path.peer, "node"))
+                (best if i == 0 else others).append(view)
+        return Snapshot(speaker_ready=ready, version=version, router_id=router_id, boot_time=None,
+                        reconfigured=self.last_reload if not self.reflector_mode or self._reflector is None
+                        else self._reflector.last_configured,
+                        peers=tuple(rows), best=tuple(best), others=tuple(others),
+                        own_blocks=frozenset(p for p in self._own if not p.endswith("/32")), speaker=speaker)
 
     def local_addresses(self) -> frozenset[str]:
         """This node's addresses: a learned route via one of them is never installed."""
@@ -476,7 +668,20 @@ class BGPController:
 
     @property
     def peers(self) -> list[Peer]:
+        """ExaBGP's sessions (in reflector mode: the one to the node's BIRD)."""
         return list(self._peers.values())
+
+    @property
+    def reflector(self) -> "Reflector | None":
+        return self._reflector if self.reflector_mode else None
+
+    @property
+    def router_id(self) -> str | None:
+        return self._router_id
+
+    def desired_exports(self) -> dict[str, dict[str, Attributes]]:
+        """peer → prefix → attributes this node should announce there (tests, status)."""
+        return {peer: dict(routes) for peer, routes in self._desired.items()}
 
     # -- the work after each batch -------------------------------------------------------------
     def sync(self) -> None:
@@ -486,9 +691,20 @@ class BGPController:
         if self._resources.changed:
             self._resources.changed = False
             self._update_config()
+        if self._resources.services_changed:
+            self._resources.services_changed = False
+            self._update_services()
+        if self.reflector_mode and self._reflector is not None:
+            self._reflector.sync()
+        if self._exports_dirty:
+            self._exports_dirty = False
+            self._update_exports()
         if self._connected and self._replayed and self._node_ip is not None:
             self._announce()
         self.write_status()
+        due = self.node_status.next_deadline()
+        if due is not None and due <= self._clock():
+            self.node_status.report(self.status_snapshot)
 
     def _update_config(self) -> None:
         try:
@@ -496,36 +712,137 @@ class BGPController:
             settings, specs, self._secret_refs = resolve_peering(self._resources, self._secrets)
             if self._secret_watcher is not None:
                 self._secret_watcher.watch(self._secret_refs)
-            peers = select_peers(self.node_name, nodes, settings, specs)
-            me = next(n for n in nodes if n.name == self.node_name)
+            me = next((n for n in nodes if n.name == self.node_name), None)
+            if me is None:
+                raise PeeringError(f'Node "{self.node_name}" does not exist')
+            filters = self._resources.bgp_filters()
+            default = self._resources.configs.get("default")
+            node_config = self._resources.configs.get(f"{NODE_CONFIG_PREFIX}{self.node_name}")
+            rules = community_rules(default, node_config)
+            node_as = me.as_number or settings.as_number
+            reflector_mode = me.rr_cluster_id is not None
+            if reflector_mode:
+                if self._bird_paths is None:
+                    raise PeeringError(f'Node "{self.node_name}": spec.bgp.routeReflectorClusterID is set but this '
+                                       "agent has no BIRD configured (FELIXPY_BIRD_CONFIG)")
+                if me.ipv4 is None:
+                    raise PeeringError(f'Node "{self.node_name}": spec.bgp.ipv4Address is not set')
+                bird_peers = select_peers(self.node_name, nodes, settings, specs)
+                # ExaBGP speaks to the node's BIRD only; BIRD has the real sessions. Distinct BGP
+                # identifiers on the two ends: BIRD has the node's address, ExaBGP a hash of the name.
+                router_id = hashed_router_id(self.node_name, avoid=me.ipv4)
+                peers = [Peer(address=me.ipv4, as_number=node_as, type=PeerType.LOCAL, name=LOCAL_BIRD_NAME,
+                              port=settings.listen_port_of(self.node_name), source_address=LOCAL_AGENT_ADDRESS,
+                              listen_port=LOCAL_AGENT_PORT, node=self.node_name)]
+                static_peers = bird_peers
+            else:
+                peers = select_peers(self.node_name, nodes, settings, specs)
+                router_id = me.ipv4 or ""
+                static_peers = peers
             assert me.ipv4 is not None  # select_peers checked it
             text = render_exabgp_conf(SpeakerConfig(
-                node_name=self.node_name, router_id=me.ipv4, local_address=me.ipv4,
-                as_number=me.as_number or settings.as_number, peers=tuple(peers),
-                sidecar_socket=self.paths.socket, python=self.paths.python))
-        except (PeeringError, ValueError, KeyError, TypeError) as err:
+                node_name=self.node_name, router_id=router_id, local_address=me.ipv4,
+                as_number=node_as, peers=tuple(peers), sidecar_socket=self.paths.socket, python=self.paths.python))
+        except (PeeringError, FilterError, ValueError, KeyError, TypeError) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             if message != self._config_error:
                 log.error("BGP configuration not changed: %s", message)
             self._config_error = message
             return
         self._config_error = ""
+        severity = (((node_config or {}).get("spec") or {}).get("logSeverityScreen")
+                    or ((default or {}).get("spec") or {}).get("logSeverityScreen") or "Info")
+        apply_log_level(severity)
+        if reflector_mode != self.reflector_mode:
+            log.info("route reflector mode %s cluster_id=%s", "on" if reflector_mode else "off", me.rr_cluster_id)
+            self._switch_reflector(reflector_mode)
+        elif reflector_mode and self._reflector is not None:
+            self._reflector.mark_dirty()
         old_peers, self._peers = self._peers, {p.address: p for p in peers}
         if me.ipv4 != self._node_ip and self._node_ip is not None:
             self._full_announce_needed = True  # next hop changed
-        self._node_ip = me.ipv4
+        self._node_ip, self._node_as, self._router_id = me.ipv4, node_as, router_id
+        self._filters, self._community_rules = filters, rules
         for address in (set(old_peers) | set(self._sessions)) - set(self._peers):
             self._note_delta(self.rib.remove_peer(address))
             self._sessions.pop(address, None)
             self._eor_pending.discard(address)
         for address in self._peers:
             self._sessions.setdefault(address, _Session(address))
+        self._announcer.set_peers(self._peers)
+        self._peer_exports = {p.address: PeerExport(resolve(p.filters, filters), p.is_ebgp(node_as))
+                              for p in peers}
+        self._needs_interfaces = any(rule.interface for f in filters.values() for rule in f.export_v4)
+        self._note_delta(self.rib.set_import_policy(import_policy(
+            {p.address: resolve(p.filters, filters) for p in peers},
+            {p.address: p.is_ebgp(node_as) for p in peers},
+            {p.address: p.local_as_for(node_as) for p in peers},
+            {p.address: p.num_allowed_local_as for p in peers})))
+        static = {f"{p.address}/32": p.reachable_by for p in static_peers if p.reachable_by}
+        if static != self._static_routes:
+            self._static_routes = static
+            self.routes_dirty = True
+        self._exports_dirty = True
+        self._resources.services_changed = True  # the node's labels may have changed
         if text != self._read_config():
+            if reflector_mode:
+                # ExaBGP gives the BGP port up to BIRD once it has reloaded.
+                log.info("ExaBGP configuration: one session, to this node's BIRD")
             self._write_config(text)
             log.info("ExaBGP configuration written path=%s peers=%s", self.paths.config,
                      ",".join(self._peers) or "-")
             self._reload()
+            self.last_reload = self._wall()
         self._config_text = text
+
+    def _switch_reflector(self, on: bool) -> None:
+        """Enter or leave route-reflector mode (BIRD for the node's sessions, ExaBGP behind it)."""
+        from felixpy.node.reflector import Reflector
+
+        if on:
+            if self._reflector is None:
+                assert self._bird_paths is not None
+                self._reflector = Reflector(self.node_name, self._bird_paths, bird=self._bird_control,
+                                            wall_clock=self._wall, clock=self._clock, secrets=self._secrets,
+                                            resources=self._resources,
+                                            local_agent=LocalAgent(LOCAL_AGENT_ADDRESS, LOCAL_AGENT_PORT))
+                self._reflector.datastore_in_sync()
+            self._reflector.mark_dirty()
+            self.reflector_mode = True
+            self._reflector_polling.set()
+        else:
+            self.reflector_mode = False
+            self._reflector_polling.clear()
+            if self._reflector is not None and self._bird_paths is not None and self._bird_paths.start_bird:
+                # We started it: stop it before ExaBGP wants the BGP port back.
+                self._reflector.bird.stop()
+
+    def _update_services(self) -> None:
+        default = self._resources.configs.get("default")
+        try:
+            settings = ServiceSettings.from_resource(default)
+        except (ValueError, TypeError, AttributeError) as err:
+            log.error("service advertisement not changed: BGPConfiguration default: %s", err)
+            return
+        me = self._resources.nodes.get(self.node_name) or {}
+        labels = (me.get("metadata") or {}).get("labels") or {}
+        routes = service_routes(settings, self._resources.services.values(), self._resources.slices.values(),
+                                node=self.node_name, excluded=labels.get(EXCLUDE_LABEL) == "true")
+        if routes.reject != self._service_routes.reject:
+            self._reject_nets = tuple(ipaddress.IPv4Network(c) for c in sorted(routes.reject))
+            self.routes_dirty = True
+        if routes.announce != self._service_routes.announce:
+            self._exports_dirty = True
+            log.info("service routes announce=%s", ",".join(sorted(routes.announce)) or "-")
+        self._service_settings, self._service_routes = settings, routes
+
+    def _update_exports(self) -> None:
+        interfaces: dict[str, str] = {}
+        if self._needs_interfaces and self._endpoints is not None:
+            interfaces = {f"{ip}/32": ep.iface for ep in self._endpoints() for ip in ep.ipv4s}
+        routes = [LocalRoute(prefix, interfaces.get(prefix)) for prefix in sorted(self._own)]
+        routes += [LocalRoute(prefix) for prefix in sorted(self._service_routes.announce - self._own)]
+        self._desired = exports(routes, self._community_rules, self._peer_exports)
 
     def _read_config(self) -> str | None:
         if self._config_text is not None:
@@ -547,36 +864,21 @@ class BGPController:
 
     def _announce(self) -> None:
         assert self._node_ip is not None
-        desired = set(self._desired)
-        commands: list[str] = []
-        read_back = False
+        refresh: set[str] = set()
         if self._full_announce_needed or self._next_hop_announced != self._node_ip:
             self._full_announce_needed = False
-            gone = self._announced - desired
-            if gone:
-                commands += withdraw_routes(sorted(gone), self._node_ip)
-            commands += announce_routes(sorted(desired), self._node_ip)
+            refresh = set(self._peers)
             self._next_hop_announced = self._node_ip
+        eor = self._eor_pending & set(self._peers)
+        self._eor_pending = set()
+        commands = self._announcer.commands(self._desired, self._node_ip, refresh=refresh, eor=eor)
+        if commands:
+            log.debug("bgp commands count=%d", len(commands))
+        self._submit(commands)
+        if self._read_back:
             # First announce on this connection: read ExaBGP's adj-RIB-out back, so that routes
             # announced by a previous agent and no longer wanted get withdrawn.
-            read_back = not self._announced
-        else:
-            added, gone = desired - self._announced, self._announced - desired
-            if gone:
-                commands += withdraw_routes(sorted(gone), self._node_ip)
-            if added:
-                commands += announce_routes(sorted(added), self._node_ip)
-        for peer in sorted(self._eor_pending):
-            if peer in self._peers:
-                if desired:
-                    commands += announce_routes(sorted(desired), self._node_ip, neighbor=peer)
-                commands.append(end_of_rib(neighbor=peer))
-        self._eor_pending = set()
-        if commands:
-            log.debug("bgp commands count=%d announced=%d", len(commands), len(desired))
-        self._announced = desired
-        self._submit(commands)
-        if read_back:
+            self._read_back = False
             self._submit_show_adj_rib_out()
 
     def _submit(self, commands: list[str]) -> None:
@@ -606,7 +908,9 @@ class BGPController:
             return
         if not self._peers:
             return  # nothing to announce to: ExaBGP rejects announces without neighbours
-        self._post(CommandsFailed(generation, command, "ExaBGP answered error"))
+        head = re.split(r" (?:announce|withdraw) ", command, maxsplit=1)[0]
+        peers = tuple(_SELECTED_RE.findall(head)) if command.startswith("neighbor ") else ()
+        self._post(CommandsFailed(generation, command, "ExaBGP answered error", peers))
 
     def _submit_show_adj_rib_out(self) -> None:
         generation = self._generation
@@ -640,12 +944,19 @@ class BGPController:
                 "routesReceived": received.get(address, 0),
                 "node": peer.node,
             })
-        return {
+        data: dict[str, Any] = {
             "node": self.node_name, "pid": os.getpid(), "updated": self._wall(),
             "sidecar": "connected" if self._connected else "disconnected",
-            "configError": self._config_error, "announced": sorted(self._announced),
+            "configError": self._config_error, "announced": sorted(self._announcer.announced()),
             "learned": len(self.rib.best_routes()), "peers": rows,
         }
+        if self.reflector_mode and self._reflector is not None:
+            # The node's sessions are BIRD's; ExaBGP's one session (to BIRD) is `agentSession`.
+            data.update({"routeReflector": True, "speaker": "bird", "clusterID": self._reflector.cluster_id,
+                         "peers": self._reflector.peer_rows(), "agentSession": rows[0] if rows else None,
+                         "bird": "running" if self._reflector.bird_up else "not answering",
+                         "configError": self._config_error or self._reflector.config_error})
+        return data
 
     def write_status(self) -> None:
         self._status_file.write(self.status())

@@ -188,7 +188,9 @@ def run_route_reflector(config: Any, store: Any, result: Any, health: Any = None
             return fail(f"metrics port {config.felix.prometheus_metrics_port}: {err}")
     log.info("felixpy-node %s node=%s ip=%s mode=route-reflector", __version__, result.node_name, result.ipv4)
     try:
-        run_reflector(store, result.node_name, paths, stop)
+        from felixpy.kernel.routeview import main_table_routes
+
+        run_reflector(store, result.node_name, paths, stop, kernel_routes=main_table_routes)
     finally:
         if metrics_server is not None:
             metrics_server.stop()
@@ -207,6 +209,7 @@ def render_config(config: Any) -> Any:
         default_endpoint_to_host_action=config.felix.default_endpoint_to_host_action,
         failsafe_inbound=config.felix.failsafe_inbound,
         failsafe_outbound=config.felix.failsafe_outbound,
+        vxlan_port=config.felix.vxlan_port,  # encapsulation between nodes passes host endpoint policy
     )
 
 
@@ -224,13 +227,18 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
     bgp = None
     bgp_status = None
     if backend == "bird":
+        from felixpy.kernel.routeview import main_table_routes
         from felixpy.node.bgp import BGPController, BGPPaths, read_status
+        from felixpy.node.reflector import ReflectorPaths
 
         try:
             paths = BGPPaths.from_env(os.environ, config.agent.state_dir)
+            # Used when this node's Node gets a routeReflectorClusterID (BIRD speaks for it then).
+            bird_paths = ReflectorPaths.from_env(os.environ, config.agent.state_dir)
         except ValueError as err:
             return fail(str(err))
-        bgp = BGPController(result.node_name, paths)
+        bgp = BGPController(result.node_name, paths, bird_paths=bird_paths, status_store=store,
+                            kernel_routes=main_table_routes)
         bgp_status = lambda: read_status(paths.status)  # noqa: E731 - read at scrape time
     # The checks exist for the metrics (felixpy_agent_ready) even when nothing serves /readiness.
     checks = health
@@ -302,6 +310,7 @@ def run_agent(config: Any, store: Any, result: Any, health: Any = None) -> int:
         node_labels=lambda: agent.status.node_labels,
         wait_programmed=agent.waiter.wait,
         ready=ready,
+        adopt_routes=agent.adopt_routes,
         iface_prefix=config.felix.interface_prefixes[0],
         observe=metrics.observe_cni,
         datastore_ready=lambda: watch.datastore_ready,

@@ -37,10 +37,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from bgp.bird import render_bird_reflector
-from bgp.peers import NodeInfo, Peer, PeeringError, select_peers
+from bgp.advertise import community_rules
+from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, render_bird_reflector
+from bgp.filters import FilterError
+from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, select_peers
+from bgp.services import ServiceSettings
 from felixpy.kernel import commands
-from felixpy.node.bgp import BGPResources, StatusFile, resolve_peering
+from felixpy.calc.updates import Kind, decode
+from felixpy.node.bgp import BGPResources, StatusFile, apply_log_level, resolve_peering
+from felixpy.node.nodestatus import (KernelRoutes, NodeStatusReporter, PathView, Snapshot, StatusWriter,
+                                     parse_bird_status)
 from felixpy.node.secrets import SecretRef, SecretResolver, SecretWatcher
 from felixpy.datastore.syncer import KVUpdate, SyncEvent, SyncStatus
 
@@ -138,12 +144,49 @@ def parse_show_protocols(text: str) -> dict[str, ProtocolState]:
     return found
 
 
+@dataclass(frozen=True)
+class BirdRoute:
+    """One path of `birdc show route`: the prefix, the protocol it came from, best or not, next hop."""
+
+    prefix: str
+    protocol: str
+    best: bool
+    via: str
+
+
+# `10.244.1.0/26        unicast [Node_192_0_2_11 10:00:00.123 from 192.0.2.11] * (100) [i]`, the
+# prefix only on a prefix's first path; the next line is `\tvia 192.0.2.11 on eth0`.
+_ROUTE_RE = re.compile(r"^(\S+/\d+)?\s+\w+\s+\[(\S+)[^\]]*\]\s*(\*)?")
+_VIA_RE = re.compile(r"^\s+via\s+(\S+)")
+
+
+def parse_show_route(text: str) -> list[BirdRoute]:
+    """The paths in `birdc show route` output (BIRD 2), in BIRD's order."""
+    routes: list[BirdRoute] = []
+    prefix = ""
+    pending: tuple[str, str, bool] | None = None
+    for line in text.splitlines():
+        match = _ROUTE_RE.match(line)
+        if match and "[" in line:
+            prefix = match.group(1) or prefix
+            pending = (prefix, match.group(2), match.group(3) is not None)
+            continue
+        via = _VIA_RE.match(line)
+        if via and pending is not None:
+            routes.append(BirdRoute(pending[0], pending[1], pending[2], via.group(1)))
+            pending = None
+    return routes
+
+
 class Bird(Protocol):
     """What the reflector needs from BIRD (tests pass a fake)."""
 
     def configure(self) -> tuple[bool, str]: ...
     def show_protocols(self) -> str | None: ...
+    def show_status(self) -> str | None: ...
+    def show_routes(self) -> str | None: ...
     def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class BirdControl:
@@ -180,6 +223,26 @@ class BirdControl:
             return None
         return done[1]
 
+    def show_status(self) -> str | None:
+        """`birdc show status`: version, router ID, boot and reconfiguration times."""
+        done = self._birdc("show", "status")
+        if done is None or done[0] != 0:
+            return None
+        return done[1]
+
+    def show_routes(self) -> str | None:
+        """`birdc show route`: every path BIRD holds."""
+        done = self._birdc("show", "route")
+        if done is None or done[0] != 0:
+            return None
+        return done[1]
+
+    def stop(self) -> None:
+        """Shut BIRD down (`birdc down`): the node left route-reflector mode."""
+        done = self._birdc("down")
+        log.info("bird stopped socket=%s answer=%s", self.paths.socket,
+                 (done[1].strip().splitlines() or ["-"])[-1] if done else "none")
+
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.paths.socket), exist_ok=True)
         # bird daemonises itself; it reads the configuration we have just written.
@@ -201,12 +264,19 @@ class _Session:
 
 
 class Reflector:
-    """Datastore → BIRD configuration, and BIRD's sessions → the status file. No threads."""
+    """Datastore → BIRD configuration, and BIRD's sessions → the status file. No threads.
+
+    Two uses: the dedicated reflector (`run_reflector`, its own syncer), and the BIRD of an agent
+    whose Node has a cluster ID (node/bgp.py): then `resources` is the agent's index and
+    `local_agent` adds the session to the node's own ExaBGP.
+    """
 
     def __init__(self, node_name: str, paths: ReflectorPaths, *, bird: Bird | None = None,
                  wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic,
-                 secrets: SecretResolver | None = None) -> None:
+                 secrets: SecretResolver | None = None,
+                 resources: BGPResources | None = None,
+                 local_agent: LocalAgent | None = None) -> None:
         self.node_name = node_name
         self.paths = paths
         self.secrets = secrets if secrets is not None else SecretResolver.from_env(os.environ)
@@ -216,12 +286,15 @@ class Reflector:
         self._clock = clock
         self._retry_at = 0.0
         self._configure_error = ""
-        self._resources = BGPResources()
+        self._resources = resources if resources is not None else BGPResources()
+        self._shared = resources is not None
+        self.local_agent = local_agent
         self._dirty = True
         self._in_sync = False
         self._peers: dict[str, Peer] = {}
         self._cluster_id: str | None = None
         self._as_number: int | None = None
+        self.router_id: str | None = None
         self._text: str | None = None  # last rendering written to disk
         self._applied: str | None = None  # last rendering BIRD accepted
         self._config_error = ""
@@ -229,11 +302,16 @@ class Reflector:
         self._sessions: dict[str, _Session] = {}
         self._status_file = StatusFile(self.paths.status)
         self.configures = 0  # successful `birdc configure` calls (tests, logs)
+        self.last_configured: float | None = None  # wall time of the last successful configure
 
     # -- datastore input ---------------------------------------------------------------------
     def on_update(self, update: KVUpdate) -> None:
         if self._resources.on_update(update):
             self._dirty = True
+
+    def mark_dirty(self) -> None:
+        """The shared resources changed (the agent's index): render again at the next sync."""
+        self._dirty = True
 
     def datastore_in_sync(self) -> None:
         self._in_sync = True
@@ -260,6 +338,7 @@ class Reflector:
             if ok:
                 self._applied = self._text
                 self.configures += 1
+                self.last_configured = self._wall()
                 self._bird_up = True
                 log.info("bird reconfigured peers=%d clients=%d", len(self._peers),
                          sum(p.rr_client for p in self._peers.values()))
@@ -281,23 +360,55 @@ class Reflector:
                 log.warning("Node %s has no spec.bgp.routeReflectorClusterID: it peers but reflects "
                             "nothing", self.node_name)
             as_number = me.as_number or settings.as_number
-            text = render_bird_reflector(router_id=me.ipv4, as_number=as_number,
-                                         cluster_id=me.rr_cluster_id, peers=peers)
-        except (PeeringError, ValueError, KeyError, TypeError) as err:
+            default = self._resources.configs.get("default")
+            node_config = self._resources.configs.get(f"node.{self.node_name}")
+            filters = list(self._resources.bgp_filters().values())
+            rules = community_rules(default, node_config)
+            severity = (((node_config or {}).get("spec") or {}).get("logSeverityScreen")
+                        or ((default or {}).get("spec") or {}).get("logSeverityScreen") or "Info")
+            if not self._shared:
+                apply_log_level(severity)
+            port = settings.listen_port_of(self.node_name)
+            pools = [p for p in self._resources.pools.values() if ipaddress.ip_network(p.cidr).version == 4]
+            services = ServiceSettings.from_resource(default)
+            ignored = [str(i) for i in ((default or {}).get("spec") or {}).get("ignoredInterfaces") or ()]
+            if self.local_agent is not None:
+                peers = [*peers, Peer(address=self.local_agent.address, as_number=as_number, type=PeerType.LOCAL,
+                                      name=LOCAL_AGENT_NAME, port=self.local_agent.port,
+                                      source_address=me.ipv4, rr_client=me.rr_cluster_id is not None,
+                                      node=self.node_name)]
+            text = render_bird_reflector(
+                router_id=me.ipv4, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
+                listen_port=port,
+                listen_address=me.ipv4 if settings.bind_mode_of(self.node_name) == "NodeIP" else None,
+                filters=filters, communities=rules, log_severity=severity,
+                export_pools=sorted(p.cidr for p in pools if not p.disable_bgp_export),
+                no_export_pools=sorted(p.cidr for p in pools if p.disable_bgp_export),
+                service_cidrs=sorted(set(services.load_balancer_cidrs) | set(services.external_cidrs)),
+                ignored_interfaces=ignored)
+        except (PeeringError, FilterError, ValueError, KeyError, TypeError, StopIteration) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             if message != self._config_error:
                 log.error("BIRD configuration not changed: %s", message)
             self._config_error = message
             return
         self._config_error = ""
-        self._peers = {p.address: p for p in peers}
-        self._cluster_id, self._as_number = me.rr_cluster_id, as_number
+        self._peers = {p.address: p for p in peers if p.type is not PeerType.LOCAL}
+        self._cluster_id, self._as_number, self.router_id = me.rr_cluster_id, as_number, me.ipv4
         for address in set(self._sessions) - set(self._peers):
             del self._sessions[address]
         if text != self._text:
             self._write_config(text)
             log.info("BIRD configuration written path=%s peers=%s", self.paths.config,
                      ",".join(self._peers) or "-")
+
+    @property
+    def config_error(self) -> str:
+        return self._config_error
+
+    @property
+    def bird_up(self) -> bool:
+        return self._bird_up
 
     def _write_config(self, text: str) -> None:
         os.makedirs(os.path.dirname(self.paths.config), exist_ok=True)
@@ -311,7 +422,11 @@ class Reflector:
     # -- status ------------------------------------------------------------------------------
     def poll(self) -> None:
         """Read BIRD's sessions (`show protocols all`) and rewrite the status file if it changed."""
-        text = self.bird.show_protocols()
+        self.apply_protocols(self.bird.show_protocols())
+        self.write_status()
+
+    def apply_protocols(self, text: str | None) -> None:
+        """BIRD's `show protocols all` output (None: BIRD did not answer) → the sessions' states."""
         was_up, self._bird_up = self._bird_up, text is not None
         if was_up and not self._bird_up:
             log.warning("bird stopped answering socket=%s", self.paths.socket)
@@ -330,9 +445,9 @@ class Reflector:
             if state != session.state:
                 session.since = self._wall()
             session.state, session.info, session.routes = state, info, routes
-        self.write_status()
 
-    def status(self) -> dict[str, Any]:
+    def peer_rows(self) -> list[dict[str, Any]]:
+        """The sessions in the status file's format."""
         rows = []
         for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
             peer = self._peers[address]
@@ -342,6 +457,14 @@ class Reflector:
                 "asNumber": peer.as_number, "state": session.state, "since": session.since,
                 "info": session.info, "routesReceived": session.routes, "node": peer.node,
             })
+        return rows
+
+    @property
+    def cluster_id(self) -> str | None:
+        return self._cluster_id
+
+    def status(self) -> dict[str, Any]:
+        rows = self.peer_rows()
         return {
             "node": self.node_name, "pid": os.getpid(), "updated": self._wall(),
             # The agent's field name; here it says whether BIRD answers on its socket.
@@ -355,19 +478,42 @@ class Reflector:
     def write_status(self) -> None:
         self._status_file.write(self.status())
 
+    def status_snapshot(self) -> Snapshot:
+        """A dedicated reflector's CalicoNodeStatus: BIRD, its sessions and the paths it holds."""
+        rows = self.peer_rows()
+        by_name = {peer.name: peer for peer in self._peers.values()}
+        best: list[PathView] = []
+        others: list[PathView] = []
+        for route in parse_show_route(self.bird.show_routes() or ""):
+            peer = by_name.get(route.protocol)
+            if peer is None:
+                continue  # not a BGP session's (direct, static)
+            view = PathView(route.prefix, peer.address, route.via, peer.type.value)
+            (best if route.best else others).append(view)
+        bird = self.bird
+        return Snapshot(speaker_ready=self._bird_up, version="BIRD", router_id=self.router_id or "",
+                        boot_time=None, reconfigured=self.last_configured, peers=tuple(rows), best=tuple(best),
+                        others=tuple(others), own_blocks=frozenset(),
+                        speaker=lambda: parse_bird_status(bird.show_status() or ""))
+
 
 _SECRETS_CHANGED = object()  # posted by the SecretWatcher onto the reflector's queue
 
 
 def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threading.Event,
-                  *, syncer_factory: Callable[..., Any] | None = None) -> None:
-    """The reflector's loop until `stop` is set: syncer batches → sync(); status every second."""
+                  *, syncer_factory: Callable[..., Any] | None = None,
+                  kernel_routes: KernelRoutes | None = None, bird: Bird | None = None) -> None:
+    """The reflector's loop until `stop` is set: syncer batches → sync(); status every second;
+    the CalicoNodeStatus resources naming this node when they are due."""
     from felixpy.datastore.syncer import Syncer
 
     events: "queue.Queue[SyncEvent | object]" = queue.Queue()
-    reflector = Reflector(node_name, paths)
+    reflector = Reflector(node_name, paths, bird=bird)
+    writer = StatusWriter(store, kernel_routes=kernel_routes)
+    reporter = NodeStatusReporter(node_name, writer)
     watcher = SecretWatcher(reflector.secrets, lambda: events.put(_SECRETS_CHANGED))
     syncer = (syncer_factory or Syncer)(store, events.put)
+    writer.start()
     syncer.start()
     log.info("route reflector running node=%s config=%s socket=%s", node_name, paths.config, paths.socket)
     next_poll = 0.0
@@ -387,6 +533,9 @@ def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threa
                 elif isinstance(event, list):
                     for update in event:
                         reflector.on_update(update)
+                        status_request = decode(update, (Kind.CALICO_NODE_STATUS,))
+                        if status_request is not None:
+                            reporter.on_resource(status_request)
                 try:
                     event = events.get_nowait()
                 except queue.Empty:
@@ -397,6 +546,10 @@ def run_reflector(store: Any, node_name: str, paths: ReflectorPaths, stop: threa
                 reflector.poll()
                 reflector.sync()  # BIRD came back: hand it the current rendering
                 next_poll = time.monotonic() + STATUS_INTERVAL
+            due = reporter.next_deadline()
+            if due is not None and due <= time.monotonic():
+                reporter.report(reflector.status_snapshot)
     finally:
         watcher.stop()
         syncer.stop()
+        writer.stop()

@@ -34,9 +34,11 @@ def plugin(lab: Lab) -> str:
 
 
 def cni(lab: Lab, command: str, container_id: str, netns: str, pod: str, stdin: str | None = None,
-        ) -> tuple[int, dict]:
+        prev: dict | None = None) -> tuple[int, dict]:
     conf = {"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "felixpy",
             "agent_socket": f"/run/felixpy-lab/{lab.name}/n1/cni.sock", "mtu": 0}
+    if prev is not None:
+        conf["prevResult"] = prev
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
            "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME={pod}",
@@ -90,12 +92,25 @@ def test_malformed_stdin_is_a_decode_error(cluster: Lab) -> None:
 
 
 def test_check_reports_a_healthy_pod_and_a_broken_one(cluster: Lab) -> None:
-    state = cluster.state()
-    pod = next(p for p in state["pods"] if p["name"] == "a")
-    rc, result = cni(cluster, "CHECK", pod["container_id"], f"/run/netns/{cluster.netns('x/a')}", "a")
-    assert rc == 0, result
-    rc, result = cni(cluster, "CHECK", secrets.token_hex(32), f"/run/netns/{cluster.netns('x/a')}", "a")
-    assert rc == 1 and result["code"] == 3
+    cid = secrets.token_hex(32)
+    netns = f"{cluster.name}-x-checked"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        rc, prev = cni(cluster, "ADD", cid, f"/run/netns/{netns}", "checked")
+        assert rc == 0, prev
+        ip = prev["ips"][0]["address"].split("/")[0]
+        rc, result = cni(cluster, "CHECK", cid, f"/run/netns/{netns}", "checked", prev=prev)
+        assert rc == 0, result
+        rc, result = cni(cluster, "CHECK", secrets.token_hex(32), f"/run/netns/{netns}", "checked", prev=prev)
+        assert rc == 1 and result["code"] == 3
+        rc, result = cni(cluster, "CHECK", cid, f"/run/netns/{netns}", "checked")
+        assert rc == 1 and result["code"] == 7  # CHECK without prevResult
+        cluster.ip("n1", "route", "del", f"{ip}/32")  # broken until the agent's resync repairs it
+        rc, result = cni(cluster, "CHECK", cid, f"/run/netns/{netns}", "checked", prev=prev)
+        assert rc == 1 and result["code"] == 5 and f"no route {ip}/32" in result["details"], result
+    finally:
+        assert cni(cluster, "DEL", cid, f"/run/netns/{netns}", "checked")[0] == 0
+        subprocess.run(["ip", "netns", "del", netns], check=True)
 
 
 def _reaches_fabric_etcd(lab: Lab) -> bool:

@@ -132,6 +132,9 @@ def test_metrics_cover_the_dashboard_and_the_alerts(lab: OpsLab) -> None:
     wait_for("n1 ready", lambda: value(lab.scrape("n1")[1], "felixpy_agent_ready") == 1, timeout=60)
     wait_for("controllers ready", lambda: lab.fetch("fabric", CONTROLLERS_PORT, "/readyz") == (200, "ready\n"),
              timeout=60)
+    # The reflector's gauges come from its own periodic look at BIRD, a little after the sessions come up.
+    wait_for("the reflector's peers up in its metrics", lambda: [
+        v for (name, _), v in lab.scrape(RR)[1].items() if name == "felixpy_bgp_peer_up"] == [1, 1], timeout=60)
     scrapes = {"n1": lab.scrape("n1"), RR: lab.scrape(RR), "controllers": lab.scrape("fabric", CONTROLLERS_PORT)}
     types = {k: v for t, _ in scrapes.values() for k, v in t.items()}
     names = {name for _, s in scrapes.values() for name, _labels in s}

@@ -7,6 +7,7 @@ a block gets its route to every node through the reflectors, which felixpy-node 
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -96,6 +97,31 @@ def test_full_matrix_over_reflected_routes(rr_lab: Lab) -> None:
         for src, row in data["results"][key].items():
             blocked = [dst for dst, ok in row.items() if not ok]
             assert not blocked, f"{key}: {src} cannot reach {blocked}"
+
+
+def test_dedicated_reflector_fills_a_calico_node_status(rr_lab: Lab) -> None:
+    doc = ("apiVersion: projectcalico.org/v3\nkind: CalicoNodeStatus\nmetadata:\n  name: rr1-status\n"
+           "spec:\n  node: rr1\n  classes: [Agent, BGP, Routes]\n  updatePeriodSeconds: 0\n")
+    path = f"/run/felixpy-lab/{rr_lab.name}/rr1-status.yaml"
+    with open(path, "w") as f:
+        f.write(doc)
+    rr_lab.cli("apply", "-f", path)
+
+    def status() -> dict[str, object]:
+        out = rr_lab.cli("exec", "n1", "--", "felixctl", "get", "caliconodestatus", "rr1-status", "-o", "json").stdout
+        return json.loads(out).get("status") or {}
+
+    wait_for("rr1's status", lambda: bool(status()), timeout=10)
+    data = status()
+    assert data["agent"]["birdV4"]["state"] == "Ready" and data["agent"]["birdV4"]["version"].startswith("BIRD 2")
+    assert data["bgp"]["numberEstablishedV4"] == len(NODES) + 1
+    # Every node's block as BIRD holds it: learned from its owner, next hop the owner.
+    blocks = {b: _node_ip(n["name"]) for n in rr_lab.json("status")["nodes"] if n["name"] in NODES
+              for b in n["blocks"]}
+    held = {(r["destination"], r["gateway"]) for r in data["routes"]["routesV4"] if r["type"] == "RIB"
+            and r["learnedFrom"].get("peerIP") == r["gateway"]}
+    assert set(blocks.items()) <= held, (blocks, held)
+    rr_lab.cli("delete", "-f", path)
 
 
 def test_one_reflector_down_traffic_still_flows(rr_lab: Lab) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from felixpy.kernel.commands import CommandFailed, CompletedRun
 
-BUILTINS = {"nat": ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"], "filter": ["INPUT", "FORWARD", "OUTPUT"]}
+BUILTINS = {"nat": ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"], "filter": ["INPUT", "FORWARD", "OUTPUT"],
+            "mangle": ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"], "raw": ["PREROUTING", "OUTPUT"]}
 
 
 class FakeIptables:

@@ -14,200 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from bgp.bird import render_bird_reflector
 from bgp.client import SidecarClient
-from bgp.config import SpeakerConfig, render_exabgp_conf, render_exabgp_env
 from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, select_peers
-from bgp.protocol import Event, OpenReceived, ReplayDone, RoutesReceived, StateChange
+from bgp.protocol import Event, OpenReceived, ReplayDone, StateChange
 from bgp.rib import Rib
+from tests.integration.bgplab import (AS_NODES, HAVE_BIRD, HAVE_EXABGP, HAVE_FRR, HAVE_GOBGP, FRR_BGPD, MD5,
+                                      TOR_PREFIX, Lab, Node, bird_established, bird_route, sh, wait_for)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
-
-EXABGP = str(Path(sys.executable).with_name("exabgp"))
-HAVE_EXABGP = Path(EXABGP).exists()
-HAVE_BIRD = shutil.which("bird") is not None
-FRR_BGPD = "/usr/lib/frr/bgpd"
-HAVE_FRR = Path(FRR_BGPD).exists() and shutil.which("vtysh") is not None
-HAVE_GOBGP = shutil.which("gobgpd") is not None and shutil.which("gobgp") is not None
-
 if not (HAVE_EXABGP and HAVE_BIRD):
     pytestmark.append(pytest.mark.skip(reason="needs exabgp in the venv and bird2"))
-
-AS_NODES = 64512
-TOR_PREFIX = "198.51.100.0/24"
-MD5 = "s3cret-md5"
-
-
-def sh(*argv: str, check: bool = True) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: rc={done.returncode} {done.stderr.strip()}")
-    return done.stdout
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-@dataclass
-class Daemons:
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, ns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-        out = open(log, "ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(log.parent))
-        out.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
-
-
-@dataclass
-class Node:
-    """A netns node running ExaBGP + sidecar, with an agent-side client feeding a RIB."""
-
-    name: str
-    ns: str
-    address: str
-    socket: str
-    proc: subprocess.Popen[bytes]
-    client: SidecarClient
-    rib: Rib = field(default_factory=Rib)
-    states: dict[str, str] = field(default_factory=dict)
-    received_at: dict[str, float] = field(default_factory=dict)  # prefix → monotonic time of last announce
-    withdrawn_at: dict[str, float] = field(default_factory=dict)
-
-    def pump(self, timeout: float = 0.05) -> None:
-        """Apply every event available within `timeout` to the RIB."""
-        event = self.client.next_event(timeout)
-        while event is not None:
-            now = time.monotonic()
-            if isinstance(event, StateChange) and event.state in ("up", "down"):
-                self.states[event.peer] = event.state
-            if isinstance(event, RoutesReceived):
-                for route in event.announced:
-                    self.received_at[route.prefix] = now
-                for prefix in event.withdrawn:
-                    self.withdrawn_at[prefix] = now
-            self.rib.apply(event, now=time.time())
-            event = self.client.next_event(0)
-
-    def wait(self, what: str, predicate: Callable[[], object], timeout: float = 15.0) -> object:
-        def check() -> object:
-            self.pump()
-            return predicate()
-        return wait_for(f"{self.name}: {what}", check, timeout, interval=0)
-
-
-class Lab:
-    def __init__(self, root: Path) -> None:
-        self.prefix = "fxt" + secrets.token_hex(3)[:5]
-        self.root = root
-        self.daemons = Daemons()
-        self.namespaces: list[str] = []
-        self.sw = self.prefix + "sw"
-        self._add_ns(self.sw)
-        sh("ip", "-n", self.sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.sw, "link", "set", "br0", "up")
-
-    def _add_ns(self, ns: str) -> None:
-        sh("ip", "netns", "add", ns)
-        self.namespaces.append(ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-    def host(self, role: str, address: str) -> str:
-        ns = self.prefix + role
-        self._add_ns(ns)
-        outside, inside = ns, ns + "x"  # prefix (8) + role (<= 4) + "x" fits IFNAMSIZ
-        assert len(inside) <= 15, role
-        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-        sh("ip", "link", "set", outside, "netns", self.sw)
-        sh("ip", "-n", self.sw, "link", "set", outside, "master", "br0", "up")
-        sh("ip", "link", "set", inside, "netns", ns)
-        sh("ip", "-n", ns, "link", "set", inside, "name", "eth0")
-        sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        return ns
-
-    def dir(self, role: str) -> Path:
-        path = self.root / role
-        path.mkdir(exist_ok=True)
-        return path
-
-    def bird(self, role: str, ns: str, config: str) -> tuple[subprocess.Popen[bytes], str]:
-        d = self.dir(role)
-        (d / "bird.conf").write_text(config)
-        sh("bird", "-p", "-c", str(d / "bird.conf"))
-        ctl = str(d / "bird.ctl")
-        proc = self.daemons.start(ns, ["bird", "-f", "-c", str(d / "bird.conf"), "-s", ctl], d / "bird.out")
-        wait_for(f"{role} bird control socket", lambda: os.path.exists(ctl), 5)
-        return proc, ctl
-
-    def node(self, name: str, address: str, peers: list[Peer]) -> Node:
-        ns = self.host(name, address)
-        d = self.dir(name)
-        sock = str(d / "sidecar.sock")
-        cfg = SpeakerConfig(node_name=name, router_id=address, local_address=address, as_number=AS_NODES,
-                            peers=tuple(peers), sidecar_socket=sock)
-        (d / "exabgp.conf").write_text(render_exabgp_conf(cfg))
-        (d / "exabgp.env").write_text(render_exabgp_env(log_destination=str(d / "exabgp.log"), log_level="INFO"))
-        sh(EXABGP, "--env-file", str(d / "exabgp.env"), "validate", str(d / "exabgp.conf"))
-        proc = self.daemons.start(ns, [EXABGP, "--env-file", str(d / "exabgp.env"), "server",
-                                       str(d / "exabgp.conf")], d / "exabgp.out")
-        client = SidecarClient(sock)
-        client.connect(timeout=15)
-        return Node(name, ns, address, sock, proc, client)
-
-    def close(self) -> None:
-        self.daemons.stop_all()
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-
-
-def birdc(ctl: str, *command: str) -> str:
-    return sh("birdc", "-s", ctl, *command)
-
-
-def bird_route(ctl: str, prefix: str) -> str:
-    return sh("birdc", "-s", ctl, "show", "route", "for", prefix, "all", check=False)
-
-
-def bird_established(ctl: str, protocol: str) -> bool:
-    return "Established" in birdc(ctl, "show", "protocols", protocol)
-
 
 # -- the mesh lab ----------------------------------------------------------------------------------
 
@@ -510,5 +335,79 @@ def test_bird_reflector_from_bgp_bird_reflects_between_clients(tmp_path: Path) -
 
         n3.client.withdraw("10.244.3.0/26")
         n4.wait("reflected withdraw", lambda: "10.244.3.0/26" not in n4.rib.best_routes())
+    finally:
+        lab.close()
+
+
+def test_reflector_to_reflector_session_carries_the_cluster_id(tmp_path: Path) -> None:
+    # rr1 (BIRD) and rr2 share routeReflectorClusterID 244.0.0.1. What rr1 reflects between its
+    # client n3 and rr2, either way, carries the cluster's ID on its CLUSTER_LIST and not rr1's
+    # router ID: rr2 stands in as an ExaBGP speaker so that the list it receives is visible.
+    lab = Lab(tmp_path)
+    try:
+        reflector = {"route-reflector": "true"}
+        nodes = [NodeInfo("rr1", "192.0.2.2", labels=reflector, rr_cluster_id="244.0.0.1"),
+                 NodeInfo("rr2", "192.0.2.16", labels=reflector, rr_cluster_id="244.0.0.1"),
+                 NodeInfo("n3", "192.0.2.13")]
+        settings = BGPSettings(node_to_node_mesh=False)
+        specs = [BGPPeerSpec("to-rr", node_selector="all()", peer_selector="route-reflector == 'true'")]
+        rr_peers = select_peers("rr1", nodes, settings, specs)
+        twin = next(p for p in rr_peers if p.address == "192.0.2.16")
+        assert not twin.rr_client and twin.remote_cluster_id == "244.0.0.1"
+        rr_ns = lab.host("rr", "192.0.2.2")
+        lab.bird("rr", rr_ns, render_bird_reflector(
+            router_id="192.0.2.2", as_number=AS_NODES, cluster_id="244.0.0.1", peers=rr_peers,
+            log_file=str(lab.dir("rr") / "bird.log")))
+
+        def to_rr1(node: str) -> list[Peer]:  # n3 and rr2 each peer with rr1 alone here
+            return [p for p in select_peers(node, nodes, settings, specs) if p.address == "192.0.2.2"]
+
+        n3 = lab.node("n3", "192.0.2.13", to_rr1("n3"))
+        rr2 = lab.node("rr2", "192.0.2.16", to_rr1("rr2"))
+        n3.wait("n3's session to rr1", lambda: n3.states.get("192.0.2.2") == "up", timeout=20)
+        rr2.wait("rr2's session to rr1", lambda: rr2.states.get("192.0.2.2") == "up", timeout=20)
+
+        n3.client.announce("10.244.3.0/26", "192.0.2.13")
+        rr2.wait("the route reflected to rr2", lambda: "10.244.3.0/26" in rr2.rib.best_routes())
+        path = rr2.rib.best("10.244.3.0/26")
+        assert path is not None and path.peer == "192.0.2.2"
+        assert path.attributes.originator_id == "192.0.2.13"
+        assert path.attributes.cluster_list == ("244.0.0.1",)
+
+        # And the other way: rr2's own route, reflected by rr1 to its client n3.
+        rr2.client.announce("10.244.16.0/26", "192.0.2.16")
+        n3.wait("rr2's route reflected to n3", lambda: "10.244.16.0/26" in n3.rib.best_routes())
+        path = n3.rib.best("10.244.16.0/26")
+        assert path is not None and path.peer == "192.0.2.2"
+        assert path.attributes.originator_id == "192.0.2.16"
+        assert path.attributes.cluster_list == ("244.0.0.1",)
+    finally:
+        lab.close()
+
+
+def test_dedicated_reflector_bird_programs_reachable_by_routes(tmp_path: Path) -> None:
+    # BGPPeer reachableBy on a dedicated reflector: its BIRD puts the /32 to the peer in the kernel
+    # (confd's static route), and takes it out again when the field goes.
+    lab = Lab(tmp_path)
+    try:
+        nodes = [NodeInfo("rr1", "192.0.2.2", rr_cluster_id="244.0.0.1")]
+        specs = [BGPPeerSpec("tor", peer_ip="198.51.100.1", as_number=65001, reachable_by="192.0.2.1")]
+        rr_ns = lab.host("rr", "192.0.2.2")
+
+        def render(peer_specs: list[BGPPeerSpec]) -> str:
+            return render_bird_reflector(router_id="192.0.2.2", as_number=AS_NODES, cluster_id="244.0.0.1",
+                                         peers=select_peers("rr1", nodes, BGPSettings(), peer_specs),
+                                         log_file=str(lab.dir("rr") / "bird.log"))
+
+        _, ctl = lab.bird("rr", rr_ns, render(specs))
+
+        def kernel_route() -> str:
+            return sh("ip", "-n", rr_ns, "route", "show", "198.51.100.1/32").strip()
+
+        wait_for("the reachableBy route", lambda: "via 192.0.2.1" in kernel_route() and "proto bird" in kernel_route(),
+                 10)
+        (lab.dir("rr") / "bird.conf").write_text(render([BGPPeerSpec("tor", peer_ip="198.51.100.1", as_number=65001)]))
+        assert "Reconfigur" in sh("birdc", "-s", ctl, "configure")  # "Reconfigured" or "... in progress"
+        wait_for("the route removed with the field", lambda: kernel_route() == "", 10)
     finally:
         lab.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -17,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -465,3 +467,205 @@ def test_install_cni_refuses_a_broken_binary_and_bad_config(tmp_path: Path, caps
         assert install.main([], _install_env(tmp_path, broken, **env)) == 1
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+# --------------------------------------------------------------------------------------------
+# An agent that is absent, hung or slow (both plugins, same bytes out)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shim with a 1 s reply timeout, so a slow agent is testable in seconds."""
+    return _build(tmp_path_factory.mktemp("shim-quick"), "CFLAGS=-O2 -DREPLY_TIMEOUT=1")
+
+
+def run_python_quick(env: dict[str, str], stdin: bytes) -> Run:
+    """plugin.py with the same 1 s reply timeout as quick_shim."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import plugin; plugin.REPLY_TIMEOUT = 1; "
+            "sys.exit(plugin.main())")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(PLUGIN_PY.parent)], input=stdin,
+                         env=env, capture_output=True, timeout=RUN_TIMEOUT)
+    return Run(out.returncode, out.stdout, out.stderr)
+
+
+def timed(fn: Any, *args: Any) -> tuple[Run, float]:
+    started = time.monotonic()
+    result = fn(*args)
+    return result, time.monotonic() - started
+
+
+def test_status_without_an_agent_is_not_available(shim: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "missing.sock")
+    c_run, py_run = both(shim, None, dict(BASE_ENV, CNI_COMMAND="STATUS"), conf(path))
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout)
+    err = c_run.json()
+    assert (err["code"], err["msg"]) == (plugin.NOT_AVAILABLE, "felixpy agent is not reachable")
+
+
+def test_a_hung_agent_fails_add_within_the_accept_timeout(shim: Path, tmp_path: Path) -> None:
+    # Listening but never accepting (a stopped agent): the kernel completes the connect.
+    path = str(tmp_path / "hung.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    try:
+        c_run, c_took = timed(run_shim, shim, dict(BASE_ENV), conf(path))
+        py_run, py_took = timed(run_python, dict(BASE_ENV), conf(path))
+    finally:
+        listener.close()
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout)
+    err = c_run.json()
+    assert err["code"] == plugin.TRY_AGAIN_LATER
+    assert f"did not accept the request within {plugin.ACCEPT_TIMEOUT} s" in err["details"]
+    for took in (c_took, py_took):
+        assert plugin.ACCEPT_TIMEOUT - 0.5 < took < plugin.ACCEPT_TIMEOUT + 2
+
+
+@dataclass
+class SlowAgent:
+    """Accepts, says ACCEPTED at once like the real agent, then never answers."""
+
+    path: str
+    held: list[socket.socket] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn.sendall(plugin.ACCEPTED.encode())
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self.held:
+            conn.close()
+        self._sock.close()
+
+
+def test_a_slow_agent_fails_add_after_the_reply_timeout(quick_shim: Path, tmp_path: Path) -> None:
+    slow = SlowAgent(str(tmp_path / "slow.sock"))
+    try:
+        c_run = run_shim(quick_shim, dict(BASE_ENV), conf(slow.path))
+        py_run = run_python_quick(dict(BASE_ENV), conf(slow.path))
+    finally:
+        slow.close()
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout)
+    err = c_run.json()
+    assert err["code"] == plugin.TRY_AGAIN_LATER
+    assert err["details"] == f"{slow.path}: the agent did not answer within 1 s"
+
+
+def test_the_agents_accepted_byte_is_not_part_of_the_result(shim: Path, agent: FakeAgent) -> None:
+    agent.reply = (plugin.ACCEPTED + json.dumps({"result": {"cniVersion": "1.0.0", "ips": []}})).encode()
+    c_run, py_run = both(shim, agent, dict(BASE_ENV), conf(agent.path))
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout) == (0, b'{"cniVersion": "1.0.0", "ips": []}\n')
+
+
+# --------------------------------------------------------------------------------------------
+# DEL without the agent (root: real network namespaces)
+# --------------------------------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+@pytest.fixture
+def sandboxes() -> Iterator[Callable[[str], str]]:
+    made: list[str] = []
+    prefix = "fxd" + secrets.token_hex(3)
+
+    def make(kind: str) -> str:
+        """A sandbox whose eth0 is a veth (its peer in the root namespace) or a bridge."""
+        name = f"{prefix}{len(made)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
+        if kind == "veth":
+            subprocess.run(["ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", "eth0",
+                            "netns", name], check=True)
+        else:
+            subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", kind], check=True)
+        return name
+
+    yield make
+    for name in made:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
+
+
+def links_in(netns_name: str) -> str:
+    return subprocess.run(["ip", "-n", netns_name, "-o", "link", "show"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def del_env(netns_name: str, cid: str) -> dict[str, str]:
+    return dict(BASE_ENV, CNI_COMMAND="DEL", CNI_CONTAINERID=cid, CNI_NETNS=f"/run/netns/{netns_name}")
+
+
+@needs_root
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_del_without_the_agent_removes_the_veth_and_leaves_the_release_to_the_agent(
+        which: str, static_shim: Path, tmp_path: Path, sandboxes: Callable[[str], str]) -> None:
+    path = str(tmp_path / "agent.sock")  # no agent: the socket does not even exist
+    pending = tmp_path / ("agent.sock" + plugin.PENDING_SUFFIX)
+    pending.mkdir()
+    sandbox = sandboxes("veth")
+    cid = "c0ffee/" + secrets.token_hex(4)  # a byte the file name must escape
+    env = del_env(sandbox, cid)
+    run = run_shim(static_shim, env, conf(path)) if which == "c" else run_python(env, conf(path))
+    assert (run.rc, run.stdout) == (0, b""), run
+    assert b"agent unreachable" in run.stderr
+    assert "eth0" not in links_in(sandbox)
+    assert subprocess.run(["ip", "link", "show", f"{sandbox}h"], capture_output=True).returncode != 0
+    # What the agent will replay: the very request the plugin would have sent.
+    files = os.listdir(pending)
+    assert files == [f"c0ffee%2F{cid[7:]}.eth0.json"]
+    request = json.loads((pending / files[0]).read_text())
+    assert request == {"env": {k: v for k, v in env.items() if k.startswith("CNI_")},
+                       "config": json.loads(conf(path))}
+    # Idempotent: a second DEL finds nothing to remove and succeeds again.
+    run = run_shim(static_shim, env, conf(path)) if which == "c" else run_python(env, conf(path))
+    assert (run.rc, run.stdout) == (0, b"")
+
+
+@needs_root
+def test_del_without_the_agent_never_removes_what_is_not_a_veth(
+        shim: Path, tmp_path: Path, sandboxes: Callable[[str], str]) -> None:
+    sandbox = sandboxes("bridge")
+    path = str(tmp_path / "agent.sock")
+    c_run, py_run = both(shim, None, del_env(sandbox, "c" * 64), conf(path))
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout) == (0, b"")
+    assert "eth0" in links_in(sandbox)
+
+
+def test_del_without_the_agent_and_without_a_sandbox_succeeds(shim: Path, tmp_path: Path) -> None:
+    # No pending directory either: no agent ever ran on this node, nothing to release.
+    path = str(tmp_path / "agent.sock")
+    env = dict(BASE_ENV, CNI_COMMAND="DEL", CNI_NETNS="/run/netns/fxd-never-existed")
+    c_run, py_run = both(shim, None, env, conf(path))
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout) == (0, b"")
+    assert os.listdir(tmp_path) == []
+
+
+def test_del_without_the_agent_that_cannot_record_itself_fails(shim: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.sock")
+    pending = tmp_path / ("agent.sock" + plugin.PENDING_SUFFIX)
+    (pending / ("c" * 64 + ".eth0.json")).mkdir(parents=True)  # the file's place is taken
+    env = dict(BASE_ENV, CNI_COMMAND="DEL", CNI_CONTAINERID="c" * 64, CNI_NETNS="/run/netns/fxd-never-existed")
+    c_run, py_run = both(shim, None, env, conf(path))
+    assert (c_run.rc, c_run.stdout) == (py_run.rc, py_run.stdout)
+    err = c_run.json()
+    assert (err["code"], err["msg"]) == (plugin.IO_FAILURE, "failed to record the DEL for the felixpy agent")
+    assert err["details"] == f"{pending}: [Errno 21] Is a directory"
+    assert os.listdir(pending) == ["c" * 64 + ".eth0.json"]  # no temporary file left behind

@@ -175,3 +175,75 @@ def test_parallel_setup_never_moves_the_calling_threads(lab: Lab) -> None:
     assert os.readlink("/proc/thread-self/ns/net") == my_ns_id
     for i, path in enumerate(pod_paths):
         assert f"inet 10.244.1.{i + 1}/32" in sh("ip", "-n", os.path.basename(path), "addr")
+
+
+def test_host_route_is_written_once_and_never_over_another_owners(lab: Lab) -> None:
+    from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute
+
+    pod_ns = lab.pod(0)
+    iface = lab.iface(0)
+    plumbing = lab.on_node(lambda: veth.setup_workload(
+        netns_path=pod_ns, host_iface=iface, ips=[ip4("10.244.0.9/32")], mtu=1500))
+    route = KernelRoute(dst="10.244.0.9/32", ifindex=plumbing.host_ifindex, scope=SCOPE_LINK, proto=80)
+    lab.on_node(lambda: veth.add_host_routes([route]))
+    lab.on_node(lambda: veth.add_host_routes([route]))  # ours already: replaced in place
+    assert sh("ip", "-n", lab.node, "route", "show", "10.244.0.9/32") == f"10.244.0.9 dev {iface} proto 80 scope link \n"
+    sh("ip", "netns", "exec", lab.node, "ping", "-c1", "-W2", "10.244.0.9")
+    # A route of another owner at the pod's address is reported, not replaced.
+    sh("ip", "-n", lab.node, "route", "add", "10.244.0.10/32", "via", "192.0.2.254", "proto", "static")
+    other = KernelRoute(dst="10.244.0.10/32", ifindex=plumbing.host_ifindex, scope=SCOPE_LINK, proto=80)
+    with pytest.raises(veth.PlumbingError) as info:
+        lab.on_node(lambda: veth.add_host_routes([other]))
+    assert "a route of another owner exists" in str(info.value) and "proto 4" in str(info.value)
+    assert "via 192.0.2.254" in sh("ip", "-n", lab.node, "route", "show", "10.244.0.10/32")
+    # Nor a blackhole (the kernel's route lookup answers those with EINVAL).
+    sh("ip", "-n", lab.node, "route", "add", "blackhole", "10.244.0.13/32")
+    hole = KernelRoute(dst="10.244.0.13/32", ifindex=plumbing.host_ifindex, scope=SCOPE_LINK, proto=80)
+    with pytest.raises(veth.PlumbingError, match="not a unicast route"):
+        lab.on_node(lambda: veth.add_host_routes([hole]))
+    # And CHECK sees a pod address that only a blackhole block covers as unrouted.
+    sh("ip", "-n", lab.node, "route", "del", "10.244.0.9/32")
+    sh("ip", "-n", lab.node, "route", "add", "blackhole", "10.244.0.0/26")
+    problems = lab.on_node(lambda: veth.check_workload(
+        netns_path=pod_ns, host_iface=iface, ips=[ip4("10.244.0.9/32")], route_proto=80))
+    assert problems == [f"no route 10.244.0.9/32 dev {iface} proto 80 on the node"]
+
+
+def test_teardown_from_inside_the_sandbox_never_touches_another_sandbox(lab: Lab) -> None:
+    old_ns, new_ns = lab.pod(0), lab.pod(1)
+    iface = lab.iface(0)  # both sandboxes of one pod share the host-side name
+    ips = [ip4("10.244.0.11/32")]
+    lab.on_node(lambda: veth.setup_workload(netns_path=old_ns, host_iface=iface, ips=ips, mtu=1500))
+    assert "eth0" in sh("ip", "-n", os.path.basename(old_ns), "link", "show")
+    # The new sandbox's ADD replaces the stale host end (and with it the old pod end).
+    lab.on_node(lambda: veth.setup_workload(netns_path=new_ns, host_iface=iface, ips=ips, mtu=1500))
+    assert "eth0" not in sh("ip", "-n", os.path.basename(old_ns), "link", "show")
+    # The old sandbox's late DEL finds nothing of its own and removes nothing.
+    assert lab.on_node(lambda: veth.teardown_workload(netns_path=old_ns)) is False
+    assert lab.on_node(lambda: veth.check_workload(netns_path=new_ns, host_iface=iface, ips=ips)) == []
+    # A sandbox whose eth0 is not a veth keeps it.
+    sh("ip", "-n", os.path.basename(old_ns), "link", "add", "eth0", "type", "bridge")
+    assert lab.on_node(lambda: veth.teardown_workload(netns_path=old_ns)) is False
+    assert "eth0" in sh("ip", "-n", os.path.basename(old_ns), "link", "show")
+    # The new sandbox's own DEL removes its pair, and is idempotent.
+    assert lab.on_node(lambda: veth.teardown_workload(netns_path=new_ns)) is True
+    assert lab.on_node(lambda: veth.teardown_workload(netns_path=new_ns)) is False
+    assert sh("ip", "-n", lab.node, "link", "show", iface, check=False) == ""
+
+
+def test_link_then_configure_is_setup_in_two_steps(lab: Lab) -> None:
+    pod_ns = lab.pod(0)
+    iface = lab.iface(0)
+    ips = [ip4("10.244.0.12/32")]
+    plumbing = lab.on_node(lambda: veth.create_workload_link(
+        netns_path=pod_ns, host_iface=iface, mtu=1400, container_mac="02:aa:bb:cc:dd:ee"))
+    assert plumbing.container_mac == "02:aa:bb:cc:dd:ee"
+    pod_link = sh("ip", "-n", os.path.basename(pod_ns), "link", "show", "eth0")
+    assert "02:aa:bb:cc:dd:ee" in pod_link and "state DOWN" in pod_link  # no address yet, not up
+    lab.on_node(lambda: veth.configure_workload(plumbing, netns_path=pod_ns, host_iface=iface, ips=ips))
+    assert lab.on_node(lambda: veth.check_workload(
+        netns_path=pod_ns, host_iface=iface, ips=ips, container_mac="02:aa:bb:cc:dd:ee")) == []
+    problems = lab.on_node(lambda: veth.check_workload(
+        netns_path=pod_ns, host_iface=iface, ips=ips, container_mac="02:00:00:00:00:01", route_proto=80))
+    assert any("MAC is 02:aa:bb:cc:dd:ee" in p for p in problems)
+    assert any("no route 10.244.0.12/32" in p for p in problems)

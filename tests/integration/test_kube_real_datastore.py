@@ -100,6 +100,13 @@ RESOURCES: list[dict[str, Any]] = [
                            "destination": {"ports": [5432, "80:90", "http"]}},
                           {"action": "Deny", "source": {"nets": ["10.0.0.0/8"], "notNets": ["10.1.0.0/16"]}}],
               "egress": [{"action": "Allow", "protocol": "UDP", "destination": {"ports": [53]}}]}},
+    {"apiVersion": "projectcalico.org/v3", "kind": "BGPFilter", "metadata": {"name": "tor"},
+     "spec": {"importV4": [{"action": "Reject", "matchOperator": "In", "cidr": "198.51.100.0/24",
+                            "prefixLength": {"min": 24}}],
+              "exportV4": [{"action": "Accept", "communities": {"values": ["65000:1"]},
+                            "operations": [{"addCommunity": {"value": "65000:2:3"}}]}]}},
+    {"apiVersion": "projectcalico.org/v3", "kind": "CalicoNodeStatus", "metadata": {"name": "n1-status"},
+     "spec": {"node": "fxt-n1", "classes": ["Agent", "BGP", "Routes"], "updatePeriodSeconds": 10}},
     {"apiVersion": "projectcalico.org/v3", "kind": "ClusterInformation", "metadata": {"name": "default"},
      "spec": {"clusterGUID": "0123456789abcdef0123456789abcdef", "clusterType": "k8s,bgp",
               "datastoreReady": True, "calicoVersion": "felixpy"}},
@@ -121,8 +128,10 @@ def test_every_resource_kind_round_trips_unpruned(kube: KubeCluster) -> None:
         kv = store.create(key, value)
         assert plain(kv.value) == value, value["kind"]
         assert plain(store.get(key).value) == value, value["kind"]
+    # Namespaces' profiles and the cluster's own Services (default/kubernetes) are there too.
+    derived = tuple(keys.resource_prefix(p) for p in ("profiles", "kubernetesservices", "kubernetesendpointslices"))
     listed = {kv.key: plain(kv.value) for kv in store.list("/calico/resources/v3/projectcalico.org/")[0]
-              if not kv.key.startswith(keys.resource_prefix("profiles"))}
+              if not kv.key.startswith(derived)}
     assert sorted(listed.values(), key=json.dumps) == sorted(values, key=json.dumps)
 
 

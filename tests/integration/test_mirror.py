@@ -248,3 +248,40 @@ def test_kube_reader_lists_across_namespaces(fake: FakeKubeAPI, reader: KubeRead
         ("fxt-a", "default"), ("fxt-b", "default")]
     assert int(rv) == fake.revision
     assert json.loads(json.dumps(items))  # plain JSON
+
+
+def test_services_and_endpoint_slices_are_copied_for_bgp_advertisement(
+        fake: FakeKubeAPI, etcd_store: Any, start_mirror: Callable[..., Mirror]) -> None:
+    fake.put("/api/v1/namespaces", namespace(NS))
+    fake.put(f"/api/v1/namespaces/{NS}/services", {
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                 "ports": [{"port": 80}], "selector": {"app": "web"}},
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.18.0.10"}]}}})
+    slice_path = f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+    fake.put(slice_path, {
+        "metadata": {"name": "web-abc", "namespace": NS, "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.65.0.7"], "nodeName": "n1", "conditions": {"ready": True},
+                       "targetRef": {"kind": "Pod", "name": "web-1"}}],
+        "ports": [{"port": 8080}]})
+    stale = keys.resource_key("kubernetesservices", "gone", NS)
+    etcd_store.create(stale, {"kind": "Service"})
+    mirror = start_mirror()
+
+    svc_key = keys.resource_key("kubernetesservices", "web", NS)
+    slice_key = keys.resource_key("kubernetesendpointslices", "web-abc", NS)
+    assert wait_for(lambda: value(etcd_store, svc_key) is not None and value(etcd_store, slice_key) is not None)
+    assert value(etcd_store, svc_key)["spec"] == {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                                                   "externalTrafficPolicy": "Local"}
+    assert value(etcd_store, svc_key)["status"]["loadBalancer"]["ingress"] == [{"ip": "198.18.0.10"}]
+    assert value(etcd_store, slice_key)["endpoints"] == [
+        {"addresses": ["10.65.0.7"], "nodeName": "n1", "conditions": {"ready": True}}]
+    # The endpoint turns not-ready: the copy follows; the mirror's resync removes a copy of
+    # nothing (the stale Service).
+    fake.modify(f"{slice_path}/web-abc", lambda o: o["endpoints"][0]["conditions"].update(ready=False))
+    assert wait_for(lambda: value(etcd_store, slice_key)["endpoints"][0]["conditions"] == {"ready": False})
+    assert wait_for(lambda: mirror.in_sync) and wait_for(lambda: value(etcd_store, stale) is None)
+    delete(fake, f"{slice_path}/web-abc")
+    delete(fake, f"/api/v1/namespaces/{NS}/services/web")
+    assert wait_for(lambda: value(etcd_store, slice_key) is None and value(etcd_store, svc_key) is None)

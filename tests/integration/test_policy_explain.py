@@ -159,7 +159,7 @@ def test_policy_explain_allowed_and_denied(etcd_endpoint: str, etcd_store: Any) 
     assert by_ip.returncode == 0 and by_ip.stdout.startswith("y/a -> y/b tcp/80: ALLOWED")
     foreign = felixctl(etcd_endpoint, "policy", "explain", "y/b", "192.0.2.9", "--port", "443")
     assert foreign.returncode == 0
-    assert foreign.stdout.splitlines()[2] == "  ingress (192.0.2.9): not a workload endpoint: not policed here"
+    assert foreign.stdout.splitlines()[2] == "  ingress (192.0.2.9): not a workload or host endpoint: not policed here"
 
 
 def test_policy_explain_unknown_pod(etcd_endpoint: str, etcd_store: Any) -> None:
@@ -169,4 +169,63 @@ def test_policy_explain_unknown_pod(etcd_endpoint: str, etcd_store: Any) -> None
     assert done.stderr == ('felixctl: error: pod "x/nope" not found: no WorkloadEndpoint for pod "nope" '
                            'in namespace "x"\n')
     done = felixctl(etcd_endpoint, "policy", "explain", "garbage", "y/b", "--port", "80")
-    assert done.returncode == 1 and "expected NAMESPACE/POD or an IP address" in done.stderr
+    assert done.returncode == 1 and "expected NAMESPACE/POD, hostendpoint/NAME or an IP address" in done.stderr
+
+
+def calico_doc(kind: str, name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "projectcalico.org/v3", "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
+
+
+def test_tiers_host_endpoints_network_sets_and_service_accounts(etcd_endpoint: str, etcd_store: Any,
+                                                                  tmp_path: Path) -> None:
+    web = wep("y", "b", "10.9.0.2")
+    web["spec"]["serviceAccountName"] = "web"
+    docs = [
+        namespace_profile("y"), wep("y", "a", "10.9.0.1"), web,
+        calico_doc("Profile", "ksa.y.web", {"labelsToApply": {"pcsa.projectcalico.org/name": "web",
+                                                              "pcsa.role": "frontend"}}),
+        calico_doc("GlobalNetworkSet", "partners", {"nets": ["198.51.100.0/24"]}, labels={"kind": "partner"}),
+        calico_doc("HostEndpoint", "node1-eth0", {"node": "node1", "interfaceName": "eth0",
+                                                  "expectedIPs": ["192.0.2.11"]}, labels={"role": "node"}),
+    ]
+    # A policy in a tier that does not exist is refused, and nothing is written.
+    tiered = calico_doc("GlobalNetworkPolicy", "partners-only", {
+        "tier": "security", "order": 1, "serviceAccountSelector": "role == 'frontend'",
+        "ingress": [{"action": "Pass", "source": {"selector": "kind == 'partner'"}}, {"action": "Deny"}]})
+    refused = felixctl(etcd_endpoint, "apply", "-f", write(tmp_path, "refused.yaml", [*docs, tiered]))
+    assert refused.returncode != 0
+    assert refused.stderr.strip().endswith('spec.tier: tier "security" does not exist (create the Tier first)')
+    assert read_resource(etcd_store, "HostEndpoint", "node1-eth0") is None
+    pre_dnat = calico_doc("GlobalNetworkPolicy", "no-node-port", {
+        "selector": "role == 'node'", "preDNAT": True, "applyOnForward": True,
+        "ingress": [{"action": "Deny", "protocol": "TCP", "destination": {"ports": [30080]}}]})
+    security = calico_doc("Tier", "security", {"order": 100})
+    done = felixctl(etcd_endpoint, "apply", "-f", write(tmp_path, "all.yaml", [*docs, security, tiered, pre_dnat]))
+    assert done.returncode == 0, done.stderr
+
+    # A partner address (in the GlobalNetworkSet) passes the security tier; the namespace profile allows.
+    ok = felixctl(etcd_endpoint, "policy", "explain", "198.51.100.7", "y/b", "--port", "80")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    passed = ('policy partners-only in tier security rule 0 passed '
+              '(from selector kind == "partner" (network set partners)')
+    assert passed in ok.stdout
+    denied = felixctl(etcd_endpoint, "policy", "explain", "y/a", "y/b", "--port", "80", "-o", "json")
+    assert denied.returncode == 1
+    verdict = json.loads(denied.stdout)
+    assert (verdict["ingress"]["policy_id"], verdict["ingress"]["tier"]) == ("partners-only", "security")
+    # y/a runs as no service account: the policy does not select it.
+    assert felixctl(etcd_endpoint, "policy", "explain", "y/b", "y/a", "--port", "80").returncode == 0
+
+    # Host endpoints: the preDNAT policy, the failsafe ports and the default deny.
+    blocked = felixctl(etcd_endpoint, "policy", "explain", "203.0.113.9", "hostendpoint/node1-eth0", "--port", "30080")
+    assert blocked.returncode == 1 and "denied by preDNAT policy no-node-port rule 0" in blocked.stdout
+    ssh = felixctl(etcd_endpoint, "policy", "explain", "203.0.113.9", "192.0.2.11", "--port", "22")
+    assert ssh.returncode == 0 and "failsafe inbound tcp/22" in ssh.stdout
+    other = felixctl(etcd_endpoint, "policy", "explain", "203.0.113.9", "192.0.2.11", "--port", "8080")
+    assert other.returncode == 1 and "no policy selects node1-eth0; no profile allows" in other.stdout
+    forwarded = felixctl(etcd_endpoint, "policy", "explain", "203.0.113.9", "y/a", "--port", "80",
+                         "--via", "hostendpoint/node1-eth0")
+    assert forwarded.returncode == 0 and "forwarded traffic is allowed" in forwarded.stdout
+    # Deleting a tier that still has a policy in it is refused.
+    still = felixctl(etcd_endpoint, "delete", "tier", "security")
+    assert still.returncode != 0 and "GlobalNetworkPolicy \"partners-only\" is in it" in still.stderr

@@ -210,8 +210,8 @@ def test_rendered_policy_decides_real_traffic(namespaces: list[str]) -> None:
     # Pod x's interface is deliberately not rendered: unknown interfaces must fail closed.
     endpoints = [
         EndpointChains(ifaces["a"], profiles=("kns.demo",)),
-        EndpointChains(ifaces["b"], ingress=(ingress_b.id,), profiles=("kns.demo",)),
-        EndpointChains(ifaces["c"], egress=(egress_c.id,), profiles=("kns.demo",)),
+        EndpointChains.default_tier(ifaces["b"], ingress=(ingress_b.id,), profiles=("kns.demo",)),
+        EndpointChains.default_tier(ifaces["c"], egress=(egress_c.id,), profiles=("kns.demo",)),
     ]
     run = NetnsRunner(host)
 

@@ -43,7 +43,12 @@ def ns() -> Iterator[str]:
 @pytest.fixture
 def table(ns: str) -> Iterator[RouteTable]:
     with netns.iproute_in(f"/run/netns/{ns}") as ipr:
-        yield RouteTable(netlink=Netlink(ipr))
+        # Link lookups over the raw socket, as the agent's own Netlink() does.
+        sock = netns.open_netlink_socket(f"/run/netns/{ns}")
+        try:
+            yield RouteTable(netlink=Netlink(ipr, rtnl_sock=sock))
+        finally:
+            sock.close()
 
 
 def our_routes(ns: str) -> list[str]:
@@ -104,3 +109,16 @@ def test_route_waits_for_its_interface(ns: str, table: RouteTable) -> None:
     sh("ip", "-n", ns, "link", "set", f"{ns}q", "up")
     assert table.apply().added == ("10.244.1.9/32",)
     assert our_routes(ns) == [f"10.244.1.9 dev {pod_iface} scope link"]
+
+
+def test_link_lookups_agree_over_raw_rtnetlink_and_pyroute2(ns: str) -> None:
+    path = f"/run/netns/{ns}"
+    with netns.iproute_in(path) as ipr:
+        sock = netns.open_netlink_socket(path)
+        try:
+            raw, pyroute = Netlink(ipr, rtnl_sock=sock), Netlink(ipr)
+            for name in (f"{ns}a", f"{ns}b", "lo", "nosuchlink0"):
+                assert raw.link_index(name) == pyroute.link_index(name), name
+            assert raw.link_index("nosuchlink0") is None and raw.link_index("lo") == 1
+        finally:
+            sock.close()

@@ -58,6 +58,33 @@ POLICY = {
     "serviceAccountSelector": STRING, "performanceHints": STRINGS,
 }
 
+FILTER_RULE = obj({
+    "action": STRING, "cidr": STRING, "interface": STRING, "matchOperator": STRING, "source": STRING,
+    "prefixLength": obj({"max": {"type": "integer", "format": "int32"}, "min": {"type": "integer", "format": "int32"}}),
+    "peerType": STRING, "communities": obj({"values": STRINGS}), "asPathPrefix": {"type": "array", "items": INT},
+    "priority": INT, "operations": {"type": "array", "items": obj({
+        "addCommunity": obj({"value": STRING}), "prependASPath": obj({"prefix": {"type": "array", "items": INT}}),
+        "setPriority": obj({"value": INT})})},
+}, required=["action"])
+_PEER_STATUS = {"type": "array", "items": obj({"peerIP": STRING, "since": STRING, "state": STRING, "type": STRING})}
+_ROUTE_STATUS = {"type": "array", "items": obj({
+    "destination": STRING, "gateway": STRING, "interface": STRING, "type": STRING,
+    "learnedFrom": obj({"peerIP": STRING, "sourceType": STRING})})}
+_BIRD_STATUS = obj({"lastBootTime": STRING, "lastReconfigurationTime": STRING, "routerID": STRING, "state": STRING,
+                    "version": STRING})
+# Calico types status too (no status subresource: calico-node writes the whole object).
+STATUSES: dict[str, dict[str, Any]] = {
+    "caliconodestatuses": obj({
+        "agent": obj({"birdV4": _BIRD_STATUS, "birdV6": _BIRD_STATUS}),
+        "bgp": obj({"numberEstablishedV4": INT, "numberEstablishedV6": INT, "numberNotEstablishedV4": INT,
+                    "numberNotEstablishedV6": INT, "peersV4": _PEER_STATUS, "peersV6": _PEER_STATUS},
+                   required=["numberEstablishedV4", "numberEstablishedV6", "numberNotEstablishedV4",
+                             "numberNotEstablishedV6"]),
+        "lastUpdated": {"type": "string", "format": "date-time", "nullable": True},
+        "routes": obj({"routesV4": _ROUTE_STATUS, "routesV6": _ROUTE_STATUS}),
+    }),
+}
+
 SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {  # plural -> (kind, scope, spec schema)
     "ipamblocks": ("IPAMBlock", "Cluster", obj({
         "affinity": STRING, "affinityClaimTime": {"type": "string", "format": "date-time"},
@@ -107,9 +134,21 @@ SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {  # plural -> (kind, scope,
     "networkpolicies": ("NetworkPolicy", "Namespaced", obj(POLICY)),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", "Cluster", obj({
         **POLICY, "namespaceSelector": STRING, "doNotTrack": BOOL, "preDNAT": BOOL, "applyOnForward": BOOL})),
+    "bgpfilters": ("BGPFilter", "Cluster", obj({
+        family: {"type": "array", "items": FILTER_RULE} for family in ("exportV4", "importV4", "exportV6", "importV6")
+    })),
+    "caliconodestatuses": ("CalicoNodeStatus", "Cluster", obj({
+        "classes": STRINGS, "node": STRING, "updatePeriodSeconds": {"type": "integer", "format": "int32"}})),
     "clusterinformations": ("ClusterInformation", "Cluster", obj({
         "clusterGUID": STRING, "clusterType": STRING, "calicoVersion": STRING, "datastoreReady": BOOL,
         "variant": STRING, "cnxVersion": STRING})),
+    "tiers": ("Tier", "Cluster", obj({"order": {"type": "number"}, "defaultAction": STRING})),
+    "networksets": ("NetworkSet", "Namespaced", obj({"nets": STRINGS})),
+    "globalnetworksets": ("GlobalNetworkSet", "Cluster", obj({"nets": STRINGS})),
+    "hostendpoints": ("HostEndpoint", "Cluster", obj({
+        "node": STRING, "interfaceName": STRING, "expectedIPs": STRINGS, "profiles": STRINGS,
+        "ports": {"type": "array", "items": obj({"name": STRING, "protocol": PORT, "port": INT},
+                                                 required=["name", "port", "protocol"])}})),
 }
 
 
@@ -126,7 +165,8 @@ def calico_crds() -> list[dict[str, Any]]:
                 "scope": scope,
                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
                     "type": "object",
-                    "properties": {"apiVersion": STRING, "kind": STRING, "metadata": {"type": "object"}, "spec": spec},
+                    "properties": {"apiVersion": STRING, "kind": STRING, "metadata": {"type": "object"}, "spec": spec,
+                                   **({"status": STATUSES[plural]} if plural in STATUSES else {})},
                 }}}],
             },
         })

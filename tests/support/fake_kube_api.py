@@ -2,8 +2,10 @@
 
 It serves exactly these resources over HTTP/1.1 on 127.0.0.1:
 
-    /api/v1                           nodes, namespaces (cluster), pods, serviceaccounts, secrets (namespaced)
+    /api/v1                           nodes, namespaces (cluster), pods, serviceaccounts, secrets, services
+                                      (namespaced)
     /apis/networking.k8s.io/v1        networkpolicies (namespaced)
+    /apis/discovery.k8s.io/v1         endpointslices (namespaced)
     /apis/crd.projectcalico.org/v1    Calico's KDD custom resources (CRD_RESOURCES)
 
 and follows the API conventions for them (kubernetes.io/docs/reference/using-api/api-concepts):
@@ -72,6 +74,12 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {  # plural -> (kind, namespaced)
     "networkpolicies": ("NetworkPolicy", True),
     "globalnetworkpolicies": ("GlobalNetworkPolicy", False),
     "clusterinformations": ("ClusterInformation", False),
+    "bgpfilters": ("BGPFilter", False),
+    "caliconodestatuses": ("CalicoNodeStatus", False),
+    "tiers": ("Tier", False),
+    "networksets": ("NetworkSet", True),
+    "globalnetworksets": ("GlobalNetworkSet", False),
+    "hostendpoints": ("HostEndpoint", False),
 }
 
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -97,7 +105,9 @@ def _types() -> dict[tuple[str, str], ResourceType]:
         ResourceType("v1", "pods", "Pod", True),
         ResourceType("v1", "serviceaccounts", "ServiceAccount", True),
         ResourceType("v1", "secrets", "Secret", True),
+        ResourceType("v1", "services", "Service", True),
         ResourceType("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", True),
+        ResourceType("discovery.k8s.io/v1", "endpointslices", "EndpointSlice", True),
     ]
     types += [ResourceType(CRD_GROUP_VERSION, p, k, ns) for p, (k, ns) in CRD_RESOURCES.items()]
     return {(t.group_version, t.plural): t for t in types}

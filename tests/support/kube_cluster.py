@@ -38,7 +38,8 @@ TEST_LABEL = "felixpy-test"
 TEST_NODE_PREFIX = "fxt-"
 CRD_PLURALS = ("ippools", "ipreservations", "ipamblocks", "blockaffinities", "ipamhandles", "ipamconfigs", "bgpconfigurations",
                "bgppeers", "felixconfigurations", "networkpolicies", "globalnetworkpolicies",
-               "clusterinformations")
+               "clusterinformations", "tiers", "networksets", "globalnetworksets", "hostendpoints",
+               "bgpfilters", "caliconodestatuses")
 SYSTEM = "kube-system"
 
 

@@ -10,8 +10,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from felixpy.dataplane.drivers.routes import kernel_route
 from felixpy.datastore import keys
 from felixpy.datastore.memory import MemoryDatastore
+from felixpy.messages import Route
 from felixpy.node.agent import APPLY_ORDER, Agent
 from tests.fakes.dataplane import FakeDataplane
 
@@ -137,6 +139,27 @@ def test_waiter_released_once_the_endpoint_routes_are_programmed(running: Callab
     assert agent.waiter.wait(key, revision, 5)
     assert dp.netlink.ours()["10.244.1.5/32"].ifindex == 9
     assert not agent.waiter.wait(key, revision + 100, 0.2)
+
+
+def test_cni_written_route_is_adopted_and_the_endpoint_programmed_without_a_write(
+        running: Callable[[Agent], Agent]) -> None:
+    store = MemoryDatastore()
+    seed(store)
+    dp = FakeDataplane()
+    agent = running(make_agent(store, dp))
+    wait_for(lambda: agent.status.applies > 0)
+    # What the CNI path does: the veth, its /32 with the driver's value, the hand-over, the endpoint.
+    dp.netlink.add_link("cali2", 11)
+    route = kernel_route(Route("10.244.1.6/32", iface="cali2"), 11)
+    dp.netlink.routes[(route.table, route.dst, route.priority)] = route
+    agent.adopt_routes((route,), hold=10.0)
+    dp.netlink.calls.clear()
+    key, revision = wep(store, "b", "10.244.1.6", "cali2")
+    assert agent.waiter.wait(key, revision, 5)
+    assert [c for c in dp.netlink.mutating_calls() if c[1] == route.dst] == []
+    # And the loop still owns it: the endpoint goes, the route goes.
+    store.delete(key)
+    wait_for(lambda: route.dst not in dp.netlink.ours())
 
 
 def test_periodic_resync_reaches_the_driver(running: Callable[[Agent], Agent]) -> None:

@@ -94,9 +94,11 @@ def test_env_file_keeps_the_helper_privileged_and_acks_on():
         render_exabgp_env(log_level="LOUD")
 
 
-CLIENT = Peer("192.0.2.11", 64512, PeerType.NODE, "Node_192_0_2_11", rr_client=True, password="pw")
-TWIN = Peer("192.0.2.3", 64512, PeerType.NODE, "Node_192_0_2_3", passive=True, max_restart_time=0)
-EBGP = Peer("198.51.100.1", 65001, PeerType.GLOBAL, "Global_198_51_100_1")
+CLIENT = Peer("192.0.2.11", 64512, PeerType.NODE, "Node_192_0_2_11", rr_client=True, password="pw",
+              source_address="192.0.2.2")
+TWIN = Peer("192.0.2.3", 64512, PeerType.NODE, "Node_192_0_2_3", passive=True, max_restart_time=0,
+            source_address="192.0.2.2")
+EBGP = Peer("198.51.100.1", 65001, PeerType.GLOBAL, "Global_198_51_100_1", source_address="192.0.2.2")
 
 
 def test_bird_reflector_renders_clients_and_plain_peers():
@@ -119,7 +121,7 @@ protocol bgp Node_192_0_2_11 from felixpy_template {
   graceful restart time 120;
   ipv4 {
     import all;
-    export where source = RTS_BGP;
+    export filter { if source = RTS_BGP then accept; reject; };
     next hop keep;
     gateway direct;
   };"""
@@ -136,7 +138,8 @@ protocol bgp Node_192_0_2_11 from felixpy_template {
 def test_bird_multihop_uses_recursive_gateway_and_direct_routes():
     text = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id=None, peers=[EBGP],
                                  multihop=True)
-    assert "multihop;" in text and "gateway recursive;" in text and "protocol direct { ipv4; }" in text
+    assert "multihop;" in text and "gateway recursive;" in text
+    assert 'protocol direct { ipv4; interface -"cali*", -"kube-ipvs*", "*"; }' in text
 
 
 def test_bird_refuses_unquotable_password_and_client_without_cluster():
@@ -145,3 +148,82 @@ def test_bird_refuses_unquotable_password_and_client_without_cluster():
                               peers=[Peer("192.0.2.11", 64512, PeerType.NODE, "N", password='a"b')])
     with pytest.raises(ValueError, match="cluster ID"):
         render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id=None, peers=[CLIENT])
+
+
+def test_exabgp_local_as_gtsm_keepalive_and_listen_port():
+    peer = Peer("198.51.100.1", 65001, PeerType.NODE, "Node_198_51_100_1", source_address="192.0.2.11",
+                local_as=65100, ttl_security=2, keepalive_time=10, listen_port=1179, passive=True)
+    text = render_exabgp_conf(speaker(peer))
+    assert "local-as 65100;" in text and "peer-as 65001;" in text
+    assert "incoming-ttl 254;" in text  # GTSM: at most 2 hops away
+    assert "hold-time 30;" in text  # keepalives every 10 s: ExaBGP sends them every hold time / 3
+    # A GTSM session is connected out only (the listening socket is shared by every neighbour).
+    assert "listen" not in text and "passive" not in text
+    plain = render_exabgp_conf(speaker(Peer("192.0.2.12", 64512, PeerType.MESH, "M", source_address="192.0.2.11",
+                                            listen_port=1179)))
+    assert "listen 1179;" in plain
+
+
+def test_bird_renders_the_per_session_fields():
+    peers = [
+        Peer("198.51.100.1", 65001, PeerType.NODE, "Tor", local_as=65100, ttl_security=2, keepalive_time=10,
+             num_allowed_local_as=1, next_hop_mode="Keep"),
+        Peer("192.0.2.11", 64512, PeerType.NODE, "Client", rr_client=True, next_hop_mode="Self"),
+        Peer("192.0.2.3", 64512, PeerType.NODE, "Twin", remote_cluster_id="244.0.0.1"),
+        Peer("198.51.100.9", 65009, PeerType.GLOBAL, "Ebgp"),
+    ]
+    text = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id="244.0.0.1", peers=peers,
+                                 listen_address="192.0.2.2", listen_port=1179, multihop=True,
+                                 ignored_interfaces=["eth9"])
+
+    def block(name: str) -> str:
+        return text[text.index(f"protocol bgp {name} "):].split("\n}\n")[0]
+
+    tor = block("Tor")
+    for line in ("local 192.0.2.2 port 1179 as 65100;", "ttl security on;", "multihop 2;", "keepalive time 10;",
+                 "allow local as 1;", "next hop keep;"):
+        assert line in tor, line
+    assert "next hop self;" in block("Client") and "rr cluster id 244.0.0.1;" in block("Client")
+    twin = block("Twin")  # another reflector of the cluster: plain iBGP, as in Calico
+    assert "rr cluster id" not in twin and "rr client;" not in twin
+    assert "next hop self;" in block("Ebgp")  # Auto on eBGP
+    assert "strict bind yes;" in text  # bindMode NodeIP
+    assert 'protocol direct { ipv4; interface -"eth9", -"cali*", -"kube-ipvs*", "*"; }' in text
+    anywhere = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id=None, peers=peers[3:])
+    assert "strict bind" not in anywhere and " port " not in anywhere  # bindMode None, port 179
+
+
+def test_bird_source_address_none_and_reachable_by():
+    peers = [Peer("198.51.100.1", 65001, PeerType.GLOBAL, "Tor", reachable_by="192.0.2.1"),  # sourceAddress None
+             Peer("192.0.2.11", 64512, PeerType.NODE, "Client", rr_client=True, source_address="192.0.2.2")]
+    text = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id="244.0.0.1", peers=peers)
+    tor = text[text.index("protocol bgp Tor "):].split("\n}\n")[0]
+    assert "  local as 64512;" in tor  # no address: the kernel picks the source, as confd renders None
+    assert "local 192.0.2.2 as 64512;" in text[text.index("protocol bgp Client "):]
+    # reachableBy: a dedicated reflector's BIRD programs the /32 to the peer, and nothing else.
+    assert "route 198.51.100.1/32 via 192.0.2.1;" in text
+    assert 'export where proto = "felixpy_reachable_by";' in text and "No kernel protocol" not in text
+    # On a node with pods the agent programs it with the node's other routes: BIRD stays out of the FIB.
+    local = Peer("127.0.0.2", 64512, PeerType.LOCAL, "Local_Agent", port=1790, source_address="192.0.2.2",
+                 rr_client=True)
+    node = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id="244.0.0.1",
+                                 peers=[*peers, local])
+    assert "protocol kernel" not in node and "reachable_by" not in node
+
+
+def test_bird_exports_what_calicos_filter_lets_out():
+    peers = [Peer("192.0.2.11", 64512, PeerType.NODE, "Client", rr_client=True),
+             Peer("127.0.0.2", 64512, PeerType.LOCAL, "Local_Agent", port=1790, source_address="192.0.2.2",
+                  rr_client=True)]
+    text = render_bird_reflector(router_id="192.0.2.2", as_number=64512, cluster_id="244.0.0.1", peers=peers,
+                                 export_pools=["10.244.0.0/16"], no_export_pools=["10.99.0.0/16"],
+                                 service_cidrs=["198.18.0.0/24"])
+    assert "if net ~ [ 10.99.0.0/16+ ] then return false;" in text
+    assert "if net ~ [ 10.244.0.0/16+ ] then return true;" in text
+    assert "if net ~ [ 198.18.0.0/24+ ] then return true;" in text
+    client = text[text.index("protocol bgp Client "):].split("\n}\n")[0]
+    assert ('export filter { if proto = "Local_Agent" then { accept; } '
+            "if source = RTS_BGP && felixpy_calico_route() then { accept; } reject; };") in client
+    local = text[text.index("protocol bgp Local_Agent "):].split("\n}\n")[0]
+    assert "export filter { if source = RTS_BGP then accept; reject; };" in local  # the kernel's stand-in
+    assert "preference 200;" in local and "rr client;" in local and "rr cluster id" not in local

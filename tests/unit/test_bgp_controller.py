@@ -215,8 +215,8 @@ def test_agent_restart_replay_sends_end_of_rib_and_withdraws_leftovers(setup: An
     connect(ctl, 1, OpenReceived(N2, N2, 64512, 90, 120), state(N2, "up"),
             RoutesReceived(N2, (ReceivedRoute("10.244.2.0/26", N2),)), EndOfRib(N2))
     ctl.sync()
+    # The established peer is refreshed on its own (no broadcast of the same routes first).
     assert link.take() == [
-        f"announce attributes next-hop {N1} nlri 10.244.1.0/26",
         f"neighbor {N2} announce attributes next-hop {N1} nlri 10.244.1.0/26",
         f"neighbor {N2} announce eor ipv4 unicast",
         "show adj-rib out",
@@ -351,3 +351,96 @@ def test_bgp_readiness_follows_calicos_bird_ready_rules() -> None:
     assert bgp_readiness({"sidecar": "connected", "peers": [up, down]}, uptime=60)[0] is True
     assert bgp_readiness({"sidecar": "connected", "peers": [down]}, uptime=60)[0] is False
     assert bgp_readiness({"sidecar": "connected", "peers": [up]}, uptime=5)[0] is True
+
+
+# -- Calico's BGP fields through the controller -----------------------------------------------------
+
+def _config(**spec: Any) -> KVUpdate:
+    return KVUpdate(keys.resource_key("bgpconfigurations", "default"),
+                    {"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": spec}, 1)
+
+
+def test_log_severity_sets_the_speaker_log_level(setup: Any) -> None:
+    import logging
+
+    ctl, *_ = setup
+    feed(ctl, _config(logSeverityScreen="Debug"))
+    ctl.sync()
+    assert logging.getLogger("bgp").level == logging.DEBUG
+    assert logging.getLogger("felixpy.node.bgp").level == logging.DEBUG
+    feed(ctl, _config(logSeverityScreen="Warning"))
+    ctl.sync()
+    assert logging.getLogger("bgp").level == logging.WARNING
+    feed(ctl, _config())
+    ctl.sync()
+    assert logging.getLogger("bgp").level == logging.INFO
+
+
+def test_communities_services_and_export_filters_reach_the_commands(setup: Any) -> None:
+    ctl, link, *_ = setup
+    feed(ctl, _config(serviceClusterIPs=[{"cidr": "10.96.0.0/12"}],
+                      prefixAdvertisements=[{"cidr": "10.244.0.0/16", "communities": ["65000:1", "1:2:3"]}]),
+         KVUpdate(keys.resource_key("bgpfilters", "tor"), {"kind": "BGPFilter", "metadata": {"name": "tor"}, "spec": {
+             "exportV4": [{"action": "Reject", "matchOperator": "Equal", "cidr": "10.244.1.0/26"}]}}, 1),
+         peer("tor", peerIP="198.51.100.1", asNumber=65001, filters=["tor"]))
+    ctl.set_announcements({"10.244.1.0/26"})
+    ctl.sync()
+    connect(ctl, 1)
+    ctl.sync()
+    commands = link.take()
+    assert f"announce attributes next-hop {N1} nlri 10.96.0.0/12" in commands  # the range, to both
+    assert (f"neighbor {N2} announce attributes next-hop {N1} community [ 65000:1 ] large-community [ 1:2:3 ] "
+            "nlri 10.244.1.0/26") in commands  # the block, not to the ToR
+    # A learned route inside the Service range is not programmed (kube-proxy's business).
+    ctl.on_message(SidecarEvent(1, RoutesReceived(N2, (ReceivedRoute("10.96.0.10/32", N2),
+                                                       ReceivedRoute("10.244.2.0/26", N2)))))
+    assert ctl.learned_routes() == {"10.244.2.0/26": N2}
+
+
+class FakeBird:
+    def __init__(self) -> None:
+        self.configures = 0
+        self.stopped = 0
+        self.started = 0
+
+    def configure(self) -> tuple[bool, str]:
+        self.configures += 1
+        return True, "Reconfigured"
+
+    def show_protocols(self) -> str | None:
+        return None
+
+    def show_status(self) -> str | None:
+        return None
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+def test_reflector_mode_puts_bird_in_front_of_exabgp(tmp_path: Path) -> None:
+    from felixpy.node.reflector import ReflectorPaths
+
+    link, clock, bird = FakeLink(), FakeClock(), FakeBird()
+    paths = BGPPaths(config=str(tmp_path / "exabgp.conf"), pid_file=str(tmp_path / "pid"),
+                     socket=str(tmp_path / "s.sock"), status=str(tmp_path / "status.json"), python="/usr/bin/python3")
+    bird_paths = ReflectorPaths(config=str(tmp_path / "bird.conf"), socket=str(tmp_path / "bird.ctl"),
+                                status=str(tmp_path / "unused.json"), start_bird=True)
+    ctl = BGPController("n1", paths, link=link, reload=lambda: True, clock=clock, bird_paths=bird_paths, bird=bird)
+    feed(ctl, node("n1", N1, routeReflectorClusterID="244.0.0.1"), node("n2", N2),
+         peer("to-rr", nodeSelector="all()", peerSelector="has(routeReflectorClusterID) || name == 'x'"))
+    ctl.datastore_in_sync()
+    ctl.sync()
+    assert ctl.reflector_mode and bird.configures == 1
+    exabgp = (tmp_path / "exabgp.conf").read_text()
+    assert f"neighbor {N1} {{" in exabgp and "local-address 127.0.0.2;" in exabgp and "listen 1790;" in exabgp
+    assert f"router-id {N1};" not in exabgp  # a BGP identifier of its own, not BIRD's
+    assert "protocol bgp Local_Agent" in (tmp_path / "bird.conf").read_text()
+    assert ctl.status()["routeReflector"] is True
+    # The cluster ID goes: BIRD (started by the agent) is stopped and ExaBGP has the sessions again.
+    feed(ctl, node("n1", N1))
+    ctl.sync()
+    assert not ctl.reflector_mode and bird.stopped == 1
+    assert f"neighbor {N2} {{" in (tmp_path / "exabgp.conf").read_text()

@@ -175,3 +175,41 @@ def test_bgp_package_imports_no_felixpy():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             assert not any(n == "felixpy" or n.startswith("felixpy.") for n in names), path
+
+
+def test_listen_port_global_and_per_node():
+    default = {"spec": {"listenPort": 1179}}
+    node_configs = {"n2": {"metadata": {"name": "node.n2"}, "spec": {"listenPort": 2179, "bindMode": "NodeIP"}}}
+    settings = BGPSettings.from_resource(default, node_configs=node_configs)
+    assert settings.listen_port_of("n1") == 1179 and settings.listen_port_of("n2") == 2179
+    assert settings.bind_mode_of("n2") == "NodeIP" and settings.bind_mode_of("n1") == "None"
+    (peer,) = select_peers("n1", [N1, N2], settings, [])
+    # n1 connects to n2's port and listens on its own.
+    assert (peer.port, peer.listen_port, peer.name) == (2179, 1179, "Mesh_192_0_2_12_port_2179")
+    with pytest.raises(PeeringError, match='BGPConfiguration "default": spec.listenPort'):
+        BGPSettings.from_resource({"spec": {"listenPort": 70000}})
+
+
+def test_reverse_peering_manual_needs_the_other_side_configured():
+    manual = BGPPeerSpec("to-rr", node_selector="all()", peer_selector="route-reflector == 'true'",
+                         reverse_peering="Manual")
+    settings = BGPSettings(node_to_node_mesh=False)
+    assert addresses(select_peers("n1", [N1, RR1], settings, [manual])) == ["192.0.2.2"]
+    assert select_peers("rr1", [N1, RR1], settings, [manual]) == []  # Auto would give it n1
+    assert addresses(select_peers("rr1", [N1, RR1], settings, [TO_RR])) == ["192.0.2.11"]
+
+
+def test_per_session_fields_travel_on_the_peer():
+    spec = BGPPeerSpec.from_resource({"metadata": {"name": "tor"}, "spec": {
+        "peerIP": "198.51.100.1", "asNumber": 65001, "localASNumber": 65100, "keepaliveTime": "10s",
+        "ttlSecurity": 2, "numAllowedLocalASNumbers": 1, "reachableBy": "192.0.2.254", "filters": ["a", "b"],
+        "nextHopMode": "Self"}})
+    (peer,) = select_peers("n1", [N1], BGPSettings(), [spec])
+    assert (peer.local_as, peer.keepalive_time, peer.ttl_security, peer.num_allowed_local_as, peer.reachable_by,
+            peer.filters, peer.next_hop_mode) == (65100, 10, 2, 1, "192.0.2.254", ("a", "b"), "Self")
+    assert peer.is_ebgp(64512) and peer.local_as_for(64512) == 65100
+    ibgp = BGPPeerSpec("ibgp-with-local-as", peer_ip="198.51.100.2", as_number=65100, local_as_number=65100)
+    assert not select_peers("n1", [N1], BGPSettings(), [ibgp])[0].is_ebgp(64512)
+    with pytest.raises(PeeringError, match="spec.reachableBy"):
+        select_peers("n1", [N1], BGPSettings(), [BGPPeerSpec("x", peer_ip="198.51.100.3", as_number=1,
+                                                            reachable_by="nope")])

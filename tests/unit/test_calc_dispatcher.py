@@ -163,7 +163,9 @@ def test_bgp_resources_take_the_reflectors_raw_updates_too() -> None:
     resources.changed = False
     assert resources.on_update(kv(keys.resource_key("bgppeers", "tor"), {"spec": {"peerIP": "192.0.2.1"}}))
     assert resources.changed and resources.peers["tor"]["spec"] == {"peerIP": "192.0.2.1"}
-    assert not resources.on_update(kv(keys.resource_key("ippools", "p"), {"spec": {"cidr": "10.0.0.0/8"}}))
+    assert not resources.on_update(kv(keys.resource_key("profiles", "kns.x"), {"spec": {}}))
+    # Pools matter to a reflector (what Calico's export filter lets out).
+    assert resources.on_update(kv(keys.resource_key("ippools", "p"), {"spec": {"cidr": "10.0.0.0/8"}}))
     assert resources.on_update(kv(keys.resource_key("nodes", "n1"), {"spec": {}}))
     assert resources.nodes["n1"]["metadata"]["name"] == "n1"
     assert resources.on_update(kv(keys.resource_key("bgppeers", "tor"), None))

@@ -13,7 +13,8 @@ C_SOURCE = ROOT / "cni-shim" / "felixpy-cni.c"
 
 # plugin.py's names for the constants both plugins must agree on (C name -> Python name).
 C_TO_PYTHON = {"DEFAULT_SOCKET": "DEFAULT_SOCKET", "DEFAULT_VERSION": "DEFAULT_VERSION",
-               "TIMEOUT_SECONDS": "TIMEOUT"}
+               "ACCEPT_TIMEOUT": "ACCEPT_TIMEOUT", "REPLY_TIMEOUT": "REPLY_TIMEOUT",
+               "ACCEPTED": "ACCEPTED", "PENDING_SUFFIX": "PENDING_SUFFIX"}
 ERROR_CODES = ("INCOMPATIBLE_VERSION", "CONTAINER_UNKNOWN", "INVALID_ENV", "IO_FAILURE", "DECODE_FAILURE",
                "INVALID_CONFIG", "TRY_AGAIN_LATER", "NOT_AVAILABLE")
 

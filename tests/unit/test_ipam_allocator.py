@@ -25,6 +25,7 @@ from felixpy.ipam.config import IPAMConfig
 from felixpy.ipam.errors import (
     AddressInUseError,
     BlockLimitError,
+    HandleInUseError,
     IPAMError,
     NoQualifiedPoolError,
     PoolExhaustedError,
@@ -240,6 +241,37 @@ def test_handle_records_counts_per_block_and_release_by_handle(store: MemoryData
     assert ipam.release_by_handle("never-existed") == []
     assert all(ipam.get_assignment(ip) is None for ip in ips)
     assert len(ipam.ips_by_handle("other")) == 10
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_new_handle_is_created_with_the_block_write_and_a_repeat_assigns_nothing(pipeline: bool) -> None:
+    store = RecordingStore()
+    add_pool(store, "p", "10.0.0.0/24", 26)
+    ipam = IPAM(store, cache_ttl=60, pipeline_handle_writes=pipeline)
+    assign(ipam, "h1", new_handle=True)
+    (cidr,) = ipam.affine_blocks("n1")
+    store.ops.clear()
+    (ip,) = assign(ipam, "h2", new_handle=True)
+    # No read of the handle first: its create-only write is the check.
+    assert sorted(store.ops) == [("create", keys.handle_key("h2")), ("update", keys.block_key(cidr))]
+    assert store.get(keys.handle_key("h2")).value == {"block": {cidr: 1}, "deleted": False}
+    block_before = store.get(keys.block_key(cidr)).value
+    with pytest.raises(HandleInUseError):
+        assign(ipam, "h2", new_handle=True)
+    # The block write that went out with the failed create was taken back; h2 is as it was.
+    after = store.get(keys.block_key(cidr)).value
+    assert Block.from_json(after).ips_for_handle("h2") == [ip]
+    assert Block.from_json(after).free_count() == Block.from_json(block_before).free_count()
+    assert store.get(keys.handle_key("h2")).value == {"block": {cidr: 1}, "deleted": False}
+
+
+def test_new_handle_spanning_two_blocks_counts_up_after_its_create(store: MemoryDatastore) -> None:
+    add_pool(store, "p", "10.0.0.0/24", 28)
+    ipam = new_ipam(store)
+    assign(ipam, "other", num=10)
+    ips = assign(ipam, "h", num=10, new_handle=True)  # 6 from the first block, 4 from a second one
+    assert sorted(store.get(keys.handle_key("h")).value["block"].values()) == [4, 6]
+    assert sorted(ipam.release_by_handle("h")) == sorted(ips)
 
 
 def test_release_ips_reports_unallocated_and_decrements_handles(store: MemoryDatastore) -> None:

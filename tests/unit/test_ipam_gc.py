@@ -24,19 +24,9 @@ from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore, NotFound
 from felixpy.datastore.memory import MemoryDatastore
 from felixpy.ipam.allocator import IPAM
+from tests.fakes.clock import FakeClock
 
 GRACE = 15 * 60.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Cluster:

@@ -120,10 +120,16 @@ CRD_KINDS = {
     "IPAMConfig": ("ipamconfigs", False),
     "BGPConfiguration": ("bgpconfigurations", False),
     "BGPPeer": ("bgppeers", False),
+    "BGPFilter": ("bgpfilters", False),
+    "CalicoNodeStatus": ("caliconodestatuses", False),
     "FelixConfiguration": ("felixconfigurations", False),
     "NetworkPolicy": ("networkpolicies", True),
     "GlobalNetworkPolicy": ("globalnetworkpolicies", False),
     "ClusterInformation": ("clusterinformations", False),
+    "Tier": ("tiers", False),
+    "NetworkSet": ("networksets", True),
+    "GlobalNetworkSet": ("globalnetworksets", False),
+    "HostEndpoint": ("hostendpoints", False),
 }
 
 FORBIDDEN_KEYWORDS = {"$ref", "definitions", "dependencies", "additionalItems", "patternProperties", "id", "$schema"}
@@ -212,7 +218,7 @@ def test_structural_check_catches_violations() -> None:
 # RBAC: exactly what the code calls
 # --------------------------------------------------------------------------------------------
 
-CORE, NET, CALICO = "", "networking.k8s.io", "crd.projectcalico.org"
+CORE, NET, CALICO, DISCOVERY = "", "networking.k8s.io", "crd.projectcalico.org", "discovery.k8s.io"
 
 # (apiGroup, resource, verbs) -> why felixpy-node needs it.
 NODE_RULES: list[tuple[str, str, str, str]] = [
@@ -222,6 +228,7 @@ NODE_RULES: list[tuple[str, str, str, str]] = [
     (CORE, "pods", "get list watch", "workload endpoints: labels, IPs, named container ports"),
     (CORE, "pods", "patch", "CNI ADD/DEL: the pod's IPs and container ID as cni.projectcalico.org/* annotations"),
     (CORE, "namespaces", "get list watch", "profiles kns.<namespace> with the namespace's labels"),
+    (CORE, "serviceaccounts", "get list watch", "profiles ksa.<namespace>.<account> with the account's labels"),
     (NET, "networkpolicies", "list watch", "Kubernetes NetworkPolicies, converted to Calico policy"),
     (CALICO, "ippools", "get list watch", "pools: IPAM, routes, natOutgoing"),
     (CALICO, "ippools", "create", "startup creates the default pool when none exists (create-only)"),
@@ -237,11 +244,20 @@ NODE_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "bgpconfigurations", "get list watch", "AS number, mesh on/off"),
     (CALICO, "bgpconfigurations", "create", "startup's ensureDefaultConfig (create-only)"),
     (CALICO, "bgppeers", "get list watch", "explicit BGP peers"),
+    (CALICO, "bgpfilters", "get list watch", "BGPFilters named by BGPPeers"),
+    (CALICO, "caliconodestatuses", "get list watch", "CalicoNodeStatus requests for this node"),
+    (CALICO, "caliconodestatuses", "update", "the agent writes the status of its node's CalicoNodeStatus"),
+    (CORE, "services", "get list watch", "BGP service advertisement: cluster, external and LoadBalancer IPs"),
+    (DISCOVERY, "endpointslices", "get list watch", "BGP service advertisement: Local services' endpoints"),
     (CALICO, "felixconfigurations", "get list watch", "datastore Felix parameters"),
     (CALICO, "felixconfigurations", "create", "startup's ensureDefaultConfig (create-only)"),
     (CALICO, "networkpolicies", "get list watch", "Calico NetworkPolicies"),
     (CALICO, "globalnetworkpolicies", "get list watch", "Calico GlobalNetworkPolicies"),
     (CALICO, "clusterinformations", "get list watch", "datastoreReady (CNI refuses while false)"),
+    (CALICO, "tiers", "get list watch", "policy tiers: order and default action"),
+    (CALICO, "networksets", "get list watch", "NetworkSets: their nets are selector ipset members"),
+    (CALICO, "globalnetworksets", "get list watch", "GlobalNetworkSets: their nets are selector ipset members"),
+    (CALICO, "hostendpoints", "get list watch", "HostEndpoints: host interfaces' policy, expectedIPs in ipsets"),
     (CALICO, "clusterinformations", "create", "startup's ensureDefaultConfig (create-only)"),
 ]
 
@@ -255,8 +271,8 @@ CONTROLLER_RULES: list[tuple[str, str, str, str]] = [
     (CALICO, "ipamconfigs", "get list", "strictAffinity decides whether a released block is kept"),
     (CALICO, "ippools", "list", "releasing an address reads the pools (found missing on a real API server)"),
     (CALICO, "ippools", "watch", "the IPAM metrics follow the pools (ipam_ippool_size, per-pool labels)"),
-    (CALICO, "clusterinformations", "get", "the migration lock: no IPAM write while datastoreReady is false "
-     "(found missing by the recorded requests below)"),
+    (CALICO, "clusterinformations", "get", "a pass is skipped while the datastore is locked (datastoreReady, "
+     "found missing on a real API server)"),
 ]
 
 
@@ -676,7 +692,11 @@ def schedules(workload: dict[str, Any], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("labels,expected", [
     ({"kubernetes.io/os": "linux"}, "felixpy-node"),
     ({"kubernetes.io/os": "linux", "route-reflector": "false"}, "felixpy-node"),
-    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-route-reflector"),
+    # Calico's recipe: the reflector still runs pods, so the agent stays (and reflects itself).
+    ({"kubernetes.io/os": "linux", "route-reflector": "true"}, "felixpy-node"),
+    ({"kubernetes.io/os": "linux", "route-reflector": "true", "felixpy.io/dedicated-route-reflector": "true"},
+     "felixpy-route-reflector"),
+    ({"kubernetes.io/os": "linux", "felixpy.io/dedicated-route-reflector": "false"}, "felixpy-node"),
 ])
 def test_each_node_runs_exactly_one_bgp_speaker(labels: dict[str, str], expected: str) -> None:
     # Both listen on the node's port 179 (hostNetwork).

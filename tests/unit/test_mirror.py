@@ -63,7 +63,7 @@ def test_profiles_validate_as_calico_resources() -> None:
     assert ksa["spec"] == {"labelsToApply": {"pcsa.x": "y", "pcsa.projectcalico.org/name": "api"}}
 
 
-def test_endpoint_gets_pod_labels_and_named_ports_only() -> None:
+def test_endpoint_gets_pod_labels_named_ports_and_service_account_only() -> None:
     wep: dict[str, Any] = {"metadata": {"name": "n1-k8s-web-eth0", "namespace": NS, "labels": {"stale": "1"}},
            "spec": {"ipNetworks": ["10.0.0.1/32"], "mac": "02:00:00:00:00:01", "ports": []}}
     out = mm.endpoint_with_pod(wep, pod_obj("web", {"app": "web"}))
@@ -71,7 +71,7 @@ def test_endpoint_gets_pod_labels_and_named_ports_only() -> None:
                                          "projectcalico.org/orchestrator": "k8s",
                                          "projectcalico.org/serviceaccount": "api"}
     assert out["spec"] == {"ipNetworks": ["10.0.0.1/32"], "mac": "02:00:00:00:00:01",
-                           "ports": [{"name": "http", "protocol": "TCP", "port": 80}]}
+                           "ports": [{"name": "http", "protocol": "TCP", "port": 80}], "serviceAccountName": "api"}
     assert wep["metadata"]["labels"] == {"stale": "1"}  # the input is not changed
 
 
@@ -131,7 +131,7 @@ def test_resync_waits_for_every_kind_then_deletes_stale_owned_copies() -> None:
     m = make(store)
     m._replace(source("namespaces"), [ns_obj(NS)])
     assert not m.in_sync  # pods, service accounts and policies not listed yet
-    for name in ("serviceaccounts", "networkpolicies", "pods"):
+    for name in ("serviceaccounts", "networkpolicies", "pods", "services", "endpointslices"):
         m._replace(source(name), [])
     assert m.in_sync
     result = m.resync()

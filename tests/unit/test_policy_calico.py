@@ -68,7 +68,10 @@ def test_full_network_policy() -> None:
 def test_defaults_and_types() -> None:
     pol = np({})
     assert (pol.selector, pol.types, pol.order, pol.ingress) == ("all()", frozenset({"Ingress"}), None, ())
-    assert np({"egress": [{"action": "Allow"}]}).types == frozenset({"Ingress", "Egress"})
+    # Calico's default types: Egress only for a policy with egress rules only, both with both.
+    assert np({"egress": [{"action": "Allow"}]}).types == frozenset({"Egress"})
+    assert np({"ingress": [{"action": "Allow"}], "egress": [{"action": "Allow"}]}).types == frozenset(
+        {"Ingress", "Egress"})
     assert np({"types": ["Egress"]}).types == frozenset({"Egress"})
     assert np({}).sort_key() == (True, 0.0, "prod/p")
 
@@ -149,11 +152,12 @@ def test_workload_name_falls_back_to_workload() -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    ({"ingress": [{"action": "Allow", "source": {"serviceAccounts": {"names": ["sa"]}}}]},
-     "spec.ingress[0].source.serviceAccounts: felixpy does not support this field yet"),
+    ({"ingress": [{"action": "Allow", "source": {"serviceAccounts": {"names": "sa"}}}]},
+     "spec.ingress[0].source.serviceAccounts.names: expected a list"),
+    ({"tier": "a.b"}, 'spec.tier: invalid tier name "a.b"'),
     ({"ingress": [{"action": "Allow", "destination": {"services": {"name": "kubernetes"}}}]},
      "spec.ingress[0].destination.services: felixpy does not support this field yet"),
-    ({"serviceAccountSelector": "all()"}, "spec.serviceAccountSelector: felixpy does not support this field yet"),
+    ({"serviceAccountSelector": "a =="}, "spec.serviceAccountSelector: invalid selector"),
     ({"egress": [{"action": "Allow", "ipVersion": 6}]}, "spec.egress[0].ipVersion: felixpy does not support 6 yet"),
     ({"ingress": [{"action": "Allow", "protocol": "TCPX"}]}, 'spec.ingress[0].protocol: invalid protocol "TCPX"'),
     ({"ingress": [{"action": "Allow", "source": {"nets": ["10.0.0.0/33"]}}]}, 'invalid CIDR "10.0.0.0/33"'),

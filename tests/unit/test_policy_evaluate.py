@@ -5,15 +5,22 @@ explain gives."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from felixpy.model.resources import validate
-from policy.calico import endpoint_from_resources, policy_from_resource, profile_from_resource
-from policy.evaluate import applies, explain, match_endpoint, policies_for
+from policy.calico import (
+    endpoint_from_resources,
+    host_endpoint_from_resource,
+    network_set_from_resource,
+    policy_from_resource,
+    profile_from_resource,
+)
+from policy.evaluate import applies, explain, match_endpoint, policies_for, tiered
 from policy.k8s import convert_k8s_networkpolicy
-from policy.model import Endpoint, EndpointMatch, Policy, Profile, Rule
+from policy.model import Endpoint, EndpointMatch, HostEndpoint, Policy, Profile, Rule, Tier
 from tests import policy_cases as pc
 
 # A fixed address per pod: x/a = 10.1.0.1 ... z/c = 10.3.0.3 (all inside one /4, like a pool).
@@ -248,3 +255,146 @@ def test_endpoint_from_resources() -> None:
     assert [(p.name, p.protocol, p.port) for p in got.ports][:2] == [("serve-80-tcp", "TCP", 80),
                                                                      ("serve-81-tcp", "TCP", 81)]
     assert dict(got.namespace_labels) == {"ns": "y", "kubernetes.io/metadata.name": "y"}
+
+
+# -- tiers ------------------------------------------------------------------------------------------
+
+SECURITY = Tier("security", 100.0)
+
+
+def test_tiers_run_in_order_and_pass_goes_to_the_next_tier() -> None:
+    deny = calico("GlobalNetworkPolicy", "sec-deny", {"tier": "security", "selector": "role == 'server'",
+                                                      "ingress": [{"action": "Deny"}]}, ns=None)
+    allow = calico("NetworkPolicy", "allow", {"ingress": [{"action": "Allow"}]})
+    v = explain(A, B, 80, "tcp", policies=[allow, deny], profiles=ALLOW_ALL, tiers=[SECURITY])
+    assert not v.allowed and v.ingress is not None
+    assert (v.ingress.policy_id, v.ingress.tier) == ("sec-deny", "security")
+    assert v.ingress.reason.startswith("denied by policy sec-deny in tier security rule 0")
+    passing = calico("GlobalNetworkPolicy", "sec-deny", {"tier": "security", "selector": "role == 'server'",
+                                                         "ingress": [{"action": "Pass", "source": {
+                                                             "selector": "role == 'client'"}}]}, ns=None)
+    v = explain(A, B, 80, "tcp", policies=[allow, passing], profiles=ALLOW_ALL, tiers=[SECURITY])
+    assert v.allowed and v.ingress is not None and v.ingress.tier == "default"
+    assert v.ingress.reason.startswith("policy sec-deny in tier security rule 0 passed")
+    # Nothing in the security tier matches C: its end of tier drops, the default tier never runs.
+    c = ep("x", "c", "10.0.0.3", role="other")
+    v = explain(c, B, 80, "tcp", policies=[allow, passing], profiles=ALLOW_ALL, tiers=[SECURITY])
+    assert not v.allowed and v.ingress is not None and v.ingress.decided_by == "end-of-tier"
+    assert v.ingress.reason.startswith("end of tier security: policy sec-deny selects x/b")
+    # With defaultAction Pass the next tier decides.
+    v = explain(c, B, 80, "tcp", policies=[allow, passing], profiles=ALLOW_ALL,
+                tiers=[Tier("security", 100.0, "Pass")])
+    assert v.allowed and v.ingress is not None and v.ingress.policy_id == "x/allow"
+    # A tier without a Tier resource runs after every existing one, with the Deny default.
+    v = explain(c, B, 80, "tcp", policies=[allow, passing], profiles=ALLOW_ALL, tiers=[])
+    assert v.allowed and v.ingress is not None and v.ingress.policy_id == "x/allow"
+
+
+def test_tiered_orders_tiers_like_felix() -> None:
+    policies = [calico("GlobalNetworkPolicy", n, {"tier": t}, ns=None)
+                for n, t in (("p1", "zeta"), ("p2", "default"), ("p3", "alpha"), ("p4", "missing"))]
+    tiers = {"zeta": Tier("zeta", 10.0), "alpha": Tier("alpha", 1_000_000.0)}
+    assert [t.name for t, _ in tiered(policies, tiers)] == ["zeta", "alpha", "default", "missing"]
+
+
+# -- policy kinds, service accounts, network sets ---------------------------------------------------
+
+
+def test_pre_dnat_and_do_not_track_policies_never_police_pods() -> None:
+    for flags in ({"preDNAT": True, "applyOnForward": True}, {"doNotTrack": True, "applyOnForward": True}):
+        pol = calico("GlobalNetworkPolicy", "host-only", {**flags, "ingress": [{"action": "Deny"}]}, ns=None)
+        v = explain(A, B, 80, "tcp", policies=[pol], profiles=ALLOW_ALL)
+        assert v.allowed and v.ingress is not None and v.ingress.decided_by == "profile"
+    forward = calico("GlobalNetworkPolicy", "fwd", {"applyOnForward": True, "ingress": [{"action": "Deny"}]}, ns=None)
+    assert not explain(A, B, 80, "tcp", policies=[forward], profiles=ALLOW_ALL).allowed
+
+
+def test_service_account_selectors() -> None:
+    web = replace(B, labels=B.labels + (("projectcalico.org/serviceaccount", "web"),), sa_labels=(("tier", "fe"),))
+    client = replace(A, labels=A.labels + (("projectcalico.org/serviceaccount", "api"),))
+    pol = calico("NetworkPolicy", "by-sa", {"serviceAccountSelector": "tier == 'fe'", "ingress": [
+        {"action": "Allow", "source": {"serviceAccounts": {"names": ["api"]}}}]})
+    assert applies(pol, web) and not applies(pol, B)
+    assert explain(client, web, 80, "tcp", policies=[pol], profiles=ALLOW_ALL).allowed
+    assert not explain(A, web, 80, "tcp", policies=[pol], profiles=ALLOW_ALL).allowed
+
+
+def test_network_sets_and_host_endpoint_addresses_match_selectors_by_address() -> None:
+    ext = network_set_from_resource({"kind": "GlobalNetworkSet", "metadata": {"name": "ext", "labels": {"role": "ext"}},
+                                     "spec": {"nets": ["198.51.100.0/24"]}}, {})
+    pol = calico("GlobalNetworkPolicy", "from-ext", {"selector": "role == 'server'", "ingress": [
+        {"action": "Allow", "source": {"selector": "role == 'ext'"}}]}, ns=None)
+    assert not explain("198.51.100.7", B, 80, "tcp", policies=[pol], profiles=ALLOW_ALL).allowed
+    v = explain("198.51.100.7", B, 80, "tcp", policies=[pol], profiles=ALLOW_ALL, others=[ext])
+    assert v.allowed and v.ingress is not None and "(network set ext)" in v.ingress.reason
+    assert not explain("203.0.113.7", B, 80, "tcp", policies=[pol], profiles=ALLOW_ALL, others=[ext]).allowed
+    # A namespaced policy's selector only selects network sets of its own namespace: not the
+    # global one, not another namespace's.
+    scoped = calico("NetworkPolicy", "from-ext", {"ingress": [{"action": "Allow", "source": {
+        "selector": "role == 'ext'"}}]}, ns="x")
+    namespaced = network_set_from_resource({"kind": "NetworkSet", "metadata": {
+        "name": "ext", "namespace": "y", "labels": {"role": "ext"}}, "spec": {"nets": ["198.51.100.0/24"]}}, {})
+    for other in (ext, namespaced):
+        assert not explain("198.51.100.7", B, 80, "tcp", policies=[scoped], profiles=ALLOW_ALL, others=[other]).allowed
+    mine = replace(namespaced, namespace="x", labels=(("projectcalico.org/namespace", "x"), ("role", "ext")))
+    assert explain("198.51.100.7", B, 80, "tcp", policies=[scoped], profiles=ALLOW_ALL, others=[mine]).allowed
+
+
+# -- host endpoints ---------------------------------------------------------------------------------
+
+
+def host(iface: str = "eth0", labels: dict[str, str] | None = None, node: str = "n1") -> HostEndpoint:
+    return host_endpoint_from_resource({"kind": "HostEndpoint", "metadata": {"name": f"{node}-{iface}",
+                                                                            "labels": labels or {"role": "node"}},
+                                        "spec": {"node": node, "interfaceName": iface,
+                                                 "expectedIPs": ["192.0.2.11"]}})
+
+
+def test_host_endpoint_ingress_default_deny_failsafe_and_stages() -> None:
+    hep = host()
+    v = explain("192.0.2.99", hep, 8080, "tcp", policies=[], profiles=ALLOW_ALL)
+    assert not v.allowed and v.ingress is not None and v.ingress.decided_by == "no-profile"
+    assert v.dst == "hostendpoint/n1-eth0"
+    v = explain("192.0.2.99", hep, 22, "tcp", policies=[], profiles=ALLOW_ALL)
+    assert v.allowed and v.ingress is not None and v.ingress.decided_by == "failsafe"
+    pre = calico("GlobalNetworkPolicy", "pre", {"selector": "role == 'node'", "preDNAT": True, "applyOnForward": True,
+                                                "ingress": [{"action": "Deny", "protocol": "TCP",
+                                                             "destination": {"ports": [30080]}}]}, ns=None)
+    allow = calico("GlobalNetworkPolicy", "allow", {"selector": "role == 'node'", "ingress": [{"action": "Allow"}]},
+                   ns=None)
+    v = explain("192.0.2.99", hep, 30080, "tcp", policies=[pre, allow], profiles=ALLOW_ALL)
+    assert not v.allowed and v.ingress is not None and v.ingress.stage == "pre-dnat"
+    assert v.ingress.reason.startswith("denied by preDNAT policy pre rule 0")
+    v = explain("192.0.2.99", hep, 8080, "tcp", policies=[pre, allow], profiles=ALLOW_ALL)
+    assert v.allowed and v.ingress is not None and v.ingress.stage == "normal" and v.ingress.policy_id == "allow"
+    untracked = calico("GlobalNetworkPolicy", "dnt", {"selector": "role == 'node'", "doNotTrack": True,
+                                                      "applyOnForward": True, "ingress": [{"action": "Allow"}]}, ns=None)
+    v = explain("192.0.2.99", hep, 30080, "tcp", policies=[pre, untracked], profiles=ALLOW_ALL)
+    assert v.allowed and v.ingress is not None and v.ingress.stage == "untracked"  # raw runs before mangle
+    # A `*` host endpoint never gets doNotTrack policy (Felix ignores it there).
+    v = explain("192.0.2.99", host("*"), 30080, "tcp", policies=[pre, untracked], profiles=ALLOW_ALL)
+    assert not v.allowed and v.ingress is not None and v.ingress.stage == "pre-dnat"
+
+
+def test_host_endpoint_egress_forward_and_local_paths() -> None:
+    hep = host()
+    allow_out = calico("GlobalNetworkPolicy", "out", {"selector": "role == 'node'", "egress": [
+        {"action": "Allow", "protocol": "TCP", "destination": {"ports": [443]}}]}, ns=None)
+    assert explain(hep, "203.0.113.5", 443, "tcp", policies=[allow_out], profiles=ALLOW_ALL).allowed
+    v = explain(hep, "203.0.113.5", 80, "tcp", policies=[allow_out], profiles=ALLOW_ALL)
+    assert not v.allowed and v.egress is not None and v.egress.decided_by == "end-of-tier"
+    assert explain(hep, "203.0.113.5", 53, "udp", policies=[allow_out], profiles=ALLOW_ALL).allowed  # failsafe
+    # Forwarded in through the host endpoint: allowed without applyOnForward policy...
+    pod = replace(B, node="n1")
+    v = explain("198.51.100.9", pod, 80, "tcp", policies=[], profiles=ALLOW_ALL, via=hep)
+    assert v.allowed and v.forward is not None and v.forward.decided_by == "forward-default"
+    # ...and decided by it once there is one (normal policy does not apply to forwarded traffic).
+    fwd = calico("GlobalNetworkPolicy", "fwd", {"selector": "role == 'node'", "applyOnForward": True,
+                                                "ingress": [{"action": "Deny"}]}, ns=None)
+    v = explain("198.51.100.9", pod, 80, "tcp", policies=[fwd], profiles=ALLOW_ALL, via=hep)
+    assert not v.allowed and v.forward is not None and v.forward.stage == "forward"
+    # A pod talking to its own host: no host endpoint policy (cali-INPUT sends it to wl-to-host).
+    v = explain(pod, hep, 8080, "tcp", policies=[], profiles=ALLOW_ALL)
+    assert v.allowed and v.ingress is not None and v.ingress.decided_by == "not-policed"
+    v = explain(hep, pod, 80, "tcp", policies=[], profiles=ALLOW_ALL)
+    assert v.allowed and v.egress is not None and v.egress.decided_by == "not-policed"

@@ -153,8 +153,9 @@ def test_golden_profile() -> None:
 def two_endpoint_table(config: RenderConfig = RenderConfig()) -> render.FilterTable:
     policies = {p.id: p for p in (DENY_ALL_INGRESS, ALLOW_FRONTEND, IPBLOCK_EGRESS, GNP_ACTIONS)}
     endpoints = [
-        EndpointChains("cali0a1b2c3d4e5", ingress=(GNP_ACTIONS.id, ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id),
-                       egress=(GNP_ACTIONS.id, IPBLOCK_EGRESS.id), profiles=("kns.demo",)),
+        EndpointChains.default_tier("cali0a1b2c3d4e5",
+                                    ingress=(GNP_ACTIONS.id, ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id),
+                                    egress=(GNP_ACTIONS.id, IPBLOCK_EGRESS.id), profiles=("kns.demo",)),
         EndpointChains("cali9f8e7d6c5b4", profiles=("kns.demo",)),
     ]
     return render.render_filter_table(endpoints, policies, {"kns.demo": KNS_DEMO}, config)
@@ -179,7 +180,8 @@ def bodies(chain: Chain) -> list[str]:
 def test_endpoint_chain_order_follows_felix() -> None:
     policies = {ALLOW_FRONTEND.id: ALLOW_FRONTEND, DENY_ALL_INGRESS.id: DENY_ALL_INGRESS}
     tw, fw = render.endpoint_chains(
-        EndpointChains("cali12345", ingress=(ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id), profiles=("kns.demo",)),
+        EndpointChains.default_tier("cali12345", ingress=(ALLOW_FRONTEND.id, DENY_ALL_INGRESS.id),
+                                    profiles=("kns.demo",)),
         policies,
     )
     pi_front = render.policy_chain_name(ALLOW_FRONTEND.id, "Ingress")
@@ -208,7 +210,7 @@ def test_endpoint_chain_order_follows_felix() -> None:
 
 def test_endpoint_chain_skips_wrong_direction_and_fails_closed_on_missing_policy() -> None:
     tw, fw = render.endpoint_chains(
-        EndpointChains("cali1", ingress=(IPBLOCK_EGRESS.id,), egress=("demo/vanished",)),
+        EndpointChains.default_tier("cali1", ingress=(IPBLOCK_EGRESS.id,), egress=("demo/vanished",)),
         {IPBLOCK_EGRESS.id: IPBLOCK_EGRESS},
     )
     # An Egress-only policy listed for ingress is not a policy for that direction.
@@ -242,15 +244,31 @@ def test_wl_to_host_runs_egress_policy_then_configured_action(action: str) -> No
 def test_static_chains_forward_and_failsafes() -> None:
     chains = {c.name: c for c in render.static_chains(RenderConfig())}
     assert bodies(chains["cali-FORWARD"]) == [
-        "-j MARK --set-xmark 0x0/0x30000",
+        "-j MARK --set-xmark 0x0/0x60000",
+        '-m mark --mark 0x0/0x10000 -m comment --comment "Ingress host endpoint: forward policy" '
+        "-j cali-from-hep-forward",
         '-i cali+ -m comment --comment "From workload: egress policy" -j cali-from-wl-dispatch',
         '-o cali+ -m comment --comment "To workload: ingress policy" -j cali-to-wl-dispatch',
+        '-m comment --comment "Egress host endpoint: forward policy" -j cali-to-hep-forward',
         '-m mark --mark 0x10000/0x10000 -m comment --comment "Policy explicitly accepted packet" -j ACCEPT',
+        "-j MARK --set-xmark 0x10000/0x10000",
     ]
-    assert bodies(chains["cali-OUTPUT"])[0].startswith("-o cali+ ") and bodies(chains["cali-OUTPUT"])[0].endswith("-j RETURN")
+    assert bodies(chains["cali-INPUT"]) == [
+        "-i cali+ -g cali-wl-to-host",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Accepted by raw or mangle host endpoint policy" '
+        "-j ACCEPT",
+        "-j MARK --set-xmark 0x0/0x70000",
+        "-j cali-from-host-endpoint",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Host endpoint policy accepted packet" -j ACCEPT',
+    ]
+    output = bodies(chains["cali-OUTPUT"])
+    assert output[1] == '-o cali+ -m comment --comment "Host to workload traffic is not policed" -j RETURN'
+    assert "-m conntrack ! --ctstate DNAT -j cali-to-host-endpoint" in output
+    # Failsafe ports ACCEPT (Felix's Allow): only host endpoint chains jump to them.
     failsafe_in = " ".join(bodies(chains["cali-failsafe-in"]))
     assert "-p tcp -m multiport --dports 22,179,2379,2380,5473,6443,6666,6667" in failsafe_in
     assert "-p udp -m multiport --dports 68" in failsafe_in
+    assert all(b.endswith("-j ACCEPT") for b in bodies(chains["cali-failsafe-in"]))
     assert "-p udp -m multiport --dports 53,67" in " ".join(bodies(chains["cali-failsafe-out"]))
     assert render.jump_rules() == {
         "INPUT": [render.Rule("", "cali-INPUT")],
@@ -262,7 +280,7 @@ def test_static_chains_forward_and_failsafes() -> None:
 def test_custom_iface_prefix() -> None:
     config = RenderConfig(iface_prefix="tap")
     chains = {c.name: c for c in render.static_chains(config)}
-    assert "-i tap+" in bodies(chains["cali-FORWARD"])[1]
+    assert "-i tap+" in bodies(chains["cali-FORWARD"])[2]
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -422,7 +440,9 @@ def test_table_references_only_chains_and_sets_it_defines() -> None:
     assert targets <= set(table.chains)
     assert set(re.findall(r"--match-set (\S+)", text)) == set(table.ipsets)
     # Every chain is reachable: nothing dead is rendered.
-    assert set(table.chains) - targets == {"cali-INPUT", "cali-FORWARD", "cali-OUTPUT"}
+    # (The failsafe chains are static, as in Felix: only host endpoint chains jump to them.)
+    assert set(table.chains) - targets == {"cali-INPUT", "cali-FORWARD", "cali-OUTPUT", "cali-failsafe-in",
+                                           "cali-failsafe-out"}
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -546,8 +566,8 @@ def big_table(n_endpoints: int, n_policies: int, per_endpoint: int, seed: int) -
             continue
         seen.add(iface)
         chosen = tuple(rng.sample(ids, per_endpoint))
-        endpoints.append(EndpointChains(iface, ingress=chosen, egress=chosen,
-                                        profiles=(f"kns.ns{len(endpoints) % 10}",)))
+        endpoints.append(EndpointChains.default_tier(iface, ingress=chosen, egress=chosen,
+                                                     profiles=(f"kns.ns{len(endpoints) % 10}",)))
     return render.render_filter_table(endpoints, policies, profiles)
 
 
@@ -573,3 +593,100 @@ def test_endpoint_for_ipsets_fixture_is_consistent() -> None:
     from policy.ipsets import ipset_members
     spec = render.ipsets_for_policy(ALLOW_FRONTEND)[named_port_set_name(None, "http", "tcp")]
     assert ipset_members(spec, [ep]) == {"10.65.0.5,tcp:8080"}
+
+
+# -- tiers and host endpoints ---------------------------------------------------------------------
+
+PRE_DNAT = Policy("block-node-port", None, "role == 'node'", frozenset({"Ingress"}), order=10,
+                  ingress=(Rule("Deny", protocol="TCP", destination=EntityRule(ports=(port(30080),))),),
+                  pre_dnat=True, apply_on_forward=True)
+UNTRACKED = Policy("untracked-dns", None, "role == 'node'", frozenset({"Ingress", "Egress"}),
+                   ingress=(Rule("Allow", protocol="UDP", destination=EntityRule(ports=(port(53),))),),
+                   egress=(Rule("Allow", protocol="UDP", source=EntityRule(ports=(port(53),))),),
+                   do_not_track=True, apply_on_forward=True)
+HOST_ALLOW = Policy("host-ssh-from-admins", None, "role == 'node'", frozenset({"Ingress"}), tier="security",
+                    ingress=(Rule("Allow", protocol="TCP", source=EntityRule(
+                        endpoints=EndpointMatch("role == 'admin'")), destination=EntityRule(ports=(port(2222),))),
+                             Rule("Pass")))
+FORWARD = Policy("forward-web", None, "role == 'node'", frozenset({"Ingress"}), apply_on_forward=True,
+                 ingress=(Rule("Allow", protocol="TCP", destination=EntityRule(ports=(port(80),))),))
+DEFAULT_ALLOW = Profile("projectcalico-default-allow", (Rule("Allow"),), (Rule("Allow"),))
+
+
+def host_endpoint_tables() -> render.FilterTable:
+    policies = {p.id: p for p in (PRE_DNAT, UNTRACKED, HOST_ALLOW, FORWARD)}
+    security = render.TierPolicies("security", "Pass", (HOST_ALLOW.id,))
+    default = render.TierPolicies("default", "Deny", (FORWARD.id,))
+    eth0 = render.HostEndpointChains(
+        "eth0", normal=(security, default), forward=(default,),
+        pre_dnat=(render.TierPolicies("default", "Deny", (PRE_DNAT.id,)),),
+        untracked=(render.TierPolicies("default", "Deny", (UNTRACKED.id,), (UNTRACKED.id,)),),
+        profiles=(DEFAULT_ALLOW.name,))
+    wildcard = render.HostEndpointChains("*", normal=(default,), pre_dnat=eth0.pre_dnat, untracked=eth0.untracked)
+    workload = EndpointChains("cali0a1b2c3d4e5", (security, default), ("kns.demo",))
+    return render.render_filter_table([workload], policies, {"kns.demo": KNS_DEMO, DEFAULT_ALLOW.name: DEFAULT_ALLOW},
+                                      host_endpoints=[eth0, wildcard])
+
+
+def test_golden_host_endpoint_tables() -> None:
+    table = host_endpoint_tables()
+    check_golden("host_endpoints_filter.txt", render.restore_text(table))
+    check_golden("host_endpoints_mangle.txt", render.restore_text(table.mangle, "mangle"))
+    check_golden("host_endpoints_raw.txt", render.restore_text(table.raw, "raw"))
+
+
+def test_tiers_in_an_endpoint_chain() -> None:
+    table = host_endpoint_tables()
+    tw = bodies(table.chains["cali-tw-cali0a1b2c3d4e5"])
+    pi_sec, pi_fwd = (render.policy_chain_name(p.id, "Ingress") for p in (HOST_ALLOW, FORWARD))
+    assert tw[3:] == [
+        f"-m mark --mark 0x0/0x20000 -j {pi_sec}",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Return if policy accepted" -j RETURN',
+        # No end of tier: the security tier's default action is Pass.
+        '-m comment --comment "Start of tier default" -j MARK --set-xmark 0x0/0x20000',
+        f"-m mark --mark 0x0/0x20000 -j {pi_fwd}",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Return if policy accepted" -j RETURN',
+        '-m mark --mark 0x0/0x20000 -m comment --comment "End of tier default. Drop if no policies passed packet" -j DROP',
+        "-j cali-pri-kns.demo",
+        '-m mark --mark 0x10000/0x10000 -m comment --comment "Return if profile accepted" -j RETURN',
+        '-m comment --comment "Drop if no profiles matched" -j DROP',
+    ]
+
+
+def test_host_endpoint_chains_per_table() -> None:
+    table = host_endpoint_tables()
+    fh = bodies(table.chains["cali-fh-eth0"])
+    assert fh[:4] == ["-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", "-m conntrack --ctstate INVALID -j DROP",
+                      "-j cali-failsafe-in", "-j MARK --set-xmark 0x0/0x30000"]
+    assert fh[-1] == '-m comment --comment "Drop if no profiles matched" -j DROP'
+    # Forward chains: no failsafe, no profiles; with no policy, forwarded traffic is allowed.
+    fhfw = bodies(table.chains["cali-fhfw-eth0"])
+    assert "-j cali-failsafe-in" not in fhfw and not any("cali-pri-" in b for b in fhfw)
+    thfw = bodies(table.chains["cali-thfw-eth0"])
+    assert thfw[-2:] == ['-m comment --comment "Allow forwarded traffic by default" -j MARK --set-xmark 0x10000/0x10000',
+                         '-m comment --comment "Return for accepted forward traffic" -j RETURN']
+    # preDNAT (mangle): no end of tier and no profiles, so normal policy still has its say.
+    pre = bodies(table.mangle.chains["cali-fh-eth0"])
+    assert not any("End of tier" in b or "profiles" in b for b in pre)
+    # The mangle egress chain returns (the filter table decides) and marks established traffic.
+    th_mangle = bodies(table.mangle.chains["cali-th-eth0"])
+    assert th_mangle[:2] == ["-m conntrack --ctstate RELATED,ESTABLISHED -j MARK --set-xmark 0x10000/0x10000",
+                             "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"]
+    assert render.profile_chain_name(DEFAULT_ALLOW.name, "Egress") in table.mangle.chains
+    # Untracked (raw): no conntrack rules, NOTRACK on accept, raw failsafes include the replies.
+    raw_fh = bodies(table.raw.chains["cali-fh-eth0"])
+    assert not any("conntrack" in b for b in raw_fh)
+    assert "-m mark --mark 0x10000/0x10000 -j NOTRACK" in raw_fh
+    assert any("--sports 53,67" in b for b in bodies(table.raw.chains["cali-failsafe-in"]))
+    # The `*` endpoint: every interface's default, but never in the raw table.
+    assert bodies(table.chains["cali-from-host-endpoint"]) == [
+        "-i eth0 -g cali-fh-eth0", "-g cali-fh-any-interface-at-all"]
+    assert "cali-fh-any-interface-at-all" not in table.raw.chains
+    assert bodies(table.raw.chains["cali-from-host-endpoint"]) == ["-i eth0 -g cali-fh-eth0"]
+    assert bodies(table.mangle.chains["cali-to-host-endpoint"])[1:] == [
+        '-o cali+ -m comment --comment "Skip egress WHEP policy for traffic to local workload" -j RETURN',
+        "-g cali-th-any-interface-at-all"]
+    # Every chain a rule jumps to exists in that table.
+    for chains in (table.chains, table.mangle.chains, table.raw.chains):
+        text = "\n".join(b for c in chains.values() for b in bodies(c))
+        assert set(re.findall(r"-[jg] (cali-\S+)", text)) <= set(chains)

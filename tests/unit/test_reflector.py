@@ -5,15 +5,19 @@ parsing and the status file in the agent's format."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from felixpy.datastore import keys
-from felixpy.datastore.syncer import KVUpdate
+from felixpy.datastore.memory import MemoryDatastore
+from felixpy.datastore.syncer import KVUpdate, SyncStatus
 from felixpy.node.bgp import read_status
-from felixpy.node.reflector import (Reflector, ReflectorPaths, parse_show_protocols, reflector_mode)
+from felixpy.node.reflector import (Reflector, ReflectorPaths, parse_show_protocols, parse_show_route,
+                                    reflector_mode, run_reflector)
 
 RR1, RR2, N1, N2 = "192.0.2.221", "192.0.2.222", "192.0.2.11", "192.0.2.12"
 CLUSTER = "244.0.0.1"
@@ -32,6 +36,17 @@ Node_192_0_2_12 BGP        ---        start  17:30:16.000  Active        Socket:
   Channel ipv4
     State:          DOWN
 Node_192_0_2_222 BGP        ---        down   17:30:14.540  Error: Invalid next hop
+"""
+
+
+STATUS = """BIRD 2.0.12 ready.
+BIRD 2.0.12
+Router ID is 192.0.2.221
+Hostname is rr1
+Current server time is 2026-12-01 10:00:03.123
+Last reboot on 2026-12-01 09:59:00.000
+Last reconfiguration on 2026-12-01 10:00:01.000
+Daemon is up and running
 """
 
 
@@ -54,6 +69,29 @@ class FakeBird:
     def start(self) -> None:
         self.starts += 1
         self.up = True
+
+    def stop(self) -> None:
+        self.up = False
+
+    def show_status(self) -> str | None:
+        return STATUS if self.up else None
+
+    def show_routes(self) -> str | None:
+        return ROUTES if self.up else None
+
+# `birdc show route` of BIRD 2.0.12 (the layout measured on this machine): n1's block from n1
+# (best) and from rr2 (reflected), n2's from n2, a connected route from `protocol direct`.
+ROUTES = """BIRD 2.0.12 ready.
+Table master4:
+10.244.1.0/26        unicast [Node_192_0_2_11 10:00:00.123] * (100) [i]
+\tvia 192.0.2.11 on eth0
+                     unicast [Node_192_0_2_222 10:00:00.456 from 192.0.2.222] (100) [i]
+\tvia 192.0.2.11 on eth0
+10.244.2.0/26        unicast [Node_192_0_2_12 10:00:01.000] * (100) [i]
+\tvia 192.0.2.12 on eth0
+192.0.2.0/24         unicast [direct1 09:59:00.000] * (240)
+\tdev eth0
+"""
 
 
 class Clock:
@@ -231,3 +269,62 @@ def test_status_file_in_the_agents_format(paths: ReflectorPaths) -> None:
     assert data["sidecar"] == "disconnected"
     assert {p["state"] for p in data["peers"]} == {"Idle"}
     assert {p["peer"]: p["since"] for p in data["peers"]}[N1] == 1005.0
+
+
+def test_parse_show_route() -> None:
+    routes = parse_show_route(ROUTES)
+    assert [(r.prefix, r.protocol, r.best, r.via) for r in routes] == [
+        ("10.244.1.0/26", "Node_192_0_2_11", True, "192.0.2.11"),
+        ("10.244.1.0/26", "Node_192_0_2_222", False, "192.0.2.11"),
+        ("10.244.2.0/26", "Node_192_0_2_12", True, "192.0.2.12"),
+    ]  # the connected route has no `via`
+
+
+class ScriptedSyncer:
+    """Posts the given updates and IN_SYNC once started, like the Syncer's first list."""
+
+    def __init__(self, updates: list[KVUpdate]) -> None:
+        self.updates = updates
+
+    def __call__(self, _store: Any, post: Callable[[Any], None]) -> "ScriptedSyncer":
+        self.post = post
+        return self
+
+    def start(self) -> None:
+        self.post(self.updates)
+        self.post(SyncStatus.IN_SYNC)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_dedicated_reflector_fills_its_calico_node_status(paths: ReflectorPaths) -> None:
+    store = MemoryDatastore()
+    key = keys.resource_key("caliconodestatuses", "rr1-status")
+    request = {"apiVersion": "projectcalico.org/v3", "kind": "CalicoNodeStatus", "metadata": {"name": "rr1-status"},
+               "spec": {"node": "rr1", "classes": ["Agent", "BGP", "Routes"], "updatePeriodSeconds": 0}}
+    store.create(key, request)
+    stop = threading.Event()
+    kernel = [{"dst": "192.0.2.0/24", "interface": "eth0", "type": "unicast", "scope": "link"}]
+    loop = threading.Thread(target=run_reflector, args=(store, "rr1", paths, stop), kwargs={
+        "syncer_factory": ScriptedSyncer([*cluster_setup(), KVUpdate(key, request, 1)]),
+        "kernel_routes": lambda: kernel, "bird": FakeBird()})
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "status" not in store.get(key).value:
+            assert time.monotonic() < deadline, "no status written"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    status = store.get(key).value["status"]
+    assert status["agent"]["birdV4"]["state"] == "Ready" and status["agent"]["birdV4"]["routerID"] == RR1
+    assert status["agent"]["birdV4"]["version"] == "BIRD 2.0.12"
+    peers = {p["peerIP"]: p["state"] for p in status["bgp"]["peersV4"]}
+    assert peers == {N1: "Established", RR2: "Idle"}
+    routes = {(r["type"], r["destination"], r["gateway"], r["learnedFrom"].get("peerIP", r["learnedFrom"]["sourceType"]))
+              for r in status["routes"]["routesV4"]}
+    # What BIRD holds (RIB: a reflector programs none of it) and the kernel's connected route (FIB).
+    assert routes == {("FIB", "192.0.2.0/24", "N/A", "Direct"), ("RIB", "10.244.1.0/26", N1, N1),
+                      ("RIB", "10.244.1.0/26", N1, RR2)}

@@ -55,12 +55,18 @@ def test_kind_table() -> None:
         "Node": ("nodes", False),
         "BGPConfiguration": ("bgpconfigurations", False),
         "BGPPeer": ("bgppeers", False),
+        "BGPFilter": ("bgpfilters", False),
+        "CalicoNodeStatus": ("caliconodestatuses", False),
         "FelixConfiguration": ("felixconfigurations", False),
         "WorkloadEndpoint": ("workloadendpoints", True),
         "Profile": ("profiles", False),
         "NetworkPolicy": ("networkpolicies", True),
         "GlobalNetworkPolicy": ("globalnetworkpolicies", False),
         "ClusterInformation": ("clusterinformations", False),
+        "Tier": ("tiers", False),
+        "NetworkSet": ("networksets", True),
+        "GlobalNetworkSet": ("globalnetworksets", False),
+        "HostEndpoint": ("hostendpoints", False),
     }
 
 
@@ -252,8 +258,10 @@ def test_bgp_configuration() -> None:
     assert node["spec"] == {"logSeverityScreen": "Info"}
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "node.n1"}, "spec": {"asNumber": 65000}},
             "spec.asNumber: cannot be set in a node-specific BGPConfiguration")
+    validate({"kind": "BGPConfiguration", "metadata": {"name": "default"},
+              "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/24"}]}})  # honoured since issue #11
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "default"},
-             "spec": {"serviceClusterIPs": [{"cidr": "10.96.0.0/24"}]}}, "spec.serviceClusterIPs: felixpy does not support")
+             "spec": {"programClusterRoutes": "Enabled"}}, "spec.programClusterRoutes: felixpy does not support")
     rejects({"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"bindMode": "All"}}, "spec.bindMode")
 
 
@@ -270,7 +278,9 @@ def test_bgp_configuration() -> None:
         ({"node": "n1", "nodeSelector": "all()", "peerSelector": "all()"}, "node and nodeSelector"),
         ({"nodeSelector": "all(", "peerSelector": "all()"}, "spec.nodeSelector: invalid selector"),
         ({"peerSelector": "x ="}, "spec.peerSelector: invalid selector"),
-        ({"peerIP": "192.0.2.1", "asNumber": 65001, "keepaliveTime": "90s"}, "spec.keepaliveTime: felixpy does not support"),
+        ({"peerIP": "192.0.2.1", "asNumber": 65001, "keepaliveTime": "90s"}, ""),
+        ({"peerIP": "192.0.2.1", "asNumber": 65001, "localWorkloadSelector": "all()"},
+         "spec.localWorkloadSelector: felixpy does not support"),
     ],
 )
 def test_bgp_peer(spec: dict[str, Any], message: str) -> None:
@@ -334,7 +344,7 @@ def test_policy_normalisation() -> None:
         ({"egress": [{"action": "Allow", "ipVersion": 5}]}, "spec.egress[0].ipVersion: must be 4 or 6"),
         ({"egress": [{"action": "Allow", "http": {}}]}, "spec.egress[0].http: unknown field"),
         ({"namespaceSelector": "all()"}, "spec.namespaceSelector: unknown field"),
-        ({"tier": "security"}, 'spec.tier: felixpy does not support "security" yet'),
+        ({"tier": "Security"}, "spec.tier: invalid tier name \"Security\""),
         ({"order": "first"}, "spec.order: expected a number"),
     ],
 )

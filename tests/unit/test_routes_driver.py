@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from felixpy import names
-from felixpy.dataplane.drivers.routes import RouteTable
+from felixpy.dataplane.drivers.routes import RouteTable, kernel_route
 from felixpy.kernel.netlink import SCOPE_LINK, KernelRoute
 from felixpy.messages import Route
 from tests.fakes.netlink import FakeNetlink
@@ -249,3 +249,108 @@ def test_converges_to_any_sequence_of_desired_sets(
             assert got.type == route.type and got.gateway == route.gateway
             if route.iface:
                 assert got.ifindex == nl.links[route.iface]
+
+
+# -- routes the CNI path wrote (RouteTable.adopt) --------------------------------------------------
+
+def cni_route(nl: FakeNetlink, route: Route) -> KernelRoute:
+    """Write route into the fake kernel as the CNI path does (kernel_route's value, our proto)."""
+    written = kernel_route(route, nl.links[route.iface] if route.iface else None)
+    nl.routes[(written.table, written.dst, written.priority)] = written
+    return written
+
+
+def test_adopted_route_is_found_right_and_never_rewritten(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    written = cni_route(nl, POD)
+    table.adopt([written], hold=10.0)
+    nl.calls.clear()
+    table.set_routes([BLOCK, POD])  # the pod's WorkloadEndpoint arrives
+    result = table.apply()
+    assert nl.mutating_calls() == []
+    assert not result.changed and result.failed == {}
+    assert table.programmed[POD.dst] == POD
+
+
+def test_adopted_route_named_with_its_interface_needs_no_link_lookup(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    assert POD.iface is not None
+    table.adopt([cni_route(nl, POD)], hold=10.0, iface=POD.iface)
+    nl.calls.clear()
+    table.set_routes([BLOCK, POD])
+    result = table.apply()
+    assert nl.calls == [] and not result.changed and table.programmed[POD.dst] == POD
+    # Only that first reconcile trusts the CNI path's index: later ones ask the kernel again.
+    table.queue_resync()
+    table.apply()
+    assert ("link_index", POD.iface) in nl.calls
+
+
+def test_adopted_interface_hint_is_ignored_for_another_interface(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    table.adopt([cni_route(nl, POD)], hold=10.0, iface="cali-other")
+    nl.calls.clear()
+    table.set_routes([BLOCK, POD])
+    table.apply()
+    assert ("link_index", POD.iface) in nl.calls and table.programmed[POD.dst] == POD
+
+
+def test_adopted_route_is_held_until_its_endpoint_arrives(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    table.adopt([cni_route(nl, POD)], hold=10.0)
+    table.queue_resync()  # even a full read-back in between does not sweep it
+    result = table.apply()
+    assert POD.dst in nl.ours() and result.deleted == ()
+    assert result.pending == (POD.dst,)  # revisited on the next applies until claimed or expired
+    table.set_routes([BLOCK, POD])
+    nl.calls.clear()
+    assert table.apply().pending == ()
+    assert nl.mutating_calls() == [] and table.programmed[POD.dst] == POD
+
+
+def test_adopted_route_nobody_claims_goes_once_the_hold_ends(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    table.adopt([cni_route(nl, POD)], hold=0.0)  # the ADD gave up without removing its veth
+    result = table.apply()
+    assert result.deleted == (POD.dst,)
+    assert POD.dst not in nl.ours()
+
+
+def test_adopted_route_whose_veth_went_is_forgotten_quietly(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK])
+    table.apply()
+    table.adopt([cni_route(nl, POD)], hold=0.0)
+    nl.remove_link(POD.iface)  # a failed ADD removed its veth, the kernel the route with it
+    result = table.apply()
+    assert result.failed == {} and POD.dst not in nl.ours()
+
+
+def test_adopting_a_re_created_veth_route_keeps_the_endpoint_programmed(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    table.set_routes([BLOCK, POD])
+    table.apply()
+    # A repeated ADD re-creates the pod's veth under a new index: the old route went with it.
+    nl.remove_link(POD.iface)
+    nl.add_link(POD.iface, 9)
+    table.adopt([cni_route(nl, POD)], hold=10.0)
+    nl.calls.clear()
+    result = table.apply()
+    assert nl.mutating_calls() == [] and result.failed == {}
+    assert nl.ours()[POD.dst].ifindex == 9 and table.programmed[POD.dst] == POD
+
+
+def test_adopt_refuses_a_route_of_another_proto(nl: FakeNetlink) -> None:
+    table = RouteTable(netlink=nl)
+    with pytest.raises(ValueError):
+        table.adopt([replace(kernel_route(POD, 7), proto=3)], hold=1.0)

@@ -14,6 +14,14 @@ are ever replaced or deleted; a route of another proto at a destination we want 
 fail (EEXIST) and is reported, never overwritten. A route whose interface does not exist yet is
 left pending and retried on every apply.
 
+Routes written by the CNI path: Calico's CNI plugin writes a new pod's /32 itself and Felix owns
+it from then on; felixpy's does the same (kernel/veth.add_host_routes, with `kernel_route`'s
+value and our proto) and hands the route to `adopt()` before the pod's WorkloadEndpoint exists.
+The driver records it as programmed, so the apply that brings the endpoint finds it already right
+and writes nothing. Until the endpoint arrives the route is held: not deleted as unwanted for the
+hold time the CNI path gives (its ADD deadline); a route whose ADD failed is gone with its veth,
+and otherwise removed like any unwanted route of ours once the hold ends.
+
 Thread ownership: the agent's main loop; the netlink object belongs to that thread too.
 """
 
@@ -36,9 +44,19 @@ from felixpy.kernel.netlink import (
 )
 from felixpy.messages import Route
 
-__all__ = ["ApplyResult", "RouteTable"]
+__all__ = ["ApplyResult", "RouteTable", "kernel_route"]
 
 log = logging.getLogger(__name__)
+
+
+def kernel_route(want: Route, ifindex: int | None, proto: int = names.ROUTE_PROTO) -> KernelRoute:
+    """The kernel form of a desired route: what the driver writes, and what the CNI path writes
+    for a pod's /32 before the driver owns it (so the driver finds it already right)."""
+    scope = SCOPE_LINK if want.type == "unicast" and not want.gateway else SCOPE_UNIVERSE
+    return KernelRoute(
+        dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
+        onlink=want.onlink, scope=scope, proto=proto,
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,10 @@ class RouteTable:
         self._retry: set[str] = set()  # pending (iface missing) or failed dsts
         self._in_kernel: dict[str, Route] = {}  # dst -> the desired route the kernel holds there
         self._resync = True  # the first apply reads back (and sweeps what is no longer desired)
+        self._held: dict[str, float] = {}  # dst -> monotonic deadline: adopted, not yet desired
+        # dst -> (interface name, index) the CNI path wrote the adopted route through: the apply
+        # that brings the pod's endpoint needs no link lookup to find that route right.
+        self._adopted_link: dict[str, tuple[str, int]] = {}
         self.observe_read_back = observe_read_back  # seconds of each full listing (metrics)
 
     @property
@@ -101,6 +123,27 @@ class RouteTable:
 
     def queue_resync(self) -> None:
         self._resync = True
+
+    def adopt(self, routes: Iterable[KernelRoute], hold: float, iface: str | None = None) -> None:
+        """Routes of our proto another writer has just put in the kernel (the CNI path, a pod's /32).
+
+        Recorded as what the kernel holds and reconciled on the next apply: kept when desired,
+        left alone for `hold` seconds while not desired yet (see the module docstring).
+        iface: the name of the interface the routes' ifindex is (the pod's host veth); the first
+        reconcile of a route then takes the index from here instead of asking the kernel.
+        """
+        deadline = time.monotonic() + hold
+        for route in routes:
+            if route.proto != self._proto:
+                raise ValueError(f"route {route.describe()} is not ours to adopt (proto {self._proto})")
+            others = [r for r in self._programmed.get(route.dst, []) if r.priority != route.priority]
+            self._programmed[route.dst] = others + [route]
+            self._held[route.dst] = deadline
+            if iface is not None and route.ifindex is not None:
+                self._adopted_link[route.dst] = (iface, route.ifindex)
+            else:
+                self._adopted_link.pop(route.dst, None)
+            self._dirty.add(route.dst)
 
     def apply(self) -> ApplyResult:
         if self._resync:
@@ -142,7 +185,16 @@ class RouteTable:
         want = self._desired.get(dst)
         self._in_kernel.pop(dst, None)  # until this pass confirms it again
         have = list(self._programmed.get(dst, []))
+        held_until = self._held.pop(dst, None)
+        adopted_link = self._adopted_link.pop(dst, None)
         if want is None:
+            if held_until is not None and time.monotonic() < held_until and have:
+                self._held[dst] = held_until  # its endpoint is on its way: keep it
+                if adopted_link is not None:
+                    self._adopted_link[dst] = adopted_link
+                plan.pending.append(dst)
+                self._retry.add(dst)
+                return
             for route in have:
                 if self._delete(route, plan):
                     have.remove(route)
@@ -150,6 +202,10 @@ class RouteTable:
             return
         ifindex: int | None = None
         if want.iface is not None:
+            if adopted_link is not None and adopted_link[0] == want.iface and want.iface not in iface_index:
+                # Written through that interface by the CNI path moments ago (its veth going
+                # would have taken the route along, and its endpoint with it).
+                iface_index[want.iface] = adopted_link[1]
             if want.iface not in iface_index:
                 try:
                     iface_index[want.iface] = self._nl.link_index(want.iface)
@@ -198,11 +254,7 @@ class RouteTable:
         self._in_kernel[dst] = want
 
     def _to_kernel(self, want: Route, ifindex: int | None) -> KernelRoute:
-        scope = SCOPE_LINK if want.type == "unicast" and not want.gateway else SCOPE_UNIVERSE
-        return KernelRoute(
-            dst=want.dst, type=want.type, gateway=want.gateway, ifindex=ifindex,
-            onlink=want.onlink, scope=scope, proto=self._proto,
-        )
+        return kernel_route(want, ifindex, self._proto)
 
     def _delete(self, route: KernelRoute, plan: _Plan) -> bool:
         try:

@@ -1,12 +1,13 @@
-"""PolicyManager: the filter table's chains and jump rules, and the policy ipsets, as desired state.
+"""PolicyManager: the policy chains and jump rules of the filter, mangle and raw tables, and the
+policy ipsets, as desired state.
 
-The calc side (calc/policy.py) hands over everything the filter table should hold as one
-FilterState: chains by name, the jump rules at the top of the built-in chains, and the ipsets
-with their members. This
-manager turns that into driver calls — `Table.update_chain` only for chains that changed,
+The calc side (calc/policy.py) hands over everything policy should hold as one FilterState:
+per table (filter; mangle for preDNAT and DNAT'd host output; raw for doNotTrack) the chains by
+name and the jump rules at the top of the built-in chains, and the ipsets with their members.
+This manager turns that into driver calls — `Table.update_chain` only for chains that changed,
 `remove_chain` for chains no longer wanted, `set_jump_rules`, `IPSets.set_members` /
 `remove_set` — and does no I/O itself: the agent applies the drivers in dependency order
-(ipsets, then the filter table, then ipset deletions).
+(ipsets, then the tables, then ipset deletions).
 
 Changes are found by identity first: the calc memoises rendering by value, so an unchanged chain
 is the same object as last time and the diff over thousands of chains costs microseconds each.
@@ -14,18 +15,50 @@ is the same object as last time and the diff over thousands of chains costs micr
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from felixpy.dataplane.drivers.ipsets import IPSets, SetType
 from felixpy.dataplane.drivers.iptables import Table
 from felixpy.messages import FilterState, Message
 from policy.iptables import Chain, Rule
 
 
-class PolicyManager:
-    def __init__(self, filter_table: Table, ipsets: IPSets) -> None:
-        self._filter = filter_table
-        self._ipsets = ipsets
+class _TableDiff:
+    """What was last handed to one Table driver, to hand it only the differences."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
         self._chains: dict[str, Chain] = {}
         self._jumps: dict[str, tuple[Rule, ...]] = {}
+
+    def update(self, chains: Mapping[str, Chain], jumps: Mapping[str, tuple[Rule, ...]]) -> None:
+        for name, chain in chains.items():
+            old_chain = self._chains.get(name)
+            if old_chain is not chain and old_chain != chain:
+                self.table.update_chain(chain)
+                self._chains[name] = chain
+        for name in [n for n in self._chains if n not in chains]:
+            self.table.remove_chain(name)
+            del self._chains[name]
+        for builtin in set(jumps) | set(self._jumps):
+            rules = tuple(jumps.get(builtin, ()))
+            if self._jumps.get(builtin) != rules:
+                self.table.set_jump_rules(builtin, rules)
+                if rules:
+                    self._jumps[builtin] = rules
+                else:
+                    self._jumps.pop(builtin, None)
+
+
+class PolicyManager:
+    def __init__(self, filter_table: Table, ipsets: IPSets, *, mangle_table: Table | None = None,
+                 raw_table: Table | None = None) -> None:
+        self._filter = _TableDiff(filter_table)
+        # Without mangle / raw drivers (tests that only fake the filter table) their chains are
+        # not written anywhere.
+        self._mangle = _TableDiff(mangle_table) if mangle_table is not None else None
+        self._raw = _TableDiff(raw_table) if raw_table is not None else None
+        self._ipsets = ipsets
         self._sets: dict[str, tuple[str, frozenset[str]]] = {}
         self._pending: FilterState | None = None
 
@@ -37,34 +70,22 @@ class PolicyManager:
     def complete_deferred_work(self) -> None:
         if self._pending is None:
             return
-        chains, jumps, ipsets = self._pending.chains, self._pending.jumps, self._pending.ipsets
-        self._pending = None
+        state, self._pending = self._pending, None
         # ipsets first in the data flow too: a new chain may reference a new set.
-        for name, value in ipsets.items():
-            state = (value.type, value.members)
+        for name, value in state.ipsets.items():
+            wanted = (value.type, value.members)
             old = self._sets.get(name)
-            if old is None or (old[1] is not state[1] and old != state):
+            if old is None or (old[1] is not wanted[1] and old != wanted):
                 self._ipsets.set_members(name, _set_type(value.type), value.members)
-                self._sets[name] = state
-        for name in [n for n in self._sets if n not in ipsets]:
+                self._sets[name] = wanted
+        for name in [n for n in self._sets if n not in state.ipsets]:
             self._ipsets.remove_set(name)
             del self._sets[name]
-        for name, chain in chains.items():
-            old_chain = self._chains.get(name)
-            if old_chain is not chain and old_chain != chain:
-                self._filter.update_chain(chain)
-                self._chains[name] = chain
-        for name in [n for n in self._chains if n not in chains]:
-            self._filter.remove_chain(name)
-            del self._chains[name]
-        for builtin in set(jumps) | set(self._jumps):
-            rules = tuple(jumps.get(builtin, ()))
-            if self._jumps.get(builtin) != rules:
-                self._filter.set_jump_rules(builtin, rules)
-                if rules:
-                    self._jumps[builtin] = rules
-                else:
-                    self._jumps.pop(builtin, None)
+        self._filter.update(state.chains, state.jumps)
+        if self._mangle is not None:
+            self._mangle.update(state.mangle.chains, state.mangle.jumps)
+        if self._raw is not None:
+            self._raw.update(state.raw.chains, state.raw.jumps)
 
 
 def _set_type(text: str) -> SetType:
