@@ -651,21 +651,24 @@ class Chaos:
 
     def _predict(self, sources: list[PodState], targets: list[PodState], port: int) -> dict[tuple[str, str], bool]:
         """What `felixctl policy explain` says for every pair (the same code path)."""
-        from felixpy.ctl.main import _find_peer, _load_policy_world
+        from felixpy.ctl.main import _failsafe_ports, _find_peer, _load_policy_world
         from policy.evaluate import explain
 
         store = pods.open_datastore(self.lab)
         try:
-            endpoints, policies, profiles = _load_policy_world(store)
+            world = _load_policy_world(store)
         finally:
             store.close()
+        failsafe_in, failsafe_out = _failsafe_ports()
+        others = [*world.network_sets, *(h.endpoint for h in world.host_endpoints)]
         out = {}
         for src in sources:
             for dst in targets:
                 if src is dst:
                     continue
-                verdict = explain(_find_peer(src.ref, endpoints), _find_peer(dst.ref, endpoints), port, "tcp",
-                                  policies=policies, profiles=profiles)
+                verdict = explain(_find_peer(src.ref, world), _find_peer(dst.ref, world), port, "tcp",
+                                  policies=world.policies, profiles=world.profiles, tiers=world.tiers,
+                                  others=others, failsafe_inbound=failsafe_in, failsafe_outbound=failsafe_out)
                 out[(src.ref, dst.ref)] = verdict.allowed
         return out
 
