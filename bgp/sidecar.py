@@ -259,10 +259,12 @@ class Sidecar:
         self._server = server
 
     def accept_forever(self) -> None:
-        assert self._server is not None
+        # Its own reference: stop() closes the socket and clears self._server from another thread.
+        server = self._server
+        assert server is not None
         while True:
             try:
-                sock, _ = self._server.accept()
+                sock, _ = server.accept()
             except OSError:
                 return  # closed by stop()
             self._attach(sock)

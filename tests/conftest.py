@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import traceback
 from typing import Iterator
 
 import pytest
@@ -48,3 +50,38 @@ def etcd_store(etcd_endpoint: str) -> Iterator["object"]:
 def needs_root() -> None:
     if not _is_root():
         pytest.skip("needs root")
+
+
+# etcd3 0.12's watcher thread (named etcd3_watch_<id>) outlives a closed client: its next Watch call
+# raises ValueError("Cannot invoke RPC: Channel closed!") and the thread dies. That is teardown
+# noise, and the only thread death a test may ignore.
+ETCD3_WATCH_THREAD_PREFIX = "etcd3_watch_"
+
+
+def ignorable_thread_death(args: threading.ExceptHookArgs) -> bool:
+    name = args.thread.name if args.thread is not None else ""
+    return (name.startswith(ETCD3_WATCH_THREAD_PREFIX) and args.exc_type is ValueError
+            and "channel closed" in str(args.exc_value).lower())
+
+
+@pytest.fixture(autouse=True)
+def fail_on_thread_exception() -> Iterator[None]:
+    """An exception that kills any other thread (agent loop, watch, CNI server, a test's helper)
+    fails the test that was running, with the thread's name and traceback."""
+    died: list[str] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if ignorable_thread_death(args):
+            return
+        name = args.thread.name if args.thread is not None else "<unknown>"
+        died.append(f"thread {name} died:\n"
+                    + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    if died:
+        pytest.fail("\n".join(died), pytrace=False)

@@ -430,6 +430,9 @@ def cmd_ns_add(args: argparse.Namespace) -> int:
 
 
 def cmd_pod_add(args: argparse.Namespace) -> int:
+    """The state lock is held to record the pod and then its result, not across the CNI ADD: an
+    ADD waits for its agent (up to a minute while it is down), and the agent restart, a pod DEL,
+    or `chaos` bringing etcd back must not queue behind it, as they do not behind kubelet's ADD."""
     ref = topology.parse_pod_ref(args.pod)
     labels = topology.parse_labels(args.labels)
     annotations = topology.parse_annotations(args.annotations)
@@ -453,15 +456,21 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
         st.pods.append(pod)
         st.remember_netns(pod.netns)
         state.save(st)
-        api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
-        try:
-            if api is not None:
-                kube.create_pod(api, pod, node.ip)  # the user's Pod, bound by the "scheduler"
-            procs.netns_add(pod.netns)
-            result = pods.run_cni(st.name, "ADD", pod, ip_family=st.ip_family)
-        except Exception:
-            _forget_pod(st, pod)
-            raise
+    api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
+    try:
+        if api is not None:
+            kube.create_pod(api, pod, node.ip)  # the user's Pod, bound by the "scheduler"
+        procs.netns_add(pod.netns)
+        result = pods.run_cni(st.name, "ADD", pod, ip_family=st.ip_family)
+    except Exception:
+        _forget_pod(st.name, st.datastore, pod, st.ip_family)
+        raise
+    with state.locked(args.name):
+        st = state.load(args.name)
+        recorded = st.find_pod(ref.namespace, ref.name)
+        if recorded is None or recorded.container_id != pod.container_id:
+            raise LabUsageError(f"pod {ref} was deleted while it was being added")
+        pod = recorded
         pod.ips = pods.result_ips(result)
         state.save(st)
         if api is not None:
@@ -480,38 +489,57 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _forget_pod(st: LabState, pod: PodState) -> None:
-    """Undo a pod add that failed half-way; its IP (if any) is the agent's to release on DEL."""
-    try:
-        pods.run_cni(st.name, "DEL", pod, timeout=20, ip_family=st.ip_family)
-    except Exception as e:  # the ADD already failed; DEL is best effort
-        log.debug("cleanup DEL failed pod=%s err=%s", pod.ref, e)
-    procs.netns_del(pod.netns)
-    if st.datastore == "kubernetes":
+FORGET_DEL_SECONDS = 30.0
+
+
+def _forget_pod(lab: str, datastore: str, pod: PodState, ip_family: str = "ipv4") -> None:
+    """Undo a pod add that failed half-way; its IP (if any) is the agent's to release on DEL.
+
+    DEL is retried for FORGET_DEL_SECONDS, as kubelet retries it: an ADD that failed because the
+    agent died after allocating must not leave the address behind once the agent is back. The
+    state lock is taken only to drop the pod from the state."""
+    deadline = time.monotonic() + FORGET_DEL_SECONDS
+    while True:
         try:
-            kube.finish_delete(pods.kube_api(st.name), pod)
+            pods.run_cni(lab, "DEL", pod, timeout=20, ip_family=ip_family)
+            break
+        except Exception as e:  # the ADD already failed; DEL is best effort
+            log.debug("cleanup DEL failed pod=%s err=%s", pod.ref, e)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+    procs.netns_del(pod.netns)
+    if datastore == "kubernetes":
+        try:
+            kube.finish_delete(pods.kube_api(lab), pod)
         except topology.LabUsageError as e:
             log.debug("cleanup pod delete failed pod=%s err=%s", pod.ref, e)
-    st.pods.remove(pod)
-    st.netns.remove(pod.netns)
-    state.save(st)
+    with state.locked(lab):
+        st = state.load(lab)
+        st.pods = [p for p in st.pods if p.container_id != pod.container_id]
+        if pod.netns in st.netns:
+            st.netns.remove(pod.netns)
+        state.save(st)
 
 
 def cmd_pod_del(args: argparse.Namespace) -> int:
+    """Like pod add, the CNI DEL runs without the state lock held."""
     ref = topology.parse_pod_ref(args.pod)
     with state.locked(args.name):
         st = state.load(args.name)
         pod = st.pod(ref.namespace, ref.name)
-        api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
-        if api is not None:
-            kube.begin_delete(api, pod)  # deletionTimestamp: the pod is Terminating
-        pods.run_cni(st.name, "DEL", pod, ip_family=st.ip_family)
-        pids = procs.netns_pids(pod.netns) if pod.netns in procs.netns_list() else set()
-        procs.stop_pids(pids)
-        procs.netns_del(pod.netns)
-        if api is not None:
-            kube.finish_delete(api, pod)  # the kubelet confirms: gone
-        st.pods.remove(pod)
+    api = pods.kube_api(st.name) if st.datastore == "kubernetes" else None
+    if api is not None:
+        kube.begin_delete(api, pod)  # deletionTimestamp: the pod is Terminating
+    pods.run_cni(st.name, "DEL", pod, ip_family=st.ip_family)
+    pids = procs.netns_pids(pod.netns) if pod.netns in procs.netns_list() else set()
+    procs.stop_pids(pids)
+    procs.netns_del(pod.netns)
+    if api is not None:
+        kube.finish_delete(api, pod)  # the kubelet confirms: gone
+    with state.locked(args.name):
+        st = state.load(args.name)
+        st.pods = [p for p in st.pods if p.container_id != pod.container_id]
         if pod.netns in st.netns:
             st.netns.remove(pod.netns)
         state.save(st)
@@ -814,6 +842,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     src = st.pod(src_ref.namespace, src_ref.name)
     proto = args.proto.lower()
     what = "icmp" if proto == "icmp" else f"{proto}/{args.port}"
+    if not src.ips:
+        raise LabExit(2, _no_ip(src))
     # DST may be an address (a node's, a NodePort's): the probe goes there as it would to a pod.
     address = _ip_address(args.dst)
     probes: list[tuple[str, str]] = []  # (label, target)
@@ -822,6 +852,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         dst_ref = topology.parse_pod_ref(args.dst)
         dst = st.pod(dst_ref.namespace, dst_ref.name)
+        if not dst.ips:
+            # Not "blocked": nothing was probed. A pod without an address is a broken ADD.
+            raise LabExit(2, _no_ip(dst))
         # --family, else every family the destination has an address of.
         for family in _families(args.family, [dst]):
             found = _targets(proto, args.port, dst, family)
@@ -836,10 +869,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0 if all(oks) else 1
 
 
+def _no_ip(pod: PodState) -> str:
+    return (f"pod {pod.ref} has no IP address (its CNI ADD returned none): nothing can be probed; "
+            f"felixpy-lab pod del {pod.ref} and add it again")
+
+
 def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float,
            families: list[int] | None = None) -> dict[str, Any]:
     """Every ordered pair of distinct pods on every proto/port of every family, one prober process
-    per source pod. Keys: "tcp/80", "icmp" (IPv4), "tcp6/80", "icmp6" (IPv6)."""
+    per source pod. Keys: "tcp/80", "icmp" (IPv4), "tcp6/80", "icmp6" (IPv6).
+
+    A pair with a pod that has no IP is not probed: it stays false in `results` and the pod is
+    listed in `errors` (pod -> why), which makes `matrix` exit 1."""
     all_pods = pods.all_pods(st)
     keys = [("icmp", None, family) if proto == "icmp" else (proto, port, family)
             for family in (families or _families(None, all_pods))
@@ -866,29 +907,37 @@ def matrix(st: LabState, ports: list[int], protos: list[str], timeout: float,
     for src, plan, proc in running:
         for (key, dst_ref), ok in zip(plan, _finish_probe(proc, src, len(plan), timeout)):
             results[key][src.ref][dst_ref] = ok
-    return {"pods": [p.ref for p in all_pods], "results": results}
+    data: dict[str, Any] = {"pods": [p.ref for p in all_pods], "results": results}
+    errors = {p.ref: _no_ip(p) for p in all_pods if not p.ips}
+    if errors:
+        data["errors"] = errors
+    return data
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     st = state.load(args.name)
     data = matrix(st, topology.parse_csv_ports(args.ports), _protos(args.protos), args.timeout,
                   [int(args.family)] if args.family else None)
+    errors: dict[str, str] = data.get("errors", {})
     if args.output == "json":
         print(json.dumps(data, indent=1))
-        return 0
+        return 1 if errors else 0
     refs = data["pods"]
     if len(refs) < 2:
         say("matrix: needs at least two pods")
-        return 0
+        return 1 if errors else 0
     for key, rows in data["results"].items():
-        say(f"{key}  (row = from, column = to; + connected, . blocked)")
+        say(f"{key}  (row = from, column = to; + connected, . blocked, ! not probed: a pod without IP)")
         grid = [["", *refs]]
-        grid += [[src, *("" if src == dst else ("+" if rows[src][dst] else ".") for dst in refs)]
+        grid += [[src, *("" if src == dst else "!" if src in errors or dst in errors
+                         else ("+" if rows[src][dst] else ".") for dst in refs)]
                  for src in refs]
         for line in _table(grid):
             say("  " + line)
         say("")
-    return 0
+    for message in errors.values():
+        print(f"{PROG}: {message}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _protos(text: str) -> list[str]:
@@ -929,29 +978,35 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    """Stop, start or restart one node's agent the same way `up` started it."""
+    """Stop, start or restart one node's agent the same way `up` started it.
+
+    The readiness wait happens after the state lock is released: an agent starting waits for its
+    datastore, and whatever brings the datastore back (etcd restarted by `chaos`, another command)
+    may need the lock meanwhile."""
     with state.locked(args.name):
         st = state.load(args.name)
         node = st.node(args.node)
         if args.action in ("stop", "restart"):
             procs.stop_pids({node.agent_pid} & procs.marked_pids(st.name))
             say(f"{node.name}: agent stopped")
-        if args.action in ("start", "restart"):
-            if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
-                raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
-            if node.route_reflector:
-                node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
-                state.save(st)
-                problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
-            else:
-                node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
-                                                   cross_subnet=st.cross_subnet, datastore=st.datastore,
-                                                   ip_family=st.ip_family)
-                state.save(st)
-                problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
-            if problem:
-                raise LabExit(1, problem)
-            say(f"{node.name}: agent ready (pid {node.agent_pid})")
+        if args.action not in ("start", "restart"):
+            return 0
+        if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
+            raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
+        if node.route_reflector:
+            node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
+        else:
+            node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
+                                               cross_subnet=st.cross_subnet, datastore=st.datastore,
+                                               ip_family=st.ip_family)
+        state.save(st)
+    if node.route_reflector:
+        problem = procs.wait_reflector(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+    else:
+        problem = procs.wait_agent(st.name, node.name, node.agent_pid, AGENT_READY_TIMEOUT)
+    if problem:
+        raise LabExit(1, problem)
+    say(f"{node.name}: agent ready (pid {node.agent_pid})")
     return 0
 
 
@@ -986,6 +1041,30 @@ def _reflector_speaker(st: LabState, node: NodeState, action: str) -> int:
         _start_bird(st, node)
         say(f"{node.name}: bird started (pid {node.bird_pid})")
     return 0
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """Faults and churn on the running lab; exit 0 only if nothing was lost (felixpy/lab/chaos.py)."""
+    from felixpy.lab import chaos
+
+    if args.minutes <= 0:
+        raise LabUsageError(f"--minutes {args.minutes:g}: expected a positive number")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    quiet = args.output == "json"
+    run = chaos.Chaos(args.name, args.minutes, seed, keep=args.keep,
+                      say=(lambda line: print(line, file=sys.stderr, flush=True)) if quiet else say)
+    st = state.load(args.name)
+    if not quiet:
+        say(f"chaos on lab {st.name}: {args.minutes:g} min, seed {seed}, mode {st.mode}, datastore "
+            f"{st.datastore}, {len(run.nodes)} nodes"
+            + (f", {len(run.reflectors)} route reflectors" if run.reflectors else ""))
+    report = run.run()
+    if quiet:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        for line in chaos.summary_lines(report):
+            say(line)
+    return 0 if not report.problems else 1
 
 
 def cmd_apiserver(args: argparse.Namespace) -> int:
@@ -1120,6 +1199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("apiserver", cmd_apiserver, "--datastore kubernetes: stop, start or restart the lab's kube-apiserver")
     p.add_argument("action", choices=("stop", "start", "restart"))
+
+    p = add("chaos", cmd_chaos, "faults and churn on the running lab; exit 0 only if nothing was lost")
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+    p.add_argument("--keep", action="store_true", help="leave the run's pods and policies for inspection")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
 
     svc = add("service", lambda a: 0, "Kubernetes Services (addresses advertised over BGP)")
     svc_sub = svc.add_subparsers(dest="service_command", metavar="add|endpoints|del", required=True)

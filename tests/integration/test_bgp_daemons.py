@@ -175,9 +175,25 @@ def test_prefix_originated_by_bird_reaches_both_nodes(mesh: MeshLab) -> None:
         assert path is not None and path.attributes.as_path == (65001,)  # eBGP: the ToR's AS
 
 
+def md5_rejections(*namespaces: str) -> int:
+    """TCP segments the kernels of `namespaces` dropped for a missing, unexpected or wrong MD5 signature."""
+    total = 0
+    for ns in namespaces:
+        lines = [line.split() for line in sh("ip", "netns", "exec", ns, "cat", "/proc/net/netstat").splitlines()
+                 if line.startswith("TcpExt:")]
+        counters = dict(zip(lines[0][1:], lines[1][1:]))
+        total += sum(int(counters.get(c, 0)) for c in ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected"))
+    return total
+
+
 def test_wrong_md5_password_keeps_session_down_with_no_routes(mesh: MeshLab) -> None:
     mesh.n2.wait("ToR session (proves the node is running)", lambda: mesh.n2.states.get("192.0.2.1") == "up")
-    time.sleep(2.0)  # tor2 retries every second: long enough for a session to form if it could
+    # The positive event: two connection attempts between n2 and tor2 seen and refused by a kernel
+    # for their MD5 signature (tor2 and ExaBGP both retry), so a session had its chances to form.
+    namespaces = (mesh.n2.ns, mesh.lab.prefix + "tor2")
+    before = md5_rejections(*namespaces)
+    wait_for("two MD5-refused connection attempts between n2 and tor2",
+             lambda: md5_rejections(*namespaces) >= before + 2, 20)
     mesh.n2.pump()
     assert mesh.n2.states.get("192.0.2.5") != "up"
     assert not bird_established(mesh.tor2_ctl, "n2")

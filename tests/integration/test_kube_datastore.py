@@ -465,7 +465,8 @@ def test_list_across_kinds_then_watch_has_no_gap_and_no_duplicate(store: KubeDat
     store.create(P + "b", {"v": 2})
     store.delete(keys.resource_key("ippools", "pool1"))
 
-    # The three changes arrive, and nothing more (no replay of the snapshot) in the next half second.
+    # The three changes arrive, and nothing more (no replay of the snapshot) before a marker
+    # written once they have arrived.
     watch = store.watch("/calico/", rev + 1)
     seen: list[WatchEvent] = []
 
@@ -476,11 +477,12 @@ def test_list_across_kinds_then_watch_has_no_gap_and_no_duplicate(store: KubeDat
     t = threading.Thread(target=consume, daemon=True)
     t.start()
     assert wait_for(lambda: len(seen) >= 3, timeout=10)
-    time.sleep(0.5)
+    store.create(P + "marker", {"v": 3})
+    assert wait_for(lambda: any(e.key == P + "marker" for e in seen), timeout=10)
     watch.close()
     t.join(5)
     assert sorted((e.key, e.value is None) for e in seen) == sorted([
-        (key, False), (P + "b", False), (keys.resource_key("ippools", "pool1"), True)])
+        (key, False), (P + "b", False), (keys.resource_key("ippools", "pool1"), True), (P + "marker", False)])
 
 
 def test_quiet_watch_survives_compaction_thanks_to_bookmarks(store: KubeDatastore, fake: FakeKubeAPI) -> None:
@@ -505,11 +507,12 @@ def test_quiet_watch_survives_compaction_thanks_to_bookmarks(store: KubeDatastor
     fake.drop_watches()  # the server ends the stream; the watch resumes from its bookmark
     time.sleep(0.3)
     store.create(P + "b", {"v": 2})
-    assert wait_for(lambda: len(seen) >= 1 or bool(errors))
+    store.create(P + "c", {"v": 3})  # seen after b: nothing (no replay) came in between or before
+    assert wait_for(lambda: len(seen) >= 2 or bool(errors))
     watch.close()
     t.join(5)
     assert not errors
-    assert [(e.key, e.value) for e in seen] == [(P + "b", {"v": 2})]
+    assert [(e.key, e.value) for e in seen] == [(P + "b", {"v": 2}), (P + "c", {"v": 3})]
 
 
 def test_without_bookmarks_resuming_after_compaction_is_compacted(store: KubeDatastore, fake: FakeKubeAPI) -> None:

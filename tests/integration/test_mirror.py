@@ -164,21 +164,22 @@ def test_endpoint_labels_follow_the_pod_and_endpoints_are_never_created(
     assert wep["spec"]["ports"] == [{"name": "http", "protocol": "TCP", "port": 8080}]
     assert wep["spec"]["ipNetworks"] == ["10.65.0.7/32"] and wep["spec"]["containerID"] == "c0ffee"
 
-    # web-2 has no endpoint: the mirror does not make one. When the CNI plugin writes it, the
-    # labels arrive without waiting for a resync (resync_period is 60 s here).
+    # web-2 has no endpoint: the mirror does not make one. A later pod change observed (web-1's
+    # label) proves the mirror handled web-2 before we look. When the CNI plugin writes web-2's
+    # endpoint, the labels arrive without waiting for a resync (resync_period is 60 s here).
     assert wait_for(lambda: mirror.in_sync)
     key2 = keys.resource_key("workloadendpoints", names.workload_endpoint_name("n1", "web-2"), NS)
-    time.sleep(0.3)
+    fake.modify(f"/api/v1/namespaces/{NS}/pods/web-1", lambda o: o["metadata"]["labels"].update(app="api"))
+    assert wait_for(lambda: value(etcd_store, key1)["metadata"]["labels"]["app"] == "api")
     assert value(etcd_store, key2) is None
     cni_endpoint(etcd_store, "n1", "web-2")
     assert wait_for(lambda: value(etcd_store, key2)["metadata"]["labels"] == expected)
 
-    fake.modify(f"/api/v1/namespaces/{NS}/pods/web-1", lambda o: o["metadata"]["labels"].update(app="api"))
-    assert wait_for(lambda: value(etcd_store, key1)["metadata"]["labels"]["app"] == "api")
-
-    # Deleting the pod leaves the endpoint alone: removing it is the CNI plugin's DEL.
+    # Deleting the pod leaves the endpoint alone: removing it is the CNI plugin's DEL. A later
+    # change (web-2's label) observed proves the mirror has handled the deletion.
     delete(fake, f"/api/v1/namespaces/{NS}/pods/web-1")
-    time.sleep(0.3)
+    fake.modify(f"/api/v1/namespaces/{NS}/pods/web-2", lambda o: o["metadata"]["labels"].update(app="db"))
+    assert wait_for(lambda: value(etcd_store, key2)["metadata"]["labels"]["app"] == "db")
     assert value(etcd_store, key1) is not None
 
 

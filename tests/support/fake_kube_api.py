@@ -113,6 +113,47 @@ def _types() -> dict[tuple[str, str], ResourceType]:
     return {(t.group_version, t.plural): t for t in types}
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class RbacRequest:
+    """One request as RBAC sees it: a ClusterRole rule grants it when it lists the group, the
+    resource and the verb."""
+
+    group: str  # "" for the core group
+    resource: str  # plural, "nodes/status" for a subresource
+    verb: str  # get list watch create update patch delete
+
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch"}
+
+
+def rbac_request(method: str, raw_path: str) -> RbacRequest | None:
+    """The RBAC attributes of an HTTP request (k8s.io/apiserver's RequestInfoFactory, for what the
+    fake serves): GET is get on a name, list on a collection, watch with ?watch=true; DELETE is
+    delete on a name, deletecollection on a collection. None for paths outside /api and /apis."""
+    parts = urlsplit(raw_path)
+    segments = parts.path.strip("/").split("/")
+    if segments[:2] == ["api", "v1"]:
+        group, rest = "", segments[2:]
+    elif segments[0] == "apis" and len(segments) >= 3:
+        group, rest = segments[1], segments[3:]
+    else:
+        return None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    if not rest or not rest[0]:
+        return None
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
+    named = len(rest) >= 2
+    query = parse_qs(parts.query)
+    if method == "GET":
+        verb = "watch" if query.get("watch", [""])[-1] in ("true", "1") else "get" if named else "list"
+    elif method == "DELETE":
+        verb = "delete" if named else "deletecollection"
+    else:
+        verb = _VERBS.get(method, method.lower())
+    return RbacRequest(group, resource, verb)
+
+
 class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -215,6 +256,11 @@ class FakeKubeAPI:
             "users": [{"name": "fake", "user": {"token": "fake-token"}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         })
+
+    def rbac_requests(self, since: int = 0) -> set["RbacRequest"]:
+        """What RBAC would authorize for requests[since:], as the real API server's RequestInfo
+        names it (apiGroup, resource[/subresource], verb); paths outside the API are left out."""
+        return {r for method, path in list(self.requests)[since:] if (r := rbac_request(method, path)) is not None}
 
     # -- test controls ----------------------------------------------------------------------
     @property

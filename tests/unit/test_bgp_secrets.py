@@ -271,12 +271,14 @@ class _GetOnlyAPI:
 
     def __init__(self) -> None:
         self.version = "1"
+        self.gets = 0
 
     def request(self, method: str, path: str, query: dict[str, str] | None = None) -> dict[str, Any]:
         from felixpy.datastore.kube import _ApiError
 
         if query and "fieldSelector" in query:
             raise _ApiError(403, "Forbidden", 'secrets is forbidden: cannot list resource "secrets"')
+        self.gets += 1
         return {"metadata": {"name": "bgp", "resourceVersion": self.version}, "data": {}}
 
 
@@ -290,8 +292,9 @@ def test_kube_watch_forbidden_falls_back_to_get(caplog: pytest.LogCaptureFixture
         try:
             _wait_for(lambda: any("RBAC grants get only" in r.getMessage() for r in caplog.records),
                       "the fallback warning")
-            time.sleep(0.2)  # several polls of an unchanged Secret: nothing to report
-            assert changed.calls == 0
+            polled = api.gets
+            _wait_for(lambda: api.gets >= polled + 3, "three more polls of the unchanged Secret")
+            assert changed.calls == 0  # nothing to report for them
             api.version = "2"
             assert changed.event.wait(5), "the polled change was not reported"
         finally:

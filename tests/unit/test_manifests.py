@@ -317,6 +317,140 @@ def test_crd_resources_in_rbac_exist() -> None:
             assert resource in plurals
 
 
+# The code itself, run against the fake API server, which records every request it serves: each
+# (apiGroup, resource, verb) the agent or the controllers made must be granted by their ClusterRole
+# as shipped. The hand-written tables above say why; these runs say the tables are what the code does.
+
+def _kube_fake(tmp_path: Path) -> tuple[Any, str]:
+    from tests.support.fake_kube_api import FakeKubeAPI
+
+    fake = FakeKubeAPI(bookmark_interval=0.2).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(fake.kubeconfig())
+    return fake, str(kubeconfig)
+
+
+def _fake_node(name: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {
+        "addresses": [{"type": "InternalIP", "address": "192.0.2.11"}],
+        "conditions": [{"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}]}}
+
+
+def _fake_pod(namespace: str, name: str, node: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+            "spec": {"nodeName": node, "serviceAccountName": "default", "containers": [{"name": "c"}]}}
+
+
+def _ungranted(recorded: set[Any], role: str) -> list[str]:
+    granted = expand_granted(one("ClusterRole", role))
+    return sorted(f"{r.verb} {r.group or 'core'}/{r.resource}" for r in recorded
+                  if (r.group, r.resource, r.verb) not in granted)
+
+
+def test_the_agent_makes_only_requests_felixpy_node_grants(tmp_path: Path) -> None:
+    import ipaddress
+
+    from felixpy import names
+    from felixpy.config import load_config
+    from felixpy.datastore import keys
+    from felixpy.datastore.kube import KubeDatastore, load_settings
+    from felixpy.datastore.syncer import Syncer, SyncStatus
+    from felixpy.ipam.allocator import IPAM
+    from felixpy.kernel.addresses import Interface
+    from felixpy.node import k8s_node
+    from felixpy.node.startup import startup
+
+    fake, kubeconfig = _kube_fake(tmp_path)
+    try:
+        fake.put("/api/v1/nodes", _fake_node("fxt-n1"))
+        fake.put("/api/v1/namespaces", {"metadata": {"name": "fxt-a"}})
+        fake.put("/api/v1/namespaces/fxt-a/pods", _fake_pod("fxt-a", "web", "fxt-n1"))
+        env = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": kubeconfig, "NODENAME": "fxt-n1",
+               "CALICO_IPV4POOL_CIDR": "10.71.0.0/16", "CALICO_IPV4POOL_VXLAN": "Always",
+               "FELIXPY_STATE_DIR": str(tmp_path), "CALICO_NODENAME_FILE": str(tmp_path / "nodename")}
+        host = [Interface("eth0", 2, True, 1500, (ipaddress.IPv4Interface("192.0.2.11/24"),))]
+        store = KubeDatastore(load_settings(kubeconfig=kubeconfig))
+        since = len(fake.requests)
+
+        # What the agent does on a node: startup, the syncer over /calico/, the CNI plugin's IPAM
+        # and WorkloadEndpoint, the NetworkUnavailable condition, a pod's DEL.
+        startup(store, load_config(env), detect=lambda method, version=4: host[0].addresses[0],
+                interfaces=lambda: list(host))
+        statuses: list[Any] = []
+        syncer = Syncer(store, lambda e: statuses.append(e) if isinstance(e, SyncStatus) else None)
+        syncer.start()
+        try:
+            deadline = time.monotonic() + 20
+            while SyncStatus.IN_SYNC not in statuses:
+                assert time.monotonic() < deadline, "the syncer never got in sync"
+                time.sleep(0.05)
+        finally:
+            syncer.stop()
+        ipam = IPAM(store)
+        (ip,) = ipam.auto_assign(handle="k8s-pod-network.cid1", attrs={"node": "fxt-n1", "pod": "web",
+                                                                       "namespace": "fxt-a"}, node="fxt-n1")
+        wep = names.workload_endpoint_name("fxt-n1", "web")
+        wep_key = keys.resource_key("workloadendpoints", wep, "fxt-a")
+        store.create(wep_key, {"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
+                               "metadata": {"name": wep, "namespace": "fxt-a"},
+                               "spec": {"node": "fxt-n1", "pod": "web", "containerID": "cid1",
+                                        "ipNetworks": [f"{ip}/32"]}})
+        assert k8s_node.clear_network_unavailable("fxt-n1", env) is True
+        store.delete(wep_key)
+        assert sorted(ipam.release_by_handle("k8s-pod-network.cid1")) == [ip]
+        recorded = fake.rbac_requests(since)
+        store.close()
+    finally:
+        fake.stop()
+    # Not vacuous: the run exercised reads, IPAM writes, the pod and Node patches.
+    assert {("", "nodes/status", "patch"), ("", "pods", "patch"), (CALICO, "ipamblocks", "create"),
+            (CALICO, "ipamhandles", "delete"), (CALICO, "ippools", "watch")} <= {
+        (r.group, r.resource, r.verb) for r in recorded}
+    assert _ungranted(recorded, "felixpy-node") == []
+
+
+def test_the_controllers_make_only_requests_felixpy_controllers_grants(tmp_path: Path) -> None:
+    from felixpy.datastore import keys
+    from felixpy.datastore.kube import KubeDatastore, load_settings
+    from felixpy.ipam.allocator import IPAM
+
+    fake, kubeconfig = _kube_fake(tmp_path)
+    proc = None
+    try:
+        admin = KubeDatastore(load_settings(kubeconfig=kubeconfig))
+        admin.create(keys.resource_key("ippools", "pool1"), {
+            "apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "pool1"},
+            "spec": {"cidr": "10.72.0.0/16", "blockSize": 26}})
+        fake.put("/api/v1/nodes", _fake_node("fxt-n1"))
+        fake.put("/api/v1/namespaces", {"metadata": {"name": "fxt-a"}})
+        # A leak: an address whose pod does not exist; the controllers' IPAM GC releases it.
+        (leak,) = IPAM(admin).auto_assign(handle="k8s-pod-network.ghost", attrs={
+            "node": "fxt-n1", "pod": "ghost", "namespace": "fxt-a"}, node="fxt-n1")
+        admin.close()
+        since = len(fake.requests)
+        env = {**os.environ, "DATASTORE_TYPE": "kubernetes", "KUBECONFIG": kubeconfig,
+               "FELIXPY_IPAM_GC_GRACE_PERIOD": "1s", "FELIXPY_CONTROLLER_RECONCILE_PERIOD": "1s",
+               "FELIXPY_CONTROLLER_MIN_PASS_INTERVAL": "1s", "PYTHONPATH": str(REPO)}
+        with open(tmp_path / "controllers.log", "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "felixpy.controllers.main"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=REPO)
+        handle = f"/apis/crd.projectcalico.org/v1/ipamhandles/{'k8s-pod-network.ghost'}"
+        deadline = time.monotonic() + 60
+        while fake.object(handle) is not None:  # read in-process: no request of ours is recorded
+            assert proc.poll() is None, (tmp_path / "controllers.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the leak {leak} was not released"
+            time.sleep(0.2)
+        recorded = fake.rbac_requests(since)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        fake.stop()
+    assert {("", "pods", "list"), (CALICO, "ipamblocks", "update"), (CALICO, "ipamhandles", "delete")} <= {
+        (r.group, r.resource, r.verb) for r in recorded}, sorted(recorded)
+    assert _ungranted(recorded, "felixpy-controllers") == []
+
+
 def test_rbac_and_crds_cover_what_the_kubernetes_datastore_reads() -> None:
     """The agent's syncer lists and watches everything under /calico/: every collection kube.py maps."""
     kube_mapping = pytest.importorskip("felixpy.datastore.kube_mapping")
@@ -701,14 +835,36 @@ def test_exabgp_entry_point_keeps_the_agents_config_and_clears_stale_files(tmp_p
     assert record.exists()
 
 
+def _children_named(pid: int, comm: str) -> set[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for child in children:
+        try:
+            if Path(f"/proc/{child}/comm").read_text().strip() == comm:
+                found.add(int(child))
+        except FileNotFoundError:  # it just exited
+            continue
+    return found
+
+
 def test_bird_entry_point_waits_for_the_reflectors_first_rendering(tmp_path: Path) -> None:
     run_dir = tmp_path / "bird"
     env = entry_point_env(tmp_path, FELIXPY_BIRD_CONFIG=f"{run_dir}/bird.conf", FELIXPY_BIRD_SOCKET=f"{run_dir}/bird.ctl")
     record = fake_daemon(tmp_path / "fakebin", "bird")
     proc = subprocess.Popen([str(ENTRY_POINTS / "felixpy-bird")], env=env)
     try:
-        time.sleep(1.5)
-        assert proc.poll() is None and not record.exists(), "BIRD started without a configuration"
+        # The positive event: the entry point checked for the configuration and went back to sleep
+        # twice (two distinct `sleep` children), so it had its chances to start BIRD too early.
+        naps: set[int] = set()
+        deadline = time.monotonic() + 10
+        while len(naps) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the entry point is not waiting"
+            naps |= _children_named(proc.pid, "sleep")
+            time.sleep(0.05)
+        assert not record.exists(), "BIRD started without a configuration"
         (run_dir / "bird.ctl").write_text("")  # stale
         (run_dir / "bird.conf").write_text("router id 192.0.2.1;\n")
         assert proc.wait(timeout=10) == 0
