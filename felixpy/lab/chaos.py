@@ -29,6 +29,7 @@ no other ping may go unanswered.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -581,11 +582,11 @@ class Chaos:
             self._try(quiet, "apiserver start", lambda: self.must("apiserver", "start"))
         for node in self.state().nodes:
             if node.route_reflector and not procs.alive(node.bird_pid):
-                self._try(quiet, f"speaker start {node.name}", lambda n=node.name: self.must("speaker", "start", n))
+                self._try(quiet, f"speaker start {node.name}", functools.partial(self.must, "speaker", "start", node.name))
             if st.mode == "bgp" and not node.route_reflector and not procs.alive(node.exabgp_pid):
-                self._try(quiet, f"speaker start {node.name}", lambda n=node.name: self.must("speaker", "start", n))
+                self._try(quiet, f"speaker start {node.name}", functools.partial(self.must, "speaker", "start", node.name))
             if not procs.alive(node.agent_pid):
-                self._try(quiet, f"agent start {node.name}", lambda n=node.name: self.must("agent", "start", n))
+                self._try(quiet, f"agent start {node.name}", functools.partial(self.must, "agent", "start", node.name))
 
     def _try(self, quiet: bool, what: str, action: Callable[[], Any]) -> None:
         try:

@@ -302,7 +302,7 @@ class Traffic:
                     next_ping = now + self.args.ping_interval
             self._watch_stalls(now)
             self._expire_pings(now, self.args.ping_wait)
-            readable = [self.listener, *(c for c, _ in self.peers.values())]
+            readable: list[Any] = [self.listener, *(c for c, _ in self.peers.values())]
             readable += [f.sock for f in self.flows if f.sock is not None]
             if self.icmp is not None:
                 readable.append(self.icmp)
@@ -320,9 +320,9 @@ class Traffic:
                 elif r is self.icmp:
                     self._receive_pings()
                 else:
-                    flow = next((f for f in self.flows if f.sock is r), None)
-                    if flow is not None:
-                        self._receive_flow(flow, now)
+                    owner = next((f for f in self.flows if f.sock is r), None)
+                    if owner is not None:
+                        self._receive_flow(owner, now)
                     elif r.fileno() in self.peers:
                         self._serve(r.fileno())
             for w in ready_w:
