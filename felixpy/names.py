@@ -62,6 +62,20 @@ def check_iface_name(name: str) -> str:
     return name
 
 
+# The Profiles that stand for Kubernetes Namespaces and ServiceAccounts, as Calico's
+# kube-controllers (etcd) and libcalico-go's KDD conversion (Kubernetes) name them.
+NAMESPACE_PROFILE_PREFIX = "kns."
+SERVICE_ACCOUNT_PROFILE_PREFIX = "ksa."
+
+
+def namespace_profile(namespace: str) -> str:
+    return f"{NAMESPACE_PROFILE_PREFIX}{namespace}"
+
+
+def service_account_profile(namespace: str, account: str) -> str:
+    return f"{SERVICE_ACCOUNT_PROFILE_PREFIX}{namespace}.{account}"
+
+
 def ipam_handle(container_id: str, network: str = DEFAULT_NETWORK_NAME) -> str:
     """IPAM handle of a pod's allocation, as Calico's CNI plugin names it."""
     return f"{network}.{container_id}"

@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any, Callable, Container, Generic, Iterable, Mapping, TypeVar, get_args
 
 from bgp.services import EndpointSliceInfo, ServiceInfo
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from felixpy.ipam.block import Block
@@ -38,8 +39,8 @@ from policy.model import Action, Endpoint, HostEndpoint, Policy, Profile, Rule, 
 
 log = logging.getLogger(__name__)
 
-NAMESPACE_PROFILE_PREFIX = "kns."
-SERVICE_ACCOUNT_PROFILE_PREFIX = "ksa."
+NAMESPACE_PROFILE_PREFIX = names.NAMESPACE_PROFILE_PREFIX
+SERVICE_ACCOUNT_PROFILE_PREFIX = names.SERVICE_ACCOUNT_PROFILE_PREFIX
 
 
 class Kind(StrEnum):

@@ -35,6 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore.api import Datastore, NotFound
 
@@ -46,7 +47,7 @@ IP_ADDRS_NO_IPAM = ANNOTATION_PREFIX + "ipAddrsNoIpam"
 IP_FAMILIES = ANNOTATION_PREFIX + "ipFamilies"
 
 POD_ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
-NAMESPACE_PROFILE_PREFIX = "kns."
+NAMESPACE_PROFILE_PREFIX = names.NAMESPACE_PROFILE_PREFIX
 NAMESPACE_LABEL_PREFIX = "pcns."
 NAMESPACE_NAME_LABEL = "pcns.projectcalico.org/name"  # Calico's own, not one of the namespace's
 

@@ -542,7 +542,7 @@ class CNIHandler:
                     "interfaceName": host_iface,
                     "ipNetworks": [str(iface) for iface in _host_interfaces(ips)],
                     "mac": mac,
-                    "profiles": [f"kns.{req.namespace}"],
+                    "profiles": [names.namespace_profile(req.namespace)],
                     "ports": list((old.get("spec") or {}).get("ports") or []),
                 },
             }, None

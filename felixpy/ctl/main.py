@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import felixpy
+from felixpy import names
 from felixpy.ctl import output
 from felixpy.ctl.errors import UserError
 from felixpy.datastore.api import Datastore, DatastoreError
@@ -248,9 +249,10 @@ def _load_policy_world(store: Datastore) -> _PolicyWorld:
     sa_labels: dict[tuple[str, str], dict[str, str]] = {}
     for p in profile_res:
         name = str(p["metadata"].get("name", ""))
-        if name.startswith("kns."):
-            namespace_labels[name[len("kns."):]] = calico.namespace_labels_from_profile(p)
-        ns, dot, account = name[len("ksa."):].partition(".") if name.startswith("ksa.") else ("", "", "")
+        if name.startswith(names.NAMESPACE_PROFILE_PREFIX):
+            namespace_labels[name[len(names.NAMESPACE_PROFILE_PREFIX):]] = calico.namespace_labels_from_profile(p)
+        sa_prefix = names.SERVICE_ACCOUNT_PROFILE_PREFIX
+        ns, dot, account = name[len(sa_prefix):].partition(".") if name.startswith(sa_prefix) else ("", "", "")
         if dot and ns and account:
             sa_labels[(ns, account)] = calico.service_account_labels_from_profile(p)
 

@@ -37,6 +37,7 @@ from typing import Any, Sequence, TextIO
 import yaml
 
 import felixpy
+from felixpy import names
 from felixpy.datastore import keys
 from felixpy.datastore.api import AlreadyExists, Datastore, DatastoreError
 from felixpy.datastore.cas import read_modify_write
@@ -68,7 +69,7 @@ def derived(kind: str, name: str) -> bool:
     if kind == "NetworkPolicy":
         return name.startswith("knp.default.")
     if kind == "Profile":
-        return name.startswith(("kns.", "ksa."))
+        return name.startswith((names.NAMESPACE_PROFILE_PREFIX, names.SERVICE_ACCOUNT_PROFILE_PREFIX))
     return False
 
 

@@ -82,8 +82,8 @@ CRD_RESOURCES: dict[str, tuple[str, bool]] = {
 }
 
 K8S_NP_PREFIX = "knp.default."
-PROFILE_PREFIX = "kns."
-SA_PROFILE_PREFIX = "ksa."
+PROFILE_PREFIX = names.NAMESPACE_PROFILE_PREFIX
+SA_PROFILE_PREFIX = names.SERVICE_ACCOUNT_PROFILE_PREFIX
 MAX_NAME = 253
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 

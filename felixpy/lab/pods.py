@@ -89,7 +89,7 @@ def profile_for_namespace(namespace: str, labels: dict[str, str],
     """Calico's `kns.<ns>` profile: allow all, and hand the namespace's labels to its pods as pcns.*."""
     to_apply = {"pcns.projectcalico.org/name": namespace}
     to_apply.update({f"pcns.{k}": v for k, v in namespace_labels(namespace, labels).items()})
-    metadata: dict[str, Any] = {"name": f"kns.{namespace}"}
+    metadata: dict[str, Any] = {"name": names.namespace_profile(namespace)}
     cni = {k: v for k, v in (annotations or {}).items() if k.startswith(CNI_ANNOTATION_PREFIX)}
     if cni:
         metadata["annotations"] = cni
@@ -109,7 +109,7 @@ def profile_for_service_account(namespace: str, account: str, labels: dict[str, 
     """Calico's `ksa.<ns>.<sa>` profile: no rules, the account's labels for its pods as pcsa.*."""
     to_apply = {"pcsa.projectcalico.org/name": account, **{f"pcsa.{k}": v for k, v in labels.items()}}
     return {"apiVersion": "projectcalico.org/v3", "kind": "Profile",
-            "metadata": {"name": f"ksa.{namespace}.{account}"}, "spec": {"labelsToApply": to_apply}}
+            "metadata": {"name": names.service_account_profile(namespace, account)}, "spec": {"labelsToApply": to_apply}}
 
 
 def write_profile(store: Datastore, namespace: str, labels: dict[str, str],
