@@ -64,7 +64,7 @@ from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers import Manager
 from felixpy.dataplane.managers.masq import MasqManager, NatSettings
 from felixpy.dataplane.managers.policy import PolicyManager
-from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard, policed_ifaces
+from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard, policed_host_endpoints, policed_ifaces
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
@@ -253,7 +253,9 @@ class Agent:
         # Policy is not rendered into ip6tables yet: the guard drops policed pods' IPv6 traffic
         # rather than letting it through unpoliced (dataplane/managers/policy6.py).
         self._filter6 = filter6_table if ipv6 else None
-        self._guard6 = Ipv6PolicyGuard(self._filter6) if self._filter6 is not None else None
+        guard_config = render_config or RenderConfig()
+        self._guard6 = Ipv6PolicyGuard(self._filter6, guard_config.failsafe_inbound, guard_config.failsafe_outbound,
+                                       vxlan_port) if self._filter6 is not None else None
         self._ipsets6 = ipsets6 if ipv6 and nat6_table is not None else None
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
@@ -483,8 +485,10 @@ class Agent:
             self.policy_calc.dirty = False
             yield self.policy_calc.filter_state()
             if self._guard6 is not None:
-                self._guard6.set_endpoints(*policed_ifaces(self.policy_calc.endpoint_chains().values(),
-                                                           self.policy_calc.active_profiles()))
+                profiles = self.policy_calc.active_profiles()
+                self._guard6.set_endpoints(*policed_ifaces(self.policy_calc.endpoint_chains().values(), profiles))
+                self._guard6.set_host_endpoints(policed_host_endpoints(
+                    self.policy_calc.host_endpoint_chains().values(), profiles))
 
     def _send(self, message: Message) -> None:
         for manager in self._managers:

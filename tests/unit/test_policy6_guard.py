@@ -4,9 +4,10 @@ dropped (fail closed), and pods no policy selects are left alone."""
 from __future__ import annotations
 
 from felixpy.dataplane.drivers.iptables import Table
-from felixpy.dataplane.managers.policy6 import GUARD_CHAIN, Ipv6PolicyGuard, guard_chain, policed_ifaces
+from felixpy.dataplane.managers.policy6 import (GUARD_CHAIN, HostGuard, Ipv6PolicyGuard, guard_chain, host_guard_chains,
+                                                policed_host_endpoints, policed_ifaces)
 from policy import model
-from policy.render import EndpointChains
+from policy.render import EndpointChains, HostEndpointChains, TierPolicies
 from tests.fakes.iptables import FakeIptables
 
 
@@ -33,8 +34,8 @@ def test_guard_programs_ip6tables_filter_only_on_change() -> None:
     assert any(argv[0] == "ip6tables-nft-restore" for argv in calls)
     (rule,) = fake.chain("filter", GUARD_CHAIN)
     assert rule.endswith('-o calia -m comment --comment "ingress policy not rendered for IPv6" -j DROP')
-    (jump,) = fake.chain("filter", "FORWARD")
-    assert jump.endswith(f"-j {GUARD_CHAIN}")
+    workload_jump, host_jump = fake.chain("filter", "FORWARD")
+    assert workload_jump.endswith(f"-j {GUARD_CHAIN}") and host_jump.endswith("-j cali-v6-hep-fwd")
     calls.clear()
     guard.set_endpoints(frozenset({"calia"}), frozenset())
     guard.complete_deferred_work()
@@ -54,3 +55,41 @@ def test_policed_interfaces_by_policy_and_by_profile() -> None:
     ingress, egress = policed_ifaces(chains, {"kns.x": allow, "locked": closed_in})
     assert ingress == {"calib", "calic", "calid", "calie"}
     assert egress == {"calid", "calie"}
+
+
+def _hep(iface: str, **kw: object) -> HostEndpointChains:
+    return HostEndpointChains(iface, **kw)  # type: ignore[arg-type]  # the test's keyword subsets
+
+
+def test_host_endpoints_policed_by_policy_kind_and_profile() -> None:
+    tiers = (TierPolicies("default", ingress=("default.p",)),)
+    allow = model.Profile("allow-all", ingress=(model.Rule("Allow"),), egress=(model.Rule("Allow"),))
+    guards = policed_host_endpoints([
+        _hep("eth0", normal=tiers, profiles=("allow-all",)),    # normal policy: its own traffic
+        _hep("eth1", profiles=("allow-all",)),                  # open profile, no policy: untouched
+        _hep("eth2"),                                           # no profile: Calico denies
+        _hep("eth3", forward=tiers, profiles=("allow-all",)),   # applyOnForward only: forwarded
+        _hep("eth4", pre_dnat=tiers, profiles=("allow-all",)),  # preDNAT: both
+    ], {"allow-all": allow})
+    assert guards == (HostGuard("eth0", True, False), HostGuard("eth2", True, False),
+                      HostGuard("eth3", False, True), HostGuard("eth4", True, True))
+
+
+def test_host_guard_chains_keep_failsafes_neighbour_discovery_and_vxlan() -> None:
+    chains = host_guard_chains([HostGuard("eth0", True, True), HostGuard("*", True, False)],
+                               [("tcp", 22)], [("tcp", 2379)], 4789)
+    inp = [(r.match, r.action) for r in chains["INPUT"].rules]
+    assert inp[0] == ("-i lo", "RETURN")
+    # "*" sorts first: every interface but the workloads'.
+    assert inp[1] == ("! -i cali+ -m conntrack --ctstate RELATED,ESTABLISHED", "RETURN")
+    assert ("-i eth0 -p ipv6-icmp --icmpv6-type neighbour-solicitation", "RETURN") in inp
+    assert ("-i eth0 -p tcp --dport 22", "RETURN") in inp and ("-i eth0 -p udp --dport 4789", "RETURN") in inp
+    assert inp[-1] == ("-i eth0", "DROP")
+    out = [(r.match, r.action) for r in chains["OUTPUT"].rules]
+    assert ("-o eth0 -p tcp --dport 2379", "RETURN") in out and out[-1] == ("-o eth0", "DROP")
+    assert ("-o eth0 -p tcp --dport 22", "RETURN") not in out
+    fwd = [(r.match, r.action) for r in chains["FORWARD"].rules]
+    assert fwd == [("-i eth0 -m conntrack --ctstate RELATED,ESTABLISHED", "RETURN"), ("-i eth0", "DROP"),
+                   ("-o eth0 -m conntrack --ctstate RELATED,ESTABLISHED", "RETURN"), ("-o eth0", "DROP")]
+    assert all(c.rules == () or c.name.startswith("cali-v6-hep-") for c in chains.values())
+    assert [r.match for r in host_guard_chains([], [], [], 4789)["INPUT"].rules] == ["-i lo"]
