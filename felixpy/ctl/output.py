@@ -80,7 +80,9 @@ def _columns(kind: str, wide: bool, default_as: int) -> list[Column]:
                     ("IPV6", _field("bgp", "ipv6Address"))]
         return [("NAME", _name)]
     if kind == "WorkloadEndpoint":
-        cols = [("NAMESPACE", _namespace), ("WORKLOAD", _field("workload")), ("NODE", _field("node")),
+        # A Kubernetes pod's endpoint has no spec.workload: calicoctl shows the pod there instead.
+        cols = [("NAMESPACE", _namespace), ("WORKLOAD", lambda res: _field("workload")(res) or _field("pod")(res)),
+                ("NODE", _field("node")),
                 ("NETWORKS", _networks), ("INTERFACE", _field("interfaceName"))]
         if wide:
             cols += [("NAME", _name), ("PROFILES", lambda res: ",".join(_spec(res).get("profiles") or []))]
