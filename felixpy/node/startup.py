@@ -51,6 +51,7 @@ from felixpy.config import (
     SOURCE_DEFAULT,
     AutodetectMethod,
     Config,
+    PoolConfig,
     is_valid_node_name,
     with_datastore_config,
 )
@@ -497,10 +498,17 @@ def ensure_default_ipv4_pool(store: Datastore, config: Config, interfaces: Inter
         return None
     settings = config.ipv4_pool
     cidr = settings.cidr or default_ipv4_cidr(interfaces())
-    pool = resources.validate(_new_resource("IPPool", DEFAULT_IPV4_POOL_NAME, {
+    return _create_default_pool(store, DEFAULT_IPV4_POOL_NAME, cidr, settings, settings.ipip_mode)
+
+
+def _create_default_pool(store: Datastore, name: str, cidr: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                         settings: PoolConfig, ipip_mode: str) -> dict[str, Any] | None:
+    """Create one of calico-node's default pools from its CALICO_IPV{4,6}POOL_* settings; None
+    when another node created it first."""
+    pool = resources.validate(_new_resource("IPPool", name, {
         "cidr": str(cidr),
         "blockSize": settings.block_size,
-        "ipipMode": settings.ipip_mode,
+        "ipipMode": ipip_mode,
         "vxlanMode": settings.vxlan_mode,
         "natOutgoing": settings.nat_outgoing,
         "nodeSelector": settings.node_selector,
@@ -508,12 +516,12 @@ def ensure_default_ipv4_pool(store: Datastore, config: Config, interfaces: Inter
         "allowedUses": ["Workload", "Tunnel"],
     }))
     try:
-        store.create(keys.resource_key("ippools", DEFAULT_IPV4_POOL_NAME), pool)
+        store.create(keys.resource_key("ippools", name), pool)
     except AlreadyExists:
-        log.info("default pool created concurrently name=%s", DEFAULT_IPV4_POOL_NAME)
+        log.info("default pool created concurrently name=%s", name)
         return None
-    log.info("created default pool name=%s cidr=%s ipip=%s vxlan=%s", DEFAULT_IPV4_POOL_NAME, cidr,
-             settings.ipip_mode, settings.vxlan_mode)
+    log.info("created default pool name=%s cidr=%s ipip=%s vxlan=%s nat_outgoing=%s", name, cidr, ipip_mode,
+             settings.vxlan_mode, settings.nat_outgoing)
     return pool
 
 
@@ -537,24 +545,7 @@ def ensure_default_ipv6_pool(store: Datastore, config: Config,
         return None
     settings = config.ipv6_pool
     cidr = settings.cidr or random_ula_prefix(rng)
-    pool = resources.validate(_new_resource("IPPool", DEFAULT_IPV6_POOL_NAME, {
-        "cidr": str(cidr),
-        "blockSize": settings.block_size,
-        "ipipMode": "Never",
-        "vxlanMode": settings.vxlan_mode,
-        "natOutgoing": settings.nat_outgoing,
-        "nodeSelector": settings.node_selector,
-        "disableBGPExport": settings.disable_bgp_export,
-        "allowedUses": ["Workload", "Tunnel"],
-    }))
-    try:
-        store.create(keys.resource_key("ippools", DEFAULT_IPV6_POOL_NAME), pool)
-    except AlreadyExists:
-        log.info("default pool created concurrently name=%s", DEFAULT_IPV6_POOL_NAME)
-        return None
-    log.info("created default pool name=%s cidr=%s vxlan=%s nat_outgoing=%s", DEFAULT_IPV6_POOL_NAME, cidr,
-             settings.vxlan_mode, settings.nat_outgoing)
-    return pool
+    return _create_default_pool(store, DEFAULT_IPV6_POOL_NAME, cidr, settings, "Never")  # no IPIP for IPv6
 
 
 def _create_if_missing(store: Datastore, key: str, value: dict[str, Any]) -> None:
