@@ -130,7 +130,7 @@ def test_namespaced_resources(etcd_store: Any, etcd_endpoint: str, tmp_path: Pat
     ok(etcd_endpoint, "apply", "-f", "-", stdin=json.dumps(wep))
     table = ok(etcd_endpoint, "get", "wep", "-n", "prod").splitlines()
     assert table[0].split() == ["NAMESPACE", "WORKLOAD", "NODE", "NETWORKS", "INTERFACE"]
-    assert table[1].split() == ["prod", "n1", "10.244.0.5/32", "cali0123456789a"]
+    assert table[1].split() == ["prod", "a", "n1", "10.244.0.5/32", "cali0123456789a"]  # the pod, as calicoctl
 
 
 def test_nodes_ipam_config_patch_label(etcd_store: Any, etcd_endpoint: str) -> None:
