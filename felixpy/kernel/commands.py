@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-__all__ = ["CommandFailed", "CompletedRun", "Observer", "Runner", "add_observer", "remove_observer", "run"]
+__all__ = [
+    "CommandFailed", "CompletedRun", "Observer", "Runner", "add_observer", "remove_observer", "run",
+    "timeout_for_lines",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,19 @@ def _notify(argv: Sequence[str], input: str | bytes | None, started: float, ok: 
             observer(argv, input, seconds, ok)
         except Exception:  # an observer's bug must never fail a kernel write
             log.exception("command observer failed")
+
+
+DEFAULT_TIMEOUT = 30.0
+# A restore's time grows with its size: a 300,000-rule iptables-nft-restore took 21-39 s here
+# (benchmarks/bench_policy.py, 2 loaded cores), over a flat 30 s limit. Allow one second per
+# LINES_PER_SECOND lines on top of the default, ~4x slower than that measured worst case, so only a
+# command that is truly stuck (e.g. waiting on a lock forever) is killed.
+LINES_PER_SECOND = 2000
+
+
+def timeout_for_lines(lines: int) -> float:
+    """The timeout for a command that reads or writes `lines` lines (restore input, save output)."""
+    return DEFAULT_TIMEOUT + max(0, lines) / LINES_PER_SECOND
 
 
 @dataclass(frozen=True)
@@ -79,12 +95,12 @@ class Runner(Protocol):
     """The seam drivers take instead of calling `run` directly (tests pass a stateful fake)."""
 
     def __call__(
-        self, argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = 30
+        self, argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> CompletedRun: ...
 
 
 def run(
-    argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = 30
+    argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = DEFAULT_TIMEOUT
 ) -> CompletedRun:
     """Run argv (no shell), feed it input, and return its output; raise CommandFailed on rc != 0."""
     argv = [str(a) for a in argv]

@@ -28,12 +28,14 @@ class FakeIptables:
         self.restores: list[str] = []
         self.fail_restores = 0
         self.argv_log: list[list[str]] = []
+        self.timeouts: list[float] = []  # the timeout of each command, in argv_log's order
 
     def __call__(
         self, argv: Sequence[str], *, input: str | bytes | None = None, timeout: float = 30
     ) -> CompletedRun:
         argv = list(argv)
         self.argv_log.append(argv)
+        self.timeouts.append(timeout)
         if argv[0].endswith("-save"):
             table = argv[argv.index("-t") + 1] if "-t" in argv else None
             return CompletedRun(self.save(table), "")

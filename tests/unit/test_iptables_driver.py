@@ -341,3 +341,24 @@ def test_ipset_names_and_members_are_validated() -> None:
         ipsets.set_members("cali40a", "bitmap:port", [])  # type: ignore[arg-type]
     assert normalise_member("hash:ip,port", "10.0.0.1,sctp:9") == "10.0.0.1,sctp:9"
     assert temp_name("cali40abc") == "cali41abc"
+
+
+def test_restore_and_save_timeouts_grow_with_the_table() -> None:
+    """A 300,000-rule restore takes longer than the default 30 s on a loaded node: the limit is
+    sized by the lines written (restore) or expected back (save), so only a stuck command is killed."""
+    fake = FakeIptables()
+    table = Table("filter", backend="nft", runner=fake)
+    big = Chain("cali-big", tuple(Rule(f"-s 10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}", "ACCEPT")
+                                   for i in range(100_000)))
+    table.update_chain(big)
+    table.apply()
+    restore_timeout = fake.timeouts[[a[0].endswith("-restore") for a in fake.argv_log].index(True)]
+    assert restore_timeout >= 30 + 100_000 / 2000
+    table.queue_resync()
+    table.apply()  # reads back a table it knows holds 100,000 rules
+    assert fake.argv_log[-1][0].endswith("-save") and fake.timeouts[-1] >= 30 + 100_000 / 2000
+    small = Table("nat", backend="nft", runner=fake)
+    small.update_chain(NAT_CHAIN)
+    first = len(fake.timeouts)
+    small.apply()  # a save of an empty table, then a restore of two rules: the default
+    assert len(fake.timeouts) - first == 2 and all(30 <= t < 31 for t in fake.timeouts[first:])

@@ -215,11 +215,15 @@ class IPSets:
         return destroyed
 
     def _read_back(self) -> dict[str, _SetState]:
-        return parse_save(self._run(["ipset", "save"]).stdout, self.ip_version)
+        # The save lists every member: size its timeout by the members we want (one line each).
+        lines = sum(len(state.members) + 1 for state in self._desired.values())
+        return parse_save(
+            self._run(["ipset", "save"], timeout=commands.timeout_for_lines(lines)).stdout, self.ip_version
+        )
 
     def _restore(self, text: str) -> None:
         try:
-            self._run(["ipset", "restore"], input=text)
+            self._run(["ipset", "restore"], input=text, timeout=commands.timeout_for_lines(text.count("\n")))
         except CommandFailed:
             self._kernel = None  # our picture may be wrong now: read back next time
             raise

@@ -269,7 +269,9 @@ class Table:
                 return ""
             try:
                 self._run(
-                    [_binary(self.backend, "restore", self.ip_version), "--noflush", "--wait"], input=text
+                    [_binary(self.backend, "restore", self.ip_version), "--noflush", "--wait"],
+                    input=text,
+                    timeout=commands.timeout_for_lines(text.count("\n")),
                 )
             except CommandFailed as exc:
                 last_error = exc
@@ -293,7 +295,12 @@ class Table:
         )
 
     def _read_back(self) -> _KernelTable:
-        out = self._run([_binary(self.backend, "save", self.ip_version), "-t", self.name]).stdout
+        # The save is as long as the table: size its timeout by what we last programmed.
+        expected_lines = sum(self.counts())
+        out = self._run(
+            [_binary(self.backend, "save", self.ip_version), "-t", self.name],
+            timeout=commands.timeout_for_lines(expected_lines),
+        ).stdout
         return parse_save(out, self.name)
 
     # -- diff -----------------------------------------------------------------------------------
