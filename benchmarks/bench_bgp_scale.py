@@ -31,6 +31,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from procstat import children, rss_mib  # benchmarks/procstat.py, beside this script
+
 BIN = os.path.dirname(sys.executable)
 A_IP, B_IP = "198.51.100.1", "198.51.100.2"
 AS_NUMBER = 64512
@@ -51,30 +53,6 @@ protocol bgp exabgp {{
 
 def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def rss_mib(pid: int) -> float:
-    """Resident set size of `pid` in MiB (VmRSS), 0.0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (every thread's list), to find ExaBGP's API process."""
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
 
 
 def prefixes(count: int, base: str) -> list[str]:

@@ -86,7 +86,7 @@ def main() -> int:
         time.sleep(args.idle)
         idle = diff(scrape(args.name), idle0)
         window = time.monotonic() - t0
-        print(f"etcd requests by method (all clients; 'Watch' = watch streams opened):")
+        print("etcd requests by method (all clients; 'Watch' = watch streams opened):")
         show(f"idle, {args.nodes} agents, {window:.0f} s", idle, window * args.nodes, "per second per agent")
         nodes = [f"n{i % args.nodes + 1}" for i in range(args.pods)]
         before = scrape(args.name)

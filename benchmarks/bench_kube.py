@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 
 LAB_CLI = [sys.executable, "-m", "felixpy.lab.cli"]
 PROBER = r"""

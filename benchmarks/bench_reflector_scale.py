@@ -50,6 +50,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from procstat import rss_mib  # benchmarks/procstat.py, beside this script
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 AS_NUMBER = 64512
@@ -279,17 +281,6 @@ async def worker_main() -> None:
 
 def sh(*argv: str, input: str | None = None) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120, input=input).stdout
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class WorkerProcess:

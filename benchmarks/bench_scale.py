@@ -27,6 +27,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from procstat import cpu_ticks, children, memory_kib  # benchmarks/procstat.py, beside this script
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BIN = os.path.dirname(sys.executable)
@@ -39,41 +41,6 @@ def lab(name: str, *args: str, timeout: float = 600) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"felixpy-lab {' '.join(args)}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
     return done.stdout
-
-
-def cpu_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in KiB from smaps_rollup; (0, 0) when the process is gone."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, pss
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
 
 
 @dataclass(frozen=True)
