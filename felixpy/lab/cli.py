@@ -67,9 +67,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.mode not in ("routes", "vxlan"):
             raise LabUsageError(f"--ip-family {args.ip_family} needs --mode routes or vxlan (BGP over IPv6 is "
                                 "not supported yet; IPIP carries IPv4 only)")
-        if args.cross_subnet or args.route_reflectors or args.datastore != "etcd":
-            raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet, "
-                                "--route-reflectors or --datastore kubernetes yet")
+        if args.cross_subnet or args.route_reflectors:
+            raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet or "
+                                "--route-reflectors yet")
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)

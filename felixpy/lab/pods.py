@@ -13,6 +13,8 @@ the agent the way containerd and CRI-O pass them to a plugin declaring the capab
 
 from __future__ import annotations
 
+import ipaddress
+
 import json
 import logging
 import os
@@ -298,15 +300,15 @@ def served_specs(pod: PodState) -> list[str]:
 
 
 def status_blocks(store: Datastore, node: str) -> list[str]:
-    """The node's confirmed affine blocks, from its IPAM affinities."""
-    kvs, _ = store.list(keys.host_affinity_prefix(node))
+    """The node's confirmed affine blocks of both families (IPv4 first), from its IPAM affinities."""
+    kvs = [kv for version in (4, 6) for kv in store.list(keys.host_affinity_prefix(node, version))[0]]
     blocks = []
     for kv in kvs:
         value = kv.value if isinstance(kv.value, dict) else {}
         if value.get("state", "confirmed") != "confirmed" or value.get("deleted") in (True, "true"):
             continue
         blocks.append(keys.parse_key(kv.key).name)
-    return sorted(blocks)
+    return sorted(blocks, key=lambda b: (ipaddress.ip_network(b).version, ipaddress.ip_network(b)))
 
 
 def all_pods(state: LabState) -> list[PodState]:
