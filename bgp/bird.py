@@ -253,7 +253,7 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
         "  error wait time 5, 30;",
         "}",
     ]
-    for peer in sorted(peers, key=lambda p: int(ipaddress.ip_address(p.address))):
+    for peer in sorted(peers, key=lambda p: (ipaddress.ip_address(p.address).version, int(ipaddress.ip_address(p.address)))):
         lines.append("")
         lines += _protocol(peer, local_address=listen_address or peer.source_address,
                            as_number=as_number, cluster_id=cluster_id, multihop=multihop,

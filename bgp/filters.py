@@ -20,8 +20,8 @@ session's), `communities.values` (the route carries this community), `asPathPref
 starts with these ASNs). Operations: `addCommunity`, `prependASPath`.
 
 Not supported (refused when a BGPFilter is written, model/resources.py): `priority` and the
-`setPriority` operation (felixpy programs no route priorities), and IPv6 rules (felixpy's BGP is
-IPv4 only).
+`setPriority` operation (felixpy programs no route priorities), and IPv6 rules (`importV6`,
+`exportV6`; IPv6 routes, carried on the IPv6 sessions, pass the V4 rules untouched, as in confd).
 
 Pure: no I/O.
 """
@@ -233,6 +233,10 @@ class Verdict:
 
 def evaluate(filters: Sequence[BGPFilter], direction: str, route: Route, *, ebgp: bool) -> Verdict:
     """Run `direction` ("import" | "export") rules of `filters` in order over one route."""
+    if ipaddress.ip_network(route.prefix).version == 6:
+        # A BGPFilter's V4 rules never see IPv6 routes (confd: bird6 runs the V6 lists, which
+        # felixpy refuses when the BGPFilter is written): IPv6 routes take the default path.
+        return Verdict(True, route.attributes, False)
     for bgp_filter in filters:
         rules = bgp_filter.import_v4 if direction == "import" else bgp_filter.export_v4
         for rule in rules:

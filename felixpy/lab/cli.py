@@ -64,9 +64,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.route_reflectors and args.mode != "bgp":
         raise LabUsageError("--route-reflectors needs --mode bgp")
     if args.ip_family != "ipv4":
-        if args.mode not in ("routes", "vxlan"):
-            raise LabUsageError(f"--ip-family {args.ip_family} needs --mode routes or vxlan (BGP over IPv6 is "
-                                "not supported yet; IPIP carries IPv4 only)")
+        if args.mode not in ("routes", "vxlan", "bgp"):
+            raise LabUsageError(f"--ip-family {args.ip_family} needs --mode bgp, routes or vxlan (IPIP carries "
+                                "IPv4 only)")
         if args.cross_subnet or args.route_reflectors or args.datastore != "etcd":
             raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet, "
                                 "--route-reflectors or --datastore kubernetes yet")

@@ -581,9 +581,6 @@ def _peer_ip(value: Any, path: str) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise FieldError(path, f"invalid peer IP {q(value)}") from None
-    if address.version == 6:
-        # The ExaBGP sessions are IPv4 only: an IPv6 peer would be accepted and never come up.
-        raise FieldError(path, f"{q(value)}: felixpy does not support IPv6 BGP peers yet")
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise FieldError(path, f"invalid port in peer IP {q(value)}")
     return value

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Protocol
 from bgp.advertise import community_rules
 from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, render_bird_reflector
 from bgp.filters import FilterError
-from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, select_peers
+from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, address_key, select_peers
 from bgp.services import ServiceSettings
 from felixpy.kernel import commands
 from felixpy.calc.updates import Kind, decode
@@ -353,7 +353,8 @@ class Reflector:
         try:
             nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
             settings, specs, self.secret_refs = resolve_peering(self._resources, self.secrets)
-            peers = select_peers(self.node_name, nodes, settings, specs)
+            # BIRD here carries IPv4 only so far: the clients' IPv6 sessions are not reflected yet.
+            peers = [p for p in select_peers(self.node_name, nodes, settings, specs) if p.version == 4]
             me = next(n for n in nodes if n.name == self.node_name)
             assert me.ipv4 is not None  # select_peers checked it
             if me.rr_cluster_id is None:
@@ -449,7 +450,7 @@ class Reflector:
     def peer_rows(self) -> list[dict[str, Any]]:
         """The sessions in the status file's format."""
         rows = []
-        for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
+        for address in sorted(self._peers, key=address_key):
             peer = self._peers[address]
             session = self._sessions.get(address) or _Session(since=self._wall())
             rows.append({
