@@ -667,7 +667,7 @@ class BGPController:
                         reconfigured=self.last_reload if not self.reflector_mode or self._reflector is None
                         else self._reflector.last_configured,
                         peers=tuple(rows), best=tuple(best), others=tuple(others),
-                        own_blocks=frozenset(p for p in self._own if not p.endswith("/32")), speaker=speaker)
+                        own_blocks=frozenset(p for p in self._own if not p.endswith(("/32", "/128"))), speaker=speaker)
 
     def local_addresses(self) -> frozenset[str]:
         """This node's addresses: a learned route via one of them is never installed."""

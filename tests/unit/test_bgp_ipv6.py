@@ -157,3 +157,55 @@ def test_adj_rib_out_read_back_finds_both_families() -> None:
     lines = ["neighbor 192.0.2.12 ipv4 unicast 10.244.1.0/26 next-hop 192.0.2.11",
              f"neighbor {V6['n2']} ipv6 unicast fd00:10:244::40/122 next-hop {V6['n1']}"]
     assert parse_adj_rib_out(lines) == frozenset({"10.244.1.0/26", "fd00:10:244::40/122"})
+
+
+def test_felixctl_node_status_prints_an_ipv6_table_as_calicoctl(tmp_path, capsys) -> None:
+    import os
+
+    from felixpy.ctl.main import run
+
+    status = tmp_path / "bgp-status.json"
+    peer = {"type": "mesh", "asNumber": 64512, "since": 0, "info": "", "node": "n2"}
+    status.write_text(json.dumps({"node": "n1", "pid": os.getpid(), "updated": 0, "sidecar": "connected",
+                                  "peers": [{**peer, "peer": "192.0.2.12", "state": "Established", "routesReceived": 1},
+                                            {**peer, "peer": V6["n2"], "state": "Idle", "routesReceived": 0}]}))
+    assert run(["node", "status", "--status-file", str(status)]) == 0
+    out = capsys.readouterr().out
+    v4, v6 = out.split("IPv6 BGP status")
+    assert "IPv4 BGP status" in v4 and "192.0.2.12" in v4 and V6["n2"] not in v4
+    assert f"| {V6['n2']} | node-to-node mesh | down  |" in v6 and "192.0.2.12" not in v6
+    status.write_text(json.dumps({"node": "n1", "pid": os.getpid(), "updated": 0, "sidecar": "connected",
+                                  "peers": [{**peer, "peer": "192.0.2.12", "state": "Established"}]}))
+    run(["node", "status", "--status-file", str(status)])
+    assert "IPv6 BGP status\nNo IPv6 peers found." in capsys.readouterr().out
+
+
+def test_calico_node_status_has_peers_v6_and_routes_v6() -> None:
+    from felixpy.node.nodestatus import PathView, Snapshot, build_status
+
+    snapshot = Snapshot(
+        speaker_ready=True, version="ExaBGP", router_id="192.0.2.11", boot_time=None, reconfigured=None,
+        peers=({"peer": "192.0.2.12", "type": "mesh", "state": "Established", "since": 0.0},
+               {"peer": V6["n2"], "type": "mesh", "state": "Established", "since": 0.0},
+               {"peer": V6["n3"], "type": "node", "state": "Connect", "since": 0.0}),
+        best=(PathView("10.244.2.0/26", "192.0.2.12", "192.0.2.12", "mesh"),
+              PathView("fd00:10:244::40/122", V6["n2"], V6["n2"], "mesh")),
+        others=(), own_blocks=frozenset({"fd00:10:244::/122"}))
+    kernel = [{"dst": "fd00:10:244::40/122", "gateway": V6["n2"], "interface": "eth0", "type": "unicast",
+               "scope": "global", "ours": True},
+              {"dst": "fd00:10:244::/122", "gateway": None, "interface": None, "type": "blackhole",
+               "scope": "global", "ours": True},
+              {"dst": "10.244.2.0/26", "gateway": "192.0.2.12", "interface": "eth0", "type": "unicast",
+               "scope": "global", "ours": True}]
+    status = build_status(snapshot, ("Agent", "BGP", "Routes"), now=10.0, kernel_routes=lambda: kernel)
+    assert status["agent"]["birdV6"] == status["agent"]["birdV4"]
+    bgp = status["bgp"]
+    assert (bgp["numberEstablishedV4"], bgp["numberNotEstablishedV4"]) == (1, 0)
+    assert (bgp["numberEstablishedV6"], bgp["numberNotEstablishedV6"]) == (1, 1)
+    assert [p["peerIP"] for p in bgp["peersV4"]] == ["192.0.2.12"]
+    assert [(p["peerIP"], p["type"], p["state"]) for p in bgp["peersV6"]] == [
+        (V6["n2"], "NodeMesh", "Established"), (V6["n3"], "NodePeer", "Connect")]
+    v6 = {r["destination"]: r for r in status["routes"]["routesV6"]}
+    assert v6["fd00:10:244::40/122"]["learnedFrom"] == {"sourceType": "NodeMesh", "peerIP": V6["n2"]}
+    assert v6["fd00:10:244::/122"]["learnedFrom"] == {"sourceType": "Static"}
+    assert [r["destination"] for r in status["routes"]["routesV4"]] == ["10.244.2.0/26"]
