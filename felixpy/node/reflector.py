@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from bgp.advertise import community_rules
-from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, render_bird_reflector
+from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, hashed_router_id, render_bird_reflector
 from bgp.filters import FilterError
 from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, address_key, select_peers
 from bgp.services import ServiceSettings
@@ -353,10 +353,14 @@ class Reflector:
         try:
             nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
             settings, specs, self.secret_refs = resolve_peering(self._resources, self.secrets)
-            # BIRD here carries IPv4 only so far: the clients' IPv6 sessions are not reflected yet.
-            peers = [p for p in select_peers(self.node_name, nodes, settings, specs) if p.version == 4]
+            peers = select_peers(self.node_name, nodes, settings, specs)
+            if self.local_agent is not None:
+                # A reflector node with pods: its agent's one loopback session carries IPv4, so
+                # BIRD reflects IPv4 only there (docs/ipv6.md: not done yet for IPv6).
+                peers = [p for p in peers if p.version == 4]
             me = next(n for n in nodes if n.name == self.node_name)
-            assert me.ipv4 is not None  # select_peers checked it
+            # BIRD's router ID: the node's IPv4, else (IPv6-only) Calico's CALICO_ROUTER_ID=hash.
+            router_id = me.ipv4 or hashed_router_id(self.node_name)
             if me.rr_cluster_id is None:
                 log.warning("Node %s has no spec.bgp.routeReflectorClusterID: it peers but reflects "
                             "nothing", self.node_name)
@@ -370,7 +374,8 @@ class Reflector:
             if not self._shared:
                 apply_log_level(severity)
             port = settings.listen_port_of(self.node_name)
-            pools = [p for p in self._resources.pools.values() if ipaddress.ip_network(p.cidr).version == 4]
+            pools = [p for p in self._resources.pools.values()
+                     if self.local_agent is None or ipaddress.ip_network(p.cidr).version == 4]
             services = ServiceSettings.from_resource(default)
             ignored = [str(i) for i in ((default or {}).get("spec") or {}).get("ignoredInterfaces") or ()]
             if self.local_agent is not None:
@@ -379,7 +384,7 @@ class Reflector:
                                       source_address=me.ipv4, rr_client=me.rr_cluster_id is not None,
                                       node=self.node_name)]
             text = render_bird_reflector(
-                router_id=me.ipv4, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
+                router_id=router_id, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
                 listen_port=port,
                 listen_address=me.ipv4 if settings.bind_mode_of(self.node_name) == "NodeIP" else None,
                 filters=filters, communities=rules, log_severity=severity,
@@ -395,7 +400,7 @@ class Reflector:
             return
         self._config_error = ""
         self._peers = {p.address: p for p in peers if p.type is not PeerType.LOCAL}
-        self._cluster_id, self._as_number, self.router_id = me.rr_cluster_id, as_number, me.ipv4
+        self._cluster_id, self._as_number, self.router_id = me.rr_cluster_id, as_number, router_id
         for address in set(self._sessions) - set(self._peers):
             del self._sessions[address]
         if text != self._text:

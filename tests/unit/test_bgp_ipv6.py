@@ -209,3 +209,21 @@ def test_calico_node_status_has_peers_v6_and_routes_v6() -> None:
     assert v6["fd00:10:244::40/122"]["learnedFrom"] == {"sourceType": "NodeMesh", "peerIP": V6["n2"]}
     assert v6["fd00:10:244::/122"]["learnedFrom"] == {"sourceType": "Static"}
     assert [r["destination"] for r in status["routes"]["routesV4"]] == ["10.244.2.0/26"]
+
+
+def test_bird_reflector_renders_ipv6_channels_and_typed_prefix_sets() -> None:
+    from bgp.bird import render_bird_reflector
+
+    nodes = [NodeInfo("rr1", "192.0.2.221", labels={"rr": "true"}, rr_cluster_id="244.0.0.1",
+                      ipv6="fd00:192:0:2::221"), *_nodes()]
+    spec = BGPPeerSpec("rr", node_selector="all()", peer_selector="rr == 'true'")
+    peers = select_peers("rr1", nodes, BGPSettings(node_to_node_mesh=False), [spec])
+    text = render_bird_reflector(router_id="192.0.2.221", as_number=64512, cluster_id="244.0.0.1", peers=peers,
+                                 export_pools=["10.244.0.0/16", "fd00:10:244::/64"], listen_address="192.0.2.221",
+                                 communities=(CommunityRule("fd00:10:244::/64", ("65000:6",), ()),))
+    block = text[text.index("protocol bgp Node_fd00_192_0_2__11 "):]
+    block = block[:block.index("\n}\n")]
+    assert "  local fd00:192:0:2::221 as 64512;" in block  # bindMode NodeIP: the node's IPv6 here
+    assert "  ipv6 {" in block and "ipv4 {" not in block and "rr cluster id 244.0.0.1;" in block
+    assert ("  if net.type = NET_IP6 then { if net ~ [ fd00:10:244::/64+ ] then return true; }" in text)
+    assert "  if net.type = NET_IP6 then { if net ~ fd00:10:244::/64 then { bgp_community.add((65000, 6)); } }" in text
