@@ -546,7 +546,7 @@ _BGP_CONFIGURATION = s.obj(
         "serviceLoadBalancerAggregation": s.string(enum=("Enabled", "Disabled")),
         "communities": s.list_of(s.obj({"name": s.string(), "value": _community_value}, required=("name", "value"))),
         "prefixAdvertisements": s.list_of(
-            s.obj({"cidr": s.cidr(strict=False, version=4), "communities": s.list_of(s.string())}, required=("cidr",))
+            s.obj({"cidr": s.cidr(strict=False), "communities": s.list_of(s.string())}, required=("cidr",))
         ),
         "listenPort": s.integer(1, 65535),
         "nodeMeshPassword": _SECRET_REF,
