@@ -398,7 +398,7 @@ def main() -> int:
     rr_runs = (None if args.no_reflector
                else bench_felixpy(args.trials, args.spacing, reflectors=args.reflectors, families=families))
     rr = rr_runs[families[0]] if rr_runs else None
-    # A reflector node with pods reflects IPv4 only (docs/ipv6.md): that run stays IPv4.
+    # The reflector-node run stays IPv4 (its IPv6 loopback session is exercised by the e2e test).
     rr_node = None if args.no_reflector_node else bench_reflector_node(args.trials, args.spacing)
     print(f"BGP convergence, block claim on A -> route in B's kernel ({args.trials} trials)")
     for family in families:

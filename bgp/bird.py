@@ -27,7 +27,8 @@ listening socket to the sessions' local address; without it to every address, Ca
 
 A reflector that is also a node running pods (`local_agent`) has one more session: its own agent's
 ExaBGP, over loopback (`Local_Agent`, an rr client: the agent announces the node's own routes into
-BIRD and learns everything BIRD reflects). Its next hops are resolved through `protocol direct`.
+BIRD and learns everything BIRD reflects), and with an IPv6 address a second one for IPv6
+(`Local_Agent6`, from `::1`). Its next hops are resolved through `protocol direct`.
 
 What is exported is Calico's choice (confd's `calico_export_to_bgp_peers`), after the BGPFilters:
 routes inside an IP pool that exports to BGP, and on a reflector the routes inside the
@@ -64,6 +65,12 @@ class LocalAgent:
 
     address: str  # a loopback address the agent's ExaBGP binds, e.g. 127.0.0.2
     port: int  # where that ExaBGP listens, so BIRD can connect too (it holds the BGP port itself)
+    address6: str | None = None  # its IPv6 loopback address (::1), for the IPv6 session
+
+
+def local_agent_name(version: int) -> str:
+    """The BIRD protocol of the agent's session of that family (Local_Agent, Local_Agent6)."""
+    return LOCAL_AGENT_NAME if version == 4 else f"{LOCAL_AGENT_NAME}6"
 
 
 def hashed_router_id(name: str, *, avoid: str = "") -> str:
@@ -148,7 +155,7 @@ def _protocol(peer: Peer, *, local_address: str | None, as_number: int, cluster_
     if local or not calico_export:
         default_export = "if source = RTS_BGP then accept;"
     else:
-        default_export = (f'if proto = "{LOCAL_AGENT_NAME}" then {{ {tag}accept; }} '
+        default_export = (f'if proto = "{local_agent_name(peer.version)}" then {{ {tag}accept; }} '
                           f"if source = RTS_BGP && felixpy_calico_route() then {{ {tag}accept; }}")
     lines += [
         f"  ipv{peer.version} {{",

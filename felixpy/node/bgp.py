@@ -89,6 +89,7 @@ RECONNECT_MAX = 2.0
 # so ExaBGP binds a loopback address of its own and listens on another port, for BIRD to connect
 # to when it (re)starts; ExaBGP connects to BIRD's port too.
 LOCAL_AGENT_ADDRESS = "127.0.0.2"
+LOCAL_AGENT_ADDRESS6 = "::1"  # IPv6 has one loopback address; BIRD's end is the node's IPv6
 LOCAL_AGENT_PORT = 1790
 LOCAL_BIRD_NAME = "Local_BIRD"
 BIRD_POLL_INTERVAL = 1.0
@@ -741,6 +742,12 @@ class BGPController:
                 peers = [Peer(address=me.ipv4, as_number=node_as, type=PeerType.LOCAL, name=LOCAL_BIRD_NAME,
                               port=settings.listen_port_of(self.node_name), source_address=LOCAL_AGENT_ADDRESS,
                               listen_port=LOCAL_AGENT_PORT, node=self.node_name)]
+                if me.ipv6:
+                    # The IPv6 routes on an IPv6 session of their own (BIRD's Local_Agent6).
+                    peers.append(Peer(address=me.ipv6, as_number=node_as, type=PeerType.LOCAL,
+                                      name=f"{LOCAL_BIRD_NAME}6", port=settings.listen_port_of(self.node_name),
+                                      source_address=LOCAL_AGENT_ADDRESS6, listen_port=LOCAL_AGENT_PORT,
+                                      node=self.node_name))
                 static_peers = bird_peers
             else:
                 peers = select_peers(self.node_name, nodes, settings, specs)
@@ -817,7 +824,8 @@ class BGPController:
                 self._reflector = Reflector(self.node_name, self._bird_paths, bird=self._bird_control,
                                             wall_clock=self._wall, clock=self._clock, secrets=self._secrets,
                                             resources=self._resources,
-                                            local_agent=LocalAgent(LOCAL_AGENT_ADDRESS, LOCAL_AGENT_PORT))
+                                            local_agent=LocalAgent(LOCAL_AGENT_ADDRESS, LOCAL_AGENT_PORT,
+                                                                   LOCAL_AGENT_ADDRESS6))
                 self._reflector.datastore_in_sync()
             self._reflector.mark_dirty()
             self.reflector_mode = True
@@ -964,9 +972,11 @@ class BGPController:
             "learned": len(self.rib.best_routes()), "peers": rows,
         }
         if self.reflector_mode and self._reflector is not None:
-            # The node's sessions are BIRD's; ExaBGP's one session (to BIRD) is `agentSession`.
+            # The node's sessions are BIRD's; ExaBGP's sessions to BIRD are `agentSessions` (one per
+            # family; `agentSession` is the first, IPv4 when the node has it).
             data.update({"routeReflector": True, "speaker": "bird", "clusterID": self._reflector.cluster_id,
                          "peers": self._reflector.peer_rows(), "agentSession": rows[0] if rows else None,
+                         "agentSessions": rows,
                          "bird": "running" if self._reflector.bird_up else "not answering",
                          "configError": self._config_error or self._reflector.config_error})
         return data

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from bgp.advertise import community_rules
-from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, hashed_router_id, render_bird_reflector
+from bgp.bird import LocalAgent, hashed_router_id, local_agent_name, render_bird_reflector
 from bgp.filters import FilterError
 from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, address_key, select_peers
 from bgp.services import ServiceSettings
@@ -354,10 +354,6 @@ class Reflector:
             nodes = [NodeInfo.from_resource(v) for v in self._resources.nodes.values()]
             settings, specs, self.secret_refs = resolve_peering(self._resources, self.secrets)
             peers = select_peers(self.node_name, nodes, settings, specs)
-            if self.local_agent is not None:
-                # A reflector node with pods: its agent's one loopback session carries IPv4, so
-                # BIRD reflects IPv4 only there (docs/ipv6.md: not done yet for IPv6).
-                peers = [p for p in peers if p.version == 4]
             me = next(n for n in nodes if n.name == self.node_name)
             # BIRD's router ID: the node's IPv4, else (IPv6-only) Calico's CALICO_ROUTER_ID=hash.
             router_id = me.ipv4 or hashed_router_id(self.node_name)
@@ -374,15 +370,20 @@ class Reflector:
             if not self._shared:
                 apply_log_level(severity)
             port = settings.listen_port_of(self.node_name)
-            pools = [p for p in self._resources.pools.values()
-                     if self.local_agent is None or ipaddress.ip_network(p.cidr).version == 4]
+            pools = list(self._resources.pools.values())
             services = ServiceSettings.from_resource(default)
             ignored = [str(i) for i in ((default or {}).get("spec") or {}).get("ignoredInterfaces") or ()]
             if self.local_agent is not None:
-                peers = [*peers, Peer(address=self.local_agent.address, as_number=as_number, type=PeerType.LOCAL,
-                                      name=LOCAL_AGENT_NAME, port=self.local_agent.port,
-                                      source_address=me.ipv4, rr_client=me.rr_cluster_id is not None,
-                                      node=self.node_name)]
+                # The node's own agent: a session per family the node has (its ExaBGP binds
+                # 127.0.0.2 and ::1), each carrying that family's routes, as calico-node's bird
+                # and bird6 program the kernel each for its own family.
+                agent_sessions = [(self.local_agent.address, me.ipv4, 4),
+                                  (self.local_agent.address6, me.ipv6, 6)]
+                peers = [*peers, *(Peer(address=address, as_number=as_number, type=PeerType.LOCAL,
+                                        name=local_agent_name(version), port=self.local_agent.port,
+                                        source_address=source, rr_client=me.rr_cluster_id is not None,
+                                        node=self.node_name)
+                                   for address, source, version in agent_sessions if address and source)]
             text = render_bird_reflector(
                 router_id=router_id, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
                 listen_port=port,

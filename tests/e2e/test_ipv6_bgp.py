@@ -140,3 +140,38 @@ def test_disable_bgp_export_on_the_ipv6_pool_withdraws_only_ipv6(cluster: Lab) -
         patch(False)
     wait_for("n3's IPv6 block back on n1", lambda: f"{block} via {_ip6('n3')}" in _routes6(cluster, "n1"),
              timeout=10)
+
+
+def test_a_reflector_node_with_pods_reflects_ipv6_too(cluster: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Calico's recipe turns n1 into a reflector that keeps its pods (last: it ends the mesh). Its
+    BIRD gets the IPv6 sessions to n2 and n3, its agent a second loopback session for IPv6
+    (ExaBGP ::1 ↔ BIRD Local_Agent6), and the IPv6 blocks keep flowing both ways."""
+    felixctl = ("exec", "n1", "--", "felixctl")
+    cluster.cli(*felixctl, "patch", "node", "n1", "-p", '{"spec":{"bgp":{"routeReflectorClusterID":"244.0.0.1"}}}')
+    cluster.cli(*felixctl, "label", "node", "n1", "route-reflector=true")
+    peer = tmp_path / "peer.yaml"
+    peer.write_text("apiVersion: projectcalico.org/v3\nkind: BGPPeer\nmetadata: {name: peer-with-route-reflectors}\n"
+                    "spec: {nodeSelector: all(), peerSelector: route-reflector == 'true'}\n")
+    cluster.cli("apply", "-f", str(peer))
+    cluster.cli(*felixctl, "patch", "bgpconfiguration", "default", "-p", '{"spec":{"nodeToNodeMeshEnabled":false}}')
+    status_file = f"/run/felixpy-lab/{cluster.name}/n1/lib/bgp-status.json"
+
+    def reflecting() -> bool:
+        try:
+            with open(status_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return False
+        agent = sorted((r["peer"], r["state"]) for r in data.get("agentSessions") or [])
+        peers = sorted((r["peer"], r["state"]) for r in data.get("peers") or [])
+        return (agent == [("192.0.2.11", "Established"), (_ip6("n1"), "Established")]
+                and peers == sorted((a, "Established") for n in ("n2", "n3") for a in (_ip4(n), _ip6(n))))
+
+    wait_for("n1 reflecting with both agent sessions up", reflecting, timeout=30)
+    n1_block, n2_block = _v6_block(cluster, "x/a"), _v6_block(cluster, "x/b")
+    wait_for("n1's IPv6 block reflected to n2 and n3",
+             lambda: all(f"{n1_block} via {_ip6('n1')}" in _routes6(cluster, n) for n in ("n2", "n3")), timeout=15)
+    wait_for("n2's IPv6 block reflected to n3 and into n1's kernel",
+             lambda: all(f"{n2_block} via {_ip6('n2')}" in _routes6(cluster, n) for n in ("n1", "n3")), timeout=15)
+    data = cluster.json("matrix", "--ports", "80", "--protos", "tcp", "--family", "6")
+    assert all(ok for table in data["results"].values() for row in table.values() for ok in row.values()), data
