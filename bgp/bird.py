@@ -146,11 +146,9 @@ def _protocol(peer: Peer, *, local_address: str | None, as_number: int, cluster_
     if local:
         # The node's own agent: reconnect at once after its ExaBGP restarts.
         lines += ["  connect delay time 1;", "  connect retry time 1;", "  error wait time 1, 2;"]
-    # BGPFilter functions hold IPv4 rules (V6 rule lists are refused): an IPv6 session, which
-    # confd renders in bird6 with the V6 lists, runs none of them.
-    names = peer.filters if peer.version == 4 else ()
-    import_calls = bird_calls(names, filter_order, "import", ebgp=ebgp)
-    export_calls = bird_calls(names, filter_order, "export", ebgp=ebgp)
+    # An IPv6 session runs the filters' V6 functions (confd renders those into bird6).
+    import_calls = bird_calls(peer.filters, filter_order, "import", ebgp=ebgp, version=peer.version)
+    export_calls = bird_calls(peer.filters, filter_order, "export", ebgp=ebgp, version=peer.version)
     tag = "felixpy_communities(); " if communities else ""
     if local or not calico_export:
         default_export = "if source = RTS_BGP then accept;"

@@ -310,11 +310,25 @@ def _update(peer: str, update: dict[str, Any], when: float) -> RoutesReceived:
     announced = []
     withdrawn: list[str] = []
     for family in (FAMILY, FAMILY6):
+        hops: dict[str, str] = {}
         for next_hop, items in ((update.get("announce") or {}).get(family) or {}).items():
             for item in items:
-                announced.append(ReceivedRoute(_nlri(item), str(next_hop), attributes))
+                prefix = _nlri(item)
+                # An IPv6 peer on the same link sends its global and its link-local address as
+                # next hop (RFC 2545); ExaBGP lists the prefix under both. The global one is the
+                # gateway, as bird6 uses it: a link-local hop only when there is nothing else.
+                if prefix not in hops or _link_local(hops[prefix]):
+                    hops[prefix] = str(next_hop)
+        announced += [ReceivedRoute(prefix, hop, attributes) for prefix, hop in hops.items()]
         withdrawn += [_nlri(item) for item in (update.get("withdraw") or {}).get(family) or ()]
     return RoutesReceived(peer, tuple(announced), tuple(withdrawn), when)
+
+
+def _link_local(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_link_local
+    except ValueError:
+        return False
 
 
 def _open(peer: str, raw: dict[str, Any], when: float) -> OpenReceived:

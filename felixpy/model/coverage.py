@@ -318,8 +318,10 @@ SUPPORT: dict[str, dict[str, Support]] = {
             "tests/unit/test_bgp_peers.py::test_reverse_peering_manual_needs_the_other_side_configured"),
     },
     "BGPFilter": {
-        "spec.exportV6": Refused(_IPV6),
-        "spec.importV6": Refused(_IPV6),
+        "spec.exportV6": Honoured("tests/integration/test_bgp_ipv6.py::test_ipv6_filter_rules_on_the_wire",
+                                  "the IPv6 routes' rules, on the IPv6 sessions (agent and BIRD)"),
+        "spec.importV6": Honoured("tests/integration/test_bgp_ipv6.py::test_ipv6_filter_rules_on_the_wire",
+                                  "the IPv6 routes' rules, on the IPv6 sessions (agent and BIRD)"),
     },
     "BGPFilterRule": {
         "action": Honoured(_T_FILTER_FIRST),

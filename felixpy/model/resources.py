@@ -638,7 +638,7 @@ def _filter_rule_post(rule: dict[str, Any], path: str) -> None:
     from bgp.filters import FilterError, _rule
 
     try:
-        _rule(rule, path)
+        _rule(rule, path, 6 if "V6[" in path else 4)
     except FilterError as err:
         message = str(err)
         if message.startswith(path):
@@ -650,8 +650,9 @@ _FILTER_RULE = s.obj(
     {
         "action": s.string(enum=("Accept", "Reject")),
         "matchOperator": s.string(enum=("Equal", "NotEqual", "In", "NotIn")),
-        "cidr": s.cidr(strict=False, version=4),
-        "prefixLength": s.obj({"min": s.integer(0, 32), "max": s.integer(0, 32)}),
+        # IPv4 in exportV4/importV4, IPv6 in the V6 lists: the post check (bgp.filters) sees which.
+        "cidr": s.cidr(strict=False),
+        "prefixLength": s.obj({"min": s.integer(0, 128), "max": s.integer(0, 128)}),
         "source": s.string(enum=("RemotePeers",)),
         "interface": s.string(),
         "peerType": s.string(enum=("eBGP", "iBGP")),
@@ -672,9 +673,8 @@ _BGP_FILTER = s.obj(
     {
         "exportV4": s.list_of(_FILTER_RULE),
         "importV4": s.list_of(_FILTER_RULE),
-        # IPv6 rules are refused (model/coverage.py); cidr there is IPv6, so not the V4 rule.
-        "exportV6": s.list_of(s.anything),
-        "importV6": s.list_of(s.anything),
+        "exportV6": s.list_of(_FILTER_RULE),
+        "importV6": s.list_of(_FILTER_RULE),
     }
 )
 

@@ -790,7 +790,7 @@ class BGPController:
         self._announcer.set_peers(self._peers)
         self._peer_exports = {p.address: PeerExport(resolve(p.filters, filters), p.is_ebgp(node_as))
                               for p in peers}
-        self._needs_interfaces = any(rule.interface for f in filters.values() for rule in f.export_v4)
+        self._needs_interfaces = any(rule.interface for f in filters.values() for rule in (*f.export_v4, *f.export_v6))
         self._note_delta(self.rib.set_import_policy(import_policy(
             {p.address: resolve(p.filters, filters) for p in peers},
             {p.address: p.is_ebgp(node_as) for p in peers},

@@ -32,6 +32,7 @@ if not (HAVE_EXABGP and HAVE_BIRD and HAVE_FRR):
 N1, N2, TOR4, FRR4 = "192.0.2.11", "192.0.2.12", "192.0.2.1", "192.0.2.3"
 N1_6, N2_6, TOR6, FRR6 = "fd00:192:0:2::11", "fd00:192:0:2::12", "fd00:192:0:2::1", "fd00:192:0:2::3"
 BLOCK6, BLOCK4, TOR_PREFIX = "fd00:10:244::40/122", "10.244.1.0/26", "2001:db8:100::/48"
+BLOCK6_HIDDEN, TOR_REJECTED = "fd00:10:244::c0/122", "2001:db8:200::/48"  # BGPFilter V6 rules
 
 TOR_CONF = """
 log "{log}" all;
@@ -40,6 +41,7 @@ protocol device {{ scan time 10; }}
 protocol static originated {{
   ipv6;
   route 2001:db8:100::/48 blackhole;
+  route 2001:db8:200::/48 blackhole;
 }}
 protocol bgp n1 {{
   local fd00:192:0:2::1 as 65001;
@@ -78,8 +80,15 @@ CLUSTER = [
     node("n1", N1, N1_6), node("n2", N2, N2_6),
     resource("bgpconfigurations", "default", {
         "prefixAdvertisements": [{"cidr": "fd00:10:244::/64", "communities": ["65000:6"]}]}, "BGPConfiguration"),
-    resource("bgppeers", "tor6", {"node": "n1", "peerIP": TOR6, "asNumber": 65001}, "BGPPeer"),
-    resource("bgppeers", "frr6", {"node": "n1", "peerIP": f"[{FRR6}]:179", "asNumber": 65003}, "BGPPeer"),
+    resource("bgpfilters", "edge6", {
+        "importV6": [{"action": "Reject", "matchOperator": "Equal", "cidr": TOR_REJECTED}],
+        "exportV6": [{"action": "Reject", "matchOperator": "Equal", "cidr": BLOCK6_HIDDEN}],
+        "exportV4": [{"action": "Reject", "matchOperator": "In", "cidr": "0.0.0.0/0"}],
+    }, "BGPFilter"),
+    resource("bgppeers", "tor6", {"node": "n1", "peerIP": TOR6, "asNumber": 65001, "filters": ["edge6"]},
+             "BGPPeer"),
+    resource("bgppeers", "frr6", {"node": "n1", "peerIP": f"[{FRR6}]:179", "asNumber": 65003,
+                                  "filters": ["edge6"]}, "BGPPeer"),
 ]
 
 
@@ -129,7 +138,7 @@ def v6lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[V6Lab]:
         add_v6(n2.ns, N2_6)
         for agent in (n1, n2):
             agent.feed(*CLUSTER)
-        n1.ctl.set_announcements({BLOCK6, BLOCK4})
+        n1.ctl.set_announcements({BLOCK6, BLOCK6_HIDDEN, BLOCK4})
         n2.ctl.set_announcements({"fd00:10:244::80/122"})
         yield V6Lab(lab, n1, n2, tor_ctl, frr_ns, str(d))
     finally:
@@ -171,3 +180,35 @@ def test_tor_ipv6_prefix_is_learned_via_the_tors_ipv6_address(v6lab: V6Lab) -> N
     v6lab.wait("n1 learns the ToR's prefix", lambda: TOR_PREFIX in v6lab.n1.ctl.learned_routes())
     assert v6lab.n1.ctl.learned_routes()[TOR_PREFIX] == TOR6
     assert v6lab.n1.ctl.learned_routes()["fd00:10:244::80/122"] == N2_6
+
+
+def test_ipv6_filter_rules_on_the_wire(v6lab: V6Lab) -> None:
+    """BGPFilter exportV6 keeps one IPv6 block from the filtered sessions (BIRD, FRR) but not from
+    the mesh peer; importV6 keeps one of the ToR's IPv6 prefixes out of n1's routes; the V4 rules
+    (reject everything) touch no IPv6 route."""
+    v6lab.wait("n2 learns the block the filter hides from the ToR", lambda: v6lab.n2.ctl.rib.best(BLOCK6_HIDDEN))
+    v6lab.wait("FRR learns n1's other IPv6 block",
+               lambda: v6lab.frr(f"show bgp ipv6 unicast {BLOCK6} json").get("paths"))
+    v6lab.wait("BIRD learns n1's other IPv6 block", lambda: BLOCK6 in bird_route(v6lab.tor_ctl, BLOCK6))
+    assert not v6lab.frr(f"show bgp ipv6 unicast {BLOCK6_HIDDEN} json").get("paths")
+    assert BLOCK6_HIDDEN not in bird_route(v6lab.tor_ctl, BLOCK6_HIDDEN)
+    v6lab.wait("n1 received the rejected ToR prefix", lambda: TOR_REJECTED in v6lab.n1.ctl.rib.received(TOR6))
+    assert TOR_REJECTED not in v6lab.n1.ctl.learned_routes() and TOR_PREFIX in v6lab.n1.ctl.learned_routes()
+
+
+def test_bird_reflector_with_ipv6_filter_functions_parses(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bgp.bird import render_bird_reflector
+    from bgp.filters import BGPFilter
+    from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, select_peers
+
+    edge = BGPFilter.from_resource({"metadata": {"name": "edge6"}, "spec": CLUSTER[2].value["spec"]})
+    nodes = [NodeInfo("rr1", "192.0.2.221", labels={"rr": "true"}, rr_cluster_id="244.0.0.1",
+                      ipv6="fd00:192:0:2::221"), NodeInfo("n1", N1, ipv6=N1_6)]
+    peers = select_peers("rr1", nodes, BGPSettings(node_to_node_mesh=False),
+                         [BGPPeerSpec("rr", node_selector="all()", peer_selector="rr == 'true'", filters=("edge6",))])
+    text = render_bird_reflector(router_id="192.0.2.221", as_number=64512, cluster_id="244.0.0.1", peers=peers,
+                                 filters=[edge], export_pools=["10.244.0.0/16", "fd00:10:244::/64"])
+    assert "felixpy_filter_0_export6(false);" in text and "felixpy_filter_0_import6(false);" in text
+    conf = tmp_path / "bird.conf"
+    conf.write_text(text)
+    sh("bird", "-p", "-c", str(conf))

@@ -96,12 +96,22 @@ def test_exports_give_each_session_its_family_with_prefix_advertisement_communit
     assert communities_for("fd00:10:245::/122", rules) == Attributes()
 
 
-def test_ipv4_filter_rules_never_touch_ipv6_routes() -> None:
-    reject_all = BGPFilter.from_resource({"metadata": {"name": "f"}, "spec": {"exportV4": [
-        {"action": "Reject", "matchOperator": "NotIn", "cidr": "10.0.0.0/8"}, {"action": "Reject"}]}})
-    assert not evaluate((reject_all,), "export", Route("10.244.0.0/26"), ebgp=False).accepted
-    verdict = evaluate((reject_all,), "export", Route("fd00:10:244::/122"), ebgp=False)
-    assert verdict.accepted and not verdict.matched
+def test_each_family_meets_its_own_filter_rules() -> None:
+    f = BGPFilter.from_resource({"metadata": {"name": "f"}, "spec": {
+        "exportV4": [{"action": "Reject", "matchOperator": "NotIn", "cidr": "10.0.0.0/8"}, {"action": "Reject"}],
+        "exportV6": [{"action": "Reject", "matchOperator": "In", "cidr": "fd00:10:244::/64",
+                      "prefixLength": {"min": 128, "max": 128}}]}})
+    assert not evaluate((f,), "export", Route("10.244.0.0/26"), ebgp=False).accepted
+    assert not evaluate((f,), "export", Route("fd00:10:244::1:5/128"), ebgp=False).accepted
+    verdict = evaluate((f,), "export", Route("fd00:10:244::/122"), ebgp=False)
+    assert verdict.accepted and not verdict.matched  # no V6 rule matched: Calico's default
+    from bgp.filters import FilterError, render_bird_functions
+
+    with pytest.raises(FilterError, match=r'spec.exportV6\[0\].cidr: .10.0.0.0/8. is not an IPv6 CIDR'):
+        BGPFilter.from_resource({"metadata": {"name": "g"}, "spec": {"exportV6": [
+            {"action": "Reject", "matchOperator": "Equal", "cidr": "10.0.0.0/8"}]}})
+    text = "\n".join(render_bird_functions([f]))
+    assert "function felixpy_filter_0_export6(bool is_ebgp) {\n  if (net ~ [ fd00:10:244::/64{128,128} ]) then { reject; }" in text
 
 
 def test_announcer_uses_each_familys_next_hop_and_end_of_rib() -> None:
@@ -151,6 +161,15 @@ def test_ipv6_updates_and_open_parse_into_the_rib() -> None:
                 "name": "graceful restart", "time": 120, "address-family-flags": {"ipv6/unicast": []}}}}}})
     opened = parse_exabgp_line(open_line)
     assert isinstance(opened, OpenReceived) and opened.graceful_restart_time == 120
+
+
+def test_a_global_next_hop_wins_over_the_link_local_one_sent_beside_it() -> None:
+    """BIRD on the same link sends both (RFC 2545); ExaBGP lists the prefix under each."""
+    body = {"announce": {"ipv6 unicast": {"fe80::1": [{"nlri": "2001:db8::/48"}], "fd00::1": [{"nlri": "2001:db8::/48"}],
+                                          "fe80::2": [{"nlri": "2001:db8:1::/48"}]}}}
+    event = parse_exabgp_line(_update(V6["n2"], body))
+    assert isinstance(event, RoutesReceived)
+    assert {r.prefix: r.next_hop for r in event.announced} == {"2001:db8::/48": "fd00::1", "2001:db8:1::/48": "fe80::2"}
 
 
 def test_adj_rib_out_read_back_finds_both_families() -> None:
