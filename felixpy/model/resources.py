@@ -500,8 +500,7 @@ _SECRET_REF = s.obj(
     {"secretKeyRef": s.obj({"name": s.string(), "key": s.string()}, required=("name", "key"))},
     required=("secretKeyRef",),
 )
-_V4_CIDR = s.cidr(strict=False, version=4, allow_ip=True)
-_CIDR_ITEM = s.obj({"cidr": _V4_CIDR}, required=("cidr",))
+_CIDR_ITEM = s.obj({"cidr": s.cidr(strict=False, allow_ip=True)}, required=("cidr",))  # IPv4 or IPv6
 _COMMUNITY_VALUE = s.string(r"\d+:\d+(:\d+)?", what="community")
 _NODE_SPECIFIC_BGP_FIELDS = {"logSeverityScreen", "listenPort", "prefixAdvertisements", "bindMode"}
 

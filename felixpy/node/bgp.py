@@ -849,7 +849,7 @@ class BGPController:
         routes = service_routes(settings, self._resources.services.values(), self._resources.slices.values(),
                                 node=self.node_name, excluded=labels.get(EXCLUDE_LABEL) == "true")
         if routes.reject != self._service_routes.reject:
-            self._reject_nets = tuple(ipaddress.IPv4Network(c) for c in sorted(routes.reject))
+            self._reject_nets = tuple(ipaddress.ip_network(c) for c in sorted(routes.reject))
             self.routes_dirty = True
         if routes.announce != self._service_routes.announce:
             self._exports_dirty = True

@@ -246,3 +246,23 @@ def test_bird_reflector_renders_ipv6_channels_and_typed_prefix_sets() -> None:
     assert "  ipv6 {" in block and "ipv4 {" not in block and "rr cluster id 244.0.0.1;" in block
     assert ("  if net.type = NET_IP6 then { if net ~ [ fd00:10:244::/64+ ] then return true; }" in text)
     assert "  if net.type = NET_IP6 then { if net ~ fd00:10:244::/64 then { bgp_community.add((65000, 6)); } }" in text
+
+
+def test_ipv6_service_ranges_and_local_service_addresses() -> None:
+    from bgp.services import EndpointSliceInfo, ServiceInfo, ServiceSettings, service_routes
+
+    settings = ServiceSettings.from_resource({"spec": {
+        "serviceClusterIPs": [{"cidr": "10.96.0.0/12"}, {"cidr": "fd00:96::/108"}],
+        "serviceLoadBalancerIPs": [{"cidr": "fd00:18::/120"}, {"cidr": "fd00:19::7"}]}})
+    svc = ServiceInfo.from_object({"metadata": {"namespace": "shop", "name": "web"}, "spec": {
+        "type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+        "externalTrafficPolicy": "Local"}, "status": {"loadBalancer": {"ingress": [{"ip": "fd00:18::5"}]}}})
+    v6_slice = EndpointSliceInfo.from_object({
+        "metadata": {"namespace": "shop", "name": "web-v6", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv6", "endpoints": [{"addresses": ["fd00:10:244::5"], "nodeName": "n1"}]})
+    here = service_routes(settings, [svc], [v6_slice], node="n1")
+    assert here.announce == {"10.96.0.0/12", "fd00:96::/108", "fd00:18::/120",
+                             "10.96.0.10/32", "fd00:96::10/128", "fd00:18::5/128"}
+    assert "fd00:19::7/128" not in here.reject and "fd00:18::/120" in here.reject
+    assert service_routes(settings, [svc], [v6_slice], node="n2").announce == {
+        "10.96.0.0/12", "fd00:96::/108", "fd00:18::/120"}

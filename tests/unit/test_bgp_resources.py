@@ -81,7 +81,8 @@ def test_bgp_configuration_fields() -> None:
     rejects(bgp_configuration(prefixAdvertisements=[{"cidr": "10.0.0.0/8", "communities": ["nope"]}]),
             "spec.prefixAdvertisements[0].communities[0]")
     rejects(bgp_configuration(communities=[{"name": "c", "value": "65536:1"}]), "out of range")
-    rejects(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/108"}]), "spec.serviceClusterIPs[0].cidr")
+    validate(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/108"}], prefixAdvertisements=[{"cidr": "fd00::/64"}]))
+    rejects(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/300"}]), "spec.serviceClusterIPs[0].cidr")
     for field, value in (("programClusterRoutes", "Enabled"), ("ipv4NormalRoutePriority", 1024),
                          ("localWorkloadPeeringIPV4", "169.254.0.1")):
         rejects(bgp_configuration(**{field: value}), f"spec.{field}: felixpy does not support")
