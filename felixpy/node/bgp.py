@@ -8,7 +8,8 @@ manager merges with the calc graph's own routes.
 
     datastore ─► Nodes, BGPConfiguration, BGPPeers ─► bgp.peers.select_peers ─► bgp.config
                  ─► exabgp.conf (atomic write) ─► SIGUSR1 to ExaBGP (pid file) when it changed
-    calc.bgp_announcements() ─► announce / withdraw (batched, next hop = node IP)
+    calc.bgp_announcements() ─► announce / withdraw (batched; next hop = the node's IPv4, or its IPv6
+                                for IPv6 prefixes, which go out on the IPv6 sessions only)
     link thread: SidecarClient.next_event ─► queue ─► on_message ─► bgp.rib.Rib ─► learned_routes()
 
 Threads: `start(post)` runs one background thread that connects to the sidecar socket (retrying)
