@@ -21,12 +21,17 @@ Anchor, same run, same machine: two BIRD 2 speakers in their own namespaces (iBG
 A's block appears as a static route (static include file re-rendered + `birdc configure`, Calico's
 confd path minus confd) and B's kernel protocol installs it.
 
-    sudo .venv/bin/python benchmarks/bench_bgp.py [--trials 50] [--no-reflector] [--no-reflector-node]
+IPv6 (`--family 4,6`): the felixpy labs run dual-stack (`--ip-family dual`; `--family 6` alone:
+IPv6-only) and every trial also claims an IPv6 /122 for n1, carried on the IPv6 sessions (n1's
+IPv6 next hop), timed the same way beside the IPv4 one.
+
+    sudo .venv/bin/python benchmarks/bench_bgp.py [--trials 50] [--family 4,6] [--no-reflector] [--no-reflector-node]
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import queue
@@ -40,6 +45,19 @@ import threading
 import time
 
 BIN = os.path.dirname(sys.executable)
+# The lab's datastore is reached from inside its fabric netns, which the bench process enters
+# (felixpy.lab.pods.open_datastore); every later `felixpy-lab up` must start from the host's.
+HOST_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY)
+
+
+def back_to_host_netns() -> None:
+    import ctypes
+
+    from felixpy.lab import pods
+
+    if ctypes.CDLL(None, use_errno=True).setns(HOST_NETNS, 0x40000000) != 0:  # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns back to the host netns")
+    pods._entered_fabric = None
 
 
 def sh(*argv: str) -> str:
@@ -98,13 +116,26 @@ def sessions_up(lab: str, node: str, expected: int) -> bool:
     return len(peers) == expected and all(p.get("state") == "Established" for p in peers)
 
 
-def bench_felixpy(trials: int, spacing: float, reflectors: int = 0) -> tuple[list[float], list[float]]:
-    """Trials in a 2-node lab: a mesh, or (reflectors > 0) mesh off and that many BIRD reflectors."""
+POOL6 = ipaddress.IPv6Network("fd00:10:244::/64")  # the lab's IPv6 pool
+
+
+def _cidr(family: int, base: int, i: int) -> str:
+    if family == 4:
+        return f"10.244.{base + i // 4}.{(i % 4) * 64}/26"
+    return str(ipaddress.IPv6Network((int(POOL6.network_address) + (base * 1024 + i) * 64, 122)))
+
+
+def bench_felixpy(trials: int, spacing: float, reflectors: int = 0,
+                  families: tuple[int, ...] = (4,)) -> dict[int, tuple[list[float], list[float]]]:
+    """Trials in a 2-node lab: a mesh, or (reflectors > 0) mesh off and that many BIRD reflectors.
+    family → (announce, withdraw) times."""
     lab = "bgpb" + secrets.token_hex(2)
     cli = [sys.executable, "-m", "felixpy.lab.cli"]
     monitor = None
+    ip_family = {(4,): "ipv4", (6,): "ipv6"}.get(families, "dual")
+    back_to_host_netns()
     try:
-        up = subprocess.run([*cli, "up", "--nodes", "2", "--mode", "bgp", "--name", lab,
+        up = subprocess.run([*cli, "up", "--nodes", "2", "--mode", "bgp", "--name", lab, "--ip-family", ip_family,
                              *(["--route-reflectors", str(reflectors)] if reflectors else [])],
                             capture_output=True, text=True, timeout=180, check=False)
         if up.returncode != 0:
@@ -114,30 +145,33 @@ def bench_felixpy(trials: int, spacing: float, reflectors: int = 0) -> tuple[lis
 
         store = pods.open_datastore(lab)
         deadline = time.monotonic() + 60
-        # Mesh: one peer each; with reflectors: one session per reflector, none between the nodes.
-        while not all(sessions_up(lab, node, reflectors or 1) for node in ("n1", "n2")):
+        # Mesh: one peer each; with reflectors: one session per reflector, none between the nodes
+        # (per family).
+        while not all(sessions_up(lab, node, (reflectors or 1) * len(families)) for node in ("n1", "n2")):
             if time.monotonic() > deadline:
                 raise SystemExit("sessions did not come up")
             time.sleep(0.2)
         monitor = RouteMonitor(f"{lab}-n2")
-        announce, withdraw = [], []
+        times: dict[int, tuple[list[float], list[float]]] = {f: ([], []) for f in families}
         # A different third octet per setup so no trial can see a leftover of another.
         base = 200 if not reflectors else 100
         for i in range(trials):
-            cidr = f"10.244.{base + i // 4}.{(i % 4) * 64}/26"
-            key = keys.affinity_key("n1", cidr)
-            monitor.drain()
-            start = time.monotonic()
-            store.create(key, {"state": "confirmed", "deleted": False})
-            announce.append(monitor.wait(cidr, deleted=False) - start)
-            time.sleep(spacing)
-            monitor.drain()
-            start = time.monotonic()
-            store.delete(key)
-            withdraw.append(monitor.wait(cidr, deleted=True) - start)
-            time.sleep(spacing)
+            for family in families:  # interleaved: both families see the same load
+                announce, withdraw = times[family]
+                cidr = _cidr(family, base, i)
+                key = keys.affinity_key("n1", cidr)
+                monitor.drain()
+                start = time.monotonic()
+                store.create(key, {"state": "confirmed", "deleted": False})
+                announce.append(monitor.wait(cidr, deleted=False) - start)
+                time.sleep(spacing)
+                monitor.drain()
+                start = time.monotonic()
+                store.delete(key)
+                withdraw.append(monitor.wait(cidr, deleted=True) - start)
+                time.sleep(spacing)
         store.close()
-        return announce, withdraw
+        return times
     finally:
         if monitor is not None:
             monitor.stop()
@@ -171,6 +205,7 @@ def bench_reflector_node(trials: int, spacing: float) -> dict[str, tuple[list[fl
         if done.returncode != 0:
             raise SystemExit(f"felixpy-lab {args[0]} failed: {done.stderr.strip()[-300:]}")
 
+    back_to_host_netns()
     try:
         run("up", "--nodes", "2", "--mode", "bgp")
         # Calico's recipe, through felixctl on a node (calicoctl's verbs).
@@ -342,22 +377,38 @@ def main() -> int:
     parser.add_argument("--no-reflector", action="store_true", help="skip the run through reflectors")
     parser.add_argument("--no-reflector-node", action="store_true",
                         help="skip the run with a reflector node that runs pods")
+    parser.add_argument("--family", default="4",
+                        help="address families of the felixpy runs: 4, 6 or 4,6 (dual-stack labs)")
     args = parser.parse_args()
+    try:
+        families = tuple(sorted({int(f) for f in args.family.split(",")}))
+        if not families or not set(families) <= {4, 6}:
+            raise ValueError
+    except ValueError:
+        print(f"bench_bgp: --family {args.family}: expected 4, 6 or 4,6", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("bench_bgp: needs root (network namespaces)", file=sys.stderr)
         return 1
     have_bird = shutil.which("bird") is not None
     bird = bench_bird(args.trials, args.spacing) if have_bird else None
     bird_rr = bench_bird(args.trials, args.spacing, reflector=True) if have_bird and not args.no_reflector else None
-    announce, withdraw = bench_felixpy(args.trials, args.spacing)
-    rr = None if args.no_reflector else bench_felixpy(args.trials, args.spacing, reflectors=args.reflectors)
+    mesh = bench_felixpy(args.trials, args.spacing, families=families)
+    announce, withdraw = mesh[families[0]]
+    rr_runs = (None if args.no_reflector
+               else bench_felixpy(args.trials, args.spacing, reflectors=args.reflectors, families=families))
+    rr = rr_runs[families[0]] if rr_runs else None
+    # The reflector-node run stays IPv4 (its IPv6 loopback session is exercised by the e2e test).
     rr_node = None if args.no_reflector_node else bench_reflector_node(args.trials, args.spacing)
     print(f"BGP convergence, block claim on A -> route in B's kernel ({args.trials} trials)")
-    report("felixpy mesh (etcd -> agent -> ExaBGP -> ExaBGP -> agent)", announce)
-    report("felixpy mesh withdraw (affinity deleted)", withdraw)
-    if rr is not None:
-        report(f"felixpy via {args.reflectors} BIRD reflectors (mesh off)", rr[0])
-        report("felixpy via reflectors, withdraw", rr[1])
+    for family in families:
+        tag = "" if family == 4 else " IPv6"
+        report("felixpy mesh (etcd -> agent -> ExaBGP -> ExaBGP -> agent)" if family == 4
+               else "felixpy mesh IPv6 (over the IPv6 sessions)", mesh[family][0])
+        report(f"felixpy mesh{tag} withdraw (affinity deleted)", mesh[family][1])
+        if rr_runs is not None:
+            report(f"felixpy{tag} via {args.reflectors} BIRD reflectors (mesh off)", rr_runs[family][0])
+            report(f"felixpy{tag} via reflectors, withdraw", rr_runs[family][1])
     if rr_node is not None:
         report("reflector node n1 -> n2 (ExaBGP -> local BIRD -> n2)", rr_node["n1"][0])
         report("reflector node n1 -> n2, withdraw", rr_node["n1"][1])
@@ -371,7 +422,9 @@ def main() -> int:
         report("BIRD 2 via reflector, withdraw", bird_rr[1])
     if bird is not None:
         anchor = statistics.median(bird[0])
-        for label, values in (("mesh", announce), ("reflector", rr[0] if rr else None),
+        extra = [("IPv6 mesh", mesh[6][0]), ("IPv6 reflector", rr_runs[6][0] if rr_runs else None)] \
+            if 6 in families and families != (6,) else []
+        for label, values in (("mesh", announce), ("reflector", rr[0] if rr else None), *extra,
                               ("reflector node n1 -> n2", rr_node["n1"][0] if rr_node else None),
                               ("n2 -> reflector node n1", rr_node["n2"][0] if rr_node else None)):
             if values is None:

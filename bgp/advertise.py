@@ -65,18 +65,18 @@ def community_rules(default: Mapping[str, Any] | None,
                 raise FilterError(f"{resource}: spec.prefixAdvertisements[{i}].communities: {value!r} is neither "
                                   "a community value nor the name of one in spec.communities") from None
             (large if len(parts) == 3 else standard).append(":".join(str(p) for p in parts))
-        if ipaddress.ip_network(cidr).version == 4:
-            rules.append(CommunityRule(cidr, tuple(standard), tuple(large)))
+        rules.append(CommunityRule(cidr, tuple(standard), tuple(large)))
     return tuple(rules)
 
 
 def communities_for(prefix: str, rules: Iterable[CommunityRule]) -> Attributes:
     """The attributes of one of our routes when no filter decided: every matching rule's communities."""
-    net = ipaddress.IPv4Network(prefix)
+    net = ipaddress.ip_network(prefix)
     standard: list[str] = []
     large: list[str] = []
     for rule in rules:
-        if net.subnet_of(ipaddress.IPv4Network(rule.cidr)):
+        cidr = ipaddress.ip_network(rule.cidr)
+        if cidr.version == net.version and net.subnet_of(cidr):  # type: ignore[arg-type]
             standard += [c for c in rule.communities if c not in standard]
             large += [c for c in rule.large_communities if c not in large]
     return Attributes(communities=tuple(standard), large_communities=tuple(large))
@@ -105,16 +105,19 @@ def _to_attributes(path: PathAttributes) -> Attributes:
 
 def exports(routes: Iterable[LocalRoute], rules: Sequence[CommunityRule],
             peers: Mapping[str, PeerExport]) -> dict[str, dict[str, Attributes]]:
-    """peer address → prefix → attributes: what each session should carry."""
+    """peer address → prefix → attributes: what each session should carry (a session carries the
+    routes of its address's family only, as Calico's bird and bird6)."""
     base = {r.prefix: communities_for(r.prefix, rules) for r in routes}
+    by_family = {v: {p: a for p, a in base.items() if ipaddress.ip_network(p).version == v} for v in (4, 6)}
     interfaces = {r.prefix: r.interface for r in routes}
     out: dict[str, dict[str, Attributes]] = {}
     for address, export in peers.items():
+        family = by_family[ipaddress.ip_address(address).version]
         if not export.filters:
-            out[address] = dict(base)
+            out[address] = dict(family)
             continue
         chosen: dict[str, Attributes] = {}
-        for prefix, attributes in base.items():
+        for prefix, attributes in family.items():
             verdict = evaluate(export.filters, "export", Route(prefix, interface=interfaces[prefix]),
                                ebgp=export.ebgp)
             if not verdict.matched:

@@ -27,7 +27,8 @@ listening socket to the sessions' local address; without it to every address, Ca
 
 A reflector that is also a node running pods (`local_agent`) has one more session: its own agent's
 ExaBGP, over loopback (`Local_Agent`, an rr client: the agent announces the node's own routes into
-BIRD and learns everything BIRD reflects). Its next hops are resolved through `protocol direct`.
+BIRD and learns everything BIRD reflects), and with an IPv6 address a second one for IPv6
+(`Local_Agent6`, from `::1`). Its next hops are resolved through `protocol direct`.
 
 What is exported is Calico's choice (confd's `calico_export_to_bgp_peers`), after the BGPFilters:
 routes inside an IP pool that exports to BGP, and on a reflector the routes inside the
@@ -64,6 +65,12 @@ class LocalAgent:
 
     address: str  # a loopback address the agent's ExaBGP binds, e.g. 127.0.0.2
     port: int  # where that ExaBGP listens, so BIRD can connect too (it holds the BGP port itself)
+    address6: str | None = None  # its IPv6 loopback address (::1), for the IPv6 session
+
+
+def local_agent_name(version: int) -> str:
+    """The BIRD protocol of the agent's session of that family (Local_Agent, Local_Agent6)."""
+    return LOCAL_AGENT_NAME if version == 4 else f"{LOCAL_AGENT_NAME}6"
 
 
 def hashed_router_id(name: str, *, avoid: str = "") -> str:
@@ -139,16 +146,17 @@ def _protocol(peer: Peer, *, local_address: str | None, as_number: int, cluster_
     if local:
         # The node's own agent: reconnect at once after its ExaBGP restarts.
         lines += ["  connect delay time 1;", "  connect retry time 1;", "  error wait time 1, 2;"]
-    import_calls = bird_calls(peer.filters, filter_order, "import", ebgp=ebgp)
-    export_calls = bird_calls(peer.filters, filter_order, "export", ebgp=ebgp)
+    # An IPv6 session runs the filters' V6 functions (confd renders those into bird6).
+    import_calls = bird_calls(peer.filters, filter_order, "import", ebgp=ebgp, version=peer.version)
+    export_calls = bird_calls(peer.filters, filter_order, "export", ebgp=ebgp, version=peer.version)
     tag = "felixpy_communities(); " if communities else ""
     if local or not calico_export:
         default_export = "if source = RTS_BGP then accept;"
     else:
-        default_export = (f'if proto = "{LOCAL_AGENT_NAME}" then {{ {tag}accept; }} '
+        default_export = (f'if proto = "{local_agent_name(peer.version)}" then {{ {tag}accept; }} '
                           f"if source = RTS_BGP && felixpy_calico_route() then {{ {tag}accept; }}")
     lines += [
-        "  ipv4 {",
+        f"  ipv{peer.version} {{",
         # The node's own routes win over copies of the same prefix from other nodes (a Service
         # range every node announces), as calico-node's static routes (preference 200) do over BGP.
         *(["    preference 200;"] if local else []),
@@ -169,20 +177,28 @@ def _communities_function(rules: Sequence[CommunityRule]) -> list[str]:
         adds = [f"bgp_community.add(({c.replace(':', ', ')}));" for c in rule.communities]
         adds += [f"bgp_large_community.add(({c.replace(':', ', ')}));" for c in rule.large_communities]
         if adds:
-            lines.append(f"  if net ~ {rule.cidr} then {{ {' '.join(adds)} }}")
+            # A net is only ever compared with a prefix of its own type (BIRD refuses mixing).
+            lines.append(f"  if {_net_type(rule.cidr)} then {{ if net ~ {rule.cidr} then {{ {' '.join(adds)} }} }}")
     lines.append("}")
     return lines
 
 
+def _net_type(cidr: str) -> str:
+    return f"net.type = NET_IP{ipaddress.ip_network(cidr).version}"
+
+
 def _calico_route_function(pools: Sequence[str], quiet_pools: Sequence[str], service_cidrs: Sequence[str]) -> list[str]:
-    lines = ["# Calico's routes: what confd's calico_export_to_bgp_peers lets out",
+    lines = ["# Calico's routes: what confd's calico_export_to_bgp_peers (bird6: its IPv6 twin) lets out",
              "function felixpy_calico_route() {"]
-    if quiet_pools:
-        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in quiet_pools)} ] then return false;")
-    if pools:
-        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in pools)} ] then return true;")
-    if service_cidrs:
-        lines.append(f"  if net ~ [ {', '.join(f'{c}+' for c in service_cidrs)} ] then return true;")
+    for version in (4, 6):
+        body = []
+        for cidrs, verdict in ((quiet_pools, "false"), (pools, "true"), (service_cidrs, "true")):
+            family = [c for c in cidrs if ipaddress.ip_network(c).version == version]
+            if family:
+                body.append(f"if net ~ [ {', '.join(f'{c}+' for c in family)} ] then return {verdict};")
+        if body:
+            # Prefix sets are typed: each family's sets are only matched against its own nets.
+            lines.append(f"  if net.type = NET_IP{version} then {{ {' '.join(body)} }}")
     lines += ["  return false;", "}"]
     return lines
 
@@ -220,7 +236,10 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
         # direct template, never the pods' veths, kube-proxy's dummy, nor ignoredInterfaces.
         patterns = [f"-{_quoted(i, 'interface name')}" for i in ignored_interfaces]
         patterns += ['-"cali*"', '-"kube-ipvs*"', '"*"']
-        lines.append(f"protocol direct {{ ipv4; interface {', '.join(patterns)}; }}")
+        channels = "ipv4; ipv6;" if any(p.version == 6 for p in peers) else "ipv4;"
+        lines.append(f"protocol direct {{ {channels} interface {', '.join(patterns)}; }}")
+    if any(p.reachable_by and p.version == 6 for p in peers):
+        raise ValueError("BGPPeer reachableBy for an IPv6 peer is not supported on a route reflector")
     reachable = sorted({(p.address, p.reachable_by) for p in peers if p.reachable_by})
     if reachable and not has_local_agent:
         # BGPPeer reachableBy: a /32 to the peer via that gateway, as confd renders it. A
@@ -253,9 +272,11 @@ def render_bird_reflector(*, router_id: str, as_number: int, cluster_id: str | N
         "  error wait time 5, 30;",
         "}",
     ]
-    for peer in sorted(peers, key=lambda p: int(ipaddress.ip_address(p.address))):
+    for peer in sorted(peers, key=lambda p: (ipaddress.ip_address(p.address).version, int(ipaddress.ip_address(p.address)))):
         lines.append("")
-        lines += _protocol(peer, local_address=listen_address or peer.source_address,
+        # bindMode NodeIP names the node's IPv4 address; an IPv6 session binds the node's IPv6.
+        same_family = listen_address is not None and ipaddress.ip_address(listen_address).version == peer.version
+        lines += _protocol(peer, local_address=listen_address if same_family else peer.source_address,
                            as_number=as_number, cluster_id=cluster_id, multihop=multihop,
                            filter_order=filter_order, communities=bool(communities), listen_port=listen_port,
                            calico_export=calico_export)

@@ -17,6 +17,8 @@ Pure text rendering (tested as strings). The choices follow the measured spike
 - `route-refresh` so a respawned API process can ask peers to resend (gotcha 7).
 - `receive { parsed; update; open; }` plus `neighbor-changes`: the OPEN tells the RIB whether the peer
   negotiated graceful restart.
+- A neighbour carries the one family of its address (`ipv4 unicast` or `ipv6 unicast`), as
+  Calico's bird and bird6 do: IPv6 routes go over sessions between IPv6 addresses only.
 - MD5 passwords are written base64-encoded (`md5-base64 true`), so any secret survives ExaBGP's
   tokeniser unquoted and unescaped.
 - Per-session BGPPeer knobs: `localASNumber` is the neighbour's `local-as`; `ttlSecurity N` is
@@ -40,6 +42,7 @@ import re
 import sys
 from dataclasses import dataclass
 from bgp.peers import Peer
+from bgp.protocol import family_of
 
 PROCESS_NAME = "felixpy-sidecar"
 DEFAULT_HOLD_TIME = 90
@@ -120,7 +123,7 @@ def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
         lines.append("    manual-eor true;")
     lines += [
         "    family {",
-        "        ipv4 unicast;",
+        f"        {family_of(peer.address)};",
         "    }",
         "    capability {",
         "        route-refresh;",
@@ -145,8 +148,8 @@ def _neighbor(cfg: SpeakerConfig, peer: Peer) -> list[str]:
 
 def render_exabgp_conf(cfg: SpeakerConfig) -> str:
     """The ExaBGP configuration file text for `cfg` (deterministic)."""
-    for value in (cfg.router_id, cfg.local_address):
-        ipaddress.IPv4Address(value)
+    ipaddress.IPv4Address(cfg.router_id)  # a BGP identifier is 32 bits, even on an IPv6-only node
+    ipaddress.ip_address(cfg.local_address)
     if not 0 < cfg.as_number < 2**32:
         raise ValueError(f"invalid AS number {cfg.as_number}")
     lines = [

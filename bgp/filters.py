@@ -20,8 +20,11 @@ session's), `communities.values` (the route carries this community), `asPathPref
 starts with these ASNs). Operations: `addCommunity`, `prependASPath`.
 
 Not supported (refused when a BGPFilter is written, model/resources.py): `priority` and the
-`setPriority` operation (felixpy programs no route priorities), and IPv6 rules (felixpy's BGP is
-IPv4 only).
+`setPriority` operation (felixpy programs no route priorities).
+
+IPv6: `importV6` / `exportV6` hold the rules for IPv6 routes (confd renders them into bird6), the
+V4 lists those for IPv4 routes; a route only ever meets the rules of its own family. BIRD gets
+one function per filter, direction and family (`felixpy_filter_<i>_<direction>` and `..._6`).
 
 Pure: no I/O.
 """
@@ -113,15 +116,16 @@ class Rule:
 
     def _cidr_matches(self, prefix: str) -> bool:
         assert self.cidr is not None
-        net = ipaddress.IPv4Network(prefix)
-        cidr = ipaddress.IPv4Network(self.cidr)
+        net = ipaddress.ip_network(prefix)
+        cidr = ipaddress.ip_network(self.cidr)
         if self.match_operator == "Equal":
             return net == cidr
         if self.match_operator == "NotEqual":
             return net != cidr
         low = self.prefix_min if self.prefix_min is not None else cidr.prefixlen
-        high = self.prefix_max if self.prefix_max is not None else 32
-        inside = net.subnet_of(cidr) and low <= net.prefixlen <= high
+        high = self.prefix_max if self.prefix_max is not None else cidr.max_prefixlen
+        inside = (net.version == cidr.version and net.subnet_of(cidr)  # type: ignore[arg-type]
+                  and low <= net.prefixlen <= high)
         return inside if self.match_operator == "In" else not inside
 
     def apply(self, attributes: PathAttributes) -> PathAttributes:
@@ -147,23 +151,28 @@ class BGPFilter:
     name: str
     import_v4: tuple[Rule, ...] = ()
     export_v4: tuple[Rule, ...] = ()
+    import_v6: tuple[Rule, ...] = ()
+    export_v6: tuple[Rule, ...] = ()
 
     @classmethod
     def from_resource(cls, obj: Mapping[str, Any]) -> "BGPFilter":
         """A stored BGPFilter (already validated on write; anything unusable raises FilterError)."""
         name = str((obj.get("metadata") or {}).get("name", ""))
         spec = obj.get("spec") or {}
-        for family in ("importV6", "exportV6"):
-            if spec.get(family):
-                raise FilterError(f'BGPFilter "{name}": spec.{family}: IPv6 rules are not supported by felixpy')
-        return cls(name,
-                   tuple(_rule(r, f'BGPFilter "{name}": spec.importV4[{i}]')
-                         for i, r in enumerate(spec.get("importV4") or ())),
-                   tuple(_rule(r, f'BGPFilter "{name}": spec.exportV4[{i}]')
-                         for i, r in enumerate(spec.get("exportV4") or ())))
+
+        def rules(field: str, version: int) -> tuple[Rule, ...]:
+            return tuple(_rule(r, f'BGPFilter "{name}": spec.{field}[{i}]', version)
+                         for i, r in enumerate(spec.get(field) or ()))
+
+        return cls(name, rules("importV4", 4), rules("exportV4", 4), rules("importV6", 6), rules("exportV6", 6))
+
+    def rules(self, direction: str, version: int) -> tuple[Rule, ...]:
+        if version == 6:
+            return self.import_v6 if direction == "import" else self.export_v6
+        return self.import_v4 if direction == "import" else self.export_v4
 
 
-def _rule(raw: Mapping[str, Any], where: str) -> Rule:
+def _rule(raw: Mapping[str, Any], where: str, version: int = 4) -> Rule:
     try:
         action = raw.get("action")
         if action not in (ACCEPT, REJECT):
@@ -174,15 +183,21 @@ def _rule(raw: Mapping[str, Any], where: str) -> Rule:
             raise FilterError(f"{where}: cidr and matchOperator go together")
         if operator is not None and operator not in MATCH_OPERATORS:
             raise FilterError(f"{where}.matchOperator must be one of {', '.join(MATCH_OPERATORS)}")
+        network = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+        longest = 32 if version == 4 else 128
         if cidr is not None:
-            cidr = str(ipaddress.IPv4Network(cidr, strict=False))
+            try:
+                cidr = str(network(cidr, strict=False))
+            except ValueError:
+                raise FilterError(f"{where}.cidr: {cidr!r} is not an IPv{version} CIDR") from None
         length = raw.get("prefixLength") or {}
         low, high = length.get("min"), length.get("max")
         if length and operator not in ("In", "NotIn"):
             raise FilterError(f"{where}.prefixLength needs matchOperator In or NotIn")
         for bound in (low, high):
-            if bound is not None and not (cidr is not None and ipaddress.IPv4Network(cidr).prefixlen <= bound <= 32):
-                raise FilterError(f"{where}.prefixLength: {bound} is outside the cidr's /{cidr and ipaddress.IPv4Network(cidr).prefixlen}..32")
+            if bound is not None and not (cidr is not None and network(cidr).prefixlen <= bound <= longest):
+                raise FilterError(f"{where}.prefixLength: {bound} is outside the cidr's "
+                                  f"/{cidr and network(cidr).prefixlen}..{longest}")
         if low is not None and high is not None and low > high:
             raise FilterError(f"{where}.prefixLength: min {low} is above max {high}")
         source = raw.get("source")
@@ -233,8 +248,10 @@ class Verdict:
 
 def evaluate(filters: Sequence[BGPFilter], direction: str, route: Route, *, ebgp: bool) -> Verdict:
     """Run `direction` ("import" | "export") rules of `filters` in order over one route."""
+    # A route meets the rules of its own family only (confd: bird runs the V4 lists, bird6 the V6).
+    version = ipaddress.ip_network(route.prefix).version
     for bgp_filter in filters:
-        rules = bgp_filter.import_v4 if direction == "import" else bgp_filter.export_v4
+        rules = bgp_filter.rules(direction, version)
         for rule in rules:
             if rule.matches(route, ebgp=ebgp):
                 return Verdict(rule.action == ACCEPT, rule.apply(route.attributes), True)
@@ -250,9 +267,9 @@ def resolve(names: Iterable[str], known: Mapping[str, BGPFilter]) -> tuple[BGPFi
 # -- BIRD -----------------------------------------------------------------------------------------
 
 
-def bird_function_name(index: int, direction: str) -> str:
+def bird_function_name(index: int, direction: str, version: int = 4) -> str:
     """A plain BIRD symbol per filter: Kubernetes names may hold '.' and '-', which BIRD symbols cannot."""
-    return f"felixpy_filter_{index}_{direction}"
+    return f"felixpy_filter_{index}_{direction}" + ("" if version == 4 else "6")
 
 
 def _bird_net(rule: Rule) -> str:
@@ -261,8 +278,9 @@ def _bird_net(rule: Rule) -> str:
         return f"(net = {rule.cidr})"
     if rule.match_operator == "NotEqual":
         return f"(net != {rule.cidr})"
-    low = rule.prefix_min if rule.prefix_min is not None else ipaddress.IPv4Network(rule.cidr).prefixlen
-    high = rule.prefix_max if rule.prefix_max is not None else 32
+    cidr = ipaddress.ip_network(rule.cidr)
+    low = rule.prefix_min if rule.prefix_min is not None else cidr.prefixlen
+    high = rule.prefix_max if rule.prefix_max is not None else cidr.max_prefixlen
     op = "~" if rule.match_operator == "In" else "!~"
     return f"(net {op} [ {rule.cidr}{{{low},{high}}} ])"
 
@@ -307,16 +325,19 @@ def render_bird_functions(filters: Sequence[BGPFilter]) -> list[str]:
     """One BIRD function per filter and direction (`felixpy_filter_<i>_import(bool is_ebgp)`)."""
     lines: list[str] = []
     for index, bgp_filter in enumerate(filters):
-        for direction, rules in (("import", bgp_filter.import_v4), ("export", bgp_filter.export_v4)):
-            lines.append(f'# BGPFilter "{bgp_filter.name}" {direction}V4')
-            lines.append(f"function {bird_function_name(index, direction)}(bool is_ebgp) {{")
-            lines += [f"  {_bird_rule(rule)}" for rule in rules]
-            lines.append("}")
+        for version in (4, 6):
+            for direction in ("import", "export"):
+                lines.append(f'# BGPFilter "{bgp_filter.name}" {direction}V{version}')
+                lines.append(f"function {bird_function_name(index, direction, version)}(bool is_ebgp) {{")
+                lines += [f"  {_bird_rule(rule)}" for rule in bgp_filter.rules(direction, version)]
+                lines.append("}")
     return lines
 
 
-def bird_calls(names: Iterable[str], order: Sequence[str], direction: str, *, ebgp: bool) -> list[str]:
-    """The calls, in the BGPPeer's order, to the functions of the filters it names that exist."""
+def bird_calls(names: Iterable[str], order: Sequence[str], direction: str, *, ebgp: bool,
+               version: int = 4) -> list[str]:
+    """The calls, in the BGPPeer's order, to the functions of the filters it names that exist
+    (those of the session's family)."""
     index = {name: i for i, name in enumerate(order)}
     flag = "true" if ebgp else "false"
-    return [f"{bird_function_name(index[name], direction)}({flag});" for name in names if name in index]
+    return [f"{bird_function_name(index[name], direction, version)}({flag});" for name in names if name in index]

@@ -10,6 +10,11 @@ Rules, as confd applies them:
 - Full mesh (`nodeToNodeMeshEnabled`, default true) only on nodes without a route-reflector cluster
   ID; it pairs with every other node that has an IPv4 address and no cluster ID. The node with the
   lexically lower IP string is passive for a mesh pair, so only one side initiates.
+- IPv6 as confd renders bird6: every session to a Calico node exists once per family both ends
+  have an address of (Node `ipv4Address` / `ipv6Address`), between those addresses; IPv6 routes
+  travel only on the IPv6 sessions, never as IPv6 NLRI over an IPv4 session. A node without an
+  IPv6 address has no IPv6 sessions (bird6: "IPv6 disabled on this node"), and a `peerIP` of the
+  family the node has no address of gives no session.
 - A BGPPeer applies to this node when `node` names it, or `nodeSelector` matches its labels, or
   neither is set (a "global" peer). It names the remote side by `peerIP` (+ `asNumber`) or by
   `peerSelector` (the Calico nodes it selects; their AS comes from the Node or the global AS).
@@ -67,10 +72,16 @@ class NodeInfo:
     as_number: int | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     rr_cluster_id: str | None = None
+    ipv6: str | None = None  # spec.bgp.ipv6Address, trimmed the same way
 
     def __post_init__(self) -> None:
         if self.ipv4 is not None:
             object.__setattr__(self, "ipv4", str(ipaddress.ip_interface(self.ipv4).ip))
+        if self.ipv6 is not None:
+            object.__setattr__(self, "ipv6", str(ipaddress.ip_interface(self.ipv6).ip))
+
+    def address(self, version: int) -> str | None:
+        return self.ipv4 if version == 4 else self.ipv6
 
     @classmethod
     def from_resource(cls, obj: Mapping[str, Any]) -> "NodeInfo":
@@ -82,6 +93,7 @@ class NodeInfo:
             as_number=_as_number(bgp.get("asNumber")),
             labels=dict(meta.get("labels") or {}),
             rr_cluster_id=bgp.get("routeReflectorClusterID") or None,
+            ipv6=bgp.get("ipv6Address") or None,
         )
 
 
@@ -233,15 +245,24 @@ class Peer:
     def is_ebgp(self, node_as: int) -> bool:
         return self.as_number != self.local_as_for(node_as)
 
+    @property
+    def version(self) -> int:
+        """The session's address family (4 or 6): the family of the routes it carries."""
+        return ipaddress.ip_address(self.address).version
+
 
 @dataclass(frozen=True)
 class LocalSpeaker:
     """This node's own side of every session."""
 
     name: str
-    address: str
+    address: str | None  # IPv4; None on an IPv6-only node
     as_number: int
     rr_cluster_id: str | None
+    address6: str | None = None
+
+    def address_of(self, version: int) -> str | None:
+        return self.address if version == 4 else self.address6
 
 
 class PeeringError(ValueError):
@@ -309,9 +330,10 @@ def protocol_name(kind: PeerType, address: str, port: int = DEFAULT_PORT) -> str
 
 
 def local_speaker(node: NodeInfo, settings: BGPSettings) -> LocalSpeaker:
-    if node.ipv4 is None:
-        raise PeeringError(f'Node "{node.name}": spec.bgp.ipv4Address is not set')
-    return LocalSpeaker(node.name, node.ipv4, node.as_number or settings.as_number, node.rr_cluster_id)
+    if node.ipv4 is None and node.ipv6 is None:
+        raise PeeringError(f'Node "{node.name}": neither spec.bgp.ipv4Address nor spec.bgp.ipv6Address is set')
+    return LocalSpeaker(node.name, node.ipv4, node.as_number or settings.as_number, node.rr_cluster_id,
+                        node.ipv6)
 
 
 def _selects(selector: str, labels: Mapping[str, str]) -> bool:
@@ -347,10 +369,14 @@ def _check_spec(spec: BGPPeerSpec) -> None:
         raise PeeringError(f'BGPPeer "{spec.name}": spec.keepaliveTime must be 1s to {MAX_KEEPALIVE}s')
     if spec.reachable_by is not None:
         try:
-            ipaddress.IPv4Address(spec.reachable_by)
+            gateway = ipaddress.ip_address(spec.reachable_by)
         except ValueError:
-            raise PeeringError(f'BGPPeer "{spec.name}": spec.reachableBy: invalid IPv4 address '
+            raise PeeringError(f'BGPPeer "{spec.name}": spec.reachableBy: invalid IP address '
                                f'{spec.reachable_by!r}') from None
+        if spec.peer_ip and gateway.version != ipaddress.ip_address(
+                _split_peer_ip(spec.peer_ip, spec.name)[0]).version:
+            raise PeeringError(f'BGPPeer "{spec.name}": spec.reachableBy: {spec.reachable_by} is not of '
+                               "spec.peerIP's address family")
     for selector in (spec.node_selector, spec.peer_selector):
         if selector:
             try:
@@ -371,42 +397,49 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
     specs = list(bgp_peers)
     for spec in specs:
         _check_spec(spec)
-    others = [n for n in all_nodes.values() if n.name != node_name and n.ipv4 is not None]
+    others = [n for n in all_nodes.values() if n.name != node_name and (n.ipv4 or n.ipv6)]
+    # confd renders bird (IPv4) and bird6 (IPv6) alike: a session per family both ends have.
+    families = [v for v in (4, 6) if local.address_of(v) is not None]
 
     # Rank: lower wins when two rules name the same address (most specific first).
     found: dict[str, tuple[int, Peer]] = {}
 
     def add(rank: int, peer: Peer) -> None:
-        if peer.address == local.address:
+        if peer.address in (local.address, local.address6):
             return
         if peer.address not in found or rank < found[peer.address][0]:
             found[peer.address] = (rank, peer)
 
-    def node_peer(kind: PeerType, other: NodeInfo, spec: BGPPeerSpec | None) -> Peer:
-        assert other.ipv4 is not None
+    def node_peers(kind: PeerType, other: NodeInfo, spec: BGPPeerSpec | None) -> list[Peer]:
+        return [node_peer(kind, other, spec, v) for v in families if other.address(v) is not None]
+
+    def node_peer(kind: PeerType, other: NodeInfo, spec: BGPPeerSpec | None, version: int) -> Peer:
+        address, mine = other.address(version), local.address_of(version)
+        assert address is not None and mine is not None
         as_number = other.as_number or settings.as_number
         if kind is not PeerType.MESH and other.rr_cluster_id and other.rr_cluster_id != local.rr_cluster_id:
             kind = PeerType.REFLECTOR
         port = settings.listen_port_of(other.name)
-        common = dict(address=other.ipv4, as_number=as_number, type=kind,
-                      name=protocol_name(kind, other.ipv4, port), port=port, listen_port=my_port,
+        common = dict(address=address, as_number=as_number, type=kind,
+                      name=protocol_name(kind, address, port), port=port, listen_port=my_port,
                       # Both ends are Calico nodes: the higher IP initiates (confd compares the strings).
-                      passive=other.ipv4 > local.address, node=other.name,
+                      passive=address > mine, node=other.name,
                       remote_cluster_id=other.rr_cluster_id)
         if spec is None:
             return Peer(**common, password=settings.node_mesh_password,  # type: ignore[arg-type]
-                        source_address=local.address,
+                        source_address=mine,
                         max_restart_time=_restart(settings.node_mesh_max_restart_time),
                         rr_client=_is_rr_client(local.rr_cluster_id, local.as_number, as_number,
                                                 other.rr_cluster_id))
-        return Peer(**common, **_spec_fields(spec, local.address),  # type: ignore[arg-type]
+        return Peer(**common, **_spec_fields(spec, mine),  # type: ignore[arg-type]
                     rr_client=_is_rr_client(local.rr_cluster_id, spec.local_as_number or local.as_number,
                                             as_number, other.rr_cluster_id))
 
     if settings.node_to_node_mesh and not local.rr_cluster_id:
         for other in others:
             if not other.rr_cluster_id:
-                add(2, node_peer(PeerType.MESH, other, None))
+                for peer in node_peers(PeerType.MESH, other, None):
+                    add(2, peer)
 
     for spec in specs:
         kind = PeerType.NODE if (spec.node or spec.node_selector) else PeerType.GLOBAL
@@ -415,6 +448,9 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
             if spec.peer_ip:
                 address, port = _split_peer_ip(spec.peer_ip, spec.name)
                 assert spec.as_number is not None
+                mine = local.address_of(ipaddress.ip_address(address).version)
+                if mine is None:
+                    continue  # confd: no bird6 sessions on a node without an IPv6 address (and vice versa)
                 add(rank, Peer(
                     address=address,
                     as_number=spec.as_number,
@@ -424,20 +460,22 @@ def select_peers(node_name: str, nodes: Iterable[NodeInfo], settings: BGPSetting
                     listen_port=my_port,
                     rr_client=_is_rr_client(local.rr_cluster_id, spec.local_as_number or local.as_number,
                                             spec.as_number, None),
-                    **_spec_fields(spec, local.address),  # type: ignore[arg-type]
+                    **_spec_fields(spec, mine),  # type: ignore[arg-type]
                 ))
             else:
                 assert spec.peer_selector
                 for other in others:
                     if _selects(spec.peer_selector, other.labels):
-                        add(rank, node_peer(kind, other, spec))
+                        for peer in node_peers(kind, other, spec):
+                            add(rank, peer)
         # Reverse peering (Auto): the selected nodes configure their end of the same sessions.
         if spec.peer_selector and spec.reverse_peering == "Auto" and _selects(spec.peer_selector, me.labels):
             for other in others:
                 if _applies_to(spec, other):
-                    add(rank, node_peer(kind, other, spec))
+                    for peer in node_peers(kind, other, spec):
+                        add(rank, peer)
 
-    return [peer for _, peer in sorted(found.values(), key=lambda item: _address_key(item[1].address))]
+    return [peer for _, peer in sorted(found.values(), key=lambda item: address_key(item[1].address))]
 
 
 def _restart(value: int | None) -> int:
@@ -466,6 +504,7 @@ def _is_rr_client(cluster_id: str | None, local_as: int, peer_as: int, peer_clus
     return bool(cluster_id) and peer_as == local_as and peer_cluster_id != cluster_id
 
 
-def _address_key(address: str) -> tuple[int, int]:
+def address_key(address: str) -> tuple[int, int]:
+    """Sort key for addresses of both families: IPv4 first, then numerically."""
     ip = ipaddress.ip_address(address)
     return ip.version, int(ip)

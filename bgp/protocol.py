@@ -10,7 +10,7 @@ Three pure pieces:
   plus the socket-only `CommandResult` and `ReplayDone`.
 
 ExaBGP's JSON layout (format "5.0.0"): announces are grouped by next hop under
-`message.update.announce["ipv4 unicast"][<next-hop>]`, withdraws under
+`message.update.announce["ipv4 unicast"]` (or `"ipv6 unicast"`)`[<next-hop>]`, withdraws under
 `message.update.withdraw["ipv4 unicast"]`, path attributes in `message.update.attribute`; one line
 per BGP UPDATE. The `counter` field restarts on reload and is ignored.
 """
@@ -23,6 +23,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence, Union
 
 FAMILY = "ipv4 unicast"
+FAMILY6 = "ipv6 unicast"
+# Calico carries IPv4 routes on sessions between IPv4 addresses and IPv6 routes on sessions between
+# IPv6 addresses (confd's bird and bird6); each ExaBGP neighbour has the one family of its address.
+FAMILIES = {4: FAMILY, 6: FAMILY6}
 # exabgp-notes §5b measured 500 prefixes per batched command; larger lines gain nothing.
 BATCH_SIZE = 500
 
@@ -36,16 +40,21 @@ class ProtocolError(ValueError):
 
 def _prefix(value: str) -> str:
     try:
-        return str(ipaddress.IPv4Network(value))
+        return str(ipaddress.ip_network(value))
     except ValueError:
-        raise ValueError(f"invalid IPv4 prefix {value!r}") from None
+        raise ValueError(f"invalid IP prefix {value!r}") from None
 
 
 def _address(value: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(value))
+        return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ValueError(f"invalid IPv4 address {value!r}") from None
+        raise ValueError(f"invalid IP address {value!r}") from None
+
+
+def family_of(address_or_prefix: str) -> str:
+    """ExaBGP's family name ("ipv4 unicast" / "ipv6 unicast") of an address or prefix."""
+    return FAMILIES[ipaddress.ip_network(address_or_prefix, strict=False).version]
 
 
 def _selector(neighbor: str | Sequence[str] | None) -> str:
@@ -133,13 +142,13 @@ def withdraw_routes(prefixes: Iterable[str], next_hop: str, *, neighbor: Neighbo
     return [f"{head} nlri {' '.join(batch)}" for batch in _batches(prefixes, batch_size)]
 
 
-def end_of_rib(*, neighbor: Neighbors = None) -> str:
+def end_of_rib(*, neighbor: Neighbors = None, family: str = FAMILY) -> str:
     """Send End-of-RIB by hand (neighbours use `manual-eor`); ExaBGP errors if none is established."""
-    return f"{_selector(neighbor)}announce eor ipv4 unicast"
+    return f"{_selector(neighbor)}announce eor {family}"
 
 
-def route_refresh(*, neighbor: Neighbors = None) -> str:
-    return f"{_selector(neighbor)}announce route-refresh ipv4 unicast"
+def route_refresh(*, neighbor: Neighbors = None, family: str = FAMILY) -> str:
+    return f"{_selector(neighbor)}announce route-refresh {family}"
 
 
 # -- events ----------------------------------------------------------------------------------------
@@ -181,7 +190,8 @@ class StateChange:
 
 @dataclass(frozen=True)
 class OpenReceived:
-    """The peer's OPEN; `graceful_restart_time` is None unless it offered GR for IPv4 unicast."""
+    """The peer's OPEN; `graceful_restart_time` is None unless it offered GR for the session's
+    family (IPv4 unicast, or IPv6 unicast on a session to an IPv6 address)."""
 
     peer: str
     router_id: str
@@ -298,11 +308,27 @@ def _nlri(item: Any) -> str:
 def _update(peer: str, update: dict[str, Any], when: float) -> RoutesReceived:
     attributes = _attributes(update.get("attribute") or {})
     announced = []
-    for next_hop, items in ((update.get("announce") or {}).get(FAMILY) or {}).items():
-        for item in items:
-            announced.append(ReceivedRoute(_nlri(item), str(next_hop), attributes))
-    withdrawn = tuple(_nlri(item) for item in (update.get("withdraw") or {}).get(FAMILY) or ())
-    return RoutesReceived(peer, tuple(announced), withdrawn, when)
+    withdrawn: list[str] = []
+    for family in (FAMILY, FAMILY6):
+        hops: dict[str, str] = {}
+        for next_hop, items in ((update.get("announce") or {}).get(family) or {}).items():
+            for item in items:
+                prefix = _nlri(item)
+                # An IPv6 peer on the same link sends its global and its link-local address as
+                # next hop (RFC 2545); ExaBGP lists the prefix under both. The global one is the
+                # gateway, as bird6 uses it: a link-local hop only when there is nothing else.
+                if prefix not in hops or _link_local(hops[prefix]):
+                    hops[prefix] = str(next_hop)
+        announced += [ReceivedRoute(prefix, hop, attributes) for prefix, hop in hops.items()]
+        withdrawn += [_nlri(item) for item in (update.get("withdraw") or {}).get(family) or ()]
+    return RoutesReceived(peer, tuple(announced), tuple(withdrawn), when)
+
+
+def _link_local(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_link_local
+    except ValueError:
+        return False
 
 
 def _open(peer: str, raw: dict[str, Any], when: float) -> OpenReceived:
@@ -310,7 +336,8 @@ def _open(peer: str, raw: dict[str, Any], when: float) -> OpenReceived:
     for capability in (raw.get("capabilities") or {}).values():
         if capability.get("name") == "graceful restart":
             families = capability.get("address-family-flags") or {}
-            if "ipv4/unicast" in families:
+            # The family the session carries: the one of the peer's address (one family per session).
+            if f"ipv{ipaddress.ip_address(peer).version}/unicast" in families:
                 restart = int(capability.get("time", 0))
     return OpenReceived(peer, str(raw.get("router_id")), int(raw.get("asn", 0)),
                         int(raw.get("hold_time", 0)), restart, when)

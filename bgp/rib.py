@@ -88,7 +88,7 @@ class Rib:
     # -- queries --------------------------------------------------------------------------------
 
     def best(self, prefix: str) -> Path | None:
-        return self._best.get(str(ipaddress.IPv4Network(prefix)))
+        return self._best.get(str(ipaddress.ip_network(prefix)))
 
     def best_routes(self) -> dict[str, str]:
         """prefix → next hop of every best path (what the kernel should hold)."""
@@ -104,7 +104,7 @@ class Rib:
 
     def paths(self, prefix: str) -> list[Path]:
         """Every accepted path to `prefix`, best first."""
-        return sorted((self._paths.get(str(ipaddress.IPv4Network(prefix))) or {}).values(), key=Path.sort_key)
+        return sorted((self._paths.get(str(ipaddress.ip_network(prefix))) or {}).values(), key=Path.sort_key)
 
     def prefixes(self) -> list[str]:
         return list(self._paths)
@@ -220,14 +220,14 @@ class Rib:
         received = self._received.setdefault(peer, {})
         touched: dict[str, str | None] = {}
         for prefix in withdrawn:
-            prefix = str(ipaddress.IPv4Network(prefix))
+            prefix = str(ipaddress.ip_network(prefix))
             received.pop(prefix, None)
             if prefix in adj:
                 self._note(touched, prefix)
                 del adj[prefix]
                 del self._paths[prefix][peer]
         for route in announced:
-            prefix = str(ipaddress.IPv4Network(route.prefix))
+            prefix = str(ipaddress.ip_network(route.prefix))
             raw = Path(prefix, peer, route.next_hop, route.attributes, state.router_id)
             received[prefix] = raw
             path = self._accept(raw)

@@ -21,7 +21,8 @@ generator and client, calico-reference §3.7):
 - `reject`: the configured ranges. BGP routes learned inside them are not programmed into the
   kernel (confd's `/calico/rejectcidrs`): kube-proxy owns service addresses on every node.
 
-IPv4 only, like the rest of felixpy's BGP. Pure: no I/O.
+Both families: IPv6 ranges and addresses work like IPv4 ones (a single address is a /128, an
+IPv6 EndpointSlice holds the IPv6 endpoints), each announced on its family's sessions. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ADVERTISED_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
 
-def _v4(addresses: Iterable[Any]) -> tuple[str, ...]:
+def _ips(addresses: Iterable[Any]) -> tuple[str, ...]:
     found = []
     for address in addresses:
         try:
-            found.append(str(ipaddress.IPv4Address(str(address))))
+            found.append(str(ipaddress.ip_address(str(address))))
         except ValueError:
-            continue  # IPv6, a hostname, or junk: nothing felixpy advertises
+            continue  # a hostname, or junk: nothing felixpy advertises
     return tuple(found)
+
+
+def _host(ip: str) -> str:
+    return f"{ip}/{32 if ipaddress.ip_address(ip).version == 4 else 128}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class ServiceInfo:
     namespace: str
     name: str
     type: str
-    cluster_ips: tuple[str, ...]  # IPv4 only
+    cluster_ips: tuple[str, ...]  # both families (clusterIPs of a dual-stack Service)
     external_ips: tuple[str, ...]
     load_balancer_ips: tuple[str, ...]  # status.loadBalancer.ingress[].ip
     external_traffic_policy: str  # Cluster | Local
@@ -70,9 +75,9 @@ class ServiceInfo:
             namespace=str(meta.get("namespace") or "default"),
             name=str(meta.get("name") or ""),
             type=str(spec.get("type") or "ClusterIP"),
-            cluster_ips=_v4(c for c in cluster if c != "None"),
-            external_ips=_v4(spec.get("externalIPs") or ()),
-            load_balancer_ips=_v4(i.get("ip") for i in ingress if isinstance(i, Mapping) and i.get("ip")),
+            cluster_ips=_ips(c for c in cluster if c != "None"),
+            external_ips=_ips(spec.get("externalIPs") or ()),
+            load_balancer_ips=_ips(i.get("ip") for i in ingress if isinstance(i, Mapping) and i.get("ip")),
             external_traffic_policy=str(spec.get("externalTrafficPolicy") or "Cluster"),
         )
 
@@ -89,18 +94,18 @@ class EndpointSliceInfo:
     namespace: str
     name: str
     service: str  # the kubernetes.io/service-name label
-    endpoints: tuple[Endpoint, ...]  # IPv4 slices only; others hold no endpoints here
+    endpoints: tuple[Endpoint, ...]  # IPv4 and IPv6 slices; FQDN ones hold no endpoints here
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> "EndpointSliceInfo":
         meta = obj.get("metadata") or {}
         endpoints: list[Endpoint] = []
-        if obj.get("addressType", "IPv4") == "IPv4":
+        if obj.get("addressType", "IPv4") in ("IPv4", "IPv6"):
             for raw in obj.get("endpoints") or ():
                 conditions = raw.get("conditions") or {}
                 # The API says an unset `ready` means ready.
                 ready = conditions.get("ready") is not False
-                endpoints.append(Endpoint(_v4(raw.get("addresses") or ()), raw.get("nodeName"), ready))
+                endpoints.append(Endpoint(_ips(raw.get("addresses") or ()), raw.get("nodeName"), ready))
         return cls(namespace=str(meta.get("namespace") or "default"), name=str(meta.get("name") or ""),
                    service=str((meta.get("labels") or {}).get(SERVICE_NAME_LABEL, "")),
                    endpoints=tuple(endpoints))
@@ -122,9 +127,7 @@ class ServiceSettings:
         def cidrs(field: str) -> tuple[str, ...]:
             out = []
             for item in spec.get(field) or ():
-                net = ipaddress.ip_network(str(item.get("cidr")), strict=False)
-                if net.version == 4:
-                    out.append(str(net))
+                out.append(str(ipaddress.ip_network(str(item.get("cidr")), strict=False)))
             return tuple(out)
 
         return cls(cidrs("serviceClusterIPs"), cidrs("serviceExternalIPs"), cidrs("serviceLoadBalancerIPs"),
@@ -142,18 +145,22 @@ class ServiceRoutes:
 
 
 def _inside(ip: str, cidrs: Iterable[str]) -> bool:
-    address = ipaddress.IPv4Address(ip)
-    return any(address in ipaddress.IPv4Network(c) for c in cidrs)
+    address = ipaddress.ip_address(ip)
+    return any(address in ipaddress.ip_network(c) for c in cidrs)  # another family's net: False
 
 
 def _single(cidrs: Iterable[str]) -> tuple[str, ...]:
-    return tuple(c for c in cidrs if ipaddress.IPv4Network(c).prefixlen == 32)
+    return tuple(c for c in cidrs if ipaddress.ip_network(c).prefixlen == ipaddress.ip_network(c).max_prefixlen)
+
+
+def _families(cidrs: Iterable[str]) -> set[int]:
+    return {ipaddress.ip_network(c).version for c in cidrs}
 
 
 def service_routes(settings: ServiceSettings, services: Iterable[ServiceInfo],
                    slices: Iterable[EndpointSliceInfo], *, node: str, excluded: bool = False) -> ServiceRoutes:
     """What `node` advertises for Services, and the ranges whose learned routes it does not program."""
-    lb_ranges = tuple(c for c in settings.load_balancer_cidrs if ipaddress.IPv4Network(c).prefixlen < 32)
+    lb_ranges = tuple(c for c in settings.load_balancer_cidrs if c not in _single(settings.load_balancer_cidrs))
     reject = frozenset(settings.cluster_cidrs + settings.external_cidrs + lb_ranges)
     if excluded or not settings.enabled:
         return ServiceRoutes(frozenset(), reject)
@@ -178,8 +185,10 @@ def service_routes(settings: ServiceSettings, services: Iterable[ServiceInfo],
                 or (svc.type == "LoadBalancer" and not settings.load_balancer_aggregation and bool(endpoints)))
         if not advertise:
             continue
-        addresses: list[str] = list(svc.cluster_ips) if settings.cluster_cidrs else []
+        # The cluster IPs of each family serviceClusterIPs covers (a dual-stack Service has two).
+        cluster_families = _families(settings.cluster_cidrs)
+        addresses: list[str] = [ip for ip in svc.cluster_ips if ipaddress.ip_address(ip).version in cluster_families]
         addresses += [ip for ip in svc.external_ips if _inside(ip, settings.external_cidrs)]
         addresses += [ip for ip in svc.load_balancer_ips if _inside(ip, settings.load_balancer_cidrs)]
-        announce.update(f"{ip}/32" for ip in addresses)
+        announce.update(_host(ip) for ip in addresses)
     return ServiceRoutes(frozenset(announce), reject)

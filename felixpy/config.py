@@ -105,8 +105,7 @@ _VARS: list[Variable] = [
              "Node IPv6 address, stored as a CIDR in `Node.spec.bgp.ipv6Address`. As `IP`, except that "
              "unset never autodetects (it keeps the Node's address, or none): only `autodetect` does. "
              "Other nodes route to this node's IPv6 blocks over it (vxlan backend: unencapsulated or "
-             "vxlan-v6.calico). With the bird backend an address or `autodetect` is refused: felixpy "
-             "does not do BGP over IPv6 yet."),
+             "vxlan-v6.calico; bird backend: the node's IPv6 BGP sessions run between these addresses)."),
     Variable("IP6_AUTODETECTION_METHOD", "Node", "`first-found`", AUTODETECT_ACCEPTS,
              "How the IPv6 address is detected when `IP6=autodetect` (global unicast addresses only)."),
     Variable("AS", "Node", "unset (keep the Node's value, else the global AS)",
@@ -719,11 +718,6 @@ def _load_node(env: Mapping[str, str], state_dir: str) -> NodeConfig:
     as_value = _set(env, "AS")
     check_value = _set(env, "DISABLE_NODE_IP_CHECK")
     ip6 = parse_address_setting("IP6", env.get("IP6", ""), 6)
-    if backend == "bird" and ip6.mode in ("autodetect", "explicit"):
-        # Remote IPv6 blocks would need BGP over IPv6, which the ExaBGP sidecar does not speak
-        # yet: refused rather than accepted with IPv6 pods unreachable from other nodes.
-        raise ConfigError("IP6", f"IP6={json.dumps(env.get('IP6', ''))}: IPv6 routing over BGP is not supported "
-                                 "yet; use CALICO_NETWORKING_BACKEND=vxlan for IPv6 (or leave IP6 unset)")
     return NodeConfig(
         name=name.strip() if name else None,
         nodename_file=(

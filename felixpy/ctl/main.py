@@ -11,6 +11,7 @@ line, `felixctl: error: ...`, and exit 1; never a traceback.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -438,10 +439,21 @@ def cmd_node_status(args: argparse.Namespace) -> int:
         print("BGP sidecar (ExaBGP) is not connected.")
     if data.get("configError"):
         print(f"BGP configuration error: {data['configError']}")
-    print("\nIPv4 BGP status")
-    if not peers:
-        print("No IPv4 peers found.")
-        return 0
+    # calicoctl prints BIRD's sessions, then BIRD6's: one table per family of the peer address.
+    for version in (4, 6):
+        family = [p for p in peers if ipaddress.ip_address(p["peer"]).version == version]
+        print(f"\nIPv{version} BGP status")
+        if not family:
+            print(f"No IPv{version} peers found.")
+            continue
+        _print_peer_table(family)
+    print()
+    return 0
+
+
+def _print_peer_table(peers: list[dict[str, Any]]) -> None:
+    import time as _time
+
     rows = [["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]]
     for p in peers:
         since_text = _time.strftime("%H:%M:%S", _time.localtime(float(p["sinceEpoch"])))
@@ -456,7 +468,6 @@ def cmd_node_status(args: argparse.Namespace) -> int:
         if i == 0:
             print(line)
     print(line)
-    return 0
 
 
 # -- argument parsing --------------------------------------------------------------------------------

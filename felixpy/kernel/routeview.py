@@ -1,4 +1,4 @@
-"""A read-only view of the node's IPv4 main routing table, every protocol, for status reports.
+"""A read-only view of the node's main routing tables (IPv4 and IPv6), every protocol, for status reports.
 
 CalicoNodeStatus lists a node's routes the way BIRD sees them (its kernel, static, direct and BGP
 routes); the route driver only ever reads back the routes it owns, so this is a separate, plain
@@ -14,12 +14,13 @@ from felixpy.kernel.netlink import MAIN_TABLE, SCOPE_LINK, _from_message, _table
 
 
 def main_table_routes() -> list[dict[str, Any]]:
-    """Every IPv4 route of the main table: dst, gateway, interface name, type, scope, ours."""
+    """Every IPv4 and IPv6 route of the main table: dst, gateway, interface name, type, scope, ours."""
     from pyroute2 import IPRoute
 
     with IPRoute(groups=0) as ipr:
         with attempt("route dump", f"table {MAIN_TABLE}"):
-            msgs = [m for m in ipr.route("dump", family=2) if _table_of(m) == MAIN_TABLE]
+            msgs = [m for family in (2, 10) for m in ipr.route("dump", family=family)
+                    if _table_of(m) == MAIN_TABLE]
         with attempt("link dump", "all"):
             links = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
     routes = []

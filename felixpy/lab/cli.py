@@ -64,12 +64,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.route_reflectors and args.mode != "bgp":
         raise LabUsageError("--route-reflectors needs --mode bgp")
     if args.ip_family != "ipv4":
-        if args.mode not in ("routes", "vxlan"):
-            raise LabUsageError(f"--ip-family {args.ip_family} needs --mode routes or vxlan (BGP over IPv6 is "
-                                "not supported yet; IPIP carries IPv4 only)")
-        if args.cross_subnet or args.route_reflectors:
-            raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet or "
-                                "--route-reflectors yet")
+        if args.mode not in ("routes", "vxlan", "bgp"):
+            raise LabUsageError(f"--ip-family {args.ip_family} needs --mode bgp, routes or vxlan (IPIP carries "
+                                "IPv4 only)")
+        if args.cross_subnet:
+            raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet yet")
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)
@@ -116,7 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 + (f"bridge {topology.FABRIC_B_IP}/24 (routing between them), " if args.cross_subnet else "")
                 + f"etcd {topology.ETCD_ENDPOINT} (pid {st.etcd_pid})")
         for node in st.nodes:
-            procs.build_node(lab, node.name, args.cross_subnet, ipv6=ipv6 and not node.route_reflector)
+            procs.build_node(lab, node.name, args.cross_subnet, ipv6=ipv6)
         pods.enter_fabric(lab)
         if kube_mode:
             kube_started = time.monotonic()
@@ -239,7 +238,8 @@ def _start_bird(st: LabState, node: NodeState) -> None:
 def _start_reflector(st: LabState, node: NodeState) -> None:
     """BIRD 2 first (the lab owns it), then felixpy-node in route-reflector mode to drive it."""
     _start_bird(st, node)
-    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
+    node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore,
+                                                 ip_family=st.ip_family)
     state.save(st)
     say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, route reflector pid {node.agent_pid}, "
         f"bird pid {node.bird_pid}")
@@ -994,7 +994,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         if procs.alive(node.agent_pid) and node.agent_pid in procs.marked_pids(st.name):
             raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
         if node.route_reflector:
-            node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore)
+            node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore,
+                                                 ip_family=st.ip_family)
         else:
             node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
                                                cross_subnet=st.cross_subnet, datastore=st.datastore,

@@ -426,10 +426,12 @@ def wait_bird(lab: str, node: str, pid: int, timeout: float) -> str | None:
     return f"BIRD on {node} not ready after {timeout:g} s; see {paths['out']}"
 
 
-def reflector_env(lab: str, node: str, pool: str, block_size: int, datastore: str = "etcd") -> dict[str, str]:
-    """felixpy-node in route-reflector mode: the agent's environment plus BIRD's paths."""
+def reflector_env(lab: str, node: str, pool: str, block_size: int, datastore: str = "etcd",
+                  ip_family: str = "ipv4") -> dict[str, str]:
+    """felixpy-node in route-reflector mode: the agent's environment plus BIRD's paths (and with
+    --ip-family ipv6 / dual the node's IPv6 address, for the clients' IPv6 sessions)."""
     paths = bird_paths(lab, node)
-    env = agent_env(lab, node, pool, block_size, mode="routes", datastore=datastore)
+    env = agent_env(lab, node, pool, block_size, mode="routes", datastore=datastore, ip_family=ip_family)
     env.update({
         "CALICO_NETWORKING_BACKEND": "bird",
         "FELIXPY_ROUTE_REFLECTOR": "true",
@@ -441,11 +443,13 @@ def reflector_env(lab: str, node: str, pool: str, block_size: int, datastore: st
     return env
 
 
-def start_reflector(lab: str, node: str, pool: str, block_size: int, datastore: str = "etcd") -> int:
+def start_reflector(lab: str, node: str, pool: str, block_size: int, datastore: str = "etcd",
+                    ip_family: str = "ipv4") -> int:
     nd = topology.node_dir(lab, node)
     os.makedirs(f"{nd}/lib", exist_ok=True)
     argv = [sys.executable, "-m", "felixpy.node.main"]
-    return _spawn(lab, topology.node_netns(lab, node), argv, reflector_env(lab, node, pool, block_size, datastore),
+    return _spawn(lab, topology.node_netns(lab, node), argv,
+                  reflector_env(lab, node, pool, block_size, datastore, ip_family),
                   f"{nd}/agent.log")
 
 

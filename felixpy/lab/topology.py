@@ -341,7 +341,10 @@ def check_pool(cidr: str, block_size: int) -> str:
 
 
 def node_ip6(node: str) -> str:
-    """A node's IPv6 address on the fabric (--ip-family ipv6 / dual): the same digits as its IPv4."""
+    """A node's IPv6 address on the fabric (--ip-family ipv6 / dual): the same digits as its IPv4
+    (reflector rr<i>: fd00:192:0:2::(220+i))."""
+    if is_reflector(node):
+        return f"fd00:192:0:2::{220 + int(node[2:])}"
     return f"fd00:192:0:2::{10 + node_index(node)}"
 
 

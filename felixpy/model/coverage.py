@@ -232,7 +232,8 @@ SUPPORT: dict[str, dict[str, Support]] = {
     "Node": {
         "spec.bgp.asNumber": Honoured(_T_FROM_RES),
         "spec.bgp.ipv4Address": Honoured(_T_ROUTES),
-        "spec.bgp.ipv6Address": Honoured(_T_ROUTES_V6),
+        "spec.bgp.ipv6Address": Honoured(_T_ROUTES_V6, "also the node's IPv6 BGP sessions (bird backend): "
+                                         "tests/unit/test_bgp_ipv6.py, e2e test_ipv6_bgp"),
         "spec.bgp.ipv4IPIPTunnelAddr": Honoured(_T_IPIP),
         "spec.bgp.routeReflectorClusterID": Honoured(
             "tests/unit/test_bgp_peers.py::test_route_reflector_client_peers_with_all_reflectors_only"),
@@ -261,7 +262,8 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "spec.serviceLoadBalancerAggregation": Honoured(_T_SVC_CLUSTER),
         "spec.communities[].name": Honoured(_T_COMMUNITIES),
         "spec.communities[].value": Honoured(_T_COMMUNITIES),
-        "spec.prefixAdvertisements[].cidr": Honoured(_T_COMMUNITIES),
+        "spec.prefixAdvertisements[].cidr": Honoured(_T_COMMUNITIES, "IPv4 or IPv6 (test_bgp_ipv6.py "
+                                                     "test_exports_give_each_session_its_family_with_prefix_advertisement_communities)"),
         "spec.prefixAdvertisements[].communities": Honoured(_T_COMMUNITIES),
         "spec.listenPort": Honoured(_T_LISTEN),
         "spec.nodeMeshPassword.secretKeyRef.name": Honoured(
@@ -283,7 +285,9 @@ SUPPORT: dict[str, dict[str, Support]] = {
     "BGPPeer": {
         "spec.node": Honoured(_T_PEERS),
         "spec.nodeSelector": Honoured(_T_PEERS),
-        "spec.peerIP": Honoured(_T_PEERS),
+        "spec.peerIP": Honoured(_T_PEERS, "IPv4 or IPv6: an IPv6 peerIP is an ipv6 unicast session from the "
+                                          "node's IPv6 address (test_bgp_ipv6.py "
+                                          "test_ipv6_only_nodes_mesh_over_ipv6_and_explicit_ipv6_peers_bind_the_node_ipv6)"),
         "spec.asNumber": Honoured(_T_PEERS),
         "spec.peerSelector": Honoured("tests/unit/test_bgp_peers.py::test_route_reflector_client_peers_with_all_reflectors_only"),
         "spec.localASNumber": Honoured(_T_WIRE_SESSIONS),
@@ -314,8 +318,10 @@ SUPPORT: dict[str, dict[str, Support]] = {
             "tests/unit/test_bgp_peers.py::test_reverse_peering_manual_needs_the_other_side_configured"),
     },
     "BGPFilter": {
-        "spec.exportV6": Refused(_IPV6),
-        "spec.importV6": Refused(_IPV6),
+        "spec.exportV6": Honoured("tests/integration/test_bgp_ipv6.py::test_ipv6_filter_rules_on_the_wire",
+                                  "the IPv6 routes' rules, on the IPv6 sessions (agent and BIRD)"),
+        "spec.importV6": Honoured("tests/integration/test_bgp_ipv6.py::test_ipv6_filter_rules_on_the_wire",
+                                  "the IPv6 routes' rules, on the IPv6 sessions (agent and BIRD)"),
     },
     "BGPFilterRule": {
         "action": Honoured(_T_FILTER_FIRST),

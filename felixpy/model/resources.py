@@ -500,8 +500,7 @@ _SECRET_REF = s.obj(
     {"secretKeyRef": s.obj({"name": s.string(), "key": s.string()}, required=("name", "key"))},
     required=("secretKeyRef",),
 )
-_V4_CIDR = s.cidr(strict=False, version=4, allow_ip=True)
-_CIDR_ITEM = s.obj({"cidr": _V4_CIDR}, required=("cidr",))
+_CIDR_ITEM = s.obj({"cidr": s.cidr(strict=False, allow_ip=True)}, required=("cidr",))  # IPv4 or IPv6
 _COMMUNITY_VALUE = s.string(r"\d+:\d+(:\d+)?", what="community")
 _NODE_SPECIFIC_BGP_FIELDS = {"logSeverityScreen", "listenPort", "prefixAdvertisements", "bindMode"}
 
@@ -546,7 +545,7 @@ _BGP_CONFIGURATION = s.obj(
         "serviceLoadBalancerAggregation": s.string(enum=("Enabled", "Disabled")),
         "communities": s.list_of(s.obj({"name": s.string(), "value": _community_value}, required=("name", "value"))),
         "prefixAdvertisements": s.list_of(
-            s.obj({"cidr": s.cidr(strict=False, version=4), "communities": s.list_of(s.string())}, required=("cidr",))
+            s.obj({"cidr": s.cidr(strict=False), "communities": s.list_of(s.string())}, required=("cidr",))
         ),
         "listenPort": s.integer(1, 65535),
         "nodeMeshPassword": _SECRET_REF,
@@ -581,9 +580,6 @@ def _peer_ip(value: Any, path: str) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise FieldError(path, f"invalid peer IP {q(value)}") from None
-    if address.version == 6:
-        # The ExaBGP sessions are IPv4 only: an IPv6 peer would be accepted and never come up.
-        raise FieldError(path, f"{q(value)}: felixpy does not support IPv6 BGP peers yet")
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise FieldError(path, f"invalid port in peer IP {q(value)}")
     return value
@@ -641,7 +637,7 @@ def _filter_rule_post(rule: dict[str, Any], path: str) -> None:
     from bgp.filters import FilterError, _rule
 
     try:
-        _rule(rule, path)
+        _rule(rule, path, 6 if "V6[" in path else 4)
     except FilterError as err:
         message = str(err)
         if message.startswith(path):
@@ -653,8 +649,9 @@ _FILTER_RULE = s.obj(
     {
         "action": s.string(enum=("Accept", "Reject")),
         "matchOperator": s.string(enum=("Equal", "NotEqual", "In", "NotIn")),
-        "cidr": s.cidr(strict=False, version=4),
-        "prefixLength": s.obj({"min": s.integer(0, 32), "max": s.integer(0, 32)}),
+        # IPv4 in exportV4/importV4, IPv6 in the V6 lists: the post check (bgp.filters) sees which.
+        "cidr": s.cidr(strict=False),
+        "prefixLength": s.obj({"min": s.integer(0, 128), "max": s.integer(0, 128)}),
         "source": s.string(enum=("RemotePeers",)),
         "interface": s.string(),
         "peerType": s.string(enum=("eBGP", "iBGP")),
@@ -675,9 +672,8 @@ _BGP_FILTER = s.obj(
     {
         "exportV4": s.list_of(_FILTER_RULE),
         "importV4": s.list_of(_FILTER_RULE),
-        # IPv6 rules are refused (model/coverage.py); cidr there is IPv6, so not the V4 rule.
-        "exportV6": s.list_of(s.anything),
-        "importV6": s.list_of(s.anything),
+        "exportV6": s.list_of(_FILTER_RULE),
+        "importV6": s.list_of(_FILTER_RULE),
     }
 )
 

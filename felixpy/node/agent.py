@@ -377,9 +377,8 @@ class Agent:
                     self.metrics.observe_calc_update(update_kind(update.key), time.perf_counter() - started)
         self.status.node_labels = self.calc.node_labels()
         if self._bgp is not None and self.status.ever_in_sync:
-            # The ExaBGP sessions carry IPv4 unicast only (BGP over IPv6 is not done yet).
-            self._bgp.set_announcements((p for p in self.calc.bgp_announcements() if ":" not in p),
-                                        self.calc.local_endpoints)
+            # IPv6 prefixes go out on the IPv6 sessions only (bgp.advertise.exports).
+            self._bgp.set_announcements(self.calc.bgp_announcements(), self.calc.local_endpoints)
             self._bgp.sync()
 
     def _on_endpoint(self, update: Update[WorkloadEndpoint]) -> None:

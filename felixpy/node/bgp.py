@@ -8,7 +8,8 @@ manager merges with the calc graph's own routes.
 
     datastore ─► Nodes, BGPConfiguration, BGPPeers ─► bgp.peers.select_peers ─► bgp.config
                  ─► exabgp.conf (atomic write) ─► SIGUSR1 to ExaBGP (pid file) when it changed
-    calc.bgp_announcements() ─► announce / withdraw (batched, next hop = node IP)
+    calc.bgp_announcements() ─► announce / withdraw (batched; next hop = the node's IPv4, or its IPv6
+                                for IPv6 prefixes, which go out on the IPv6 sessions only)
     link thread: SidecarClient.next_event ─► queue ─► on_message ─► bgp.rib.Rib ─► learned_routes()
 
 Threads: `start(post)` runs one background thread that connects to the sidecar socket (retrying)
@@ -55,7 +56,8 @@ from bgp.client import SidecarClient, SidecarUnavailable
 from bgp.config import SpeakerConfig, render_exabgp_conf
 from bgp.filters import BGPFilter, FilterError, resolve
 from bgp.bird import LocalAgent, hashed_router_id
-from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeerType, PeeringError, select_peers
+from bgp.peers import (BGPPeerSpec, BGPSettings, NodeInfo, Peer, PeerType, PeeringError, address_key,
+                       select_peers)
 from bgp.protocol import Attributes, CommandResult, Event, Notification, ReplayDone, StateChange
 from bgp.rib import Rib
 from bgp.services import (EXCLUDE_LABEL, EndpointSliceInfo, ServiceInfo, ServiceRoutes, ServiceSettings,
@@ -88,11 +90,12 @@ RECONNECT_MAX = 2.0
 # so ExaBGP binds a loopback address of its own and listens on another port, for BIRD to connect
 # to when it (re)starts; ExaBGP connects to BIRD's port too.
 LOCAL_AGENT_ADDRESS = "127.0.0.2"
+LOCAL_AGENT_ADDRESS6 = "::1"  # IPv6 has one loopback address; BIRD's end is the node's IPv6
 LOCAL_AGENT_PORT = 1790
 LOCAL_BIRD_NAME = "Local_BIRD"
 BIRD_POLL_INTERVAL = 1.0
 
-_PREFIX_RE = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}/\d{1,2})\b")
+_PREFIX_RE = re.compile(r"\b(\d{1,3}(?:\.\d{1,3}){3}/\d{1,2})\b|(?<![\w:])([0-9a-fA-F]*:[0-9a-fA-F:]*/\d{1,3})\b")
 _SELECTED_RE = re.compile(r"neighbor (\S+)")
 NODE_CONFIG_PREFIX = "node."
 # Python loggers of the BGP speaker side, whose level follows BGPConfiguration logSeverityScreen
@@ -213,14 +216,18 @@ class _Session:
 
 
 def parse_adj_rib_out(lines: Iterable[str]) -> frozenset[str]:
-    """Prefixes in ExaBGP's `show adj-rib out` text (`neighbor X ipv4 unicast P next-hop N`)."""
+    """Prefixes in ExaBGP's `show adj-rib out` text (`neighbor X ipv4 unicast P next-hop N`, and
+    `ipv6 unicast` for the IPv6 sessions)."""
     found = set()
     for line in lines:
-        for match in _PREFIX_RE.findall(line):
-            try:
-                found.add(str(ipaddress.IPv4Network(match)))
-            except ValueError:
-                continue
+        for groups in _PREFIX_RE.findall(line):
+            for match in groups:
+                if not match:
+                    continue
+                try:
+                    found.add(str(ipaddress.ip_network(match)))
+                except ValueError:
+                    continue
     return frozenset(found)
 
 
@@ -379,6 +386,7 @@ class BGPController:
         # configuration state
         self._peers: dict[str, Peer] = {}  # ExaBGP's sessions
         self._node_ip: str | None = None
+        self._node_ip6: str | None = None  # spec.bgp.ipv6Address: next hop of our IPv6 routes
         self._node_as: int | None = None
         self._router_id: str | None = None
         self._config_text: str | None = None
@@ -390,7 +398,7 @@ class BGPController:
         self._static_routes: dict[str, str] = {}  # reachableBy: peer/32 → gateway
         self._service_settings = ServiceSettings()
         self._service_routes = ServiceRoutes(frozenset(), frozenset())
-        self._reject_nets: tuple[ipaddress.IPv4Network, ...] = ()
+        self._reject_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
         # route reflector mode: this node's Node has a cluster ID, BIRD speaks for it
         self._bird_paths = bird_paths
@@ -415,7 +423,7 @@ class BGPController:
         self._full_announce_needed = True
         self._eor_pending: set[str] = set()  # established peers still owed announcements + EoR
         self._sessions: dict[str, _Session] = {}
-        self._next_hop_announced: str | None = None
+        self._next_hop_announced: tuple[str | None, str | None] | None = None
 
         self.rib = Rib()
         self.routes_dirty = False  # learned routes changed since the loop last asked
@@ -615,8 +623,9 @@ class BGPController:
     def _rejected(self, prefix: str) -> bool:
         if not self._reject_nets:
             return False
-        net = ipaddress.IPv4Network(prefix)
-        return any(net.subnet_of(reject) for reject in self._reject_nets)
+        net = ipaddress.ip_network(prefix)
+        return any(net.version == reject.version and net.subnet_of(reject)  # type: ignore[arg-type]
+                   for reject in self._reject_nets)
 
     def ready_for_dataplane(self) -> bool:
         """True once the learned routes are complete (replay done), or the wait timed out."""
@@ -660,11 +669,11 @@ class BGPController:
                         reconfigured=self.last_reload if not self.reflector_mode or self._reflector is None
                         else self._reflector.last_configured,
                         peers=tuple(rows), best=tuple(best), others=tuple(others),
-                        own_blocks=frozenset(p for p in self._own if not p.endswith("/32")), speaker=speaker)
+                        own_blocks=frozenset(p for p in self._own if not p.endswith(("/32", "/128"))), speaker=speaker)
 
     def local_addresses(self) -> frozenset[str]:
         """This node's addresses: a learned route via one of them is never installed."""
-        return frozenset({self._node_ip}) if self._node_ip else frozenset()
+        return frozenset(ip for ip in (self._node_ip, self._node_ip6) if ip)
 
     @property
     def peers(self) -> list[Peer]:
@@ -699,7 +708,7 @@ class BGPController:
         if self._exports_dirty:
             self._exports_dirty = False
             self._update_exports()
-        if self._connected and self._replayed and self._node_ip is not None:
+        if self._connected and self._replayed and (self._node_ip or self._node_ip6):
             self._announce()
         self.write_status()
         due = self.node_status.next_deadline()
@@ -734,14 +743,23 @@ class BGPController:
                 peers = [Peer(address=me.ipv4, as_number=node_as, type=PeerType.LOCAL, name=LOCAL_BIRD_NAME,
                               port=settings.listen_port_of(self.node_name), source_address=LOCAL_AGENT_ADDRESS,
                               listen_port=LOCAL_AGENT_PORT, node=self.node_name)]
+                if me.ipv6:
+                    # The IPv6 routes on an IPv6 session of their own (BIRD's Local_Agent6).
+                    peers.append(Peer(address=me.ipv6, as_number=node_as, type=PeerType.LOCAL,
+                                      name=f"{LOCAL_BIRD_NAME}6", port=settings.listen_port_of(self.node_name),
+                                      source_address=LOCAL_AGENT_ADDRESS6, listen_port=LOCAL_AGENT_PORT,
+                                      node=self.node_name))
                 static_peers = bird_peers
             else:
                 peers = select_peers(self.node_name, nodes, settings, specs)
-                router_id = me.ipv4 or ""
+                # An IPv6-only node still needs a 32-bit BGP identifier: Calico's
+                # CALICO_ROUTER_ID=hash, a hash of the node name.
+                router_id = me.ipv4 or hashed_router_id(self.node_name)
                 static_peers = peers
-            assert me.ipv4 is not None  # select_peers checked it
+            local_address = me.ipv4 or me.ipv6
+            assert local_address is not None  # select_peers checked it
             text = render_exabgp_conf(SpeakerConfig(
-                node_name=self.node_name, router_id=router_id, local_address=me.ipv4,
+                node_name=self.node_name, router_id=router_id, local_address=local_address,
                 as_number=node_as, peers=tuple(peers), sidecar_socket=self.paths.socket, python=self.paths.python))
         except (PeeringError, FilterError, ValueError, KeyError, TypeError) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -759,9 +777,10 @@ class BGPController:
         elif reflector_mode and self._reflector is not None:
             self._reflector.mark_dirty()
         old_peers, self._peers = self._peers, {p.address: p for p in peers}
-        if me.ipv4 != self._node_ip and self._node_ip is not None:
+        if (me.ipv4, me.ipv6) != (self._node_ip, self._node_ip6) and (self._node_ip or self._node_ip6):
             self._full_announce_needed = True  # next hop changed
         self._node_ip, self._node_as, self._router_id = me.ipv4, node_as, router_id
+        self._node_ip6 = me.ipv6
         self._filters, self._community_rules = filters, rules
         for address in (set(old_peers) | set(self._sessions)) - set(self._peers):
             self._note_delta(self.rib.remove_peer(address))
@@ -772,13 +791,14 @@ class BGPController:
         self._announcer.set_peers(self._peers)
         self._peer_exports = {p.address: PeerExport(resolve(p.filters, filters), p.is_ebgp(node_as))
                               for p in peers}
-        self._needs_interfaces = any(rule.interface for f in filters.values() for rule in f.export_v4)
+        self._needs_interfaces = any(rule.interface for f in filters.values() for rule in (*f.export_v4, *f.export_v6))
         self._note_delta(self.rib.set_import_policy(import_policy(
             {p.address: resolve(p.filters, filters) for p in peers},
             {p.address: p.is_ebgp(node_as) for p in peers},
             {p.address: p.local_as_for(node_as) for p in peers},
             {p.address: p.num_allowed_local_as for p in peers})))
-        static = {f"{p.address}/32": p.reachable_by for p in static_peers if p.reachable_by}
+        static = {f"{p.address}/{32 if p.version == 4 else 128}": p.reachable_by
+                  for p in static_peers if p.reachable_by}
         if static != self._static_routes:
             self._static_routes = static
             self.routes_dirty = True
@@ -805,7 +825,8 @@ class BGPController:
                 self._reflector = Reflector(self.node_name, self._bird_paths, bird=self._bird_control,
                                             wall_clock=self._wall, clock=self._clock, secrets=self._secrets,
                                             resources=self._resources,
-                                            local_agent=LocalAgent(LOCAL_AGENT_ADDRESS, LOCAL_AGENT_PORT))
+                                            local_agent=LocalAgent(LOCAL_AGENT_ADDRESS, LOCAL_AGENT_PORT,
+                                                                   LOCAL_AGENT_ADDRESS6))
                 self._reflector.datastore_in_sync()
             self._reflector.mark_dirty()
             self.reflector_mode = True
@@ -829,7 +850,7 @@ class BGPController:
         routes = service_routes(settings, self._resources.services.values(), self._resources.slices.values(),
                                 node=self.node_name, excluded=labels.get(EXCLUDE_LABEL) == "true")
         if routes.reject != self._service_routes.reject:
-            self._reject_nets = tuple(ipaddress.IPv4Network(c) for c in sorted(routes.reject))
+            self._reject_nets = tuple(ipaddress.ip_network(c) for c in sorted(routes.reject))
             self.routes_dirty = True
         if routes.announce != self._service_routes.announce:
             self._exports_dirty = True
@@ -839,7 +860,7 @@ class BGPController:
     def _update_exports(self) -> None:
         interfaces: dict[str, str] = {}
         if self._needs_interfaces and self._endpoints is not None:
-            interfaces = {f"{ip}/32": ep.iface for ep in self._endpoints() for ip in ep.ipv4s}
+            interfaces = {f"{ip}/{128 if ':' in ip else 32}": ep.iface for ep in self._endpoints() for ip in ep.ips}
         routes = [LocalRoute(prefix, interfaces.get(prefix)) for prefix in sorted(self._own)]
         routes += [LocalRoute(prefix) for prefix in sorted(self._service_routes.announce - self._own)]
         self._desired = exports(routes, self._community_rules, self._peer_exports)
@@ -863,15 +884,16 @@ class BGPController:
         self._config_text = text
 
     def _announce(self) -> None:
-        assert self._node_ip is not None
         refresh: set[str] = set()
-        if self._full_announce_needed or self._next_hop_announced != self._node_ip:
+        hops = (self._node_ip, self._node_ip6)
+        if self._full_announce_needed or self._next_hop_announced != hops:
             self._full_announce_needed = False
             refresh = set(self._peers)
-            self._next_hop_announced = self._node_ip
+            self._next_hop_announced = hops
         eor = self._eor_pending & set(self._peers)
         self._eor_pending = set()
-        commands = self._announcer.commands(self._desired, self._node_ip, refresh=refresh, eor=eor)
+        next_hops = {v: ip for v, ip in ((4, self._node_ip), (6, self._node_ip6)) if ip}
+        commands = self._announcer.commands(self._desired, next_hops, refresh=refresh, eor=eor)
         if commands:
             log.debug("bgp commands count=%d", len(commands))
         self._submit(commands)
@@ -935,7 +957,7 @@ class BGPController:
         for address in self._sessions:
             received[address] = len(self.rib.adj_rib_in(address))
         rows = []
-        for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
+        for address in sorted(self._peers, key=address_key):
             peer = self._peers[address]
             session = self._sessions.get(address) or _Session(address)
             rows.append({
@@ -951,9 +973,11 @@ class BGPController:
             "learned": len(self.rib.best_routes()), "peers": rows,
         }
         if self.reflector_mode and self._reflector is not None:
-            # The node's sessions are BIRD's; ExaBGP's one session (to BIRD) is `agentSession`.
+            # The node's sessions are BIRD's; ExaBGP's sessions to BIRD are `agentSessions` (one per
+            # family; `agentSession` is the first, IPv4 when the node has it).
             data.update({"routeReflector": True, "speaker": "bird", "clusterID": self._reflector.cluster_id,
                          "peers": self._reflector.peer_rows(), "agentSession": rows[0] if rows else None,
+                         "agentSessions": rows,
                          "bird": "running" if self._reflector.bird_up else "not answering",
                          "configError": self._config_error or self._reflector.config_error})
         return data

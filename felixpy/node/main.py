@@ -217,9 +217,6 @@ def ipv6_refusal(config: Any) -> str | None:
     """Why pods on this node cannot get IPv6 addresses, or None when they can."""
     if not config.felix.ipv6_support:
         return "FELIX_IPV6SUPPORT (ipv6Support) is false on this node, so IPv6 is not programmed"
-    if config.node.networking_backend == "bird":
-        return ("IPv6 pods need BGP over IPv6 (CALICO_NETWORKING_BACKEND=bird), which felixpy does not do "
-                "yet; use CALICO_NETWORKING_BACKEND=vxlan")
     return None
 
 

@@ -7,13 +7,17 @@ period (0: once, never refreshed), until the resource is deleted, in Calico's sh
 
     status:
       lastUpdated: "2026-12-04T10:00:00Z"
-      agent:  {birdV4: {state: Ready|NotReady, version, routerID, lastBootTime, lastReconfigurationTime}}
+      agent:  {birdV4: {state: Ready|NotReady, version, routerID, lastBootTime, lastReconfigurationTime},
+               birdV6: {...the same, when the node has IPv6 sessions}}
       bgp:    {numberEstablishedV4, numberNotEstablishedV4, numberEstablishedV6, numberNotEstablishedV6,
-               peersV4: [{peerIP, type: NodeMesh|NodePeer|GlobalPeer, state, since}]}
+               peersV4: [{peerIP, type: NodeMesh|NodePeer|GlobalPeer, state, since}], peersV6: [...]}
       routes: {routesV4: [{type: FIB|RIB, destination, gateway, interface,
-                           learnedFrom: {sourceType: Kernel|Static|Direct|NodeMesh|BGPPeer, peerIP}}]}
+                           learnedFrom: {sourceType: Kernel|Static|Direct|NodeMesh|BGPPeer, peerIP}}],
+               routesV6: [...]}
 
-felixpy has no IPv6 BGP, so the V6 counts are 0 and there is no `birdV6`. The speaker is ExaBGP
+Calico has two daemons, bird and bird6; felixpy's one ExaBGP carries both families, each on its
+own sessions, so `birdV6` repeats the speaker's facts, peers and routes are split by the family
+of the address (peersV6: the sessions to IPv6 addresses). The speaker is ExaBGP
 (or BIRD on a route-reflector node); its version says which. Routes are the kernel's main table
 as BIRD would list it (our BGP routes with the peer they came from, our blackholes as Static,
 connected routes as Direct, the rest as Kernel) plus the BGP paths that lost best-path
@@ -28,6 +32,7 @@ A resource naming another node is ignored; one that disappeared while being writ
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import threading
@@ -110,23 +115,38 @@ def build_status(snapshot: Snapshot, classes: tuple[str, ...], *, now: float,
     status: dict[str, Any] = {
         "lastUpdated": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if "Agent" in classes:
-        status["agent"] = {"birdV4": {
+        speaker = {
             "state": "Ready" if snapshot.speaker_ready else "NotReady",
             "version": snapshot.version,
             "routerID": snapshot.router_id,
             "lastBootTime": _clock_text(snapshot.boot_time),
             "lastReconfigurationTime": _clock_text(snapshot.reconfigured),
-        }}
+        }
+        status["agent"] = {"birdV4": speaker}
+        if any(_version(str(p["peer"])) == 6 for p in snapshot.peers):
+            status["agent"]["birdV6"] = dict(speaker)
     if "BGP" in classes:
-        peers = [{"peerIP": str(p["peer"]), "type": PEER_TYPES.get(str(p.get("type")), "NodePeer"),
-                  "state": _bird_state(str(p.get("state"))), "since": _since(p.get("since"), now)}
-                 for p in snapshot.peers]
-        up = sum(p["state"] == "Established" for p in peers)
-        status["bgp"] = {"numberEstablishedV4": up, "numberNotEstablishedV4": len(peers) - up,
-                         "numberEstablishedV6": 0, "numberNotEstablishedV6": 0, "peersV4": peers}
+        status["bgp"] = {}
+        for version in (4, 6):
+            peers = [{"peerIP": str(p["peer"]), "type": PEER_TYPES.get(str(p.get("type")), "NodePeer"),
+                      "state": _bird_state(str(p.get("state"))), "since": _since(p.get("since"), now)}
+                     for p in snapshot.peers if _version(str(p["peer"])) == version]
+            up = sum(p["state"] == "Established" for p in peers)
+            status["bgp"].update({f"numberEstablishedV{version}": up,
+                                  f"numberNotEstablishedV{version}": len(peers) - up})
+            if version == 4 or peers:
+                status["bgp"][f"peersV{version}"] = peers
     if "Routes" in classes:
-        status["routes"] = {"routesV4": _routes(snapshot, kernel_routes)}
+        rows = _routes(snapshot, kernel_routes)
+        status["routes"] = {"routesV4": [r for r in rows if _version(r["destination"]) == 4]}
+        v6 = [r for r in rows if _version(r["destination"]) == 6]
+        if v6:
+            status["routes"]["routesV6"] = v6
     return status
+
+
+def _version(address_or_prefix: str) -> int:
+    return ipaddress.ip_network(address_or_prefix, strict=False).version
 
 
 def _learned_from(path: PathView) -> dict[str, str]:

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from bgp.advertise import community_rules
-from bgp.bird import LOCAL_AGENT_NAME, LocalAgent, render_bird_reflector
+from bgp.bird import LocalAgent, hashed_router_id, local_agent_name, render_bird_reflector
 from bgp.filters import FilterError
-from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, select_peers
+from bgp.peers import NodeInfo, Peer, PeerType, PeeringError, address_key, select_peers
 from bgp.services import ServiceSettings
 from felixpy.kernel import commands
 from felixpy.calc.updates import Kind, decode
@@ -355,7 +355,8 @@ class Reflector:
             settings, specs, self.secret_refs = resolve_peering(self._resources, self.secrets)
             peers = select_peers(self.node_name, nodes, settings, specs)
             me = next(n for n in nodes if n.name == self.node_name)
-            assert me.ipv4 is not None  # select_peers checked it
+            # BIRD's router ID: the node's IPv4, else (IPv6-only) Calico's CALICO_ROUTER_ID=hash.
+            router_id = me.ipv4 or hashed_router_id(self.node_name)
             if me.rr_cluster_id is None:
                 log.warning("Node %s has no spec.bgp.routeReflectorClusterID: it peers but reflects "
                             "nothing", self.node_name)
@@ -369,16 +370,22 @@ class Reflector:
             if not self._shared:
                 apply_log_level(severity)
             port = settings.listen_port_of(self.node_name)
-            pools = [p for p in self._resources.pools.values() if ipaddress.ip_network(p.cidr).version == 4]
+            pools = list(self._resources.pools.values())
             services = ServiceSettings.from_resource(default)
             ignored = [str(i) for i in ((default or {}).get("spec") or {}).get("ignoredInterfaces") or ()]
             if self.local_agent is not None:
-                peers = [*peers, Peer(address=self.local_agent.address, as_number=as_number, type=PeerType.LOCAL,
-                                      name=LOCAL_AGENT_NAME, port=self.local_agent.port,
-                                      source_address=me.ipv4, rr_client=me.rr_cluster_id is not None,
-                                      node=self.node_name)]
+                # The node's own agent: a session per family the node has (its ExaBGP binds
+                # 127.0.0.2 and ::1), each carrying that family's routes, as calico-node's bird
+                # and bird6 program the kernel each for its own family.
+                agent_sessions = [(self.local_agent.address, me.ipv4, 4),
+                                  (self.local_agent.address6, me.ipv6, 6)]
+                peers = [*peers, *(Peer(address=address, as_number=as_number, type=PeerType.LOCAL,
+                                        name=local_agent_name(version), port=self.local_agent.port,
+                                        source_address=source, rr_client=me.rr_cluster_id is not None,
+                                        node=self.node_name)
+                                   for address, source, version in agent_sessions if address and source)]
             text = render_bird_reflector(
-                router_id=me.ipv4, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
+                router_id=router_id, as_number=as_number, cluster_id=me.rr_cluster_id, peers=peers,
                 listen_port=port,
                 listen_address=me.ipv4 if settings.bind_mode_of(self.node_name) == "NodeIP" else None,
                 filters=filters, communities=rules, log_severity=severity,
@@ -394,7 +401,7 @@ class Reflector:
             return
         self._config_error = ""
         self._peers = {p.address: p for p in peers if p.type is not PeerType.LOCAL}
-        self._cluster_id, self._as_number, self.router_id = me.rr_cluster_id, as_number, me.ipv4
+        self._cluster_id, self._as_number, self.router_id = me.rr_cluster_id, as_number, router_id
         for address in set(self._sessions) - set(self._peers):
             del self._sessions[address]
         if text != self._text:
@@ -449,7 +456,7 @@ class Reflector:
     def peer_rows(self) -> list[dict[str, Any]]:
         """The sessions in the status file's format."""
         rows = []
-        for address in sorted(self._peers, key=lambda a: ipaddress.ip_address(a)):
+        for address in sorted(self._peers, key=address_key):
             peer = self._peers[address]
             session = self._sessions.get(address) or _Session(since=self._wall())
             rows.append({

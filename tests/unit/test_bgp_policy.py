@@ -84,7 +84,8 @@ def test_operations_add_communities_and_prepend() -> None:
 
 
 @pytest.mark.parametrize("spec,message", [
-    ({"importV6": [{"action": "Reject"}]}, "spec.importV6: IPv6 rules are not supported"),
+    ({"importV6": [{"action": "Reject", "matchOperator": "Equal", "cidr": "10.0.0.0/8"}]},
+     "spec.importV6[0].cidr: '10.0.0.0/8' is not an IPv6 CIDR"),
     ({"importV4": [{"action": "Reject", "priority": 10}]}, "priority: route priorities are not supported"),
     ({"exportV4": [{"action": "Accept", "operations": [{"setPriority": {"value": 5}}]}]}, "setPriority"),
     ({"importV4": [{"action": "Reject", "cidr": "10.0.0.0/8"}]}, "cidr and matchOperator go together"),

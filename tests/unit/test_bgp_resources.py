@@ -37,7 +37,13 @@ def test_bgp_filter_validates_rules_and_refuses_what_felixpy_cannot_do() -> None
                    "asPathPrefix": [65001], "operations": [{"addCommunity": {"value": "1:2:3"}},
                                                           {"prependASPath": {"prefix": [65009]}}]}]))
     assert ok["spec"]["importV4"][0]["prefixLength"] == {"min": 30}
-    rejects(bgp_filter(exportV6=[{"action": "Reject"}]), 'BGPFilter "f": spec.exportV6: felixpy does not support')
+    six = validate(bgp_filter(exportV6=[{"action": "Reject", "matchOperator": "In", "cidr": "fd00::/64",
+                                         "prefixLength": {"min": 122, "max": 128}}]))
+    assert six["spec"]["exportV6"][0]["prefixLength"] == {"min": 122, "max": 128}
+    rejects(bgp_filter(importV6=[{"action": "Reject", "matchOperator": "Equal", "cidr": "10.0.0.0/8"}]),
+            "spec.importV6[0]: cidr: '10.0.0.0/8' is not an IPv6 CIDR")
+    rejects(bgp_filter(importV4=[{"action": "Reject", "matchOperator": "In", "cidr": "10.0.0.0/8",
+                                  "prefixLength": {"max": 64}}]), "outside the cidr's /8..32")
     rejects(bgp_filter(importV4=[{"action": "Reject", "priority": 512}]), "spec.importV4[0].priority")
     rejects(bgp_filter(importV4=[{"action": "Accept", "operations": [{"setPriority": {"value": 256}}]}]),
             "spec.importV4[0].operations[0].setPriority")
@@ -49,7 +55,7 @@ def test_bgp_filter_validates_rules_and_refuses_what_felixpy_cannot_do() -> None
                                   "prefixLength": {"min": 4}}]), "outside the cidr's /8..32")
     rejects(bgp_filter(importV4=[{"action": "Reject", "communities": {"values": ["70000:1"]}}]), "out of range")
     rejects(bgp_filter(importV4=[{"action": "Reject", "cidr": "2001:db8::/32", "matchOperator": "In"}]),
-            "spec.importV4[0].cidr")
+            "spec.importV4[0]: cidr: '2001:db8::/32' is not an IPv4 CIDR")
 
 
 def test_calico_node_status_spec_and_agent_written_status() -> None:
@@ -75,7 +81,8 @@ def test_bgp_configuration_fields() -> None:
     rejects(bgp_configuration(prefixAdvertisements=[{"cidr": "10.0.0.0/8", "communities": ["nope"]}]),
             "spec.prefixAdvertisements[0].communities[0]")
     rejects(bgp_configuration(communities=[{"name": "c", "value": "65536:1"}]), "out of range")
-    rejects(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/108"}]), "spec.serviceClusterIPs[0].cidr")
+    validate(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/108"}], prefixAdvertisements=[{"cidr": "fd00::/64"}]))
+    rejects(bgp_configuration(serviceClusterIPs=[{"cidr": "fd00::/300"}]), "spec.serviceClusterIPs[0].cidr")
     for field, value in (("programClusterRoutes", "Enabled"), ("ipv4NormalRoutePriority", 1024),
                          ("localWorkloadPeeringIPV4", "169.254.0.1")):
         rejects(bgp_configuration(**{field: value}), f"spec.{field}: felixpy does not support")

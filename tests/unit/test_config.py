@@ -186,10 +186,9 @@ def test_ip6() -> None:
     vxlan = {"CALICO_NETWORKING_BACKEND": "vxlan"}
     assert load(IP6="autodetect", **vxlan).node.ip6.mode == "autodetect"
     assert str(load(IP6="2001:db8::1/64", **vxlan).node.ip6.address) == "2001:db8::1/64"
-    # No BGP over IPv6 yet: with the bird backend an IPv6 node address is refused, not ignored.
-    for value in ("2001:db8::1/64", "autodetect"):
-        with pytest.raises(ConfigError, match=r'^IP6="[^"]+": IPv6 routing over BGP is not supported yet'):
-            load(IP6=value)
+    # The bird backend runs IPv6 BGP sessions between the nodes' IPv6 addresses: accepted.
+    assert str(load(IP6="2001:db8::1/64").node.ip6.address) == "2001:db8::1/64"
+    assert load(IP6="autodetect").node.ip6.mode == "autodetect"
     with pytest.raises(ConfigError, match=r'^IP6="10.0.0.1": .*\(not an IPv6 address\)'):
         load(IP6="10.0.0.1")
     assert load(IP6_AUTODETECTION_METHOD="interface=eth0").node.ip6_autodetection_method.args == ("eth0",)

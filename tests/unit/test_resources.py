@@ -270,7 +270,9 @@ def test_bgp_configuration() -> None:
     [
         ({"peerIP": "192.0.2.1", "asNumber": 65001, "node": "n1"}, ""),
         ({"peerIP": "192.0.2.1:1179", "asNumber": "65001"}, ""),
-        ({"peerIP": "[fd00::1]:1179", "asNumber": 65001}, 'spec.peerIP: "[fd00::1]:1179": felixpy does not support IPv6 BGP peers yet'),
+        ({"peerIP": "[fd00::1]:1179", "asNumber": 65001}, ""),
+        ({"peerIP": "fd00::1", "asNumber": 65001}, ""),
+        ({"peerIP": "[fd00::1:1179", "asNumber": 65001}, 'spec.peerIP: invalid peer IP "[fd00::1:1179"'),
         ({"nodeSelector": "all()", "peerSelector": "route-reflector == 'true'"}, ""),
         ({"peerIP": "192.0.2.256", "asNumber": 65001}, 'spec.peerIP: invalid peer IP "192.0.2.256"'),
         ({"peerIP": "192.0.2.1"}, "either peerIP and asNumber, or peerSelector"),
