@@ -179,16 +179,18 @@ def _resolved(text: str, ips: Mapping[str, str]) -> str:
 def _v6_twin(peer: dict[str, Any], ips6: Mapping[str, str]) -> dict[str, Any] | None:
     """The IPv6 twin of an ipBlock peer that names pod addresses with $IP / $NET (None: none)."""
     block = peer.get("ipBlock")
-    texts = [block.get("cidr", ""), *block.get("except", [])] if isinstance(block, dict) else []
-    if not texts or "$IP4(" in " ".join(texts) or not any("$" in t for t in texts):
+    if not isinstance(block, dict):
+        return None
+    texts = [str(block.get("cidr", "")), *map(str, block.get("except", []))]
+    if "$IP4(" in " ".join(texts) or not any("$" in t for t in texts):
         return None
 
     def v6(text: str) -> str:
         return _resolved(text.replace(")/32", ")/128"), ips6)
 
-    twin = {"cidr": v6(block["cidr"])}
+    twin: dict[str, Any] = {"cidr": v6(str(block["cidr"]))}
     if "except" in block:
-        twin["except"] = [v6(t) for t in block["except"]]
+        twin["except"] = [v6(str(t)) for t in block["except"]]
     return {**copy.deepcopy(peer), "ipBlock": twin}
 
 
