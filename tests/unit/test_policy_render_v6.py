@@ -239,3 +239,51 @@ def test_ipv6_pools_and_node_addresses_feed_the_ipv6_all_hosts_set() -> None:
     assert render.ALL_HOSTS_SET not in v4.ipsets  # the IPv4 pool does not encapsulate
     assert v6.ipsets[render.ALL_HOSTS_SET_V6].members == {"fd00:192::11", "fd00:192::12"}
     assert "Allow IPv6 VXLAN packets from Calico hosts" in v6.chains["cali-INPUT"].rules[0].comment
+
+
+def test_agent_programs_each_family_into_its_own_tables_and_sets() -> None:
+    import threading
+    import time
+
+    from felixpy.dataplane.drivers.ipsets import IPSets
+    from felixpy.dataplane.drivers.iptables import Table
+    from felixpy.datastore.memory import MemoryDatastore
+    from felixpy.node.agent import Agent
+    from tests.fakes.dataplane import FakeDataplane
+    from tests.fakes.iptables import FakeIpset, FakeIptables
+
+    store = MemoryDatastore()
+    for u in dual_world():
+        store.create(u.key, u.value)
+    dp, ip6tables, ipset6 = FakeDataplane(), FakeIptables(), FakeIpset()
+    v6 = {f"{name}6_table": Table(name, backend="nft", runner=ip6tables, ip_version=6, sleep=lambda _: None)
+          for name in ("filter", "mangle", "raw")}
+    agent = Agent(store=store, node_name=NODE, networking_backend="none", route_refresh_interval=0,
+                  iptables_refresh_interval=0, **dp.drivers(), **v6,
+                  ipsets6=IPSets(runner=ipset6, ip_version=6))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+
+    def wait_for(predicate: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert predicate()
+
+    try:
+        wait_for(lambda: agent.status.applies >= 1)
+        assert "cali-wl-to-host" in ip6tables.tables["filter"] and "cali-PREROUTING" in ip6tables.tables["raw"]
+        store.create(ALLOW_WEB.key, ALLOW_WEB.value)
+        wait_for(lambda: "cali-pi-a/allow-web" in ip6tables.tables["filter"]
+                 and "cali-pi-a/allow-web" in dp.chains("filter"))
+        members6 = set().union(*(m for _, m in ipset6.sets.values()))
+        members4 = set().union(*dp.set_members().values())
+        assert "fd00:10:244::1" in members6 and "10.244.1.1" in members4
+        assert not any("." in m.split(",")[0] for m in members6) and all(n.startswith("cali60") for n in ipset6.sets)
+        assert any("--icmpv6-type 128" in r for r in ip6tables.tables["filter"]["cali-pi-a/allow-web"])
+        assert not any("icmp" in r for r in dp.chains("filter")["cali-pi-a/allow-web"])
+        store.delete(ALLOW_WEB.key)
+        wait_for(lambda: "cali-pi-a/allow-web" not in ip6tables.tables["filter"])
+    finally:
+        agent.stop()
+        thread.join(5)
