@@ -256,11 +256,12 @@ def test_agent_programs_each_family_into_its_own_tables_and_sets() -> None:
     for u in dual_world():
         store.create(u.key, u.value)
     dp, ip6tables, ipset6 = FakeDataplane(), FakeIptables(), FakeIpset()
-    v6 = {f"{name}6_table": Table(name, backend="nft", runner=ip6tables, ip_version=6, sleep=lambda _: None)
-          for name in ("filter", "mangle", "raw")}
+    def table6(name: str) -> Table:
+        return Table(name, backend="nft", runner=ip6tables, ip_version=6, sleep=lambda _: None)
+
     agent = Agent(store=store, node_name=NODE, networking_backend="none", route_refresh_interval=0,
-                  iptables_refresh_interval=0, **dp.drivers(), **v6,
-                  ipsets6=IPSets(runner=ipset6, ip_version=6))
+                  iptables_refresh_interval=0, **dp.drivers(), filter6_table=table6("filter"),
+                  mangle6_table=table6("mangle"), raw6_table=table6("raw"), ipsets6=IPSets(runner=ipset6, ip_version=6))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
 
