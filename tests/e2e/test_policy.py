@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 
 LAB_NODES = 3
 LAB_ARGS = ("--ip-family", "dual")
-FAMILIES = (4, 6)
+FAMILIES = (4, 6)  # this module's lab; test_kube_policy.py reuses World on an IPv4-only one
 REFRESH_SECONDS = 3
 CONVERGE_TIMEOUT = 10.0  # a policy change must be visible to probes well within this
 PROBE_TIMEOUT = "0.6"  # seconds a blocked probe waits; lab latency is microseconds
@@ -54,7 +54,9 @@ class World:
         self.ns_labels = {ns: pc.default_namespace_labels(ns) for ns in pc.NAMESPACES}
         addresses = {f"{p['namespace']}/{p['name']}": p["ips"] for p in lab.state()["pods"]}
         self.ips = {p: next(ip for ip in addresses[p] if ":" not in ip) for p in pc.ALL_PODS}
-        self.ips6 = {p: next(ip for ip in addresses[p] if ":" in ip) for p in pc.ALL_PODS}
+        self.ips6 = {p: ip for p in pc.ALL_PODS for ip in addresses[p] if ":" in ip}
+        # Every family the pods have is probed and checked (the lab's matrix does the same).
+        self.families = (4, 6) if len(self.ips6) == len(pc.ALL_PODS) else (4,)
 
     # -- resources ---------------------------------------------------------------------------
     def _file(self, docs: list[dict[str, Any]]) -> str:
@@ -72,7 +74,8 @@ class World:
 
     def set_policies(self, policies: tuple[dict[str, Any], ...]) -> None:
         """Exactly these policies exist afterwards: stale ones deleted, new or changed ones applied."""
-        wanted = {(p["metadata"]["namespace"], p["metadata"]["name"]): pc.resolve(p, self.ips, self.ips6)
+        ips6 = self.ips6 if 6 in self.families else None
+        wanted = {(p["metadata"]["namespace"], p["metadata"]["name"]): pc.resolve(p, self.ips, ips6)
                   for p in policies}
         stale = [obj for key, obj in self.policies.items() if key not in wanted]
         changed = [obj for key, obj in wanted.items() if self.policies.get(key) != obj]
@@ -114,7 +117,7 @@ class World:
         results = self.matrix([(e.port, e.protocol) for e in expectations])
         wrong = []
         for exp in expectations:
-            for family in FAMILIES:
+            for family in self.families:
                 if exp.family not in (None, family):
                     continue
                 key = f"{exp.protocol}{'6' if family == 6 else ''}/{exp.port}"
@@ -170,6 +173,11 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
     w = World(lab)
     w.wait_matrix(pc.expect(pc.everyone(), pc.ALL_PROBES), "the world before any policy", timeout=20)
     yield w
+
+
+def test_the_lab_is_dual_stack(world: World) -> None:
+    """Every case below is checked over both families only if every pod has both: say so."""
+    assert world.families == FAMILIES, f"pods' IPv6 addresses: {world.ips6}"
 
 
 def probes_of(case: pc.Case) -> tuple[tuple[int, str], ...]:
