@@ -42,6 +42,7 @@ __all__ = [
     "ipset_members",
     "named_port_set_members",
     "named_port_set_name",
+    "selected_members",
     "selector_set_members",
     "selector_set_name",
 ]
@@ -141,6 +142,14 @@ def named_port_set_members(
             if ip is not None:
                 members.update(f"{ip},{proto}:{number}" for number in numbers)
     return members
+
+
+def selected_members(spec: IPSetSpec, ep: Endpoint) -> set[str]:
+    """What `ep` contributes to the set once its match is known to select it (a caller that
+    matched it already, e.g. for the other family's twin set, need not match it again)."""
+    if spec.port_name is None:
+        return {ip for ip in (_member(a, spec.ip_version) for a in ep.ips) if ip is not None}
+    return named_port_set_members(None, spec.port_name, spec.protocol or "", (ep,), spec.ip_version)
 
 
 def ipset_members(spec: IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:

@@ -57,7 +57,7 @@ from felixpy.messages import FilterState, IPSetState, TableState
 from policy import calico, evaluate, render
 from policy import ipsets as policy_ipsets
 from policy.iptables import Chain
-from policy.model import ALL_INTERFACES, Endpoint, HostEndpoint, Policy, Profile, Tier
+from policy.model import ALL_INTERFACES, Endpoint, EndpointMatch, HostEndpoint, Policy, Profile, Tier
 
 if TYPE_CHECKING:
     from felixpy.calc.dispatcher import Dispatcher
@@ -480,8 +480,17 @@ class PolicyCalc:
             self._new_sets.discard(name)
 
     @staticmethod
-    def _members_of(spec: policy_ipsets.IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:
-        return policy_ipsets.ipset_members(spec, endpoints)
+    def _members_of(spec: policy_ipsets.IPSetSpec, key: str, endpoint: Endpoint,
+                    selected: dict[tuple[EndpointMatch, str], bool]) -> frozenset[str]:
+        """The member's contribution to one set. `selected` remembers each (match, member) verdict
+        for the flush: the IPv4 and IPv6 twins of a set (and sets sharing a match) match once."""
+        if spec.match is not None:
+            hit = selected.get((spec.match, key))
+            if hit is None:
+                hit = selected[(spec.match, key)] = evaluate.match_endpoint(spec.match, endpoint)
+            if not hit:
+                return frozenset()
+        return frozenset(policy_ipsets.selected_members(spec, endpoint))
 
     def _contribute(self, name: str, key: str, members: frozenset[str]) -> None:
         contrib = self._set_contrib[name]
@@ -501,14 +510,15 @@ class PolicyCalc:
         self._set_cache.pop(name, None)
 
     def _flush_ipsets(self) -> None:
+        selected: dict[tuple[EndpointMatch, str], bool] = {}
         for name in sorted(self._new_sets):
             spec = self._set_specs[name]
             namespace = spec.match.namespace if spec.match is not None else None
             scope = self._members.keys() if namespace is None else self._ns_members.get(namespace, set())
             for key in scope:
-                found = self._members_of(spec, (self._members[key].endpoint,))
+                found = self._members_of(spec, key, self._members[key].endpoint, selected)
                 if found:
-                    self._contribute(name, key, frozenset(found))
+                    self._contribute(name, key, found)
         for key in self._dirty_members:
             changed = self._members.get(key)
             endpoints = () if changed is None else (changed.endpoint,)
@@ -518,7 +528,7 @@ class PolicyCalc:
                 members: frozenset[str] = frozenset()  # also: a namespace-scoped set, other namespace
                 if endpoints and (spec.match is None or spec.match.namespace is None
                                   or spec.match.namespace == endpoints[0].namespace):
-                    members = frozenset(self._members_of(spec, endpoints))
+                    members = self._members_of(spec, key, endpoints[0], selected)
                 self._contribute(name, key, members)
         self._new_sets.clear()
         self._dirty_members.clear()
