@@ -481,13 +481,15 @@ class PolicyCalc:
 
     @staticmethod
     def _members_of(spec: policy_ipsets.IPSetSpec, key: str, endpoint: Endpoint,
-                    selected: dict[tuple[EndpointMatch, str], bool]) -> frozenset[str]:
-        """The member's contribution to one set. `selected` remembers each (match, member) verdict
-        for the flush: the IPv4 and IPv6 twins of a set (and sets sharing a match) match once."""
+                    selected: dict[str, bool] | None) -> frozenset[str]:
+        """The member's contribution to one set. `selected` (member key -> verdict, one dict per
+        match for the flush) lets the IPv4 and IPv6 twins of a set, and sets sharing a match,
+        match each member once."""
         if spec.match is not None:
-            hit = selected.get((spec.match, key))
+            assert selected is not None
+            hit = selected.get(key)
             if hit is None:
-                hit = selected[(spec.match, key)] = evaluate.match_endpoint(spec.match, endpoint)
+                hit = selected[key] = evaluate.match_endpoint(spec.match, endpoint)
             if not hit:
                 return frozenset()
         return frozenset(policy_ipsets.selected_members(spec, endpoint))
@@ -510,13 +512,15 @@ class PolicyCalc:
         self._set_cache.pop(name, None)
 
     def _flush_ipsets(self) -> None:
-        selected: dict[tuple[EndpointMatch, str], bool] = {}
+        # match -> member key -> whether it selects the member, for this flush.
+        selected: dict[EndpointMatch | None, dict[str, bool]] = {}
         for name in sorted(self._new_sets):
             spec = self._set_specs[name]
             namespace = spec.match.namespace if spec.match is not None else None
             scope = self._members.keys() if namespace is None else self._ns_members.get(namespace, set())
+            verdicts = selected.setdefault(spec.match, {})
             for key in scope:
-                found = self._members_of(spec, key, self._members[key].endpoint, selected)
+                found = self._members_of(spec, key, self._members[key].endpoint, verdicts)
                 if found:
                     self._contribute(name, key, found)
         for key in self._dirty_members:
@@ -528,7 +532,7 @@ class PolicyCalc:
                 members: frozenset[str] = frozenset()  # also: a namespace-scoped set, other namespace
                 if endpoints and (spec.match is None or spec.match.namespace is None
                                   or spec.match.namespace == endpoints[0].namespace):
-                    members = self._members_of(spec, key, endpoints[0], selected)
+                    members = self._members_of(spec, key, endpoints[0], selected.setdefault(spec.match, {}))
                 self._contribute(name, key, members)
         self._new_sets.clear()
         self._dirty_members.clear()
