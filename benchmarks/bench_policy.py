@@ -15,7 +15,12 @@ Kubernetes NetworkPolicies converted the way the agent stores them (knp.default.
    returned. Target ≤ 100 ms (p50 and max over N changes).
 3. Rule counts as a function of pods and policies (rendering only).
 
-    python benchmarks/bench_policy.py [--pods 5000] [--policies 1000] [--changes 20]
+    python benchmarks/bench_policy.py [--pods 5000] [--policies 1000] [--changes 20] [--family 4|6|dual]
+
+--family dual makes the pods dual-stack (an IPv6 /128 each, the policies' ipBlock an IPv6 twin)
+and programs iptables and ip6tables in the same run: step 1 reports each family beside the
+other (each against its own bare baseline), step 2 waits until the change is in both tables.
+--family 6 programs ip6tables only (step 1), the pods still dual-stack. The default is 4.
 
 Every command gets --command-timeout seconds (default 600) instead of the agent's 30 s: at this
 size one iptables-nft-restore takes tens of seconds on a loaded 2-core machine (status.md).
@@ -61,6 +66,9 @@ def profile(ns: str) -> tuple[str, dict[str, Any]]:
     return keys.resource_key("profiles", f"kns.{ns}"), value
 
 
+DUAL = False  # --family 6 / dual: pods get an IPv6 address too, policies an IPv6 ipBlock
+
+
 def endpoint(i: int) -> tuple[str, dict[str, Any]]:
     ns = f"ns{i % NAMESPACES}"
     name = f"{NODE}-k8s-pod{i}-eth0"
@@ -74,6 +82,8 @@ def endpoint(i: int) -> tuple[str, dict[str, Any]]:
                  "profiles": [f"kns.{ns}"],
                  "ports": [{"name": "http", "port": 8080 + i % 3, "protocol": "TCP"}]},
     }
+    if DUAL:
+        value["spec"]["ipNetworks"].append(f"fd00:64::{i:x}/128")  # type: ignore[index]
     return keys.resource_key("workloadendpoints", name, ns), value
 
 
@@ -96,7 +106,8 @@ def k8s_policy(p: int, port: int = 80) -> tuple[str, dict[str, Any]]:
             "egress": [
                 {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "db"}}}],
                  "ports": [{"port": 5432}]},
-                {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]},
+                {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]
+                 + ([{"ipBlock": {"cidr": "::/0", "except": ["fd00::/8"]}}] if DUAL else [])},
             ],
         },
     }
@@ -119,6 +130,7 @@ class NetnsRunner:
         self.command_timeout = command_timeout
         self.restores: list[tuple[float, str]] = []
         self.started: list[float] = []  # when each restore in `restores` started
+        self.tools: list[str] = []  # the binary of each restore in `restores`
         self.cond = threading.Condition()
 
     def __call__(self, argv: Sequence[str], *, input: str | bytes | None = None,
@@ -129,17 +141,20 @@ class NetnsRunner:
         if "restore" in argv[0] and isinstance(input, str):
             with self.cond:
                 self.started.append(started)
+                self.tools.append(argv[0])
                 self.restores.append((time.perf_counter(), input))
                 self.cond.notify_all()
         return done
 
-    def wait_for(self, needle: str, since: int, timeout: float) -> tuple[float, float] | None:
-        """(when the restore carrying `needle` started, when it returned)."""
+    def wait_for(self, needle: str, since: int, timeout: float, tool: str = "iptables-"
+                 ) -> tuple[float, float] | None:
+        """(when the restore by `tool` (iptables- or ip6tables-) carrying `needle` started, when it
+        returned)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
                 for n, (stamp, text) in enumerate(self.restores[since:], since):
-                    if needle in text:
+                    if needle in text and self.tools[n].startswith(tool):
                         return self.started[n], stamp
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -181,26 +196,27 @@ def rule_count(chains: Any) -> int:
 # -- 1. program everything ---------------------------------------------------------------------
 
 def program_everything(prefix: str, pods: int, policies: int, backend: str,
-                       command_timeout: float) -> tuple[float, float]:
-    """One run; returns (agent seconds, bare seconds)."""
+                       command_timeout: float, ip_version: int = 4) -> tuple[float, float]:
+    """One run for one family (iptables or ip6tables); returns (agent seconds, bare seconds)."""
     ns = f"{prefix}a"
     base = f"{prefix}b"
+    tool = "ip6tables" if ip_version == 6 else "iptables"
     netns_add(ns)
     netns_add(base)
     try:
         runner = NetnsRunner(ns, command_timeout)
-        table = Table("filter", backend=backend, runner=runner)  # type: ignore[arg-type]
-        sets = IPSets(runner=runner)  # type: ignore[arg-type]
-        manager = PolicyManager(table, sets)
+        table = Table("filter", backend=backend, runner=runner, ip_version=ip_version)  # type: ignore[arg-type]
+        sets = IPSets(runner=runner, ip_version=ip_version)  # type: ignore[arg-type]
+        manager = PolicyManager(table, sets, ip_version=ip_version)
         updates = [KVUpdate(k, v, 1) for k, v in cluster(pods, policies)]
 
         t0 = time.perf_counter()
-        calc = PolicyCalc(NODE)
+        calc = PolicyCalc(NODE, ipv6=ip_version == 6)
         Dispatcher(calc).on_updates(updates)
         calc.endpoint_chains()  # calc: selectors → endpoints' policies, ipset members
         calc.ipsets()
         tc = time.perf_counter()
-        state = calc.filter_state()  # render: chains and rules (the calc above is cached)
+        state = calc.filter_state(ip_version)  # render: chains and rules (the calc above is cached)
         t1 = time.perf_counter()
         manager.on_update(state)
         manager.complete_deferred_work()
@@ -216,19 +232,20 @@ def program_everything(prefix: str, pods: int, policies: int, backend: str,
         commands.run(["ip", "netns", "exec", base, "ipset", "restore"], input=ipset_text,
                      timeout=command_timeout)
         b1 = time.perf_counter()
-        commands.run(["ip", "netns", "exec", base, f"iptables-{backend}-restore", "--noflush", "--wait"],
+        commands.run(["ip", "netns", "exec", base, f"{tool}-{backend}-restore", "--noflush", "--wait"],
                      input=rules_text, timeout=command_timeout)
         b2 = time.perf_counter()
 
         members = sum(len(s.members) for s in state.ipsets.values())
-        print(f"program everything: {pods} endpoints, {policies} policies, backend {backend}")
+        print(f"program everything (IPv{ip_version}, {tool}): {pods} endpoints, {policies} policies, "
+              f"backend {backend}")
         print(f"  {len(state.chains)} chains, {rule_count(state.chains)} rules, "
               f"{len(state.ipsets)} ipsets with {members} members, "
               f"restore input {len(rules_text) // 1024} KiB, ipset input {len(ipset_text) // 1024} KiB")
         print(f"  agent: calc {1000 * (tc - t0):7.1f} ms, render {1000 * (t1 - tc):7.1f} ms, manager+ipset restore "
               f"{1000 * (t2 - t1):7.1f} ms, iptables driver {1000 * (t3 - t2):7.1f} ms, "
               f"total {1000 * agent_total:7.1f} ms")
-        print(f"  bare:  ipset restore {1000 * (b1 - b0):7.1f} ms, iptables-restore "
+        print(f"  bare:  ipset restore {1000 * (b1 - b0):7.1f} ms, {tool}-restore "
               f"{1000 * (b2 - b1):7.1f} ms, total {1000 * (b2 - b0):7.1f} ms")
         commands_s = sum(end - start for start, (end, _) in zip(runner.started, runner.restores))
         print(f"  agent without its restore commands (calc, render, manager, drivers' own work): "
@@ -238,7 +255,7 @@ def program_everything(prefix: str, pods: int, policies: int, backend: str,
               f"iptables driver/bare iptables-restore {(t3 - t2) / (b2 - b1):.2f}x")
         # A second apply with nothing changed must write nothing.
         again = time.perf_counter()
-        manager.on_update(calc.filter_state())
+        manager.on_update(calc.filter_state(ip_version))
         manager.complete_deferred_work()
         assert sets.apply() == "" and table.apply() == ""
         print(f"  no-op re-apply: {1000 * (time.perf_counter() - again):.1f} ms")
@@ -251,7 +268,7 @@ def program_everything(prefix: str, pods: int, policies: int, backend: str,
 # -- 2. one change → kernel, through the real agent loop --------------------------------------
 
 def change_latency(prefix: str, pods: int, policies: int, changes: int, backend: str,
-                   command_timeout: float) -> list[float]:
+                   command_timeout: float, dual: bool = False) -> list[float]:
     ns = f"{prefix}c"
     netns_add(ns)
     store = MemoryDatastore()
@@ -266,7 +283,11 @@ def change_latency(prefix: str, pods: int, policies: int, changes: int, backend:
                       route_table=FakeRoutes(),  # type: ignore[arg-type]
                       nat_table=Table("nat", backend=backend, runner=runner),  # type: ignore[arg-type]
                       filter_table=Table("filter", backend=backend, runner=runner),  # type: ignore[arg-type]
-                      ipsets=IPSets(runner=runner))  # type: ignore[arg-type]
+                      ipsets=IPSets(runner=runner),  # type: ignore[arg-type]
+                      ipv6=dual,
+                      filter6_table=Table("filter", backend=backend, runner=runner,  # type: ignore[arg-type]
+                                          ip_version=6) if dual else None,
+                      ipsets6=IPSets(runner=runner, ip_version=6) if dual else None)  # type: ignore[arg-type]
         thread = threading.Thread(target=agent.run, daemon=True)
         start = time.perf_counter()
         thread.start()
@@ -288,19 +309,25 @@ def change_latency(prefix: str, pods: int, policies: int, changes: int, backend:
             store.update(key, value, revision)
             stamps = runner.wait_for(str(20000 + n), since, 60.0)  # the port is unique to this change
             assert stamps is not None, f"change {n} never reached iptables-restore"
+            if dual:  # done once both families' tables have it
+                stamps6 = runner.wait_for(str(20000 + n), since, 60.0, "ip6tables-")
+                assert stamps6 is not None, f"change {n} never reached ip6tables-restore"
+                stamps = (min(stamps[0], stamps6[0]), max(stamps[1], stamps6[1]))
             samples.append(stamps[1] - t0)
             before_restore.append(stamps[0] - t0)
             time.sleep(0.05)
             # Baseline: the same restore input again, bare (it is -R/-A lines: idempotent).
-            text = next(t for _, t in runner.restores[since:] if str(20000 + n) in t)
             b0 = time.perf_counter()
-            commands.run(["ip", "netns", "exec", ns, f"iptables-{backend}-restore", "--noflush", "--wait"],
-                         input=text, timeout=command_timeout)
+            for text, restore in [(t, tool) for (_, t), tool in zip(runner.restores[since:], runner.tools[since:])
+                                  if str(20000 + n) in t]:
+                commands.run(["ip", "netns", "exec", ns, f"{restore.split('-')[0]}-{backend}-restore", "--noflush",
+                              "--wait"], input=text, timeout=command_timeout)
             bare.append(time.perf_counter() - b0)
         saved = commands.run(["ip", "netns", "exec", ns, f"iptables-{backend}-save", "-t", "filter"]).stdout
         assert str(20000 + changes - 1) in saved, "the last change is not in the kernel"
         ordered = sorted(samples)
-        print(f"one policy change → kernel ({changes} changes, {pods} endpoints, {policies} policies): "
+        families = "iptables and ip6tables" if dual else "iptables"
+        print(f"one policy change → kernel ({families}; {changes} changes, {pods} endpoints, {policies} policies): "
               f"p50 {1000 * statistics.median(samples):.1f} ms, "
               f"p90 {1000 * ordered[int(0.9 * (len(ordered) - 1))]:.1f} ms, max {1000 * max(samples):.1f} ms "
               f"(target p50 <= 100 ms)")
@@ -339,24 +366,38 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="program-everything runs (the VM is noisy)")
     parser.add_argument("--command-timeout", type=float, default=600.0)
     parser.add_argument("--skip-counts", action="store_true", help="skip the rule-count table")
+    parser.add_argument("--family", choices=("4", "6", "dual"), default="4",
+                        help="program iptables (4), ip6tables (6) or both in the same run (dual)")
     args = parser.parse_args()
+    global DUAL
+    DUAL = args.family != "4"
+    families = {"4": (4,), "6": (6,), "dual": (4, 6)}[args.family]
     if os.geteuid() != 0:
         print("bench_policy: needs root (network namespaces)", file=sys.stderr)
         return 1
     prefix = "fxb" + secrets.token_hex(3)[:5]
     backend = os.environ.get("FELIX_IPTABLESBACKEND", "nft").lower()
     print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores, shared)")
-    runs = [program_everything(f"{prefix}{i}", args.pods, args.policies, backend, args.command_timeout)
-            for i in range(args.repeat)]
-    if runs:
+    # Families interleaved run by run, so both see the same drift in the machine's load.
+    by_family: dict[int, list[tuple[float, float]]] = {f: [] for f in families}
+    for i in range(args.repeat):
+        for family in families:
+            by_family[family].append(program_everything(f"{prefix}{i}{family}", args.pods, args.policies, backend,
+                                                         args.command_timeout, family))
+    for family, runs in by_family.items():
+        if not runs:
+            continue
         agent = statistics.median(a for a, _ in runs)
         bare = statistics.median(b for _, b in runs)
         # The median of the per-run ratios: each run's agent and bare parts are minutes apart at
         # this size, and the load on a shared machine drifts in between.
         ratio = statistics.median(a / b for a, b in runs)
-        print(f"program everything, median of {len(runs)}: agent {1000 * agent:.0f} ms, bare {1000 * bare:.0f} ms; "
-              f"per-run ratios {', '.join(f'{a / b:.2f}x' for a, b in runs)}, median {ratio:.2f}x (target <= 2x)")
-    change_latency(prefix, args.pods, args.policies, args.changes, backend, args.command_timeout)
+        print(f"program everything IPv{family}, median of {len(runs)}: agent {1000 * agent:.0f} ms, "
+              f"bare {1000 * bare:.0f} ms; per-run ratios {', '.join(f'{a / b:.2f}x' for a, b in runs)}, "
+              f"median {ratio:.2f}x (target <= 2x)")
+    if args.family != "6":
+        change_latency(prefix, args.pods, args.policies, args.changes, backend, args.command_timeout,
+                       dual=args.family == "dual")
     if not args.skip_counts:
         rule_counts()
     return 0

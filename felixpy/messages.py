@@ -205,6 +205,7 @@ class FilterState:
     ipsets: Mapping[str, IPSetState]
     mangle: TableState = field(default_factory=TableState)
     raw: TableState = field(default_factory=TableState)
+    ip_version: int = 4  # iptables (4) or ip6tables (6); the ipsets are that family's
 
 
 Message = Union[CalcRoutes, LearnedRoutes, TunnelDevices, EncapState, NatState, FilterState]

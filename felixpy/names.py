@@ -14,14 +14,12 @@ import re
 # Re-exported, so that every kernel name is reachable from this one module.
 from policy.names import CHAIN_PREFIX as CHAIN_PREFIX
 from policy.names import IPSET_PREFIX as IPSET_PREFIX
+from policy.names import IPSET_PREFIX_V6 as IPSET_PREFIX_V6
 from policy.names import MAX_CHAIN_NAME as MAX_CHAIN_NAME
 from policy.names import MAX_IPSET_NAME as MAX_IPSET_NAME
 from policy.names import RULE_HASH_PREFIX as RULE_HASH_PREFIX
 from policy.names import check_chain_name as check_chain_name
 from policy.names import check_ipset_name as check_ipset_name
-
-# Felix names its IPv6 sets like its IPv4 ones with "cali60" for "cali40".
-IPSET_PREFIX_V6 = "cali60"
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name (IFNAMSIZ 16 with the NUL)
 

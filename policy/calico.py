@@ -168,6 +168,7 @@ def rule_from_resource(rule: Mapping[str, Any], namespace: str | None) -> Rule:
         not_icmp=_icmp(rule.get("notICMP")),
         source=_entity(rule.get("source"), namespace),
         destination=_entity(rule.get("destination"), namespace),
+        ip_version=int(rule["ipVersion"]) if rule.get("ipVersion") is not None else None,
     )
 
 

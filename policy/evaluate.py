@@ -279,6 +279,9 @@ def _match_entity(er: EntityRule, side: _Side, proto: int) -> list[str] | None:
     if er.not_nets:
         if _in_nets(side.ip, er.not_nets) is not None:
             return None
+        if side.ip is not None and not any(ipaddress.ip_network(n, strict=False).version == side.ip.version
+                                           for n in er.not_nets):
+            return None  # only the other family's: Felix renders no rule for this one
         why.append(f"except {', '.join(er.not_nets)}")
     if er.ports:
         hit = next((p for p in er.ports if _port_matches(p, side, proto)), None)
@@ -307,9 +310,19 @@ class _Packet:
     icmp_type: int | None
     icmp_code: int | None
 
+    @property
+    def ip_version(self) -> int | None:
+        ip = self.src.ip if self.src.ip is not None else self.dst.ip
+        return ip.version if ip is not None else None
+
 
 def match_rule(rule: Rule, packet: _Packet, direction: Direction) -> str | None:
-    """None if the rule does not match, else a phrase naming what matched."""
+    """None if the rule does not match, else a phrase naming what matched.
+
+    As the kernel sees it (Felix renders each rule per IP family): a rule of the other
+    ipVersion, or whose notNets are all of the other family, is not in this family's table."""
+    if rule.ip_version is not None and packet.ip_version is not None and rule.ip_version != packet.ip_version:
+        return None
     if rule.protocol is not None and protocol_number(rule.protocol) != packet.proto:
         return None
     if rule.not_protocol is not None and protocol_number(rule.not_protocol) == packet.proto:
@@ -577,10 +590,11 @@ def _endpoint_of(peer: Peer) -> Endpoint | None:
     return peer if isinstance(peer, Endpoint) else None
 
 
-def _side(peer: Peer, port: int | None, others: tuple[Endpoint, ...]) -> _Side:
+def _side(peer: Peer, port: int | None, others: tuple[Endpoint, ...], ip_version: int | None = None) -> _Side:
     ep = _endpoint_of(peer)
     if ep is not None:
-        ip = ipaddress.ip_interface(ep.ips[0]).ip if ep.ips else None
+        ips = [ipaddress.ip_interface(a).ip for a in ep.ips]
+        ip = next((a for a in ips if ip_version is None or a.version == ip_version), None)
     else:
         assert isinstance(peer, str)
         ip = ipaddress.ip_address(peer)
@@ -614,6 +628,7 @@ def explain(
     failsafe_inbound: tuple[tuple[str, int], ...] = DEFAULT_FAILSAFE_INBOUND,
     failsafe_outbound: tuple[tuple[str, int], ...] = DEFAULT_FAILSAFE_OUTBOUND,
     others: Iterable[Endpoint] = (),
+    ip_version: int | None = None,
 ) -> Verdict:
     """Is a packet from src to dst on port/protocol allowed, and what decided it?
 
@@ -624,14 +639,20 @@ def explain(
     table's failsafe replies). ICMP defaults to an echo request (type 8 code 0).
     others: the network sets and host endpoints of the cluster: an address inside one of their
     nets / expectedIPs matches the selectors that select them, as their ipset members do.
+    ip_version: the packet's family (an endpoint's address of that family is used); by default
+    the family of an IP address given as src or dst, else the endpoints' first addresses.
     """
     proto = protocol_number(protocol_name(protocol))
+    if ip_version is None:
+        literal = next((p for p in (src, dst) if isinstance(p, str)), None)
+        ip_version = ipaddress.ip_address(literal).version if literal is not None else None
     policy_list = list(policies.values()) if isinstance(policies, Mapping) else list(policies)
     profile_map = dict(profiles) if isinstance(profiles, Mapping) else {p.name: p for p in profiles}
     tier_map = dict(tiers) if isinstance(tiers, Mapping) else {t.name: t for t in tiers}
     dst_port = port if proto in _PORT_PROTOCOLS else None
     holders = tuple(others)
-    packet = _Packet(proto, _side(src, src_port, holders), _side(dst, dst_port, holders), icmp_type, icmp_code)
+    packet = _Packet(proto, _side(src, src_port, holders, ip_version), _side(dst, dst_port, holders, ip_version),
+                     icmp_type, icmp_code)
     pname = protocol_name(protocol).lower()
     what = f"{pname}/{port}" if proto in _PORT_PROTOCOLS else pname
     egress = ingress = forward = None

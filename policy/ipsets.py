@@ -1,6 +1,7 @@
 """The IP sets policy rules match against: their names, what they hold, and which rule needs which.
 
-Two kinds, as in Felix:
+Two kinds, as in Felix, each once per IP family (`cali40` sets hold IPv4 addresses for
+iptables, `cali60` sets the IPv6 ones for ip6tables; the same id after the prefix):
 * selector sets (`hash:net`, named `cali40s:<23 chars>`): the addresses of everything an
   EndpointMatch selects: pods' IPs, network sets' nets (a CIDR is one member), host endpoints'
   expectedIPs; a rule's source/destination selector becomes `-m set --match-set`.
@@ -32,7 +33,7 @@ from typing import Iterable, Literal
 from policy import selectors
 from policy.evaluate import match_endpoint
 from policy.model import Endpoint, EndpointMatch
-from policy.names import IPSET_PREFIX, check_ipset_name
+from policy.names import IPSET_PREFIX, IPSET_PREFIX_V6, check_ipset_name
 
 __all__ = [
     "IPSetSpec",
@@ -41,6 +42,7 @@ __all__ = [
     "ipset_members",
     "named_port_set_members",
     "named_port_set_name",
+    "selected_members",
     "selector_set_members",
     "selector_set_name",
 ]
@@ -59,6 +61,7 @@ class IPSetSpec:
     match: EndpointMatch | None  # None only for a named-port set over every endpoint
     port_name: str | None = None
     protocol: str | None = None  # lower case, named-port sets only
+    ip_version: int = 4  # which family's addresses it holds (cali40 / cali60 names)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -78,47 +81,53 @@ def canonical_match(match: EndpointMatch) -> str:
     return f"{selector}\x00namespace={namespace}\x00namespaceSelector={ns_selector}"
 
 
-def _hashed_name(kind: str, identity: str) -> str:
+_PREFIXES = {4: IPSET_PREFIX, 6: IPSET_PREFIX_V6}
+_HOST_SUFFIXES = {4: "/32", 6: "/128"}
+
+
+def _hashed_name(kind: str, identity: str, ip_version: int) -> str:
     digest = hashlib.sha224(f"{kind}:{identity}".encode()).digest()
-    name = f"{IPSET_PREFIX}{kind}:{base64.urlsafe_b64encode(digest).decode()[:_ID_CHARS]}"
+    name = f"{_PREFIXES[ip_version]}{kind}:{base64.urlsafe_b64encode(digest).decode()[:_ID_CHARS]}"
     return check_ipset_name(name)
 
 
-def selector_set_name(match: EndpointMatch) -> str:
-    """`cali40s:` + 23 characters of base64url(SHA-224("s:" + canonical match))."""
-    return _hashed_name("s", canonical_match(match))
+def selector_set_name(match: EndpointMatch, ip_version: int = 4) -> str:
+    """`cali40s:` (`cali60s:` for IPv6) + 23 characters of base64url(SHA-224("s:" + canonical match))."""
+    return _hashed_name("s", canonical_match(match), ip_version)
 
 
-def named_port_set_name(match: EndpointMatch | None, port_name: str, protocol: str) -> str:
-    """`cali40n:` + 23 characters of base64url(SHA-224) over the match, protocol and port name."""
+def named_port_set_name(match: EndpointMatch | None, port_name: str, protocol: str, ip_version: int = 4) -> str:
+    """`cali40n:` (`cali60n:`) + 23 characters of base64url(SHA-224) over the match, protocol and port name."""
     scope = "all()" if match is None else canonical_match(match)
-    return _hashed_name("n", f"{scope},{protocol.lower()}:{port_name}")
+    return _hashed_name("n", f"{scope},{protocol.lower()}:{port_name}", ip_version)
 
 
-def _ipv4(ip: str) -> str | None:
-    """The member form of an endpoint address; None for IPv6 (our sets are IPv4)."""
-    if ":" in ip:
+def _member(ip: str, ip_version: int) -> str | None:
+    """The member form of an endpoint address in a set of `ip_version`; None for the other family."""
+    if (":" in ip) != (ip_version == 6):
         return None
-    return ip[:-3] if ip.endswith("/32") else ip
+    suffix = _HOST_SUFFIXES[ip_version]
+    return ip[: -len(suffix)] if ip.endswith(suffix) else ip
 
 
-def _ipv4_host(ip: str) -> str | None:
-    """An endpoint address as a hash:ip,port member takes it: one IPv4 address, else None."""
-    member = _ipv4(ip)
+def _host(ip: str, ip_version: int) -> str | None:
+    """An endpoint address as a hash:ip,port member takes it: one address of the family, else None."""
+    member = _member(ip, ip_version)
     return member if member is not None and "/" not in member else None
 
 
-def selector_set_members(match: EndpointMatch, endpoints: Iterable[Endpoint]) -> set[str]:
-    """The IPv4 addresses of every endpoint `match` selects."""
+def selector_set_members(match: EndpointMatch, endpoints: Iterable[Endpoint], ip_version: int = 4) -> set[str]:
+    """The addresses of family `ip_version` of every endpoint `match` selects."""
     members: set[str] = set()
     for ep in endpoints:
         if match_endpoint(match, ep):
-            members.update(ip for ip in map(_ipv4, ep.ips) if ip is not None)
+            members.update(ip for ip in (_member(a, ip_version) for a in ep.ips) if ip is not None)
     return members
 
 
 def named_port_set_members(
-    match: EndpointMatch | None, port_name: str, protocol: str, endpoints: Iterable[Endpoint]
+    match: EndpointMatch | None, port_name: str, protocol: str, endpoints: Iterable[Endpoint],
+    ip_version: int = 4,
 ) -> set[str]:
     """"ip,proto:port" for every selected endpoint that declares `port_name` with `protocol`."""
     proto = protocol.lower()
@@ -129,10 +138,18 @@ def named_port_set_members(
         numbers = [p.port for p in ep.ports if p.name == port_name and p.protocol.lower() == proto]
         if not numbers or (match is not None and not match_endpoint(match, ep)):
             continue
-        for ip in map(_ipv4_host, ep.ips):
+        for ip in (_host(a, ip_version) for a in ep.ips):
             if ip is not None:
                 members.update(f"{ip},{proto}:{number}" for number in numbers)
     return members
+
+
+def selected_members(spec: IPSetSpec, ep: Endpoint) -> set[str]:
+    """What `ep` contributes to the set once its match is known to select it (a caller that
+    matched it already, e.g. for the other family's twin set, need not match it again)."""
+    if spec.port_name is None:
+        return {ip for ip in (_member(a, spec.ip_version) for a in ep.ips) if ip is not None}
+    return named_port_set_members(None, spec.port_name, spec.protocol or "", (ep,), spec.ip_version)
 
 
 def ipset_members(spec: IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:
@@ -140,5 +157,5 @@ def ipset_members(spec: IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:
     if spec.port_name is None:
         if spec.match is None:
             raise ValueError("a selector set needs a match")
-        return selector_set_members(spec.match, endpoints)
-    return named_port_set_members(spec.match, spec.port_name, spec.protocol or "", endpoints)
+        return selector_set_members(spec.match, endpoints, spec.ip_version)
+    return named_port_set_members(spec.match, spec.port_name, spec.protocol or "", endpoints, spec.ip_version)

@@ -147,6 +147,7 @@ class Rule:
     not_icmp: ICMPMatch | None = None
     source: EntityRule = field(default_factory=EntityRule)
     destination: EntityRule = field(default_factory=EntityRule)
+    ip_version: int | None = None  # Calico's ipVersion: 4 or 6 only, None for both families
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 CHAIN_PREFIX = "cali-"
 IPSET_PREFIX = "cali40"
+IPSET_PREFIX_V6 = "cali60"  # Felix names its IPv6 sets like the IPv4 ones
 RULE_HASH_PREFIX = "cali:"
 MAX_CHAIN_NAME = 28  # iptables allows 28 usable characters
 MAX_IPSET_NAME = 31

@@ -3,7 +3,13 @@
 Pure: model values in, `policy.iptables` Chain / Rule values and `IPSetSpec`s out; no I/O and no
 imports from felixpy. The agent feeds the result to one Table driver per table and to IPSets.
 
-Packet walk (calico-reference §4.3, Felix's rules/static.go and rules/endpoints.go, IPv4):
+Both families (Felix renders every chain once per IP version): `ip_version=6` gives the same
+chains for ip6tables, with the `cali60` IP sets, each rule filtered to the family (a rule whose
+ipVersion, nets / notNets or ICMP flavour are all the other family's renders nothing there),
+ICMPv6 matched as `-p ipv6-icmp -m icmp6 --icmpv6-type`, and cali-wl-to-host accepting the
+ICMPv6 of neighbour discovery ahead of policy.
+
+Packet walk (calico-reference §4.3, Felix's rules/static.go and rules/endpoints.go):
 * raw PREROUTING → cali-PREROUTING: clear our marks; traffic not from a workload goes to
   cali-from-host-endpoint (host endpoints with doNotTrack policy); ACCEPT once the accept mark is
   set. raw OUTPUT → cali-OUTPUT: clear marks, cali-to-host-endpoint, ACCEPT on the accept mark.
@@ -42,8 +48,8 @@ Packet walk (calico-reference §4.3, Felix's rules/static.go and rules/endpoints
   chains only). Forward chains with no policy accept ("Allow forwarded traffic by default").
 * Policy chains: each model Rule becomes zero or more iptables rules (OR-ed nets / ports / named
   ports are expanded); Allow sets the accept mark and returns, Pass the pass mark, Deny drops, Log
-  logs. A rule that can never match (ports without a port protocol, an IPv6-only net, ICMP
-  fields on another protocol) renders to nothing, never to a broader rule.
+  logs. A rule that can never match (ports without a port protocol, nets only of the other
+  family, ICMP fields on another protocol) renders to nothing, never to a broader rule.
 
 Everything here is deterministic (equal input gives equal text) so callers may memoise
 `policy_chains` / `profile_chains` by value and the driver's rule hashes are stable.
@@ -274,6 +280,12 @@ class HostEncap:
 
 
 ALL_HOSTS_SET = "cali40all-hosts-net"  # every node's address (Felix's all-hosts-net set)
+ALL_HOSTS_SET_V6 = "cali60all-hosts-net"  # every node's IPv6 address
+ALL_HOSTS_SETS = {4: ALL_HOSTS_SET, 6: ALL_HOSTS_SET_V6}
+# ICMPv6 a workload may always send to its host, ahead of its egress policy (Felix's
+# ICMPv6Filter): multicast listener query / report / done, router solicitation, neighbour
+# solicitation and advertisement, so that no policy can break the pod's neighbour discovery.
+WORKLOAD_ICMPV6_TYPES = (130, 131, 132, 133, 135, 136)
 
 
 @dataclass(frozen=True)
@@ -371,17 +383,17 @@ def _protocol(text: str | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=8192)
-def _net(text: str) -> str | None:
-    """The canonical IPv4 CIDR, or None for an IPv6 one (our rules are IPv4)."""
+def _net(text: str, ip_version: int) -> str | None:
+    """The canonical CIDR, or None for one of the other family (rendered in the other table)."""
     try:
         net = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ValueError(f"invalid CIDR {text!r} in policy rule") from None
-    return str(net) if net.version == 4 else None
+    return str(net) if net.version == ip_version else None
 
 
-def _v4_nets(nets: Sequence[str]) -> list[str]:
-    return [n for n in map(_net, nets) if n is not None]
+def _family_nets(nets: Sequence[str], ip_version: int) -> list[str]:
+    return [n for n in (_net(text, ip_version) for text in nets) if n is not None]
 
 
 def _port_text(port: model.PortRange) -> str:
@@ -408,7 +420,7 @@ def _multiport_chunks(ports: Iterable[model.PortRange]) -> list[str]:
 
 
 class _Never(Exception):
-    """The rule cannot match any IPv4 packet: render nothing."""
+    """The rule cannot match any packet of the family being rendered: render nothing."""
 
 
 @dataclass
@@ -425,24 +437,28 @@ class _Side:
 
 
 def _side(
-    entity: model.EntityRule, flag: str, proto: str | None, ipsets: dict[str, IPSetSpec]
+    entity: model.EntityRule, flag: str, proto: str | None, ipsets: dict[str, IPSetSpec], ip_version: int
 ) -> _Side:
     addr = "-s" if flag == "src" else "-d"
-    nets = _v4_nets(entity.nets)
+    # Felix's FilterRuleToIPVersion: a rule whose nets (or notNets) are all of the other family
+    # is not rendered in this family's table at all; mixed lists keep this family's entries.
+    nets = _family_nets(entity.nets, ip_version)
     if entity.nets and not nets:
-        raise _Never  # only IPv6 nets
-    not_nets = _v4_nets(entity.not_nets)
+        raise _Never
+    not_nets = _family_nets(entity.not_nets, ip_version)
+    if entity.not_nets and not not_nets:
+        raise _Never
     inline = not_nets if (len(not_nets) == 1 and not nets) else []
     block = [] if inline else not_nets
 
     sets: list[str] = []
     if entity.endpoints is not None:
-        name = selector_set_name(entity.endpoints)
-        ipsets[name] = IPSetSpec("hash:net", entity.endpoints)
+        name = selector_set_name(entity.endpoints, ip_version)
+        ipsets[name] = IPSetSpec("hash:net", entity.endpoints, ip_version=ip_version)
         sets.append(f"-m set --match-set {name} {flag}")
     if entity.not_endpoints is not None:
-        name = selector_set_name(entity.not_endpoints)
-        ipsets[name] = IPSetSpec("hash:net", entity.not_endpoints)
+        name = selector_set_name(entity.not_endpoints, ip_version)
+        ipsets[name] = IPSetSpec("hash:net", entity.not_endpoints, ip_version=ip_version)
         sets.append(f"-m set ! --match-set {name} {flag}")
 
     ports_flag = "--sports" if flag == "src" else "--dports"
@@ -450,8 +466,8 @@ def _side(
     def named(port: model.NamedPort) -> str | None:
         if proto not in PORT_PROTOCOLS:
             return None  # no container port has this protocol: the set would always be empty
-        set_name = named_port_set_name(entity.endpoints, port.name, proto)
-        ipsets[set_name] = IPSetSpec("hash:ip,port", entity.endpoints, port.name, proto)
+        set_name = named_port_set_name(entity.endpoints, port.name, proto, ip_version)
+        ipsets[set_name] = IPSetSpec("hash:ip,port", entity.endpoints, port.name, proto, ip_version)
         return set_name
 
     port_alts: list[str] = [
@@ -484,8 +500,9 @@ def _side(
     )
 
 
-def _icmp_match(icmp: model.ICMPMatch, negate: bool) -> str | None:
-    """`-m icmp [!] --icmp-type t[/c]`, or None when the match is "any ICMP" (type unset)."""
+def _icmp_match(icmp: model.ICMPMatch, negate: bool, ip_version: int) -> str | None:
+    """`-m icmp [!] --icmp-type t[/c]` (IPv6: `-m icmp6 [!] --icmpv6-type t[/c]`), or None when
+    the match is "any ICMP" (type unset)."""
     if icmp.type is None:
         if icmp.code is not None:
             raise ValueError("an ICMP code needs an ICMP type")
@@ -493,6 +510,8 @@ def _icmp_match(icmp: model.ICMPMatch, negate: bool) -> str | None:
     if not 0 <= icmp.type <= 255 or (icmp.code is not None and not 0 <= icmp.code <= 255):
         raise ValueError(f"invalid ICMP type/code {icmp.type}/{icmp.code}")
     value = str(icmp.type) if icmp.code is None else f"{icmp.type}/{icmp.code}"
+    if ip_version == 6:
+        return f"-m icmp6 {'! ' if negate else ''}--icmpv6-type {value}"
     return f"-m icmp {'! ' if negate else ''}--icmp-type {value}"
 
 
@@ -509,21 +528,30 @@ def _action_rules(action: model.Action) -> tuple[str, Rule | None]:
     raise ValueError(f"unknown rule action {action!r} (Allow, Deny, Log or Pass)")
 
 
-def _protocol_variants(rule: model.Rule) -> list[tuple[str | None, list[str]]]:
+def _ptext(proto: str) -> str:
+    """A protocol as `-p` takes it (ip6tables-save spells ICMPv6 `ipv6-icmp`)."""
+    return "ipv6-icmp" if proto == "icmpv6" else proto
+
+
+def _protocol_variants(rule: model.Rule, ip_version: int = 4) -> list[tuple[str | None, list[str]]]:
     """OR-ed (protocol, protocol and ICMP match parts) pairs for a rule; [] when it cannot match.
 
-    Mirrors policy.evaluate.match_rule for IPv4: ports without a protocol mean any port protocol,
-    ICMP fields without one mean ICMP, a notICMP only constrains ICMP packets.
+    Mirrors policy.evaluate.match_rule: ports without a protocol mean any port protocol, ICMP
+    fields without one mean the family's ICMP (ICMP for IPv4, ICMPv6 for IPv6, as Felix renders
+    `icmp` per table), a notICMP only constrains ICMP packets. The other family's ICMP never
+    matches (a `protocol: ICMPv6` rule has no IPv4 rules, a `protocol: ICMP` rule no IPv6 ones).
     """
+    icmp_name, other_icmp = ("icmp", "icmpv6") if ip_version == 4 else ("icmpv6", "icmp")
     proto = _protocol(rule.protocol)
     not_proto = _protocol(rule.not_protocol)
-    if proto == "icmpv6" or (proto is not None and proto == not_proto):
+    if proto == other_icmp or (proto is not None and proto == not_proto):
         return []
-    if not_proto == "icmpv6" or proto is not None:
-        not_proto = None  # always true for IPv4, or implied by the positive protocol
+    if not_proto == other_icmp or proto is not None:
+        not_proto = None  # always true in this family, or implied by the positive protocol
     src, dst = rule.source, rule.destination
-    icmp = _icmp_match(rule.icmp, False) if rule.icmp is not None else None
-    not_icmp = _icmp_match(rule.not_icmp, True) if rule.not_icmp is not None else None
+    icmp = _icmp_match(rule.icmp, False, ip_version) if rule.icmp is not None else None
+    not_icmp = _icmp_match(rule.not_icmp, True, ip_version) if rule.not_icmp is not None else None
+    p_icmp = f"-p {_ptext(icmp_name)}"
 
     if any((src.ports, src.not_ports, dst.ports, dst.not_ports)):
         if rule.icmp is not None:
@@ -532,36 +560,40 @@ def _protocol_variants(rule: model.Rule) -> list[tuple[str | None, list[str]]]:
             return [(p, [f"-p {p}"]) for p in _MULTIPORT_PROTOCOLS if p != not_proto]
         return [(proto, [f"-p {proto}"])] if proto in _MULTIPORT_PROTOCOLS else []
     if rule.icmp is not None:
-        if proto not in (None, "icmp") or not_proto == "icmp":
+        if proto not in (None, icmp_name) or not_proto == icmp_name:
             return []
         if rule.not_icmp is not None and not_icmp is None:
             return []  # "not any ICMP" on an ICMP packet
-        return [("icmp", ["-p icmp", *(m for m in (icmp, not_icmp) if m is not None)])]
-    if rule.not_icmp is not None and proto in (None, "icmp") and not_proto != "icmp":
-        if proto == "icmp":
-            return [("icmp", ["-p icmp", not_icmp])] if not_icmp is not None else []
+        return [(icmp_name, [p_icmp, *(m for m in (icmp, not_icmp) if m is not None)])]
+    if rule.not_icmp is not None and proto in (None, icmp_name) and not_proto != icmp_name:
+        if proto == icmp_name:
+            return [(icmp_name, [p_icmp, not_icmp])] if not_icmp is not None else []
         if not_proto is not None:
             raise ValueError("notICMP together with notProtocol needs a protocol")
-        non_icmp: tuple[str | None, list[str]] = (None, ["! -p icmp"])
-        return [("icmp", ["-p icmp", not_icmp]), non_icmp] if not_icmp is not None else [non_icmp]
+        non_icmp: tuple[str | None, list[str]] = (None, [f"! {p_icmp}"])
+        return [(icmp_name, [p_icmp, not_icmp]), non_icmp] if not_icmp is not None else [non_icmp]
     if proto is not None:
-        return [(proto, [f"-p {proto}"])]
-    return [(None, [f"! -p {not_proto}"] if not_proto else [])]
+        return [(proto, [f"-p {_ptext(proto)}"])]
+    return [(None, [f"! -p {_ptext(not_proto)}"] if not_proto else [])]
 
 
-def _render_rule(rule: model.Rule, ipsets: dict[str, IPSetSpec]) -> list[Rule]:
-    """The iptables rules for one model rule (empty when it can never match an IPv4 packet).
+def _render_rule(rule: model.Rule, ipsets: dict[str, IPSetSpec], ip_version: int = 4) -> list[Rule]:
+    """The iptables (ip_version 6: ip6tables) rules for one model rule; empty when it can never
+    match a packet of that family (its ipVersion is the other one, its nets are all of the
+    other family, or it is for the other family's ICMP).
 
     IP set specs the rules reference are added to `ipsets` only when rules are produced.
     """
     action, after = _action_rules(rule.action)
+    if rule.ip_version is not None and rule.ip_version != ip_version:
+        return []
     wanted: dict[str, IPSetSpec] = {}
     matches: list[str] = []
     block: list[str] = []  # the "not in net" matches that need the scratch mark
-    for proto, head in _protocol_variants(rule):
+    for proto, head in _protocol_variants(rule, ip_version):
         try:
-            src = _side(rule.source, "src", proto, wanted)
-            dst = _side(rule.destination, "dst", proto, wanted)
+            src = _side(rule.source, "src", proto, wanted, ip_version)
+            dst = _side(rule.destination, "dst", proto, wanted, ip_version)
         except _Never:
             continue
         tail_mark: list[str] = []
@@ -602,10 +634,11 @@ def _render_rule(rule: model.Rule, ipsets: dict[str, IPSetSpec]) -> list[Rule]:
     return out
 
 
-def _render_rules(rules: Iterable[model.Rule], ipsets: dict[str, IPSetSpec]) -> tuple[Rule, ...]:
+def _render_rules(rules: Iterable[model.Rule], ipsets: dict[str, IPSetSpec], ip_version: int = 4
+                  ) -> tuple[Rule, ...]:
     out: list[Rule] = []
     for rule in rules:
-        out.extend(_render_rule(rule, ipsets))
+        out.extend(_render_rule(rule, ipsets, ip_version))
     return tuple(out)
 
 
@@ -618,36 +651,37 @@ def _directions(policy: model.Policy) -> list[tuple[model.Direction, tuple[model
     return out
 
 
-def policy_chains(policy: model.Policy) -> list[Chain]:
-    """cali-pi-<id> for an Ingress policy, cali-po-<id> for an Egress one (both when both)."""
+def policy_chains(policy: model.Policy, ip_version: int = 4) -> list[Chain]:
+    """cali-pi-<id> for an Ingress policy, cali-po-<id> for an Egress one (both when both), for
+    iptables (ip_version 4) or ip6tables (6): the same names, each family's rules."""
     sink: dict[str, IPSetSpec] = {}
     return [
-        Chain(policy_chain_name(policy.id, direction), _render_rules(rules, sink))
+        Chain(policy_chain_name(policy.id, direction), _render_rules(rules, sink, ip_version))
         for direction, rules in _directions(policy)
     ]
 
 
-def ipsets_for_policy(policy: model.Policy) -> dict[str, IPSetSpec]:
-    """The IP sets policy_chains(policy) references, by name."""
+def ipsets_for_policy(policy: model.Policy, ip_version: int = 4) -> dict[str, IPSetSpec]:
+    """The IP sets policy_chains(policy, ip_version) references, by name."""
     ipsets: dict[str, IPSetSpec] = {}
     for _, rules in _directions(policy):
-        _render_rules(rules, ipsets)
+        _render_rules(rules, ipsets, ip_version)
     return ipsets
 
 
-def profile_chains(profile: model.Profile) -> list[Chain]:
+def profile_chains(profile: model.Profile, ip_version: int = 4) -> list[Chain]:
     """cali-pri-<name> and cali-pro-<name> (e.g. cali-pri-kns.default)."""
     sink: dict[str, IPSetSpec] = {}
     return [
-        Chain(profile_chain_name(profile.name, "Ingress"), _render_rules(profile.ingress, sink)),
-        Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, sink)),
+        Chain(profile_chain_name(profile.name, "Ingress"), _render_rules(profile.ingress, sink, ip_version)),
+        Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, sink, ip_version)),
     ]
 
 
-def ipsets_for_profile(profile: model.Profile) -> dict[str, IPSetSpec]:
+def ipsets_for_profile(profile: model.Profile, ip_version: int = 4) -> dict[str, IPSetSpec]:
     ipsets: dict[str, IPSetSpec] = {}
-    _render_rules(profile.ingress, ipsets)
-    _render_rules(profile.egress, ipsets)
+    _render_rules(profile.ingress, ipsets, ip_version)
+    _render_rules(profile.egress, ipsets, ip_version)
     return ipsets
 
 
@@ -975,23 +1009,31 @@ _HEP_ACCEPTED = Rule(_mark(ACCEPT_MARK), "ACCEPT", "Host endpoint policy accepte
 _HEP_ACCEPTED_RETURN = Rule(_mark(ACCEPT_MARK), "RETURN", "Host endpoint policy accepted packet")
 
 
-def _encap_rules(config: RenderConfig, encap: HostEncap, direction: str) -> tuple[Rule, ...]:
-    """Encapsulated pod traffic between the nodes, allowed before host endpoint policy."""
+def _encap_rules(config: RenderConfig, encap: HostEncap, direction: str, ip_version: int = 4) -> tuple[Rule, ...]:
+    """Encapsulated pod traffic between the nodes, allowed before host endpoint policy (IPv6:
+    VXLAN only, between the nodes' IPv6 addresses; IPIP is IPv4 only, as in Calico)."""
+    hosts = ALL_HOSTS_SETS[ip_version]
     if direction == "in":
-        peer, local, word = f"-m set --match-set {ALL_HOSTS_SET} src", "-m addrtype --dst-type LOCAL", "from"
+        peer, local, word = f"-m set --match-set {hosts} src", "-m addrtype --dst-type LOCAL", "from"
     else:
-        peer, local, word = f"-m set --match-set {ALL_HOSTS_SET} dst", "-m addrtype --src-type LOCAL", "to"
+        peer, local, word = f"-m set --match-set {hosts} dst", "-m addrtype --src-type LOCAL", "to"
     rules: list[Rule] = []
-    if encap.ipip:
+    if encap.ipip and ip_version == 4:
         rules.append(Rule(f"-p 4 {peer} {local}", "ACCEPT", f"Allow IPIP packets {word} Calico hosts"))
     if encap.vxlan:
         rules.append(Rule(f"-p udp -m multiport --dports {config.vxlan_port} {peer} {local}", "ACCEPT",
-                          f"Allow IPv4 VXLAN packets {word} Calico hosts"))
+                          f"Allow IPv{ip_version} VXLAN packets {word} Calico hosts"))
     return tuple(rules)
 
 
-def static_chains(config: RenderConfig = RenderConfig(), encap: HostEncap = HostEncap()) -> list[Chain]:
-    """The filter table's cali-INPUT, cali-FORWARD, cali-OUTPUT, cali-wl-to-host and failsafe chains."""
+_WORKLOAD_ICMPV6 = tuple(Rule(f"-p ipv6-icmp -m icmp6 --icmpv6-type {t}", "ACCEPT") for t in WORKLOAD_ICMPV6_TYPES)
+
+
+def static_chains(config: RenderConfig = RenderConfig(), encap: HostEncap = HostEncap(),
+                  ip_version: int = 4) -> list[Chain]:
+    """The filter table's cali-INPUT, cali-FORWARD, cali-OUTPUT, cali-wl-to-host and failsafe
+    chains; for ip6tables (ip_version 6) cali-wl-to-host first accepts the ICMPv6 of neighbour
+    discovery (WORKLOAD_ICMPV6_TYPES), as Felix's does, and `encap` is the IPv6 pools'."""
     wl = f"{config.iface_prefix}+"
     return [
         Chain(CHAIN_FORWARD, (
@@ -1006,7 +1048,7 @@ def static_chains(config: RenderConfig = RenderConfig(), encap: HostEncap = Host
             Rule("", _set_mark(ACCEPT_MARK)),
         )),
         Chain(CHAIN_INPUT, (
-            *_encap_rules(config, encap, "in"),
+            *_encap_rules(config, encap, "in", ip_version),
             Rule(f"-i {wl}", f"-g {CHAIN_WL_TO_HOST}"),
             Rule(_mark(ACCEPT_MARK), "ACCEPT", "Accepted by raw or mangle host endpoint policy"),
             Rule("", _clear_mark(_ALL_MARKS)),
@@ -1016,13 +1058,14 @@ def static_chains(config: RenderConfig = RenderConfig(), encap: HostEncap = Host
         Chain(CHAIN_OUTPUT, (
             Rule(_mark(ACCEPT_MARK), "ACCEPT", "Accepted by raw host endpoint policy"),
             Rule(f"-o {wl}", "RETURN", "Host to workload traffic is not policed"),
-            *_encap_rules(config, encap, "out"),
+            *_encap_rules(config, encap, "out", ip_version),
             Rule("", _clear_mark(_ALL_MARKS)),
             # DNAT'd output is policed in mangle POSTROUTING, once its interface is known.
             Rule("-m conntrack ! --ctstate DNAT", CHAIN_TO_HOST_ENDPOINT),
             _HEP_ACCEPTED,
         )),
         Chain(CHAIN_WL_TO_HOST, (
+            *(_WORKLOAD_ICMPV6 if ip_version == 6 else ()),
             Rule("", CHAIN_FROM_WL_DISPATCH),
             Rule("", config.default_endpoint_to_host_action,
                  "Configured DefaultEndpointToHostAction"),
@@ -1097,8 +1140,10 @@ def render_filter_table(
     config: RenderConfig = RenderConfig(),
     host_endpoints: Iterable[HostEndpointChains] = (),
     encap: HostEncap = HostEncap(),
+    ip_version: int = 4,
 ) -> FilterTable:
-    """The filter, mangle and raw tables for these local workload and host endpoints.
+    """The filter, mangle and raw tables for these local workload and host endpoints, for
+    iptables (ip_version 4) or ip6tables (6): the same chains, each family's rules and sets.
 
     Only the policies and profiles some endpoint references are rendered (others would be dead
     chains), each in the tables that use it, and only the IP sets those reference are returned.
@@ -1114,10 +1159,10 @@ def render_filter_table(
 
     eps = list(endpoints)
     heps = list(host_endpoints)
-    for chain in static_chains(config, encap):
+    for chain in static_chains(config, encap, ip_version):
         add("filter", chain)
-    if encap.vxlan or encap.ipip:
-        ipsets[ALL_HOSTS_SET] = IPSetSpec("hash:net", None)
+    if encap.vxlan or (encap.ipip and ip_version == 4):
+        ipsets[ALL_HOSTS_SETS[ip_version]] = IPSetSpec("hash:net", None, ip_version=ip_version)
     for chain in mangle_static_chains(config):
         add("mangle", chain)
     for chain in raw_static_chains(config):
@@ -1153,15 +1198,17 @@ def render_filter_table(
             if policy is None:
                 continue
             for direction, rules in _directions(policy):
-                add(table, Chain(policy_chain_name(policy.id, direction), _render_rules(rules, ipsets)))
+                add(table, Chain(policy_chain_name(policy.id, direction), _render_rules(rules, ipsets, ip_version)))
     for name in used_profiles:
         profile = profiles.get(name)
         if profile is None:
             continue
-        add("filter", Chain(profile_chain_name(profile.name, "Ingress"), _render_rules(profile.ingress, ipsets)))
-        add("filter", Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
+        ingress = _render_rules(profile.ingress, ipsets, ip_version)
+        egress = _render_rules(profile.egress, ipsets, ip_version)
+        add("filter", Chain(profile_chain_name(profile.name, "Ingress"), ingress))
+        add("filter", Chain(profile_chain_name(profile.name, "Egress"), egress))
         if name in mangle_profiles:
-            add("mangle", Chain(profile_chain_name(profile.name, "Egress"), _render_rules(profile.egress, ipsets)))
+            add("mangle", Chain(profile_chain_name(profile.name, "Egress"), egress))
     return FilterTable(
         chains=tables["filter"], jumps=jump_rules(), ipsets=ipsets,
         raw=TableChains(tables["raw"], table_jump_rules("raw")),

@@ -14,6 +14,12 @@ and for real in felixpy-lab with TCP/UDP probes (the e2e suite). So everything h
   "ns/pod" ids, src != dst (a pod reaching itself never leaves its netns);
 * policies may name pod addresses, which only exist at run time: "$IP(x/b)" is x/b's address
   and "$NET(x/b,4)" the /4 network containing it; resolve() fills them in.
+* dual-stack: every case holds for each family the pods have (the e2e lab is dual-stack). An
+  ipBlock written with $IP / $NET means "this pod's address", so with IPv6 addresses given,
+  resolve() gives it an IPv6 twin ($IP(x/b)/32 → x/b's IPv6 /128, $NET(x/b,4) → the IPv6 /4
+  holding it) and the expectation is the same in both families. "$IP4(x/b)" is the IPv4 address
+  only (no twin), for cases about one family's ipBlock not matching the other family: their
+  Expects carry a `family`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class Expect:
     port: int
     protocol: str  # "tcp" | "udp"
     allowed: frozenset[tuple[str, str]]
+    family: int | None = None  # 4 or 6: holds for that IP family only; None: for every family
 
     def is_allowed(self, src: str, dst: str) -> bool:
         return (src, dst) in self.allowed
@@ -113,9 +120,10 @@ class Reachability:
         return frozenset(pair for pair, ok in self.matrix.items() if ok)
 
 
-def expect(reach: Reachability, probes: tuple[tuple[int, str], ...] = TCP80) -> tuple[Expect, ...]:
+def expect(reach: Reachability, probes: tuple[tuple[int, str], ...] = TCP80,
+           family: int | None = None) -> tuple[Expect, ...]:
     allowed = reach.allowed()
-    return tuple(Expect(port, proto, allowed) for port, proto in probes)
+    return tuple(Expect(port, proto, allowed, family) for port, proto in probes)
 
 
 def expect_each(**by_probe: Reachability) -> tuple[Expect, ...]:
@@ -155,23 +163,52 @@ def deny_all_egress(ns: str, name: str = "deny-all-egress") -> dict[str, Any]:
     return np(name, ns, {"podSelector": ANY, "policyTypes": ["Egress"]})
 
 
-_PLACEHOLDER = re.compile(r"\$(IP|NET)\(([a-z0-9-]+/[a-z0-9-]+)(?:,(\d+))?\)")
+_PLACEHOLDER = re.compile(r"\$(IP4|IP|NET)\(([a-z0-9-]+/[a-z0-9-]+)(?:,(\d+))?\)")
 
 
-def resolve(obj: Any, ips: Mapping[str, str]) -> Any:
-    """A copy of obj with $IP(ns/pod) and $NET(ns/pod,prefix) replaced using pod addresses."""
+def _resolved(text: str, ips: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        ip = ips[m.group(2)]
+        if m.group(1) in ("IP", "IP4"):
+            return ip
+        return str(ipaddress.ip_network(f"{ip}/{m.group(3)}", strict=False))
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+def _v6_twin(peer: dict[str, Any], ips6: Mapping[str, str]) -> dict[str, Any] | None:
+    """The IPv6 twin of an ipBlock peer that names pod addresses with $IP / $NET (None: none)."""
+    block = peer.get("ipBlock")
+    if not isinstance(block, dict):
+        return None
+    texts = [str(block.get("cidr", "")), *map(str, block.get("except", []))]
+    if "$IP4(" in " ".join(texts) or not any("$" in t for t in texts):
+        return None
+
+    def v6(text: str) -> str:
+        return _resolved(text.replace(")/32", ")/128"), ips6)
+
+    twin: dict[str, Any] = {"cidr": v6(str(block["cidr"]))}
+    if "except" in block:
+        twin["except"] = [v6(str(t)) for t in block["except"]]
+    return {**copy.deepcopy(peer), "ipBlock": twin}
+
+
+def resolve(obj: Any, ips: Mapping[str, str], ips6: Mapping[str, str] | None = None) -> Any:
+    """A copy of obj with $IP(ns/pod) and $NET(ns/pod,prefix) replaced using pod addresses; with
+    `ips6` (the pods' IPv6 addresses) each ipBlock peer naming pods also gets its IPv6 twin."""
     if isinstance(obj, dict):
-        return {k: resolve(v, ips) for k, v in obj.items()}
+        return {k: resolve(v, ips, ips6) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [resolve(v, ips) for v in obj]
+        out = []
+        for v in obj:
+            out.append(resolve(v, ips, ips6))
+            twin = _v6_twin(v, ips6) if ips6 is not None and isinstance(v, dict) else None
+            if twin is not None:
+                out.append(twin)
+        return out
     if isinstance(obj, str):
-        def sub(m: re.Match[str]) -> str:
-            ip = ips[m.group(2)]
-            if m.group(1) == "IP":
-                return ip
-            return str(ipaddress.ip_network(f"{ip}/{m.group(3)}", strict=False))
-
-        return _PLACEHOLDER.sub(sub, obj)
+        return _resolved(obj, ips)
     return copy.deepcopy(obj)
 
 
@@ -388,6 +425,13 @@ one("ingress-from-ip-block-except",
     [np("ingress-except", "x", {"podSelector": pods(pod="a"), "ingress": [
         {"from": [{"ipBlock": {"cidr": "$NET(y/b,4)", "except": ["$IP(y/b)/32"]}}]}]})],
     expect(everyone().peer("y/b", "x/a", False)))
+# One family's ipBlock says nothing about the other family's traffic (Felix renders the rule for
+# its own family only): x/a may reach x/b's IPv4 address and nothing over IPv6.
+case("ip-block-of-one-family-does-not-match-the-other",
+     Step((np("egress-ipv4-only", "x", {"podSelector": pods(pod="a"), "policyTypes": ["Egress"],
+                                       "egress": [{"to": [{"ipBlock": {"cidr": "$IP4(x/b)/32"}}]}]}),),
+          (*expect(everyone().egress("x/a", False).peer("x/a", "x/b", True), family=4),
+           *expect(everyone().egress("x/a", False), family=6))))
 one("ip-block-with-port",
     [np("ipblock-81", "x", {"podSelector": pods(pod="a"), "ingress": [
         {"from": [{"ipBlock": {"cidr": "$NET(y/b,4)"}}], "ports": [{"port": 81}]}]})],

@@ -16,7 +16,11 @@ produces:
   * the ipsets the active policies reference, with their members: the addresses of the
     workloads, network sets (their nets) and host endpoints (their expectedIPs) they select;
   * all of it rendered as iptables chains of the filter, mangle and raw tables
-    (`filter_state()`, a messages.FilterState), for the PolicyManager.
+    (`filter_state()`, a messages.FilterState), for the PolicyManager; with `ipv6` the same for
+    ip6tables too (`filter_state(6)`): the endpoint, dispatch and host endpoint chains are the
+    same objects in both families, the policy and profile chains are rendered per family (a
+    rule of the other family renders nothing), and every selector set exists once per family
+    (`cali40…` with the members' IPv4 addresses, `cali60…` with their IPv6 ones).
 
 Synchronous, no I/O. It is incremental because the agent must follow one policy change within
 ~100 ms at 1,000 local endpoints and 500 policies (kube-router's full rebuild per change is what
@@ -41,6 +45,7 @@ The invariant (checked by tests/unit/test_calc_policy.py): `filter_state()` equa
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -52,7 +57,7 @@ from felixpy.messages import FilterState, IPSetState, TableState
 from policy import calico, evaluate, render
 from policy import ipsets as policy_ipsets
 from policy.iptables import Chain
-from policy.model import ALL_INTERFACES, Endpoint, HostEndpoint, Policy, Profile, Tier
+from policy.model import ALL_INTERFACES, Endpoint, EndpointMatch, HostEndpoint, Policy, Profile, Tier
 
 if TYPE_CHECKING:
     from felixpy.calc.dispatcher import Dispatcher
@@ -105,9 +110,11 @@ def _tiers_of(policies: Iterable[Policy], tiers: Mapping[str, Tier]) -> render.T
 class PolicyCalc:
     """See the module docstring. `on_update` indexes; the output methods flush lazily."""
 
-    def __init__(self, node_name: str, config: render.RenderConfig | None = None) -> None:
+    def __init__(self, node_name: str, config: render.RenderConfig | None = None, *, ipv6: bool = False) -> None:
         self.node_name = node_name
         self.config = config or render.RenderConfig()
+        # The IP families rendered: IPv6 only with Felix's Ipv6Support.
+        self.families: tuple[int, ...] = (4, 6) if ipv6 else (4,)
         self.dirty = True
         # -- the index
         self._members: dict[str, _Member] = {}  # key -> workload / network set / host endpoint (all nodes)
@@ -141,8 +148,8 @@ class PolicyCalc:
         self._dirty_members: set[str] = set()  # member keys whose contributions must be recomputed
         self._active_profiles: dict[str, Profile] = {}  # profiles local endpoint chains jump to
         # -- rendering memos (value -> chains)
-        self._policy_memo: dict[str, tuple[Policy, tuple[Chain, ...]]] = {}
-        self._profile_memo: dict[str, tuple[Profile, tuple[Chain, ...]]] = {}
+        self._policy_memo: dict[int, dict[str, tuple[Policy, tuple[Chain, ...]]]] = {f: {} for f in self.families}
+        self._profile_memo: dict[int, dict[str, tuple[Profile, tuple[Chain, ...]]]] = {f: {} for f in self.families}
         # Per interface: its EndpointChains, their rendering, and the policy ids they use (a
         # frozenset: the union over 5,000 endpoints costs a few ms instead of ~40 ms of generators).
         self._ep_memo: dict[str, tuple[render.EndpointChains, tuple[Chain, ...], frozenset[str]]] = {}
@@ -151,14 +158,15 @@ class PolicyCalc:
         self._hep_dispatch_memo: _HostDispatchMemo | None = None
         # Encapsulated traffic between nodes is allowed before host endpoint policy: which
         # encapsulations the enabled pools use, and every node's address.
-        self._pool_encap: dict[str, render.HostEncap] = {}
-        self._node_ips: dict[str, str] = {}
-        self._encap = render.HostEncap()
-        self._static = {
-            "filter": tuple(render.static_chains(self.config)),
+        # Per family: which encapsulations that family's pools use, and every node's address.
+        self._pool_encap: dict[int, dict[str, render.HostEncap]] = {f: {} for f in self.families}
+        self._node_ips: dict[int, dict[str, str]] = {f: {} for f in self.families}
+        self._encap = {f: render.HostEncap() for f in self.families}
+        self._static = {f: {
+            "filter": tuple(render.static_chains(self.config, ip_version=f)),
             "mangle": tuple(render.mangle_static_chains(self.config)),
             "raw": tuple(render.raw_static_chains(self.config)),
-        }
+        } for f in self.families}
         self._jumps = {t: {b: tuple(rules) for b, rules in render.table_jump_rules(t).items()} for t in TABLES}
         self._warned: set[str] = set()
 
@@ -177,28 +185,31 @@ class PolicyCalc:
 
     def on_pool(self, update: Update[IPPool]) -> None:
         pool = update.value
-        if pool is None or pool.disabled or ":" in pool.cidr:  # our rules are IPv4
-            self._pool_encap.pop(update.key, None)
-        else:
-            self._pool_encap[update.key] = render.HostEncap(vxlan=pool.vxlan_mode != "Never",
-                                                            ipip=pool.ipip_mode != "Never")
-        encap = render.HostEncap(vxlan=any(e.vxlan for e in self._pool_encap.values()),
-                                 ipip=any(e.ipip for e in self._pool_encap.values()))
-        if encap != self._encap:
-            self._encap = encap
-            self._static["filter"] = tuple(render.static_chains(self.config, encap))
-            self.dirty = True
+        for family, pools in self._pool_encap.items():
+            if pool is None or pool.disabled or (":" in pool.cidr) != (family == 6):
+                pools.pop(update.key, None)
+            else:
+                pools[update.key] = render.HostEncap(vxlan=pool.vxlan_mode != "Never",
+                                                     ipip=pool.ipip_mode != "Never")
+            encap = render.HostEncap(vxlan=any(e.vxlan for e in pools.values()),
+                                     ipip=any(e.ipip for e in pools.values()))
+            if encap != self._encap[family]:
+                self._encap[family] = encap
+                self._static[family]["filter"] = tuple(render.static_chains(self.config, encap, family))
+                self.dirty = True
 
     def on_node(self, update: Update[Node]) -> None:
-        address = update.value.ipv4 if update.value is not None else None
-        if address is None:
-            changed = self._node_ips.pop(update.key, None) is not None
-        else:
-            changed = self._node_ips.get(update.key) != address
-            self._node_ips[update.key] = address
-        if changed:
-            self._set_cache.pop(render.ALL_HOSTS_SET, None)
-            self.dirty = True
+        for family, ips in self._node_ips.items():
+            node = update.value
+            address = None if node is None else (node.ipv4 if family == 4 else node.ipv6)
+            if address is None:
+                changed = ips.pop(update.key, None) is not None
+            else:
+                changed = ips.get(update.key) != address
+                ips[update.key] = address
+            if changed:
+                self._set_cache.pop(render.ALL_HOSTS_SETS[family], None)
+                self.dirty = True
 
     def on_workload(self, update: Update[WorkloadEndpoint]) -> None:
         member = None
@@ -435,8 +446,11 @@ class PolicyCalc:
 
     # -- ipsets ----------------------------------------------------------------------------
     def _activate(self, pid: str, policy: Policy) -> None:
-        """The policy is active (or changed while active): reference exactly its sets."""
-        self._activate_sets(pid, render.ipsets_for_policy(policy))
+        """The policy is active (or changed while active): reference exactly its sets (each family's)."""
+        wanted: dict[str, policy_ipsets.IPSetSpec] = {}
+        for family in self.families:
+            wanted.update(render.ipsets_for_policy(policy, family))
+        self._activate_sets(pid, wanted)
 
     def _activate_sets(self, pid: str, wanted: Mapping[str, policy_ipsets.IPSetSpec]) -> None:
         had = self._policy_sets.get(pid, {})
@@ -466,8 +480,19 @@ class PolicyCalc:
             self._new_sets.discard(name)
 
     @staticmethod
-    def _members_of(spec: policy_ipsets.IPSetSpec, endpoints: Iterable[Endpoint]) -> set[str]:
-        return policy_ipsets.ipset_members(spec, endpoints)
+    def _members_of(spec: policy_ipsets.IPSetSpec, key: str, endpoint: Endpoint,
+                    selected: dict[str, bool] | None) -> frozenset[str]:
+        """The member's contribution to one set. `selected` (member key -> verdict, one dict per
+        match for the flush) lets the IPv4 and IPv6 twins of a set, and sets sharing a match,
+        match each member once."""
+        if spec.match is not None:
+            assert selected is not None
+            hit = selected.get(key)
+            if hit is None:
+                hit = selected[key] = evaluate.match_endpoint(spec.match, endpoint)
+            if not hit:
+                return frozenset()
+        return frozenset(policy_ipsets.selected_members(spec, endpoint))
 
     def _contribute(self, name: str, key: str, members: frozenset[str]) -> None:
         contrib = self._set_contrib[name]
@@ -487,14 +512,17 @@ class PolicyCalc:
         self._set_cache.pop(name, None)
 
     def _flush_ipsets(self) -> None:
+        # match -> member key -> whether it selects the member, for this flush.
+        selected: dict[EndpointMatch | None, dict[str, bool]] = {}
         for name in sorted(self._new_sets):
             spec = self._set_specs[name]
             namespace = spec.match.namespace if spec.match is not None else None
             scope = self._members.keys() if namespace is None else self._ns_members.get(namespace, set())
+            verdicts = selected.setdefault(spec.match, {})
             for key in scope:
-                found = self._members_of(spec, (self._members[key].endpoint,))
+                found = self._members_of(spec, key, self._members[key].endpoint, verdicts)
                 if found:
-                    self._contribute(name, key, frozenset(found))
+                    self._contribute(name, key, found)
         for key in self._dirty_members:
             changed = self._members.get(key)
             endpoints = () if changed is None else (changed.endpoint,)
@@ -504,7 +532,7 @@ class PolicyCalc:
                 members: frozenset[str] = frozenset()  # also: a namespace-scoped set, other namespace
                 if endpoints and (spec.match is None or spec.match.namespace is None
                                   or spec.match.namespace == endpoints[0].namespace):
-                    members = frozenset(self._members_of(spec, endpoints))
+                    members = self._members_of(spec, key, endpoints[0], selected.setdefault(spec.match, {}))
                 self._contribute(name, key, members)
         self._new_sets.clear()
         self._dirty_members.clear()
@@ -550,7 +578,10 @@ class PolicyCalc:
         for name, profile in wanted.items():
             if self._active_profiles.get(name) is not profile:
                 self._active_profiles[name] = profile
-                self._activate_sets(_profile_ref(name), render.ipsets_for_profile(profile))
+                wanted_sets: dict[str, policy_ipsets.IPSetSpec] = {}
+                for family in self.families:
+                    wanted_sets.update(render.ipsets_for_profile(profile, family))
+                self._activate_sets(_profile_ref(name), wanted_sets)
 
     def _existing_profiles(self, member: _Member) -> tuple[str, ...]:
         return tuple(p for p in member.endpoint.profiles if p in self._profiles)
@@ -600,18 +631,26 @@ class PolicyCalc:
     def tiers(self) -> dict[str, Tier]:
         return dict(self._tiers)
 
-    def ipsets(self) -> dict[str, IPSetState]:
+    def ipsets(self, ip_version: int | None = None) -> dict[str, IPSetState]:
         """The sets the active policies reference, with their members (cluster-wide), and the
-        set of node addresses when encapsulated traffic between nodes must be allowed."""
+        set of node addresses when encapsulated traffic between nodes must be allowed: of one
+        family, or (None) of every family rendered."""
         self._flush()
         out = {}
-        if self._encap.vxlan or self._encap.ipip:
-            state = self._set_cache.get(render.ALL_HOSTS_SET)
-            if state is None:
-                state = IPSetState("hash:net", frozenset(self._node_ips.values()))
-                self._set_cache[render.ALL_HOSTS_SET] = state
-            out[render.ALL_HOSTS_SET] = state
+        for family in self.families:
+            if ip_version is not None and family != ip_version:
+                continue
+            encap = self._encap[family]
+            if encap.vxlan or (encap.ipip and family == 4):
+                hosts = render.ALL_HOSTS_SETS[family]
+                state = self._set_cache.get(hosts)
+                if state is None:
+                    state = IPSetState("hash:net", frozenset(self._node_ips[family].values()))
+                    self._set_cache[hosts] = state
+                out[hosts] = state
         for name, spec in self._set_specs.items():
+            if ip_version is not None and spec.ip_version != ip_version:
+                continue
             state = self._set_cache.get(name)
             if state is None:
                 state = IPSetState(spec.type, frozenset(self._set_counts[name]))
@@ -624,13 +663,16 @@ class PolicyCalc:
         and tests)."""
         return [m.endpoint for m in self._members.values()]
 
-    def filter_state(self) -> FilterState:
-        """All chains, jump rules and ipsets of the filter, mangle and raw tables, memoised by value."""
+    def filter_state(self, ip_version: int = 4) -> FilterState:
+        """All chains, jump rules and ipsets of the filter, mangle and raw tables of one family
+        (iptables or ip6tables), memoised by value."""
+        if ip_version not in self.families:
+            raise ValueError(f"IPv{ip_version} policy is not rendered on this node")
         endpoint_chains = self.endpoint_chains()
         host_chains = self.host_endpoint_chains()
         policies = self.active_policies()
         profiles = self.active_profiles()
-        tables: dict[str, dict[str, Chain]] = {t: {c.name: c for c in self._static[t]} for t in TABLES}
+        tables: dict[str, dict[str, Chain]] = {t: {c.name: c for c in self._static[ip_version][t]} for t in TABLES}
         by_iface: dict[str, render.EndpointChains] = {}
         for key in sorted(endpoint_chains):
             ec = endpoint_chains[key]
@@ -674,28 +716,31 @@ class PolicyCalc:
             policy = policies.get(pid)
             if policy is None:
                 continue
-            chains = _memoised(self._policy_memo, pid, policy, render.policy_chains)
+            chains = _memoised(self._policy_memo[ip_version], pid, policy,
+                               functools.partial(render.policy_chains, ip_version=ip_version))
             for table in TABLES:
                 if pid in used[table]:
                     tables[table].update((c.name, c) for c in chains)
         hep_profiles = {name for hc in heps for name in hc.profiles}
         for name, profile in profiles.items():
-            for chain in _memoised(self._profile_memo, name, profile, render.profile_chains):
+            for chain in _memoised(self._profile_memo[ip_version], name, profile,
+                                   functools.partial(render.profile_chains, ip_version=ip_version)):
                 tables["filter"][chain.name] = chain
                 if name in hep_profiles and chain.name.startswith(render.PROFILE_OUT_PREFIX):
                     tables["mangle"][chain.name] = chain  # host endpoints' mangle egress chains
         # Forget memos of things that went away, so memory follows the cluster.
         live_heps = {hc.iface for hc in heps}
         memos: tuple[tuple[dict[str, Any], Any], ...] = (
-            (self._policy_memo, policies), (self._profile_memo, profiles), (self._ep_memo, ifaces),
+            (self._policy_memo[ip_version], policies), (self._profile_memo[ip_version], profiles), (self._ep_memo, ifaces),
             (self._hep_memo, live_heps))
         for memo_table, live in memos:
             for gone in [k for k in memo_table if k not in live]:
                 del memo_table[gone]
         return FilterState(
-            chains=tables["filter"], jumps=self._jumps["filter"], ipsets=self.ipsets(),
+            chains=tables["filter"], jumps=self._jumps["filter"], ipsets=self.ipsets(ip_version),
             mangle=TableState(tables["mangle"], self._jumps["mangle"]),
             raw=TableState(tables["raw"], self._jumps["raw"]),
+            ip_version=ip_version,
         )
 
 

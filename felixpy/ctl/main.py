@@ -316,6 +316,19 @@ def _find_peer(ref: str, world: _PolicyWorld) -> Any:
     return str(ip)
 
 
+def _family_of(*refs: str) -> int | None:
+    """The IP family of the first reference that is an address (a dual-stack pod named by its
+    IPv6 address is explained over IPv6, as ip6tables would decide it); None for pods by name."""
+    import ipaddress
+
+    for ref in refs:
+        try:
+            return ipaddress.ip_address(ref).version
+        except ValueError:
+            continue
+    return None
+
+
 def _failsafe_ports() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
     """The failsafe ports the agent on this host uses: FELIX_FAILSAFE*HOSTPORTS, else Calico's."""
     from felixpy.config import ConfigError, load_config
@@ -354,7 +367,8 @@ def cmd_policy(args: argparse.Namespace, store: Datastore) -> int:
     failsafe_in, failsafe_out = _failsafe_ports()
     verdict = explain(src, dst, port, proto, policies=world.policies, profiles=world.profiles, tiers=world.tiers,
                       via=via, others=[*world.network_sets, *(h.endpoint for h in world.host_endpoints)],
-                      failsafe_inbound=failsafe_in, failsafe_outbound=failsafe_out)
+                      failsafe_inbound=failsafe_in, failsafe_outbound=failsafe_out,
+                      ip_version=_family_of(args.src, args.dst))
     if args.output == "json":
         print(json.dumps(verdict.to_dict(), indent=2))
     else:

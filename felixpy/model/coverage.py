@@ -493,7 +493,8 @@ SUPPORT: dict[str, dict[str, Support]] = {
         "action": Honoured("tests/unit/test_policy_render.py::test_allow_deny_pass_log_actions"),
         "protocol": Honoured(_T_NOT),
         "notProtocol": Honoured(_T_FULL_POLICY),
-        "ipVersion": HonouredIf(_T_FULL_POLICY, _one_of(4), "4", 4, 6),
+        "ipVersion": Honoured("tests/unit/test_policy_render_v6.py::test_ip_version_renders_a_rule_in_its_family_only",
+                              "the rule is rendered for that family's table only (iptables or ip6tables)"),
         "metadata.annotations": Honoured(_T_STORED, "stored as given, as in Calico"),
     },
     "ICMPFields": {

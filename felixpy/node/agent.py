@@ -64,7 +64,6 @@ from felixpy.dataplane.drivers.routes import RouteTable
 from felixpy.dataplane.managers import Manager
 from felixpy.dataplane.managers.masq import MasqManager, NatSettings
 from felixpy.dataplane.managers.policy import PolicyManager
-from felixpy.dataplane.managers.policy6 import Ipv6PolicyGuard, policed_host_endpoints, policed_ifaces
 from felixpy.dataplane.managers.routes import RouteManager
 from felixpy.dataplane.managers.tunnels import TunnelManager
 from felixpy.datastore.api import Datastore
@@ -198,6 +197,8 @@ class Agent:
         nat6_table: Table | None = None,
         ipsets6: IPSets | None = None,
         filter6_table: Table | None = None,
+        mangle6_table: Table | None = None,
+        raw6_table: Table | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -212,7 +213,10 @@ class Agent:
         # "none" (policy-only) nobody routes them.
         # ipv6: Felix's Ipv6Support; off, nothing IPv6 is computed, read back or programmed.
         self.calc = CalcGraph(node_name, remote_routes_from_datastore=networking_backend == "vxlan", ipv6=ipv6)
-        self.policy_calc = PolicyCalc(node_name, render_config)
+        # Policy is rendered for ip6tables too whenever there are IPv6 tables to write it to:
+        # the real ones, or a test's own.
+        policy6 = ipv6 and (nat_table is None or filter6_table is not None)
+        self.policy_calc = PolicyCalc(node_name, render_config, ipv6=policy6)
         self._stats = DatastoreStats(node_name, metrics) if metrics is not None else None
         self._bgp = bgp
         self._wep_revisions: dict[str, int] = {}
@@ -241,22 +245,23 @@ class Agent:
         self._filter = filter_table
         self._policy_tables = tuple(t for t in (mangle_table, raw_table) if t is not None)
         self._ipsets = ipsets or IPSets()
-        # IPv6 natOutgoing: ip6tables' nat table and the cali60 sets, real whenever the IPv4 nat
-        # table is (a test injecting fakes passes its own or runs without).
+        # IPv6: ip6tables' nat (natOutgoing), filter, mangle and raw tables (policy) and the
+        # cali60 sets, real whenever the IPv4 nat table is (a test injecting fakes passes its own
+        # or runs without).
         if ipv6 and nat_table is None:
             nat6_table = nat6_table or Table("nat", backend=iptables_backend, insert_mode=chain_insert_mode,
                                              ip_version=6)
             ipsets6 = ipsets6 or IPSets(ip_version=6)
             filter6_table = filter6_table or Table("filter", backend=iptables_backend,
                                                    insert_mode=chain_insert_mode, ip_version=6)
+            mangle6_table = mangle6_table or Table("mangle", backend=iptables_backend,
+                                                   insert_mode=chain_insert_mode, ip_version=6)
+            raw6_table = raw6_table or Table("raw", backend=iptables_backend, insert_mode=chain_insert_mode,
+                                             ip_version=6)
         self._nat6 = nat6_table if ipv6 else None
-        # Policy is not rendered into ip6tables yet: the guard drops policed pods' IPv6 traffic
-        # rather than letting it through unpoliced (dataplane/managers/policy6.py).
-        self._filter6 = filter6_table if ipv6 else None
-        guard_config = render_config or RenderConfig()
-        self._guard6 = Ipv6PolicyGuard(self._filter6, guard_config.failsafe_inbound, guard_config.failsafe_outbound,
-                                       vxlan_port) if self._filter6 is not None else None
-        self._ipsets6 = ipsets6 if ipv6 and nat6_table is not None else None
+        self._filter6 = filter6_table if policy6 else None
+        self._ipsets6 = ipsets6 if ipv6 and (nat6_table is not None or filter6_table is not None) else None
+        self._policy_tables6 = tuple(t for t in (mangle6_table, raw6_table) if t is not None and policy6)
         # Like the filter table: real tunnel devices whenever the route driver is real, none
         # when a caller (a test) injects its own route driver but no links driver.
         if links is None and route_table is None:
@@ -268,21 +273,29 @@ class Agent:
         self._route_mgr = RouteManager(self._routes)
         self._policy_mgr = (PolicyManager(self._filter, self._ipsets, mangle_table=mangle_table, raw_table=raw_table)
                             if self._filter is not None else None)
+        # The same policy for ip6tables (Felix renders every policy once per IP version).
+        self._policy6_mgr = (PolicyManager(self._filter6, self._ipsets6, mangle_table=mangle6_table if policy6 else None,
+                                           raw_table=raw6_table if policy6 else None, ip_version=6)
+                             if self._filter6 is not None and self._ipsets6 is not None else None)
         self._managers: tuple[Manager, ...] = tuple(
             m for m in (self._tunnel_mgr, self._route_mgr, MasqManager(self._nat, self._ipsets, nat_settings),
                         MasqManager(self._nat6, self._ipsets6, nat_settings, ip_version=6)
                         if self._nat6 is not None and self._ipsets6 is not None else None,
-                        self._policy_mgr) if m is not None)
+                        self._policy_mgr, self._policy6_mgr) if m is not None)
         nat6, ipsets6_ = self._nat6, self._ipsets6
         filter_apply = self._filter.apply if self._filter is not None else None
+        mangle6 = mangle6_table if self._policy6_mgr is not None else None
+        raw6 = raw6_table if self._policy6_mgr is not None else None
         steps: dict[str, Callable[[_ApplyOutcome], object] | None] = {
             "links": self._apply_links if self._tunnel_mgr is not None else None,
             "deferred-work": self._complete_deferred_work,
             "ipsets": lambda _: (self._ipsets.apply(), ipsets6_.apply() if ipsets6_ is not None else None),
             "routes": self._apply_routes,
             "filter": self._apply_filters if filter_apply is not None else None,
-            "mangle": (lambda _: mangle_table.apply()) if mangle_table is not None else None,
-            "raw": (lambda _: raw_table.apply()) if raw_table is not None else None,
+            "mangle": (lambda _: (mangle_table.apply(), mangle6.apply() if mangle6 is not None else None))
+            if mangle_table is not None else None,
+            "raw": (lambda _: (raw_table.apply(), raw6.apply() if raw6 is not None else None))
+            if raw_table is not None else None,
             "nat": lambda _: (self._nat.apply(), nat6.apply() if nat6 is not None else None),
             "ipset-deletions": lambda _: (self._ipsets.apply_deletions(),
                                           ipsets6_.apply_deletions() if ipsets6_ is not None else None),
@@ -415,7 +428,7 @@ class Agent:
                 self._filter.queue_resync()
             if self._filter6 is not None:
                 self._filter6.queue_resync()
-            for table in self._policy_tables:
+            for table in (*self._policy_tables, *self._policy_tables6):
                 table.queue_resync()
             self._iptables_timer.schedule(now)
             self.calc.dirty = True
@@ -483,11 +496,8 @@ class Agent:
         if self._policy_mgr is not None and self.policy_calc.dirty:
             self.policy_calc.dirty = False
             yield self.policy_calc.filter_state()
-            if self._guard6 is not None:
-                profiles = self.policy_calc.active_profiles()
-                self._guard6.set_endpoints(*policed_ifaces(self.policy_calc.endpoint_chains().values(), profiles))
-                self._guard6.set_host_endpoints(policed_host_endpoints(
-                    self.policy_calc.host_endpoint_chains().values(), profiles))
+            if self._policy6_mgr is not None:
+                yield self.policy_calc.filter_state(6)
 
     def _send(self, message: Message) -> None:
         for manager in self._managers:
@@ -505,8 +515,7 @@ class Agent:
     def _apply_filters(self, outcome: _ApplyOutcome) -> None:
         assert self._filter is not None
         self._filter.apply()
-        if self._guard6 is not None and self._filter6 is not None:
-            self._guard6.complete_deferred_work()
+        if self._filter6 is not None:
             self._filter6.apply()
 
     def _complete_deferred_work(self, outcome: _ApplyOutcome) -> None:

@@ -82,31 +82,42 @@ def test_ipv6_routes_blackholes_and_vxlan_v6_device(cluster: Lab) -> None:
     assert "mtu 1430" in cluster.cli("exec", "x/a", "--", "ip", "link", "show", "eth0").stdout
 
 
-def test_policy_is_enforced_over_ipv4_and_fails_closed_over_ipv6(cluster: Lab, tmp_path: Any) -> None:
-    """A NetworkPolicy selecting x/c (ingress from x/a only): over IPv4 a is let in and b is not;
-    over IPv6, where policy is not rendered yet, c's traffic is dropped rather than let through
-    unpoliced (docs/ipv6.md). Pods no policy selects keep IPv6."""
+def test_policy_is_enforced_over_both_families(cluster: Lab, tmp_path: Any) -> None:
+    """A NetworkPolicy selecting x/c (ingress from x/a only, plus ICMPv6 echo from anyone through a
+    Calico policy): over IPv4 and IPv6 alike a is let in and b is not (policy is rendered into
+    iptables and ip6tables, the selector's set holds each family's addresses; c is on the other
+    node, across VXLAN v4 and v6). Pods no policy selects keep both families."""
     policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
               "metadata": {"name": "c-from-a", "namespace": "x"},
               "spec": {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"],
                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}}
+    ping6 = {"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+             "metadata": {"name": "c-ping6", "namespace": "x"},
+             "spec": {"selector": "app == 'c'", "types": ["Ingress"],
+                      "ingress": [{"action": "Allow", "ipVersion": 6, "protocol": "ICMPv6",
+                                   "icmp": {"type": 128}}]}}
     cluster.cli("label", "pod", "x/a", "app=a")
     cluster.cli("label", "pod", "x/c", "app=c")
     path = tmp_path / "policy.yaml"
-    path.write_text(json.dumps(policy))
+    path.write_text(json.dumps(policy) + "\n---\n" + json.dumps(ping6))
     cluster.cli("apply", "-f", str(path))
 
-    def reach(src: str, family: str) -> bool:
-        return cluster.cli("probe", src, "x/c", "--port", "80", "--family", family,
+    def reach(src: str, family: str, proto: str = "tcp") -> bool:
+        port = ("--port", "80") if proto != "icmp" else ()
+        return cluster.cli("probe", src, "x/c", "--proto", proto, *port, "--family", family,
                            "--timeout", "0.5", check=False).returncode == 0
 
-    wait_for("b blocked from c over IPv4", lambda: not reach("x/b", "4"), timeout=20)
-    assert reach("x/a", "4")
-    wait_for("c's IPv6 dropped", lambda: not reach("x/a", "6"), timeout=20)
-    assert not reach("x/b", "6")
+    for family in ("4", "6"):
+        wait_for(f"b blocked from c over IPv{family}", lambda f=family: not reach("x/b", f), timeout=20)  # type: ignore[misc]
+        assert reach("x/a", family)
+    assert reach("x/b", "6", "icmp") and not reach("x/b", "4", "icmp")  # ICMPv6 echo only, ipVersion 6
     assert cluster.cli("probe", "x/a", "x/b", "--port", "80", "--family", "6").returncode == 0
+    save6 = subprocess.run(["ip", "netns", "exec", cluster.netns("n2"), "ip6tables-save", "-t", "filter"],
+                           capture_output=True, text=True, timeout=10, check=True).stdout
+    assert "-A cali-pi-" in save6 and "cali60s:" in save6 and "--icmpv6-type 128" in save6, save6
     cluster.cli("delete", "-f", str(path))
-    wait_for("c reachable over IPv6 again", lambda: reach("x/b", "6"), timeout=20)
+    for family in ("4", "6"):
+        wait_for(f"c reachable over IPv{family} again", lambda f=family: reach("x/b", f), timeout=20)  # type: ignore[misc]
 
 
 def test_nat_outgoing_for_the_ipv6_pool(cluster: Lab, tmp_path: Any) -> None:

@@ -1,9 +1,11 @@
 """Kubernetes NetworkPolicy in a real 3-node lab: every case of tests/policy_cases.py with real TCP
 and UDP probes, policy changes and label changes live, and drift repair.
 
-One lab for the module (3 nodes, FELIX_IPTABLESREFRESHINTERVAL and FELIX_IPSETSREFRESHINTERVAL
-short so drift is repaired within seconds); the 3 namespaces × 3 pods of policy_cases.py spread over the nodes so that every case has
-same-node and cross-node pairs. Each case applies its policies (`felixpy-lab apply -f`), waits
+One dual-stack lab for the module (3 nodes, `--ip-family dual`, FELIX_IPTABLESREFRESHINTERVAL and
+FELIX_IPSETSREFRESHINTERVAL short so drift is repaired within seconds); the 3 namespaces × 3 pods of
+policy_cases.py spread over the nodes so that every case has same-node and cross-node pairs. Every
+case is checked over IPv4 and IPv6 in the same matrix (policy is rendered into iptables and
+ip6tables alike); ipBlocks naming pods get their IPv6 twin (policy_cases.resolve). Each case applies its policies (`felixpy-lab apply -f`), waits
 (bounded) until `felixpy-lab matrix -o json` equals the expected reachability, then deletes them and
 waits until everything connects again.
 """
@@ -27,6 +29,8 @@ from tests.e2e.labtools import Lab
 pytestmark = pytest.mark.e2e
 
 LAB_NODES = 3
+LAB_ARGS = ("--ip-family", "dual")
+FAMILIES = (4, 6)  # this module's lab; test_kube_policy.py reuses World on an IPv4-only one
 REFRESH_SECONDS = 3
 CONVERGE_TIMEOUT = 10.0  # a policy change must be visible to probes well within this
 PROBE_TIMEOUT = "0.6"  # seconds a blocked probe waits; lab latency is microseconds
@@ -48,7 +52,11 @@ class World:
         self.policies: dict[tuple[str, str], dict[str, Any]] = {}  # (ns, name) -> applied object
         self.pod_labels = {p: pc.default_pod_labels(p) for p in pc.ALL_PODS}
         self.ns_labels = {ns: pc.default_namespace_labels(ns) for ns in pc.NAMESPACES}
-        self.ips = {p: lab.pod_ip(p) for p in pc.ALL_PODS}
+        addresses = {f"{p['namespace']}/{p['name']}": p["ips"] for p in lab.state()["pods"]}
+        self.ips = {p: next(ip for ip in addresses[p] if ":" not in ip) for p in pc.ALL_PODS}
+        self.ips6 = {p: ip for p in pc.ALL_PODS for ip in addresses[p] if ":" in ip}
+        # Every family the pods have is probed and checked (the lab's matrix does the same).
+        self.families = (4, 6) if len(self.ips6) == len(pc.ALL_PODS) else (4,)
 
     # -- resources ---------------------------------------------------------------------------
     def _file(self, docs: list[dict[str, Any]]) -> str:
@@ -66,7 +74,9 @@ class World:
 
     def set_policies(self, policies: tuple[dict[str, Any], ...]) -> None:
         """Exactly these policies exist afterwards: stale ones deleted, new or changed ones applied."""
-        wanted = {(p["metadata"]["namespace"], p["metadata"]["name"]): pc.resolve(p, self.ips) for p in policies}
+        ips6 = self.ips6 if 6 in self.families else None
+        wanted = {(p["metadata"]["namespace"], p["metadata"]["name"]): pc.resolve(p, self.ips, ips6)
+                  for p in policies}
         stale = [obj for key, obj in self.policies.items() if key not in wanted]
         changed = [obj for key, obj in wanted.items() if self.policies.get(key) != obj]
         if stale:
@@ -102,16 +112,22 @@ class World:
         return results
 
     def differences(self, expectations: tuple[pc.Expect, ...]) -> list[str]:
+        """Every pair whose probe disagrees with its expectation, in every family (one matrix run:
+        the lab probes each family the pods have, keys "tcp/80" and "tcp6/80")."""
         results = self.matrix([(e.port, e.protocol) for e in expectations])
         wrong = []
         for exp in expectations:
-            rows = results[f"{exp.protocol}/{exp.port}"]
-            for src in pc.ALL_PODS:
-                for dst in pc.ALL_PODS:
-                    if src != dst and rows[src][dst] != exp.is_allowed(src, dst):
-                        wrong.append(f"{exp.protocol}/{exp.port} {src}->{dst} "
-                                     f"{'connected' if rows[src][dst] else 'blocked'}, expected "
-                                     f"{'connected' if exp.is_allowed(src, dst) else 'blocked'}")
+            for family in self.families:
+                if exp.family not in (None, family):
+                    continue
+                key = f"{exp.protocol}{'6' if family == 6 else ''}/{exp.port}"
+                rows = results[key]
+                for src in pc.ALL_PODS:
+                    for dst in pc.ALL_PODS:
+                        if src != dst and rows[src][dst] != exp.is_allowed(src, dst):
+                            wrong.append(f"{key} {src}->{dst} "
+                                         f"{'connected' if rows[src][dst] else 'blocked'}, expected "
+                                         f"{'connected' if exp.is_allowed(src, dst) else 'blocked'}")
         return wrong
 
     def wait_matrix(self, expectations: tuple[pc.Expect, ...], what: str,
@@ -159,6 +175,11 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
     yield w
 
 
+def test_the_lab_is_dual_stack(world: World) -> None:
+    """Every case below is checked over both families only if every pod has both: say so."""
+    assert world.families == FAMILIES, f"pods' IPv6 addresses: {world.ips6}"
+
+
 def probes_of(case: pc.Case) -> tuple[tuple[int, str], ...]:
     return tuple(sorted({(e.port, e.protocol) for step in case.steps for e in step.expect}))
 
@@ -185,17 +206,18 @@ def node_exec(lab: Lab, node: str, *argv: str, check: bool = True) -> str:
     return done.stdout
 
 
-def iptables_tool(lab: Lab, node: str, tool: str) -> str:
+def iptables_tool(lab: Lab, node: str, tool: str, family: int = 4) -> str:
     """The backend binary the agent writes with (the one whose filter table has our chains)."""
+    base = "ip6tables" if family == 6 else "iptables"
     for backend in ("nft", "legacy"):
-        out = node_exec(lab, node, f"iptables-{backend}-save", "-t", "filter", check=False)
+        out = node_exec(lab, node, f"{base}-{backend}-save", "-t", "filter", check=False)
         if ":cali-FORWARD" in out:
-            return f"iptables-{backend}{'-' + tool if tool else ''}"
-    raise AssertionError(f"no cali-FORWARD chain on {node}")
+            return f"{base}-{backend}{'-' + tool if tool else ''}"
+    raise AssertionError(f"no cali-FORWARD chain on {node} ({base})")
 
 
-def save(lab: Lab, node: str) -> str:
-    return node_exec(lab, node, iptables_tool(lab, node, "save"), "-t", "filter")
+def save(lab: Lab, node: str, family: int = 4) -> str:
+    return node_exec(lab, node, iptables_tool(lab, node, "save", family), "-t", "filter")
 
 
 def wait_until(what: str, predicate: Any, timeout: float) -> float:
@@ -207,7 +229,8 @@ def wait_until(what: str, predicate: Any, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def test_hand_deleted_rule_is_repaired_within_the_refresh_interval(world: World) -> None:
+@pytest.mark.parametrize("family", FAMILIES, ids=["iptables", "ip6tables"])
+def test_hand_deleted_rule_is_repaired_within_the_refresh_interval(world: World, family: int) -> None:
     lab = world.lab
     isolate = pc.by_name("default-deny-ingress")
     node = node_of("x/a")
@@ -215,15 +238,15 @@ def test_hand_deleted_rule_is_repaired_within_the_refresh_interval(world: World)
         world.set_policies(isolate.steps[0].policies)
         world.wait_matrix(isolate.steps[0].expect, "deny-all ingress in x")
         # x/a's ingress chain ends its tier with a DROP: delete it by hand.
-        line = next((ln for ln in save(lab, node).splitlines()
+        line = next((ln for ln in save(lab, node, family).splitlines()
                      if ln.startswith("-A cali-tw-") and "End of tier" in ln), None)
         assert line is not None, "no end-of-tier rule in any cali-tw- chain"
         rule_hash = re.search(r"cali:([A-Za-z0-9_-]+)", line)
         assert rule_hash is not None
         # -D fails (and node_exec raises) unless the rule was there and is now gone. No read-back
         # here: the agent's 3 s refresh may already have put it back, which is what is tested.
-        node_exec(lab, node, iptables_tool(lab, node, ""), "-t", "filter", "-D", *shlex.split(line)[1:])
-        took = wait_until("the deleted rule to come back", lambda: rule_hash.group(1) in save(lab, node),
+        node_exec(lab, node, iptables_tool(lab, node, "", family), "-t", "filter", "-D", *shlex.split(line)[1:])
+        took = wait_until("the deleted rule to come back", lambda: rule_hash.group(1) in save(lab, node, family),
                           REFRESH_SECONDS + 5)
         assert took <= REFRESH_SECONDS + 5
         world.wait_matrix(isolate.steps[0].expect, "deny-all ingress in x after the repair")
@@ -231,15 +254,16 @@ def test_hand_deleted_rule_is_repaired_within_the_refresh_interval(world: World)
         world.reset(pc.TCP80)
 
 
-def test_hand_deleted_ipset_member_is_repaired_within_the_refresh_interval(world: World) -> None:
+@pytest.mark.parametrize("family", FAMILIES, ids=["cali40", "cali60"])
+def test_hand_deleted_ipset_member_is_repaired_within_the_refresh_interval(world: World, family: int) -> None:
     lab = world.lab
     allow_b = pc.by_name("ingress-from-pod-selector-same-namespace")
     node = node_of("x/a")
-    member = world.ips["x/b"]
+    member = world.ips["x/b"] if family == 4 else world.ips6["x/b"]
     try:
         world.set_policies(allow_b.steps[0].policies)
         world.wait_matrix(allow_b.steps[0].expect, "x/a allows x/b only")
-        sets = [n for n in node_exec(lab, node, "ipset", "list", "-n").split() if n.startswith("cali40s:")]
+        sets = [n for n in node_exec(lab, node, "ipset", "list", "-n").split() if n.startswith(f"cali{family}0s:")]
         holding = [s for s in sets if member in node_exec(lab, node, "ipset", "list", s)]
         assert holding, f"no selector set on {node} holds {member}: {sets}"
         # ipset del fails (and node_exec raises) unless the member was there; no read-back, since

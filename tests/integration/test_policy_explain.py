@@ -162,6 +162,28 @@ def test_policy_explain_allowed_and_denied(etcd_endpoint: str, etcd_store: Any) 
     assert foreign.stdout.splitlines()[2] == "  ingress (192.0.2.9): not a workload or host endpoint: not policed here"
 
 
+def test_policy_explain_answers_per_family_for_dual_stack_pods(etcd_endpoint: str, etcd_store: Any,
+                                                               tmp_path: Path) -> None:
+    """A pod named by its IPv6 address is explained over IPv6: an IPv4 ipBlock does not match
+    it, an IPv6 one does (as ip6tables decides)."""
+    docs: list[Any] = [namespace_profile("d")]
+    for pod, n in (("a", 1), ("b", 2)):
+        doc = wep("d", pod, f"10.66.0.{n}")
+        doc["spec"]["ipNetworks"].append(f"fd00:66::{n}/128")
+        docs.append(doc)
+    apply_resources(etcd_store, docs, "apply")
+    only_v4 = knp("from-a-v4", "d", {"podSelector": {"matchLabels": {"pod": "b"}},
+                                      "ingress": [{"from": [{"ipBlock": {"cidr": "10.66.0.1/32"}}]}]})
+    assert felixctl(etcd_endpoint, "apply", "-f", write(tmp_path, "v4.yaml", [only_v4])).returncode == 0
+    assert felixctl(etcd_endpoint, "policy", "explain", "10.66.0.1", "10.66.0.2", "--port", "80").returncode == 0
+    v6 = felixctl(etcd_endpoint, "policy", "explain", "fd00:66::1", "fd00:66::2", "--port", "80")
+    assert v6.returncode == 1 and v6.stdout.startswith("d/a -> d/b tcp/80: DENIED"), v6.stdout
+    only_v4["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "fd00:66::1/128"}})
+    assert felixctl(etcd_endpoint, "apply", "-f", write(tmp_path, "dual.yaml", [only_v4])).returncode == 0
+    v6 = felixctl(etcd_endpoint, "policy", "explain", "fd00:66::1", "d/b", "--port", "80")
+    assert v6.returncode == 0 and "net fd00:66::1/128" in v6.stdout, v6.stdout
+
+
 def test_policy_explain_unknown_pod(etcd_endpoint: str, etcd_store: Any) -> None:
     _world(etcd_store)
     done = felixctl(etcd_endpoint, "policy", "explain", "x/nope", "y/b", "--port", "80")

@@ -158,7 +158,7 @@ def test_workload_name_falls_back_to_workload() -> None:
     ({"ingress": [{"action": "Allow", "destination": {"services": {"name": "kubernetes"}}}]},
      "spec.ingress[0].destination.services: felixpy does not support this field yet"),
     ({"serviceAccountSelector": "a =="}, "spec.serviceAccountSelector: invalid selector"),
-    ({"egress": [{"action": "Allow", "ipVersion": 6}]}, "spec.egress[0].ipVersion: felixpy does not support 6 yet"),
+    ({"egress": [{"action": "Allow", "ipVersion": 5}]}, "spec.egress[0].ipVersion: must be 4 or 6"),
     ({"ingress": [{"action": "Allow", "protocol": "TCPX"}]}, 'spec.ingress[0].protocol: invalid protocol "TCPX"'),
     ({"ingress": [{"action": "Allow", "source": {"nets": ["10.0.0.0/33"]}}]}, 'invalid CIDR "10.0.0.0/33"'),
     ({"ingress": [{"action": "Allow", "source": {"selector": "a =="}}]}, "source.selector: invalid selector"),

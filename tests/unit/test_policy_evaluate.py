@@ -25,6 +25,8 @@ from tests import policy_cases as pc
 
 # A fixed address per pod: x/a = 10.1.0.1 ... z/c = 10.3.0.3 (all inside one /4, like a pool).
 IPS = {f"{ns}/{pod}": f"10.{i + 1}.0.{j + 1}" for i, ns in enumerate(pc.NAMESPACES) for j, pod in enumerate(pc.PODS)}
+# And dual-stack: x/a = fd00:10:1::1 ... (all inside one /4 too), as the e2e lab's pods are.
+IPS6 = {f"{ns}/{pod}": f"fd00:10:{i + 1}::{j + 1}" for i, ns in enumerate(pc.NAMESPACES) for j, pod in enumerate(pc.PODS)}
 
 
 def profile_res(ns: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def wep_res(pod_id: str, labels: dict[str, str]) -> dict[str, Any]:
     return {"kind": "WorkloadEndpoint", "metadata": {
         "name": f"node1-k8s-{pod}-eth0", "namespace": ns,
         "labels": {**labels, "projectcalico.org/namespace": ns, "projectcalico.org/orchestrator": "k8s"}},
-        "spec": {"orchestrator": "k8s", "pod": pod, "ipNetworks": [f"{IPS[pod_id]}/32"],
+        "spec": {"orchestrator": "k8s", "pod": pod, "ipNetworks": [f"{IPS[pod_id]}/32", f"{IPS6[pod_id]}/128"],
                  "profiles": [f"kns.{ns}"], "ports": ports, "interfaceName": f"cali{ns}{pod}"}}
 
 
@@ -55,7 +57,7 @@ def world(step: pc.Step) -> tuple[dict[str, Endpoint], list[Policy], list[Profil
     }
     policies = []
     for k8s in step.policies:
-        calico = convert_k8s_networkpolicy(pc.resolve(k8s, IPS))
+        calico = convert_k8s_networkpolicy(pc.resolve(k8s, IPS, IPS6))
         policies.append(policy_from_resource(validate(calico)))  # what apply would store
     return endpoints, policies, [profile_from_resource(p) for p in profiles.values()]
 
@@ -71,15 +73,18 @@ def test_kubernetes_semantics_table(name: str) -> None:
         endpoints, policies, profiles = world(step)
         wrong = []
         for exp in step.expect:
-            for src in pc.ALL_PODS:
-                for dst in pc.ALL_PODS:
-                    if src == dst:
-                        continue
-                    verdict = explain(endpoints[src], endpoints[dst], exp.port, exp.protocol,
-                                      policies=policies, profiles=profiles)
-                    if verdict.allowed != exp.is_allowed(src, dst):
-                        wrong.append(f"step {index} {exp.protocol}/{exp.port} {src}->{dst}: "
-                                     f"got {verdict.allowed}, want {exp.is_allowed(src, dst)}")
+            for family in (4, 6):
+                if exp.family not in (None, family):
+                    continue
+                for src in pc.ALL_PODS:
+                    for dst in pc.ALL_PODS:
+                        if src == dst:
+                            continue
+                        verdict = explain(endpoints[src], endpoints[dst], exp.port, exp.protocol,
+                                          policies=policies, profiles=profiles, ip_version=family)
+                        if verdict.allowed != exp.is_allowed(src, dst):
+                            wrong.append(f"step {index} IPv{family} {exp.protocol}/{exp.port} {src}->{dst}: "
+                                         f"got {verdict.allowed}, want {exp.is_allowed(src, dst)}")
         assert not wrong, "\n".join(wrong[:20])
 
 
@@ -96,6 +101,15 @@ def test_table_covers_the_semantics_list() -> None:
 def test_resolve_fills_in_addresses() -> None:
     obj = {"cidr": "$NET(x/b,4)", "except": ["$IP(x/b)/32"], "n": 3}
     assert pc.resolve(obj, IPS) == {"cidr": "0.0.0.0/4", "except": ["10.1.0.2/32"], "n": 3}
+
+
+def test_resolve_gives_pod_ip_blocks_an_ipv6_twin_and_ip4_none() -> None:
+    peers = [{"ipBlock": {"cidr": "$NET(x/b,4)", "except": ["$IP(x/b)/32"]}}, {"podSelector": {}},
+             {"ipBlock": {"cidr": "$IP4(x/b)/32"}}, {"ipBlock": {"cidr": "192.0.2.0/24"}}]
+    assert pc.resolve(peers, IPS, IPS6) == [
+        {"ipBlock": {"cidr": "0.0.0.0/4", "except": ["10.1.0.2/32"]}},
+        {"ipBlock": {"cidr": "f000::/4", "except": ["fd00:10:1::2/128"]}},
+        {"podSelector": {}}, {"ipBlock": {"cidr": "10.1.0.2/32"}}, {"ipBlock": {"cidr": "192.0.2.0/24"}}]
 
 
 # -- reasons --------------------------------------------------------------------------------------
@@ -250,7 +264,7 @@ def test_match_endpoint_scoping_and_inherited_namespace_labels() -> None:
 def test_endpoint_from_resources() -> None:
     wep = wep_res("y/c", {"pod": "c"})
     got = endpoint_from_resources(wep, {"ns": "y", "kubernetes.io/metadata.name": "y"})
-    assert got.id == "y/c" and got.ips == ("10.2.0.3",) and got.profiles == ("kns.y",)
+    assert got.id == "y/c" and got.ips == ("10.2.0.3", "fd00:10:2::3") and got.profiles == ("kns.y",)
     assert dict(got.labels)["projectcalico.org/orchestrator"] == "k8s"
     assert [(p.name, p.protocol, p.port) for p in got.ports][:2] == [("serve-80-tcp", "TCP", 80),
                                                                      ("serve-81-tcp", "TCP", 81)]

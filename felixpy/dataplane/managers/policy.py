@@ -9,6 +9,9 @@ This manager turns that into driver calls — `Table.update_chain` only for chai
 `remove_set` — and does no I/O itself: the agent applies the drivers in dependency order
 (ipsets, then the tables, then ipset deletions).
 
+One PolicyManager per IP family: the IPv4 one drives iptables and the cali40 sets, the IPv6 one
+(ip_version 6) ip6tables and the cali60 sets, each taking only its family's FilterState.
+
 Changes are found by identity first: the calc memoises rendering by value, so an unchanged chain
 is the same object as last time and the diff over thousands of chains costs microseconds each.
 """
@@ -52,7 +55,8 @@ class _TableDiff:
 
 class PolicyManager:
     def __init__(self, filter_table: Table, ipsets: IPSets, *, mangle_table: Table | None = None,
-                 raw_table: Table | None = None) -> None:
+                 raw_table: Table | None = None, ip_version: int = 4) -> None:
+        self.ip_version = ip_version
         self._filter = _TableDiff(filter_table)
         # Without mangle / raw drivers (tests that only fake the filter table) their chains are
         # not written anywhere.
@@ -64,7 +68,7 @@ class PolicyManager:
 
     def on_update(self, message: Message) -> None:
         """Record the whole desired state; the driver calls happen in complete_deferred_work."""
-        if isinstance(message, FilterState):
+        if isinstance(message, FilterState) and message.ip_version == self.ip_version:
             self._pending = message
 
     def complete_deferred_work(self) -> None:
