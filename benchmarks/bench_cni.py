@@ -20,8 +20,8 @@ agent's ADD and DEL (from its log lines), a no-op iptables-nft-restore in n1's n
 floor under each of the agent's filter-table writes), and the agent's RSS idle and with N local pods.
 
 `--family 4,6,dual` also times the static C plugin for IPv6-only and dual-stack pods in the same
-run (the lab is then dual-stack, mode routes: BGP does not carry IPv6 yet; the network config's
-ipam.assign_ipv4 / assign_ipv6 pick the families), beside IPv4 and the same reference baseline.
+run (the lab is then dual-stack, still BGP mode: IPv6 blocks travel on IPv6 sessions; the network
+config's ipam.assign_ipv4 / assign_ipv6 pick the families), beside IPv4 and the same reference baseline.
 Every address a felixpy ADD returns is probed (ICMPv6 echo for IPv6), so a dual-stack pod counts
 two probes.
 
@@ -327,8 +327,8 @@ def main() -> int:
         raise SystemExit("run as root (network namespaces)")
     name = "bench" + secrets.token_hex(2)
     dual = families != ["4"]
-    print(f"bringing up lab {name} (2 nodes{', dual-stack, mode routes' if dual else ''}) ...", flush=True)
-    lab("up", "--name", name, "--nodes", "2", *(("--mode", "routes", "--ip-family", "dual") if dual else ()))
+    print(f"bringing up lab {name} (2 nodes, mode bgp{', dual-stack' if dual else ''}) ...", flush=True)
+    lab("up", "--name", name, "--nodes", "2", *(("--ip-family", "dual") if dual else ()))
     try:
         # The namespace's profile (kns.bench, allow all): without it a pod's policy drops everything.
         lab("ns", "add", "bench", "--name", name)

@@ -267,6 +267,7 @@ class Table:
             if not text:
                 self._dirty = set()  # the kernel holds what we want: only later changes differ
                 return ""
+            written = time.monotonic()
             try:
                 self._run(
                     [_binary(self.backend, "restore", self.ip_version), "--noflush", "--wait"],
@@ -287,7 +288,8 @@ class Table:
                 continue
             self._kernel = self._expected_after_write(self._kernel, self._dirty)
             self._dirty = set()
-            log.info("iptables applied table=%s lines=%d", self.name, text.count("\n") - 2)
+            log.info("iptables applied table=%s ip_version=%d lines=%d restore_seconds=%.4f", self.name,
+                     self.ip_version, text.count("\n") - 2, time.monotonic() - written)
             return text
         raise IptablesError(
             f"iptables table {self.name}: restore failed {self._max_attempts} times: {last_error}",
