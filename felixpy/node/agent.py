@@ -473,8 +473,9 @@ class Agent:
             self.metrics.observe_apply(time.monotonic() - started)
             self.metrics.routes_programmed(len(self._routes.programmed))
             self.metrics.dataplane_counts(
-                tables=[t for t in (self._filter, self._nat, *self._policy_tables) if t is not None],
-                ipsets=self._ipsets,
+                tables=[t for t in (self._filter, self._nat, *self._policy_tables,
+                                    self._filter6, self._nat6, *self._policy_tables6) if t is not None],
+                ipsets=self._ipsets, ipsets6=self._ipsets6,
                 local_endpoints=len(self.calc.local_endpoints()),
                 active_policies=len(self.policy_calc.active_policies()),
                 active_selectors=len(self.policy_calc.ipsets()))

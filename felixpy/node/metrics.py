@@ -60,8 +60,9 @@ SUMMARY_WINDOW = 2048  # observations kept per series for the quantiles
 # Felix's felix_resync_state values (api.SyncStatus).
 RESYNC_STATE = {"WAIT_FOR_DATASTORE": 1, "RESYNC": 2, "IN_SYNC": 3}
 MAIN_ROUTE_TABLE = "IPv4:254"  # Felix's `table` label of the main IPv4 routing table
-IP_VERSION = "4"  # felixpy programs IPv4 only
+IP_VERSION = "4"  # the family whose series exist from the start (IPv6 ones appear once programmed)
 IPSET_FAMILY = "inet"
+IPSET_FAMILIES = {4: "inet", 6: "inet6"}  # the label of felix_ipsets_calico per IP version
 
 LabelValues = tuple[str, ...]
 
@@ -474,6 +475,7 @@ class TableCounts(Protocol):
     """What dataplane_counts reads from an iptables Table driver."""
 
     name: str
+    ip_version: int
 
     def counts(self) -> tuple[int, int]: ...
 
@@ -621,20 +623,26 @@ class Metrics:
         self.rules.set(n)
 
     def dataplane_counts(self, *, tables: Iterable[TableCounts], ipsets: IPSetCounts | None,
-                         local_endpoints: int, active_policies: int, active_selectors: int) -> None:
-        """After each successful apply: what the dataplane now holds."""
+                         local_endpoints: int, active_policies: int, active_selectors: int,
+                         ipsets6: IPSetCounts | None = None) -> None:
+        """After each successful apply: what the dataplane now holds (iptables and ip6tables tables,
+        each under its ip_version as Felix labels them; our rules of both in felixpy_iptables_rules)."""
         rules_total = 0
         for table in tables:
             chains, rules = table.counts()
             rules_total += rules
-            self.iptables_chains.set(chains, ip_version=IP_VERSION, table=table.name)
-            self.iptables_rule_count.set(rules, ip_version=IP_VERSION, table=table.name)
+            self.iptables_chains.set(chains, ip_version=str(table.ip_version), table=table.name)
+            self.iptables_rule_count.set(rules, ip_version=str(table.ip_version), table=table.name)
         self.rules.set(rules_total)
-        if ipsets is not None:
-            ours, total = ipsets.counts()
-            self.ipsets_calico.set(ours, ip_version=IPSET_FAMILY)
-            if total is not None:
-                self.ipsets_total.set(total)
+        kernel_sets: int | None = 0  # the sets of ours each driver last read back, both families
+        for version, sets in ((4, ipsets), (6, ipsets6)):
+            if sets is None:
+                continue
+            ours, total = sets.counts()
+            self.ipsets_calico.set(ours, ip_version=IPSET_FAMILIES[version])
+            kernel_sets = kernel_sets + total if kernel_sets is not None and total is not None else None
+        if kernel_sets is not None and ipsets is not None:
+            self.ipsets_total.set(kernel_sets)
         self.active_endpoints.set(local_endpoints)
         self.active_policies.set(active_policies)
         self.active_selectors.set(active_selectors)
@@ -643,7 +651,8 @@ class Metrics:
         """felixpy.kernel.commands observer: iptables-restore/-save and ipset calls, as Felix counts them."""
         tool = os.path.basename(str(argv[0])) if argv else ""
         text = input.decode(errors="replace") if isinstance(input, bytes) else (input or "")
-        if tool.startswith("iptables") and tool.endswith("-restore"):
+        ip_version = "6" if tool.startswith("ip6tables") else "4"
+        if tool.startswith(("iptables", "ip6tables")) and tool.endswith("-restore"):
             self.restore_calls.inc()
             if not ok:
                 self.restore_errors.inc()
@@ -656,8 +665,8 @@ class Metrics:
                 elif line.startswith(("-", ":")):
                     lines += 1
             if table:
-                self.iptables_lines.inc(lines, ip_version=IP_VERSION, table=table)
-        elif tool.startswith("iptables") and tool.endswith("-save"):
+                self.iptables_lines.inc(lines, ip_version=ip_version, table=table)
+        elif tool.startswith(("iptables", "ip6tables")) and tool.endswith("-save"):
             self.save_calls.inc()
             if not ok:
                 self.save_errors.inc()

@@ -308,16 +308,19 @@ def test_summary_quantiles_forget_old_observations() -> None:
 
 
 class _FakeTable:
-    def __init__(self, name: str, chains: int, rules: int) -> None:
-        self.name, self._counts = name, (chains, rules)
+    def __init__(self, name: str, chains: int, rules: int, ip_version: int = 4) -> None:
+        self.name, self._counts, self.ip_version = name, (chains, rules), ip_version
 
     def counts(self) -> tuple[int, int]:
         return self._counts
 
 
 class _FakeSets:
+    def __init__(self, ours: int = 7, total: int | None = 9) -> None:
+        self._counts = (ours, total)
+
     def counts(self) -> tuple[int, int | None]:
-        return 7, 9
+        return self._counts
 
 
 def test_dataplane_counts_use_felix_labels() -> None:
@@ -332,6 +335,25 @@ def test_dataplane_counts_use_felix_labels() -> None:
     assert value(s, "felix_ipsets_total") == 9
     assert (value(s, "felix_active_local_endpoints"), value(s, "felix_active_local_policies"),
             value(s, "felix_active_local_selectors")) == (3, 4, 6)
+
+
+def test_dataplane_counts_of_a_dual_stack_node_carry_each_family() -> None:
+    m = Metrics()
+    m.dataplane_counts(tables=[_FakeTable("filter", 12, 80), _FakeTable("filter", 10, 70, ip_version=6)],
+                       ipsets=_FakeSets(7, 9), ipsets6=_FakeSets(5, 6),
+                       local_endpoints=3, active_policies=4, active_selectors=6)
+    _, s = parse_exposition(m.render())
+    assert value(s, "felix_iptables_chains", ip_version="6", table="filter") == 10
+    assert value(s, "felix_iptables_rules", ip_version="4", table="filter") == 80
+    assert value(s, "felixpy_iptables_rules") == 150
+    assert value(s, "felix_ipsets_calico", ip_version="inet6") == 5
+    assert value(s, "felix_ipsets_total") == 15
+    m.observe_command(["ip6tables-nft-restore", "--noflush", "--wait"], "*filter\n-A cali-x -j ACCEPT\nCOMMIT\n",
+                      0.01, True)
+    m.observe_command(["ip6tables-nft-save", "-t", "filter"], None, 0.01, True)
+    _, s = parse_exposition(m.render())
+    assert value(s, "felix_iptables_lines_executed", ip_version="6", table="filter") == 1
+    assert (value(s, "felix_iptables_restore_calls"), value(s, "felix_iptables_save_calls")) == (1, 1)
 
 
 def test_commands_are_counted_as_felix_counts_them() -> None:
