@@ -5,9 +5,9 @@
 # ../shared/tools/ipip-vm.sh (Debian's stock kernel under qemu) when that tool is beside the clone,
 # as in CI. The exit code is non-zero when either run fails.
 #
-# Layout (docs/testing.md): pytest-xdist runs two workers (`-n 2 --dist loadgroup`); each e2e
-# module is one work unit (its lab starts once), tests/integration is one serial unit, the unit
-# tests another (tests/conftest.py assigns the groups). The IPIP VM boots at the same time (at
+# Layout (docs/testing.md): pytest-xdist runs two workers (`-n 2 --dist loadscope`); each test
+# module is one work unit, so an e2e module's lab starts once and its tests keep their order.
+# Each worker has its own session etcd and control plane. The IPIP VM boots at the same time (at
 # normal priority: niced, it starved to 558 s on a loaded machine, near its 600 s bound).
 # Arguments go to the main pytest run and come after the defaults, so `-n 0` runs it serially.
 set -uo pipefail
@@ -33,7 +33,7 @@ fi
 
 started=$SECONDS
 # pytest exits 5 when it collected nothing; that is a failure of the suite here, not a pass.
-.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@" tests
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadscope "$@" tests
 rc=$?
 echo "main run (unit, integration, e2e): exit $rc in $((SECONDS - started)) s"
 

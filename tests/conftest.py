@@ -46,46 +46,6 @@ def etcd_store(etcd_endpoint: str) -> Iterator["object"]:
         store.close()
 
 
-def directory_under_tests(relpath: str) -> str:
-    """"e2e" for tests/e2e/test_x.py: the directory under tests/ a test file sits in."""
-    parts = relpath.split("/")
-    return parts[1] if len(parts) >= 3 and parts[0] == "tests" else ""
-
-
-def xdist_group_for(relpath: str) -> str:
-    """The pytest-xdist work unit a test file belongs to (scripts/test.sh: `-n 2 --dist loadgroup`).
-
-    Each e2e module is one unit, so its module-scoped lab starts once, on one worker (labs have
-    unique names and live in their own namespaces, so two run side by side, as they do whenever
-    several people use this machine). All of tests/integration is one unit: it shares one session
-    etcd and one Kubernetes control plane, and some of it works in the root namespace, so it stays
-    serial, on one worker, while the other worker runs e2e modules. The unit tests are one unit too:
-    they are quick, and one unit keeps their session fixtures to one worker.
-    """
-    directory = directory_under_tests(relpath)
-    return relpath if directory == "e2e" else directory or "other"
-
-
-# Longest units first, so no long unit starts last and leaves the other worker idle at the end:
-# tests/integration (one serial unit of several minutes), then the e2e modules, then the quick
-# unit tests. The sort is stable: the order inside each directory is unchanged.
-DIRECTORY_ORDER = {"integration": 0, "e2e": 1}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not hasattr(config, "workerinput"):  # only pytest-xdist workers collect under `-n`
-        return
-    relpaths: dict[str, str] = {}
-    for item in items:
-        try:
-            relpath = item.path.relative_to(config.rootpath).as_posix()
-        except ValueError:
-            relpath = item.path.as_posix()
-        relpaths[item.nodeid] = relpath
-        item.add_marker(pytest.mark.xdist_group(xdist_group_for(relpath)))
-    items.sort(key=lambda item: DIRECTORY_ORDER.get(directory_under_tests(relpaths[item.nodeid]), 2))
-
-
 @pytest.fixture
 def needs_root() -> None:
     if not _is_root():
