@@ -43,6 +43,9 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
+
+from felixpy.datastore import keys
 
 BIN = os.path.dirname(sys.executable)
 # The lab's datastore is reached from inside its fabric netns, which the bench process enters
@@ -125,6 +128,23 @@ def _cidr(family: int, base: int, i: int) -> str:
     return str(ipaddress.IPv6Network((int(POOL6.network_address) + (base * 1024 + i) * 64, 122)))
 
 
+def one_trial(store: Any, monitor: RouteMonitor, owner: str, cidr: str, spacing: float) -> tuple[float, float]:
+    """Claim `cidr` for `owner` (a confirmed affinity, as IPAM writes it), time until the route is in
+    the monitored kernel; then release it and time until the route is gone: (announce, withdraw)."""
+    key = keys.affinity_key(owner, cidr)
+    monitor.drain()
+    start = time.monotonic()
+    store.create(key, {"state": "confirmed", "deleted": False})
+    announced = monitor.wait(cidr, deleted=False) - start
+    time.sleep(spacing)
+    monitor.drain()
+    start = time.monotonic()
+    store.delete(key)
+    withdrawn = monitor.wait(cidr, deleted=True) - start
+    time.sleep(spacing)
+    return announced, withdrawn
+
+
 def bench_felixpy(trials: int, spacing: float, reflectors: int = 0,
                   families: tuple[int, ...] = (4,)) -> dict[int, tuple[list[float], list[float]]]:
     """Trials in a 2-node lab: a mesh, or (reflectors > 0) mesh off and that many BIRD reflectors.
@@ -140,7 +160,6 @@ def bench_felixpy(trials: int, spacing: float, reflectors: int = 0,
                             capture_output=True, text=True, timeout=180, check=False)
         if up.returncode != 0:
             raise SystemExit(f"felixpy-lab up failed: {up.stderr.strip()[-300:]}")
-        from felixpy.datastore import keys
         from felixpy.lab import pods
 
         store = pods.open_datastore(lab)
@@ -157,19 +176,9 @@ def bench_felixpy(trials: int, spacing: float, reflectors: int = 0,
         base = 200 if not reflectors else 100
         for i in range(trials):
             for family in families:  # interleaved: both families see the same load
-                announce, withdraw = times[family]
-                cidr = _cidr(family, base, i)
-                key = keys.affinity_key("n1", cidr)
-                monitor.drain()
-                start = time.monotonic()
-                store.create(key, {"state": "confirmed", "deleted": False})
-                announce.append(monitor.wait(cidr, deleted=False) - start)
-                time.sleep(spacing)
-                monitor.drain()
-                start = time.monotonic()
-                store.delete(key)
-                withdraw.append(monitor.wait(cidr, deleted=True) - start)
-                time.sleep(spacing)
+                announced, withdrawn = one_trial(store, monitor, "n1", _cidr(family, base, i), spacing)
+                times[family][0].append(announced)
+                times[family][1].append(withdrawn)
         store.close()
         return times
     finally:
@@ -225,7 +234,6 @@ def bench_reflector_node(trials: int, spacing: float) -> dict[str, tuple[list[fl
             if time.monotonic() > deadline:
                 raise SystemExit("n1 did not become a reflector with its sessions up")
             time.sleep(0.2)
-        from felixpy.datastore import keys
         from felixpy.lab import pods
 
         store = pods.open_datastore(lab)
@@ -235,18 +243,9 @@ def bench_reflector_node(trials: int, spacing: float) -> dict[str, tuple[list[fl
             announce, withdraw = [], []
             monitor = monitors[other]
             for i in range(trials):
-                cidr = f"10.244.{octet + i // 4}.{(i % 4) * 64}/26"
-                key = keys.affinity_key(owner, cidr)
-                monitor.drain()
-                start = time.monotonic()
-                store.create(key, {"state": "confirmed", "deleted": False})
-                announce.append(monitor.wait(cidr, deleted=False) - start)
-                time.sleep(spacing)
-                monitor.drain()
-                start = time.monotonic()
-                store.delete(key)
-                withdraw.append(monitor.wait(cidr, deleted=True) - start)
-                time.sleep(spacing)
+                announced, withdrawn = one_trial(store, monitor, owner, _cidr(4, octet, i), spacing)
+                announce.append(announced)
+                withdraw.append(withdrawn)
             results[owner] = (announce, withdraw)
         store.close()
         return results
