@@ -34,7 +34,7 @@ This module is pure: values only, no I/O, no imports from felixpy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Mapping, Union
 
 Action = Literal["Allow", "Deny", "Log", "Pass"]
@@ -227,6 +227,15 @@ class Endpoint:
     kind: EndpointKind = "workload"
     profile_labels: tuple[tuple[str, str], ...] = ()  # host endpoints: its profiles' labelsToApply
     node: str | None = None  # workload and host endpoints: where they live (explain's paths)
+    # Endpoints are dict keys and lru_cache arguments on every selector match of the calc: hashing
+    # the nested label tuples each time cost ~2.4 s of a 5,000-endpoint first build. Computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def id(self) -> str:
