@@ -67,8 +67,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.mode not in ("routes", "vxlan", "bgp"):
             raise LabUsageError(f"--ip-family {args.ip_family} needs --mode bgp, routes or vxlan (IPIP carries "
                                 "IPv4 only)")
-        if args.cross_subnet:
-            raise LabUsageError(f"--ip-family {args.ip_family} does not combine with --cross-subnet yet")
     if not 1 <= args.nodes <= topology.MAX_NODES:
         raise LabUsageError(f"--nodes {args.nodes}: expected 1-{topology.MAX_NODES}")
     pool = topology.check_pool(args.pool, args.block_size)

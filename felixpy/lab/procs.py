@@ -164,6 +164,10 @@ def build_fabric(lab: str, cross_subnet: bool = False, ipv6: bool = False) -> No
     if ipv6:
         ip(ns, "addr", "add", f"{topology.FABRIC6_IP}/{topology.FABRIC6_SUBNET.prefixlen}", "dev",
            topology.FABRIC_BRIDGE, "nodad")
+        if cross_subnet:
+            ip(ns, "addr", "add", f"{topology.FABRIC6_B_IP}/{topology.FABRIC6_B_SUBNET.prefixlen}", "dev",
+               topology.FABRIC_B_BRIDGE, "nodad")
+            run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
 
 
 def build_node(lab: str, node: str, cross_subnet: bool = False, ipv6: bool = False) -> None:
@@ -177,10 +181,12 @@ def build_node(lab: str, node: str, cross_subnet: bool = False, ipv6: bool = Fal
     ip(ns, "addr", "add", f"{link.ip}/{link.prefixlen}", "dev", topology.NODE_IFACE)
     if ipv6:
         # nodad: the address is the node's from the first moment (IP6 autodetection finds it).
-        ip(ns, "addr", "add", f"{topology.node_ip6(node)}/{topology.FABRIC6_SUBNET.prefixlen}", "dev",
-           topology.NODE_IFACE, "nodad")
+        ip(ns, "addr", "add", f"{topology.node_ip6(node, cross_subnet)}/{topology.FABRIC6_SUBNET.prefixlen}",
+           "dev", topology.NODE_IFACE, "nodad")
     ip(ns, "link", "set", topology.NODE_IFACE, "up")
     ip(ns, "route", "add", "default", "via", link.gateway)
+    if ipv6 and cross_subnet:
+        ip(ns, "-6", "route", "add", "default", "via", topology.node_gateway6(node, cross_subnet))
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -303,6 +309,8 @@ def agent_env(lab: str, node: str, pool: str, block_size: int,
         # Calico's BGP + VXLAN CrossSubnet: same-subnet routes come from BGP, while the fabric
         # router knows no pod routes, so other-subnet blocks go through vxlan.calico.
         env["CALICO_IPV4POOL_VXLAN"] = "CrossSubnet"
+        if ip_family != "ipv4":
+            env["CALICO_IPV6POOL_VXLAN"] = "CrossSubnet"  # the same for IPv6 (vxlan-v6.calico)
     if mode == "bgp":
         paths = exabgp_paths(lab, node)
         env.update({

@@ -47,6 +47,9 @@ MODES = ("bgp", "routes", "vxlan", "ipip")
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
 FABRIC6_SUBNET = ipaddress.IPv6Network("fd00:192:0:2::/64")
 FABRIC6_IP = "fd00:192:0:2::1"
+# --cross-subnet with IPv6: the second subnet's IPv6 prefix (even nodes), on fabric1.
+FABRIC6_B_SUBNET = ipaddress.IPv6Network("fd00:198:51:100::/64")
+FABRIC6_B_IP = "fd00:198:51:100::1"
 POOL6 = "fd00:10:244::/64"
 POOL6_BLOCK_SIZE = 122  # Calico's default for IPv6 pools
 
@@ -340,12 +343,21 @@ def check_pool(cidr: str, block_size: int) -> str:
     return str(net)
 
 
-def node_ip6(node: str) -> str:
+def node_ip6(node: str, cross_subnet: bool = False) -> str:
     """A node's IPv6 address on the fabric (--ip-family ipv6 / dual): the same digits as its IPv4
-    (reflector rr<i>: fd00:192:0:2::(220+i))."""
+    (reflector rr<i>: fd00:192:0:2::(220+i)); with `cross_subnet` even nodes are in the second
+    subnet's prefix, fd00:198:51:100::(10+i), as their IPv4 is in 198.51.100.0/24."""
     if is_reflector(node):
         return f"fd00:192:0:2::{220 + int(node[2:])}"
-    return f"fd00:192:0:2::{10 + node_index(node)}"
+    index = node_index(node)
+    if cross_subnet and index % 2 == 0:
+        return f"fd00:198:51:100::{10 + index}"
+    return f"fd00:192:0:2::{10 + index}"
+
+
+def node_gateway6(node: str, cross_subnet: bool = False) -> str:
+    """The fabric router's IPv6 address on the node's subnet."""
+    return FABRIC6_B_IP if ipaddress.IPv6Address(node_ip6(node, cross_subnet)) in FABRIC6_B_SUBNET else FABRIC6_IP
 
 
 def families(ip_family: str) -> tuple[int, ...]:

@@ -146,6 +146,20 @@ def test_ip_family_needs_a_mode_that_routes_ipv6() -> None:
     assert topology.node_ip6("rr2") == "fd00:192:0:2::222" and topology.node_ip6("n3") == "fd00:192:0:2::13"
 
 
+def test_cross_subnet_puts_even_nodes_in_the_second_ipv6_prefix_with_crosssubnet_pools() -> None:
+    from felixpy.lab import procs
+
+    assert [topology.node_ip6(n, cross_subnet=True) for n in ("n1", "n2", "n3")] == \
+        ["fd00:192:0:2::11", "fd00:198:51:100::12", "fd00:192:0:2::13"]
+    assert [topology.node_gateway6(n, cross_subnet=True) for n in ("n1", "n2")] == \
+        [topology.FABRIC6_IP, topology.FABRIC6_B_IP]
+    env = procs.agent_env("demo", "n2", "10.244.0.0/16", 26, outer_env={}, mode="bgp", cross_subnet=True,
+                          ip_family="dual")
+    assert (env["CALICO_IPV4POOL_VXLAN"], env["CALICO_IPV6POOL_VXLAN"]) == ("CrossSubnet", "CrossSubnet")
+    assert "CALICO_IPV6POOL_VXLAN" not in procs.agent_env("demo", "n2", "10.244.0.0/16", 26, outer_env={},
+                                                           mode="bgp", cross_subnet=True)
+
+
 def test_neighbour_limits_grow_with_the_lab_and_leave_small_labs_alone() -> None:
     from felixpy.lab.procs import neighbour_limits_needed
 
