@@ -603,6 +603,11 @@ def _bgp_peer_post(spec: dict[str, Any], path: str) -> None:
             raise FieldError(path, "peerSelector cannot be combined with peerIP or asNumber")
     elif "peerIP" not in spec or "asNumber" not in spec:
         raise FieldError(path, "either peerIP and asNumber, or peerSelector, must be set")
+    # An IPv6 peerIP (two or more colons, bracketed or not) needs an IPv6 gateway, and reachableBy
+    # takes IPv4 only: refused here rather than by every node's peering code later.
+    if "reachableBy" in spec and str(spec.get("peerIP", "")).count(":") > 1:
+        raise FieldError(f"{path}.reachableBy", "an IPv6 peerIP needs an IPv6 gateway, and IPv6 reachableBy "
+                         "is not supported yet")
 
 
 _BGP_PEER = s.obj(
