@@ -237,7 +237,7 @@ def _start_reflector(st: LabState, node: NodeState) -> None:
     """BIRD 2 first (the lab owns it), then felixpy-node in route-reflector mode to drive it."""
     _start_bird(st, node)
     node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore,
-                                                 ip_family=st.ip_family)
+                                           ip_family=st.ip_family)
     state.save(st)
     say(f"  {node.name}: netns {node.netns}, eth0 {node.ip}, route reflector pid {node.agent_pid}, "
         f"bird pid {node.bird_pid}")
@@ -993,7 +993,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             raise LabUsageError(f"{node.name}: agent already running (pid {node.agent_pid})")
         if node.route_reflector:
             node.agent_pid = procs.start_reflector(st.name, node.name, st.pool, st.block_size, st.datastore,
-                                                 ip_family=st.ip_family)
+                                           ip_family=st.ip_family)
         else:
             node.agent_pid = procs.start_agent(st.name, node.name, st.pool, st.block_size, mode=st.mode,
                                                cross_subnet=st.cross_subnet, datastore=st.datastore,
