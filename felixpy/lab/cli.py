@@ -600,9 +600,7 @@ def cmd_service_endpoints(args: argparse.Namespace) -> int:
     ref = topology.parse_pod_ref(args.service)
     with state.locked(args.name):
         st = state.load(args.name)
-        svc = st.find_service(ref.namespace, ref.name)
-        if svc is None:
-            raise LabUsageError(f"service {ref} is not in lab {st.name} (felixpy-lab service add)")
+        svc = st.service(ref.namespace, ref.name)
         svc.endpoints = _endpoint_refs(st, args.endpoints)
         services.write(st, svc, create=False)
         state.save(st)
@@ -614,9 +612,7 @@ def cmd_service_del(args: argparse.Namespace) -> int:
     ref = topology.parse_pod_ref(args.service)
     with state.locked(args.name):
         st = state.load(args.name)
-        svc = st.find_service(ref.namespace, ref.name)
-        if svc is None:
-            raise LabUsageError(f"service {ref} is not in lab {st.name}")
+        svc = st.service(ref.namespace, ref.name)
         services.delete(st, svc)
         st.services.remove(svc)
         state.save(st)

@@ -137,6 +137,13 @@ class LabState:
                 return s
         return None
 
+    def service(self, namespace: str, name: str) -> ServiceState:
+        svc = self.find_service(namespace, name)
+        if svc is None:
+            raise topology.LabUsageError(
+                f"service {namespace}/{name} is not in lab {self.name} (felixpy-lab service add)")
+        return svc
+
 
 class LabNotFound(topology.LabUsageError):
     pass
