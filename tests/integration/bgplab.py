@@ -8,6 +8,7 @@ bounded. `Node` is an ExaBGP + sidecar speaker driven by a plain client and RIB 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
@@ -194,6 +195,25 @@ def bird_route(ctl: str, prefix: str) -> str:
 
 def bird_established(ctl: str, protocol: str) -> bool:
     return "Established" in birdc(ctl, "show", "protocols", protocol)
+
+
+def frr_json(ns: str, vty: str, command: str) -> Any:
+    """A vtysh `... json` command's answer, {} when FRR is not answering (yet)."""
+    out = sh("ip", "netns", "exec", ns, "vtysh", "--vty_socket", vty, "-c", command, check=False)
+    try:
+        return json.loads(out)
+    except ValueError:
+        return {}
+
+
+def wait_pumping(nodes: "list[AgentNode]", what: str, predicate: Callable[[], object],
+                 timeout: float) -> object:
+    """wait_for, pumping every agent node's events between checks (their loops run on this thread)."""
+    def check() -> object:
+        for node in nodes:
+            node.pump(0.02)
+        return predicate()
+    return wait_for(what, check, timeout, interval=0)
 
 
 class AgentNode:

@@ -28,7 +28,8 @@ from bgp.peers import BGPPeerSpec, BGPSettings, NodeInfo, Peer, select_peers
 from bgp.protocol import Event, OpenReceived, ReplayDone, StateChange
 from bgp.rib import Rib
 from tests.integration.bgplab import (AS_NODES, HAVE_BIRD, HAVE_EXABGP, HAVE_FRR, HAVE_GOBGP, FRR_BGPD, MD5,
-                                      TOR_PREFIX, Lab, Node, bird_established, bird_route, sh, wait_for)
+                                      TOR_PREFIX, Lab, Node, bird_established, bird_route, frr_json, sh,
+                                      wait_for)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 if not (HAVE_EXABGP and HAVE_BIRD):
@@ -263,12 +264,7 @@ def test_frr_learns_our_prefix_with_node_next_hop(mesh: MeshLab) -> None:
     mesh.n1.client.announce("10.244.5.0/26", "192.0.2.11")
 
     def frr_next_hop() -> str | None:
-        out = sh("ip", "netns", "exec", frr_ns, "vtysh", "--vty_socket", frr_vty,
-                 "-c", "show ip bgp 10.244.5.0/26 json", check=False)
-        try:
-            paths = json.loads(out).get("paths") or []
-        except ValueError:
-            return None
+        paths = frr_json(frr_ns, frr_vty, "show ip bgp 10.244.5.0/26 json").get("paths") or []
         return paths[0]["nexthops"][0]["ip"] if paths else None
 
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -28,7 +27,7 @@ import pytest
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from tests.integration.bgplab import (FRR_BGPD, HAVE_BIRD, HAVE_EXABGP, HAVE_FRR, HAVE_GOBGP, AgentNode, Lab,
-                                      bird_route, sh, wait_for)
+                                      bird_route, frr_json, sh, wait_pumping)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 if not (HAVE_EXABGP and HAVE_BIRD and HAVE_FRR and HAVE_GOBGP):
@@ -154,18 +153,10 @@ class Fields:
         self.n2.pump(0.02)
 
     def wait(self, what: str, predicate: Any, timeout: float = 20.0) -> Any:
-        def check() -> Any:
-            self.pump()
-            return predicate()
-        return wait_for(what, check, timeout, interval=0)
+        return wait_pumping([self.n1, self.n2], what, predicate, timeout)
 
     def frr(self, command: str) -> Any:
-        out = sh("ip", "netns", "exec", self.frr_ns, "vtysh", "--vty_socket", self.frr_vty, "-c", command,
-                 check=False)
-        try:
-            return json.loads(out)
-        except ValueError:
-            return {}
+        return frr_json(self.frr_ns, self.frr_vty, command)
 
     def frr_path(self, prefix: str) -> dict[str, Any] | None:
         paths = self.frr(f"show ip bgp {prefix} json").get("paths") or []

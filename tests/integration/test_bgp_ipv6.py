@@ -14,7 +14,6 @@ IPv4 on IPv6 ones), and the ToR's IPv6 prefix is learned by n1 via the ToR's IPv
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterator
 
@@ -23,7 +22,7 @@ import pytest
 from felixpy.datastore import keys
 from felixpy.datastore.syncer import KVUpdate
 from tests.integration.bgplab import (FRR_BGPD, HAVE_BIRD, HAVE_EXABGP, HAVE_FRR, AgentNode, Lab, bird_route,
-                                      sh, wait_for)
+                                      frr_json, sh, wait_pumping)
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 if not (HAVE_EXABGP and HAVE_BIRD and HAVE_FRR):
@@ -101,19 +100,10 @@ class V6Lab:
         self.lab, self.n1, self.n2, self.tor_ctl, self.frr_ns, self.frr_vty = lab, n1, n2, tor_ctl, frr_ns, frr_vty
 
     def wait(self, what: str, predicate: Any, timeout: float = 30.0) -> Any:
-        def check() -> Any:
-            self.n1.pump(0.02)
-            self.n2.pump(0.02)
-            return predicate()
-        return wait_for(what, check, timeout, interval=0)
+        return wait_pumping([self.n1, self.n2], what, predicate, timeout)
 
     def frr(self, command: str) -> Any:
-        out = sh("ip", "netns", "exec", self.frr_ns, "vtysh", "--vty_socket", self.frr_vty, "-c", command,
-                 check=False)
-        try:
-            return json.loads(out)
-        except ValueError:
-            return {}
+        return frr_json(self.frr_ns, self.frr_vty, command)
 
 
 @pytest.fixture(scope="module")
