@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -15,6 +14,7 @@ from felixpy.datastore import keys
 from felixpy.datastore.memory import MemoryDatastore
 from felixpy.messages import Route
 from felixpy.node.agent import APPLY_ORDER, Agent
+from tests.support.polling import wait_for
 from tests.fakes.dataplane import FakeDataplane
 
 
@@ -39,13 +39,6 @@ def running() -> Iterator[Callable[[Agent], Agent]]:
         thread.join(5)
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met")
 
 
 def seed(store: MemoryDatastore) -> None:

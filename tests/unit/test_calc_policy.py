@@ -19,6 +19,7 @@ from policy import render
 from felixpy.messages import FilterState, IPSetState
 from policy.iptables import Chain, Rule
 from tests.fakes.dataplane import FakeDataplane
+from tests.support.polling import wait_for
 
 NODE = "n1"
 
@@ -532,12 +533,6 @@ def test_agent_programs_a_policy_written_to_the_datastore() -> None:
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
 
-    def wait_for(predicate: Any) -> None:
-        deadline = time.monotonic() + 5
-        while not predicate() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert predicate()
-
     def client_in_a_set() -> bool:
         return any("10.244.2.1" in members for members in dp.set_members().values())
 
@@ -605,12 +600,6 @@ def test_agent_programs_host_endpoint_policy_into_mangle_and_raw() -> None:
                   iptables_refresh_interval=0, **dp.drivers())
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
-
-    def wait_for(predicate: Any) -> None:
-        deadline = time.monotonic() + 5
-        while not predicate() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert predicate()
 
     try:
         wait_for(lambda: agent.status.applies >= 1)

@@ -35,6 +35,7 @@ from felixpy.messages import EncapState, NatState
 from felixpy.node.agent import Agent
 from felixpy.node.config_watch import ConfigWatch
 from felixpy.node.startup import StartupError, kubernetes_internal_ip, startup
+from tests.support.polling import wait_for
 from tests.fakes.dataplane import FakeDataplane
 from tests.fakes.iptables import FakeIptables
 from tests.fakes.netlink import FakeTunnelKernel
@@ -46,13 +47,6 @@ HOST_KEY = keys.resource_key("felixconfigurations", "node.n1")
 INFO_KEY = keys.resource_key("clusterinformations", "default")
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met")
 
 
 def felix_resource(name: str, **spec: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from policy.model import (
     PortRange,
     Rule,
 )
+from tests.support.polling import wait_for
 from tests.unit.test_calc_policy import NODE, feed, gnp, hep, netset, np, profile
 
 WEB = EndpointMatch("app == 'web'", namespace="demo")
@@ -243,7 +244,6 @@ def test_ipv6_pools_and_node_addresses_feed_the_ipv6_all_hosts_set() -> None:
 
 def test_agent_programs_each_family_into_its_own_tables_and_sets() -> None:
     import threading
-    import time
 
     from felixpy.dataplane.drivers.ipsets import IPSets
     from felixpy.dataplane.drivers.iptables import Table
@@ -264,12 +264,6 @@ def test_agent_programs_each_family_into_its_own_tables_and_sets() -> None:
                   mangle6_table=table6("mangle"), raw6_table=table6("raw"), ipsets6=IPSets(runner=ipset6, ip_version=6))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
-
-    def wait_for(predicate: Any) -> None:
-        deadline = time.monotonic() + 5
-        while not predicate() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert predicate()
 
     try:
         wait_for(lambda: agent.status.applies >= 1)
