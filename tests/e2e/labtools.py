@@ -71,6 +71,13 @@ class Lab:
                               text=True, timeout=10, check=True)
         return done.stdout
 
+    def kube_get(self, path: str) -> Any:
+        """GET `path` from a `--datastore kubernetes` lab's API server, as its admin, from inside the
+        fabric where the server listens."""
+        code = (f"from felixpy.lab import kube; import json; "
+                f"print(json.dumps(kube.control_plane({self.name!r}).request('GET', {path!r})))")
+        return json.loads(self.cli("exec", "fabric", "--", sys.executable, "-c", code).stdout)
+
     def agent_log(self, node: str) -> str:
         try:
             with open(f"/run/felixpy-lab/{self.name}/{node}/agent.log", errors="replace") as f:

@@ -7,8 +7,6 @@ with the felixpy-node token, pods created, bound and reported Running through th
 
 from __future__ import annotations
 
-import json
-import sys
 
 import pytest
 
@@ -29,28 +27,19 @@ LAB_MODE = "bgp"
 LAB_ARGS = ["--datastore", "kubernetes"]
 
 
-def kubectl_get(lab: Lab, path: str) -> dict[str, object]:
-    """The admin's GET from inside the fabric, where the API server listens."""
-    code = (f"from felixpy.lab import kube; import json; "
-            f"print(json.dumps(kube.control_plane({lab.name!r}).request('GET', {path!r})))")
-    done = lab.cli("exec", "fabric", "--", sys.executable, "-c", code)
-    result: dict[str, object] = json.loads(done.stdout)
-    return result
-
-
 def test_nodes_are_kubernetes_nodes_whose_network_the_agents_declared_up(mesh: Lab) -> None:
     data = mesh.json("status")
     assert data["datastore"] == "kubernetes" and data["apiServer"].startswith("https://192.0.2.1:")
     for n in range(1, 6):
-        node = kubectl_get(mesh, f"/api/v1/nodes/n{n}")
-        conditions = {c["type"]: c for c in node["status"]["conditions"]}  # type: ignore[index]
+        node = mesh.kube_get(f"/api/v1/nodes/n{n}")
+        conditions = {c["type"]: c for c in node["status"]["conditions"]}
         assert conditions["NetworkUnavailable"]["status"] == "False", node
         assert conditions["Ready"]["status"] == "True"
-        assert node["metadata"]["annotations"]["projectcalico.org/IPv4Address"]  # type: ignore[index]
-    pod = kubectl_get(mesh, "/api/v1/namespaces/b/pods/p1")
-    assert pod["spec"]["nodeName"] == "n1" and pod["status"]["phase"] == "Running"  # type: ignore[index]
-    assert pod["status"]["podIP"] == mesh.pod_ip("b/p1")  # type: ignore[index]
-    assert pod["metadata"]["annotations"]["cni.projectcalico.org/podIP"] == f"{mesh.pod_ip('b/p1')}/32"  # type: ignore[index]
+        assert node["metadata"]["annotations"]["projectcalico.org/IPv4Address"]
+    pod = mesh.kube_get("/api/v1/namespaces/b/pods/p1")
+    assert pod["spec"]["nodeName"] == "n1" and pod["status"]["phase"] == "Running"
+    assert pod["status"]["podIP"] == mesh.pod_ip("b/p1")
+    assert pod["metadata"]["annotations"]["cni.projectcalico.org/podIP"] == f"{mesh.pod_ip('b/p1')}/32"
 
 
 def test_api_server_outage_leaves_the_dataplane_and_agents_catch_up(mesh: Lab) -> None:

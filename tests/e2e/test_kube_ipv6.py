@@ -9,8 +9,6 @@ pods reach each other over both families; deleting a pod releases both addresses
 from __future__ import annotations
 
 import ipaddress
-import json
-import sys
 from typing import Any
 
 import pytest
@@ -32,15 +30,8 @@ def cluster(lab: Lab) -> Lab:
     return lab
 
 
-def api_get(lab: Lab, path: str) -> Any:
-    """The admin's GET from inside the fabric, where the API server listens (as test_kube_bgp)."""
-    code = (f"from felixpy.lab import kube; import json; "
-            f"print(json.dumps(kube.control_plane({lab.name!r}).request('GET', {path!r})))")
-    return json.loads(lab.cli("exec", "fabric", "--", sys.executable, "-c", code).stdout)
-
-
 def calico_crds(lab: Lab, plural: str) -> dict[str, dict[str, Any]]:
-    items = api_get(lab, f"/apis/crd.projectcalico.org/v1/{plural}")["items"]
+    items = lab.kube_get(f"/apis/crd.projectcalico.org/v1/{plural}")["items"]
     return {item["metadata"]["name"]: item["spec"] for item in items}
 
 
@@ -61,13 +52,13 @@ def test_ipv6_objects_are_calicos_crds_on_the_real_server(cluster: Lab) -> None:
         assert blocks[cidr_to_name(v6_block)]["affinity"] == f"host:{node['name']}"
         affinity = affinities[f"{node['name']}-{cidr_to_name(v6_block)}"]
         assert affinity["cidr"] == v6_block and affinity["state"] == "confirmed"
-        annotations = api_get(cluster, f"/api/v1/nodes/{node['name']}")["metadata"]["annotations"]
+        annotations = cluster.kube_get(f"/api/v1/nodes/{node['name']}")["metadata"]["annotations"]
         assert annotations["projectcalico.org/IPv6Address"].startswith("fd00:192:0:2::"), annotations
         tunnel = annotations["projectcalico.org/IPv6VXLANTunnelAddr"]
         assert ipaddress.ip_address(tunnel) in ipaddress.ip_network(v6_block)
     for pod in status["pods"]:
         v4, v6 = sorted(pod["ips"], key=lambda ip: ipaddress.ip_address(ip).version)
-        obj = api_get(cluster, f"/api/v1/namespaces/{pod['namespace']}/pods/{pod['name']}")
+        obj = cluster.kube_get(f"/api/v1/namespaces/{pod['namespace']}/pods/{pod['name']}")
         assert [p["ip"] for p in obj["status"]["podIPs"]] == [v4, v6]
         assert obj["metadata"]["annotations"]["cni.projectcalico.org/podIPs"] == f"{v4}/32,{v6}/128"
 
@@ -83,7 +74,7 @@ def test_full_matrix_over_both_families(cluster: Lab) -> None:
 def test_pod_delete_releases_both_addresses_through_the_api(cluster: Lab) -> None:
     cluster.cli("pod", "add", "x/d", "--node", "n2")
     ips = next(p["ips"] for p in cluster.json("status", "-o", "json")["pods"] if p["name"] == "d")
-    container = api_get(cluster, "/api/v1/namespaces/x/pods/d")["metadata"]["annotations"][
+    container = cluster.kube_get("/api/v1/namespaces/x/pods/d")["metadata"]["annotations"][
         "cni.projectcalico.org/containerID"]
     handle = f"k8s-pod-network.{container}"  # Calico's handle id: network name + container id
     blocks = calico_crds(cluster, "ipamhandles")[handle]["block"]
