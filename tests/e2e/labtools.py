@@ -86,6 +86,12 @@ class Lab:
             return ""
 
 
+def blocked_pairs(matrix: dict[str, Any]) -> list[str]:
+    """Every blocked pair of a `matrix -o json` answer ("tcp6/80: x/a -> x/b"): [] when fully connected."""
+    return [f"{key}: {src} -> {dst}" for key, table in matrix["results"].items()
+            for src, row in table.items() for dst, ok in row.items() if not ok]
+
+
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> float:
     """Poll until predicate() is true; returns the seconds it took, fails the test after timeout."""
     start = time.monotonic()
